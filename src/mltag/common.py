@@ -1,0 +1,177 @@
+"""Shared pieces: errors, atomic writes, the canonical .lst/labels formats."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+
+class MltagError(Exception):
+    """A user-facing error: printed as one clear line, never a traceback."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None):
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(where + message)
+        self.path = None if path is None else str(path)
+        self.line = line
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; move it into place only on success.
+
+    Works for files and directories: a reader never sees a half-written ``dest``.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    target = tmp / dest.name
+    try:
+        yield target
+        if dest.is_dir() and not dest.is_symlink():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(target, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(dest: str | os.PathLike, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(dest: str | os.PathLike, obj) -> None:
+    write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- labels and .lst
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Read label names from labels.txt (one per line) or labels.json (a list, or {"labels": [...]})."""
+    path = Path(path)
+    if not path.is_file():
+        raise MltagError("label file not found", path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise MltagError(f"invalid JSON: {e.msg}", path, e.lineno) from None
+        if isinstance(data, dict):
+            data = data.get("labels")
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise MltagError("expected a list of label names (or {\"labels\": [...]})", path)
+        names = [x.strip() for x in data]
+        lines = list(range(1, len(names) + 1))
+    else:
+        names, lines = [], []
+        for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if raw.strip():
+                names.append(raw.strip())
+                lines.append(i)
+    if not names:
+        raise MltagError("no label names", path)
+    seen: dict[str, int] = {}
+    for name, line in zip(names, lines):
+        if not name:
+            raise MltagError("empty label name", path, line)
+        if name in seen:
+            raise MltagError(f"duplicate label {name!r} (first on line {seen[name]})", path, line)
+        seen[name] = line
+    return names
+
+
+def write_labels(path: str | os.PathLike, labels: Sequence[str]) -> None:
+    write_text_atomic(path, "".join(f"{x}\n" for x in labels))
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image and its 0/1 label flags."""
+
+    path: str  # relative to the image root, '/'-separated
+    flags: tuple[int, ...]
+    source: str = ""  # "file:line" it came from, for messages
+
+
+def read_lst(path: str | os.PathLike, n_labels: int | None = None) -> list[Example]:
+    """Parse ``index<TAB>flag_1..flag_N<TAB>relative/path`` lines, validating each."""
+    path = Path(path)
+    if not path.is_file():
+        raise MltagError("list file not found", path)
+    out: list[Example] = []
+    seen_idx: dict[str, int] = {}
+    seen_path: dict[str, int] = {}
+    for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        cols = raw.rstrip("\r\n").split("\t")
+        if len(cols) < 3:
+            raise MltagError(
+                f"expected index<TAB>flags...<TAB>path, got {len(cols)} tab-separated column(s)", path, i
+            )
+        idx, flags, rel = cols[0].strip(), cols[1:-1], cols[-1].strip()
+        if n_labels is not None and len(flags) != n_labels:
+            raise MltagError(f"expected {n_labels} label flags, got {len(flags)}", path, i)
+        bad = [f for f in flags if f.strip() not in ("0", "1")]
+        if bad:
+            raise MltagError(f"label flags must be 0 or 1, got {bad[0]!r}", path, i)
+        if idx in seen_idx:
+            raise MltagError(f"duplicate index {idx!r} (first on line {seen_idx[idx]})", path, i)
+        if rel in seen_path:
+            raise MltagError(f"duplicate path {rel!r} (first on line {seen_path[rel]})", path, i)
+        seen_idx[idx] = i
+        seen_path[rel] = i
+        out.append(Example(rel, tuple(int(f) for f in flags), f"{path}:{i}"))
+    return out
+
+
+def write_lst(path: str | os.PathLike, examples: Sequence[Example]) -> None:
+    lines = [
+        "\t".join([str(i), *(str(f) for f in ex.flags), ex.path]) + "\n" for i, ex in enumerate(examples)
+    ]
+    write_text_atomic(path, "".join(lines))
+
+
+def find_labels_file(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    for name in ("labels.txt", "labels.json"):
+        if (folder / name).is_file():
+            return folder / name
+    raise MltagError("no labels.txt or labels.json here", folder)

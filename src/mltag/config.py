@@ -1,0 +1,53 @@
+"""params.yaml -> CLI defaults. Flags override; the resolved config is logged and saved by train."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from mltag.common import MltagError
+
+DEFAULTS: dict = {
+    "demo": {"n_images": 400, "seed": 7},
+    "prepare": {"input": "data/demo", "format": "auto", "val_fraction": 0.15, "test_fraction": 0.15,
+                "no_label": "keep", "max_bad_fraction": 0.05, "max_pixels": 40_000_000, "salt": "mltag"},
+    "backbone": {"handle": "builtin:efficientnet_lite0", "image_size": 224, "cache_dir": ".mltag-cache/backbones"},
+    "bottleneck": {"batch_size": 32, "cache_dir": ".mltag-cache/bottlenecks", "num_shards": 1},
+    "train": {"learning_rate": 0.001, "epochs": 200, "batch_size": 32, "hidden_units": 0, "dropout": 0.2,
+              "patience": 15, "monitor": "val_loss", "seed": 42},
+    "evaluate": {"bootstrap": 1000, "seed": 0},
+    "calibrate": {"method": "f1", "min_precision": None, "min_positives": 5},
+    "register": {"model_name": "mltag", "experiment": "mltag", "margin": 0.0, "max_label_ap_drop": 0.05},
+}
+
+
+def load_params(path: str | os.PathLike | None = None) -> dict:
+    """DEFAULTS overlaid with ``path`` (default ``./params.yaml`` when it exists)."""
+    import yaml
+
+    params = copy.deepcopy(DEFAULTS)
+    if path is None:
+        path = Path("params.yaml")
+        if not path.is_file():
+            return params
+    path = Path(path)
+    if not path.is_file():
+        raise MltagError("params file not found", path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise MltagError(f"invalid YAML: {getattr(e, 'problem', e)}", path, mark.line + 1 if mark else None) from None
+    if not isinstance(data, dict):
+        raise MltagError("expected a mapping of sections", path)
+    for section, values in data.items():
+        if section not in params:
+            continue  # other tools' sections are allowed
+        if not isinstance(values, dict):
+            raise MltagError(f"section {section!r} must be a mapping", path)
+        for key, value in values.items():
+            if key not in params[section]:
+                raise MltagError(f"unknown key {section}.{key} (known: {', '.join(params[section])})", path)
+            params[section][key] = value
+    return params

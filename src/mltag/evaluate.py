@@ -1,0 +1,180 @@
+"""evaluate: test metrics with intervals and baselines, PR curves, an error-analysis report."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mltag import metrics as M
+from mltag.bottleneck import load_split
+from mltag.common import atomic_path, write_json_atomic
+from mltag.train import head_scores
+
+
+def pr_curves_png(y: np.ndarray, s: np.ndarray, labels: list[str], title: str = "precision-recall (test)") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ap = M.average_precisions(y, s)
+    for j, name in enumerate(labels):
+        if y[:, j].sum() == 0:
+            continue
+        p, r, _ = precision_recall_curve(y[:, j], s[:, j])
+        ax.plot(r, p, label=f"{name} (AP {ap[j]:.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _thumb(path: Path, size: int = 96) -> str:
+    from PIL import Image
+
+    from mltag.images import to_rgb
+
+    try:
+        with Image.open(path) as im:
+            im = to_rgb(im)
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+        return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    except OSError:
+        return "(unreadable)"
+
+
+def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, metrics: dict, pr_png: bytes,
+                      worst: int = 4) -> str:
+    """HTML: headline table, PR curves, each label's confusion and its worst false positives/negatives."""
+    thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (len(labels),))
+    pred = s >= thresholds
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>mltag evaluation</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}figure{display:inline-block;margin:4px;font-size:11px}</style>",
+        "</head><body><h1>Evaluation</h1>",
+        f"<p>mAP {metrics['map']:.4f}, micro F1 {metrics['micro_f1']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
+        f"subset accuracy {metrics['subset_accuracy']:.4f}, Hamming loss {metrics['hamming_loss']:.4f} "
+        f"on {metrics['n_images']} test images.</p>",
+        f"<img src='data:image/png;base64,{base64.b64encode(pr_png).decode()}'>",
+        "<h2>Per label</h2><table><tr><th>label</th><th>AP</th><th>P</th><th>R</th><th>F1</th><th>support</th>"
+        "<th>TP</th><th>FP</th><th>FN</th><th>TN</th><th>threshold</th></tr>",
+    ]
+    for j, name in enumerate(labels):
+        m = metrics["per_label"][name]
+        ap = "n/a" if m["ap"] is None else f"{m['ap']:.3f}"
+        parts.append(f"<tr><td>{html.escape(name)}</td><td>{ap}</td><td>{m['precision']:.3f}</td>"
+                     f"<td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td><td>{m['support']}</td><td>{m['tp']}</td>"
+                     f"<td>{m['fp']}</td><td>{m['fn']}</td><td>{m['tn']}</td><td>{thresholds[j]:.3f}</td></tr>")
+    parts.append("</table>")
+    for j, name in enumerate(labels):
+        fp = np.where(pred[:, j] & (y[:, j] == 0))[0]
+        fn = np.where(~pred[:, j] & (y[:, j] == 1))[0]
+        fp = fp[np.argsort(-s[fp, j])][:worst]
+        fn = fn[np.argsort(s[fn, j])][:worst]
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        for kind, idx in (("worst false positives", fp), ("worst false negatives", fn)):
+            parts.append(f"<p>{kind}: {'none' if len(idx) == 0 else ''}</p>")
+            for i in idx:
+                img = _thumb(image_root / str(paths[i])) if image_root else ""
+                parts.append(f"<figure>{img}<figcaption>{html.escape(str(paths[i]))}<br>score "
+                             f"{s[i, j]:.3f}</figcaption></figure>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: str | os.PathLike,
+             metrics_file: str | os.PathLike, images: str | os.PathLike | None = None, bootstrap: int = 1000,
+             seed: int = 0, tracking_uri: str | None = None, plots: str | os.PathLike | None = None) -> dict:
+    """Score val and test with the trained head; write metrics, PR curves, scores and a report.
+
+    ``out`` receives ``scores.npz`` (for calibrate), ``pr_curves.png`` and ``report.html``;
+    ``metrics_file`` the metrics JSON; ``plots`` (default ``out/pr``) one ``<label>.csv``
+    PR curve per label for ``dvc plots``.
+    """
+    import mlflow
+
+    from mltag import tracking
+
+    labels = [x for x in (Path(model_dir) / "labels.txt").read_text(encoding="utf-8").splitlines() if x]
+    x_va, y_va, p_va = load_split(bottlenecks, "val")
+    x_te, y_te, p_te = load_split(bottlenecks, "test")
+    _, y_tr, _ = load_split(bottlenecks, "train")
+    s_va, s_te = head_scores(model_dir, x_va), head_scores(model_dir, x_te)
+    result = M.compute(y_te, s_te, 0.5, labels)
+    result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=bootstrap, seed=seed)
+    result["baselines"] = M.baselines(y_te, y_tr, labels)
+    result["val"] = {k: v for k, v in M.compute(y_va, s_va, 0.5, labels).items() if k != "per_label"}
+    png = pr_curves_png(y_te, s_te, labels)
+    from sklearn.metrics import precision_recall_curve
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        np.savez(tmp / "scores.npz", val_scores=s_va, val_labels=y_va, val_paths=p_va,
+                 test_scores=s_te, test_labels=y_te, test_paths=p_te)
+        (tmp / "pr_curves.png").write_bytes(png)
+        root = Path(images) if images else None
+        (tmp / "report.html").write_text(
+            error_report_html(y_te, s_te, np.full(len(labels), 0.5), labels, p_te, root, result, png),
+            encoding="utf-8")
+    with atomic_path(plots or out / "pr") as tmp:
+        tmp.mkdir(parents=True)
+        for j, name in enumerate(labels):
+            rows = ["precision,recall,threshold"]
+            if y_te[:, j].sum():
+                p, r, t = precision_recall_curve(y_te[:, j], s_te[:, j])
+                rows += [f"{a:.5f},{b:.5f},{c:.5f}" for a, b, c in zip(p[:-1], r[:-1], t)]
+            (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    write_json_atomic(metrics_file, result)
+    run_id = tracking.run_id_of(model_dir)
+    if run_id:
+        tracking.setup(tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            flat = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
+            flat.update({f"test_ap_{n}": m["ap"] for n, m in result["per_label"].items() if m["ap"] is not None})
+            if result["ci95"].get("map"):
+                flat["test_map_ci_low"], flat["test_map_ci_high"] = result["ci95"]["map"]
+            mlflow.log_metrics(flat)
+            mlflow.log_artifact(str(out / "pr_curves.png"), "evaluate")
+            mlflow.log_artifact(str(out / "report.html"), "evaluate")
+            mlflow.log_artifact(str(metrics_file), "evaluate")
+    print_table(result, labels)
+    return result
+
+
+def print_table(result: dict, labels: list[str]) -> None:
+    ci = result.get("ci95", {})
+    base = result.get("baselines", {})
+
+    def fmt(v):
+        return "   n/a" if v is None else f"{v:6.3f}"
+
+    print(f"\n{'metric':<16}{'model':>8}{'95% CI':>18}{'all-neg':>9}{'prior':>9}")
+    for key in ("map", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "label_accuracy", "roc_auc_macro"):
+        c = ci.get(key)
+        cs = f"[{c[0]:.3f}, {c[1]:.3f}]" if c else ""
+        print(f"{key:<16}{fmt(result.get(key)):>8}{cs:>18}{fmt(base.get('all_negative', {}).get(key)):>9}"
+              f"{fmt(base.get('label_prior', {}).get(key)):>9}")
+    print(f"\n{'label':<16}{'AP':>7}{'P':>7}{'R':>7}{'F1':>7}{'support':>9}")
+    for name in labels:
+        m = result["per_label"][name]
+        print(f"{name:<16}{fmt(m['ap']):>7}{m['precision']:7.3f}{m['recall']:7.3f}{m['f1']:7.3f}{m['support']:9d}")
+    print()

@@ -1,0 +1,114 @@
+"""Image decoding shared by prepare, bottleneck and inference, so training and serving match.
+
+One function turns a file (or bytes) into the pixels the backbone sees: EXIF
+orientation applied; grayscale, palette, alpha, CMYK and 16-bit converted to RGB;
+resized to a square with Pillow's antialiased bilinear filter; uint8.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Bumped whenever the pixels produced here change: it is part of the bottleneck cache key.
+PREPROCESSING_VERSION = "pil-bilinear-squash-v1"
+DEFAULT_MAX_PIXELS = 40_000_000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+class BadImage(Exception):
+    """The file is not a usable image; the message says why."""
+
+
+def _open(src: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
+    data = src if isinstance(src, (bytes, bytearray)) else None
+    if data is None:
+        p = Path(src)
+        if not p.is_file():
+            raise BadImage("file not found")
+        if p.stat().st_size == 0:
+            raise BadImage("zero-byte file")
+        data = p.read_bytes()
+    if not data:
+        raise BadImage("empty image bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImage(f"{w}x{h} = {w * h} pixels exceeds the cap of {max_pixels} (decompression bomb?)")
+            img.load()
+        except BadImage:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadImage(f"decompression bomb: {e}") from None
+        except UnidentifiedImageError:
+            raise BadImage("not an image (unrecognised format)") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadImage(f"corrupt or truncated image: {e}") from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert any mode to 8-bit RGB (alpha over white)."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not reject the pixels
+        pass
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def load_image(src: str | os.PathLike | bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``src`` into uint8 pixels ``[size, size, 3]``.
+
+    Raises:
+        BadImage: the file is missing, empty, truncated, not an image or too large.
+    """
+    img = to_rgb(_open(src, max_pixels))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def inspect_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Check a file fully decodes; return its content hash, size and mode.
+
+    Raises:
+        BadImage: as ``load_image``.
+    """
+    img = _open(path, max_pixels)
+    info = {"width": img.size[0], "height": img.size[1], "mode": img.mode}
+    to_rgb(img)
+    info["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return info
+
+
+def perceptual_hash(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """A 256-bit difference hash (16x16 horizontal gradients), hex, for near-duplicate reports."""
+    img = to_rgb(_open(path, max_pixels)).convert("L").resize((17, 16), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.int16)
+    bits = (a[:, 1:] > a[:, :-1]).flatten()
+    return np.packbits(bits).tobytes().hex()

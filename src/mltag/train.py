@@ -1,0 +1,127 @@
+"""train: a sigmoid head on cached bottleneck vectors, plus the end-to-end inference model."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mltag.common import MltagError, atomic_path
+from mltag.bottleneck import load_split
+
+
+def build_head(dim: int, n_labels: int, hidden_units: int = 0, dropout: float = 0.2):
+    import keras
+
+    inputs = keras.Input((dim,), name="features")
+    x = inputs
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout)(x)
+    if hidden_units > 0:
+        x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout)(x)
+    outputs = keras.layers.Dense(n_labels, activation="sigmoid", name="scores")(x)
+    return keras.Model(inputs, outputs, name="mltag_head")
+
+
+def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate: float = 1e-3, epochs: int = 200,
+          batch_size: int = 32, hidden_units: int = 0, dropout: float = 0.2, patience: int = 15,
+          monitor: str = "val_loss", seed: int = 42, backbone_cache: str | os.PathLike = ".mltag-cache/backbones",
+          tracking_uri: str | None = None, experiment: str = "mltag", config: dict | None = None,
+          progress: bool = True) -> dict:
+    """Train the head, save it with the end-to-end model, and open the MLflow run.
+
+    Args:
+        monitor: ``val_loss`` (lower is better) or ``val_map`` (validation PR-AUC, higher is better).
+        config: the resolved configuration, logged to MLflow and saved beside the outputs.
+
+    Returns:
+        Summary dict with the run id and best validation figures.
+    """
+    import keras
+    import mlflow
+
+    from mltag import backbone as bb
+    from mltag import tracking
+    from mltag.model import export_inference_model
+
+    if monitor not in ("val_loss", "val_map"):
+        raise MltagError(f"train.monitor must be val_loss or val_map, got {monitor!r}")
+    meta = json.loads((Path(bottlenecks) / "bottleneck.json").read_text(encoding="utf-8"))
+    labels = [x for x in (Path(bottlenecks) / "labels.txt").read_text(encoding="utf-8").splitlines() if x]
+    x_tr, y_tr, _ = load_split(bottlenecks, "train")
+    x_va, y_va, _ = load_split(bottlenecks, "val")
+    if len(x_tr) == 0:
+        raise MltagError("the train split is empty", Path(bottlenecks) / "train.npz")
+    resolved = bb.resolve(meta["backbone_handle"], backbone_cache)
+    if resolved.backbone_id != meta["backbone_id"]:
+        raise MltagError(f"backbone changed since the bottleneck step ({meta['backbone_id']} -> "
+                         f"{resolved.backbone_id}); rerun bottleneck")
+
+    keras.utils.set_random_seed(seed)
+    model = build_head(x_tr.shape[1], len(labels), hidden_units, dropout)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
+                  metrics=[keras.metrics.AUC(curve="PR", multi_label=True, name="map")])
+    has_val = len(x_va) > 0
+    mon = monitor if has_val else monitor.removeprefix("val_")
+    stop = keras.callbacks.EarlyStopping(monitor=mon, mode="min" if mon.endswith("loss") else "max",
+                                         patience=patience, restore_best_weights=True)
+    uri = tracking.setup(tracking_uri)
+    mlflow.set_experiment(experiment)
+    t0 = time.time()
+    with mlflow.start_run() as run:
+        params = tracking.flatten(config or {})
+        params.update({"train.backbone_id": resolved.backbone_id, "train.n_labels": len(labels),
+                       "train.n_train": len(x_tr), "train.n_val": len(x_va)})
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.set_tags({"mltag.step": "train", "mltag.labels": ",".join(labels)})
+        hist = model.fit(x_tr, y_tr.astype(np.float32), validation_data=(x_va, y_va.astype(np.float32)) if has_val else None,
+                         epochs=epochs, batch_size=batch_size, callbacks=[stop], verbose=2 if progress else 0,
+                         shuffle=True)
+        history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+        for epoch in range(len(history["loss"])):
+            mlflow.log_metrics({f"epoch_{k}": v[epoch] for k, v in history.items()}, step=epoch)
+        values = history[mon]
+        best = int(np.argmin(values) if mon.endswith("loss") else np.argmax(values))
+        summary = {
+            "run_id": run.info.run_id,
+            "epochs_run": len(values),
+            "best_epoch": best + 1,
+            "train_loss": history["loss"][best],
+            "val_loss": history.get("val_loss", [None] * len(values))[best],
+            "val_map_pr_auc": history.get("val_map", [None] * len(values))[best],
+            "seconds": round(time.time() - t0, 2),
+        }
+        mlflow.log_metrics({f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
+        out = Path(out)
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            model.save(tmp / "head.keras")
+            export_inference_model(resolved.location, [w for w in model.get_weights()], meta["image_size"],
+                                   tmp / "inference")
+            (tmp / "model.json").write_text(json.dumps({
+                "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
+                "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
+                "feature_dim": int(x_tr.shape[1]), "hidden_units": hidden_units}, indent=2) + "\n", encoding="utf-8")
+            (tmp / "labels.txt").write_text("".join(f"{x}\n" for x in labels), encoding="utf-8")
+            (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
+            (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            tracking.save_run_ref(tmp, run.info.run_id, run.info.experiment_id, uri)
+        mlflow.log_artifact(str(out / "history.json"))
+        mlflow.log_artifact(str(out / "config.json"))
+    return summary
+
+
+def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarray:
+    """Score cached bottleneck vectors with the saved head (same weights as the end-to-end model)."""
+    import keras
+
+    head = keras.saving.load_model(Path(model_dir) / "head.keras", compile=False)
+    if len(features) == 0:
+        return np.zeros((0, head.output_shape[-1]), np.float32)
+    return np.asarray(head.predict(features, batch_size=256, verbose=0), np.float32)
