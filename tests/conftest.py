@@ -1,0 +1,103 @@
+"""Shared fixtures: a fake pooling hub module, tiny solid-colour datasets, a temp MLflow store.
+
+Modelled on TF Hub's make_image_classifier_test: a SavedModel that pools colours
+stands in for a real backbone, and a few solid-colour JPEGs per label make a task
+a linear head must solve.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = ["red", "green", "blue"]
+
+
+def save_pooling_module(path: Path) -> Path:
+    """A TF2 SavedModel: float images [B,H,W,3] in [0,1] -> [B,6] (mean and 1-mean per channel)."""
+    import tensorflow as tf
+
+    class Pool(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images):
+            m = tf.reduce_mean(images, axis=[1, 2])
+            return tf.concat([m, 1.0 - m], axis=1)
+
+    tf.saved_model.save(Pool(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_backbone(tmp_path_factory) -> Path:
+    return save_pooling_module(tmp_path_factory.mktemp("hub") / "pool")
+
+
+def colour_image(flags, rng, size=24) -> Image.Image:
+    base = np.array([230 if f else 20 for f in flags], np.float64)
+    arr = np.clip(base + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def make_colour_dataset(root: Path, n: int = 48, seed: int = 0, start: int = 0) -> list[tuple[str, tuple]]:
+    """Write ``n`` JPEGs under root/images and return (relative path, flags) rows."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(start, start + n):
+        while True:
+            flags = tuple(int(x) for x in rng.random(3) < 0.45)
+            if 1 <= sum(flags) <= 2:
+                break
+        rel = f"images/{i:04d}.jpg"
+        colour_image(flags, rng).save(root / rel, "JPEG", quality=90)
+        rows.append((rel, flags))
+    return rows
+
+
+def write_lst_dataset(root: Path, rows) -> Path:
+    (root / "labels.txt").write_text("\n".join(COLOURS) + "\n")
+    lines = ["\t".join([str(i), *map(str, f), p]) for i, (p, f) in enumerate(rows)]
+    (root / "all.lst").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def colour_dataset(tmp_path) -> Path:
+    root = tmp_path / "colours"
+    write_lst_dataset(root, make_colour_dataset(root))
+    return root
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A SQLite MLflow store under tmp_path; fails the test if it leaks an active run."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    leaked = mlflow.active_run()
+    while mlflow.active_run():
+        mlflow.end_run()
+    assert leaked is None, "a test left an MLflow run open"
+
+
+def run_cli(*args, cwd=None, env=None, check=True, timeout=900) -> subprocess.CompletedProcess:
+    """Run ``mltag`` in a fresh process (the installed console script's module)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "mltag.cli", *args], cwd=cwd, env=e, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"mltag {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p

