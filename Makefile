@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
-export MLFLOW_TRACKING_URI ?= sqlite:///$(abspath mlflow.db)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install demo test test-fast lint compile clean

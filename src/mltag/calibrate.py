@@ -52,7 +52,7 @@ def fit_thresholds(y: np.ndarray, s: np.ndarray, labels: list[str], min_precisio
 
 def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
               metrics_file: str | os.PathLike, method: str = "f1", min_precision: float | None = None,
-              min_positives: int = 5, tracking_uri: str | None = None) -> dict:
+              min_positives: int = 5, tracking_uri: str | None = None, run_id: str | None = None) -> dict:
     """Fit thresholds on val scores, report test metrics at 0.5 and at the thresholds.
 
     Writes the thresholds JSON to ``out`` and the metrics to ``metrics_file``.
@@ -83,7 +83,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     }
     write_json_atomic(out, th)
     write_json_atomic(metrics_file, result)
-    run_id = tracking.run_id_of(model_dir)
+    run_id = run_id or tracking.run_id_of(model_dir)
     if run_id:
         tracking.setup(tracking_uri)
         with mlflow.start_run(run_id=run_id):

@@ -62,7 +62,8 @@ STEP_PATHS = {
     "demo-data": [("--out", "data/demo")],
     "prepare": [("--out", "data/prepared")],
     "bottleneck": [("--prepared", "data/prepared"), ("--out", "data/bottlenecks"), ("--images", None)],
-    "train": [("--bottlenecks", "data/bottlenecks"), ("--out", "models/train")],
+    "train": [("--bottlenecks", "data/bottlenecks"), ("--out", "models/train"), ("--metrics", None),
+              ("--history", None)],
     "evaluate": [("--model", "models/train"), ("--bottlenecks", "data/bottlenecks"), ("--prepared", "data/prepared"),
                  ("--out", "reports/evaluate"), ("--metrics", "metrics/evaluate.json"), ("--plots", None)],
     "calibrate": [("--evaluation", "reports/evaluate"), ("--model", "models/train"),
@@ -184,7 +185,8 @@ def _dispatch(args) -> int:
 
         s = train(args.bottlenecks, args.out, v["learning_rate"], v["epochs"], v["batch_size"], v["hidden_units"],
                   v["dropout"], v["patience"], v["monitor"], v["seed"], v["backbone_cache"], args.tracking_uri,
-                  v["experiment"], config=params, progress=progress)
+                  v["experiment"], config=params, progress=progress, metrics_file=args.metrics,
+                  history_file=args.history)
         print(f"train: best epoch {s['best_epoch']}/{s['epochs_run']}, val loss {s['val_loss']}, "
               f"MLflow run {s['run_id']}")
     elif cmd == "evaluate":

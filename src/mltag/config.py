@@ -19,6 +19,9 @@ DEFAULTS: dict = {
     "evaluate": {"bootstrap": 1000, "seed": 0},
     "calibrate": {"method": "f1", "min_precision": None, "min_positives": 5},
     "register": {"model_name": "mltag", "experiment": "mltag", "margin": 0.0, "max_label_ap_drop": 0.05},
+    "pipeline": {"accelerator_type": "nvidia.com/gpu", "gpu_count": 1,
+                 "gpu_node_label_key": "cloud.google.com/gke-accelerator",
+                 "gpu_node_label_value": "nvidia-tesla-t4", "mlflow_secret": "mlflow-tracking", "parallelism": 4},
 }
 
 

@@ -102,7 +102,7 @@ def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, 
 
 def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: str | os.PathLike,
              metrics_file: str | os.PathLike, images: str | os.PathLike | None = None, bootstrap: int = 1000,
-             seed: int = 0, tracking_uri: str | None = None, plots: str | os.PathLike | None = None) -> dict:
+             seed: int = 0, tracking_uri: str | None = None, plots: str | os.PathLike | None = None, run_id: str | None = None) -> dict:
     """Score val and test with the trained head; write metrics, PR curves, scores and a report.
 
     ``out`` receives ``scores.npz`` (for calibrate), ``pr_curves.png`` and ``report.html``;
@@ -144,7 +144,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
                 rows += [f"{a:.5f},{b:.5f},{c:.5f}" for a, b, c in zip(p[:-1], r[:-1], t)]
             (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     write_json_atomic(metrics_file, result)
-    run_id = tracking.run_id_of(model_dir)
+    run_id = run_id or tracking.run_id_of(model_dir)
     if run_id:
         tracking.setup(tracking_uri)
         with mlflow.start_run(run_id=run_id):

@@ -73,7 +73,7 @@ def gate(challenger_ap: np.ndarray, champion_ap: np.ndarray, labels: list[str], 
 def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepared: str | os.PathLike,
              out: str | os.PathLike, model_name: str = "mltag", margin: float = 0.0,
              max_label_ap_drop: float = 0.05, images: str | os.PathLike | None = None,
-             tracking_uri: str | None = None, experiment: str = "mltag") -> dict:
+             tracking_uri: str | None = None, experiment: str = "mltag", run_id: str | None = None) -> dict:
     """Log, register and (maybe) promote the model; write the decision to ``out``."""
     import mlflow
     import pandas as pd
@@ -92,7 +92,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     y_test = np.array([ex.flags for ex in test], dtype=int).reshape(len(test), len(labels))
     uri = tracking.setup(tracking_uri)
     client = MlflowClient()
-    run_id = tracking.run_id_of(model_dir)
+    run_id = run_id or tracking.run_id_of(model_dir)
     if run_id is None:
         mlflow.set_experiment(experiment)
     tmp = Path(tempfile.mkdtemp(prefix="mltag-register-"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path
+from mltag.common import MltagError, atomic_path, write_json_atomic
 from mltag.bottleneck import load_split
 
 
@@ -32,12 +32,15 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
           batch_size: int = 32, hidden_units: int = 0, dropout: float = 0.2, patience: int = 15,
           monitor: str = "val_loss", seed: int = 42, backbone_cache: str | os.PathLike = ".mltag-cache/backbones",
           tracking_uri: str | None = None, experiment: str = "mltag", config: dict | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, metrics_file: str | os.PathLike | None = None,
+          history_file: str | os.PathLike | None = None) -> dict:
     """Train the head, save it with the end-to-end model, and open the MLflow run.
 
     Args:
         monitor: ``val_loss`` (lower is better) or ``val_map`` (validation PR-AUC, higher is better).
         config: the resolved configuration, logged to MLflow and saved beside the outputs.
+        metrics_file: also write the summary here (DVC metrics).
+        history_file: also write per-epoch losses here, one record per epoch (DVC plots).
 
     Returns:
         Summary dict with the run id and best validation figures.
@@ -112,6 +115,11 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
             (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             tracking.save_run_ref(tmp, run.info.run_id, run.info.experiment_id, uri)
+        records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(values))]
+        if metrics_file:
+            write_json_atomic(metrics_file, summary)
+        if history_file:
+            write_json_atomic(history_file, records)
         mlflow.log_artifact(str(out / "history.json"))
         mlflow.log_artifact(str(out / "config.json"))
     return summary

@@ -1,0 +1,89 @@
+"""End to end: the real dvc.yaml in a temp git repo, the real built-in backbone, MLflow in SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def sh(cmd, cwd, env):
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500, shell=True)
+    assert p.returncode == 0, f"{cmd} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return p.stdout + p.stderr
+
+
+def stages_run(out: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", out)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    d = tmp_path_factory.mktemp("proj")
+    for f in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(REPO / f, d / f)
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["demo"]["n_images"] = 160
+    params["evaluate"]["bootstrap"] = 200
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'mlflow.db'}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.com")
+    sh("git init -q && dvc init -q && dvc config core.analytics false && git add -A && git commit -qm init", d, env)
+    out = sh("dvc repro", d, env)
+    return d, env, out
+
+
+def test_repro_registers_a_predicting_champion(project):
+    d, env, out = project
+    assert stages_run(out) == ["demo-data", "prepare", "bottleneck", "train", "evaluate", "calibrate", "register"]
+    ev = json.loads((d / "metrics" / "evaluate.json").read_text())
+    assert ev["map"] >= 0.9, ev["map"]
+    reg = json.loads((d / "metrics" / "register.json").read_text())
+    assert reg["promoted"] and "champion" in reg["aliases"]
+    lst = (d / "data" / "demo" / "all.lst").read_text().splitlines()
+    labels = (d / "data" / "demo" / "labels.txt").read_text().split()
+    cols = lst[1].split("\t")
+    truth = [lb for lb, f in zip(labels, cols[1:-1]) if f == "1"]
+    p = run_cli("predict", "--json", str(d / "data" / "demo" / cols[-1]), cwd=d, env=env)
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["labels"] == truth
+
+
+def test_second_repro_runs_nothing(project):
+    d, env, _ = project
+    out = sh("dvc repro", d, env)
+    assert stages_run(out) == []
+
+
+def test_learning_rate_change_reruns_train_and_after(project):
+    d, env, _ = project
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 0.002
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh("dvc repro", d, env)
+    assert stages_run(out) == ["train", "evaluate", "calibrate", "register"]
+
+
+def test_adding_images_computes_only_their_bottlenecks(project):
+    d, env, _ = project
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["demo"]["n_images"] = 172
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh("dvc repro", d, env)
+    assert "bottleneck" in stages_run(out)
+    summary = json.loads((d / "data" / "bottlenecks" / "bottleneck.json").read_text())
+    assert (summary["computed"], summary["cached"]) == (12, 160)

@@ -1,0 +1,123 @@
+"""Against a real `mlflow server` on 127.0.0.1: track, register, promote, then serve over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import COLOURS, run_cli
+from mltag.common import read_lst
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early: {proc.stdout.read()[-3000:] if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def start(cmd, env, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, 9)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    proc = start([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                  "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                 dict(os.environ), tmp_path / "server.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def test_steps_against_server_then_serve(tmp_path, colour_dataset, fake_backbone, mlflow_server):
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    w = tmp_path / "work"
+    w.mkdir()
+    steps = [
+        ("prepare", "--input", str(colour_dataset), "--out", "prepared"),
+        ("bottleneck", "--handle", str(fake_backbone), "--cache-dir", "cache"),
+        ("train", "--learning-rate", "0.05", "--patience", "30", "--epochs", "150"),
+        ("evaluate", "--bootstrap", "50"),
+        ("calibrate",),
+        ("register", "--model-name", "served"),
+    ]
+    paths = {"bottleneck": ("--prepared", "prepared", "--out", "bn"), "train": ("--bottlenecks", "bn", "--out", "m"),
+             "evaluate": ("--model", "m", "--bottlenecks", "bn", "--prepared", "prepared", "--out", "ev",
+                          "--metrics", "ev.json"),
+             "calibrate": ("--evaluation", "ev", "--model", "m", "--out", "th.json", "--metrics", "ca.json"),
+             "register": ("--model", "m", "--thresholds", "th.json", "--prepared", "prepared", "--out", "rg.json")}
+    for step, *args in steps:
+        run_cli("--quiet", step, *args, *paths.get(step, ()), cwd=w, env=env)
+    reg = json.loads((w / "rg.json").read_text())
+    assert reg["promoted"] and reg["tracking_uri"] == mlflow_server
+    assert not (w / "mlflow.db").exists(), "steps must use the server, not the embedded default"
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    mv = client.get_model_version_by_alias("served", "champion")
+    assert str(mv.version) == str(reg["version"])
+    run = client.get_run(mv.run_id)
+    assert run.data.metrics["test_map"] >= 0.9
+
+    # `mltag promote` by hand records who and why.
+    run_cli("promote", "served", str(reg["version"]), "--reason", "smoke test", "--user", "ci", cwd=w, env=env)
+    tags = client.get_model_version("served", str(reg["version"])).tags
+    assert tags["mltag.promoted_by"] == "ci" and tags["mltag.promoted_reason"] == "smoke test"
+
+    port = free_port()
+    senv = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
+    serve = start([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/served@champion",
+                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], senv, tmp_path / "serve.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", serve, timeout=240)
+        rows = read_lst(colour_dataset / "all.lst")[:3]
+        body = {"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode((colour_dataset / r.path).read_bytes()).decode()] for r in rows]}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            preds = json.loads(r.read())["predictions"]
+        for r, p in zip(rows, preds):
+            assert p["labels"].split(",") == [c for c, f in zip(COLOURS, r.flags) if f]
+            assert 0.0 <= p["score_red"] <= 1.0
+    finally:
+        stop(serve)

@@ -1,0 +1,120 @@
+"""The Kubeflow pipeline: compiled YAML checked, and the whole DAG run with kfp.local."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+from pipeline.run import compile_pipeline
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[str, list]:
+    out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
+    env_image = os.environ.pop("MLTAG_IMAGE", None)
+    try:
+        compile_pipeline(out)
+    finally:
+        if env_image is not None:
+            os.environ["MLTAG_IMAGE"] = env_image
+    text = out.read_text()
+    return text, list(yaml.safe_load_all(text))
+
+
+def test_committed_yaml_equals_a_fresh_compile(compiled):
+    text, _ = compiled
+    committed = (REPO / "pipeline" / "pipeline.yaml").read_text()
+    assert committed == text, "pipeline/pipeline.yaml is stale: run `mltag pipeline compile` and commit it"
+
+
+def test_train_runs_on_the_gpu_node_pool(compiled):
+    _, (spec, platform) = compiled
+    res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert k8s["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
+    assert k8s["secretAsEnv"][0]["secretName"] == "mlflow-tracking" and k8s["secretAsEnv"][0]["optional"]
+    # Only train asks for a GPU.
+    for name, ex in spec["deploymentSpec"]["executors"].items():
+        if name != "exec-train":
+            assert "accelerator" not in ex["container"].get("resources", {}), name
+
+
+def test_every_step_requests_cpu_and_memory_and_runs_the_project_image(compiled):
+    _, (spec, _) = compiled
+    from mltag import __version__
+
+    for name, ex in spec["deploymentSpec"]["executors"].items():
+        c = ex["container"]
+        assert c["resources"].get("resourceCpuRequest") and c["resources"].get("resourceMemoryRequest"), name
+        assert c["image"].endswith(f":{__version__}"), name
+        assert "pip install" not in " ".join(c.get("command", [])), f"{name} must not install kfp at runtime"
+
+
+def test_dag_shape_parallelfor_and_no_cache_on_register(compiled):
+    _, (spec, _) = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    loops = [t for t in tasks.values() if "parameterIterator" in t]
+    assert len(loops) == 1 and loops[0]["iteratorPolicy"]["parallelismLimit"] == 4
+    assert set(tasks["train"]["dependentTasks"]) == {"bottleneck"}
+    assert "train" in tasks["register"]["dependentTasks"] and "calibrate" in tasks["register"]["dependentTasks"]
+    assert tasks["register"].get("cachingOptions", {}).get("enableCache") is not True
+    assert tasks["train"]["cachingOptions"]["enableCache"] is True
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["learning_rate"]["defaultValue"] == 0.001  # from params.yaml
+    assert params["backbone_handle"]["defaultValue"] == "builtin:efficientnet_lite0"
+
+
+@pytest.mark.slow
+def test_full_pipeline_runs_locally_and_registers(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    from mlflow import MlflowClient
+
+    from pipeline.run import run_local
+
+    run_local(data=str(colour_dataset), pipeline_root=str(tmp_path / "kfp-root"),
+              overrides={"backbone_handle": str(fake_backbone), "num_shards": "2", "learning_rate": "0.05",
+                         "bootstrap": "20", "model_name": "kfp-model", "patience": "30"})
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("kfp-model", "champion")
+    run = client.get_run(mv.run_id)
+    assert run.data.metrics["test_map"] >= 0.9
+    assert "calibrated_test_micro_f1" in run.data.metrics  # evaluate and calibrate logged into train's run
+    shard_summaries = list((tmp_path / "kfp-root").rglob("summary/bottleneck.json"))
+    assert len(shard_summaries) == 2
+
+
+def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset):
+    """prepare's data source: a git+DVC repo at a revision, recorded as repo@commit."""
+    from mltag.fetch import fetch_dataset
+
+    repo = tmp_path / "datarepo"
+    repo.mkdir()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e.com", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@e.com")
+
+    def sh(cmd):
+        subprocess.run(cmd, shell=True, cwd=repo, env=env, check=True, capture_output=True)
+
+    import shutil
+
+    shutil.copytree(colour_dataset, repo / "colours")
+    sh("git init -q && dvc init -q && dvc config core.analytics false && "
+       f"dvc remote add -d store {tmp_path / 'remote'} && dvc add -q colours && git add -A && "
+       "git commit -qm v1 && dvc push -q")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    (repo / "colours" / "labels.txt").write_text("r\ng\nb\n")
+    sh("dvc add -q colours && git commit -qam v2 && dvc push -q")
+    got, version = fetch_dataset("colours", str(repo), commit, tmp_path / "fetched")
+    assert version == f"{repo}@{commit}"
+    assert (got / "labels.txt").read_text().split() == ["red", "green", "blue"]
+    assert len(list((got / "images").iterdir())) == 48
+    got2, _ = fetch_dataset("colours", str(repo), "", tmp_path / "fetched2")
+    assert (got2 / "labels.txt").read_text().split() == ["r", "g", "b"]
