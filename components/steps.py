@@ -43,13 +43,14 @@ def shard_indices(num_shards: int) -> List[int]:
 def bottleneck_shard(dataset: Input[Dataset], shard_index: int, num_shards: int, backbone_handle: str,
                      image_size: int, batch_size: int, cache: Output[Dataset]):
     """Compute the feature vectors of one shard of the images into a cache artifact."""
+    import os
     from pathlib import Path
 
     from mltag.bottleneck import bottleneck
 
     root = Path(dataset.path)
     s = bottleneck(root / "prepared", Path(cache.path) / "summary", backbone_handle, Path(cache.path) / "vectors",
-                   "/tmp/mltag-backbones", image_size, batch_size, images=root / "source",
+                   os.environ.get("MLTAG_BACKBONE_CACHE", "/tmp/mltag-backbones"), image_size, batch_size, images=root / "source",
                    shard_index=shard_index, num_shards=num_shards, progress=False)
     cache.metadata.update({"computed": s["computed"], "shard": shard_index})
 
@@ -58,12 +59,13 @@ def bottleneck_shard(dataset: Input[Dataset], shard_index: int, num_shards: int,
 def bottleneck(dataset: Input[Dataset], shard_caches: Input[List[Dataset]], backbone_handle: str, image_size: int,
                batch_size: int, bottlenecks: Output[Dataset]):
     """Gather the shards' vectors into the train/val/test feature files."""
+    import os
     from pathlib import Path
 
     from mltag.bottleneck import bottleneck as run
 
     root = Path(dataset.path)
-    s = run(root / "prepared", bottlenecks.path, backbone_handle, "/tmp/mltag-gather", "/tmp/mltag-backbones",
+    s = run(root / "prepared", bottlenecks.path, backbone_handle, "/tmp/mltag-gather", os.environ.get("MLTAG_BACKBONE_CACHE", "/tmp/mltag-backbones"),
             image_size, batch_size, images=root / "source",
             extra_caches=[Path(c.path) / "vectors" for c in shard_caches], progress=False)
     bottlenecks.metadata.update({"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"]})
@@ -74,6 +76,7 @@ def train(bottlenecks: Input[Dataset], learning_rate: float, epochs: int, batch_
           dropout: float, patience: int, monitor: str, seed: int, experiment: str, tracking_uri: str,
           model: Output[Model], metrics: Output[Metrics]) -> NamedTuple("TrainOutputs", [("run_id", str)]):
     """Train the head (on the GPU node pool when the cluster has one) and open the MLflow run."""
+    import os
     from collections import namedtuple
 
     from mltag.train import train as run
@@ -82,7 +85,7 @@ def train(bottlenecks: Input[Dataset], learning_rate: float, epochs: int, batch_
                         "hidden_units": hidden_units, "dropout": dropout, "patience": patience,
                         "monitor": monitor, "seed": seed}}
     s = run(bottlenecks.path, model.path, learning_rate, epochs, batch_size, hidden_units, dropout, patience,
-            monitor, seed, "/tmp/mltag-backbones", tracking_uri or None, experiment, config=config, progress=False)
+            monitor, seed, os.environ.get("MLTAG_BACKBONE_CACHE", "/tmp/mltag-backbones"), tracking_uri or None, experiment, config=config, progress=False)
     for k in ("val_loss", "train_loss", "best_epoch"):
         if s.get(k) is not None:
             metrics.log_metric(k, s[k])

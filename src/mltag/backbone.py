@@ -113,7 +113,7 @@ def build_lite0_module(state: dict[str, np.ndarray] | None = None):
 
     stem = (conv("_conv_stem"), bn("_bn0"))
     blocks = []
-    for i, (k, s, e, cin, cout) in enumerate(lite0_blocks()):
+    for i, (_k, s, e, cin, cout) in enumerate(lite0_blocks()):
         p = f"_blocks.{i}"
         blk = {"stride": s, "residual": s == 1 and cin == cout}
         if e != 1:

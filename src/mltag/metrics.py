@@ -18,8 +18,7 @@ def average_precisions(y: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str]) -> dict:
     """All headline and per-label metrics for true flags ``y`` and scores ``s`` at ``thresholds``."""
-    from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support,
-                                 roc_auc_score)
+    from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support, roc_auc_score
 
     y = np.asarray(y).astype(int)
     s = np.asarray(s, dtype=np.float64)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, write_json_atomic
 from mltag.bottleneck import load_split
+from mltag.common import MltagError, atomic_path, write_json_atomic
 
 
 def build_head(dim: int, n_labels: int, hidden_units: int = 0, dropout: float = 0.2):

@@ -1,0 +1,30 @@
+# One image for every Kubeflow step. CPU build by default; GPU build for the train node pool:
+#   docker build -t REGISTRY/mltag:0.1.0 .
+#   docker build --build-arg TF_VARIANT=gpu -t REGISTRY/mltag:0.1.0-gpu .
+FROM python:3.11.11-slim-bookworm
+
+ARG TF_VARIANT=cpu
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=2
+
+WORKDIR /opt/mltag
+COPY pyproject.toml README.md params.yaml ./
+COPY src ./src
+COPY components ./components
+COPY pipeline ./pipeline
+
+# Pinned dependencies come from pyproject.toml; the GPU variant adds TensorFlow's CUDA wheels.
+RUN pip install --no-cache-dir . \
+    && if [ "$TF_VARIANT" = "gpu" ]; then pip install --no-cache-dir "tensorflow[and-cuda]==2.21.0"; fi \
+    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin mltag
+
+USER 10001
+WORKDIR /home/mltag
+# Build the built-in backbone once into the image, where the components look for it.
+ENV MLTAG_BACKBONE_CACHE=/home/mltag/.mltag-cache/backbones
+RUN python -c "from mltag.backbone import resolve; resolve('builtin:efficientnet_lite0', '$MLTAG_BACKBONE_CACHE')"
+
+CMD ["mltag", "--help"]
