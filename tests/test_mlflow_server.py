@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import COLOURS, run_cli
 
+from conftest import COLOURS, run_cli
 from mltag.common import read_lst
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import COLOURS, make_colour_dataset, run_cli, write_lst_dataset
 
+from conftest import COLOURS, make_colour_dataset, run_cli, write_lst_dataset
 from mltag.bottleneck import FeatureCache, bottleneck
 from mltag.calibrate import calibrate
 from mltag.common import MltagError, read_lst

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default=None,
                     help="models:/NAME@champion (default, NAME from params), runs:/..., or a local model folder")
     pr.add_argument("--json", action="store_true", help="print JSON lines")
+    pr.add_argument("--tta", choices=["none", "mean", "max"], default="none",
+                    help="test-time augmentation: combine 10 crops/mirrors by mean or max")
     pm = sub.add_parser("promote", help="make VERSION the champion by hand, recording who and why")
     pm.add_argument("name")
     pm.add_argument("version")
@@ -256,7 +258,7 @@ def _predict(args) -> int:
         if t.is_file() and not (Path(model) / "thresholds.json").is_file():
             thresholds = json.loads(t.read_text(encoding="utf-8"))
         try:
-            results = InferenceModel(model, thresholds).predict(args.images)
+            results = InferenceModel(model, thresholds).predict(args.images, tta=args.tta)
         except BadImage as e:
             raise Err(str(e)) from None
     else:
@@ -274,7 +276,7 @@ def _predict(args) -> int:
             raise Err(f"cannot load model {model}: {str(e).splitlines()[0][:300]}") from None
         df = pd.DataFrame({"image": [base64.b64encode(Path(p).read_bytes()).decode() for p in args.images]})
         try:
-            res = pm.predict(df)
+            res = pm.predict(df, params={"tta": args.tta})
         except Exception as e:  # noqa: BLE001
             raise Err(f"prediction failed: {str(e).splitlines()[0][:300]}") from None
         results = []

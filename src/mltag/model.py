@@ -66,19 +66,37 @@ class InferenceModel:
     def pixels(self, images) -> np.ndarray:
         return np.stack([load_image(im, self.image_size) for im in images])
 
-    def scores(self, images, batch_size: int = 32) -> np.ndarray:
-        """Per-label scores ``[len(images), n_labels]``."""
+    def tta_views(self, image) -> np.ndarray:
+        """Ten views: centre and four corner crops of a 1.15x resize, and their mirrors."""
+        s = self.image_size
+        big = load_image(image, int(round(s * 1.15)))
+        o = big.shape[0] - s
+        crops = [big[o // 2: o // 2 + s, o // 2: o // 2 + s], big[:s, :s], big[:s, o:], big[o:, :s], big[o:, o:]]
+        return np.stack(crops + [c[:, ::-1] for c in crops])
+
+    def _run(self, px: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
-        out = []
-        for i in range(0, len(images), batch_size):
-            px = self.pixels(images[i: i + batch_size])
-            out.append(self._fn(images=tf.constant(px))["scores"].numpy())
+        return self._fn(images=tf.constant(np.ascontiguousarray(px)))["scores"].numpy()
+
+    def scores(self, images, batch_size: int = 32, tta: str = "none") -> np.ndarray:
+        """Per-label scores ``[len(images), n_labels]``.
+
+        Args:
+            tta: ``none``, or ``mean``/``max`` to combine the scores of ten augmented views.
+        """
+        if tta not in ("none", "mean", "max"):
+            raise MltagError(f"tta must be none, mean or max, got {tta!r}")
+        if tta != "none":
+            reduce = np.mean if tta == "mean" else np.max
+            out = [reduce(self._run(self.tta_views(im)), axis=0) for im in images]
+            return np.stack(out) if out else np.zeros((0, len(self.labels)), np.float32)
+        out = [self._run(self.pixels(images[i: i + batch_size])) for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
-    def predict(self, images) -> list[dict]:
+    def predict(self, images, tta: str = "none") -> list[dict]:
         """Per image: the labels at or above their threshold, and every label's score."""
-        s = self.scores(images)
+        s = self.scores(images, tta=tta)
         return [
             {"labels": [lb for lb, v, t in zip(self.labels, row, self.thresholds) if v >= t],
              "scores": {lb: float(v) for lb, v in zip(self.labels, row)}}

@@ -22,7 +22,10 @@ def decode_images(column) -> list[bytes]:
 
 
 class MltagPyfunc(mlflow.pyfunc.PythonModel):
-    """Wraps :class:`mltag.model.InferenceModel`; thresholds travel in the artifacts."""
+    """Wraps :class:`mltag.model.InferenceModel`; thresholds travel in the artifacts.
+
+    ``params={"tta": "mean"}`` (or ``"max"``) turns on test-time augmentation.
+    """
 
     def load_context(self, context):
         from mltag.model import InferenceModel
@@ -38,7 +41,7 @@ class MltagPyfunc(mlflow.pyfunc.PythonModel):
             raise ValueError("input needs a column 'image' with base64-encoded image bytes")
         images = decode_images(model_input["image"])
         try:
-            results = self.model.predict(images)
+            results = self.model.predict(images, tta=str((params or {}).get("tta", "none")))
         except BadImage as e:
             raise ValueError(f"unreadable image: {e}") from None
         rows = []

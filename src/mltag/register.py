@@ -105,7 +105,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             else None
         py = MltagPyfunc()
         py.model = local
-        signature = infer_signature(example, py.predict(None, example)) if example is not None else None
+        signature = infer_signature(example, py.predict(None, example), params={"tta": "none"}) \
+            if example is not None else None
         chall_scores = local.scores(test_images) if test_images else np.zeros((0, len(labels)))
         chall_ap = M.average_precisions(y_test, chall_scores)
         with mlflow.start_run(run_id=run_id) as run:

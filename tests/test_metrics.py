@@ -1,0 +1,95 @@
+"""Metrics against hand-computed values, bootstrap intervals, thresholds and the promotion gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mltag import metrics as M
+from mltag.calibrate import best_threshold, fit_thresholds
+from mltag.register import gate
+
+
+def test_metrics_match_hand_computed_values():
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    s = np.array([[0.9, 0.2], [0.4, 0.8], [0.3, 0.6], [0.1, 0.7]])
+    m = M.compute(y, s, 0.5, ["a", "b"])
+    # Label a: ranking 0.9(+) 0.4(-) 0.3(+) 0.1(-): AP = (1/1 + 2/3) / 2.
+    assert m["per_label"]["a"]["ap"] == pytest.approx((1 + 2 / 3) / 2)
+    # Label b: ranking 0.8(+) 0.7(-) 0.6(+) 0.2(-): AP = (1 + 2/3) / 2 as well.
+    assert m["map"] == pytest.approx((1 + 2 / 3) / 2)
+    # Predictions at 0.5: a = [1,0,0,0], b = [0,1,1,1].
+    a, b = m["per_label"]["a"], m["per_label"]["b"]
+    assert (a["tp"], a["fp"], a["fn"], a["tn"]) == (1, 0, 1, 2)
+    assert (b["tp"], b["fp"], b["fn"], b["tn"]) == (2, 1, 0, 1)
+    assert a["precision"] == 1.0 and a["recall"] == 0.5 and a["f1"] == pytest.approx(2 / 3)
+    assert b["precision"] == pytest.approx(2 / 3) and b["recall"] == 1.0 and b["f1"] == pytest.approx(0.8)
+    # micro: tp 3, fp 1, fn 1 -> P = R = 3/4, F1 = 0.75; macro = (2/3 + 0.8) / 2.
+    assert m["micro_f1"] == pytest.approx(0.75)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert m["hamming_loss"] == pytest.approx(2 / 8) and m["label_accuracy"] == pytest.approx(6 / 8)
+    assert m["subset_accuracy"] == pytest.approx(2 / 4)  # rows 0 and 1 are exactly right
+    assert m["roc_auc_macro"] == pytest.approx(0.75)
+
+
+def test_all_negative_baseline_shows_what_label_accuracy_is_worth():
+    rng = np.random.default_rng(0)
+    y_test = (rng.random((200, 5)) < 0.1).astype(int)
+    b = M.baselines(y_test, y_test, [str(i) for i in range(5)])
+    assert b["all_negative"]["micro_f1"] == 0.0
+    assert b["all_negative"]["label_accuracy"] == pytest.approx(1 - y_test.mean())
+    assert b["all_negative"]["label_accuracy"] > 0.85  # "high accuracy", useless model
+    assert b["label_prior"]["map"] == pytest.approx(y_test.mean(0).mean(), abs=1e-9)
+
+
+def test_bootstrap_interval_contains_estimate_and_narrows_with_more_data():
+    rng = np.random.default_rng(1)
+
+    def sample(n):
+        y = (rng.random((n, 3)) < 0.4).astype(int)
+        s = np.clip(y * 0.3 + rng.random((n, 3)) * 0.7, 0, 1)
+        return y, s
+
+    widths = []
+    for n in (40, 800):
+        y, s = sample(n)
+        point = M.compute(y, s, 0.5, ["a", "b", "c"])
+        ci = M.bootstrap_ci(y, s, 0.5, n=300, seed=0)
+        assert ci["map"][0] <= point["map"] <= ci["map"][1]
+        assert ci["micro_f1"][0] <= point["micro_f1"] <= ci["micro_f1"][1]
+        widths.append(ci["map"][1] - ci["map"][0])
+    assert widths[1] < widths[0] / 2
+    y, s = sample(50)
+    assert M.bootstrap_ci(y, s, 0.5, n=100, seed=3) == M.bootstrap_ci(y, s, 0.5, n=100, seed=3)
+
+
+def test_f1_and_precision_thresholds():
+    y = np.array([0, 0, 1, 0, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.4, 0.8, 0.9])
+    t = best_threshold(y, s)
+    assert 0.2 < t <= 0.3  # F1-optimal keeps all three positives (F1 = 6/7)
+    assert 0.4 < best_threshold(y, s, min_precision=1.0) <= 0.8
+    assert best_threshold(np.array([0, 1]), np.array([0.9, 0.1]), min_precision=1.0) is None
+
+
+def test_labels_with_few_positives_fall_back_to_the_global_threshold():
+    rng = np.random.default_rng(2)
+    y = np.zeros((60, 3), int)
+    y[:30, 0] = 1
+    y[::2, 1] = 1
+    y[:2, 2] = 1  # only two positives
+    s = np.clip(y * 0.5 + rng.random(y.shape) * 0.5, 0, 1)
+    th = fit_thresholds(y, s, ["a", "b", "c"], min_positives=5)
+    assert th["fallback_labels"] == ["c"]
+    assert th["thresholds"]["c"] == th["global_threshold"]
+    assert th["thresholds"]["a"] != th["global_threshold"] or th["thresholds"]["b"] != th["global_threshold"]
+
+
+def test_gate_decisions():
+    champ = np.array([0.90, 0.90, 0.90])
+    ok, why = gate(np.array([0.95, 0.93, 0.91]), champ, list("abc"), margin=0.01, max_label_ap_drop=0.05)
+    assert ok, why
+    ok, why = gate(np.array([0.905, 0.90, 0.90]), champ, list("abc"), margin=0.01, max_label_ap_drop=0.05)
+    assert not ok and "does not beat" in why
+    ok, why = gate(np.array([1.0, 1.0, 0.80]), champ, list("abc"), margin=0.0, max_label_ap_drop=0.05)
+    assert not ok and "label 'c' AP drops 0.1000" in why
