@@ -44,6 +44,7 @@ def project(tmp_path_factory):
                GIT_COMMITTER_EMAIL="t@example.com")
     sh("git init -q && dvc init -q && dvc config core.analytics false && git add -A && git commit -qm init", d, env)
     out = sh("dvc repro", d, env)
+    sh("git add -A && git commit -qm 'first run'", d, env)  # metrics and dvc.lock, as a user would
     return d, env, out
 
 
@@ -76,6 +77,11 @@ def test_learning_rate_change_reruns_train_and_after(project):
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc repro", d, env)
     assert stages_run(out) == ["train", "evaluate", "calibrate", "register"]
+    diff = sh("dvc metrics diff --md", d, env)
+    assert "metrics/evaluate.json" in diff and "map" in diff
+    assert "train.learning_rate" in sh("dvc params diff", d, env)
+    sh("dvc plots diff -o plots_html", d, env)
+    assert (d / "plots_html" / "index.html").is_file()
 
 
 def test_adding_images_computes_only_their_bottlenecks(project):
