@@ -53,6 +53,10 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
     from mltag import tracking
 
     if not data_repo:
+        if not Path(data).exists() and Path(data) == Path("data/demo"):
+            from mltag.demo import make_demo_data
+
+            make_demo_data(data)  # the built-in demo data, as `dvc repro` would make it
         data = str(Path(data).resolve())
     uri = tracking.tracking_uri(tracking_uri)
     root = str(Path(pipeline_root or "local_outputs").resolve())

@@ -117,3 +117,14 @@ def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset
     assert len(list((got / "images").iterdir())) == 48
     got2, _ = fetch_dataset("colours", str(repo), "", tmp_path / "fetched2")
     assert (got2 / "labels.txt").read_text().split() == ["r", "g", "b"]
+
+
+def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
+    from conftest import run_cli
+
+    p = run_cli("pipeline", "run", "--host", "http://127.0.0.1:9", "--data", "x", cwd=tmp_path, check=False,
+                timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "cannot submit to http://127.0.0.1:9" in p.stderr
+    p = run_cli("pipeline", "run", "--local", "--arg", "colour=red", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "unknown pipeline parameter 'colour'" in p.stderr

@@ -157,6 +157,11 @@ def test_predict_cli_local_folder(tmp_path, colour_dataset, fake_backbone, mlflo
     r = json.loads(p.stdout.strip().splitlines()[-1])
     truth = read_lst(colour_dataset / "all.lst")[1].flags
     assert r["labels"] == [c for c, f in zip(COLOURS, truth) if f]
+    p = run_cli("predict", "--json", "--tta", "mean", "--model", str(tmp_path / "model"), str(img), cwd=tmp_path)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["labels"] == r["labels"]
+    ev = evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval-tta", tmp_path / "ev-tta.json",
+                  images=colour_dataset, bootstrap=0, tta="max")
+    assert ev["tta"] == "max" and ev["map"] >= 0.9
     p = run_cli("predict", "--model", "models:/nope@champion", str(img), cwd=tmp_path, check=False)
     assert p.returncode == 2 and "cannot load model models:/nope@champion" in p.stderr
     p = run_cli("predict", "--model", str(tmp_path / "model"), str(tmp_path / "missing.jpg"), check=False)

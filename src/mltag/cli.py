@@ -43,7 +43,8 @@ STEP_FLAGS = {
         ("--experiment", "register.experiment", str, "MLflow experiment"),
     ],
     "evaluate": [("--bootstrap", "evaluate.bootstrap", int, "bootstrap resamples for 95% CIs"),
-                 ("--seed", "evaluate.seed", int, "bootstrap seed")],
+                 ("--seed", "evaluate.seed", int, "bootstrap seed"),
+                 ("--tta", "evaluate.tta", str, "none, mean or max: test-time augmentation")],
     "calibrate": [
         ("--method", "calibrate.method", str, "f1 or min_precision"),
         ("--min-precision", "calibrate.min_precision", float, "precision target for method min_precision"),
@@ -197,7 +198,7 @@ def _dispatch(args) -> int:
 
         images = image_root_of(args.prepared) if Path(args.prepared, "dataset.json").is_file() else None
         evaluate(args.model, args.bottlenecks, args.out, args.metrics, images, v["bootstrap"], v["seed"],
-                 args.tracking_uri, args.plots)
+                 args.tracking_uri, args.plots, tta=v["tta"])
     elif cmd == "calibrate":
         from mltag.calibrate import calibrate
 

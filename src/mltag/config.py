@@ -16,7 +16,7 @@ DEFAULTS: dict = {
     "bottleneck": {"batch_size": 32, "cache_dir": ".mltag-cache/bottlenecks", "num_shards": 1},
     "train": {"learning_rate": 0.001, "epochs": 200, "batch_size": 32, "hidden_units": 0, "dropout": 0.2,
               "patience": 15, "monitor": "val_loss", "seed": 42},
-    "evaluate": {"bootstrap": 1000, "seed": 0},
+    "evaluate": {"bootstrap": 1000, "seed": 0, "tta": "none"},
     "calibrate": {"method": "f1", "min_precision": None, "min_positives": 5},
     "register": {"model_name": "mltag", "experiment": "mltag", "margin": 0.0, "max_label_ap_drop": 0.05},
     "pipeline": {"accelerator_type": "nvidia.com/gpu", "gpu_count": 1,

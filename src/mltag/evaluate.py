@@ -12,7 +12,7 @@ import numpy as np
 
 from mltag import metrics as M
 from mltag.bottleneck import load_split
-from mltag.common import atomic_path, write_json_atomic
+from mltag.common import MltagError, atomic_path, write_json_atomic
 from mltag.train import head_scores
 
 
@@ -101,12 +101,14 @@ def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, 
 
 def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: str | os.PathLike,
              metrics_file: str | os.PathLike, images: str | os.PathLike | None = None, bootstrap: int = 1000,
-             seed: int = 0, tracking_uri: str | None = None, plots: str | os.PathLike | None = None, run_id: str | None = None) -> dict:
+             seed: int = 0, tracking_uri: str | None = None, plots: str | os.PathLike | None = None,
+             run_id: str | None = None, tta: str = "none") -> dict:
     """Score val and test with the trained head; write metrics, PR curves, scores and a report.
 
     ``out`` receives ``scores.npz`` (for calibrate), ``pr_curves.png`` and ``report.html``;
     ``metrics_file`` the metrics JSON; ``plots`` (default ``out/pr``) one ``<label>.csv``
-    PR curve per label for ``dvc plots``.
+    PR curve per label for ``dvc plots``. ``tta`` (``mean``/``max``) scores the test
+    images end to end over ten augmented views instead of the cached vectors.
     """
     import mlflow
 
@@ -117,7 +119,15 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     x_te, y_te, p_te = load_split(bottlenecks, "test")
     _, y_tr, _ = load_split(bottlenecks, "train")
     s_va, s_te = head_scores(model_dir, x_va), head_scores(model_dir, x_te)
+    if tta != "none":
+        if images is None:
+            raise MltagError("evaluate with test-time augmentation needs the image folder (--prepared)")
+        from mltag.model import InferenceModel
+
+        # Augmented views are new pixels, so the cached vectors cannot serve: run end to end.
+        s_te = InferenceModel(model_dir).scores([Path(images) / str(p) for p in p_te], tta=tta)
     result = M.compute(y_te, s_te, 0.5, labels)
+    result["tta"] = tta
     result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=bootstrap, seed=seed)
     result["baselines"] = M.baselines(y_te, y_tr, labels)
     result["val"] = {k: v for k, v in M.compute(y_va, s_va, 0.5, labels).items() if k != "per_label"}
