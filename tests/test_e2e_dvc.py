@@ -24,6 +24,12 @@ def sh(cmd, cwd, env):
     return p.stdout + p.stderr
 
 
+def set_param(d: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params[section][key] = value
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def stages_run(out: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", out)
 
@@ -72,9 +78,7 @@ def test_second_repro_runs_nothing(project):
 
 def test_learning_rate_change_reruns_train_and_after(project):
     d, env, _ = project
-    params = yaml.safe_load((d / "params.yaml").read_text())
-    params["train"]["learning_rate"] = 0.002
-    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_param(d, "train", "learning_rate", 0.002)
     out = sh("dvc repro", d, env)
     assert stages_run(out) == ["train", "evaluate", "calibrate", "register"]
     diff = sh("dvc metrics diff --md", d, env)
@@ -86,9 +90,7 @@ def test_learning_rate_change_reruns_train_and_after(project):
 
 def test_adding_images_computes_only_their_bottlenecks(project):
     d, env, _ = project
-    params = yaml.safe_load((d / "params.yaml").read_text())
-    params["demo"]["n_images"] = 172
-    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_param(d, "demo", "n_images", 172)
     out = sh("dvc repro", d, env)
     assert "bottleneck" in stages_run(out)
     summary = json.loads((d / "data" / "bottlenecks" / "bottleneck.json").read_text())
