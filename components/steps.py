@@ -103,7 +103,7 @@ def evaluate(model: Input[Model], bottlenecks: Input[Dataset], dataset: Input[Da
 
     from mltag.evaluate import evaluate as run
 
-    r = run(model.path, bottlenecks.path, evaluation.path, Path(evaluation.path + "-metrics.json"),
+    r = run(model.path, bottlenecks.path, evaluation.path, Path(evaluation.path) / "metrics.json",
             Path(dataset.path) / "source", bootstrap, seed, tracking_uri or None, run_id=run_id)
     for k in ("map", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "roc_auc_macro"):
         if r.get(k) is not None:
@@ -115,9 +115,12 @@ def evaluate(model: Input[Model], bottlenecks: Input[Dataset], dataset: Input[Da
 def calibrate(evaluation: Input[Dataset], model: Input[Model], run_id: str, method: str, min_precision: float,
               min_positives: int, tracking_uri: str, thresholds: Output[Dataset], metrics: Output[Metrics]):
     """Per-label thresholds on validation scores (min_precision < 0 means unset)."""
+    from pathlib import Path
+
     from mltag.calibrate import calibrate as run
 
-    r = run(evaluation.path, model.path, thresholds.path, thresholds.path + "-metrics.json", method,
+    out = Path(thresholds.path)
+    r = run(evaluation.path, model.path, out / "thresholds.json", out / "metrics.json", method,
             None if min_precision < 0 else min_precision, min_positives, tracking_uri or None, run_id=run_id)
     for k, v in r["test_at_thresholds"].items():
         if isinstance(v, float):
@@ -134,9 +137,9 @@ def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dat
     from mltag.register import register as run
 
     root = Path(dataset.path)
-    r = run(model.path, thresholds.path, root / "prepared", decision.path + ".json", model_name, margin,
-            max_label_ap_drop, images=root / "source", tracking_uri=tracking_uri or None, experiment=experiment,
-            run_id=run_id)
+    r = run(model.path, Path(thresholds.path) / "thresholds.json", root / "prepared", decision.path, model_name,
+            margin, max_label_ap_drop, images=root / "source", tracking_uri=tracking_uri or None,
+            experiment=experiment, run_id=run_id)
     decision.log_metric("version", r["version"])
     decision.log_metric("promoted", 1.0 if r["promoted"] else 0.0)
     decision.log_metric("challenger_test_map", r["challenger_test_map"])

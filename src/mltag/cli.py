@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                                          "else sqlite:///./mlflow.db)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from mltag import __version__
+
+    p.add_argument("--version", action="version", version=f"mltag {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for step in STEP_FLAGS:
         sp = sub.add_parser(step, help=f"run the {step} step")
