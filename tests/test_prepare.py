@@ -321,3 +321,17 @@ def test_report_contents(tmp_path, rows_and_src):
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["examples_per_label"] == r["examples_per_label"]
     assert "data:image/png;base64," in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_labels_json_dict_forms(tmp_path, rows_and_src):
+    rows, src = rows_and_src
+    root = tmp_path / "lj"
+    to_labels_json(rows, root, src)
+    vectors = json.loads((root / "labels.json").read_text())
+    (root / "labels.json").write_text(json.dumps({str(i): v for i, v in enumerate(vectors, 1)}))
+    a = prepare(root, tmp_path / "a", progress=False)
+    (root / "labels.txt").unlink()
+    (root / "labels.json").write_text(json.dumps({"labels": COLOURS, "vectors": vectors}))
+    b = prepare(root, tmp_path / "b", progress=False)
+    assert lst_rows(tmp_path / "a") == lst_rows(tmp_path / "b")
+    assert a["images_used"] == b["images_used"] == 40

@@ -78,9 +78,11 @@ def _json_kind(path: Path) -> str:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "invalid"
     if isinstance(data, dict):
-        data = data.get("vectors", data.get("labels"))
-        if isinstance(data, dict):
+        if "vectors" in data or "images" in data:
             return "vectors"
+        if data and all(isinstance(v, list) and v and not isinstance(v[0], str) for v in data.values()):
+            return "vectors"
+        data = data.get("labels")
     if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
         return "names"
     if isinstance(data, list) and data and all(isinstance(x, list) for x in data):
@@ -125,9 +127,14 @@ def read_labels_json_dataset(src: Path) -> Dataset:
         raise MltagError(f"invalid JSON: {e.msg}", jf, e.lineno) from None
     names = None
     if isinstance(data, dict):
-        names = data.get("labels") if isinstance(data.get("labels"), list) and all(
-            isinstance(x, str) for x in data["labels"]) else None
-        data = data.get("vectors", data.get("images", data.get("labels") if names is None else None))
+        given = data.get("labels")
+        if isinstance(given, list) and given and all(isinstance(x, str) for x in given):
+            names = given
+        if "vectors" in data or "images" in data:
+            data = data.get("vectors", data.get("images"))
+        elif names is not None:
+            raise MltagError('with a "labels" key, put the label vectors under "vectors"', jf)
+        # else: the dict itself maps image index -> vector
     if names is None:
         for name in ("labels.txt", "classes.txt"):
             if (root / name).is_file():
@@ -314,7 +321,10 @@ def detect_format(src: Path) -> str:
         found.append("image_list")
     if (src / "labels.json").is_file() and _json_kind(src / "labels.json") == "vectors":
         found.append("labels_json")
-    if not found:
+    lj = src / "labels.json"
+    if lj.is_file() and _json_kind(lj) in ("invalid", "unknown"):
+        raise MltagError("neither a list of label names nor label vectors per image (or invalid JSON)", lj)
+    if not found and not any((src / n).is_file() for n in ("labels.txt", "labels.json", "classes.txt")):
         subdirs = [d for d in src.iterdir() if d.is_dir() and not d.name.startswith(".")]
         if subdirs and not any(f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS for f in src.iterdir()):
             found.append("folders")
