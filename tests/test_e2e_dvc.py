@@ -81,8 +81,11 @@ def test_learning_rate_change_reruns_train_and_after(project):
     set_param(d, "train", "learning_rate", 0.002)
     out = sh("dvc repro", d, env)
     assert stages_run(out) == ["train", "evaluate", "calibrate", "register"]
-    diff = sh("dvc metrics diff --md", d, env)
-    assert "metrics/evaluate.json" in diff and "map" in diff
+    # Which test metrics move with the learning rate is the model's business; the train
+    # summary (epochs, losses, time) always does.
+    diff = json.loads(subprocess.run("dvc metrics diff --json", shell=True, cwd=d, env=env, capture_output=True,
+                                     text=True, check=True).stdout)
+    assert "metrics/train.json" in diff and "val_loss" in diff["metrics/train.json"]
     assert "train.learning_rate" in sh("dvc params diff", d, env)
     sh("dvc plots diff -o plots_html", d, env)
     assert (d / "plots_html" / "index.html").is_file()
