@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
-export TF_CPP_MIN_LOG_LEVEL ?= 2
+export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 .PHONY: install demo test test-fast lint compile clean
 
@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 
 demo: install
 	dvc repro
-	dvc metrics show
+	mltag metrics
 	mltag predict data/demo/images/00001.jpg data/demo/images/00002.jpg data/demo/images/00003.jpg
 
 test: install

@@ -46,6 +46,10 @@ def test_six_steps_on_tiny_data(tmp_path, colour_dataset, fake_backbone, mlflow_
         assert (tmp_path / "eval" / f).is_file()
     assert sorted(p.name for p in (tmp_path / "eval" / "pr").iterdir()) == sorted(f"{c}.csv" for c in COLOURS)
     assert rg["promoted"] and rg["version"] == 1
+    m = tmp_path / "metrics"
+    shown = run_cli("metrics", "--evaluate", str(m / "evaluate.json"), "--calibrate", str(m / "calibrate.json"),
+                    "--register", str(m / "register.json")).stdout
+    assert f"{ev['map']:.3f}" in shown and "registry: colours version 1 -> challenger, champion" in shown
     client = MlflowClient()
     mv = client.get_model_version_by_alias("colours", "champion")
     assert str(mv.version) == "1" and mv.run_id == tr["run_id"]
@@ -135,6 +139,8 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert f"{bad / 'all.lst'}:2: label flags must be 0 or 1, got '2'" in p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
+    p = run_cli("metrics", check=False, cwd=tmp_path)
+    assert p.returncode == 2 and "no metrics yet" in p.stderr
 
 
 def test_params_yaml_feeds_cli_defaults_and_flags_override(tmp_path, colour_dataset):
@@ -197,3 +203,30 @@ def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset
     assert str(client.get_model_version_by_alias("gate", "challenger").version) == str(worse["version"])
     tags = client.get_model_version("gate", str(worse["version"])).tags
     assert tags["mltag.gate"].startswith("kept: ")
+
+
+def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour_dataset, fake_backbone,
+                                                                mlflow_store):
+    """Even with the mAP bar removed (margin -1), one label's AP falling is enough to refuse."""
+    import keras
+
+    from mltag.backbone import resolve
+    from mltag.model import export_inference_model
+
+    *_, first = run_all(tmp_path, colour_dataset, fake_backbone, name="onelabel")
+    assert first["promoted"]
+    bad = tmp_path / "model-bad"
+    shutil.copytree(tmp_path / "model", bad)
+    weights = keras.saving.load_model(bad / "head.keras", compile=False).get_weights()
+    weights[-2][:, 2] *= -1.0  # invert the 'blue' output: its AP collapses, the others stay
+    weights[-1][2] *= -1.0
+    shutil.rmtree(bad / "inference")
+    export_inference_model(resolve(str(fake_backbone)).location, weights, 224, bad / "inference")
+    (bad / "run.json").unlink()  # its own run
+    second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json",
+                      model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05)
+    assert not second["promoted"]
+    assert second["reason"].startswith("label 'blue' AP drops")
+    from mlflow import MlflowClient
+
+    assert str(MlflowClient().get_model_version_by_alias("onelabel", "champion").version) == str(first["version"])

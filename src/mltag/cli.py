@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON lines")
     pr.add_argument("--tta", choices=["none", "mean", "max"], default="none",
                     help="test-time augmentation: combine 10 crops/mirrors by mean or max")
+    ms = sub.add_parser("metrics", help="print the last run's metrics table and registry decision")
+    ms.add_argument("--evaluate", default="metrics/evaluate.json")
+    ms.add_argument("--calibrate", default="metrics/calibrate.json")
+    ms.add_argument("--register", default="metrics/register.json")
     pm = sub.add_parser("promote", help="make VERSION the champion by hand, recording who and why")
     pm.add_argument("name")
     pm.add_argument("version")
@@ -214,6 +218,8 @@ def _dispatch(args) -> int:
                  v["max_label_ap_drop"], args.images, args.tracking_uri, v["experiment"])
     elif cmd == "predict":
         return _predict(args)
+    elif cmd == "metrics":
+        _show_metrics(args)
     elif cmd == "promote":
         from mltag.register import promote
 
@@ -226,6 +232,24 @@ def _dispatch(args) -> int:
     elif cmd == "pipeline":
         return _pipeline(args)
     return 0
+
+
+def _show_metrics(args) -> None:
+    from mltag.evaluate import print_table
+
+    f = Path(args.evaluate)
+    if not f.is_file():
+        raise MltagError("no metrics yet; run `dvc repro` (or the evaluate step) first", f)
+    ev = json.loads(f.read_text(encoding="utf-8"))
+    print_table(ev, list(ev["per_label"]))
+    if Path(args.calibrate).is_file():
+        ca = json.loads(Path(args.calibrate).read_text(encoding="utf-8"))
+        at = ca["test_at_thresholds"]
+        print(f"calibrated thresholds: micro F1 {ca['test_at_0.5']['micro_f1']:.3f} at 0.5 -> {at['micro_f1']:.3f}, "
+              f"macro F1 {ca['test_at_0.5']['macro_f1']:.3f} -> {at['macro_f1']:.3f}")
+    if Path(args.register).is_file():
+        rg = json.loads(Path(args.register).read_text(encoding="utf-8"))
+        print(f"registry: {rg['model_name']} version {rg['version']} -> {', '.join(rg['aliases'])} ({rg['reason']})")
 
 
 def _git_rev(path: str) -> str | None:
