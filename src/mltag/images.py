@@ -94,21 +94,20 @@ def load_image(src: str | os.PathLike | bytes, size: int, max_pixels: int = DEFA
 
 
 def inspect_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """Check a file fully decodes; return its content hash, size and mode.
+    """Check a file fully decodes; return its content hash, perceptual hash, size and mode.
 
     Raises:
         BadImage: as ``load_image``.
     """
     img = _open(path, max_pixels)
     info = {"width": img.size[0], "height": img.size[1], "mode": img.mode}
-    to_rgb(img)
+    info["phash"] = perceptual_hash(to_rgb(img))
     info["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return info
 
 
-def perceptual_hash(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+def perceptual_hash(img: Image.Image) -> str:
     """A 256-bit difference hash (16x16 horizontal gradients), hex, for near-duplicate reports."""
-    img = to_rgb(_open(path, max_pixels)).convert("L").resize((17, 16), Image.BILINEAR)
-    a = np.asarray(img, dtype=np.int16)
+    a = np.asarray(img.convert("L").resize((17, 16), Image.BILINEAR), dtype=np.int16)
     bits = (a[:, 1:] > a[:, :-1]).flatten()
     return np.packbits(bits).tobytes().hex()

@@ -353,14 +353,9 @@ def check_images(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int
     """Decode every image; return the good examples and per-path info (hash, size, ahash)."""
     from tqdm import tqdm
 
-    from mltag.images import perceptual_hash
-
     def one(ex: Example):
-        p = ds.image_root / ex.path
         try:
-            info = inspect_image(p, max_pixels)
-            info["phash"] = perceptual_hash(p, max_pixels)
-            return ex, info, None
+            return ex, inspect_image(ds.image_root / ex.path, max_pixels), None
         except BadImage as e:
             return ex, None, str(e)
 
