@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, sha256_file
+from mltag.common import MltagError, atomic_path, sha256_file, write_labels
 from mltag.images import PREPROCESSING_VERSION, BadImage, load_image
 from mltag.prepare import SPLITS, image_root_of, load_prepared
 
@@ -183,7 +183,7 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
                          labels=np.array([ex.flags for ex in exs], np.uint8).reshape(len(exs), len(labels)),
                          paths=np.array([ex.path for ex in exs], dtype=str))
             summary["feature_dim"] = int(dim or 0)
-            (tmp / "labels.txt").write_text("".join(f"{x}\n" for x in labels), encoding="utf-8")
+            write_labels(tmp / "labels.txt", labels)
         (tmp / "bottleneck.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     rate = f", {summary['images_per_second']} img/s" if summary["images_per_second"] else ""
     print(f"bottleneck: {computed} computed, {summary['cached']} from cache{rate}")

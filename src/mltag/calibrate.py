@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mltag import metrics as M
-from mltag.common import MltagError, write_json_atomic
+from mltag.common import MltagError, read_labels, write_json_atomic
 
 
 def best_threshold(y: np.ndarray, s: np.ndarray, min_precision: float | None = None) -> float | None:
@@ -68,7 +68,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     f = Path(evaluation) / "scores.npz"
     if not f.is_file():
         raise MltagError("scores not found; run the evaluate step first", f)
-    labels = [x for x in (Path(model_dir) / "labels.txt").read_text(encoding="utf-8").splitlines() if x]
+    labels = read_labels(Path(model_dir) / "labels.txt")
     with np.load(f, allow_pickle=False) as z:
         s_va, y_va, s_te, y_te = z["val_scores"], z["val_labels"], z["test_scores"], z["test_labels"]
     th = fit_thresholds(y_va, s_va, labels, min_precision if method == "min_precision" else None, min_positives)

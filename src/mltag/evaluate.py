@@ -12,7 +12,7 @@ import numpy as np
 
 from mltag import metrics as M
 from mltag.bottleneck import load_split
-from mltag.common import MltagError, atomic_path, write_json_atomic
+from mltag.common import MltagError, atomic_path, read_labels, write_json_atomic
 from mltag.train import head_scores
 
 
@@ -114,7 +114,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
 
     from mltag import tracking
 
-    labels = [x for x in (Path(model_dir) / "labels.txt").read_text(encoding="utf-8").splitlines() if x]
+    labels = read_labels(Path(model_dir) / "labels.txt")
     x_va, y_va, p_va = load_split(bottlenecks, "val")
     x_te, y_te, p_te = load_split(bottlenecks, "test")
     _, y_tr, _ = load_split(bottlenecks, "train")

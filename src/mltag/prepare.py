@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from mltag.common import Example, MltagError, atomic_path, read_labels, read_lst
+from mltag.common import Example, MltagError, atomic_path, read_labels, read_lst, write_labels, write_lst
 from mltag.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, inspect_image
 
 FORMATS = ("lst", "labels_json", "image_list", "folders", "csv")
@@ -463,10 +463,11 @@ def prepare(input_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "a
         print(f"prepare: skipping {r['source']}: {r['path']}: {r['reason']}")
     y = np.array([ex.flags for ex in good], dtype=np.int64).reshape(len(good), len(ds.labels))
     n_splits = sum(1 for f in (1.0, val_fraction, test_fraction) if f > 0)
+    flags_of = {ex.path: ex.flags for ex in ds.examples}
     for j, name in enumerate(ds.labels):
         count = int(y[:, j].sum())
         if count < n_splits:
-            lost = sum(1 for r in bad if r.get("source") and _flag_of(ds, r["path"], j))
+            lost = sum(1 for r in bad if flags_of.get(r["path"], (0,) * len(ds.labels))[j])
             extra = f" ({lost} of its images were rejected as unusable)" if lost else ""
             raise MltagError(
                 f"label {name!r} has {count} usable example(s){extra}; at least {n_splits} are needed so every "
@@ -476,12 +477,9 @@ def prepare(input_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "a
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        (tmp / "labels.txt").write_text("".join(f"{x}\n" for x in ds.labels), encoding="utf-8")
+        write_labels(tmp / "labels.txt", ds.labels)
         for s in SPLITS:
-            rows = sorted((ex for ex in good if split_of[ex.path] == s), key=lambda e: e.path)
-            (tmp / f"{s}.lst").write_text(
-                "".join("\t".join([str(i), *map(str, ex.flags), ex.path]) + "\n" for i, ex in enumerate(rows)),
-                encoding="utf-8")
+            write_lst(tmp / f"{s}.lst", sorted((ex for ex in good if split_of[ex.path] == s), key=lambda e: e.path))
         root = os.path.relpath(ds.image_root.resolve(), out.resolve())
         (tmp / "dataset.json").write_text(json.dumps({
             "image_root": root, "format": ds.fmt, "source": str(input_path), "dataset_version": dataset_version,
@@ -489,13 +487,6 @@ def prepare(input_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "a
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.html").write_text(report_html(report), encoding="utf-8")
     return report
-
-
-def _flag_of(ds: Dataset, path: str, j: int) -> bool:
-    for ex in ds.examples:
-        if ex.path == path:
-            return bool(ex.flags[j])
-    return False
 
 
 def build_report(ds: Dataset, good: list[Example], infos: dict, split_of: dict, repairs: list, total: int,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mltag.bottleneck import load_split
-from mltag.common import MltagError, atomic_path, write_json_atomic
+from mltag.common import MltagError, atomic_path, read_labels, write_json_atomic, write_labels
 
 
 def build_head(dim: int, n_labels: int, hidden_units: int = 0, dropout: float = 0.2):
@@ -55,7 +55,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
     if monitor not in ("val_loss", "val_map"):
         raise MltagError(f"train.monitor must be val_loss or val_map, got {monitor!r}")
     meta = json.loads((Path(bottlenecks) / "bottleneck.json").read_text(encoding="utf-8"))
-    labels = [x for x in (Path(bottlenecks) / "labels.txt").read_text(encoding="utf-8").splitlines() if x]
+    labels = read_labels(Path(bottlenecks) / "labels.txt")
     x_tr, y_tr, _ = load_split(bottlenecks, "train")
     x_va, y_va, _ = load_split(bottlenecks, "val")
     if len(x_tr) == 0:
@@ -110,7 +110,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
                 "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
                 "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
                 "feature_dim": int(x_tr.shape[1]), "hidden_units": hidden_units}, indent=2) + "\n", encoding="utf-8")
-            (tmp / "labels.txt").write_text("".join(f"{x}\n" for x in labels), encoding="utf-8")
+            write_labels(tmp / "labels.txt", labels)
             (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
             (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
