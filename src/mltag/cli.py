@@ -178,10 +178,11 @@ def _dispatch(args) -> int:
         make_demo_data(args.out, v["n_images"], v["seed"])
         print(f"demo-data: {v['n_images']} images in {args.out}")
     elif cmd == "prepare":
+        from mltag.fetch import git_rev
         from mltag.prepare import prepare
 
         r = prepare(v["input"], args.out, v["format"], v["val_fraction"], v["test_fraction"], v["no_label"],
-                    v["max_bad_fraction"], v["max_pixels"], v["salt"], args.dataset_version or _git_rev(v["input"]),
+                    v["max_bad_fraction"], v["max_pixels"], v["salt"], args.dataset_version or git_rev(v["input"]),
                     progress)
         print(f"prepare: {r['images_used']} images ({r['format']}): {r['images_per_split']}; "
               f"{len(r['rejected'])} rejected; report in {args.out}/report.html")
@@ -250,20 +251,6 @@ def _show_metrics(args) -> None:
     if Path(args.register).is_file():
         rg = json.loads(Path(args.register).read_text(encoding="utf-8"))
         print(f"registry: {rg['model_name']} version {rg['version']} -> {', '.join(rg['aliases'])} ({rg['reason']})")
-
-
-def _git_rev(path: str) -> str | None:
-    """The git commit of the dataset folder's repository, when there is one."""
-    import subprocess
-
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    try:
-        rev = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return rev.stdout.strip() or None if rev.returncode == 0 else None
 
 
 def _predict(args) -> int:

@@ -49,11 +49,23 @@ def fetch_dataset(data: str, repo: str = "", rev: str = "", dest: str | os.PathL
     src = Path(data.removeprefix("file://"))
     if not src.exists():
         raise MltagError("dataset not found", src)
-    from mltag.cli import _git_rev
-
     if src.is_dir():
         shutil.copytree(src, dest)
-        return dest, _git_rev(str(src))
+        return dest, git_rev(str(src))
     # A labels file (.lst, .csv...): its folder holds the images it names.
     shutil.copytree(src.parent, dest)
-    return dest / src.name, _git_rev(str(src))
+    return dest / src.name, git_rev(str(src))
+
+
+def git_rev(path: str) -> str | None:
+    """The git commit of the dataset folder's repository, when there is one."""
+    import subprocess
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return rev.stdout.strip() or None if rev.returncode == 0 else None
