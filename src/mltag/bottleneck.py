@@ -1,24 +1,36 @@
-"""bottleneck: one cached feature vector per image.
+"""bottleneck: one cached feature vector per image (plus optional augmented training views).
 
-Cache key = image content hash + backbone id + image size + preprocessing version,
-so adding images computes only the new ones and a changed backbone or resize never
-reuses stale vectors. Entries are float16 ``.npy`` files written atomically
-(temp file + rename): an interrupted run never leaves a truncated entry behind.
+Cache key = image content hash + backbone id + image size + preprocessing version (+ the
+view number for augmented views), so adding images computes only the new ones and a
+changed backbone or resize never reuses stale vectors. The engine (LiteRT or TF) is not
+in the key: both give the same float16 vectors (tests/test_engine.py checks it on real
+photos). Entries are float16 ``.npy`` files written atomically (temp file + rename) by a
+writer thread, so an interrupted run never leaves a truncated entry and disk writes never
+stall the backbone. Entries that do not load, have the wrong shape or hold non-finite
+values are treated as missing and recomputed.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import json
+import logging
 import os
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from mltag.common import MltagError, atomic_path, sha256_file, write_labels
-from mltag.images import PREPROCESSING_VERSION, BadImage, load_image
+from mltag.images import PREPROCESSING_VERSION, BadImage, augmented_view, load_image
 from mltag.prepare import SPLITS, image_root_of, load_prepared
+
+log = logging.getLogger(__name__)
 
 
 class FeatureCache:
@@ -28,106 +40,169 @@ class FeatureCache:
         self.root = Path(root)
         self.prefix = f"{backbone_id}|{image_size}|{PREPROCESSING_VERSION}|"
         self.extra = [Path(p) for p in (extra or [])]
+        self.dim: int | None = None
+        self.rejected = 0  # entries that loaded but were not trusted
 
-    def key(self, content_sha: str) -> str:
-        return hashlib.sha256((self.prefix + content_sha).encode()).hexdigest()
+    def key(self, content_sha: str, view: int = 0) -> str:
+        """The plain vector's key, or with ``view > 0`` the key of augmented view number ``view``."""
+        suffix = f"|view{view}" if view else ""
+        return hashlib.sha256((self.prefix + content_sha + suffix).encode()).hexdigest()
 
     def _path(self, root: Path, key: str) -> Path:
         return root / key[:2] / f"{key}.npy"
+
+    def has(self, key: str) -> bool:
+        return self.get(key) is not None
 
     def get(self, key: str) -> np.ndarray | None:
         for root in (self.root, *self.extra):
             p = self._path(root, key)
             if p.is_file():
                 try:
-                    return np.load(p, allow_pickle=False)
+                    v = np.load(p, allow_pickle=False)
                 except (ValueError, OSError, EOFError):
                     continue  # unreadable entry: recompute rather than trust it
+                if v.ndim != 1 or v.dtype != np.float16 or (self.dim and v.shape[0] != self.dim) \
+                        or not np.isfinite(v).all():
+                    self.rejected += 1
+                    continue
+                self.dim = self.dim or v.shape[0]
+                return v
         return None
 
     def put(self, key: str, vector: np.ndarray) -> None:
         p = self._path(self.root, key)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, vector.astype(np.float16))
-        os.replace(tmp, p)
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, vector.astype(np.float16))
+            os.replace(tmp, p)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise MltagError(f"cannot write the feature cache: {e.strerror or e}", p) from None
 
 
-def _feature_model(location: str):
-    from mltag.backbone import Backbone, load
-
-    module = load(Backbone(location, location, ""))
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def run(images_uint8):
-        return module(tf.cast(images_uint8, tf.float32) / 255.0)
-
-    return run
+def view_seed(content_sha: str, view: int) -> int:
+    """The augmentation seed of one view: fixed by the image's content and the view number."""
+    return int.from_bytes(hashlib.sha256(f"{content_sha}|{view}".encode()).digest()[:8], "little")
 
 
-def compute_missing(items: list[tuple[str, str, str]], cache: FeatureCache, location: str, image_size: int,
-                    batch_size: int = 32, progress: bool = True) -> int:
-    """Compute and cache vectors for ``(key, image path, source)`` items; return how many were computed.
+def _decode(job, image_size: int) -> np.ndarray:
+    key, path, source, sha, view = job
+    try:
+        if view == 0:
+            return load_image(path, image_size)
+        return augmented_view(path, image_size, view_seed(sha, view))
+    except BadImage as e:
+        raise MltagError(f"{path}: {e}", source) from None
 
-    Decoding and resizing run in parallel in a tf.data pipeline, overlapped with the
-    backbone on whole batches.
+
+def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCache, engine, image_size: int,
+                    batch_size: int = 32, progress: bool = True, workers: int | None = None) -> int:
+    """Compute and cache vectors for ``(key, image path, source, content sha, view)`` jobs.
+
+    Decoding runs in a thread pool (Pillow releases the GIL) a bounded window ahead of
+    the engine, and a writer thread stores the vectors, so memory stays flat however
+    many images there are. Returns how many vectors were computed.
     """
-    if not items:
+    if not jobs:
         return 0
-    import tensorflow as tf
     from tqdm import tqdm
 
-    run = _feature_model(location)
-    paths = [p for _, p, _ in items]
-    sources = {p: s for _, p, s in items}
+    from mltag.engine import cpu_threads
 
-    def decode(path):
-        p = path.decode() if isinstance(path, bytes) else str(path)
-        try:
-            return load_image(p, image_size)
-        except BadImage as e:
-            raise MltagError(f"{p}: {e}", sources.get(p)) from None
+    workers = workers or cpu_threads()
+    window = max(2 * batch_size, 8 * workers)
+    writes: queue.Queue = queue.Queue(maxsize=4 * batch_size)
+    write_error: list[BaseException] = []
 
-    ds = tf.data.Dataset.from_tensor_slices(paths)
-    ds = ds.map(lambda p: tf.ensure_shape(tf.numpy_function(decode, [p], tf.uint8), [image_size, image_size, 3]),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    def writer():
+        while (item := writes.get()) is not None:
+            if not write_error:
+                try:
+                    cache.put(*item)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                    write_error.append(e)
+
+    wt = threading.Thread(target=writer, name="mltag-cache-writer", daemon=True)
+    wt.start()
     done = 0
-    bar = tqdm(total=len(items), desc="bottleneck", unit="img", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=len(jobs), desc="bottleneck", unit="img", disable=not progress, mininterval=1.0)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="mltag-decode")
     try:
-        for batch in ds:
-            feats = run(batch).numpy()
-            for vec in feats:
-                cache.put(items[done][0], vec)
-                done += 1
-            bar.update(len(feats))
-    except tf.errors.InvalidArgumentError as e:
-        raise MltagError(f"image decoding failed: {str(e).splitlines()[0][:300]}") from None
+        it = iter(jobs)
+        pending = collections.deque((j, pool.submit(_decode, j, image_size)) for j in itertools.islice(it, window))
+        batch_jobs, batch_px = [], []
+        while pending:
+            job, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_decode, nxt, image_size)))
+            batch_jobs.append(job)
+            batch_px.append(fut.result())
+            if len(batch_px) == batch_size or not pending:
+                feats = engine(np.stack(batch_px))
+                bad = ~np.isfinite(feats).all(axis=1)
+                if bad.any():
+                    j = batch_jobs[int(np.argmax(bad))]
+                    raise MltagError(f"{j[1]}: the backbone returned non-finite features", j[2])
+                for jb, vec in zip(batch_jobs, feats):
+                    writes.put((jb[0], vec))
+                if write_error:
+                    raise write_error[0]
+                done += len(batch_jobs)
+                bar.update(len(batch_jobs))
+                batch_jobs, batch_px = [], []
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        writes.put(None)
+        wt.join()
         bar.close()
+    if write_error:
+        raise write_error[0]
     return done
+
+
+def hash_files(paths: list[Path], workers: int | None = None) -> list[str]:
+    """SHA-256 of each file, in parallel (hashlib releases the GIL on large buffers)."""
+    from mltag.engine import cpu_threads
+
+    with ThreadPoolExecutor(workers or 2 * cpu_threads()) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str = "builtin:efficientnet_lite0",
                cache_dir: str | os.PathLike = ".mltag-cache/bottlenecks",
-               backbone_cache: str | os.PathLike = ".mltag-cache/backbones", image_size: int = 224,
+               backbone_cache: str | os.PathLike = ".mltag-cache/backbones", image_size: int = 0,
                batch_size: int = 32, images: str | os.PathLike | None = None, shard_index: int = 0,
-               num_shards: int = 1, extra_caches: list | None = None, progress: bool = True) -> dict:
+               num_shards: int = 1, extra_caches: list | None = None, progress: bool = True, *,
+               engine: str = "auto", views: int = 1) -> dict:
     """Run the bottleneck step.
 
-    With ``num_shards > 1`` only every ``num_shards``-th image (from ``shard_index``) is
-    computed into ``cache_dir`` and no split files are written: that is one shard of a
-    scaled-out run, gathered by a later call that lists the shard caches in ``extra_caches``.
+    Args:
+        image_size: the backbone's input size; 0 takes the built-in's own (224/240/260), 224 otherwise.
+        engine: ``auto`` (LiteRT on CPU, TF when a GPU is visible), ``litert`` or ``tf``.
+        views: vectors per training image: the plain one plus ``views - 1`` deterministic
+            augmented views (crop, flip, colour), each cached by content like the plain one.
+            Validation and test images only ever get the plain view.
+
+    With ``num_shards > 1`` only the vectors whose cache key falls in shard ``shard_index``
+    are computed into ``cache_dir`` (stable when images are added) and no split files are
+    written: that is one shard of a scaled-out run, gathered by a later call that lists the
+    shard caches in ``extra_caches``.
 
     Returns:
         Summary dict (also written to ``out/bottleneck.json``).
     """
     from mltag import backbone as bb
+    from mltag.engine import backbone_engine
 
     if not 0 <= shard_index < num_shards:
         raise MltagError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+    if views < 1:
+        raise MltagError(f"bottleneck.views must be at least 1, got {views}")
+    image_size = int(image_size) or bb.default_image_size(handle)
     resolved = bb.resolve(handle, backbone_cache)
     root = Path(images) if images else image_root_of(prepared)
     cache = FeatureCache(cache_dir, resolved.backbone_id, image_size, extra_caches)
@@ -136,30 +211,45 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
         labels, exs = load_prepared(prepared, s)
         splits[s] = exs
     t0 = time.time()
-    keys: dict[str, str] = {}
-    todo, seen = [], set()
+    train_paths = {ex.path for ex in splits["train"]}
     all_ex = sorted({ex.path: ex for s in SPLITS for ex in splits[s]}.values(), key=lambda e: e.path)
-    for i, ex in enumerate(all_ex):
-        p = root / ex.path
+    files = [root / ex.path for ex in all_ex]
+    for ex, p in zip(all_ex, files):
         if not p.is_file():
             raise MltagError(f"image not found: {p}", ex.source)
-        keys[ex.path] = key = cache.key(sha256_file(p))
-        if i % num_shards != shard_index or key in seen:
-            continue
-        seen.add(key)
-        if cache.get(key) is None:
-            todo.append((key, str(p), ex.source))
+    shas = hash_files(files)
+    keys: dict[str, list[str]] = {}
+    todo, seen = [], set()
+    for ex, p, sha in zip(all_ex, files, shas):
+        n_views = views if ex.path in train_paths else 1
+        keys[ex.path] = [cache.key(sha, v) for v in range(n_views)]
+        for v, key in enumerate(keys[ex.path]):
+            if key in seen or (num_shards > 1 and int(key[:8], 16) % num_shards != shard_index):
+                continue
+            seen.add(key)
+            if not cache.has(key):
+                todo.append((key, str(p), ex.source, sha, v))
     t_hash = time.time()
-    computed = compute_missing(todo, cache, resolved.location, image_size, batch_size, progress)
+    used_engine = None
+    if todo:
+        eng = backbone_engine(engine, resolved, image_size, backbone_cache)
+        used_engine = eng.name
+        t_hash = time.time()
+        computed = compute_missing(todo, cache, eng, image_size, batch_size, progress)
+    else:
+        computed = 0
     seconds = time.time() - t_hash
     summary = {
         "backbone_handle": handle,
         "backbone_id": resolved.backbone_id,
         "image_size": image_size,
         "preprocessing": PREPROCESSING_VERSION,
+        "views": views,
         "images": len(all_ex),
         "computed": computed,
         "cached": len(seen) - computed,
+        "untrusted_entries": cache.rejected,
+        "engine": used_engine,
         "shard": [shard_index, num_shards],
         "seconds": round(time.time() - t0, 2),
         "images_per_second": round(computed / seconds, 1) if computed and seconds > 0 else None,
@@ -169,31 +259,46 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
         tmp.mkdir(parents=True)
         if num_shards == 1:
             dim = None
+
+            def vector(ex, key):
+                v = cache.get(key)
+                if v is None:
+                    raise MltagError(f"no cached vector for {ex.path} (was a shard missing?)", ex.source)
+                return v
+
             for s in SPLITS:
                 exs = splits[s]
-                vecs = []
-                for ex in exs:
-                    v = cache.get(keys[ex.path])
-                    if v is None:
-                        raise MltagError(f"no cached vector for {ex.path} (was a shard missing?)", ex.source)
-                    vecs.append(v)
+                vecs = [vector(ex, keys[ex.path][0]) for ex in exs]
                 dim = dim or (vecs[0].shape[-1] if vecs else None)
                 feats = np.stack(vecs).astype(np.float16) if vecs else np.zeros((0, dim or 0), np.float16)
-                np.savez(tmp / f"{s}.npz", features=feats,
-                         labels=np.array([ex.flags for ex in exs], np.uint8).reshape(len(exs), len(labels)),
-                         paths=np.array([ex.path for ex in exs], dtype=str))
+                arrays = {"features": feats,
+                          "labels": np.array([ex.flags for ex in exs], np.uint8).reshape(len(exs), len(labels)),
+                          "paths": np.array([ex.path for ex in exs], dtype=str)}
+                if s == "train" and views > 1:
+                    arrays["views"] = np.stack([np.stack([vector(ex, k) for k in keys[ex.path][1:]]) for ex in exs]) \
+                        if exs else np.zeros((0, views - 1, dim or 0), np.float16)
+                np.savez(tmp / f"{s}.npz", **arrays)
             summary["feature_dim"] = int(dim or 0)
             write_labels(tmp / "labels.txt", labels)
         (tmp / "bottleneck.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    rate = f", {summary['images_per_second']} img/s" if summary["images_per_second"] else ""
-    print(f"bottleneck: {computed} computed, {summary['cached']} from cache{rate}")
+    rate = f", {summary['images_per_second']} vectors/s ({used_engine})" if summary["images_per_second"] else ""
+    log.info("bottleneck: %d computed, %d from cache%s", computed, summary["cached"], rate)
+    if cache.rejected:
+        log.warning("bottleneck: %d damaged cache entries were recomputed", cache.rejected)
     return summary
 
 
 def load_split(bottlenecks: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(features float32, labels uint8, paths)`` for one split."""
+    """Return ``(features float32, labels uint8, paths)`` for one split: the plain view only."""
     f = Path(bottlenecks) / f"{split}.npz"
     if not f.is_file():
         raise MltagError("bottleneck file not found; run the bottleneck step first", f)
     with np.load(f, allow_pickle=False) as z:
         return z["features"].astype(np.float32), z["labels"], z["paths"]
+
+
+def load_views(bottlenecks: str | os.PathLike, split: str = "train") -> np.ndarray | None:
+    """The augmented views ``[N, views - 1, D]`` float32 of a split, or None when there are none."""
+    f = Path(bottlenecks) / f"{split}.npz"
+    with np.load(f, allow_pickle=False) as z:
+        return z["views"].astype(np.float32) if "views" in z.files else None

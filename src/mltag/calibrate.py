@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +12,8 @@ import numpy as np
 
 from mltag import metrics as M
 from mltag.common import MltagError, read_labels, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 def best_threshold(y: np.ndarray, s: np.ndarray, min_precision: float | None = None) -> float | None:
@@ -30,30 +35,121 @@ def best_threshold(y: np.ndarray, s: np.ndarray, min_precision: float | None = N
     return float((t[i] + lower.max()) / 2) if len(lower) else float(t[i])
 
 
+def _f1(y: np.ndarray, pred: np.ndarray) -> float:
+    tp = float((pred & (y == 1)).sum())
+    denom = float(pred.sum() + (y == 1).sum())
+    return 2 * tp / denom if denom else 0.0
+
+
 def fit_thresholds(y: np.ndarray, s: np.ndarray, labels: list[str], min_precision: float | None = None,
-                   min_positives: int = 5) -> dict:
-    """Per-label thresholds; labels with fewer than ``min_positives`` positives use one global threshold."""
+                   min_positives: int = 5, shrink: float = 0.0) -> dict:
+    """Per-label thresholds fitted on scores ``s``.
+
+    Labels with fewer than ``min_positives`` positives use one global threshold; the others
+    are pulled toward it by ``shrink`` pseudo-positives: ``t = (n t_label + shrink t_global) /
+    (n + shrink)``, so a threshold resting on a handful of positives moves little.
+    """
     y = np.asarray(y).astype(int)
     global_t = best_threshold(y.reshape(-1), s.reshape(-1), min_precision) if y.sum() else None
     global_t = 0.5 if global_t is None else global_t
     out, fallback = {}, []
     for j, name in enumerate(labels):
         t = None
-        if y[:, j].sum() >= min_positives and y[:, j].sum() < len(y):
+        n_pos = int(y[:, j].sum())
+        if n_pos >= min_positives and n_pos < len(y):
             t = best_threshold(y[:, j], s[:, j], min_precision)
         if t is None:
             fallback.append(name)
             t = global_t
-        out[name] = t
-    return {"labels": labels, "thresholds": out, "global_threshold": global_t, "fallback_labels": fallback,
+        elif shrink > 0:
+            t = (n_pos * t + shrink * global_t) / (n_pos + shrink)
+        out[name] = float(t)
+    return {"labels": labels, "thresholds": out, "global_threshold": float(global_t), "fallback_labels": fallback,
             "method": "min_precision" if min_precision is not None else "f1", "min_precision": min_precision,
-            "min_positives": min_positives}
+            "min_positives": min_positives, "shrink": shrink}
+
+
+def cross_validated_gain(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: list[str], min_positives: int,
+                         shrink: float, at_05: tuple[str, ...] = ()) -> tuple[np.ndarray, float]:
+    """How much fitted thresholds beat 0.5 on data they were not fitted on.
+
+    Thresholds are fitted on all folds but one of the (out-of-fold) scores and applied to
+    the held-out fold, so the figure is free of the optimism of scoring a threshold on the
+    scores that chose it. Labels in ``at_05`` stay at 0.5.
+
+    Returns:
+        ``(per-label F1 gain, micro F1 gain)``, each pooled over the held-out folds.
+    """
+    y = np.asarray(y).astype(int)
+    pred_t = np.zeros_like(y, dtype=bool)
+    for f in np.unique(folds):
+        fit, held = folds != f, folds == f
+        th = fit_thresholds(y[fit], s[fit], labels, None, min_positives, shrink)
+        t = np.array([0.5 if n in at_05 else th["thresholds"][n] for n in labels])
+        pred_t[held] = s[held] >= t
+    pred_05 = s >= 0.5
+    per_label = np.array([_f1(y[:, j], pred_t[:, j]) - _f1(y[:, j], pred_05[:, j]) for j in range(y.shape[1])])
+    return per_label, _f1(y, pred_t) - _f1(y, pred_05)
+
+
+def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathLike, k: int,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores of every train and val image from a head that never saw it (k refits, cheap on cached vectors).
+
+    Each refit uses the trained head's own settings and its best epoch count; a training
+    image's augmented views stay in its fold.
+
+    Returns:
+        ``(labels, scores, fold of each image)``.
+    """
+    from mltag.bottleneck import load_split, load_views
+    from mltag.train import fit_head, predict_head
+
+    meta = json.loads((Path(model_dir) / "model.json").read_text(encoding="utf-8"))
+    hp = meta.get("head")
+    if hp is None:
+        raise MltagError("model.json has no head settings (trained by an older mltag); retrain, or set "
+                         "calibrate.cv_folds: 0", Path(model_dir) / "model.json")
+    x_tr, y_tr, p_tr = load_split(bottlenecks, "train")
+    x_va, y_va, p_va = load_split(bottlenecks, "val")
+    views = load_views(bottlenecks, "train")
+    x, y = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
+    paths = np.concatenate([p_tr, p_va])
+    if len(x) < 2 * k:
+        raise MltagError(f"calibrate.cv_folds {k} needs at least {2 * k} train+val images, got {len(x)}")
+    # A fold depends only on the image's path, like the splits: stable when images are added.
+    folds = np.array([int(hashlib.sha256(f"calibrate|{p}".encode()).hexdigest()[:8], 16) % k for p in paths])
+    scores = np.zeros(y.shape, np.float32)
+    for f in range(k):
+        fit = np.where(folds != f)[0]
+        fit_tr = fit[fit < len(x_tr)]
+        xf, yf = x[fit], y[fit]
+        if views is not None:  # only training images have views; a view stays in its image's fold
+            xf = np.concatenate([xf, views[fit_tr].reshape(-1, x.shape[1])])
+            yf = np.concatenate([yf, np.repeat(y_tr[fit_tr], views.shape[1], axis=0)])
+        model, _, _ = fit_head(xf, yf, None, None, learning_rate=hp["learning_rate"], epochs=int(hp["best_epoch"]),
+                               batch_size=hp["batch_size"], hidden_units=hp["hidden_units"], dropout=hp["dropout"],
+                               seed=int(hp["seed"]) + f)
+        scores[folds == f] = predict_head(model, x[folds == f])
+        if progress:
+            log.info("calibrate: fold %d/%d refitted", f + 1, k)
+    return y, scores, folds
 
 
 def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
               metrics_file: str | os.PathLike, method: str = "f1", min_precision: float | None = None,
-              min_positives: int = 5, tracking_uri: str | None = None, run_id: str | None = None) -> dict:
-    """Fit thresholds on val scores, report test metrics at 0.5 and at the thresholds.
+              min_positives: int = 5, tracking_uri: str | None = None, run_id: str | None = None, *,
+              bottlenecks: str | os.PathLike | None = None, cv_folds: int = 5, shrink: float = 10.0,
+              min_gain: float = 0.0, progress: bool = True) -> dict:
+    """Fit per-label thresholds; report test metrics at 0.5 and at the thresholds.
+
+    With ``cv_folds`` > 1 (and ``bottlenecks``), thresholds come from out-of-fold scores over
+    train+val: the head is refitted ``cv_folds`` times on cached vectors, so every image is
+    scored by a head that never saw it. With ``cv_folds`` 0 they come from the validation
+    scores alone (small validation sets overfit). ``method: none`` ships 0.5 everywhere.
+
+    A label keeps 0.5 unless its fitted threshold beats 0.5 by more than ``min_gain`` F1 on
+    folds it was not fitted on, so calibration does not make a model worse on average.
 
     Writes the thresholds JSON to ``out`` and the metrics to ``metrics_file``.
     """
@@ -61,8 +157,8 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
 
     from mltag import tracking
 
-    if method not in ("f1", "min_precision"):
-        raise MltagError(f"calibrate.method must be f1 or min_precision, got {method!r}")
+    if method not in ("f1", "min_precision", "none"):
+        raise MltagError(f"calibrate.method must be f1, min_precision or none, got {method!r}")
     if method == "min_precision" and min_precision is None:
         raise MltagError("calibrate.method=min_precision needs calibrate.min_precision")
     f = Path(evaluation) / "scores.npz"
@@ -71,13 +167,51 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     labels = read_labels(Path(model_dir) / "labels.txt")
     with np.load(f, allow_pickle=False) as z:
         s_va, y_va, s_te, y_te = z["val_scores"], z["val_labels"], z["test_scores"], z["test_labels"]
-    th = fit_thresholds(y_va, s_va, labels, min_precision if method == "min_precision" else None, min_positives)
+    mp = min_precision if method == "min_precision" else None
+    if cv_folds > 1 and method != "none":
+        if bottlenecks is None:
+            raise MltagError("calibrate.cv_folds > 1 needs the bottleneck folder (--bottlenecks)")
+        y_fit, s_fit, folds = out_of_fold_scores(bottlenecks, model_dir, cv_folds, progress)
+        source = f"out-of-fold scores of {len(y_fit)} train+val images ({cv_folds} folds)"
+    else:
+        y_fit, s_fit = y_va, s_va
+        folds = np.array([int(hashlib.sha256(f"calibrate|{i}".encode()).hexdigest()[:8], 16) % 5
+                          for i in range(len(y_va))])
+        source = f"scores of {len(y_va)} validation images"
+    y_fit = np.asarray(y_fit).astype(int)
+    if method == "none":
+        th = {"labels": labels, "thresholds": {n: 0.5 for n in labels}, "global_threshold": 0.5,
+              "fallback_labels": [], "method": "none", "min_precision": None, "min_positives": min_positives,
+              "shrink": shrink}
+        expected = {"micro_f1_gain": 0.0, "per_label_f1_gain": {n: 0.0 for n in labels}}
+        kept = list(labels)
+    else:
+        th = fit_thresholds(y_fit, s_fit, labels, mp, min_positives, shrink)
+        kept = []
+        gain_l, gain_micro = cross_validated_gain(y_fit, s_fit, folds, labels, min_positives, shrink) \
+            if len(y_fit) >= 10 else (np.zeros(len(labels)), 0.0)
+        if mp is None:  # an F1 target: keep 0.5 wherever fitting does not pay off out of sample
+            for j, name in enumerate(labels):
+                if not gain_l[j] > min_gain:
+                    th["thresholds"][name] = 0.5
+                    kept.append(name)
+            if kept and len(y_fit) >= 10:
+                _, gain_micro = cross_validated_gain(y_fit, s_fit, folds, labels, min_positives, shrink, tuple(kept))
+        expected = {"micro_f1_gain": float(gain_micro),
+                    "per_label_f1_gain": {n: float(g) for n, g in zip(labels, gain_l)}}
+    th["kept_0.5"] = kept
+    th["fitted_on"] = source
+    th["expected"] = expected
     t = np.array([th["thresholds"][n] for n in labels])
     at_05 = M.compute(y_te, s_te, 0.5, labels)
     at_cal = M.compute(y_te, s_te, t, labels)
     result = {
         "thresholds": th["thresholds"],
         "fallback_labels": th["fallback_labels"],
+        "kept_0.5": kept,
+        "fitted_on": source,
+        "expected_micro_f1_gain": expected["micro_f1_gain"],
+        "test_micro_f1_gain": at_cal["micro_f1"] - at_05["micro_f1"],
         "test_at_0.5": {k: v for k, v in at_05.items() if k != "per_label"},
         "test_at_thresholds": at_cal,
     }
@@ -89,8 +223,11 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metrics({f"calibrated_test_{k}": v for k, v in at_cal.items() if isinstance(v, float)})
             mlflow.log_metrics({f"threshold_{n}": v for n, v in th["thresholds"].items()})
+            mlflow.log_metrics({"calibrate_expected_micro_f1_gain": expected["micro_f1_gain"]})
             mlflow.log_artifact(str(out), "calibrate")
-    print(f"calibrate: thresholds {', '.join(f'{n}={v:.3f}' for n, v in th['thresholds'].items())}")
-    print(f"calibrate: test micro F1 {at_05['micro_f1']:.4f} at 0.5 -> {at_cal['micro_f1']:.4f} calibrated; "
-          f"macro F1 {at_05['macro_f1']:.4f} -> {at_cal['macro_f1']:.4f}")
+    log.info("calibrate: thresholds %s (from %s; 0.5 kept for %s)",
+             ", ".join(f"{n}={v:.3f}" for n, v in th["thresholds"].items()), source, ", ".join(kept) or "none")
+    log.info("calibrate: expected micro F1 gain %+.4f; test micro F1 %.4f at 0.5 -> %.4f calibrated; "
+             "macro F1 %.4f -> %.4f", expected["micro_f1_gain"], at_05["micro_f1"], at_cal["micro_f1"],
+             at_05["macro_f1"], at_cal["macro_f1"])
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,10 +26,12 @@ STEP_FLAGS = {
     ],
     "bottleneck": [
         ("--handle", "backbone.handle", str, "builtin:NAME, TF Hub URL or SavedModel folder"),
-        ("--image-size", "backbone.image_size", int, "backbone input size"),
+        ("--image-size", "backbone.image_size", int, "backbone input size (0: the built-in's own)"),
         ("--backbone-cache", "backbone.cache_dir", str, "where built-in backbones are built"),
         ("--cache-dir", "bottleneck.cache_dir", str, "feature cache folder"),
         ("--batch-size", "bottleneck.batch_size", int, "images per backbone batch"),
+        ("--engine", "bottleneck.engine", str, "auto (LiteRT on CPU, TF on GPU), litert or tf"),
+        ("--views", "bottleneck.views", int, "vectors per training image: plain + views-1 augmented"),
     ],
     "train": [
         ("--learning-rate", "train.learning_rate", float, "Adam learning rate"),
@@ -46,9 +49,12 @@ STEP_FLAGS = {
                  ("--seed", "evaluate.seed", int, "bootstrap seed"),
                  ("--tta", "evaluate.tta", str, "none, mean or max: test-time augmentation")],
     "calibrate": [
-        ("--method", "calibrate.method", str, "f1 or min_precision"),
+        ("--method", "calibrate.method", str, "f1, min_precision or none (0.5 everywhere)"),
         ("--min-precision", "calibrate.min_precision", float, "precision target for method min_precision"),
-        ("--min-positives", "calibrate.min_positives", int, "fewer val positives -> global threshold"),
+        ("--min-positives", "calibrate.min_positives", int, "fewer positives -> global threshold"),
+        ("--cv-folds", "calibrate.cv_folds", int, "out-of-fold head refits over train+val (0: validation only)"),
+        ("--shrink", "calibrate.shrink", float, "pseudo-positives pulling a label's threshold to the global one"),
+        ("--min-gain", "calibrate.min_gain", float, "out-of-fold F1 gain a label needs to leave 0.5"),
     ],
     "register": [
         ("--model-name", "register.model_name", str, "registered model name"),
@@ -67,7 +73,7 @@ STEP_PATHS = {
               ("--history", None)],
     "evaluate": [("--model", "models/train"), ("--bottlenecks", "data/bottlenecks"), ("--prepared", "data/prepared"),
                  ("--out", "reports/evaluate"), ("--metrics", "metrics/evaluate.json"), ("--plots", None)],
-    "calibrate": [("--evaluation", "reports/evaluate"), ("--model", "models/train"),
+    "calibrate": [("--evaluation", "reports/evaluate"), ("--model", "models/train"), ("--bottlenecks", "data/bottlenecks"),
                   ("--out", "models/thresholds.json"), ("--metrics", "metrics/calibrate.json")],
     "register": [("--model", "models/train"), ("--thresholds", "models/thresholds.json"),
                  ("--prepared", "data/prepared"), ("--out", "metrics/register.json"), ("--images", None)],
@@ -99,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None, help="params file (default: ./params.yaml when present)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                                          "else sqlite:///./mlflow.db)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     from mltag import __version__
 
     p.add_argument("--version", action="version", version=f"mltag {__version__}")
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    _setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         return _dispatch(args)
     except MltagError as e:
@@ -165,6 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mltag: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
+
+
+def _setup_logging(level: int) -> None:
+    """mltag's own messages go to stderr as plain lines; other libraries keep their defaults."""
+    logger = logging.getLogger("mltag")
+    if not any(getattr(h, "_mltag", False) for h in logger.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._mltag = True
+        logger.addHandler(h)
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 def _dispatch(args) -> int:
@@ -190,7 +210,8 @@ def _dispatch(args) -> int:
         from mltag.bottleneck import bottleneck
 
         bottleneck(args.prepared, args.out, v["handle"], v["cache_dir"], v["backbone_cache"], v["image_size"],
-                   v["batch_size"], args.images, args.shard_index, args.num_shards, args.extra_cache, progress)
+                   v["batch_size"], args.images, args.shard_index, args.num_shards, args.extra_cache, progress,
+                   engine=v["engine"], views=v["views"])
     elif cmd == "train":
         from mltag.train import train
 
@@ -211,7 +232,8 @@ def _dispatch(args) -> int:
         from mltag.calibrate import calibrate
 
         calibrate(args.evaluation, args.model, args.out, args.metrics, v["method"], v["min_precision"],
-                  v["min_positives"], args.tracking_uri)
+                  v["min_positives"], args.tracking_uri, bottlenecks=args.bottlenecks, cv_folds=v["cv_folds"],
+                  shrink=v["shrink"], min_gain=v["min_gain"], progress=progress)
     elif cmd == "register":
         from mltag.register import register
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from mltag.bottleneck import load_split
+from mltag.bottleneck import load_split, load_views
 from mltag.common import MltagError, atomic_path, read_labels, write_json_atomic, write_labels
 
 
@@ -26,6 +27,66 @@ def build_head(dim: int, n_labels: int, hidden_units: int = 0, dropout: float = 
             x = keras.layers.Dropout(dropout)(x)
     outputs = keras.layers.Dense(n_labels, activation="sigmoid", name="scores")(x)
     return keras.Model(inputs, outputs, name="mltag_head")
+
+
+log = logging.getLogger(__name__)
+
+
+def with_views(x: np.ndarray, y: np.ndarray, views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Plain vectors plus every augmented view, labels repeated to match."""
+    if views is None or views.shape[1] == 0:
+        return x, y
+    k = views.shape[1]
+    return np.concatenate([x, views.reshape(-1, x.shape[1])]), np.concatenate([y, np.repeat(y, k, axis=0)])
+
+
+def _progress_callback(every: int, total: int):
+    import keras
+
+    class Every(keras.callbacks.Callback):
+        """One line per ``every`` epochs instead of Keras' line per epoch."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if (epoch + 1) % every == 0:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in (logs or {}).items() if "loss" in k or "map" in k)
+                log.info("train: epoch %d/%d: %s", epoch + 1, total, shown)
+
+    return Every()
+
+
+def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: np.ndarray | None, *,
+             learning_rate: float, epochs: int, batch_size: int, hidden_units: int, dropout: float,
+             patience: int = 0, monitor: str = "val_loss", seed: int = 42, progress: bool = False):
+    """Fit a fresh head; with validation data and ``patience`` > 0, stop early and keep the best epoch.
+
+    Returns:
+        ``(model, history dict, monitored key)``.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = build_head(x_tr.shape[1], y_tr.shape[1], hidden_units, dropout)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
+                  metrics=[keras.metrics.AUC(curve="PR", multi_label=True, name="map")])
+    has_val = x_va is not None and len(x_va) > 0
+    mon = monitor if has_val else monitor.removeprefix("val_")
+    callbacks = []
+    if patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=mon, mode="min" if mon.endswith("loss") else "max",
+                                                       patience=patience, restore_best_weights=True))
+    if progress:
+        callbacks.append(_progress_callback(25, epochs))
+    hist = model.fit(x_tr, y_tr.astype(np.float32),
+                     validation_data=(x_va, y_va.astype(np.float32)) if has_val else None,
+                     epochs=epochs, batch_size=batch_size, callbacks=callbacks, verbose=0, shuffle=True)
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    return model, history, mon
+
+
+def predict_head(model, features: np.ndarray) -> np.ndarray:
+    if len(features) == 0:
+        return np.zeros((0, model.output_shape[-1]), np.float32)
+    return np.asarray(model.predict(features, batch_size=1024, verbose=0), np.float32)
 
 
 def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate: float = 1e-3, epochs: int = 200,
@@ -45,7 +106,6 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
     Returns:
         Summary dict with the run id and best validation figures.
     """
-    import keras
     import mlflow
 
     from mltag import backbone as bb
@@ -58,6 +118,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
     labels = read_labels(Path(bottlenecks) / "labels.txt")
     x_tr, y_tr, _ = load_split(bottlenecks, "train")
     x_va, y_va, _ = load_split(bottlenecks, "val")
+    x_fit, y_fit = with_views(x_tr, y_tr, load_views(bottlenecks, "train"))
     if len(x_tr) == 0:
         raise MltagError("the train split is empty", Path(bottlenecks) / "train.npz")
     resolved = bb.resolve(meta["backbone_handle"], backbone_cache)
@@ -65,27 +126,19 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
         raise MltagError(f"backbone changed since the bottleneck step ({meta['backbone_id']} -> "
                          f"{resolved.backbone_id}); rerun bottleneck")
 
-    keras.utils.set_random_seed(seed)
-    model = build_head(x_tr.shape[1], len(labels), hidden_units, dropout)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
-                  metrics=[keras.metrics.AUC(curve="PR", multi_label=True, name="map")])
-    has_val = len(x_va) > 0
-    mon = monitor if has_val else monitor.removeprefix("val_")
-    stop = keras.callbacks.EarlyStopping(monitor=mon, mode="min" if mon.endswith("loss") else "max",
-                                         patience=patience, restore_best_weights=True)
+    hparams = {"learning_rate": learning_rate, "epochs": epochs, "batch_size": batch_size,
+               "hidden_units": hidden_units, "dropout": dropout, "seed": seed}
     uri = tracking.setup(tracking_uri)
     mlflow.set_experiment(experiment)
     t0 = time.time()
     with mlflow.start_run() as run:
         params = tracking.flatten(config or {})
         params.update({"train.backbone_id": resolved.backbone_id, "train.n_labels": len(labels),
-                       "train.n_train": len(x_tr), "train.n_val": len(x_va)})
+                       "train.n_train": len(x_tr), "train.n_train_vectors": len(x_fit), "train.n_val": len(x_va)})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.set_tags({"mltag.step": "train", "mltag.labels": ",".join(labels)})
-        hist = model.fit(x_tr, y_tr.astype(np.float32), validation_data=(x_va, y_va.astype(np.float32)) if has_val else None,
-                         epochs=epochs, batch_size=batch_size, callbacks=[stop], verbose=2 if progress else 0,
-                         shuffle=True)
-        history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+        model, history, mon = fit_head(x_fit, y_fit, x_va, y_va, patience=patience, monitor=monitor,
+                                       progress=progress, **hparams)
         for epoch in range(len(history["loss"])):
             mlflow.log_metrics({f"epoch_{k}": v[epoch] for k, v in history.items()}, step=epoch)
         values = history[mon]
@@ -109,7 +162,10 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
             (tmp / "model.json").write_text(json.dumps({
                 "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
                 "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
-                "feature_dim": int(x_tr.shape[1]), "hidden_units": hidden_units}, indent=2) + "\n", encoding="utf-8")
+                "feature_dim": int(x_tr.shape[1]), "hidden_units": hidden_units,
+                # what calibrate needs to refit the same head on folds
+                "head": {**hparams, "best_epoch": best + 1, "views": int(meta.get("views", 1))}},
+                indent=2) + "\n", encoding="utf-8")
             write_labels(tmp / "labels.txt", labels)
             (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
             (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
@@ -129,7 +185,4 @@ def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarra
     """Score cached bottleneck vectors with the saved head (same weights as the end-to-end model)."""
     import keras
 
-    head = keras.saving.load_model(Path(model_dir) / "head.keras", compile=False)
-    if len(features) == 0:
-        return np.zeros((0, head.output_shape[-1]), np.float32)
-    return np.asarray(head.predict(features, batch_size=256, verbose=0), np.float32)
+    return predict_head(keras.saving.load_model(Path(model_dir) / "head.keras", compile=False), features)

@@ -1,0 +1,141 @@
+"""Benchmark: model quality on real photos for a small grid of configurations.
+
+Runs prepare -> bottleneck -> train -> evaluate -> calibrate in a temp folder for every
+configuration and prints mAP, micro/macro F1 at 0.5 and calibrated, label accuracy and
+wall time. Small test splits are noisy, so each configuration runs on ``--repeats``
+different splits (``prepare.salt``) and the table shows the mean (and the spread as
++-std for micro F1). Bottleneck vectors are shared through one content-addressed cache,
+so a backbone's vectors are computed once for all repeats. Prints figures; asserts nothing.
+
+Usage:
+    python benchmarks/quality.py --data ../shared/devsets/flowers [--repeats 3] [--json]
+        [--backbones lite0,lite2] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+CALIBRATIONS = {  # name -> calibrate() keywords
+    "none": {"method": "none", "cv_folds": 0},
+    "val": {"method": "f1", "cv_folds": 0, "shrink": 0.0, "min_gain": -1.0},  # the old per-label fit on val
+    "cv": {"method": "f1", "cv_folds": 5},  # cross-fitted, shrunk, keep-0.5 rule (the default)
+}
+
+
+def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: str, views: int, hidden: int,
+            calibrations: list[str], salt: str, params: dict) -> list[dict]:
+    from mltag.bottleneck import bottleneck
+    from mltag.calibrate import calibrate
+    from mltag.evaluate import evaluate
+    from mltag.prepare import image_root_of, prepare
+    from mltag.train import train
+
+    t0 = time.perf_counter()
+    prep = work / f"prep-{salt}"
+    if not prep.is_dir():
+        prepare(data, prep, salt=salt, progress=False)
+    tag = f"{backbone}-v{views}-h{hidden}-{salt}"
+    bn = work / f"bn-{backbone}-v{views}-{salt}"
+    t_bn = time.perf_counter()
+    s = bottleneck(prep, bn, f"builtin:efficientnet_{backbone}", cache, backbones_dir, views=views,
+                   progress=False)
+    bn_seconds = time.perf_counter() - t_bn
+    tr = params["train"]
+    train(bn, work / f"model-{tag}", tr["learning_rate"], tr["epochs"], tr["batch_size"], hidden, tr["dropout"],
+          tr["patience"], tr["monitor"], tr["seed"], backbones_dir, progress=False)
+    evaluate(work / f"model-{tag}", bn, work / f"ev-{tag}", work / f"ev-{tag}.json", image_root_of(prep),
+             bootstrap=100)
+    base_seconds = time.perf_counter() - t0
+    rows = []
+    for cal in calibrations:
+        t1 = time.perf_counter()
+        r = calibrate(work / f"ev-{tag}", work / f"model-{tag}", work / f"th-{tag}-{cal}.json",
+                      work / f"cal-{tag}-{cal}.json", bottlenecks=bn, progress=False, **CALIBRATIONS[cal])
+        a05, acal = r["test_at_0.5"], r["test_at_thresholds"]
+        rows.append({
+            "backbone": backbone, "views": views, "hidden": hidden, "calibration": cal, "salt": salt,
+            "map": acal["map"], "micro_f1@0.5": a05["micro_f1"], "macro_f1@0.5": a05["macro_f1"],
+            "micro_f1_cal": acal["micro_f1"], "macro_f1_cal": acal["macro_f1"],
+            "label_accuracy_cal": acal["label_accuracy"], "expected_gain": r["expected_micro_f1_gain"],
+            "vectors_computed": s["computed"], "bottleneck_s": round(bn_seconds, 1),
+            "seconds": round(base_seconds + time.perf_counter() - t1, 1),
+        })
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["backbone"], r["views"], r["hidden"], r["calibration"]), []).append(r)
+    out = []
+    for (b, v, h, c), rs in groups.items():
+        def mean(k, rs=rs):
+            return statistics.fmean(r[k] for r in rs)
+
+        out.append({"backbone": b, "views": v, "hidden": h, "calibration": c, "splits": len(rs),
+                    **{k: round(mean(k), 4) for k in ("map", "micro_f1@0.5", "micro_f1_cal", "macro_f1@0.5",
+                                                      "macro_f1_cal", "label_accuracy_cal", "expected_gain")},
+                    "micro_f1_cal_std": round(statistics.pstdev(r["micro_f1_cal"] for r in rs), 4),
+                    "seconds_first_split": rs[0]["seconds"],
+                    "seconds_per_split": round(mean("seconds"), 1)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="a dataset prepare can read (e.g. ../shared/devsets/flowers)")
+    ap.add_argument("--backbones", default="lite0,lite1,lite2")
+    ap.add_argument("--views", default="1,4")
+    ap.add_argument("--hidden", default="0")
+    ap.add_argument("--calibration", default="none,val,cv")
+    ap.add_argument("--repeats", type=int, default=3, help="splits (prepare salts) per configuration")
+    ap.add_argument("--work", default=None, help="keep the work folder here (default: a temp folder)")
+    ap.add_argument("--backbone-cache", default=".mltag-cache/backbones")
+    ap.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+    args = ap.parse_args()
+
+    from mltag.config import load_params
+
+    logging.disable(logging.WARNING)
+    params = load_params(None)
+    data = Path(args.data).resolve()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+        for backbone in args.backbones.split(","):
+            for views in (int(v) for v in args.views.split(",")):
+                for hidden in (int(h) for h in args.hidden.split(",")):
+                    for i in range(args.repeats):
+                        rows += run_one(data, work, work / "cache", Path(args.backbone_cache).resolve(), backbone,
+                                        views, hidden, args.calibration.split(","), f"quality{i}", params)
+                        print(f"  done {backbone} views={views} hidden={hidden} split {i}", file=sys.stderr,
+                              flush=True)
+    table = summarise(rows)
+    cols = [("backbone", 9, "s"), ("views", 6, "d"), ("hidden", 7, "d"), ("calibration", 12, "s"),
+            ("map", 7, ".3f"), ("micro_f1@0.5", 13, ".3f"), ("micro_f1_cal", 13, ".3f"), ("micro_f1_cal_std", 9, ".3f"),
+            ("macro_f1@0.5", 13, ".3f"), ("macro_f1_cal", 13, ".3f"), ("label_accuracy_cal", 10, ".3f"),
+            ("seconds_first_split", 9, ".0f")]
+    heads = {"micro_f1_cal_std": "+-std", "label_accuracy_cal": "label_acc", "seconds_first_split": "wall_s"}
+    print(f"\nquality on {data.name} (mean over {args.repeats} splits; wall_s: first split, cold vectors)")
+    print("".join(f"{heads.get(c, c):>{w}}" for c, w, _ in cols))
+    for r in table:
+        print("".join(f"{r[c]:>{w}{f}}" for c, w, f in cols))
+    if args.json:
+        print(json.dumps({"data": str(data), "repeats": args.repeats, "table": table, "runs": rows}))
+
+
+if __name__ == "__main__":
+    main()
