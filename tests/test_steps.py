@@ -25,7 +25,8 @@ def run_all(tmp, dataset, backbone, lr=0.05, name="colours", **reg):
     tr = train(tmp / "bn", tmp / "model", learning_rate=lr, epochs=150, patience=30, progress=False,
                config={"train": {"learning_rate": lr}})
     ev = evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "metrics" / "evaluate.json", bootstrap=50)
-    ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json")
+    ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json",
+                   bottlenecks=tmp / "bn", progress=False)
     rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "metrics" / "register.json",
                   model_name=name, **reg)
     return bn, tr, ev, ca, rg
@@ -187,7 +188,8 @@ def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset
         m = tmp_path / f"model-{tag}"
         train(tmp_path / "bn", m, learning_rate=lr, epochs=epochs, patience=epochs, progress=False, seed=1)
         evaluate(m, tmp_path / "bn", tmp_path / f"eval-{tag}", tmp_path / f"ev-{tag}.json", bootstrap=0)
-        calibrate(tmp_path / f"eval-{tag}", m, tmp_path / f"th-{tag}.json", tmp_path / f"ca-{tag}.json")
+        calibrate(tmp_path / f"eval-{tag}", m, tmp_path / f"th-{tag}.json", tmp_path / f"ca-{tag}.json",
+                  bottlenecks=tmp_path / "bn", cv_folds=0)
         return register(m, tmp_path / f"th-{tag}.json", tmp_path / "prepared", tmp_path / f"rg-{tag}.json",
                         model_name="gate", **gate)
 

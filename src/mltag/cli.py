@@ -11,6 +11,15 @@ from pathlib import Path
 
 from mltag.common import MltagError
 
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 # (flag, params key "section.key", type, help): a flag left unset takes its params.yaml value.
 STEP_FLAGS = {
     "demo-data": [("--n-images", "demo.n_images", int, "number of images"), ("--seed", "demo.seed", int, "seed")],
@@ -61,6 +70,7 @@ STEP_FLAGS = {
         ("--experiment", "register.experiment", str, "MLflow experiment (when train opened no run)"),
         ("--margin", "register.margin", float, "mAP margin the challenger must beat the champion by"),
         ("--max-label-ap-drop", "register.max_label_ap_drop", float, "largest per-label AP drop allowed"),
+        ("--tflite", "register.tflite", _bool, "also register model.tflite, model_int8.tflite and their parity"),
     ],
 }
 
@@ -126,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="label images with a registered or local model")
     pr.add_argument("images", nargs="+", help="image files")
     pr.add_argument("--model", default=None,
-                    help="models:/NAME@champion (default, NAME from params), runs:/..., or a local model folder")
+                    help="models:/NAME@champion (default, NAME from params), runs:/..., a local model folder "
+                         "or a .tflite file inside one")
     pr.add_argument("--json", action="store_true", help="print JSON lines")
     pr.add_argument("--tta", choices=["none", "mean", "max"], default="none",
                     help="test-time augmentation: combine 10 crops/mirrors by mean or max")
@@ -238,7 +249,7 @@ def _dispatch(args) -> int:
         from mltag.register import register
 
         register(args.model, args.thresholds, args.prepared, args.out, v["model_name"], v["margin"],
-                 v["max_label_ap_drop"], args.images, args.tracking_uri, v["experiment"])
+                 v["max_label_ap_drop"], args.images, args.tracking_uri, v["experiment"], tflite=v["tflite"])
     elif cmd == "predict":
         return _predict(args)
     elif cmd == "metrics":
@@ -287,12 +298,14 @@ def _predict(args) -> int:
         from mltag.config import load_params
 
         model = f"models:/{load_params(args.params)['register']['model_name']}@champion"
-    if Path(model).is_dir() and (Path(model) / "model.json").is_file():
+    local = Path(model)
+    if (local.is_dir() and (local / "model.json").is_file()) or (local.suffix == ".tflite" and local.is_file()):
         from mltag.model import InferenceModel
 
+        folder = local.parent if local.suffix == ".tflite" else local
         thresholds = None
-        t = Path(model).parent / "thresholds.json"
-        if t.is_file() and not (Path(model) / "thresholds.json").is_file():
+        t = folder.parent / "thresholds.json"
+        if t.is_file() and not (folder / "thresholds.json").is_file():
             thresholds = json.loads(t.read_text(encoding="utf-8"))
         try:
             results = InferenceModel(model, thresholds).predict(args.images, tta=args.tta)

@@ -44,27 +44,116 @@ def export_inference_model(backbone_location: str, head_weights: list[np.ndarray
     tf.saved_model.save(m, str(out), signatures={"serving_default": m.serve})
 
 
-class InferenceModel:
-    """Load a model folder and score raw images (paths or encoded bytes)."""
+def export_tflite(saved_model: str | os.PathLike, out: str | os.PathLike,
+                  representative: list[np.ndarray] | None = None) -> Path:
+    """Convert the end-to-end SavedModel to ``.tflite``: uint8 pixels in, float32 scores out.
 
-    def __init__(self, model_dir: str | os.PathLike, thresholds: dict | None = None):
-        import tensorflow as tf
+    With ``representative`` (uint8 images ``[S,S,3]``, e.g. a hundred training images) the
+    weights and activations are quantized to int8 (post-training quantization, calibrated on
+    those images); input and output stay uint8 pixels and float scores.
+    """
+    import tensorflow as tf
+
+    from mltag.common import atomic_path
+
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_default"])
+    if representative is not None:
+        def gen():
+            for px in representative:
+                yield [np.asarray(px, np.uint8)[None]]
+
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = gen
+    try:
+        data = conv.convert()
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+        raise MltagError(f"cannot convert the model to TFLite: {type(e).__name__}: {str(e)[:300]}",
+                         saved_model) from None
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    return out
+
+
+def _pmap(fn, items, lazy: bool = False):
+    """``map`` over a thread pool (Pillow releases the GIL while decoding); in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mltag.engine import cpu_threads
+
+    items = list(items)
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    if not lazy:
+        with ThreadPoolExecutor(cpu_threads()) as pool:
+            return list(pool.map(fn, items))
+
+    def gen():  # a bounded window ahead, so memory stays flat over many images
+        import collections
+
+        with ThreadPoolExecutor(cpu_threads()) as pool:
+            it = iter(items)
+            pending = collections.deque(pool.submit(fn, x) for x, _ in zip(it, range(2 * cpu_threads())))
+            while pending:
+                f = pending.popleft()
+                nxt = next(it, _END)
+                if nxt is not _END:
+                    pending.append(pool.submit(fn, nxt))
+                yield f.result()
+
+    return gen()
+
+
+_END = object()
+
+
+class InferenceModel:
+    """Load a model folder (or one of its ``.tflite`` files) and score raw images (paths or encoded bytes).
+
+    ``engine``: ``auto`` runs ``model.tflite`` through LiteRT when no GPU is visible and the
+    file exists, else the SavedModel through TF; ``litert`` and ``tf`` force one. A path to a
+    ``.tflite`` file runs that file (labels and thresholds come from the folder it is in).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, thresholds: dict | None = None, engine: str = "auto"):
+        from mltag.engine import LiteRTEngine, resolve_engine
 
         model_dir = Path(model_dir)
+        tflite = None
+        if model_dir.suffix == ".tflite":
+            if not model_dir.is_file():
+                raise MltagError("model file not found", model_dir)
+            tflite, model_dir = model_dir, model_dir.parent
+            engine = "litert"
         meta_file = model_dir / "model.json"
         if not meta_file.is_file():
             raise MltagError("not an mltag model folder (model.json missing)", model_dir)
         self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
         self.labels: list[str] = self.meta["labels"]
         self.image_size: int = int(self.meta["image_size"])
-        self._fn = tf.saved_model.load(str(model_dir / "inference")).signatures["serving_default"]
+        if tflite is None and (model_dir / "model.tflite").is_file() and engine != "tf" \
+                and resolve_engine(engine) == "litert":
+            tflite = model_dir / "model.tflite"
+        if engine == "litert" and tflite is None:
+            raise MltagError("engine litert needs model.tflite in the model folder (retrain with this mltag)",
+                             model_dir)
+        if tflite is not None:
+            lite = LiteRTEngine(tflite)
+            self.engine = "litert"
+            self._run = lite
+        else:
+            import tensorflow as tf
+
+            fn = tf.saved_model.load(str(model_dir / "inference")).signatures["serving_default"]
+            self.engine = "tf"
+            self._run = lambda px: fn(images=tf.constant(np.ascontiguousarray(px)))["scores"].numpy()
         if thresholds is None and (model_dir / "thresholds.json").is_file():
             thresholds = json.loads((model_dir / "thresholds.json").read_text(encoding="utf-8"))
         self.thresholds = np.array(
             [float((thresholds or {}).get("thresholds", {}).get(lb, 0.5)) for lb in self.labels], np.float32)
 
     def pixels(self, images) -> np.ndarray:
-        return np.stack([load_image(im, self.image_size) for im in images])
+        return np.stack(_pmap(lambda im: load_image(im, self.image_size), images))
 
     def tta_views(self, image) -> np.ndarray:
         """Ten views: centre and four corner crops of a 1.15x resize, and their mirrors."""
@@ -73,11 +162,6 @@ class InferenceModel:
         o = big.shape[0] - s
         crops = [big[o // 2: o // 2 + s, o // 2: o // 2 + s], big[:s, :s], big[:s, o:], big[o:, :s], big[o:, o:]]
         return np.stack(crops + [c[:, ::-1] for c in crops])
-
-    def _run(self, px: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
-
-        return self._fn(images=tf.constant(np.ascontiguousarray(px)))["scores"].numpy()
 
     def scores(self, images, batch_size: int = 32, tta: str = "none") -> np.ndarray:
         """Per-label scores ``[len(images), n_labels]``.
@@ -89,7 +173,7 @@ class InferenceModel:
             raise MltagError(f"tta must be none, mean or max, got {tta!r}")
         if tta != "none":
             reduce = np.mean if tta == "mean" else np.max
-            out = [reduce(self._run(self.tta_views(im)), axis=0) for im in images]
+            out = [reduce(self._run(views), axis=0) for views in _pmap(self.tta_views, images, lazy=True)]
             return np.stack(out) if out else np.zeros((0, len(self.labels)), np.float32)
         out = [self._run(self.pixels(images[i: i + batch_size])) for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)

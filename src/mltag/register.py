@@ -22,7 +22,8 @@ from mltag import metrics as M
 from mltag.common import MltagError, write_json_atomic
 from mltag.prepare import image_root_of, load_prepared
 
-RUNTIME_PACKAGES = ("tensorflow", "tensorflow-hub", "pillow", "numpy", "pandas", "scikit-learn", "mlflow")
+RUNTIME_PACKAGES = ("tensorflow", "tensorflow-hub", "ai-edge-litert", "pillow", "numpy", "pandas", "scikit-learn",
+                    "mlflow")
 
 
 def pip_requirements() -> list[str]:
@@ -37,11 +38,50 @@ def pip_requirements() -> list[str]:
 
 def _bundle(model_dir: Path, thresholds_file: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
-    for name in ("inference", "model.json", "labels.txt"):
+    for name in ("inference", "model.json", "labels.txt", "model.tflite"):
         src = model_dir / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
+        if src.exists():
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
     shutil.copy2(thresholds_file, dest / "thresholds.json")
     return dest
+
+
+def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, labels: list[str],
+                  train_images: list[Path], chall_scores: np.ndarray, limit: int = 200) -> dict:
+    """Add ``model_int8.tflite`` to the bundle and measure both TFLite files against the SavedModel.
+
+    fp32: the largest score difference from the SavedModel on (up to ``limit``) test images.
+    int8: post-training quantized, calibrated on up to 100 training images; its test mAP and
+    micro F1 against fp32 (reported, not required to match: int8 trades accuracy for speed).
+    """
+    from mltag.engine import _quiet_stderr
+    from mltag.images import load_image
+    from mltag.model import InferenceModel, export_tflite
+
+    out: dict = {"images": min(limit, len(test_images))}
+    if not (bundle / "model.tflite").is_file():
+        return {"error": "no model.tflite in the model folder"}
+    imgs = test_images[:limit]
+    saved = InferenceModel(bundle, engine="tf").scores(imgs)
+    fp32 = InferenceModel(bundle / "model.tflite").scores(imgs)
+    out["fp32_max_abs_diff_vs_savedmodel"] = float(np.abs(fp32 - saved).max()) if len(imgs) else 0.0
+    meta = InferenceModel(bundle / "model.tflite")
+    rep = [load_image(p, meta.image_size) for p in train_images[:100]]
+    try:
+        with _quiet_stderr():
+            export_tflite(bundle / "inference", bundle / "model_int8.tflite", rep)
+    except MltagError as e:
+        out["int8_error"] = str(e)
+        return out
+    int8 = InferenceModel(bundle / "model_int8.tflite").scores(test_images)
+    y = y_test
+    for name, s in (("fp32", chall_scores), ("int8", int8)):
+        m = M.compute(y, s, 0.5, labels) if len(y) else {"map": None, "micro_f1": None}
+        out[f"{name}_test_map"], out[f"{name}_test_micro_f1"] = m["map"], m["micro_f1"]
+    out["int8_max_abs_diff_vs_fp32"] = float(np.abs(int8 - chall_scores).max()) if len(y) else 0.0
+    out["fp32_bytes"] = (bundle / "model.tflite").stat().st_size
+    out["int8_bytes"] = (bundle / "model_int8.tflite").stat().st_size
+    return out
 
 
 def _score_pyfunc(model, images: list[Path], labels: list[str]) -> np.ndarray:
@@ -73,8 +113,13 @@ def gate(challenger_ap: np.ndarray, champion_ap: np.ndarray, labels: list[str], 
 def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepared: str | os.PathLike,
              out: str | os.PathLike, model_name: str = "mltag", margin: float = 0.0,
              max_label_ap_drop: float = 0.05, images: str | os.PathLike | None = None,
-             tracking_uri: str | None = None, experiment: str = "mltag", run_id: str | None = None) -> dict:
-    """Log, register and (maybe) promote the model; write the decision to ``out``."""
+             tracking_uri: str | None = None, experiment: str = "mltag", run_id: str | None = None,
+             tflite: bool = True) -> dict:
+    """Log, register and (maybe) promote the model; write the decision to ``out``.
+
+    With ``tflite`` the registered version also carries ``model.tflite`` (fp32) and
+    ``model_int8.tflite`` with ``tflite_parity.json`` (fp32 vs SavedModel, int8 vs fp32).
+    """
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
@@ -109,6 +154,14 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             if example is not None else None
         chall_scores = local.scores(test_images) if test_images else np.zeros((0, len(labels)))
         chall_ap = M.average_precisions(y_test, chall_scores)
+        if tflite:
+            _, train_ex = load_prepared(prepared, "train")
+            parity = tflite_parity(bundle, test_images, y_test, labels, [root / ex.path for ex in train_ex],
+                                   chall_scores)
+            write_json_atomic(bundle / "tflite_parity.json", parity)
+            if parity.get("fp32_max_abs_diff_vs_savedmodel", 0.0) > 1e-4:
+                raise MltagError(f"model.tflite differs from the SavedModel by "
+                                 f"{parity['fp32_max_abs_diff_vs_savedmodel']:.2e} (> 1e-4); not registering")
         with mlflow.start_run(run_id=run_id) as run:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=MltagPyfunc(), artifacts={"model": str(bundle)},
@@ -138,7 +191,12 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                 client.set_registered_model_alias(model_name, "champion", mv)
             client.set_model_version_tag(model_name, mv, "mltag.gate", ("promoted: " if promote else "kept: ") + reason)
             mlflow.log_metrics({"registered_test_map": chall_map})
+            if tflite and "fp32_max_abs_diff_vs_savedmodel" in parity:
+                mlflow.log_metrics({f"tflite_{k}": v for k, v in parity.items()
+                                    if isinstance(v, float) and k != "images"})
             mlflow.set_tag("mltag.registered_version", str(mv))
+            if tflite:
+                result["tflite"] = parity
             result.update({"promoted": promote, "reason": reason,
                            "aliases": ["challenger", "champion"] if promote else ["challenger"]})
     finally:

@@ -110,7 +110,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
 
     from mltag import backbone as bb
     from mltag import tracking
-    from mltag.model import export_inference_model
+    from mltag.model import export_inference_model, export_tflite
 
     if monitor not in ("val_loss", "val_map"):
         raise MltagError(f"train.monitor must be val_loss or val_map, got {monitor!r}")
@@ -159,6 +159,10 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
             model.save(tmp / "head.keras")
             export_inference_model(resolved.location, [w for w in model.get_weights()], meta["image_size"],
                                    tmp / "inference")
+            try:  # the same model for LiteRT: what predict, TTA and serving run on CPU
+                export_tflite(tmp / "inference", tmp / "model.tflite")
+            except MltagError as e:
+                log.warning("train: no model.tflite (%s); inference will use TF", e)
             (tmp / "model.json").write_text(json.dumps({
                 "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
                 "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
