@@ -93,3 +93,63 @@ def test_gate_decisions():
     assert not ok and "does not beat" in why
     ok, why = gate(np.array([1.0, 1.0, 0.80]), champ, list("abc"), margin=0.0, max_label_ap_drop=0.05)
     assert not ok and "label 'c' AP drops 0.1000" in why
+
+
+def gap_scores(n: int, rng, labels: int = 5, noise: float = 0.2):
+    """Scores where 0.5 is the best threshold: every score is on the right side of a gap at 0.45-0.55 with
+    probability 1 - noise, and within a side a score says nothing more about the label."""
+    y = (rng.random((n, labels)) < 0.3).astype(int)
+    right = rng.random((n, labels)) >= noise
+    high = np.where(right, y == 1, y == 0)
+    s = np.where(high, rng.uniform(0.55, 1.0, (n, labels)), rng.uniform(0.0, 0.45, (n, labels)))
+    return y, s
+
+
+def test_cross_fitted_thresholds_do_not_overfit_where_validation_only_ones_do():
+    from mltag.calibrate import _f1, choose_thresholds
+
+    names = list("abcde")
+    losses_val, losses_cv = [], []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        y_val, s_val = gap_scores(40, rng)  # a small validation set, as in a real project
+        y_oof, s_oof = gap_scores(400, rng)  # out-of-fold scores over train+val
+        y_te, s_te = gap_scores(4000, rng)
+        base = _f1(y_te, s_te >= 0.5)
+        # The old way: per-label F1-optimal thresholds on validation alone, no shrinkage, no keep-0.5 rule.
+        old = fit_thresholds(y_val, s_val, names, min_positives=5)
+        t_old = np.array([old["thresholds"][n] for n in names])
+        losses_val.append(base - _f1(y_te, s_te >= t_old))
+        folds = np.arange(len(y_oof)) % 5
+        new = choose_thresholds(y_oof, s_oof, folds, names)
+        t_new = np.array([new["thresholds"][n] for n in names])
+        losses_cv.append(base - _f1(y_te, s_te >= t_new))
+        assert new["expected"]["micro_f1_gain"] <= 0.01
+    assert np.mean(losses_val) > 0.01, losses_val
+    assert np.mean(losses_cv) <= 0.005, losses_cv
+    assert max(losses_cv) <= 0.01, losses_cv
+
+
+def test_a_label_keeps_0_5_unless_its_threshold_beats_it_out_of_fold():
+    from mltag.calibrate import choose_thresholds
+
+    rng = np.random.default_rng(0)
+    y, s = gap_scores(600, rng, labels=2)
+    # Label 'shifted': the model is systematically under-confident, so 0.25 separates far better than 0.5.
+    s[:, 1] = np.where(y[:, 1] == 1, rng.uniform(0.3, 0.45, len(y)), rng.uniform(0.0, 0.2, len(y)))
+    th = choose_thresholds(y, s, np.arange(len(y)) % 5, ["gap", "shifted"])
+    assert th["kept_0.5"] == ["gap"] and th["thresholds"]["gap"] == 0.5
+    assert 0.2 <= th["thresholds"]["shifted"] <= 0.3
+    assert th["expected"]["per_label_f1_gain"]["shifted"] > 0.5
+    assert th["expected"]["micro_f1_gain"] > 0.2
+
+
+def test_shrinkage_pulls_thresholds_of_rare_labels_toward_the_global_one():
+    rng = np.random.default_rng(1)
+    y, s = gap_scores(300, rng, labels=3)
+    free = fit_thresholds(y, s, list("abc"), shrink=0.0)
+    pulled = fit_thresholds(y, s, list("abc"), shrink=1000.0)
+    for n in "abc":
+        assert abs(pulled["thresholds"][n] - pulled["global_threshold"]) < \
+            abs(free["thresholds"][n] - free["global_threshold"]) + 1e-9
+        assert abs(pulled["thresholds"][n] - pulled["global_threshold"]) < 0.02

@@ -92,6 +92,39 @@ def cross_validated_gain(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels
     return per_label, _f1(y, pred_t) - _f1(y, pred_05)
 
 
+def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: list[str],
+                      min_precision: float | None = None, min_positives: int = 5, shrink: float = 10.0,
+                      min_gain: float = 0.005) -> dict:
+    """Thresholds fitted on scores ``s`` (out-of-fold ones, ideally), with the keep-0.5 rule.
+
+    For an F1 target a label leaves 0.5 only when its fitted threshold beats 0.5 by more
+    than ``min_gain`` F1 on folds it was not fitted on (``cross_validated_gain``). For a
+    precision target every fitted threshold is kept: reaching the precision is the point.
+
+    Returns:
+        The ``fit_thresholds`` dict plus ``kept_0.5`` and ``expected`` (the cross-validated
+        micro and per-label F1 gains over 0.5 of the thresholds shipped).
+    """
+    y = np.asarray(y).astype(int)
+    th = fit_thresholds(y, s, labels, min_precision, min_positives, shrink)
+    enough = len(y) >= 10 and len(np.unique(folds)) > 1
+    gain_l, gain_micro = cross_validated_gain(y, s, folds, labels, min_positives, shrink) if enough \
+        else (np.zeros(len(labels)), 0.0)
+    kept = []
+    if min_precision is None:
+        kept = [n for j, n in enumerate(labels) if not gain_l[j] > min_gain]
+        for name in kept:
+            th["thresholds"][name] = 0.5
+        if kept and enough:
+            _, gain_micro = cross_validated_gain(y, s, folds, labels, min_positives, shrink, tuple(kept))
+        elif kept:
+            gain_micro = 0.0
+    th["kept_0.5"] = kept
+    th["expected"] = {"micro_f1_gain": float(gain_micro),
+                      "per_label_f1_gain": {n: float(g) for n, g in zip(labels, gain_l)}}
+    return th
+
+
 def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathLike, k: int,
                        progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scores of every train and val image from a head that never saw it (k refits, cheap on cached vectors).
@@ -140,7 +173,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
               metrics_file: str | os.PathLike, method: str = "f1", min_precision: float | None = None,
               min_positives: int = 5, tracking_uri: str | None = None, run_id: str | None = None, *,
               bottlenecks: str | os.PathLike | None = None, cv_folds: int = 5, shrink: float = 10.0,
-              min_gain: float = 0.0, progress: bool = True) -> dict:
+              min_gain: float = 0.005, progress: bool = True) -> dict:
     """Fit per-label thresholds; report test metrics at 0.5 and at the thresholds.
 
     With ``cv_folds`` > 1 (and ``bottlenecks``), thresholds come from out-of-fold scores over
@@ -178,30 +211,15 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         folds = np.array([int(hashlib.sha256(f"calibrate|{i}".encode()).hexdigest()[:8], 16) % 5
                           for i in range(len(y_va))])
         source = f"scores of {len(y_va)} validation images"
-    y_fit = np.asarray(y_fit).astype(int)
     if method == "none":
         th = {"labels": labels, "thresholds": {n: 0.5 for n in labels}, "global_threshold": 0.5,
               "fallback_labels": [], "method": "none", "min_precision": None, "min_positives": min_positives,
-              "shrink": shrink}
-        expected = {"micro_f1_gain": 0.0, "per_label_f1_gain": {n: 0.0 for n in labels}}
-        kept = list(labels)
+              "shrink": shrink, "kept_0.5": list(labels),
+              "expected": {"micro_f1_gain": 0.0, "per_label_f1_gain": {n: 0.0 for n in labels}}}
     else:
-        th = fit_thresholds(y_fit, s_fit, labels, mp, min_positives, shrink)
-        kept = []
-        gain_l, gain_micro = cross_validated_gain(y_fit, s_fit, folds, labels, min_positives, shrink) \
-            if len(y_fit) >= 10 else (np.zeros(len(labels)), 0.0)
-        if mp is None:  # an F1 target: keep 0.5 wherever fitting does not pay off out of sample
-            for j, name in enumerate(labels):
-                if not gain_l[j] > min_gain:
-                    th["thresholds"][name] = 0.5
-                    kept.append(name)
-            if kept and len(y_fit) >= 10:
-                _, gain_micro = cross_validated_gain(y_fit, s_fit, folds, labels, min_positives, shrink, tuple(kept))
-        expected = {"micro_f1_gain": float(gain_micro),
-                    "per_label_f1_gain": {n: float(g) for n, g in zip(labels, gain_l)}}
-    th["kept_0.5"] = kept
+        th = choose_thresholds(y_fit, s_fit, folds, labels, mp, min_positives, shrink, min_gain)
+    kept, expected = th["kept_0.5"], th["expected"]
     th["fitted_on"] = source
-    th["expected"] = expected
     t = np.array([th["thresholds"][n] for n in labels])
     at_05 = M.compute(y_te, s_te, 0.5, labels)
     at_cal = M.compute(y_te, s_te, t, labels)

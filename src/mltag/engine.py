@@ -165,7 +165,8 @@ def convert_backbone(location: str, image_size: int, out: str | os.PathLike) -> 
 
     try:
         conv = tf.lite.TFLiteConverter.from_concrete_functions([features.get_concrete_function()], module)
-        data = conv.convert()
+        with _quiet_stderr():  # the converter dumps MLIR diagnostics; the exception says what matters
+            data = conv.convert()
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds; all mean "cannot convert"
         raise MltagError(f"LiteRT cannot convert this module ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None

@@ -1,0 +1,99 @@
+"""LiteRT engine: parity with TF on real photos, the fallback, the exported .tflite model."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mltag import backbone as bb
+from mltag.engine import LiteRTEngine, TFEngine, backbone_engine, tflite_path
+
+
+def real_photos(size: int) -> np.ndarray:
+    from skimage import data
+
+    names = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry")
+    return np.stack([np.asarray(Image.fromarray(getattr(data, n)()).convert("RGB").resize((size, size),
+                                                                                         Image.BILINEAR))
+                     for n in names])
+
+
+def assert_same_in_float16(a: np.ndarray, b: np.ndarray) -> None:
+    """The cache stores float16: the engines may share it only if their difference is below what storing
+    a vector as float16 changes anyway, and rounding makes almost every stored value identical."""
+    storage_error = np.abs(a - a.astype(np.float16).astype(np.float32)).max()
+    assert np.abs(a - b).max() <= storage_error, (float(np.abs(a - b).max()), float(storage_error))
+    assert (a.astype(np.float16) == b.astype(np.float16)).mean() > 0.95
+
+
+@pytest.mark.parametrize("which", ["builtin", "fake"])
+def test_litert_matches_tf_on_real_photos(which, tmp_path, fake_backbone):
+    handle = "builtin:efficientnet_lite0" if which == "builtin" else str(fake_backbone)
+    resolved = bb.resolve(handle, tmp_path / "bb")
+    px = real_photos(224)
+    lite = backbone_engine("litert", resolved, 224, tmp_path / "bb")
+    assert isinstance(lite, LiteRTEngine)
+    assert tflite_path(resolved, 224, tmp_path / "bb").is_file()  # converted once, kept beside the backbone
+    tf_out, lite_out = TFEngine(resolved.location)(px), lite(px)
+    assert tf_out.shape == lite_out.shape == (5, 1280 if which == "builtin" else 6)
+    assert np.abs(tf_out - lite_out).max() < 1e-4
+    assert_same_in_float16(tf_out, lite_out)
+
+
+def test_unconvertible_module_falls_back_to_tf_with_one_line(tmp_path, caplog):
+    import tensorflow as tf
+
+    class Odd(tf.Module):  # Igamma has no TFLite kernel
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images):
+            m = tf.reduce_mean(images, axis=[1, 2])
+            return tf.concat([m, tf.math.igamma(m + 1.0, m + 1.0)], axis=1)
+
+    tf.saved_model.save(Odd(), str(tmp_path / "odd"))
+    resolved = bb.resolve(str(tmp_path / "odd"))
+    with caplog.at_level(logging.WARNING, logger="mltag"):
+        eng = backbone_engine("auto", resolved, 32, tmp_path / "bb")
+    assert isinstance(eng, TFEngine)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "using tf" in lines[0] and "Igamma" in lines[0], lines
+    # The reason is remembered: the next run does not try (and fail) to convert again.
+    assert tflite_path(resolved, 32, tmp_path / "bb").with_suffix(".failed").is_file()
+    out = eng(np.full((2, 32, 32, 3), 255, np.uint8))
+    assert out.shape == (2, 6) and np.allclose(out[:, :3], 1.0)
+
+
+def test_engine_flag_is_checked(tmp_path, fake_backbone):
+    from mltag.common import MltagError
+
+    with pytest.raises(MltagError, match="bottleneck.engine must be one of"):
+        backbone_engine("cuda", bb.resolve(str(fake_backbone)), 32, tmp_path)
+
+
+def test_tflite_export_predicts_the_same_labels_on_the_demo_test_split(tmp_path, mlflow_store):
+    """The built-in backbone on the demo scenes: model.tflite (LiteRT) labels = SavedModel (TF) labels."""
+    from mltag.bottleneck import bottleneck
+    from mltag.demo import make_demo_data
+    from mltag.model import InferenceModel
+    from mltag.prepare import image_root_of, load_prepared, prepare
+    from mltag.train import train
+
+    make_demo_data(tmp_path / "demo", 90)
+    prepare(tmp_path / "demo", tmp_path / "prep", progress=False)
+    bottleneck(tmp_path / "prep", tmp_path / "bn", cache_dir=tmp_path / "c", backbone_cache=tmp_path / "bb",
+               progress=False)
+    train(tmp_path / "bn", tmp_path / "model", epochs=60, patience=60, backbone_cache=tmp_path / "bb",
+          progress=False)
+    assert (tmp_path / "model" / "model.tflite").is_file()
+    _, test = load_prepared(tmp_path / "prep", "test")
+    images = [image_root_of(tmp_path / "prep") / ex.path for ex in test]
+    saved = InferenceModel(tmp_path / "model", engine="tf")
+    lite = InferenceModel(tmp_path / "model" / "model.tflite")
+    assert (saved.engine, lite.engine) == ("tf", "litert")
+    assert InferenceModel(tmp_path / "model").engine == "litert"  # auto on a CPU machine
+    s_tf, s_lite = saved.scores(images), lite.scores(images)
+    assert np.abs(s_tf - s_lite).max() <= 1e-4
+    assert [p["labels"] for p in saved.predict(images)] == [p["labels"] for p in lite.predict(images)]
+    assert np.abs(saved.scores(images[:3], tta="mean") - lite.scores(images[:3], tta="mean")).max() <= 1e-4
