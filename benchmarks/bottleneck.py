@@ -1,60 +1,156 @@
-"""Benchmark: bottleneck throughput (images/s) and peak memory of the built-in backbone.
+"""Benchmark: bottleneck speed and memory, TF against LiteRT, in one run on one machine.
 
-Prints figures; asserts nothing. Usage:
-    python benchmarks/bottleneck.py [--images 256] [--batch-size 32]
+Prints a table and, with ``--json``, one JSON object as the last line:
+
+* ``tf_forward_ips`` / ``litert_forward_ips``: the bare backbone forward pass on uint8
+  pixels (TF at its best batch of 32; LiteRT at batch 1, its best here), images/s;
+* ``step_cold_ips``: the whole bottleneck step (hash, decode, forward, cache writes, split
+  files) on N new images with the default engine, images/s;
+* ``step_warm_seconds``: the same step again, everything cached;
+* ``incremental_10pct_fraction``: the step on N + 10% images (the N cached), divided by
+  the cold time;
+* ``peak_rss_mb`` / ``peak_rss_mb_4x``: peak resident memory of a cold step process on N
+  and on 4N images.
+
+Each step runs in a fresh process (so peak memory is that step's own); the backbone is
+built and converted once beforehand, as it is after a project's first run. Asserts nothing.
+
+Usage:
+    python benchmarks/bottleneck.py [--images 512] [--handle builtin:efficientnet_lite0] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def worker(args) -> None:
+    """One bottleneck step in this process; print its figures as JSON."""
+    import logging
+
+    from mltag.bottleneck import bottleneck
+
+    logging.disable(logging.WARNING)
+    t = time.perf_counter()
+    s = bottleneck(args.prepared, args.out, args.handle, args.cache, args.backbone_cache, engine=args.engine,
+                   progress=False)
+    seconds = time.perf_counter() - t
+    print(json.dumps({"seconds": seconds, "computed": s["computed"], "images": s["images"], "engine": s["engine"],
+                      "peak_rss_mb": peak_rss_mb(), "tensorflow_imported": "tensorflow" in sys.modules}))
+
+
+def peak_rss_mb() -> float:
+    """This process image's own peak RSS (VmHWM). ru_maxrss would include the RSS of the parent it was forked from."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def step(tmp: Path, prepared: Path, out: str, cache: str, handle: str, engine: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--prepared", str(prepared), "--out", str(tmp / out),
+           "--cache", str(tmp / cache), "--backbone-cache", str(tmp / "backbones"), "--handle", handle,
+           "--engine", engine]
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        raise SystemExit(f"benchmark step failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def forward_ips(engine, image_size: int, batch: int, seconds: float = 5.0) -> float:
+    import numpy as np
+
+    x = np.random.default_rng(0).integers(0, 255, (batch, image_size, image_size, 3), dtype=np.uint8)
+    engine(x)  # warm up (trace, allocate)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        engine(x)
+        n += batch
+    return n / (time.perf_counter() - t)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--handle", default="builtin:efficientnet_lite0")
+    ap.add_argument("--engine", default="auto", help="engine of the step runs")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prepared", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    ap.add_argument("--backbone-cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return worker(args)
 
-    from mltag.backbone import resolve
-    from mltag.bottleneck import _feature_model, bottleneck
+    import logging
+
+    logging.disable(logging.WARNING)
+    from mltag.backbone import default_image_size, resolve
     from mltag.demo import make_demo_data
+    from mltag.engine import LiteRTEngine, TFEngine, backbone_engine
     from mltag.prepare import prepare
 
+    n = args.images
+    size = default_image_size(args.handle)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_demo_data(tmp / "demo", args.images)
-        prepare(tmp / "demo", tmp / "prep", progress=False)
+        # Demo scenes (about 290x230 JPEGs); make_demo_data(n) is a prefix of make_demo_data(m > n).
+        for name, count in (("n", n), ("n10", n + max(1, n // 10)), ("n4", 4 * n)):
+            make_demo_data(tmp / f"demo-{name}", count)
+            prepare(tmp / f"demo-{name}", tmp / f"prep-{name}", progress=False)
         bb = resolve(args.handle, tmp / "backbones")
+        lite = backbone_engine("litert", bb, size, tmp / "backbones")  # converts once, as a first run does
+        if not isinstance(lite, LiteRTEngine):
+            raise SystemExit("LiteRT could not convert this backbone")
+        litert_ips = forward_ips(lite, size, 1)
+        tf_ips = forward_ips(TFEngine(bb.location), size, 32)
 
-        run = _feature_model(bb.location)
-        x = np.random.default_rng(0).integers(0, 255, (args.batch_size, 224, 224, 3), dtype=np.uint8)
-        run(x)  # trace
-        t = time.perf_counter()
-        reps = max(1, args.images // args.batch_size)
-        for _ in range(reps):
-            run(x).numpy()
-        model_only = reps * args.batch_size / (time.perf_counter() - t)
+        cold = step(tmp, tmp / "prep-n", "bn", "cache", args.handle, args.engine)
+        warm = step(tmp, tmp / "prep-n", "bn", "cache", args.handle, args.engine)
+        incr = step(tmp, tmp / "prep-n10", "bn10", "cache", args.handle, args.engine)
+        big = step(tmp, tmp / "prep-n4", "bn4", "cache4", args.handle, args.engine)
 
-        t = time.perf_counter()
-        s = bottleneck(tmp / "prep", tmp / "bn", args.handle, tmp / "cache", tmp / "backbones",
-                       batch_size=args.batch_size, progress=False)
-        cold = time.perf_counter() - t
-        t = time.perf_counter()
-        bottleneck(tmp / "prep", tmp / "bn", args.handle, tmp / "cache", tmp / "backbones",
-                   batch_size=args.batch_size, progress=False)
-        warm = time.perf_counter() - t
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"backbone only (batch {args.batch_size}):   {model_only:8.1f} images/s")
-    print(f"bottleneck step, cold cache:  {s['computed'] / cold:8.1f} images/s ({s['computed']} images, {cold:.1f} s)")
-    print(f"bottleneck step, warm cache:  {warm:8.2f} s for {s['images']} images (all cached)")
-    print(f"peak resident memory:         {peak_mb:8.0f} MB")
+    result = {
+        "handle": args.handle, "images": n, "image_size": size, "engine": cold["engine"],
+        "tf_forward_ips": round(tf_ips, 1),
+        "litert_forward_ips": round(litert_ips, 1),
+        "step_cold_ips": round(cold["computed"] / cold["seconds"], 1),
+        "step_warm_seconds": round(warm["seconds"], 2),
+        "incremental_10pct_fraction": round(incr["seconds"] / cold["seconds"], 3),
+        "incremental_computed": incr["computed"],
+        "peak_rss_mb": round(cold["peak_rss_mb"]),
+        "peak_rss_mb_4x": round(big["peak_rss_mb"]),
+        "step_4x_ips": round(big["computed"] / big["seconds"], 1),
+        "cpu_threads": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+    print(f"bottleneck benchmark: {args.handle} at {size} px, {n} demo images, {result['cpu_threads']} CPU threads")
+    print(f"  backbone forward, TF (batch 32):        {result['tf_forward_ips']:8.1f} images/s")
+    print(f"  backbone forward, LiteRT (batch 1):     {result['litert_forward_ips']:8.1f} images/s "
+          f"({litert_ips / tf_ips:.1f}x TF)")
+    print(f"  bottleneck step, cold ({result['engine']}):      {result['step_cold_ips']:8.1f} images/s "
+          f"({result['step_cold_ips'] / litert_ips:.0%} of the LiteRT forward pass)")
+    print(f"  bottleneck step, warm:                  {result['step_warm_seconds']:8.2f} s for {n} images")
+    print(f"  +10% images ({incr['computed']} computed):         {result['incremental_10pct_fraction']:8.3f} "
+          f"of the cold time")
+    print(f"  peak memory, cold step:                 {result['peak_rss_mb']:8d} MB ({n} images), "
+          f"{result['peak_rss_mb_4x']} MB ({4 * n} images)")
+    if args.json:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -54,8 +56,9 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     tr = params["train"]
     train(bn, work / f"model-{tag}", tr["learning_rate"], tr["epochs"], tr["batch_size"], hidden, tr["dropout"],
           tr["patience"], tr["monitor"], tr["seed"], backbones_dir, progress=False)
-    evaluate(work / f"model-{tag}", bn, work / f"ev-{tag}", work / f"ev-{tag}.json", image_root_of(prep),
-             bootstrap=100)
+    with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
+        evaluate(work / f"model-{tag}", bn, work / f"ev-{tag}", work / f"ev-{tag}.json", image_root_of(prep),
+                 bootstrap=100)
     base_seconds = time.perf_counter() - t0
     rows = []
     for cal in calibrations:
