@@ -41,7 +41,7 @@ def shard_indices(num_shards: int) -> List[int]:
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def bottleneck_shard(dataset: Input[Dataset], shard_index: int, num_shards: int, backbone_handle: str,
-                     image_size: int, batch_size: int, cache: Output[Dataset]):
+                     image_size: int, batch_size: int, engine: str, views: int, cache: Output[Dataset]):
     """Compute the feature vectors of one shard of the images into a cache artifact."""
     import os
     from pathlib import Path
@@ -51,13 +51,13 @@ def bottleneck_shard(dataset: Input[Dataset], shard_index: int, num_shards: int,
     root = Path(dataset.path)
     s = bottleneck(root / "prepared", Path(cache.path) / "summary", backbone_handle, Path(cache.path) / "vectors",
                    os.environ.get("MLTAG_BACKBONE_CACHE", "/tmp/mltag-backbones"), image_size, batch_size, images=root / "source",
-                   shard_index=shard_index, num_shards=num_shards, progress=False)
+                   shard_index=shard_index, num_shards=num_shards, progress=False, engine=engine, views=views)
     cache.metadata.update({"computed": s["computed"], "shard": shard_index})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def bottleneck(dataset: Input[Dataset], shard_caches: Input[List[Dataset]], backbone_handle: str, image_size: int,
-               batch_size: int, bottlenecks: Output[Dataset]):
+               batch_size: int, engine: str, views: int, bottlenecks: Output[Dataset]):
     """Gather the shards' vectors into the train/val/test feature files."""
     import os
     from pathlib import Path
@@ -67,7 +67,7 @@ def bottleneck(dataset: Input[Dataset], shard_caches: Input[List[Dataset]], back
     root = Path(dataset.path)
     s = run(root / "prepared", bottlenecks.path, backbone_handle, "/tmp/mltag-gather", os.environ.get("MLTAG_BACKBONE_CACHE", "/tmp/mltag-backbones"),
             image_size, batch_size, images=root / "source",
-            extra_caches=[Path(c.path) / "vectors" for c in shard_caches], progress=False)
+            extra_caches=[Path(c.path) / "vectors" for c in shard_caches], progress=False, engine=engine, views=views)
     bottlenecks.metadata.update({"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"]})
 
 
@@ -112,16 +112,18 @@ def evaluate(model: Input[Model], bottlenecks: Input[Dataset], dataset: Input[Da
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def calibrate(evaluation: Input[Dataset], model: Input[Model], run_id: str, method: str, min_precision: float,
-              min_positives: int, tracking_uri: str, thresholds: Output[Dataset], metrics: Output[Metrics]):
-    """Per-label thresholds on validation scores (min_precision < 0 means unset)."""
+def calibrate(evaluation: Input[Dataset], model: Input[Model], bottlenecks: Input[Dataset], run_id: str, method: str,
+              min_precision: float, min_positives: int, cv_folds: int, shrink: float, min_gain: float,
+              tracking_uri: str, thresholds: Output[Dataset], metrics: Output[Metrics]):
+    """Per-label thresholds from out-of-fold scores over train+val (min_precision < 0 means unset)."""
     from pathlib import Path
 
     from mltag.calibrate import calibrate as run
 
     out = Path(thresholds.path)
     r = run(evaluation.path, model.path, out / "thresholds.json", out / "metrics.json", method,
-            None if min_precision < 0 else min_precision, min_positives, tracking_uri or None, run_id=run_id)
+            None if min_precision < 0 else min_precision, min_positives, tracking_uri or None, run_id=run_id,
+            bottlenecks=bottlenecks.path, cv_folds=cv_folds, shrink=shrink, min_gain=min_gain, progress=False)
     for k, v in r["test_at_thresholds"].items():
         if isinstance(v, float):
             metrics.log_metric(f"calibrated_{k}", v)
@@ -129,8 +131,8 @@ def calibrate(evaluation: Input[Dataset], model: Input[Model], run_id: str, meth
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dataset], run_id: str,
-             model_name: str, experiment: str, margin: float, max_label_ap_drop: float, tracking_uri: str,
-             decision: Output[Metrics]) -> str:
+             model_name: str, experiment: str, margin: float, max_label_ap_drop: float, tflite: bool,
+             tracking_uri: str, decision: Output[Metrics]) -> str:
     """Register the version, alias challenger, and promote to champion through the gate."""
     from pathlib import Path
 
@@ -139,7 +141,7 @@ def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dat
     root = Path(dataset.path)
     r = run(model.path, Path(thresholds.path) / "thresholds.json", root / "prepared", decision.path, model_name,
             margin, max_label_ap_drop, images=root / "source", tracking_uri=tracking_uri or None,
-            experiment=experiment, run_id=run_id)
+            experiment=experiment, run_id=run_id, tflite=tflite)
     decision.log_metric("version", r["version"])
     decision.log_metric("promoted", 1.0 if r["promoted"] else 0.0)
     decision.log_metric("challenger_test_map", r["challenger_test_map"])

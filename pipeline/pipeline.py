@@ -58,6 +58,8 @@ def build_pipeline(params: dict | None = None):
         image_size: int = int(bb["image_size"]),
         bottleneck_batch_size: int = int(bn["batch_size"]),
         num_shards: int = int(bn["num_shards"]),
+        bottleneck_engine: str = str(bn["engine"]),
+        views: int = int(bn["views"]),
         learning_rate: float = float(tr["learning_rate"]),
         epochs: int = int(tr["epochs"]),
         batch_size: int = int(tr["batch_size"]),
@@ -70,10 +72,14 @@ def build_pipeline(params: dict | None = None):
         calibrate_method: str = str(ca["method"]),
         min_precision: float = -1.0 if ca["min_precision"] is None else float(ca["min_precision"]),
         min_positives: int = int(ca["min_positives"]),
+        cv_folds: int = int(ca["cv_folds"]),
+        shrink: float = float(ca["shrink"]),
+        min_gain: float = float(ca["min_gain"]),
         model_name: str = str(rg["model_name"]),
         experiment: str = str(rg["experiment"]),
         margin: float = float(rg["margin"]),
         max_label_ap_drop: float = float(rg["max_label_ap_drop"]),
+        tflite: bool = bool(rg["tflite"]),
         tracking_uri: str = "",
     ):
         prep = _resources(steps.prepare(
@@ -83,11 +89,12 @@ def build_pipeline(params: dict | None = None):
         with dsl.ParallelFor(shards.output, parallelism=int(kf["parallelism"])) as shard:
             part = _resources(steps.bottleneck_shard(
                 dataset=prep.outputs["dataset"], shard_index=shard, num_shards=num_shards,
-                backbone_handle=backbone_handle, image_size=image_size, batch_size=bottleneck_batch_size),
-                "bottleneck_shard")
+                backbone_handle=backbone_handle, image_size=image_size, batch_size=bottleneck_batch_size,
+                engine=bottleneck_engine, views=views), "bottleneck_shard")
         gathered = _resources(steps.bottleneck(
             dataset=prep.outputs["dataset"], shard_caches=dsl.Collected(part.outputs["cache"]),
-            backbone_handle=backbone_handle, image_size=image_size, batch_size=bottleneck_batch_size), "bottleneck")
+            backbone_handle=backbone_handle, image_size=image_size, batch_size=bottleneck_batch_size,
+            engine=bottleneck_engine, views=views), "bottleneck")
         trained = _resources(steps.train(
             bottlenecks=gathered.outputs["bottlenecks"], learning_rate=learning_rate, epochs=epochs,
             batch_size=batch_size, hidden_units=hidden_units, dropout=dropout, patience=patience, monitor=monitor,
@@ -102,13 +109,15 @@ def build_pipeline(params: dict | None = None):
             dataset=prep.outputs["dataset"], run_id=run_id, bootstrap=bootstrap, seed=int(ev["seed"]),
             tracking_uri=tracking_uri), "evaluate"))
         calibrated = mlflow_env(_resources(steps.calibrate(
-            evaluation=evaluated.outputs["evaluation"], model=trained.outputs["model"], run_id=run_id,
-            method=calibrate_method, min_precision=min_precision, min_positives=min_positives,
-            tracking_uri=tracking_uri), "calibrate"))
+            evaluation=evaluated.outputs["evaluation"], model=trained.outputs["model"],
+            bottlenecks=gathered.outputs["bottlenecks"], run_id=run_id, method=calibrate_method,
+            min_precision=min_precision, min_positives=min_positives, cv_folds=cv_folds, shrink=shrink,
+            min_gain=min_gain, tracking_uri=tracking_uri), "calibrate"))
         registered = mlflow_env(_resources(steps.register(
             model=trained.outputs["model"], thresholds=calibrated.outputs["thresholds"],
             dataset=prep.outputs["dataset"], run_id=run_id, model_name=model_name, experiment=experiment,
-            margin=margin, max_label_ap_drop=max_label_ap_drop, tracking_uri=tracking_uri), "register"))
+            margin=margin, max_label_ap_drop=max_label_ap_drop, tflite=tflite, tracking_uri=tracking_uri),
+            "register"))
         # The registry is shared state: a cached "success" would skip a real registration.
         registered.set_caching_options(False)
 
