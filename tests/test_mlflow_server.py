@@ -85,7 +85,8 @@ def test_steps_against_server_then_serve(tmp_path, colour_dataset, fake_backbone
     paths = {"bottleneck": ("--prepared", "prepared", "--out", "bn"), "train": ("--bottlenecks", "bn", "--out", "m"),
              "evaluate": ("--model", "m", "--bottlenecks", "bn", "--prepared", "prepared", "--out", "ev",
                           "--metrics", "ev.json"),
-             "calibrate": ("--evaluation", "ev", "--model", "m", "--out", "th.json", "--metrics", "ca.json"),
+             "calibrate": ("--evaluation", "ev", "--model", "m", "--bottlenecks", "bn", "--out", "th.json",
+                           "--metrics", "ca.json"),
              "register": ("--model", "m", "--thresholds", "th.json", "--prepared", "prepared", "--out", "rg.json")}
     for step, *args in steps:
         run_cli("--quiet", step, *args, *paths.get(step, ()), cwd=w, env=env)

@@ -47,6 +47,10 @@ def test_six_steps_on_tiny_data(tmp_path, colour_dataset, fake_backbone, mlflow_
         assert (tmp_path / "eval" / f).is_file()
     assert sorted(p.name for p in (tmp_path / "eval" / "pr").iterdir()) == sorted(f"{c}.csv" for c in COLOURS)
     assert rg["promoted"] and rg["version"] == 1
+    # The version carries the TFLite files and their parity: fp32 tight, int8 reported (not asserted tight).
+    par = rg["tflite"]
+    assert par["fp32_max_abs_diff_vs_savedmodel"] <= 1e-4
+    assert 0.0 <= par["int8_test_map"] <= 1.0 and par["int8_bytes"] < par["fp32_bytes"]
     m = tmp_path / "metrics"
     shown = run_cli("metrics", "--evaluate", str(m / "evaluate.json"), "--calibrate", str(m / "calibrate.json"),
                     "--register", str(m / "register.json")).stdout
@@ -63,6 +67,9 @@ def test_six_steps_on_tiny_data(tmp_path, colour_dataset, fake_backbone, mlflow_
 
     import pandas as pd
 
+    files = os.listdir(mlflow.artifacts.download_artifacts("models:/colours@champion", dst_path=str(tmp_path / "dl"))
+                       + "/artifacts/model")
+    assert {"model.tflite", "model_int8.tflite", "tflite_parity.json", "thresholds.json"} <= set(files)
     img = colour_dataset / "images" / "0000.jpg"
     truth = read_lst(colour_dataset / "all.lst")[0].flags
     out = model.predict(pd.DataFrame({"image": [base64.b64encode(img.read_bytes()).decode()]}))

@@ -139,8 +139,12 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
         mlflow.set_tags({"mltag.step": "train", "mltag.labels": ",".join(labels)})
         model, history, mon = fit_head(x_fit, y_fit, x_va, y_va, patience=patience, monitor=monitor,
                                        progress=progress, **hparams)
-        for epoch in range(len(history["loss"])):
-            mlflow.log_metrics({f"epoch_{k}": v[epoch] for k, v in history.items()}, step=epoch)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        per_epoch = [Metric(f"epoch_{k}", v[e], now, e) for k, v in history.items() for e in range(len(v))]
+        for i in range(0, len(per_epoch), 1000):  # one request per 1000 values, not one per epoch
+            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=per_epoch[i: i + 1000])
         values = history[mon]
         best = int(np.argmin(values) if mon.endswith("loss") else np.argmax(values))
         summary = {
