@@ -42,6 +42,8 @@ class FeatureCache:
         self.extra = [Path(p) for p in (extra or [])]
         self.dim: int | None = None
         self.rejected = 0  # entries that loaded but were not trusted
+        self._dirs: set[Path] = set()
+        self._headers: dict[int, bytes] = {}
 
     def key(self, content_sha: str, view: int = 0) -> str:
         """The plain vector's key, or with ``view > 0`` the key of augmented view number ``view``."""
@@ -57,30 +59,46 @@ class FeatureCache:
     def get(self, key: str) -> np.ndarray | None:
         for root in (self.root, *self.extra):
             p = self._path(root, key)
-            if p.is_file():
-                try:
-                    v = np.load(p, allow_pickle=False)
-                except (ValueError, OSError, EOFError):
-                    continue  # unreadable entry: recompute rather than trust it
-                if v.ndim != 1 or v.dtype != np.float16 or (self.dim and v.shape[0] != self.dim) \
-                        or not np.isfinite(v).all():
-                    self.rejected += 1
-                    continue
-                self.dim = self.dim or v.shape[0]
-                return v
+            try:
+                v = np.load(p, allow_pickle=False)
+            except FileNotFoundError:
+                continue
+            except (ValueError, OSError, EOFError):
+                continue  # unreadable entry: recompute rather than trust it
+            if v.ndim != 1 or v.dtype != np.float16 or (self.dim and v.shape[0] != self.dim) \
+                    or not np.isfinite(v).all():
+                self.rejected += 1
+                continue
+            self.dim = self.dim or v.shape[0]
+            return v
         return None
 
     def put(self, key: str, vector: np.ndarray) -> None:
         p = self._path(self.root, key)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.parent not in self._dirs:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(p.parent)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        v = np.ascontiguousarray(vector, dtype=np.float16)
         try:
             with open(tmp, "wb") as f:
-                np.save(f, vector.astype(np.float16))
+                f.write(self._header(v.shape[0]))
+                f.write(v.tobytes())
             os.replace(tmp, p)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise MltagError(f"cannot write the feature cache: {e.strerror or e}", p) from None
+
+    def _header(self, dim: int) -> bytes:
+        """The .npy header of a float16 vector of ``dim`` values (np.save's, made once per size)."""
+        h = self._headers.get(dim)
+        if h is None:
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, np.zeros(dim, np.float16))
+            h = self._headers[dim] = buf.getvalue()[: -2 * dim]
+        return h
 
 
 def view_seed(content_sha: str, view: int) -> int:
@@ -113,47 +131,52 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
     from mltag.engine import cpu_threads
 
     workers = workers or cpu_threads()
-    window = max(2 * batch_size, 8 * workers)
-    writes: queue.Queue = queue.Queue(maxsize=4 * batch_size)
+    writes: queue.Queue = queue.Queue(maxsize=4)
     write_error: list[BaseException] = []
 
     def writer():
         while (item := writes.get()) is not None:
-            if not write_error:
+            keys, feats = item
+            for key, vec in zip(keys, feats):
+                if write_error:
+                    break
                 try:
-                    cache.put(*item)
+                    cache.put(key, vec)
                 except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                     write_error.append(e)
+
+    def decode_batch(batch):
+        out = np.empty((len(batch), image_size, image_size, 3), np.uint8)
+        for i, job in enumerate(batch):
+            out[i] = _decode(job, image_size)
+        return out
 
     wt = threading.Thread(target=writer, name="mltag-cache-writer", daemon=True)
     wt.start()
     done = 0
     bar = tqdm(total=len(jobs), desc="bottleneck", unit="img", disable=not progress, mininterval=1.0)
+    # One task per batch keeps the per-image thread overhead small; a few batches in flight
+    # keep the engine fed while memory stays flat.
+    batches = (jobs[i: i + batch_size] for i in range(0, len(jobs), batch_size))
     pool = ThreadPoolExecutor(workers, thread_name_prefix="mltag-decode")
     try:
-        it = iter(jobs)
-        pending = collections.deque((j, pool.submit(_decode, j, image_size)) for j in itertools.islice(it, window))
-        batch_jobs, batch_px = [], []
+        pending = collections.deque((b, pool.submit(decode_batch, b))
+                                    for b in itertools.islice(batches, workers + 1))
         while pending:
-            job, fut = pending.popleft()
-            nxt = next(it, None)
+            batch, fut = pending.popleft()
+            nxt = next(batches, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_decode, nxt, image_size)))
-            batch_jobs.append(job)
-            batch_px.append(fut.result())
-            if len(batch_px) == batch_size or not pending:
-                feats = engine(np.stack(batch_px))
-                bad = ~np.isfinite(feats).all(axis=1)
-                if bad.any():
-                    j = batch_jobs[int(np.argmax(bad))]
-                    raise MltagError(f"{j[1]}: the backbone returned non-finite features", j[2])
-                for jb, vec in zip(batch_jobs, feats):
-                    writes.put((jb[0], vec))
-                if write_error:
-                    raise write_error[0]
-                done += len(batch_jobs)
-                bar.update(len(batch_jobs))
-                batch_jobs, batch_px = [], []
+                pending.append((nxt, pool.submit(decode_batch, nxt)))
+            feats = engine(fut.result())
+            bad = ~np.isfinite(feats).all(axis=1)
+            if bad.any():
+                j = batch[int(np.argmax(bad))]
+                raise MltagError(f"{j[1]}: the backbone returned non-finite features", j[2])
+            writes.put(([jb[0] for jb in batch], feats))
+            if write_error:
+                raise write_error[0]
+            done += len(batch)
+            bar.update(len(batch))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         writes.put(None)

@@ -94,11 +94,12 @@ def cross_validated_gain(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels
 
 def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: list[str],
                       min_precision: float | None = None, min_positives: int = 5, shrink: float = 10.0,
-                      min_gain: float = 0.005) -> dict:
+                      min_gain: float = 0.01) -> dict:
     """Thresholds fitted on scores ``s`` (out-of-fold ones, ideally), with the keep-0.5 rule.
 
     For an F1 target a label leaves 0.5 only when its fitted threshold beats 0.5 by more
-    than ``min_gain`` F1 on folds it was not fitted on (``cross_validated_gain``). For a
+    than ``min_gain`` F1 on folds it was not fitted on (``cross_validated_gain``), and the
+    thresholds that leave it must together beat 0.5 by more than ``min_gain`` micro F1. For a
     precision target every fitted threshold is kept: reaching the precision is the point.
 
     Returns:
@@ -118,6 +119,11 @@ def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: l
         if kept and enough:
             _, gain_micro = cross_validated_gain(y, s, folds, labels, min_positives, shrink, tuple(kept))
         elif kept:
+            gain_micro = 0.0
+        if gain_micro <= min_gain and len(kept) < len(labels):  # per-label gains that do not add up overall
+            kept = list(labels)
+            for name in labels:
+                th["thresholds"][name] = 0.5
             gain_micro = 0.0
     th["kept_0.5"] = kept
     th["expected"] = {"micro_f1_gain": float(gain_micro),
@@ -173,7 +179,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
               metrics_file: str | os.PathLike, method: str = "f1", min_precision: float | None = None,
               min_positives: int = 5, tracking_uri: str | None = None, run_id: str | None = None, *,
               bottlenecks: str | os.PathLike | None = None, cv_folds: int = 5, shrink: float = 10.0,
-              min_gain: float = 0.005, progress: bool = True) -> dict:
+              min_gain: float = 0.01, progress: bool = True) -> dict:
     """Fit per-label thresholds; report test metrics at 0.5 and at the thresholds.
 
     With ``cv_folds`` > 1 (and ``bottlenecks``), thresholds come from out-of-fold scores over

@@ -19,7 +19,7 @@ DEFAULTS: dict = {
               "patience": 15, "monitor": "val_loss", "seed": 42},
     "evaluate": {"bootstrap": 1000, "seed": 0, "tta": "none"},
     "calibrate": {"method": "f1", "min_precision": None, "min_positives": 5, "cv_folds": 5, "shrink": 10.0,
-                  "min_gain": 0.005},
+                  "min_gain": 0.01},
     "register": {"model_name": "mltag", "experiment": "mltag", "margin": 0.0, "max_label_ap_drop": 0.05,
                  "tflite": True},
     "pipeline": {"accelerator_type": "nvidia.com/gpu", "gpu_count": 1,

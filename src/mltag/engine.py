@@ -98,47 +98,62 @@ def _quiet_stderr():
 class LiteRTEngine:
     """A ``.tflite`` model (``uint8 [B,S,S,3]`` in) run by the LiteRT interpreter with XNNPACK.
 
-    One image per invoke: measured fastest on 2 cores (247 img/s at batch 1, 214 at
-    batch 32 for Lite0), and it keeps memory flat whatever the batch.
+    ``parallel`` interpreters of ``threads`` threads each split every batch between them
+    (one image per invoke). The default is one interpreter with a thread per core: on 2
+    cores it ran Lite0 at 242 img/s, against 163 for two single-threaded interpreters
+    splitting each batch (``benchmarks/bottleneck.py`` measures both). One image per invoke
+    measured fastest (247 img/s at batch 1, 214 at batch 32).
     """
 
     name = "litert"
 
-    def __init__(self, tflite_file: str | os.PathLike, threads: int | None = None, batch: int = 1):
+    def __init__(self, tflite_file: str | os.PathLike, threads: int | None = None, parallel: int | None = None):
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
             raise MltagError("engine litert needs the PyPI package 'ai-edge-litert'") from None
+        if threads is None and parallel is None:
+            threads, parallel = cpu_threads(), 1
+        threads, parallel = threads or 1, parallel or 1
         with _quiet_stderr():
-            self._it = Interpreter(model_path=str(tflite_file), num_threads=threads or cpu_threads())
-        inp = self._it.get_input_details()[0]
-        self._in, self._out = inp["index"], self._it.get_output_details()[0]["index"]
+            self._its = [Interpreter(model_path=str(tflite_file), num_threads=threads) for _ in range(parallel)]
+        inp = self._its[0].get_input_details()[0]
+        self._in, self._out = inp["index"], self._its[0].get_output_details()[0]["index"]
         self.input_shape = tuple(int(d) for d in inp["shape"][1:])
         self.input_dtype = inp["dtype"]
-        self._batch = None
-        self.batch = batch
+        self._batch = [None] * parallel
+        self._pool = None
+        if parallel > 1:
+            from concurrent.futures import ThreadPoolExecutor
 
-    def _resize(self, b: int) -> None:
-        if self._batch != b:
-            self._it.resize_tensor_input(self._in, [b, *self.input_shape])
-            with _quiet_stderr():
-                self._it.allocate_tensors()
-            self._batch = b
+            self._pool = ThreadPoolExecutor(parallel, thread_name_prefix="mltag-litert")
+
+    def _run_one(self, i: int, pixels: np.ndarray) -> np.ndarray:
+        it = self._its[i]
+        out = []
+        for j in range(len(pixels)):
+            if self._batch[i] != 1:
+                it.resize_tensor_input(self._in, [1, *self.input_shape])
+                with _quiet_stderr():
+                    it.allocate_tensors()
+                self._batch[i] = 1
+            it.set_tensor(self._in, np.ascontiguousarray(pixels[j: j + 1], dtype=self.input_dtype))
+            it.invoke()  # releases the GIL: the interpreters run side by side
+            out.append(it.get_tensor(self._out).copy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.asarray(pixels)
         if pixels.shape[1:] != self.input_shape:
             raise MltagError(f"engine expects images {self.input_shape}, got {pixels.shape[1:]}")
-        out = []
-        for i in range(0, len(pixels), self.batch):
-            chunk = np.ascontiguousarray(pixels[i: i + self.batch], dtype=self.input_dtype)
-            self._resize(len(chunk))
-            self._it.set_tensor(self._in, chunk)
-            self._it.invoke()
-            out.append(self._it.get_tensor(self._out).copy())
-        if not out:
+        if len(pixels) == 0:
             return np.zeros((0, 0), np.float32)
-        return np.concatenate(out).astype(np.float32)
+        n = len(self._its)
+        if self._pool is None or len(pixels) == 1:
+            return self._run_one(0, pixels).astype(np.float32)
+        parts = np.array_split(np.arange(len(pixels)), n)
+        futures = [self._pool.submit(self._run_one, i, pixels[idx]) for i, idx in enumerate(parts) if len(idx)]
+        return np.concatenate([f.result() for f in futures]).astype(np.float32)
 
 
 def tflite_path(backbone, image_size: int, backbone_cache: str | os.PathLike) -> Path:
