@@ -90,10 +90,11 @@ def _pmap(fn, items, lazy: bool = False):
 
     def gen():  # a bounded window ahead, so memory stays flat over many images
         import collections
+        import itertools
 
         with ThreadPoolExecutor(cpu_threads()) as pool:
             it = iter(items)
-            pending = collections.deque(pool.submit(fn, x) for x, _ in zip(it, range(2 * cpu_threads())))
+            pending = collections.deque(pool.submit(fn, x) for x in itertools.islice(it, 2 * cpu_threads()))
             while pending:
                 f = pending.popleft()
                 nxt = next(it, _END)
