@@ -23,8 +23,10 @@ RUN pip install --no-cache-dir . \
 
 USER 10001
 WORKDIR /home/mltag
-# Build the built-in backbone once into the image, where the components look for it.
+# Build the default built-in backbone and its LiteRT conversion once into the image, where the
+# components look for them.
 ENV MLTAG_BACKBONE_CACHE=/home/mltag/.mltag-cache/backbones
-RUN python -c "from mltag.backbone import resolve; resolve('builtin:efficientnet_lite0', '$MLTAG_BACKBONE_CACHE')"
+RUN python -c "from mltag.backbone import resolve; from mltag.engine import backbone_engine; \
+b = resolve('builtin:efficientnet_lite2', '$MLTAG_BACKBONE_CACHE'); backbone_engine('litert', b, 260, '$MLTAG_BACKBONE_CACHE')"
 
 CMD ["mltag", "--help"]

@@ -195,7 +195,7 @@ def hash_files(paths: list[Path], workers: int | None = None) -> list[str]:
         return list(pool.map(sha256_file, paths))
 
 
-def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str = "builtin:efficientnet_lite0",
+def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str = "builtin:efficientnet_lite2",
                cache_dir: str | os.PathLike = ".mltag-cache/bottlenecks",
                backbone_cache: str | os.PathLike = ".mltag-cache/backbones", image_size: int = 0,
                batch_size: int = 32, images: str | os.PathLike | None = None, shard_index: int = 0,
