@@ -242,6 +242,7 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
             raise MltagError(f"image not found: {p}", ex.source)
     shas = hash_files(files)
     keys: dict[str, list[str]] = {}
+    loaded: dict[str, np.ndarray] = {}
     todo, seen = [], set()
     for ex, p, sha in zip(all_ex, files, shas):
         n_views = views if ex.path in train_paths else 1
@@ -250,8 +251,11 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
             if key in seen or (num_shards > 1 and int(key[:8], 16) % num_shards != shard_index):
                 continue
             seen.add(key)
-            if not cache.has(key):
+            vec = cache.get(key)
+            if vec is None:
                 todo.append((key, str(p), ex.source, sha, v))
+            elif num_shards == 1:
+                loaded[key] = vec  # read once: the split files below need it again
     t_hash = time.time()
     used_engine = None
     if todo:
@@ -284,7 +288,8 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
             dim = None
 
             def vector(ex, key):
-                v = cache.get(key)
+                v = loaded.pop(key, None)
+                v = cache.get(key) if v is None else v
                 if v is None:
                     raise MltagError(f"no cached vector for {ex.path} (was a shard missing?)", ex.source)
                 return v
