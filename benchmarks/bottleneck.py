@@ -119,8 +119,8 @@ def main() -> None:
         if not isinstance(lite, LiteRTEngine):
             raise SystemExit("LiteRT could not convert this backbone")
         lite_file = tflite_path(bb, size, tmp / "backbones")
-        # The bare forward pass at the engine's best layout: the larger of one interpreter on every
-        # core and one single-threaded interpreter per core (the step's default).
+        # The bare forward pass at the engine's best layout: the larger of one interpreter with a
+        # thread per core (the step's default) and one single-threaded interpreter per core.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         layouts = {"1x1 per core": LiteRTEngine(lite_file, threads=1, parallel=cores),
                    f"{cores} threads x1": LiteRTEngine(lite_file, threads=cores, parallel=1)}

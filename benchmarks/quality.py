@@ -8,8 +8,8 @@ different splits (``prepare.salt``) and the table shows the mean (and the spread
 so a backbone's vectors are computed once for all repeats. Prints figures; asserts nothing.
 
 Usage:
-    python benchmarks/quality.py --data ../shared/devsets/flowers [--repeats 3] [--json]
-        [--backbones lite0,lite2] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
+    python benchmarks/quality.py --data ../shared/devsets/flowers [--repeats 5] [--json]
+        [--backbones lite0,lite1,lite2] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--views", default="1,4")
     ap.add_argument("--hidden", default="0")
     ap.add_argument("--calibration", default="none,val,cv")
-    ap.add_argument("--repeats", type=int, default=3, help="splits (prepare salts) per configuration")
+    ap.add_argument("--repeats", type=int, default=5, help="splits (prepare salts) per configuration")
     ap.add_argument("--work", default=None, help="keep the work folder here (default: a temp folder)")
     ap.add_argument("--backbone-cache", default=".mltag-cache/backbones")
     ap.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
@@ -132,7 +132,7 @@ def main() -> None:
             ("macro_f1@0.5", 13, ".3f"), ("macro_f1_cal", 13, ".3f"), ("label_accuracy_cal", 10, ".3f"),
             ("seconds_first_split", 9, ".0f")]
     heads = {"micro_f1_cal_std": "+-std", "label_accuracy_cal": "label_acc", "seconds_first_split": "wall_s"}
-    print(f"\nquality on {data.name} (mean over {args.repeats} splits; wall_s: first split, cold vectors)")
+    print(f"\nquality on {data.name} (mean over {args.repeats} splits; wall_s: first split, vectors cached or not)")
     print("".join(f"{heads.get(c, c):>{w}}" for c, w, _ in cols))
     for r in table:
         print("".join(f"{r[c]:>{w}{f}}" for c, w, f in cols))

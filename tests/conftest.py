@@ -89,7 +89,18 @@ def mlflow_store(tmp_path, monkeypatch):
     leaked = mlflow.active_run()
     while mlflow.active_run():
         mlflow.end_run()
+    reset_mlflow_uris()
     assert leaked is None, "a test left an MLflow run open"
+
+
+def reset_mlflow_uris() -> None:
+    """Steps called in-process point mlflow's process-wide URIs at this test's store; later tests must
+    not inherit a store that no longer exists (mlflow has no public way to unset the registry URI)."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    mlflow.set_tracking_uri(None)
+    registry_utils._registry_uri = None
 
 
 def run_cli(*args, cwd=None, env=None, check=True, timeout=900) -> subprocess.CompletedProcess:

@@ -69,7 +69,7 @@ def test_dag_shape_parallelfor_and_no_cache_on_register(compiled):
     assert tasks["train"]["cachingOptions"]["enableCache"] is True
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["learning_rate"]["defaultValue"] == 0.001  # from params.yaml
-    assert params["backbone_handle"]["defaultValue"] == "builtin:efficientnet_lite0"
+    assert params["backbone_handle"]["defaultValue"] == "builtin:efficientnet_lite2"
 
 
 @pytest.mark.slow

@@ -76,17 +76,20 @@ def test_six_steps_on_tiny_data(tmp_path, colour_dataset, fake_backbone, mlflow_
     assert out.loc[0, "labels"].split(",") == [c for c, f in zip(COLOURS, truth) if f]
 
 
-def test_bottleneck_cache_computes_only_new_images(tmp_path, fake_backbone):
-    root = tmp_path / "data"
-    rows = make_colour_dataset(root, n=40)
+def add_images(root, rows, prepared, n, seed):
+    """Add ``n`` images to the dataset at ``root`` (``rows`` grows in place) and prepare it again."""
+    rows += make_colour_dataset(root, n=n, seed=seed, start=len(rows))
     write_lst_dataset(root, rows)
-    prepare(root, tmp_path / "prep", progress=False)
+    prepare(root, prepared, progress=False)
+
+
+def test_bottleneck_cache_computes_only_new_images(tmp_path, fake_backbone):
+    root, rows = tmp_path / "data", []
+    add_images(root, rows, tmp_path / "prep", n=40, seed=0)
     first = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
                        progress=False)
     assert (first["computed"], first["cached"]) == (40, 0)
-    rows += make_colour_dataset(root, n=4, seed=9, start=40)
-    write_lst_dataset(root, rows)
-    prepare(root, tmp_path / "prep", progress=False)
+    add_images(root, rows, tmp_path / "prep", n=4, seed=9)
     second = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
                         progress=False)
     assert (second["computed"], second["cached"]) == (4, 40)
@@ -245,10 +248,8 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
 def test_augmented_views_are_cached_once_and_only_for_training_images(tmp_path, fake_backbone):
     from mltag.bottleneck import load_views
 
-    root = tmp_path / "data"
-    rows = make_colour_dataset(root, n=40)
-    write_lst_dataset(root, rows)
-    prepare(root, tmp_path / "prep", progress=False)
+    root, rows = tmp_path / "data", []
+    add_images(root, rows, tmp_path / "prep", n=40, seed=0)
     plain = bottleneck(tmp_path / "prep", tmp_path / "bn1", handle=str(fake_backbone), cache_dir=tmp_path / "c",
                        progress=False)
     n_train = len(read_lst(tmp_path / "prep" / "train.lst"))
@@ -270,9 +271,7 @@ def test_augmented_views_are_cached_once_and_only_for_training_images(tmp_path, 
         with np.load(tmp_path / "bn" / f"{split}.npz") as z, np.load(tmp_path / "bn1" / f"{split}.npz") as z1:
             assert np.array_equal(z["features"], z1["features"])
     # Adding images computes only the new images' vectors and views.
-    rows += make_colour_dataset(root, n=6, seed=5, start=40)
-    write_lst_dataset(root, rows)
-    prepare(root, tmp_path / "prep", progress=False)
+    add_images(root, rows, tmp_path / "prep", n=6, seed=5)
     new_train = len(read_lst(tmp_path / "prep" / "train.lst")) - n_train
     more = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
                       views=3, progress=False)
