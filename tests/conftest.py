@@ -101,6 +101,7 @@ def reset_mlflow_uris() -> None:
 
     mlflow.set_tracking_uri(None)
     registry_utils._registry_uri = None
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri exports it for subprocesses
 
 
 def run_cli(*args, cwd=None, env=None, check=True, timeout=900) -> subprocess.CompletedProcess:

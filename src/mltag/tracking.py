@@ -12,14 +12,30 @@ def tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+_registry_set_here: str | None = None
+
+
 def setup(explicit: str | None = None) -> str:
     """Point mlflow at the tracking store; called by steps, never at import time."""
     import mlflow
 
+    global _registry_set_here
     uri = tracking_uri(explicit)
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_REGISTRY_URI"):
+    # mlflow.set_registry_uri also exports MLFLOW_REGISTRY_URI (for subprocesses), so a value we set
+    # for an earlier store must not be mistaken for the user's choice by a later call in this process.
+    env = os.environ.get("MLFLOW_REGISTRY_URI")
+    if env and env != _registry_set_here:
+        return uri  # the user's own registry
+    if uri.startswith("sqlite:"):
         mlflow.set_registry_uri(uri)
+        _registry_set_here = uri
+    elif _registry_set_here:
+        from mlflow.tracking._model_registry import utils as registry_utils
+
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+        registry_utils._registry_uri = None  # a server's registry is its tracking URI
+        _registry_set_here = None
     return uri
 
 
