@@ -102,6 +102,7 @@ def main() -> None:
 
     logging.disable(logging.WARNING)
     from mltag.backbone import default_image_size, resolve
+    from mltag.common import cpu_threads
     from mltag.demo import make_demo_data
     from mltag.engine import LiteRTEngine, TFEngine, backbone_engine, tflite_path
     from mltag.prepare import prepare
@@ -121,7 +122,7 @@ def main() -> None:
         lite_file = tflite_path(bb, size, tmp / "backbones")
         # The bare forward pass at the engine's best layout: the larger of one interpreter with a
         # thread per core (the step's default) and one single-threaded interpreter per core.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = cpu_threads()
         layouts = {"1x1 per core": LiteRTEngine(lite_file, threads=1, parallel=cores),
                    f"{cores} threads x1": LiteRTEngine(lite_file, threads=cores, parallel=1)}
         per_layout = {name: forward_ips(e, size, cores) for name, e in layouts.items()}
@@ -145,7 +146,7 @@ def main() -> None:
         "peak_rss_mb": round(cold["peak_rss_mb"]),
         "peak_rss_mb_4x": round(big["peak_rss_mb"]),
         "step_4x_ips": round(big["computed"] / big["seconds"], 1),
-        "cpu_threads": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_threads": cpu_threads(),
     }
     print(f"bottleneck benchmark: {args.handle} at {size} px, {n} demo images, {result['cpu_threads']} CPU threads")
     print(f"  backbone forward, TF (batch 32):        {result['tf_forward_ips']:8.1f} images/s")

@@ -24,12 +24,12 @@ def built(tmp_path_factory):
 
 
 def test_state_dict_layout():
-    state = bb.load_lite0_state()
+    state = bb.load_state("efficientnet_lite0")
     assert len(state) == 296
     assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
     assert state["_fc.weight"].shape == (1000, 1280)
     assert sum(1 for k in state if k.endswith("_depthwise_conv.weight")) == 16
-    assert len(bb.lite0_blocks()) == 16
+    assert len(bb.lite_blocks("efficientnet_lite0")) == 16
 
 
 @pytest.mark.parametrize("name", bb.BUILTINS)

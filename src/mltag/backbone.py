@@ -41,7 +41,6 @@ BASE_STAGES = [
     (5, 2, 6, 192, 4),
     (3, 1, 6, 320, 1),
 ]
-LITE0_STAGES = BASE_STAGES
 
 
 @dataclass(frozen=True)
@@ -94,11 +93,6 @@ def lite_blocks(name: str = "efficientnet_lite0") -> list[tuple[int, int, int, i
     return blocks
 
 
-def lite0_blocks() -> list[tuple[int, int, int, int, int]]:
-    """Per block (kernel, stride, expand, in_channels, out_channels), 16 blocks."""
-    return lite_blocks("efficientnet_lite0")
-
-
 def default_image_size(handle: str) -> int:
     """The native input size of a built-in handle; 224 for anything else."""
     name = str(handle).strip().removeprefix("builtin:")
@@ -129,18 +123,10 @@ def weights_file(name: str = "efficientnet_lite0") -> Path:
     return files[0]
 
 
-def lite0_weights_file() -> Path:
-    return weights_file("efficientnet_lite0")
-
-
 def load_state(name: str = "efficientnet_lite0") -> dict[str, np.ndarray]:
     from mltag.torch_weights import load_legacy_state_dict
 
     return load_legacy_state_dict(weights_file(name))
-
-
-def load_lite0_state() -> dict[str, np.ndarray]:
-    return load_state("efficientnet_lite0")
 
 
 def _conv_hwio(w: np.ndarray) -> np.ndarray:
@@ -149,10 +135,6 @@ def _conv_hwio(w: np.ndarray) -> np.ndarray:
 
 def _depthwise_hwc1(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(2, 3, 0, 1))
-
-
-def build_lite0_module(state: dict[str, np.ndarray] | None = None):
-    return build_lite_module("efficientnet_lite0", state)
 
 
 def build_lite_module(name: str, state: dict[str, np.ndarray] | None = None):

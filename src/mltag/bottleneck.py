@@ -12,9 +12,7 @@ values are treated as missing and recomputed.
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, sha256_file, write_labels
+from mltag.common import MltagError, atomic_path, cpu_threads, imap_ordered, sha256_file, write_labels
 from mltag.images import PREPROCESSING_VERSION, BadImage, augmented_view, load_image
 from mltag.prepare import SPLITS, image_root_of, load_prepared
 
@@ -52,9 +50,6 @@ class FeatureCache:
 
     def _path(self, root: Path, key: str) -> Path:
         return root / key[:2] / f"{key}.npy"
-
-    def has(self, key: str) -> bool:
-        return self.get(key) is not None
 
     def get(self, key: str) -> np.ndarray | None:
         for root in (self.root, *self.extra):
@@ -128,8 +123,6 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
         return 0
     from tqdm import tqdm
 
-    from mltag.engine import cpu_threads
-
     workers = workers or cpu_threads()
     writes: queue.Queue = queue.Queue(maxsize=4)
     write_error: list[BaseException] = []
@@ -157,17 +150,11 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
     bar = tqdm(total=len(jobs), desc="bottleneck", unit="img", disable=not progress, mininterval=1.0)
     # One task per batch keeps the per-image thread overhead small; a few batches in flight
     # keep the engine fed while memory stays flat.
-    batches = (jobs[i: i + batch_size] for i in range(0, len(jobs), batch_size))
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="mltag-decode")
+    batches = [jobs[i: i + batch_size] for i in range(0, len(jobs), batch_size)]
+    decoded = imap_ordered(decode_batch, batches, workers, ahead=workers + 1)
     try:
-        pending = collections.deque((b, pool.submit(decode_batch, b))
-                                    for b in itertools.islice(batches, workers + 1))
-        while pending:
-            batch, fut = pending.popleft()
-            nxt = next(batches, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(decode_batch, nxt)))
-            feats = engine(fut.result())
+        for batch, pixels in zip(batches, decoded):
+            feats = engine(pixels)
             bad = ~np.isfinite(feats).all(axis=1)
             if bad.any():
                 j = batch[int(np.argmax(bad))]
@@ -178,7 +165,7 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
             done += len(batch)
             bar.update(len(batch))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        decoded.close()  # cancels what is queued, waits for what runs
         writes.put(None)
         wt.join()
         bar.close()
@@ -189,8 +176,6 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
 
 def hash_files(paths: list[Path], workers: int | None = None) -> list[str]:
     """SHA-256 of each file, in parallel (hashlib releases the GIL on large buffers)."""
-    from mltag.engine import cpu_threads
-
     with ThreadPoolExecutor(workers or 2 * cpu_threads()) as pool:
         return list(pool.map(sha256_file, paths))
 
@@ -256,16 +241,13 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
                 todo.append((key, str(p), ex.source, sha, v))
             elif num_shards == 1:
                 loaded[key] = vec  # read once: the split files below need it again
-    t_hash = time.time()
-    used_engine = None
+    used_engine, computed, seconds = None, 0, 0.0
     if todo:
         eng = backbone_engine(engine, resolved, image_size, backbone_cache)
         used_engine = eng.name
-        t_hash = time.time()
+        t_compute = time.time()
         computed = compute_missing(todo, cache, eng, image_size, batch_size, progress)
-    else:
-        computed = 0
-    seconds = time.time() - t_hash
+        seconds = time.time() - t_compute
     summary = {
         "backbone_handle": handle,
         "backbone_id": resolved.backbone_id,

@@ -131,6 +131,11 @@ def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: l
     return th
 
 
+def assign_folds(names, k: int) -> np.ndarray:
+    """Fold of each item from a hash of its name (an image's path): stable when images are added."""
+    return np.array([int(hashlib.sha256(f"calibrate|{n}".encode()).hexdigest()[:8], 16) % k for n in names])
+
+
 def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathLike, k: int,
                        progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scores of every train and val image from a head that never saw it (k refits, cheap on cached vectors).
@@ -156,8 +161,7 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
     paths = np.concatenate([p_tr, p_va])
     if len(x) < 2 * k:
         raise MltagError(f"calibrate.cv_folds {k} needs at least {2 * k} train+val images, got {len(x)}")
-    # A fold depends only on the image's path, like the splits: stable when images are added.
-    folds = np.array([int(hashlib.sha256(f"calibrate|{p}".encode()).hexdigest()[:8], 16) % k for p in paths])
+    folds = assign_folds(paths, k)
     scores = np.zeros(y.shape, np.float32)
     for f in range(k):
         fit = np.where(folds != f)[0]
@@ -214,8 +218,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         source = f"out-of-fold scores of {len(y_fit)} train+val images ({cv_folds} folds)"
     else:
         y_fit, s_fit = y_va, s_va
-        folds = np.array([int(hashlib.sha256(f"calibrate|{i}".encode()).hexdigest()[:8], 16) % 5
-                          for i in range(len(y_va))])
+        folds = assign_folds(range(len(y_va)), 5)
         source = f"scores of {len(y_va)} validation images"
     if method == "none":
         th = {"labels": labels, "thresholds": {n: 0.5 for n in labels}, "global_threshold": 0.5,

@@ -200,12 +200,12 @@ def _setup_logging(level: int) -> None:
 
 def _dispatch(args) -> int:
     cmd = args.command
-    if cmd in ("train", "evaluate", "calibrate", "register", "backbone") and not args.verbose:
+    if cmd in ("train", "evaluate", "register", "backbone") and not args.verbose:
         # TF's C++ logs a few startup lines (oneDNN, "could not find cuda drivers") before any
         # Python-side setting applies; -v shows them.
-        from mltag.engine import _quiet_stderr
+        from mltag.common import quiet_stderr
 
-        with _quiet_stderr():
+        with quiet_stderr():
             import tensorflow  # noqa: F401
     progress = not args.quiet
     if cmd in STEP_FLAGS:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 
 class MltagError(Exception):
@@ -78,6 +78,59 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- threads and noise
+
+
+def cpu_threads() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def imap_ordered(fn: Callable, items: Iterable, workers: int | None = None, ahead: int | None = None) -> Iterator:
+    """``map(fn, items)`` on a thread pool, in order, at most ``ahead`` items in flight.
+
+    For work that releases the GIL (Pillow decoding and resizing): the bounded window keeps
+    memory flat however many items there are.
+    """
+    import collections
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or cpu_threads()
+    it = iter(items)
+    with ThreadPoolExecutor(workers, thread_name_prefix="mltag-pool") as pool:
+        pending = collections.deque(pool.submit(fn, x) for x in itertools.islice(it, ahead or 2 * workers))
+        try:
+            while pending:
+                fut = pending.popleft()
+                for x in itertools.islice(it, 1):
+                    pending.append(pool.submit(fn, x))
+                yield fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 for a moment: C++ libraries (TF, LiteRT) print there directly."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- labels and .lst

@@ -21,20 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path
+from mltag.common import MltagError, atomic_path, cpu_threads, quiet_stderr
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "litert", "tf")
 # Bumped when the converted graph changes (it is part of the .tflite file's name).
 CONVERTER_VERSION = "1"
-
-
-def cpu_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def gpu_visible() -> bool:
@@ -78,23 +71,6 @@ class TFEngine:
         return np.asarray(self._run(pixels).numpy(), np.float32)
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """LiteRT's C++ prints 'Created TensorFlow Lite XNNPACK delegate' on fd 2; keep the console clean."""
-    try:
-        fd = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
-
-
 class LiteRTEngine:
     """A ``.tflite`` model (``uint8 [B,S,S,3]`` in) run by the LiteRT interpreter with XNNPACK.
 
@@ -115,7 +91,7 @@ class LiteRTEngine:
         if threads is None and parallel is None:
             threads, parallel = cpu_threads(), 1
         threads, parallel = threads or 1, parallel or 1
-        with _quiet_stderr():
+        with quiet_stderr():
             self._its = [Interpreter(model_path=str(tflite_file), num_threads=threads) for _ in range(parallel)]
         inp = self._its[0].get_input_details()[0]
         self._in, self._out = inp["index"], self._its[0].get_output_details()[0]["index"]
@@ -134,7 +110,7 @@ class LiteRTEngine:
         for j in range(len(pixels)):
             if self._batch[i] != 1:
                 it.resize_tensor_input(self._in, [1, *self.input_shape])
-                with _quiet_stderr():
+                with quiet_stderr():
                     it.allocate_tensors()
                 self._batch[i] = 1
             it.set_tensor(self._in, np.ascontiguousarray(pixels[j: j + 1], dtype=self.input_dtype))
@@ -180,7 +156,7 @@ def convert_backbone(location: str, image_size: int, out: str | os.PathLike) -> 
 
     try:
         conv = tf.lite.TFLiteConverter.from_concrete_functions([features.get_concrete_function()], module)
-        with _quiet_stderr():  # the converter dumps MLIR diagnostics; the exception says what matters
+        with quiet_stderr():  # the converter dumps MLIR diagnostics; the exception says what matters
             data = conv.convert()
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds; all mean "cannot convert"
         raise MltagError(f"LiteRT cannot convert this module ({type(e).__name__}: "

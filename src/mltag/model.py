@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError
+from mltag.common import MltagError, imap_ordered
 from mltag.images import load_image
 
 
@@ -75,39 +75,6 @@ def export_tflite(saved_model: str | os.PathLike, out: str | os.PathLike,
     return out
 
 
-def _pmap(fn, items, lazy: bool = False):
-    """``map`` over a thread pool (Pillow releases the GIL while decoding); in order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mltag.engine import cpu_threads
-
-    items = list(items)
-    if len(items) < 2:
-        return [fn(x) for x in items]
-    if not lazy:
-        with ThreadPoolExecutor(cpu_threads()) as pool:
-            return list(pool.map(fn, items))
-
-    def gen():  # a bounded window ahead, so memory stays flat over many images
-        import collections
-        import itertools
-
-        with ThreadPoolExecutor(cpu_threads()) as pool:
-            it = iter(items)
-            pending = collections.deque(pool.submit(fn, x) for x in itertools.islice(it, 2 * cpu_threads()))
-            while pending:
-                f = pending.popleft()
-                nxt = next(it, _END)
-                if nxt is not _END:
-                    pending.append(pool.submit(fn, nxt))
-                yield f.result()
-
-    return gen()
-
-
-_END = object()
-
-
 class InferenceModel:
     """Load a model folder (or one of its ``.tflite`` files) and score raw images (paths or encoded bytes).
 
@@ -154,7 +121,7 @@ class InferenceModel:
             [float((thresholds or {}).get("thresholds", {}).get(lb, 0.5)) for lb in self.labels], np.float32)
 
     def pixels(self, images) -> np.ndarray:
-        return np.stack(_pmap(lambda im: load_image(im, self.image_size), images))
+        return np.stack(list(imap_ordered(lambda im: load_image(im, self.image_size), images)))
 
     def tta_views(self, image) -> np.ndarray:
         """Ten views: centre and four corner crops of a 1.15x resize, and their mirrors."""
@@ -174,7 +141,7 @@ class InferenceModel:
             raise MltagError(f"tta must be none, mean or max, got {tta!r}")
         if tta != "none":
             reduce = np.mean if tta == "mean" else np.max
-            out = [reduce(self._run(views), axis=0) for views in _pmap(self.tta_views, images, lazy=True)]
+            out = [reduce(self._run(views), axis=0) for views in imap_ordered(self.tta_views, images)]
             return np.stack(out) if out else np.zeros((0, len(self.labels)), np.float32)
         out = [self._run(self.pixels(images[i: i + batch_size])) for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)

@@ -54,7 +54,7 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
     int8: post-training quantized, calibrated on up to 100 training images; its test mAP and
     micro F1 against fp32 (reported, not required to match: int8 trades accuracy for speed).
     """
-    from mltag.engine import _quiet_stderr
+    from mltag.common import quiet_stderr
     from mltag.images import load_image
     from mltag.model import InferenceModel, export_tflite
 
@@ -63,22 +63,21 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
         return {"error": "no model.tflite in the model folder"}
     imgs = test_images[:limit]
     saved = InferenceModel(bundle, engine="tf").scores(imgs)
-    fp32 = InferenceModel(bundle / "model.tflite").scores(imgs)
+    lite = InferenceModel(bundle / "model.tflite")
+    fp32 = lite.scores(imgs)
     out["fp32_max_abs_diff_vs_savedmodel"] = float(np.abs(fp32 - saved).max()) if len(imgs) else 0.0
-    meta = InferenceModel(bundle / "model.tflite")
-    rep = [load_image(p, meta.image_size) for p in train_images[:100]]
+    rep = [load_image(p, lite.image_size) for p in train_images[:100]]
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             export_tflite(bundle / "inference", bundle / "model_int8.tflite", rep)
     except MltagError as e:
         out["int8_error"] = str(e)
         return out
     int8 = InferenceModel(bundle / "model_int8.tflite").scores(test_images)
-    y = y_test
     for name, s in (("fp32", chall_scores), ("int8", int8)):
-        m = M.compute(y, s, 0.5, labels) if len(y) else {"map": None, "micro_f1": None}
+        m = M.compute(y_test, s, 0.5, labels) if len(y_test) else {"map": None, "micro_f1": None}
         out[f"{name}_test_map"], out[f"{name}_test_micro_f1"] = m["map"], m["micro_f1"]
-    out["int8_max_abs_diff_vs_fp32"] = float(np.abs(int8 - chall_scores).max()) if len(y) else 0.0
+    out["int8_max_abs_diff_vs_fp32"] = float(np.abs(int8 - chall_scores).max()) if len(y_test) else 0.0
     out["fp32_bytes"] = (bundle / "model.tflite").stat().st_size
     out["int8_bytes"] = (bundle / "model_int8.tflite").stat().st_size
     return out
