@@ -10,6 +10,7 @@ so a backbone's vectors are computed once for all repeats. Prints figures; asser
 Usage:
     python benchmarks/quality.py --data ../shared/devsets/flowers [--repeats 5] [--json]
         [--backbones lite0,lite1,lite2] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
+        [--modes head,fine_tune]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ CALIBRATIONS = {  # name -> calibrate() keywords
 
 
 def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: str, views: int, hidden: int,
-            calibrations: list[str], salt: str, params: dict) -> list[dict]:
+            calibrations: list[str], salt: str, params: dict, mode: str = "head") -> list[dict]:
     from mltag.bottleneck import bottleneck
     from mltag.calibrate import calibrate
     from mltag.evaluate import evaluate
@@ -47,7 +48,7 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     prep = work / f"prep-{salt}"
     if not prep.is_dir():
         prepare(data, prep, salt=salt, progress=False)
-    tag = f"{backbone}-v{views}-h{hidden}-{salt}"
+    tag = f"{backbone}-v{views}-h{hidden}-{mode}-{salt}"
     bn = work / f"bn-{backbone}-v{views}-{salt}"
     t_bn = time.perf_counter()
     s = bottleneck(prep, bn, f"builtin:efficientnet_{backbone}", cache, backbones_dir, views=views,
@@ -55,7 +56,9 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     bn_seconds = time.perf_counter() - t_bn
     tr = params["train"]
     train(bn, work / f"model-{tag}", tr["learning_rate"], tr["epochs"], tr["batch_size"], hidden, tr["dropout"],
-          tr["patience"], tr["monitor"], tr["seed"], backbones_dir, progress=False)
+          tr["patience"], tr["monitor"], tr["seed"], backbones_dir, progress=False, mode=mode,
+          images=image_root_of(prep), fine_tune_blocks=tr["fine_tune_blocks"], fine_tune_epochs=tr["fine_tune_epochs"],
+          fine_tune_learning_rate=tr["fine_tune_learning_rate"], fine_tune_patience=tr["fine_tune_patience"])
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
         evaluate(work / f"model-{tag}", bn, work / f"ev-{tag}", work / f"ev-{tag}.json", image_root_of(prep),
                  bootstrap=100)
@@ -67,7 +70,7 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
                       work / f"cal-{tag}-{cal}.json", bottlenecks=bn, progress=False, **CALIBRATIONS[cal])
         a05, acal = r["test_at_0.5"], r["test_at_thresholds"]
         rows.append({
-            "backbone": backbone, "views": views, "hidden": hidden, "calibration": cal, "salt": salt,
+            "backbone": backbone, "views": views, "hidden": hidden, "mode": mode, "calibration": cal, "salt": salt,
             "map": acal["map"], "micro_f1@0.5": a05["micro_f1"], "macro_f1@0.5": a05["macro_f1"],
             "micro_f1_cal": acal["micro_f1"], "macro_f1_cal": acal["macro_f1"],
             "label_accuracy_cal": acal["label_accuracy"], "expected_gain": r["expected_micro_f1_gain"],
@@ -80,13 +83,13 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["backbone"], r["views"], r["hidden"], r["calibration"]), []).append(r)
+        groups.setdefault((r["backbone"], r["views"], r["hidden"], r["mode"], r["calibration"]), []).append(r)
     out = []
-    for (b, v, h, c), rs in groups.items():
+    for (b, v, h, mode, c), rs in groups.items():
         def mean(k, rs=rs):
             return statistics.fmean(r[k] for r in rs)
 
-        out.append({"backbone": b, "views": v, "hidden": h, "calibration": c, "splits": len(rs),
+        out.append({"backbone": b, "views": v, "hidden": h, "mode": mode, "calibration": c, "splits": len(rs),
                     **{k: round(mean(k), 4) for k in ("map", "micro_f1@0.5", "micro_f1_cal", "macro_f1@0.5",
                                                       "macro_f1_cal", "label_accuracy_cal", "expected_gain")},
                     "micro_f1_cal_std": round(statistics.pstdev(r["micro_f1_cal"] for r in rs), 4),
@@ -102,6 +105,7 @@ def main() -> None:
     ap.add_argument("--views", default="1,4")
     ap.add_argument("--hidden", default="0")
     ap.add_argument("--calibration", default="none,val,cv")
+    ap.add_argument("--modes", default="head", help="train.mode values: head, fine_tune or both")
     ap.add_argument("--repeats", type=int, default=5, help="splits (prepare salts) per configuration")
     ap.add_argument("--work", default=None, help="keep the work folder here (default: a temp folder)")
     ap.add_argument("--backbone-cache", default=".mltag-cache/backbones")
@@ -121,13 +125,15 @@ def main() -> None:
         for backbone in args.backbones.split(","):
             for views in (int(v) for v in args.views.split(",")):
                 for hidden in (int(h) for h in args.hidden.split(",")):
-                    for i in range(args.repeats):
-                        rows += run_one(data, work, work / "cache", Path(args.backbone_cache).resolve(), backbone,
-                                        views, hidden, args.calibration.split(","), f"quality{i}", params)
-                        print(f"  done {backbone} views={views} hidden={hidden} split {i}", file=sys.stderr,
-                              flush=True)
+                    for mode in args.modes.split(","):
+                        for i in range(args.repeats):
+                            rows += run_one(data, work, work / "cache", Path(args.backbone_cache).resolve(),
+                                            backbone, views, hidden, args.calibration.split(","), f"quality{i}",
+                                            params, mode)
+                            print(f"  done {backbone} views={views} hidden={hidden} {mode} split {i}",
+                                  file=sys.stderr, flush=True)
     table = summarise(rows)
-    cols = [("backbone", 9, "s"), ("views", 6, "d"), ("hidden", 7, "d"), ("calibration", 12, "s"),
+    cols = [("backbone", 9, "s"), ("views", 6, "d"), ("hidden", 7, "d"), ("mode", 10, "s"), ("calibration", 12, "s"),
             ("map", 7, ".3f"), ("micro_f1@0.5", 13, ".3f"), ("micro_f1_cal", 13, ".3f"), ("micro_f1_cal_std", 9, ".3f"),
             ("macro_f1@0.5", 13, ".3f"), ("macro_f1_cal", 13, ".3f"), ("label_accuracy_cal", 10, ".3f"),
             ("seconds_first_split", 9, ".0f")]

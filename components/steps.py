@@ -72,24 +72,33 @@ def bottleneck(dataset: Input[Dataset], shard_caches: Input[List[Dataset]], back
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train(bottlenecks: Input[Dataset], learning_rate: float, epochs: int, batch_size: int, hidden_units: int,
-          dropout: float, patience: int, monitor: str, seed: int, experiment: str, tracking_uri: str,
-          model: Output[Model], metrics: Output[Metrics]) -> NamedTuple("TrainOutputs", [("run_id", str)]):
-    """Train the head (on the GPU node pool when the cluster has one) and open the MLflow run."""
+def train(bottlenecks: Input[Dataset], dataset: Input[Dataset], mode: str, learning_rate: float, epochs: int,
+          batch_size: int, hidden_units: int, dropout: float, patience: int, monitor: str, seed: int,
+          fine_tune_blocks: int, fine_tune_epochs: int, fine_tune_learning_rate: float, fine_tune_patience: int,
+          mixed_precision: str, experiment: str, tracking_uri: str, model: Output[Model],
+          metrics: Output[Metrics]) -> NamedTuple("TrainOutputs", [("run_id", str)]):
+    """Train the head on cached vectors, or (mode fine_tune, on the GPU pool) also the backbone's top blocks."""
     import os
     from collections import namedtuple
+    from pathlib import Path
 
     from mltag.train import train as run
 
-    config = {"train": {"learning_rate": learning_rate, "epochs": epochs, "batch_size": batch_size,
+    config = {"train": {"mode": mode, "learning_rate": learning_rate, "epochs": epochs, "batch_size": batch_size,
                         "hidden_units": hidden_units, "dropout": dropout, "patience": patience,
-                        "monitor": monitor, "seed": seed}}
+                        "monitor": monitor, "seed": seed, "fine_tune_blocks": fine_tune_blocks,
+                        "fine_tune_epochs": fine_tune_epochs, "fine_tune_learning_rate": fine_tune_learning_rate,
+                        "fine_tune_patience": fine_tune_patience, "mixed_precision": mixed_precision}}
     s = run(bottlenecks.path, model.path, learning_rate, epochs, batch_size, hidden_units, dropout, patience,
-            monitor, seed, os.environ.get("MLTAG_BACKBONE_CACHE", "/tmp/mltag-backbones"), tracking_uri or None, experiment, config=config, progress=False)
-    for k in ("val_loss", "train_loss", "best_epoch"):
+            monitor, seed, os.environ.get("MLTAG_BACKBONE_CACHE", "/tmp/mltag-backbones"), tracking_uri or None,
+            experiment, config=config, progress=False, mode=mode, images=Path(dataset.path) / "source",
+            fine_tune_blocks=fine_tune_blocks, fine_tune_epochs=fine_tune_epochs,
+            fine_tune_learning_rate=fine_tune_learning_rate, fine_tune_patience=fine_tune_patience,
+            mixed_precision=mixed_precision)
+    for k in ("val_loss", "train_loss", "best_epoch", "fine_tune_val_loss", "fine_tune_best_epoch"):
         if s.get(k) is not None:
             metrics.log_metric(k, s[k])
-    model.metadata.update({"run_id": s["run_id"], "framework": "tensorflow"})
+    model.metadata.update({"run_id": s["run_id"], "framework": "tensorflow", "mode": mode})
     return namedtuple("TrainOutputs", ["run_id"])(s["run_id"])
 
 

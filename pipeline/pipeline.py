@@ -1,7 +1,17 @@
-"""The Kubeflow Pipelines v2 DAG: prepare -> bottleneck (sharded) -> train (GPU) -> evaluate -> calibrate -> register.
+"""The Kubeflow Pipelines v2 DAG: prepare -> bottleneck (sharded) -> train -> evaluate -> calibrate -> register.
 
 Runtime parameters default from params.yaml; cluster placement (GPU node pool, secret
-name, resources) is fixed at compile time from the ``pipeline`` section of params.yaml.
+name, resources) is fixed at compile time from the ``pipeline`` section of params.yaml,
+and so is ``train.mode``, because it decides where the GPU goes:
+
+* ``train.mode: fine_tune``: the train step runs the backbone, so it gets the GPU
+  (accelerator, node selector, toleration, ``pipeline.gpu_image``).
+* ``train.mode: head``: train fits a dense layer on cached vectors; it stays on CPU.
+* ``pipeline.bottleneck_on_gpu: true`` (with ``bottleneck.engine: tf``) puts the
+  bottleneck shards on the GPU pool.
+
+A GPU task fails at once when it finds no usable GPU (``MLTAG_REQUIRE_GPU=1``) unless
+``pipeline.allow_cpu`` is true.
 """
 
 from pathlib import Path
@@ -29,6 +39,21 @@ def _resources(task, name: str):
     return task.set_cpu_request(cpu).set_memory_request(mem).set_display_name(name)
 
 
+def gpu_tasks(params: dict) -> set[str]:
+    """Which tasks the compiled pipeline puts on the GPU pool, from ``train.mode`` and ``pipeline``."""
+    from mltag.common import MltagError
+
+    tr, bn, kf = params["train"], params["bottleneck"], params["pipeline"]
+    if tr["mode"] not in ("head", "fine_tune"):
+        raise MltagError(f"train.mode must be head or fine_tune, got {tr['mode']!r}")
+    out = {"train"} if tr["mode"] == "fine_tune" else set()
+    if kf["bottleneck_on_gpu"]:
+        if bn["engine"] == "litert":
+            raise MltagError("pipeline.bottleneck_on_gpu needs bottleneck.engine tf or auto (LiteRT runs on CPU)")
+        out.add("bottleneck_shard")
+    return out
+
+
 def build_pipeline(params: dict | None = None):
     """Return the ``@dsl.pipeline`` function with defaults and placement taken from ``params``."""
     from mltag.config import load_params
@@ -36,6 +61,19 @@ def build_pipeline(params: dict | None = None):
     p = params or load_params(REPO / "params.yaml")
     pre, bb, bn, tr, ev, ca, rg, kf = (p[k] for k in (
         "prepare", "backbone", "bottleneck", "train", "evaluate", "calibrate", "register", "pipeline"))
+    on_gpu = gpu_tasks(p)
+
+    def place(task, name: str):
+        """CPU/memory requests, and for the GPU tasks the accelerator, node pool, image and fail-fast check."""
+        _resources(task, name)
+        if name in on_gpu:
+            task.set_accelerator_type(kf["accelerator_type"]).set_accelerator_limit(int(kf["gpu_count"]))
+            kubernetes.add_node_selector(task, kf["gpu_node_label_key"], kf["gpu_node_label_value"])
+            kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+            if kf["gpu_image"]:
+                task.set_container_image(str(kf["gpu_image"]))
+            task.set_env_variable("MLTAG_REQUIRE_GPU", "0" if kf["allow_cpu"] else "1")
+        return task
 
     def mlflow_env(task):
         if kf["mlflow_secret"]:
@@ -68,6 +106,11 @@ def build_pipeline(params: dict | None = None):
         patience: int = int(tr["patience"]),
         monitor: str = str(tr["monitor"]),
         seed: int = int(tr["seed"]),
+        fine_tune_blocks: int = int(tr["fine_tune_blocks"]),
+        fine_tune_epochs: int = int(tr["fine_tune_epochs"]),
+        fine_tune_learning_rate: float = float(tr["fine_tune_learning_rate"]),
+        fine_tune_patience: int = int(tr["fine_tune_patience"]),
+        mixed_precision: str = str(tr["mixed_precision"]).lower(),
         bootstrap: int = int(ev["bootstrap"]),
         calibrate_method: str = str(ca["method"]),
         min_precision: float = -1.0 if ca["min_precision"] is None else float(ca["min_precision"]),
@@ -87,7 +130,7 @@ def build_pipeline(params: dict | None = None):
             test_fraction=test_fraction, no_label=no_label, max_bad_fraction=max_bad_fraction, salt=salt), "prepare")
         shards = _resources(steps.shard_indices(num_shards=num_shards), "shard_indices")
         with dsl.ParallelFor(shards.output, parallelism=int(kf["parallelism"])) as shard:
-            part = _resources(steps.bottleneck_shard(
+            part = place(steps.bottleneck_shard(
                 dataset=prep.outputs["dataset"], shard_index=shard, num_shards=num_shards,
                 backbone_handle=backbone_handle, image_size=image_size, batch_size=bottleneck_batch_size,
                 engine=bottleneck_engine, views=views), "bottleneck_shard")
@@ -95,13 +138,13 @@ def build_pipeline(params: dict | None = None):
             dataset=prep.outputs["dataset"], shard_caches=dsl.Collected(part.outputs["cache"]),
             backbone_handle=backbone_handle, image_size=image_size, batch_size=bottleneck_batch_size,
             engine=bottleneck_engine, views=views), "bottleneck")
-        trained = _resources(steps.train(
-            bottlenecks=gathered.outputs["bottlenecks"], learning_rate=learning_rate, epochs=epochs,
-            batch_size=batch_size, hidden_units=hidden_units, dropout=dropout, patience=patience, monitor=monitor,
-            seed=seed, experiment=experiment, tracking_uri=tracking_uri), "train")
-        trained.set_accelerator_type(kf["accelerator_type"]).set_accelerator_limit(int(kf["gpu_count"]))
-        kubernetes.add_node_selector(trained, kf["gpu_node_label_key"], kf["gpu_node_label_value"])
-        kubernetes.add_toleration(trained, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+        trained = place(steps.train(
+            bottlenecks=gathered.outputs["bottlenecks"], dataset=prep.outputs["dataset"], mode=str(tr["mode"]),
+            learning_rate=learning_rate, epochs=epochs, batch_size=batch_size, hidden_units=hidden_units,
+            dropout=dropout, patience=patience, monitor=monitor, seed=seed, fine_tune_blocks=fine_tune_blocks,
+            fine_tune_epochs=fine_tune_epochs, fine_tune_learning_rate=fine_tune_learning_rate,
+            fine_tune_patience=fine_tune_patience, mixed_precision=mixed_precision, experiment=experiment,
+            tracking_uri=tracking_uri), "train")
         mlflow_env(trained)
         run_id = trained.outputs["run_id"]
         evaluated = mlflow_env(_resources(steps.evaluate(

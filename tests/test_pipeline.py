@@ -33,18 +33,74 @@ def test_committed_yaml_equals_a_fresh_compile(compiled):
     assert committed == text, "pipeline/pipeline.yaml is stale: run `mltag pipeline compile` and commit it"
 
 
-def test_train_runs_on_the_gpu_node_pool(compiled):
-    _, (spec, platform) = compiled
-    res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
-    assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
-    assert k8s["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
-    assert k8s["secretAsEnv"][0]["secretName"] == "mlflow-tracking" and k8s["secretAsEnv"][0]["optional"]
-    # Only train asks for a GPU.
+def _compile(tmp_path, **sections) -> tuple[dict, dict]:
+    from mltag.config import load_params
+
+    params = load_params(REPO / "params.yaml")
+    for section, values in sections.items():
+        params[section].update(values)
+    out = compile_pipeline(tmp_path / "p.yaml", params)
+    spec, platform = yaml.safe_load_all(out.read_text())
+    return spec, platform
+
+
+def _gpu_executors(spec: dict, platform: dict) -> dict[str, dict]:
+    """executor name -> its kubernetes platform config, for executors that ask for a GPU."""
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    out = {}
     for name, ex in spec["deploymentSpec"]["executors"].items():
-        if name != "exec-train":
-            assert "accelerator" not in ex["container"].get("resources", {}), name
+        acc = ex["container"].get("resources", {}).get("accelerator")
+        if acc:
+            assert acc == {"resourceType": "nvidia.com/gpu", "resourceCount": "1"}, name
+            out[name] = dict(k8s[name], env=ex["container"].get("env", []), image=ex["container"]["image"])
+    return out
+
+
+def test_head_mode_puts_nothing_on_the_gpu(compiled):
+    """The default (train.mode head) fits a dense layer on cached vectors: no task asks for a GPU."""
+    _, (spec, platform) = compiled
+    assert _gpu_executors(spec, platform) == {}
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert k8s["secretAsEnv"][0]["secretName"] == "mlflow-tracking" and k8s["secretAsEnv"][0]["optional"]
+    assert "nodeSelector" not in k8s
+
+
+def test_fine_tune_puts_train_on_the_gpu_pool_and_fails_fast_without_one(tmp_path):
+    spec, platform = _compile(tmp_path, train={"mode": "fine_tune"}, pipeline={"gpu_image": "reg/mltag:1-gpu"})
+    gpu = _gpu_executors(spec, platform)
+    assert set(gpu) == {"exec-train"}
+    train = gpu["exec-train"]
+    assert train["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in train["tolerations"]
+    assert train["image"] == "reg/mltag:1-gpu"
+    assert {"name": "MLTAG_REQUIRE_GPU", "value": "1"} in train["env"]
+    assert spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["mode"]["runtimeValue"]["constant"] \
+        == "fine_tune"
+
+
+def test_bottleneck_shards_on_the_gpu_pool_when_asked(tmp_path):
+    from mltag.common import MltagError
+
+    spec, platform = _compile(tmp_path, bottleneck={"engine": "tf"},
+                              pipeline={"bottleneck_on_gpu": True, "allow_cpu": True})
+    gpu = _gpu_executors(spec, platform)
+    assert set(gpu) == {"exec-bottleneck-shard"}  # head mode: train stays on CPU
+    assert {"name": "MLTAG_REQUIRE_GPU", "value": "0"} in gpu["exec-bottleneck-shard"]["env"]
+    with pytest.raises(MltagError, match="bottleneck_on_gpu needs bottleneck.engine tf"):
+        _compile(tmp_path, bottleneck={"engine": "litert"}, pipeline={"bottleneck_on_gpu": True})
+
+
+def test_a_gpu_step_without_a_gpu_fails_at_once(tmp_path, monkeypatch):
+    """MLTAG_REQUIRE_GPU=1 (set on GPU tasks) on a machine with no GPU: a clear error before any work."""
+    from mltag.common import MltagError
+    from mltag.train import train
+
+    monkeypatch.setenv("MLTAG_REQUIRE_GPU", "1")
+    with pytest.raises(MltagError, match="placed on the GPU pool but has no GPU.*allow_cpu"):
+        train(tmp_path / "missing-bottlenecks", tmp_path / "model")
+    monkeypatch.setenv("MLTAG_REQUIRE_GPU", "0")
+    with pytest.raises(MltagError, match="run the bottleneck step first"):  # allowed on CPU: past the check
+        train(tmp_path / "missing-bottlenecks", tmp_path / "model")
 
 
 def test_every_step_requests_cpu_and_memory_and_runs_the_project_image(compiled):

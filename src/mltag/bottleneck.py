@@ -204,8 +204,9 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
         Summary dict (also written to ``out/bottleneck.json``).
     """
     from mltag import backbone as bb
-    from mltag.engine import backbone_engine
+    from mltag.engine import backbone_engine, require_gpu
 
+    require_gpu("bottleneck")
     if not 0 <= shard_index < num_shards:
         raise MltagError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     if views < 1:

@@ -12,6 +12,7 @@ import numpy as np
 
 from mltag import metrics as M
 from mltag.common import MltagError, read_labels, write_json_atomic
+from mltag.train import model_mode
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,10 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     with np.load(f, allow_pickle=False) as z:
         s_va, y_va, s_te, y_te = z["val_scores"], z["val_labels"], z["test_scores"], z["test_labels"]
     mp = min_precision if method == "min_precision" else None
+    if cv_folds > 1 and method != "none" and model_mode(model_dir) == "fine_tune":
+        log.info("calibrate: fine-tuned backbone: the cached vectors do not match it, so thresholds come from "
+                 "the validation scores (no out-of-fold refits)")
+        cv_folds = 0
     if cv_folds > 1 and method != "none":
         if bottlenecks is None:
             raise MltagError("calibrate.cv_folds > 1 needs the bottleneck folder (--bottlenecks)")

@@ -51,6 +51,12 @@ STEP_FLAGS = {
         ("--patience", "train.patience", int, "early-stopping patience (epochs)"),
         ("--monitor", "train.monitor", str, "val_loss or val_map"),
         ("--seed", "train.seed", int, "random seed"),
+        ("--mode", "train.mode", str, "head (cached vectors) or fine_tune (also the backbone's top blocks)"),
+        ("--fine-tune-blocks", "train.fine_tune_blocks", int, "fine_tune: top backbone blocks trained"),
+        ("--fine-tune-epochs", "train.fine_tune_epochs", int, "fine_tune: maximum epochs"),
+        ("--fine-tune-learning-rate", "train.fine_tune_learning_rate", float, "fine_tune: backbone learning rate"),
+        ("--fine-tune-patience", "train.fine_tune_patience", int, "fine_tune: early-stopping patience"),
+        ("--mixed-precision", "train.mixed_precision", str, "auto (float16 on a GPU), true or false"),
         ("--backbone-cache", "backbone.cache_dir", str, "where built-in backbones are built"),
         ("--experiment", "register.experiment", str, "MLflow experiment"),
     ],
@@ -79,7 +85,8 @@ STEP_PATHS = {
     "demo-data": [("--out", "data/demo")],
     "prepare": [("--out", "data/prepared")],
     "bottleneck": [("--prepared", "data/prepared"), ("--out", "data/bottlenecks"), ("--images", None)],
-    "train": [("--bottlenecks", "data/bottlenecks"), ("--out", "models/train"), ("--metrics", None),
+    "train": [("--bottlenecks", "data/bottlenecks"), ("--prepared", "data/prepared"), ("--out", "models/train"),
+              ("--metrics", None),
               ("--history", None)],
     "evaluate": [("--model", "models/train"), ("--bottlenecks", "data/bottlenecks"), ("--prepared", "data/prepared"),
                  ("--out", "reports/evaluate"), ("--metrics", "metrics/evaluate.json"), ("--plots", None)],
@@ -236,14 +243,16 @@ def _dispatch(args) -> int:
         s = train(args.bottlenecks, args.out, v["learning_rate"], v["epochs"], v["batch_size"], v["hidden_units"],
                   v["dropout"], v["patience"], v["monitor"], v["seed"], v["backbone_cache"], args.tracking_uri,
                   v["experiment"], config=params, progress=progress, metrics_file=args.metrics,
-                  history_file=args.history)
+                  history_file=args.history, mode=v["mode"], images=_image_root(args.prepared),
+                  fine_tune_blocks=v["fine_tune_blocks"], fine_tune_epochs=v["fine_tune_epochs"],
+                  fine_tune_learning_rate=v["fine_tune_learning_rate"], fine_tune_patience=v["fine_tune_patience"],
+                  mixed_precision=str(v["mixed_precision"]).lower())
         print(f"train: best epoch {s['best_epoch']}/{s['epochs_run']}, val loss {s['val_loss']}, "
               f"MLflow run {s['run_id']}")
     elif cmd == "evaluate":
         from mltag.evaluate import evaluate
-        from mltag.prepare import image_root_of
 
-        images = image_root_of(args.prepared) if Path(args.prepared, "dataset.json").is_file() else None
+        images = _image_root(args.prepared)
         evaluate(args.model, args.bottlenecks, args.out, args.metrics, images, v["bootstrap"], v["seed"],
                  args.tracking_uri, args.plots, tta=v["tta"])
     elif cmd == "calibrate":
@@ -273,6 +282,13 @@ def _dispatch(args) -> int:
     elif cmd == "pipeline":
         return _pipeline(args)
     return 0
+
+
+def _image_root(prepared) -> Path | None:
+    """The image folder of a prepared dataset, or None when ``prepared`` is not one."""
+    from mltag.prepare import image_root_of
+
+    return image_root_of(prepared) if prepared and Path(prepared, "dataset.json").is_file() else None
 
 
 def _show_metrics(args) -> None:

@@ -16,7 +16,9 @@ DEFAULTS: dict = {
     "bottleneck": {"batch_size": 32, "cache_dir": ".mltag-cache/bottlenecks", "num_shards": 1, "engine": "auto",
                    "views": 4},
     "train": {"learning_rate": 0.001, "epochs": 200, "batch_size": 32, "hidden_units": 0, "dropout": 0.2,
-              "patience": 15, "monitor": "val_loss", "seed": 42},
+              "patience": 15, "monitor": "val_loss", "seed": 42, "mode": "head", "fine_tune_blocks": 2,
+              "fine_tune_epochs": 10, "fine_tune_learning_rate": 2e-5, "fine_tune_patience": 3,
+              "mixed_precision": "auto"},
     "evaluate": {"bootstrap": 1000, "seed": 0, "tta": "none"},
     "calibrate": {"method": "f1", "min_precision": None, "min_positives": 5, "cv_folds": 5, "shrink": 10.0,
                   "min_gain": 0.01},
@@ -24,7 +26,8 @@ DEFAULTS: dict = {
                  "tflite": True},
     "pipeline": {"accelerator_type": "nvidia.com/gpu", "gpu_count": 1,
                  "gpu_node_label_key": "cloud.google.com/gke-accelerator",
-                 "gpu_node_label_value": "nvidia-tesla-t4", "mlflow_secret": "mlflow-tracking", "parallelism": 4},
+                 "gpu_node_label_value": "nvidia-tesla-t4", "mlflow_secret": "mlflow-tracking", "parallelism": 4,
+                 "gpu_image": "", "bottleneck_on_gpu": False, "allow_cpu": False},
 }
 
 

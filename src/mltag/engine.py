@@ -41,6 +41,30 @@ def gpu_visible() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+REQUIRE_GPU_ENV = "MLTAG_REQUIRE_GPU"
+
+
+def require_gpu(step: str) -> None:
+    """Fail fast when the pipeline placed ``step`` on a GPU node (``MLTAG_REQUIRE_GPU=1``) and there is none.
+
+    Running on CPU there by accident would be silent and many times slower. The compiled
+    pipeline sets the variable on GPU tasks unless ``pipeline.allow_cpu`` is true.
+    """
+    if os.environ.get(REQUIRE_GPU_ENV, "") != "1":
+        return
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        why = f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} hides every device"
+    elif not (Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()):
+        why = "the node exposes no NVIDIA device (no /dev/nvidia0): check the GPU node pool and its device plugin"
+    elif not gpu_visible():
+        why = ("an NVIDIA device exists but TensorFlow cannot use it: the image is not the GPU build "
+               "(set pipeline.gpu_image to a CUDA image of mltag, e.g. built FROM tensorflow/tensorflow:*-gpu)")
+    else:
+        return
+    raise MltagError(f"{step}: this step was placed on the GPU pool but has no GPU: {why}. "
+                     f"To run it on CPU anyway, compile with pipeline.allow_cpu: true (or unset {REQUIRE_GPU_ENV})")
+
+
 def resolve_engine(engine: str) -> str:
     if engine not in ENGINES:
         raise MltagError(f"bottleneck.engine must be one of {', '.join(ENGINES)}, got {engine!r}")

@@ -13,7 +13,7 @@ import numpy as np
 from mltag import metrics as M
 from mltag.bottleneck import load_split
 from mltag.common import MltagError, atomic_path, read_labels, write_json_atomic
-from mltag.train import head_scores
+from mltag.train import head_scores, model_mode
 
 
 def pr_curves_png(y: np.ndarray, s: np.ndarray, labels: list[str], title: str = "precision-recall (test)") -> bytes:
@@ -118,14 +118,23 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     x_va, y_va, p_va = load_split(bottlenecks, "val")
     x_te, y_te, p_te = load_split(bottlenecks, "test")
     _, y_tr, _ = load_split(bottlenecks, "train")
-    s_va, s_te = head_scores(model_dir, x_va), head_scores(model_dir, x_te)
-    if tta != "none":
+    fine_tuned = model_mode(model_dir) == "fine_tune"
+    if fine_tuned or tta != "none":
+        # Augmented views are new pixels, and a fine-tuned backbone no longer produces the
+        # cached vectors: score the images end to end.
         if images is None:
-            raise MltagError("evaluate with test-time augmentation needs the image folder (--prepared)")
+            raise MltagError("evaluate needs the image folder (--prepared) for "
+                             + ("a fine-tuned model" if fine_tuned else "test-time augmentation"))
         from mltag.model import InferenceModel
 
-        # Augmented views are new pixels, so the cached vectors cannot serve: run end to end.
-        s_te = InferenceModel(model_dir).scores([Path(images) / str(p) for p in p_te], tta=tta)
+        model = InferenceModel(model_dir)
+    if fine_tuned:
+        s_va = model.scores([Path(images) / str(p) for p in p_va])
+        s_te = model.scores([Path(images) / str(p) for p in p_te], tta=tta)
+    else:
+        s_va, s_te = head_scores(model_dir, x_va), head_scores(model_dir, x_te)
+        if tta != "none":
+            s_te = model.scores([Path(images) / str(p) for p in p_te], tta=tta)
     result = M.compute(y_te, s_te, 0.5, labels)
     result["tta"] = tta
     result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=bootstrap, seed=seed)

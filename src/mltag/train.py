@@ -177,11 +177,16 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
           monitor: str = "val_loss", seed: int = 42, backbone_cache: str | os.PathLike = ".mltag-cache/backbones",
           tracking_uri: str | None = None, experiment: str = "mltag", config: dict | None = None,
           progress: bool = True, metrics_file: str | os.PathLike | None = None,
-          history_file: str | os.PathLike | None = None) -> dict:
+          history_file: str | os.PathLike | None = None, *, mode: str = "head", images: str | os.PathLike | None = None,
+          fine_tune_blocks: int = 2, fine_tune_epochs: int = 10, fine_tune_learning_rate: float = 2e-5,
+          fine_tune_patience: int = 3, mixed_precision: str = "auto") -> dict:
     """Train the head, save it with the end-to-end model, and open the MLflow run.
 
     Args:
         monitor: ``val_loss`` (lower is better) or ``val_map`` (validation PR-AUC, higher is better).
+        mode: ``head`` (the head on cached vectors) or ``fine_tune`` (then also the top
+            ``fine_tune_blocks`` blocks of the built-in backbone, from the images under
+            ``images``; see ``mltag.finetune``).
         config: the resolved configuration, logged to MLflow and saved beside the outputs.
         metrics_file: also write the summary here (DVC metrics).
         history_file: also write per-epoch losses here, one record per epoch (DVC plots).
@@ -195,9 +200,23 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
     from mltag import tracking
     from mltag.model import export_inference_model, export_tflite
 
+    from mltag.engine import require_gpu
+
+    require_gpu("train")
     if monitor not in ("val_loss", "val_map"):
         raise MltagError(f"train.monitor must be val_loss or val_map, got {monitor!r}")
-    meta = json.loads((Path(bottlenecks) / "bottleneck.json").read_text(encoding="utf-8"))
+    if mode not in ("head", "fine_tune"):
+        raise MltagError(f"train.mode must be head or fine_tune, got {mode!r}")
+    meta_file = Path(bottlenecks) / "bottleneck.json"
+    if not meta_file.is_file():
+        raise MltagError("bottleneck output not found; run the bottleneck step first", meta_file)
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    if mode == "fine_tune":
+        from mltag.finetune import builtin_name
+
+        builtin_name(meta["backbone_handle"])  # fail before any work
+        if images is None or not Path(images).is_dir():
+            raise MltagError("train.mode fine_tune reads the images: pass the prepared folder (--prepared)", images)
     labels = read_labels(Path(bottlenecks) / "labels.txt")
     x_tr, y_tr, _ = load_split(bottlenecks, "train")
     x_va, y_va, _ = load_split(bottlenecks, "val")
@@ -222,11 +241,20 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
         mlflow.set_tags({"mltag.step": "train", "mltag.labels": ",".join(labels)})
         head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, patience=patience, monitor=monitor,
                                       progress=progress, **hparams)
+        ft = None
+        if mode == "fine_tune":
+            net, head.weights, ft = _fine_tune(meta, images, bottlenecks, y_tr, y_va, head.weights, blocks=fine_tune_blocks,
+                                               epochs=fine_tune_epochs, learning_rate=fine_tune_learning_rate,
+                                               patience=fine_tune_patience, batch_size=batch_size, dropout=dropout,
+                                               seed=seed, mixed_precision=mixed_precision, progress=progress)
         model = to_keras(head, dropout)
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         per_epoch = [Metric(f"epoch_{k}", v[e], now, e) for k, v in history.items() for e in range(len(v))]
+        if ft is not None:
+            per_epoch += [Metric(f"fine_tune_{k}", ft[k][e], now, e) for k in ("loss", "val_loss", "val_map")
+                          for e in range(len(ft[k]))]
         for i in range(0, len(per_epoch), 1000):  # one request per 1000 values, not one per epoch
             mlflow.MlflowClient().log_batch(run.info.run_id, metrics=per_epoch[i: i + 1000])
         values = history[mon]
@@ -239,14 +267,28 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
             "val_loss": history.get("val_loss", [None] * len(values))[best],
             "val_map_pr_auc": history.get("val_map", [None] * len(values))[best],
             "seconds": round(time.time() - t0, 2),
+            "mode": mode,
         }
+        if ft is not None:
+            summary.update({"fine_tune_best_epoch": ft["best_epoch"], "fine_tune_epochs_run": len(ft["loss"]),
+                            "fine_tune_val_loss": ft["val_loss"][ft["best_epoch"] - 1] if ft["val_loss"] else None,
+                            "fine_tune_val_map": ft["val_map"][ft["best_epoch"] - 1] if ft["val_map"] else None,
+                            "fine_tune_seconds": ft["seconds"]})
         mlflow.log_metrics({f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
         out = Path(out)
         with atomic_path(out) as tmp:
             tmp.mkdir(parents=True)
             model.save(tmp / "head.keras")
-            export_inference_model(resolved.location, [w for w in model.get_weights()], meta["image_size"],
-                                   tmp / "inference")
+            if ft is None:
+                export_inference_model(resolved.location, [w for w in model.get_weights()], meta["image_size"],
+                                       tmp / "inference")
+            else:  # the tuned backbone, written as a SavedModel the same way as the built-in one
+                import tempfile
+
+                with tempfile.TemporaryDirectory(dir=tmp) as scratch:
+                    tuned = bb.build_builtin(net.name, Path(scratch) / "backbone", net.state_dict())
+                    export_inference_model(str(tuned), [w for w in model.get_weights()], meta["image_size"],
+                                           tmp / "inference")
             try:  # the same model for LiteRT: what predict, TTA and serving run on CPU
                 export_tflite(tmp / "inference", tmp / "model.tflite")
             except MltagError as e:
@@ -256,10 +298,18 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
                 "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
                 "feature_dim": int(x_tr.shape[1]), "hidden_units": hidden_units,
                 # what calibrate needs to refit the same head on folds
-                "head": {**hparams, "best_epoch": best + 1, "views": int(meta.get("views", 1))}},
+                "head": {**hparams, "best_epoch": best + 1, "views": int(meta.get("views", 1))},
+                # fine_tune: cached vectors no longer match the backbone; evaluate scores images end to end
+                "mode": mode,
+                **({"fine_tune": {"blocks": fine_tune_blocks, "tuned_blocks": ft["tuned_blocks"],
+                                  "learning_rate": fine_tune_learning_rate, "epochs": fine_tune_epochs,
+                                  "patience": fine_tune_patience, "best_epoch": ft["best_epoch"],
+                                  "mixed_precision": ft["mixed_precision"]}} if ft else {})},
                 indent=2) + "\n", encoding="utf-8")
             write_labels(tmp / "labels.txt", labels)
-            (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
+            (tmp / "history.json").write_text(json.dumps(
+                history if ft is None else {**history, "fine_tune": {k: ft[k] for k in ("loss", "val_loss", "val_map")}},
+                indent=2) + "\n", encoding="utf-8")
             (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             tracking.save_run_ref(tmp, run.info.run_id, run.info.experiment_id, uri)
@@ -271,6 +321,31 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
         mlflow.log_artifact(str(out / "history.json"))
         mlflow.log_artifact(str(out / "config.json"))
     return summary
+
+
+def _fine_tune(meta: dict, images, bottlenecks, y_tr, y_va, head_weights, **kw):
+    """Run ``finetune.fine_tune`` on the train and val images listed in the bottleneck folder."""
+    from mltag.bottleneck import hash_files
+    from mltag.finetune import fine_tune
+
+    items = {}
+    for split in ("train", "val"):
+        _, _, paths = load_split(bottlenecks, split)
+        files = [Path(images) / str(p) for p in paths]
+        for f in files:
+            if not f.is_file():
+                raise MltagError("image not found (train.mode fine_tune reads the images)", f)
+        items[split] = list(zip(files, hash_files(files)))
+    return fine_tune(meta["backbone_handle"], int(meta["image_size"]), items["train"], y_tr, items["val"], y_va,
+                     head_weights, views=int(meta.get("views", 1)), **kw)
+
+
+def model_mode(model_dir: str | os.PathLike) -> str:
+    """``head`` or ``fine_tune``: how the model folder was trained (older folders: head)."""
+    f = Path(model_dir) / "model.json"
+    if not f.is_file():
+        raise MltagError("not an mltag model folder (model.json missing)", model_dir)
+    return json.loads(f.read_text(encoding="utf-8")).get("mode", "head")
 
 
 def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarray:

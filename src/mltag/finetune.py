@@ -1,0 +1,233 @@
+"""train.mode fine_tune: train the top blocks of a built-in backbone together with the head.
+
+The bottom of the network (stem and blocks ``[0, n - fine_tune_blocks)``) stays frozen, so
+its output for an image view never changes. Each training image's views (the plain one
+and ``views - 1`` augmented ones: random resized crop, flip, colour jitter, the same
+views the bottleneck step caches) go through the frozen bottom once; the resulting
+feature maps are kept in memory as float16 and every epoch trains the unfrozen top blocks
+and the head on them. That makes fine-tuning affordable on CPU (the frozen part costs one
+forward pass per view, not one per epoch) and fast on GPU.
+
+* Warm start: the head starts from the head fitted on the cached vectors, so the first
+  gradient steps do not wreck the pretrained top blocks with a random head's errors.
+* Two learning rates: ``fine_tune_learning_rate`` for the backbone blocks and ten times
+  that for the head.
+* Batch norm keeps its moving statistics (inference mode) in every block: batch
+  statistics from small batches would be noise. Its scale and offset train in the
+  unfrozen blocks.
+* Early stopping on validation loss (``fine_tune_patience``), best epoch restored.
+* On a GPU the unfrozen blocks run in float16 (mixed precision, fp32 master weights,
+  dynamic loss scaling); on CPU in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mltag.common import MltagError, imap_ordered
+
+log = logging.getLogger(__name__)
+HEAD_LR_FACTOR = 10.0
+
+
+def builtin_name(handle: str) -> str:
+    from mltag.backbone import BUILTIN_SPECS
+
+    name = str(handle).strip().removeprefix("builtin:")
+    if not str(handle).startswith("builtin:") or name not in BUILTIN_SPECS:
+        raise MltagError(f"train.mode fine_tune needs a built-in backbone (backbone.handle: builtin:NAME, one of "
+                         f"{', '.join(BUILTIN_SPECS)}), got {handle!r}; use train.mode head for other modules")
+    return name
+
+
+def _pixels(paths: list[Path], shas: list[str], view: int, size: int) -> np.ndarray:
+    from mltag.bottleneck import view_seed
+    from mltag.images import BadImage, augmented_view, load_image
+
+    def one(item):
+        path, sha = item
+        try:
+            return load_image(path, size) if view == 0 else augmented_view(path, size, view_seed(sha, view))
+        except BadImage as e:
+            raise MltagError(f"{path}: {e}") from None
+
+    return np.stack(list(imap_ordered(one, list(zip(paths, shas))))) if paths else np.zeros((0, size, size, 3),
+                                                                                              np.uint8)
+
+
+class _Bar:
+    """A tqdm bar when ``progress``, else nothing."""
+
+    def __init__(self, total: int, desc: str, progress: bool):
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+
+    def update(self, n: int, **post) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if post:
+                self.bar.set_postfix(post)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]], y_tr: np.ndarray,
+              val_items: list[tuple[Path, str]], y_va: np.ndarray, head_weights: list[np.ndarray], *,
+              blocks: int = 2, views: int = 1, epochs: int = 10, learning_rate: float = 2e-5, patience: int = 3,
+              batch_size: int = 32, dropout: float = 0.2, seed: int = 42, mixed_precision: str = "auto",
+              progress: bool = True):
+    """Fine-tune the top ``blocks`` blocks of built-in ``handle`` and the head.
+
+    Args:
+        train_items, val_items: ``(image path, content sha256)`` per image; the sha seeds the
+            augmented views exactly as the bottleneck step does.
+        head_weights: the warm-start head (kernel, bias per Dense layer).
+        mixed_precision: ``auto`` (float16 on a GPU), ``true`` or ``false``.
+
+    Returns:
+        ``(LiteNet with the tuned weights, head weights, history dict)``.
+    """
+    import tensorflow as tf
+
+    from mltag import metrics as M
+    from mltag.backbone import LiteNet
+    from mltag.engine import gpu_visible
+
+    name = builtin_name(handle)
+    net = LiteNet(name)
+    if not 1 <= blocks <= net.n_blocks:
+        raise MltagError(f"train.fine_tune_blocks must be 1..{net.n_blocks} for {name}, got {blocks}")
+    if mixed_precision not in ("auto", "true", "false", True, False):
+        raise MltagError(f"train.mixed_precision must be auto, true or false, got {mixed_precision!r}")
+    on_gpu = gpu_visible() and bool(tf.config.list_physical_devices("GPU"))
+    half = on_gpu if mixed_precision == "auto" else mixed_precision in ("true", True)
+    dtype = "float16" if half else "float32"
+    k = net.n_blocks - blocks
+    tf.random.set_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    # 1. The frozen bottom, once per view.
+    bottom = tf.function(lambda x: net.bottom(x, k))
+    n_views = len(train_items) * views + len(val_items)
+    bar = _Bar(n_views, f"fine-tune: frozen blocks 0-{k - 1}, {views} view(s)", progress)
+
+    def maps(items, view):
+        out = []
+        paths, shas = [p for p, _ in items], [s for _, s in items]
+        for i in range(0, len(items), 32):
+            px = _pixels(paths[i: i + 32], shas[i: i + 32], view, image_size)
+            out.append(bottom(tf.constant(px, tf.float32) / 255.0).numpy().astype(np.float16))
+            bar.update(len(px))
+        return np.concatenate(out) if out else None
+
+    t0 = time.perf_counter()
+    x_tr = np.concatenate([maps(train_items, v) for v in range(views)])
+    y_fit = np.tile(np.asarray(y_tr, np.float32), (views, 1))
+    x_va = maps(val_items, 0) if val_items else None
+    bar.close()
+    log.info("fine-tune: %d feature maps %s from the frozen blocks in %.0f s (%.0f MB in memory)",
+             len(x_tr) + (0 if x_va is None else len(x_va)), tuple(x_tr.shape[1:]), time.perf_counter() - t0,
+             (x_tr.nbytes + (0 if x_va is None else x_va.nbytes)) / 1e6)
+
+    # 2. Top blocks + head, two learning rates, early stopping on validation loss.
+    kernels = [tf.Variable(w, name=f"head_kernel_{i}") for i, w in enumerate(head_weights[0::2])]
+    biases = [tf.Variable(b, name=f"head_bias_{i}") for i, b in enumerate(head_weights[1::2])]
+    head_vars = [v for pair in zip(kernels, biases) for v in pair]
+    tuned = net.variables_from(k)
+    opt_b = tf.keras.optimizers.Adam(learning_rate)
+    opt_h = tf.keras.optimizers.Adam(learning_rate * HEAD_LR_FACTOR)
+    opt_b.build(tuned)  # optimizer slots exist before the graph is traced
+    opt_h.build(head_vars)
+    scale = tf.Variable(2.0 ** 12 if half else 1.0, trainable=False, dtype=tf.float32)
+
+    def logits(x, training):
+        h = net.top(x, k, dtype)
+        for i, (w, b) in enumerate(zip(kernels, biases)):
+            if training and dropout > 0:
+                h = tf.nn.dropout(h, dropout)
+            h = tf.matmul(h, w) + b
+            if i < len(kernels) - 1:
+                h = tf.nn.relu(h)
+        return h
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, logits(x, True)))
+            scaled = loss * scale
+        grads = [tf.cast(g, tf.float32) / scale for g in tape.gradient(scaled, tuned + head_vars)]
+        if not half:
+            opt_b.apply_gradients(zip(grads[: len(tuned)], tuned))
+            opt_h.apply_gradients(zip(grads[len(tuned):], head_vars))
+            return loss
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+
+        def apply():
+            opt_b.apply_gradients(zip(grads[: len(tuned)], tuned))
+            opt_h.apply_gradients(zip(grads[len(tuned):], head_vars))
+            return tf.constant(True)
+
+        def back_off():  # dynamic loss scaling: skip the step and halve the scale on overflow
+            scale.assign(tf.maximum(scale / 2.0, 1.0))
+            return tf.constant(False)
+
+        tf.cond(finite, apply, back_off)
+        return loss
+
+    score_fn = tf.function(lambda x: tf.sigmoid(logits(x, False)))
+
+    def scores(x):
+        return np.concatenate([score_fn(tf.constant(x[i: i + 64])).numpy() for i in range(0, len(x), 64)])
+
+    history: dict[str, list[float]] = {"loss": [], "val_loss": [], "val_map": []}
+    best, best_weights, since = None, None, 0
+    n_steps = epochs * len(x_tr)
+    bar = _Bar(n_steps, f"fine-tune: blocks {k}-{net.n_blocks - 1} + head", progress)
+    t1 = time.perf_counter()
+    for epoch in range(epochs):
+        order = rng.permutation(len(x_tr))
+        losses = []
+        for i in range(0, len(order), batch_size):
+            idx = order[i: i + batch_size]
+            losses.append(float(step(tf.constant(x_tr[idx]), tf.constant(y_fit[idx]))) * len(idx))
+            bar.update(len(idx), epoch=f"{epoch + 1}/{epochs}")
+        history["loss"].append(float(np.sum(losses) / len(x_tr)))
+        if x_va is not None:
+            s = np.clip(scores(x_va), 1e-7, 1 - 1e-7)
+            yv = np.asarray(y_va, np.float32)
+            history["val_loss"].append(float(-np.mean(yv * np.log(s) + (1 - yv) * np.log(1 - s))))
+            ap = M.average_precisions(yv, s)
+            history["val_map"].append(float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0)
+            value = history["val_loss"][-1]
+        else:
+            value = history["loss"][-1]
+        if not np.isfinite(value):
+            raise MltagError(f"fine-tune diverged at epoch {epoch + 1} (loss {value}); lower "
+                             "train.fine_tune_learning_rate")
+        if best is None or value < best:
+            best, since = value, 0
+            best_weights = [v.numpy() for v in tuned + head_vars]
+        else:
+            since += 1
+        log.info("fine-tune: epoch %d/%d: loss %.4f%s (%.0f s)", epoch + 1, epochs, history["loss"][-1],
+                 f", val loss {history['val_loss'][-1]:.4f}, val mAP {history['val_map'][-1]:.4f}"
+                 if x_va is not None else "", time.perf_counter() - t1)
+        if x_va is not None and patience > 0 and since >= patience:
+            break
+    bar.close()
+    for v, w in zip(tuned + head_vars, best_weights):
+        v.assign(w)
+    history["best_epoch"] = int(np.argmin(history["val_loss"] if x_va is not None else history["loss"])) + 1
+    history["seconds"] = round(time.perf_counter() - t0, 1)
+    history["mixed_precision"] = half
+    history["tuned_blocks"] = list(range(k, net.n_blocks))
+    return net, [v.numpy() for v in head_vars], history

@@ -1,0 +1,115 @@
+"""train.mode fine_tune on CPU: the split network, which weights move, and the model's way through the steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mltag.backbone import LiteNet, load_state
+from mltag.common import MltagError
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return LiteNet("efficientnet_lite0")
+
+
+def test_the_split_network_is_the_whole_network(lite0):
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(0).random((2, 64, 64, 3)), tf.float32)
+    whole = lite0(x).numpy()
+    for k in (0, 7, lite0.n_blocks - 2, lite0.n_blocks):
+        np.testing.assert_allclose(lite0.top(lite0.bottom(x, k), k).numpy(), whole, atol=1e-5)
+    names = {v.name for v in lite0.variables_from(lite0.n_blocks - 2)}
+    assert names and all(n.startswith(("blocks/14/", "blocks/15/", "conv_head/", "bn1/")) for n in names), names
+    assert not any("running" in n for n in names)  # batch-norm statistics never train
+
+
+def test_state_dict_round_trips(lite0):
+    state = load_state("efficientnet_lite0")
+    again = lite0.state_dict()
+    assert set(again) == set(state)
+    for k in state:
+        np.testing.assert_array_equal(again[k], state[k], err_msg=k)
+
+
+def test_fine_tune_needs_a_builtin_backbone(tmp_path, colour_dataset, fake_backbone):
+    from mltag.bottleneck import bottleneck
+    from mltag.prepare import prepare
+    from mltag.train import train
+
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
+               progress=False)
+    with pytest.raises(MltagError, match="fine_tune needs a built-in backbone"):
+        train(tmp_path / "bn", tmp_path / "model", mode="fine_tune", images=colour_dataset, progress=False)
+    with pytest.raises(MltagError, match="train.mode must be head or fine_tune"):
+        train(tmp_path / "bn", tmp_path / "model", mode="finetune", progress=False)
+    assert not (tmp_path / "model").exists()
+
+
+def _tuned_weights(model_dir) -> dict[str, np.ndarray]:
+    """Backbone weights inside the saved end-to-end model, keyed like the package's state dict."""
+    import tensorflow as tf
+
+    names = {k.lstrip("_").replace(".", "/"): k for k in load_state("efficientnet_lite0")}
+    m = tf.saved_model.load(str(model_dir / "inference"))
+    out = {}
+    for v in m.backbone.variables:
+        key = names.get(v.name.split(":")[0])
+        if key is not None:  # back from TF's HWIO / HWC1 layouts to the package's OIHW / C1HW
+            w = v.numpy()
+            out[key] = w.transpose(2, 3, 0, 1) if "_depthwise_conv" in key else w.transpose(3, 2, 0, 1) \
+                if w.ndim == 4 else w
+    return out
+
+
+@pytest.mark.slow
+def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predicts(tmp_path, colour_dataset,
+                                                                                    mlflow_store):
+    from mltag.bottleneck import bottleneck
+    from mltag.calibrate import calibrate
+    from mltag.evaluate import evaluate
+    from mltag.model import InferenceModel
+    from mltag.prepare import image_root_of, prepare
+    from mltag.register import register
+    from mltag.train import train
+
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    images = image_root_of(tmp_path / "prepared")
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle="builtin:efficientnet_lite0", image_size=64,
+               cache_dir=tmp_path / "cache", backbone_cache=tmp_path / "backbones", views=2, engine="tf",
+               progress=False)
+    s = train(tmp_path / "bn", tmp_path / "model", epochs=60, backbone_cache=tmp_path / "backbones", mode="fine_tune",
+              images=images, fine_tune_blocks=2, fine_tune_epochs=3, fine_tune_learning_rate=1e-3,
+              fine_tune_patience=0, progress=False)
+    assert s["mode"] == "fine_tune" and s["fine_tune_epochs_run"] == 3
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["mode"] == "fine_tune" and meta["fine_tune"]["tuned_blocks"] == [14, 15]
+
+    # Weights moved in blocks 14-15 and the head convolution only, never a batch-norm statistic.
+    before = {k: v for k, v in load_state("efficientnet_lite0").items() if "num_batches" not in k and not k.startswith("_fc.")}
+    after = _tuned_weights(tmp_path / "model")
+    assert set(after) == set(before)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    trainable = {k for k in before if k.startswith(("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1."))
+                 and "running" not in k}
+    assert changed == trainable
+
+    # evaluate scores the images end to end (cached vectors no longer match), calibrate uses validation.
+    ev = evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev.json", images, bootstrap=20)
+    direct = InferenceModel(tmp_path / "model").scores(
+        [images / str(p) for p in np.load(tmp_path / "eval" / "scores.npz")["test_paths"]])
+    np.testing.assert_allclose(np.load(tmp_path / "eval" / "scores.npz")["test_scores"], direct, atol=1e-6)
+    assert ev["map"] >= 0.8, ev["map"]
+    ca = calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th.json", tmp_path / "ca.json",
+                   bottlenecks=tmp_path / "bn", progress=False)
+    assert "validation" in ca["fitted_on"]
+    rg = register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json",
+                  model_name="tuned")
+    assert rg["version"] == 1 and rg["tflite"]["fp32_max_abs_diff_vs_savedmodel"] <= 1e-4
+    out = InferenceModel(tmp_path / "model").predict([images / "images/0000.jpg"])
+    assert set(out[0]["scores"]) == {"red", "green", "blue"}
