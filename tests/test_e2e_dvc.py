@@ -103,3 +103,36 @@ def test_adding_images_computes_only_their_bottlenecks(project):
     new_train = sum(1 for line in (d / "data" / "prepared" / "train.lst").read_text().splitlines()
                     if line.strip() and int(line.rsplit("/", 1)[-1].split(".")[0]) >= 160)
     assert (summary["computed"], summary["cached"]) == (12 + extra * new_train, 160 + extra * (train - new_train))
+
+
+def _exp_rows(node, out=None) -> list[dict]:
+    """(name, train.mode, test mAP) of every row in ``dvc exp show --json`` (nested baseline/experiments)."""
+    out = [] if out is None else out
+    if isinstance(node, dict):
+        data = node.get("data")
+        if isinstance(data, dict) and "params" in data:
+            params = data["params"].get("params.yaml", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
+            out.append({"name": node.get("name") or data.get("name") or node.get("rev"),
+                        "mode": params.get("train", {}).get("mode"), "map": metrics.get("map")})
+        for v in node.values():
+            _exp_rows(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _exp_rows(v, out)
+    return out
+
+
+def test_exp_run_fine_tune_and_compare_both_modes(project):
+    """`dvc exp run -S train.mode=fine_tune` reruns train and after; `dvc exp show` lists both modes."""
+    d, env, _ = project
+    sh("git add -A && git commit -qm 'head baseline'", d, env)
+    out = sh("dvc exp run -n tuned -S train.mode=fine_tune -S train.fine_tune_epochs=2", d, env)
+    assert stages_run(out) == ["train", "evaluate", "calibrate", "register"]
+    model = json.loads((d / "models" / "train" / "model.json").read_text())
+    assert model["mode"] == "fine_tune"
+    rows = _exp_rows(json.loads(sh("dvc exp show --json 2>/dev/null", d, env)))
+    modes = {r["mode"]: r for r in rows if r["map"] is not None}
+    assert {"head", "fine_tune"} <= set(modes), rows
+    assert any(r["name"] == "tuned" and r["mode"] == "fine_tune" for r in rows), rows
+    assert modes["fine_tune"]["map"] >= 0.8, rows

@@ -113,3 +113,24 @@ def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predic
     assert rg["version"] == 1 and rg["tflite"]["fp32_max_abs_diff_vs_savedmodel"] <= 1e-4
     out = InferenceModel(tmp_path / "model").predict([images / "images/0000.jpg"])
     assert set(out[0]["scores"]) == {"red", "green", "blue"}
+
+
+def test_mixed_precision_path_runs_on_cpu(colour_dataset):
+    """The GPU's float16 path (loss scaling, fp32 master weights) is the same code; it must run here too."""
+    from mltag.bottleneck import hash_files
+    from mltag.common import read_lst
+    from mltag.finetune import fine_tune
+
+    rows = read_lst(colour_dataset / "all.lst")[:12]
+    files = [colour_dataset / r.path for r in rows]
+    items = list(zip(files, hash_files(files)))
+    y = np.array([r.flags for r in rows], np.float32)
+    head = [np.zeros((1280, 3), np.float32), np.zeros(3, np.float32)]
+    net, head_after, hist = fine_tune("builtin:efficientnet_lite0", 32, items[:8], y[:8], items[8:], y[8:], head,
+                                      blocks=1, views=2, epochs=2, learning_rate=1e-3, patience=0,
+                                      mixed_precision="true", progress=False)
+    assert hist["mixed_precision"] is True and hist["tuned_blocks"] == [15]
+    assert all(np.isfinite(hist["loss"])) and hist["loss"][-1] < hist["loss"][0]
+    assert head_after[0].dtype == np.float32 and np.abs(head_after[0]).sum() > 0  # master weights stay fp32
+    with pytest.raises(MltagError, match="fine_tune_blocks must be 1..16"):
+        fine_tune("builtin:efficientnet_lite0", 32, items[:8], y[:8], [], y[:0], head, blocks=17, progress=False)

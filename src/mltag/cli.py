@@ -213,7 +213,10 @@ def _dispatch(args) -> int:
         from mltag.common import quiet_stderr
 
         with quiet_stderr():
-            import tensorflow  # noqa: F401
+            import tensorflow
+
+            # Device discovery logs "failed call to cuInit" on machines without CUDA; do it now, quietly.
+            tensorflow.config.list_physical_devices("GPU")
     progress = not args.quiet
     if cmd in STEP_FLAGS:
         params, v = _resolve(args, cmd)
@@ -247,7 +250,10 @@ def _dispatch(args) -> int:
                   fine_tune_blocks=v["fine_tune_blocks"], fine_tune_epochs=v["fine_tune_epochs"],
                   fine_tune_learning_rate=v["fine_tune_learning_rate"], fine_tune_patience=v["fine_tune_patience"],
                   mixed_precision=str(v["mixed_precision"]).lower())
-        print(f"train: best epoch {s['best_epoch']}/{s['epochs_run']}, val loss {s['val_loss']}, "
+        ft = (f"; fine-tune best epoch {s['fine_tune_best_epoch']}/{s['fine_tune_epochs_run']}, val loss "
+              f"{s['fine_tune_val_loss']:.4f}" if s.get("fine_tune_val_loss") is not None else "")
+        val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"
+        print(f"train: head best epoch {s['best_epoch']}/{s['epochs_run']}, val loss {val}{ft}, "
               f"MLflow run {s['run_id']}")
     elif cmd == "evaluate":
         from mltag.evaluate import evaluate

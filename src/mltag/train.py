@@ -198,9 +198,8 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
 
     from mltag import backbone as bb
     from mltag import tracking
-    from mltag.model import export_inference_model, export_tflite
-
     from mltag.engine import require_gpu
+    from mltag.model import export_inference_model, export_tflite
 
     require_gpu("train")
     if monitor not in ("val_loss", "val_map"):
