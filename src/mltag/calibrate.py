@@ -251,7 +251,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     write_json_atomic(metrics_file, result)
     run_id = run_id or tracking.run_id_of(model_dir)
     if run_id:
-        tracking.setup(tracking_uri)
+        tracking.setup_checked(tracking_uri)
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metrics({f"calibrated_test_{k}": v for k, v in at_cal.items() if isinstance(v, float)})
             mlflow.log_metrics({f"threshold_{n}": v for n, v in th["thresholds"].items()})

@@ -186,11 +186,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except MltagError as e:
-        print(f"mltag: error: {e}", file=sys.stderr)
-        return 2
+        return _user_error(str(e), args.verbose)
+    except OSError as e:  # a user path: permission, read-only, disk full, not found
+        where = f"{e.filename}: " if e.filename else ""
+        return _user_error(f"{where}{e.strerror or e} (check the path, its permissions and free space)", args.verbose)
+    except Exception as e:
+        if type(e).__name__ != "MlflowException":
+            raise  # a bug: the traceback matters
+        from mltag.tracking import tracking_uri
+
+        return _user_error(f"MLflow at {tracking_uri(args.tracking_uri)}: {str(e).splitlines()[0][:300]}",
+                           args.verbose)
     except KeyboardInterrupt:
         print("mltag: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
+
+
+def _user_error(message: str, verbose: bool) -> int:
+    """One line on stderr and exit status 2; ``-v`` adds the traceback."""
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"mltag: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _setup_logging(level: int) -> None:

@@ -133,6 +133,27 @@ def quiet_stderr():
         os.close(fd)
 
 
+# --------------------------------------------------------------------------- user text files
+
+
+def read_user_text(path: str | os.PathLike) -> str:
+    """A user's text file (labels, lists, CSV, JSON) as UTF-8, a leading byte-order mark removed.
+
+    Excel's "CSV UTF-8" and Notepad write a BOM, which would otherwise end up in the
+    first label or column name. Bytes that are not UTF-8 are an error naming the line.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MltagError(f"cannot read: {e.strerror or e}", path) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MltagError(f"not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8", path, line) from None
+
+
 # --------------------------------------------------------------------------- labels and .lst
 
 
@@ -143,7 +164,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         raise MltagError("label file not found", path)
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_user_text(path))
         except json.JSONDecodeError as e:
             raise MltagError(f"invalid JSON: {e.msg}", path, e.lineno) from None
         if isinstance(data, dict):
@@ -154,7 +175,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         lines = list(range(1, len(names) + 1))
     else:
         names, lines = [], []
-        for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, raw in enumerate(read_user_text(path).splitlines(), 1):
             if raw.strip():
                 names.append(raw.strip())
                 lines.append(i)
@@ -191,7 +212,7 @@ def read_lst(path: str | os.PathLike, n_labels: int | None = None) -> list[Examp
     out: list[Example] = []
     seen_idx: dict[str, int] = {}
     seen_path: dict[str, int] = {}
-    for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, raw in enumerate(read_user_text(path).splitlines(), 1):
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         cols = raw.rstrip("\r\n").split("\t")

@@ -46,10 +46,10 @@ def pr_curves_png(y: np.ndarray, s: np.ndarray, labels: list[str], title: str = 
 def _thumb(path: Path, size: int = 96) -> str:
     from PIL import Image
 
-    from mltag.images import to_rgb
+    from mltag.images import ALLOWED_FORMATS, to_rgb
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=ALLOWED_FORMATS) as im:
             im = to_rgb(im)
             im.thumbnail((size, size))
             buf = io.BytesIO()
@@ -164,7 +164,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     write_json_atomic(metrics_file, result)
     run_id = run_id or tracking.run_id_of(model_dir)
     if run_id:
-        tracking.setup(tracking_uri)
+        tracking.setup_checked(tracking_uri)
         with mlflow.start_run(run_id=run_id):
             flat = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
             flat.update({f"test_ap_{n}": m["ap"] for n, m in result["per_label"].items() if m["ap"] is not None})

@@ -22,6 +22,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 PREPROCESSING_VERSION = "pil-draft-bilinear-squash-v2"
 DEFAULT_MAX_PIXELS = 40_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# The only decoders Pillow may use, whatever a file's name says. MPO is the multi-picture
+# JPEG many phones write. Everything else (EPS would reach Ghostscript, for one) is refused.
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP")
 
 
 class BadImage(Exception):
@@ -42,7 +45,7 @@ def _open(src: str | os.PathLike | bytes, max_pixels: int, draft: int | None = N
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise BadImage(f"{w}x{h} = {w * h} pixels exceeds the cap of {max_pixels} (decompression bomb?)")
@@ -57,7 +60,7 @@ def _open(src: str | os.PathLike | bytes, max_pixels: int, draft: int | None = N
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise BadImage(f"decompression bomb: {e}") from None
         except UnidentifiedImageError:
-            raise BadImage("not an image (unrecognised format)") from None
+            raise BadImage("not an image in a supported format (JPEG, PNG, BMP, GIF, WebP)") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise BadImage(f"corrupt or truncated image: {e}") from None
     return img

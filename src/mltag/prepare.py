@@ -26,7 +26,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from mltag.common import Example, MltagError, atomic_path, read_labels, read_lst, write_labels, write_lst
+from mltag.common import (Example, MltagError, atomic_path, read_labels, read_lst, read_user_text, write_labels,
+                          write_lst)
 from mltag.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, inspect_image
 
 FORMATS = ("lst", "labels_json", "image_list", "folders", "csv")
@@ -74,7 +75,7 @@ def _labels_near(folder: Path) -> list[str]:
 
 def _json_kind(path: Path) -> str:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_user_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "invalid"
     if isinstance(data, dict):
@@ -120,7 +121,7 @@ def read_labels_json_dataset(src: Path) -> Dataset:
     jf = src if src.is_file() else src / "labels.json"
     root = jf.parent
     try:
-        data = json.loads(jf.read_text(encoding="utf-8"))
+        data = json.loads(read_user_text(jf))
     except FileNotFoundError:
         raise MltagError("file not found", jf) from None
     except json.JSONDecodeError as e:
@@ -167,7 +168,7 @@ def read_labels_json_dataset(src: Path) -> Dataset:
 
 def _json_vector_lines(jf: Path, n: int) -> list[int]:
     """Line number of each label vector (innermost numeric list), for messages."""
-    text = jf.read_text(encoding="utf-8")
+    text = read_user_text(jf)
     lines, stack, line, in_str, esc = [], [], 1, False, False
     for ch in text:
         if in_str:
@@ -204,8 +205,8 @@ def read_image_list_dataset(src: Path) -> Dataset:
     if lf is None or mf is None:
         raise MltagError("image_list format needs both image_list and image_label files", root)
     labels = _labels_near(root)
-    list_lines = [(i, ln) for i, ln in enumerate(lf.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
-    mat_lines = [(i, ln) for i, ln in enumerate(mf.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
+    list_lines = [(i, ln) for i, ln in enumerate(read_user_text(lf).splitlines(), 1) if ln.strip()]
+    mat_lines = [(i, ln) for i, ln in enumerate(read_user_text(mf).splitlines(), 1) if ln.strip()]
     if len(list_lines) != len(mat_lines):
         raise MltagError(
             f"{lf.name} has {len(list_lines)} entries but {mf.name} has {len(mat_lines)} rows; they must match line for line",
@@ -259,7 +260,7 @@ def read_csv_dataset(src: Path) -> Dataset:
     if _first(root, "labels.txt", "classes.txt"):
         known = _labels_near(root)
     rows = []
-    with open(cf, newline="", encoding="utf-8") as fh:
+    with io.StringIO(read_user_text(cf), newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:

@@ -95,6 +95,49 @@ def _score_pyfunc(model, images: list[Path], labels: list[str]) -> np.ndarray:
     return res[cols].to_numpy(np.float64)
 
 
+def fault_point(name: str) -> None:
+    """Test hook: ``MLTAG_FAULT=<name>`` kills this process with SIGKILL here (the fault-injection suite)."""
+    if os.environ.get("MLTAG_FAULT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def model_hash(model_dir: Path, thresholds: Path) -> str:
+    """SHA-256 over the model folder's files (names and bytes) and the thresholds: the version's identity."""
+    import hashlib
+
+    from mltag.common import sha256_file
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        if f.name in ("run.json", "config.json", "summary.json"):
+            continue  # run bookkeeping, not the model
+        h.update(f"{f.relative_to(model_dir).as_posix()}:{sha256_file(f)}\n".encode())
+    h.update(f"thresholds:{sha256_file(thresholds)}".encode())
+    return h.hexdigest()
+
+
+def _version_with_hash(client, model_name: str, content: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return None
+    found = [v for v in versions if (v.tags or {}).get("mltag.content_hash") == content]
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _alias(client, model_name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
 def gate(challenger_ap: np.ndarray, champion_ap: np.ndarray, labels: list[str], margin: float,
          max_label_ap_drop: float) -> tuple[bool, str]:
     """Decide promotion from per-label APs on the same test split; return (promote, reason)."""
@@ -134,7 +177,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     root = Path(images) if images else image_root_of(prepared)
     test_images = [root / ex.path for ex in test]
     y_test = np.array([ex.flags for ex in test], dtype=int).reshape(len(test), len(labels))
-    uri = tracking.setup(tracking_uri)
+    uri = tracking.setup_checked(tracking_uri)
     client = MlflowClient()
     run_id = run_id or tracking.run_id_of(model_dir)
     if run_id is None:
@@ -161,42 +204,68 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             if parity.get("fp32_max_abs_diff_vs_savedmodel", 0.0) > 1e-4:
                 raise MltagError(f"model.tflite differs from the SavedModel by "
                                  f"{parity['fp32_max_abs_diff_vs_savedmodel']:.2e} (> 1e-4); not registering")
+        # 1. Decide before touching the registry: a failure here leaves no version behind.
+        chall_map = float(np.nanmean(chall_ap))
+        content = model_hash(model_dir, thresholds)
+        existing = _version_with_hash(client, model_name, content)
+        champ = _alias(client, model_name, "champion")
+        result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": uri,
+                  "champion_version": None, "champion_test_map": None, "content_hash": content}
+        if champ is None:
+            promote, reason = True, "no champion yet"
+        elif existing is not None and champ.version == existing.version:
+            promote, reason = True, "already the champion (same model content)"
+        else:
+            champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
+            champ_ap = M.average_precisions(y_test, _score_pyfunc(champ_model, test_images, labels))
+            result["champion_version"] = int(champ.version)
+            result["champion_test_map"] = float(np.nanmean(champ_ap))
+            promote, reason = gate(chall_ap, champ_ap, labels, margin, max_label_ap_drop)
+        tags = {"mltag.content_hash": content, "mltag.test_map": f"{chall_map:.6f}", "mltag.labels": ",".join(labels),
+                "mltag.gate": ("promoted: " if promote else "kept: ") + reason}
+        fault_point("register:decided")
         with mlflow.start_run(run_id=run_id) as run:
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=MltagPyfunc(), artifacts={"model": str(bundle)},
-                code_paths=[str(Path(__file__).parent)], signature=signature, input_example=example,
-                pip_requirements=pip_requirements(), registered_model_name=model_name)
-            mv = info.registered_model_version
-            client.set_registered_model_alias(model_name, "challenger", mv)
-            chall_map = float(np.nanmean(chall_ap))
-            client.set_model_version_tag(model_name, mv, "mltag.test_map", f"{chall_map:.6f}")
-            client.set_model_version_tag(model_name, mv, "mltag.labels", ",".join(labels))
-            try:
-                champ = client.get_model_version_by_alias(model_name, "champion")
-            except mlflow.exceptions.MlflowException:
-                champ = None
-            result = {"model_name": model_name, "version": int(mv), "run_id": run.info.run_id,
-                      "challenger_test_map": chall_map, "tracking_uri": uri, "champion_version": None,
-                      "champion_test_map": None}
-            if champ is None:
-                promote, reason = True, "no champion yet"
+            result["run_id"] = run.info.run_id
+            # 2. One version per model content: a rerun (after a crash, or of the same folder) reuses it.
+            if existing is None:
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=MltagPyfunc(), artifacts={"model": str(bundle)},
+                    code_paths=[str(Path(__file__).parent)], signature=signature, input_example=example,
+                    pip_requirements=pip_requirements())
+                fault_point("register:logged")
+                mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)  # tags in the same call
             else:
-                champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
-                champ_ap = M.average_precisions(y_test, _score_pyfunc(champ_model, test_images, labels))
-                result["champion_version"] = int(champ.version)
-                result["champion_test_map"] = float(np.nanmean(champ_ap))
-                promote, reason = gate(chall_ap, champ_ap, labels, margin, max_label_ap_drop)
-            if promote:
-                client.set_registered_model_alias(model_name, "champion", mv)
-            client.set_model_version_tag(model_name, mv, "mltag.gate", ("promoted: " if promote else "kept: ") + reason)
+                mv = str(existing.version)
+                for k, v in tags.items():
+                    client.set_model_version_tag(model_name, mv, k, v)
+                print(f"register: this model content is already version {mv}; reusing it")
+            fault_point("register:created")
+            # 3. Aliases move only after the decision is recorded on the version.
+            try:
+                client.set_registered_model_alias(model_name, "challenger", mv)
+                fault_point("register:challenger")
+                if promote:
+                    now = _alias(client, model_name, "champion")
+                    now_v, scored_v = (now.version if now else None), (champ.version if champ else None)
+                    if now_v != scored_v and now_v != mv:
+                        promote = False  # another register moved it while we scored: compare again next time
+                        reason = (f"the champion moved to version {now_v} while this register was comparing with "
+                                  f"version {scored_v}; rerun register to compare with it")
+                        client.set_model_version_tag(model_name, mv, "mltag.gate", f"kept: {reason}")
+                    else:
+                        client.set_registered_model_alias(model_name, "champion", mv)
+                        fault_point("register:champion")
+            except Exception as e:
+                client.set_model_version_tag(model_name, mv, "mltag.register_error", f"{type(e).__name__}: {e}"[:500])
+                raise
             mlflow.log_metrics({"registered_test_map": chall_map})
             if tflite and "fp32_max_abs_diff_vs_savedmodel" in parity:
                 mlflow.log_metrics({f"tflite_{k}": v for k, v in parity.items()
                                     if isinstance(v, float) and k != "images"})
-            mlflow.set_tag("mltag.registered_version", str(mv))
+            mlflow.set_tag("mltag.registered_version", mv)
             if tflite:
                 result["tflite"] = parity
-            result.update({"promoted": promote, "reason": reason,
+            result.update({"version": int(mv), "promoted": promote, "reason": reason,
                            "aliases": ["challenger", "champion"] if promote else ["challenger"]})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,7 +282,7 @@ def promote(model_name: str, version: int | str, reason: str, user: str | None =
 
     from mltag import tracking
 
-    tracking.setup(tracking_uri)
+    tracking.setup_checked(tracking_uri)
     client = MlflowClient()
     try:
         client.get_model_version(model_name, str(version))

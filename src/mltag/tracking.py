@@ -14,6 +14,42 @@ def tracking_uri(explicit: str | None = None) -> str:
 
 _registry_set_here: str | None = None
 
+# MLflow's own defaults retry a dead server for minutes (7 retries, backoff, 120 s timeout)
+# before it says anything. mltag checks the server first and keeps MLflow's retries short;
+# set these variables yourself to override.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds when an http(s) tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from mltag.common import MltagError
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy's 401/403/404 is still a live server)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise MltagError(f"MLflow tracking server {uri} does not answer ({reason}). Start it or point "
+                         "MLFLOW_TRACKING_URI (or --tracking-uri) at a live one; nothing computed so far is "
+                         "lost, and rerunning this step alone finishes the job") from None
+
+
+def setup_checked(explicit: str | None = None) -> str:
+    """``setup`` plus a short reachability check of an http(s) server, for steps that must reach it."""
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    uri = setup(explicit)
+    check_reachable(uri)
+    return uri
+
 
 def setup(explicit: str | None = None) -> str:
     """Point mlflow at the tracking store; called by steps, never at import time."""

@@ -229,7 +229,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
 
     hparams = {"learning_rate": learning_rate, "epochs": epochs, "batch_size": batch_size,
                "hidden_units": hidden_units, "dropout": dropout, "seed": seed}
-    uri = tracking.setup(tracking_uri)
+    uri = tracking.setup_checked(tracking_uri)
     mlflow.set_experiment(experiment)
     t0 = time.time()
     with mlflow.start_run() as run:
