@@ -31,12 +31,24 @@ from mltag.prepare import SPLITS, image_root_of, load_prepared
 log = logging.getLogger(__name__)
 
 
+CACHE_FORMAT = "2"  # entries carry a checksum of their values; part of the key, so older entries are misses
+
+
+def _checksum(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=8).digest()
+
+
 class FeatureCache:
-    """A directory of ``<key>.npy`` float16 vectors, plus read-only extra directories."""
+    """A directory of ``<key>.npy`` float16 vectors, plus read-only extra directories.
+
+    Each entry is an ``.npy`` file followed by an 8-byte BLAKE2b checksum of its values. An
+    entry whose header, size, checksum or values (non-finite) do not check out is a miss,
+    counted in ``rejected``, and recomputed: bit rot or a partial overwrite is never trusted.
+    """
 
     def __init__(self, root: str | os.PathLike, backbone_id: str, image_size: int, extra: list | None = None):
         self.root = Path(root)
-        self.prefix = f"{backbone_id}|{image_size}|{PREPROCESSING_VERSION}|"
+        self.prefix = f"{backbone_id}|{image_size}|{PREPROCESSING_VERSION}|cache{CACHE_FORMAT}|"
         self.extra = [Path(p) for p in (extra or [])]
         self.dim: int | None = None
         self.rejected = 0  # entries that loaded but were not trusted
@@ -55,18 +67,42 @@ class FeatureCache:
         for root in (self.root, *self.extra):
             p = self._path(root, key)
             try:
-                v = np.load(p, allow_pickle=False)
+                data = p.read_bytes()
             except FileNotFoundError:
                 continue
-            except (ValueError, OSError, EOFError):
-                continue  # unreadable entry: recompute rather than trust it
-            if v.ndim != 1 or v.dtype != np.float16 or (self.dim and v.shape[0] != self.dim) \
-                    or not np.isfinite(v).all():
+            except OSError:
+                self.rejected += 1
+                continue
+            v = self._decode(data)
+            if v is None:  # damaged: recompute rather than trust it
                 self.rejected += 1
                 continue
             self.dim = self.dim or v.shape[0]
             return v
         return None
+
+    def _decode(self, data: bytes) -> np.ndarray | None:
+        """The vector of an entry, or None unless header, size, checksum and values all check out."""
+        if self.dim is not None and data.startswith(self._header(self.dim)):
+            hl, dim = len(self._header(self.dim)), self.dim
+        else:
+            import io
+
+            f = io.BytesIO(data)
+            try:
+                if np.lib.format.read_magic(f) != (1, 0):
+                    return None
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            except (ValueError, EOFError, OSError):
+                return None
+            if len(shape) != 1 or fortran or dtype != np.float16 or (self.dim and shape[0] != self.dim):
+                return None
+            hl, dim = f.tell(), shape[0]
+        body, check = data[hl: hl + 2 * dim], data[hl + 2 * dim:]
+        if len(body) != 2 * dim or check != _checksum(body):
+            return None
+        v = np.frombuffer(body, np.float16)
+        return v if np.isfinite(v).all() else None
 
     def put(self, key: str, vector: np.ndarray) -> None:
         p = self._path(self.root, key)
@@ -74,11 +110,12 @@ class FeatureCache:
             p.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(p.parent)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        v = np.ascontiguousarray(vector, dtype=np.float16)
+        body = np.ascontiguousarray(vector, dtype=np.float16).tobytes()
         try:
             with open(tmp, "wb") as f:
-                f.write(self._header(v.shape[0]))
-                f.write(v.tobytes())
+                f.write(self._header(len(body) // 2))
+                f.write(body)
+                f.write(_checksum(body))  # after the array: np.load ignores it, get() verifies it
             os.replace(tmp, p)
         except OSError as e:
             tmp.unlink(missing_ok=True)

@@ -22,9 +22,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 PREPROCESSING_VERSION = "pil-draft-bilinear-squash-v2"
 DEFAULT_MAX_PIXELS = 40_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-# The only decoders Pillow may use, whatever a file's name says. MPO is the multi-picture
-# JPEG many phones write. Everything else (EPS would reach Ghostscript, for one) is refused.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP")
+# The only decoders Pillow may use, whatever a file's name says (JPEG also opens the
+# multi-picture MPO files phones write). Everything else (EPS would reach Ghostscript) is refused.
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
 
 
 class BadImage(Exception):

@@ -26,8 +26,16 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from mltag.common import (Example, MltagError, atomic_path, read_labels, read_lst, read_user_text, write_labels,
-                          write_lst)
+from mltag.common import (
+    Example,
+    MltagError,
+    atomic_path,
+    read_labels,
+    read_lst,
+    read_user_text,
+    write_labels,
+    write_lst,
+)
 from mltag.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, inspect_image
 
 FORMATS = ("lst", "labels_json", "image_list", "folders", "csv")

@@ -213,7 +213,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                   "champion_version": None, "champion_test_map": None, "content_hash": content}
         if champ is None:
             promote, reason = True, "no champion yet"
-        elif existing is not None and champ.version == existing.version:
+        elif existing is not None and str(champ.version) == str(existing.version):
             promote, reason = True, "already the champion (same model content)"
         else:
             champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
@@ -246,7 +246,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                 fault_point("register:challenger")
                 if promote:
                     now = _alias(client, model_name, "champion")
-                    now_v, scored_v = (now.version if now else None), (champ.version if champ else None)
+                    now_v, scored_v = (str(now.version) if now else None), (str(champ.version) if champ else None)
                     if now_v != scored_v and now_v != mv:
                         promote = False  # another register moved it while we scored: compare again next time
                         reason = (f"the champion moved to version {now_v} while this register was comparing with "

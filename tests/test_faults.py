@@ -1,0 +1,267 @@
+"""Fault injection with real processes: kill -9 at named points, damaged cache entries, hostile input,
+an unreachable or stopped MLflow server. Each fault must give a clear error (exit 2, no traceback) or
+be repaired, and a rerun must converge to what one clean run produces."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from mltag.bottleneck import FeatureCache, bottleneck
+from mltag.calibrate import calibrate
+from mltag.evaluate import evaluate
+from mltag.prepare import prepare
+from mltag.train import train
+
+
+def _steps_until_register(tmp, dataset, backbone):
+    prepare(dataset, tmp / "prepared", progress=False)
+    bottleneck(tmp / "prepared", tmp / "bn", handle=str(backbone), cache_dir=tmp / "cache", progress=False)
+    train(tmp / "bn", tmp / "model", learning_rate=0.05, epochs=150, patience=30, progress=False)
+    evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "ev.json", bootstrap=20)
+    calibrate(tmp / "eval", tmp / "model", tmp / "th.json", tmp / "ca.json", bottlenecks=tmp / "bn", progress=False)
+
+
+def _register_cli(tmp, name, env=None, check=False):
+    return run_cli("register", "--model", str(tmp / "model"), "--thresholds", str(tmp / "th.json"), "--prepared",
+                   str(tmp / "prepared"), "--out", str(tmp / "rg.json"), "--model-name", name, "--tflite", "false",
+                   cwd=tmp, env=env, check=check)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["register:decided", "register:logged", "register:created",
+                                   "register:challenger", "register:champion"])
+def test_register_killed_at_any_point_converges_on_rerun(tmp_path, colour_dataset, fake_backbone, mlflow_store, point):
+    from mlflow import MlflowClient
+
+    _steps_until_register(tmp_path, colour_dataset, fake_backbone)
+    killed = _register_cli(tmp_path, "faulty", env={"MLTAG_FAULT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    again = _register_cli(tmp_path, "faulty", check=True)
+    client = MlflowClient()
+    versions = client.search_model_versions("name='faulty'")
+    assert len(versions) == 1, f"{point}: {len(versions)} versions after the rerun"
+    v = versions[0]
+    assert v.tags["mltag.gate"].startswith("promoted: ") and "mltag.content_hash" in v.tags
+    assert str(client.get_model_version_by_alias("faulty", "champion").version) == str(v.version)
+    assert str(client.get_model_version_by_alias("faulty", "challenger").version) == str(v.version)
+    # and a third run of the same folder changes nothing
+    _register_cli(tmp_path, "faulty", check=True)
+    assert len(client.search_model_versions("name='faulty'")) == 1
+    assert "version 1" in again.stdout
+
+
+def test_register_failing_at_scoring_leaves_the_registry_unchanged(tmp_path, colour_dataset, fake_backbone,
+                                                                  mlflow_store):
+    """A champion that cannot score the new label set: the stage fails and no version is left behind."""
+    from mlflow import MlflowClient
+
+    from mltag.common import MltagError
+    from mltag.register import register
+
+    _steps_until_register(tmp_path, colour_dataset, fake_backbone)
+    register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json",
+             model_name="labels", tflite=False)
+    # Same model, but the prepared test split now claims a fourth label the champion does not score.
+    prepared = tmp_path / "prepared"
+    (prepared / "labels.txt").write_text("red\ngreen\nblue\npurple\n")
+    for split in ("train", "val", "test"):
+        f = prepared / f"{split}.lst"
+        f.write_text("".join(f"{ln.rsplit(chr(9), 1)[0]}\t0\t{ln.rsplit(chr(9), 1)[1]}\n"
+                             for ln in f.read_text().splitlines() if ln.strip()))
+    (tmp_path / "model" / "extra.txt").write_text("changes the content hash\n")
+    client = MlflowClient()
+    before = [(v.version, dict(v.tags)) for v in client.search_model_versions("name='labels'")]
+    with pytest.raises(MltagError):
+        register(tmp_path / "model", tmp_path / "th.json", prepared, tmp_path / "rg2.json", model_name="labels",
+                 tflite=False)
+    after = [(v.version, dict(v.tags)) for v in client.search_model_versions("name='labels'")]
+    assert after == before
+    assert str(client.get_model_version_by_alias("labels", "challenger").version) == "1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder, port):
+    """A real ``mlflow server`` on 127.0.0.1 with its store under ``folder`` (restartable on the same store)."""
+    from test_mlflow_server import start, wait_http
+
+    folder.mkdir(exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    proc = start([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                  "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+                 dict(os.environ), folder / f"server-{time.time():.0f}.log")
+    wait_http(f"http://127.0.0.1:{port}/health", proc)
+    return proc
+
+
+def stop_server(proc):
+    from test_mlflow_server import stop
+
+    stop(proc)
+
+
+def test_unreachable_mlflow_fails_within_seconds_naming_the_uri(tmp_path, colour_dataset, fake_backbone):
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "cache",
+               progress=False)
+    uri = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.time()
+    p = run_cli("train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "model"), cwd=tmp_path,
+                env={"MLFLOW_TRACKING_URI": uri}, check=False)
+    took = time.time() - t0
+    assert p.returncode == 2 and uri in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert took < 15, f"took {took:.0f} s"
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_server_stopped_between_train_and_register_then_restarted(tmp_path, colour_dataset, fake_backbone):
+    """register against a dead server: clear error in seconds, model folder kept; after a restart, register alone."""
+    port = _free_port()
+    server = start_server(tmp_path / "srv", port)
+    uri = f"http://127.0.0.1:{port}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    try:
+        run_cli("prepare", "--input", str(colour_dataset), "--out", str(tmp_path / "prepared"), cwd=tmp_path, env=env)
+        run_cli("bottleneck", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "bn"), "--handle",
+                str(fake_backbone), "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path, env=env)
+        run_cli("train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "model"), "--learning-rate",
+                "0.05", cwd=tmp_path, env=env)
+        run_cli("evaluate", "--model", str(tmp_path / "model"), "--bottlenecks", str(tmp_path / "bn"), "--prepared",
+                str(tmp_path / "prepared"), "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "ev.json"),
+                "--bootstrap", "20", cwd=tmp_path, env=env)
+        run_cli("calibrate", "--evaluation", str(tmp_path / "eval"), "--model", str(tmp_path / "model"),
+                "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "th.json"), "--metrics",
+                str(tmp_path / "ca.json"), cwd=tmp_path, env=env)
+    finally:
+        stop_server(server)
+    t0 = time.time()
+    p = _register_cli(tmp_path, "restart", env=env)
+    assert p.returncode == 2 and uri in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert time.time() - t0 < 15
+    assert (tmp_path / "model" / "model.json").is_file()
+    server = start_server(tmp_path / "srv", port)
+    try:
+        done = _register_cli(tmp_path, "restart", env=env, check=True)
+        assert "version 1 promoted to champion" in done.stdout
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "nan", "wrong_shape"])
+def test_damaged_cache_entries_are_recomputed_never_trusted(tmp_path, colour_dataset, fake_backbone, damage):
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    first = bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone),
+                       cache_dir=tmp_path / "cache", progress=False)
+    entries = sorted((tmp_path / "cache").rglob("*.npy"))
+    victim = entries[0]
+    good = np.load(victim)
+    header = victim.read_bytes()[:128]
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:40])
+    elif damage == "garbage":
+        victim.write_bytes(header + os.urandom(len(victim.read_bytes()) - 128))
+    elif damage == "nan":
+        np.save(victim, np.full_like(good, np.nan))
+    else:
+        np.save(victim, np.zeros(good.shape[-1] + 3, good.dtype))
+    again = bottleneck(tmp_path / "prepared", tmp_path / "bn2", handle=str(fake_backbone),
+                       cache_dir=tmp_path / "cache", progress=False)
+    assert again["computed"] == 1 and again["cached"] == first["computed"] - 1, again
+    assert again["untrusted_entries"] == 1
+    np.testing.assert_array_equal(np.load(victim), good)
+    for split in ("train", "val", "test"):
+        a, b = np.load(tmp_path / "bn" / f"{split}.npz"), np.load(tmp_path / "bn2" / f"{split}.npz")
+        np.testing.assert_array_equal(a["features"], b["features"])
+
+
+def test_garbage_with_a_valid_header_is_caught_by_the_checksum(tmp_path):
+    """Bit rot inside the data of a finite float16 vector still loads as numbers; the stored hash catches it."""
+    cache = FeatureCache(tmp_path / "c", "backbone-x", 32)
+    vec = np.linspace(-1, 1, 16).astype(np.float16)
+    key = cache.key("a" * 64, 0)
+    cache.put(key, vec)
+    f = next((tmp_path / "c").rglob("*.npy"))
+    data = bytearray(f.read_bytes())
+    data[-4] ^= 0x01  # one flipped bit in the last values: still finite, still the right shape
+    f.write_bytes(bytes(data))
+    assert cache.get(key) is None and cache.rejected == 1
+
+
+def test_eps_renamed_jpg_is_refused_everywhere(tmp_path):
+    from mltag.images import BadImage, load_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
+    f = tmp_path / "evil.jpg"
+    f.write_bytes(eps)
+    with pytest.raises(BadImage, match="supported format"):
+        load_image(f, 32)
+    with pytest.raises(BadImage, match="supported format"):
+        load_image(eps, 32)  # serving decodes bytes through the same function
+
+
+def test_bom_and_non_utf8_label_files(tmp_path, colour_dataset):
+    from mltag.common import MltagError, read_labels
+
+    bom = tmp_path / "labels.txt"
+    bom.write_bytes("\ufeffdesert\nsea\n".encode("utf-8"))
+    assert read_labels(bom) == ["desert", "sea"]
+    csv_dir = tmp_path / "csvdata"
+    (csv_dir / "images").mkdir(parents=True)
+    rows = ["\ufeffpath,labels"]
+    for i, img in enumerate(sorted((colour_dataset / "images").iterdir())[:20]):
+        (csv_dir / "images" / img.name).write_bytes(img.read_bytes())
+        rows.append(f"images/{img.name},{'red' if i % 2 else 'blue'}")
+    (csv_dir / "data.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    r = prepare(csv_dir, tmp_path / "prep", progress=False)
+    assert r["format"] == "csv" and r["images_used"] == 20
+    latin = tmp_path / "latin" / "labels.txt"
+    latin.parent.mkdir()
+    latin.write_bytes(b"desert\nfor\xeat\n")
+    with pytest.raises(MltagError, match=r"labels.txt:2: not UTF-8"):
+        read_labels(latin)
+
+
+def test_read_only_output_and_cache_are_clear_errors(tmp_path, colour_dataset, fake_backbone):
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    ro = tmp_path / "ro"
+    if os.geteuid() == 0:  # root writes through permissions: a file where a folder must be fails the same way
+        ro.write_text("not a folder\n")
+    else:
+        ro.mkdir()
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        p = run_cli("bottleneck", "--prepared", str(tmp_path / "prepared"), "--out", str(ro / "bn"), "--handle",
+                    str(fake_backbone), "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path, check=False)
+        assert p.returncode == 2 and str(ro) in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+        p = run_cli("bottleneck", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "bn"), "--handle",
+                    str(fake_backbone), "--cache-dir", str(ro / "cache"), cwd=tmp_path, check=False)
+        assert p.returncode == 2 and str(ro) in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    finally:
+        ro.chmod(stat.S_IRWXU)
+    assert not (tmp_path / "bn").exists()
+
+
+def test_a_bug_still_shows_its_traceback_and_exit_1(tmp_path):
+    """Only user errors are one line: anything else is a bug, and hiding it would hide the cause."""
+    code = ("import sys; from mltag import cli\n"
+            "def boom(args): raise ZeroDivisionError('bug')\n"
+            "cli._dispatch = boom\nsys.exit(cli.main(['metrics']))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" in p.stderr and "ZeroDivisionError" in p.stderr
