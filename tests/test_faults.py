@@ -265,3 +265,17 @@ def test_a_bug_still_shows_its_traceback_and_exit_1(tmp_path):
             "cli._dispatch = boom\nsys.exit(cli.main(['metrics']))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 1 and "Traceback" in p.stderr and "ZeroDivisionError" in p.stderr
+
+
+def test_predict_names_the_bad_file_and_still_labels_the_others(tmp_path, colour_dataset, fake_backbone,
+                                                               mlflow_store):
+    _steps_until_register(tmp_path, colour_dataset, fake_backbone)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = colour_dataset / "images" / "0001.jpg"
+    p = run_cli("predict", "--model", str(tmp_path / "model"), str(good), str(bad), str(tmp_path / "gone.jpg"),
+                cwd=tmp_path, check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"{good}:" in p.stdout and str(bad) not in p.stdout
+    assert f"{bad}:" in p.stderr and f"{tmp_path / 'gone.jpg'}: file not found" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -336,11 +336,18 @@ def _show_metrics(args) -> None:
 
 def _predict(args) -> int:
     from mltag.common import MltagError as Err
-    from mltag.images import BadImage
+    from mltag.images import BadImage, check_image
 
+    bad = []
     for img in args.images:
-        if not Path(img).is_file():
-            raise Err("image not found", img)
+        try:
+            check_image(img)
+        except BadImage as e:
+            bad.append(img)
+            print(f"mltag: error: {img}: {e}", file=sys.stderr)
+    args.images = [img for img in args.images if img not in bad]
+    if not args.images:
+        return 2
     model = args.model
     if model is None:
         from mltag.config import load_params
@@ -387,7 +394,10 @@ def _predict(args) -> int:
         else:
             lab = ", ".join(f"{lb} ({r['scores'][lb]:.2f})" for lb in r["labels"]) or "(no label)"
             print(f"{path}: {lab}")
-    return 0
+    if bad:
+        print(f"mltag: {len(bad)} of {len(bad) + len(args.images)} images could not be read (named above); "
+              "the others are labelled", file=sys.stderr)
+    return 2 if bad else 0
 
 
 def _pipeline(args) -> int:

@@ -103,6 +103,11 @@ def load_image(src: str | os.PathLike | bytes, size: int, max_pixels: int = DEFA
     return np.asarray(img, dtype=np.uint8)
 
 
+def check_image(src: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Raise ``BadImage`` (missing, empty, unsupported, corrupt, too large) unless ``src`` fully decodes."""
+    _open(src, max_pixels)
+
+
 def inspect_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Check a file fully decodes; return its content hash, perceptual hash, size and mode.
 
