@@ -51,7 +51,7 @@ def _gpu_executors(spec: dict, platform: dict) -> dict[str, dict]:
     for name, ex in spec["deploymentSpec"]["executors"].items():
         acc = ex["container"].get("resources", {}).get("accelerator")
         if acc:
-            assert acc == {"resourceType": "nvidia.com/gpu", "resourceCount": "1"}, name
+            assert (acc["resourceType"], acc["resourceCount"]) == ("nvidia.com/gpu", "1"), name
             out[name] = dict(k8s[name], env=ex["container"].get("env", []), image=ex["container"]["image"])
     return out
 
