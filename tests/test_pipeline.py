@@ -119,7 +119,7 @@ def test_dag_shape_parallelfor_and_no_cache_on_register(compiled):
     tasks = spec["root"]["dag"]["tasks"]
     loops = [t for t in tasks.values() if "parameterIterator" in t]
     assert len(loops) == 1 and loops[0]["iteratorPolicy"]["parallelismLimit"] == 4
-    assert set(tasks["train"]["dependentTasks"]) == {"bottleneck"}
+    assert set(tasks["train"]["dependentTasks"]) == {"bottleneck", "prepare"}  # fine_tune reads images
     assert "train" in tasks["register"]["dependentTasks"] and "calibrate" in tasks["register"]["dependentTasks"]
     assert tasks["register"].get("cachingOptions", {}).get("enableCache") is not True
     assert tasks["train"]["cachingOptions"]["enableCache"] is True
