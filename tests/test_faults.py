@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from test_mlflow_server import free_port, start_server, stop
 
 from conftest import run_cli
 from mltag.bottleneck import FeatureCache, bottleneck
@@ -90,37 +89,11 @@ def test_register_failing_at_scoring_leaves_the_registry_unchanged(tmp_path, col
     assert str(client.get_model_version_by_alias("labels", "challenger").version) == "1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(folder, port):
-    """A real ``mlflow server`` on 127.0.0.1 with its store under ``folder`` (restartable on the same store)."""
-    from test_mlflow_server import start, wait_http
-
-    folder.mkdir(exist_ok=True)
-    bin_dir = Path(sys.executable).parent
-    proc = start([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                  "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                  "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-                 dict(os.environ), folder / f"server-{time.time():.0f}.log")
-    wait_http(f"http://127.0.0.1:{port}/health", proc)
-    return proc
-
-
-def stop_server(proc):
-    from test_mlflow_server import stop
-
-    stop(proc)
-
-
 def test_unreachable_mlflow_fails_within_seconds_naming_the_uri(tmp_path, colour_dataset, fake_backbone):
     prepare(colour_dataset, tmp_path / "prepared", progress=False)
     bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "cache",
                progress=False)
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.time()
     p = run_cli("train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "model"), cwd=tmp_path,
                 env={"MLFLOW_TRACKING_URI": uri}, check=False)
@@ -133,7 +106,7 @@ def test_unreachable_mlflow_fails_within_seconds_naming_the_uri(tmp_path, colour
 @pytest.mark.slow
 def test_server_stopped_between_train_and_register_then_restarted(tmp_path, colour_dataset, fake_backbone):
     """register against a dead server: clear error in seconds, model folder kept; after a restart, register alone."""
-    port = _free_port()
+    port = free_port()
     server = start_server(tmp_path / "srv", port)
     uri = f"http://127.0.0.1:{port}"
     env = {"MLFLOW_TRACKING_URI": uri}
@@ -150,7 +123,7 @@ def test_server_stopped_between_train_and_register_then_restarted(tmp_path, colo
                 "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "th.json"), "--metrics",
                 str(tmp_path / "ca.json"), cwd=tmp_path, env=env)
     finally:
-        stop_server(server)
+        stop(server)
     t0 = time.time()
     p = _register_cli(tmp_path, "restart", env=env)
     assert p.returncode == 2 and uri in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
@@ -161,7 +134,7 @@ def test_server_stopped_between_train_and_register_then_restarted(tmp_path, colo
         done = _register_cli(tmp_path, "restart", env=env, check=True)
         assert "version 1 promoted to champion" in done.stdout
     finally:
-        stop_server(server)
+        stop(server)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "nan", "wrong_shape"])

@@ -55,16 +55,27 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=20)
 
 
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1 with its store under ``folder`` (restartable on the same store)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    proc = start([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                  "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+                 dict(os.environ), folder / f"server-{time.time():.0f}.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
-    bin_dir = Path(sys.executable).parent
-    proc = start([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                  "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                  "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                 dict(os.environ), tmp_path / "server.log")
+    proc = start_server(tmp_path, port)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)

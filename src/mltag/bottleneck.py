@@ -83,8 +83,9 @@ class FeatureCache:
 
     def _decode(self, data: bytes) -> np.ndarray | None:
         """The vector of an entry, or None unless header, size, checksum and values all check out."""
-        if self.dim is not None and data.startswith(self._header(self.dim)):
-            hl, dim = len(self._header(self.dim)), self.dim
+        known = self._header(self.dim) if self.dim is not None else None
+        if known is not None and data.startswith(known):
+            hl, dim = len(known), self.dim
         else:
             import io
 
@@ -138,14 +139,19 @@ def view_seed(content_sha: str, view: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{content_sha}|{view}".encode()).digest()[:8], "little")
 
 
-def _decode(job, image_size: int) -> np.ndarray:
-    key, path, source, sha, view = job
+def decode_view(path, sha: str, view: int, image_size: int, source: str | None = None) -> np.ndarray:
+    """The pixels of view ``view`` of an image: 0 the plain one, else a deterministic augmented one."""
     try:
         if view == 0:
             return load_image(path, image_size)
         return augmented_view(path, image_size, view_seed(sha, view))
     except BadImage as e:
         raise MltagError(f"{path}: {e}", source) from None
+
+
+def _decode(job, image_size: int) -> np.ndarray:
+    key, path, source, sha, view = job
+    return decode_view(path, sha, view, image_size, source)
 
 
 def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCache, engine, image_size: int,

@@ -30,15 +30,23 @@ ENGINES = ("auto", "litert", "tf")
 CONVERTER_VERSION = "1"
 
 
-def gpu_visible() -> bool:
-    """True when TensorFlow sees a GPU. Skips importing TF when no NVIDIA device exists at all."""
+def gpu_missing_reason() -> str | None:
+    """Why TensorFlow cannot use a GPU here, or None when it can. Skips importing TF when no NVIDIA device exists."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
+        return f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} hides every device"
     if not (Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()):
-        return False
+        return "the node exposes no NVIDIA device (no /dev/nvidia0): check the GPU node pool and its device plugin"
     import tensorflow as tf
 
-    return bool(tf.config.list_physical_devices("GPU"))
+    if not tf.config.list_physical_devices("GPU"):
+        return ("an NVIDIA device exists but TensorFlow cannot use it: the image is not the GPU build "
+                "(set pipeline.gpu_image to a CUDA image of mltag, e.g. built FROM tensorflow/tensorflow:*-gpu)")
+    return None
+
+
+def gpu_visible() -> bool:
+    """True when TensorFlow sees a GPU."""
+    return gpu_missing_reason() is None
 
 
 REQUIRE_GPU_ENV = "MLTAG_REQUIRE_GPU"
@@ -52,17 +60,10 @@ def require_gpu(step: str) -> None:
     """
     if os.environ.get(REQUIRE_GPU_ENV, "") != "1":
         return
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        why = f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} hides every device"
-    elif not (Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()):
-        why = "the node exposes no NVIDIA device (no /dev/nvidia0): check the GPU node pool and its device plugin"
-    elif not gpu_visible():
-        why = ("an NVIDIA device exists but TensorFlow cannot use it: the image is not the GPU build "
-               "(set pipeline.gpu_image to a CUDA image of mltag, e.g. built FROM tensorflow/tensorflow:*-gpu)")
-    else:
-        return
-    raise MltagError(f"{step}: this step was placed on the GPU pool but has no GPU: {why}. "
-                     f"To run it on CPU anyway, compile with pipeline.allow_cpu: true (or unset {REQUIRE_GPU_ENV})")
+    why = gpu_missing_reason()
+    if why is not None:
+        raise MltagError(f"{step}: this step was placed on the GPU pool but has no GPU: {why}. "
+                         f"To run it on CPU anyway, compile with pipeline.allow_cpu: true (or unset {REQUIRE_GPU_ENV})")
 
 
 def resolve_engine(engine: str) -> str:

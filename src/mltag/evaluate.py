@@ -128,13 +128,9 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         from mltag.model import InferenceModel
 
         model = InferenceModel(model_dir)
-    if fine_tuned:
-        s_va = model.scores([Path(images) / str(p) for p in p_va])
-        s_te = model.scores([Path(images) / str(p) for p in p_te], tta=tta)
-    else:
-        s_va, s_te = head_scores(model_dir, x_va), head_scores(model_dir, x_te)
-        if tta != "none":
-            s_te = model.scores([Path(images) / str(p) for p in p_te], tta=tta)
+    s_va = model.scores([Path(images) / str(p) for p in p_va]) if fine_tuned else head_scores(model_dir, x_va)
+    s_te = model.scores([Path(images) / str(p) for p in p_te], tta=tta) if fine_tuned or tta != "none" \
+        else head_scores(model_dir, x_te)
     result = M.compute(y_te, s_te, 0.5, labels)
     result["tta"] = tta
     result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=bootstrap, seed=seed)

@@ -45,39 +45,9 @@ def builtin_name(handle: str) -> str:
 
 
 def _pixels(paths: list[Path], shas: list[str], view: int, size: int) -> np.ndarray:
-    from mltag.bottleneck import view_seed
-    from mltag.images import BadImage, augmented_view, load_image
+    from mltag.bottleneck import decode_view
 
-    def one(item):
-        path, sha = item
-        try:
-            return load_image(path, size) if view == 0 else augmented_view(path, size, view_seed(sha, view))
-        except BadImage as e:
-            raise MltagError(f"{path}: {e}") from None
-
-    return np.stack(list(imap_ordered(one, list(zip(paths, shas))))) if paths else np.zeros((0, size, size, 3),
-                                                                                              np.uint8)
-
-
-class _Bar:
-    """A tqdm bar when ``progress``, else nothing."""
-
-    def __init__(self, total: int, desc: str, progress: bool):
-        self.bar = None
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
-
-    def update(self, n: int, **post) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-            if post:
-                self.bar.set_postfix(post)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return np.stack(list(imap_ordered(lambda item: decode_view(*item, view, size), list(zip(paths, shas)))))
 
 
 def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]], y_tr: np.ndarray,
@@ -97,10 +67,11 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
         ``(LiteNet with the tuned weights, head weights, history dict)``.
     """
     import tensorflow as tf
+    from tqdm import tqdm
 
-    from mltag import metrics as M
     from mltag.backbone import LiteNet
     from mltag.engine import gpu_visible
+    from mltag.train import validation_metrics
 
     name = builtin_name(handle)
     net = LiteNet(name)
@@ -108,8 +79,7 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
         raise MltagError(f"train.fine_tune_blocks must be 1..{net.n_blocks} for {name}, got {blocks}")
     if mixed_precision not in ("auto", "true", "false", True, False):
         raise MltagError(f"train.mixed_precision must be auto, true or false, got {mixed_precision!r}")
-    on_gpu = gpu_visible() and bool(tf.config.list_physical_devices("GPU"))
-    half = on_gpu if mixed_precision == "auto" else mixed_precision in ("true", True)
+    half = gpu_visible() if mixed_precision == "auto" else mixed_precision in ("true", True)
     dtype = "float16" if half else "float32"
     k = net.n_blocks - blocks
     tf.random.set_seed(seed)
@@ -118,7 +88,8 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     # 1. The frozen bottom, once per view.
     bottom = tf.function(lambda x: net.bottom(x, k))
     n_views = len(train_items) * views + len(val_items)
-    bar = _Bar(n_views, f"fine-tune: frozen blocks 0-{k - 1}, {views} view(s)", progress)
+    bar = tqdm(total=n_views, desc=f"fine-tune: frozen blocks 0-{k - 1}, {views} view(s)", unit="img", leave=False,
+               disable=not progress)
 
     def maps(items, view):
         out = []
@@ -183,30 +154,30 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
         tf.cond(finite, apply, back_off)
         return loss
 
-    score_fn = tf.function(lambda x: tf.sigmoid(logits(x, False)))
+    logit_fn = tf.function(lambda x: logits(x, False))
 
-    def scores(x):
-        return np.concatenate([score_fn(tf.constant(x[i: i + 64])).numpy() for i in range(0, len(x), 64)])
+    def val_logits(x):
+        return np.concatenate([logit_fn(tf.constant(x[i: i + 64])).numpy() for i in range(0, len(x), 64)])
 
     history: dict[str, list[float]] = {"loss": [], "val_loss": [], "val_map": []}
     best, best_weights, since = None, None, 0
     n_steps = epochs * len(x_tr)
-    bar = _Bar(n_steps, f"fine-tune: blocks {k}-{net.n_blocks - 1} + head", progress)
+    bar = tqdm(total=n_steps, desc=f"fine-tune: blocks {k}-{net.n_blocks - 1} + head", unit="img", leave=False,
+               disable=not progress)
     t1 = time.perf_counter()
     for epoch in range(epochs):
+        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}")
         order = rng.permutation(len(x_tr))
         losses = []
         for i in range(0, len(order), batch_size):
             idx = order[i: i + batch_size]
             losses.append(float(step(tf.constant(x_tr[idx]), tf.constant(y_fit[idx]))) * len(idx))
-            bar.update(len(idx), epoch=f"{epoch + 1}/{epochs}")
+            bar.update(len(idx))
         history["loss"].append(float(np.sum(losses) / len(x_tr)))
         if x_va is not None:
-            s = np.clip(scores(x_va), 1e-7, 1 - 1e-7)
-            yv = np.asarray(y_va, np.float32)
-            history["val_loss"].append(float(-np.mean(yv * np.log(s) + (1 - yv) * np.log(1 - s))))
-            ap = M.average_precisions(yv, s)
-            history["val_map"].append(float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0)
+            val_loss, val_map = validation_metrics(val_logits(x_va), y_va)
+            history["val_loss"].append(val_loss)
+            history["val_map"].append(val_map)
             value = history["val_loss"][-1]
         else:
             value = history["loss"][-1]

@@ -83,6 +83,14 @@ def _bce(z: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
 
 
+def validation_metrics(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Binary cross-entropy and mAP of validation logits ``z`` (what early stopping watches)."""
+    from mltag import metrics as M
+
+    ap = M.average_precisions(np.asarray(y), 1.0 / (1.0 + np.exp(-z)))
+    return _bce(z, np.asarray(y, np.float32)), float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
+
+
 def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: np.ndarray | None, *,
              learning_rate: float, epochs: int, batch_size: int, hidden_units: int, dropout: float,
              patience: int = 0, monitor: str = "val_loss", seed: int = 42, progress: bool = False):
@@ -92,8 +100,6 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
         ``(NumpyHead, history dict, monitored key)``; history holds ``loss`` and, with
         validation data, ``val_loss`` and ``val_map`` per epoch.
     """
-    from mltag import metrics as M
-
     rng = np.random.default_rng(seed)
     x_tr = np.ascontiguousarray(x_tr, np.float32)
     y_tr = np.asarray(y_tr, np.float32)
@@ -137,9 +143,9 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
         history["loss"].append(float(np.sum(losses) / len(x_tr)))
         if has_val:
             zv, _ = head.logits(np.asarray(x_va, np.float32))
-            history["val_loss"].append(_bce(zv, np.asarray(y_va, np.float32)))
-            ap = M.average_precisions(np.asarray(y_va), 1.0 / (1.0 + np.exp(-zv)))
-            history["val_map"].append(float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0)
+            val_loss, val_map = validation_metrics(zv, y_va)
+            history["val_loss"].append(val_loss)
+            history["val_map"].append(val_map)
         value = history[mon][-1]
         better = best is None or (value < best if mon.endswith("loss") else value > best)
         if better:
@@ -217,8 +223,8 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
         if images is None or not Path(images).is_dir():
             raise MltagError("train.mode fine_tune reads the images: pass the prepared folder (--prepared)", images)
     labels = read_labels(Path(bottlenecks) / "labels.txt")
-    x_tr, y_tr, _ = load_split(bottlenecks, "train")
-    x_va, y_va, _ = load_split(bottlenecks, "val")
+    x_tr, y_tr, p_tr = load_split(bottlenecks, "train")
+    x_va, y_va, p_va = load_split(bottlenecks, "val")
     x_fit, y_fit = with_views(x_tr, y_tr, load_views(bottlenecks, "train"))
     if len(x_tr) == 0:
         raise MltagError("the train split is empty", Path(bottlenecks) / "train.npz")
@@ -242,7 +248,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
                                       progress=progress, **hparams)
         ft = None
         if mode == "fine_tune":
-            net, head.weights, ft = _fine_tune(meta, images, bottlenecks, y_tr, y_va, head.weights, blocks=fine_tune_blocks,
+            net, head.weights, ft = _fine_tune(meta, images, p_tr, y_tr, p_va, y_va, head.weights, blocks=fine_tune_blocks,
                                                epochs=fine_tune_epochs, learning_rate=fine_tune_learning_rate,
                                                patience=fine_tune_patience, batch_size=batch_size, dropout=dropout,
                                                seed=seed, mixed_precision=mixed_precision, progress=progress)
@@ -322,14 +328,13 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
     return summary
 
 
-def _fine_tune(meta: dict, images, bottlenecks, y_tr, y_va, head_weights, **kw):
-    """Run ``finetune.fine_tune`` on the train and val images listed in the bottleneck folder."""
+def _fine_tune(meta: dict, images, p_tr, y_tr, p_va, y_va, head_weights, **kw):
+    """Run ``finetune.fine_tune`` on the train and val images (paths as listed in the bottleneck folder)."""
     from mltag.bottleneck import hash_files
     from mltag.finetune import fine_tune
 
     items = {}
-    for split in ("train", "val"):
-        _, _, paths = load_split(bottlenecks, split)
+    for split, paths in (("train", p_tr), ("val", p_va)):
         files = [Path(images) / str(p) for p in paths]
         for f in files:
             if not f.is_file():
