@@ -11,15 +11,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TF_CPP_MIN_LOG_LEVEL=2
 
 WORKDIR /opt/mltag
-COPY pyproject.toml README.md params.yaml ./
-COPY src ./src
-COPY components ./components
-COPY pipeline ./pipeline
-
-# Pinned dependencies come from pyproject.toml; the GPU variant adds TensorFlow's CUDA wheels.
-RUN pip install --no-cache-dir . \
+# Dependencies first, from the lock file (`make lock`), so a code change reuses this layer;
+# the GPU variant adds TensorFlow's CUDA wheels.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir -r requirements.lock \
     && if [ "$TF_VARIANT" = "gpu" ]; then pip install --no-cache-dir "tensorflow[and-cuda]==2.21.0"; fi \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin mltag
+
+# Then the package itself, without re-resolving anything.
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install --no-cache-dir --no-deps .
 
 USER 10001
 WORKDIR /home/mltag

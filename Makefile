@@ -6,18 +6,20 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install demo test test-fast lint compile clean
+.PHONY: install demo test test-fast lint compile lock clean
 
-$(VENV)/.installed: pyproject.toml
+# Exact versions from the lock file (the same one the Docker image uses), then mltag itself.
+$(VENV)/.installed: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: install
-	dvc repro
+	dvc repro -q
 	mltag metrics
 	mltag predict data/demo/images/00001.jpg data/demo/images/00002.jpg data/demo/images/00003.jpg
 
@@ -35,6 +37,14 @@ lint: install
 
 compile: install
 	mltag pipeline compile
+
+# Re-resolve the lock files after changing pyproject.toml (needs network access to PyPI).
+lock: install
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra kubeflow --extra dvc --python-version 3.11 \
+		--python-platform x86_64-unknown-linux-gnu --no-header --annotation-style line -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+		--python-platform x86_64-unknown-linux-gnu --no-header --annotation-style line -o requirements-dev.lock
 
 clean:
 	rm -rf data models reports metrics plots mlflow.db mlruns mlartifacts .mltag-cache

@@ -37,12 +37,12 @@ CALIBRATIONS = {  # name -> calibrate() keywords
 
 
 def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: str, views: int, hidden: int,
-            calibrations: list[str], salt: str, params: dict, mode: str = "head") -> list[dict]:
+            calibrations: list[str], salt: str, params, mode: str = "head") -> list[dict]:
     from mltag.bottleneck import bottleneck
     from mltag.calibrate import calibrate
     from mltag.evaluate import evaluate
     from mltag.prepare import image_root_of, prepare
-    from mltag.train import train
+    from mltag.steps import run_step
 
     t0 = time.perf_counter()
     prep = work / f"prep-{salt}"
@@ -54,11 +54,9 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     s = bottleneck(prep, bn, f"builtin:efficientnet_{backbone}", cache, backbones_dir, views=views,
                    progress=False)
     bn_seconds = time.perf_counter() - t_bn
-    tr = params["train"]
-    train(bn, work / f"model-{tag}", tr["learning_rate"], tr["epochs"], tr["batch_size"], hidden, tr["dropout"],
-          tr["patience"], tr["monitor"], tr["seed"], backbones_dir, progress=False, mode=mode,
-          images=image_root_of(prep), fine_tune_blocks=tr["fine_tune_blocks"], fine_tune_epochs=tr["fine_tune_epochs"],
-          fine_tune_learning_rate=tr["fine_tune_learning_rate"], fine_tune_patience=tr["fine_tune_patience"])
+    p = params.replace("train", hidden_units=hidden, mode=mode).replace(
+        "backbone", cache_dir=str(backbones_dir), handle=f"builtin:efficientnet_{backbone}")
+    run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep))
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
         evaluate(work / f"model-{tag}", bn, work / f"ev-{tag}", work / f"ev-{tag}.json", image_root_of(prep),
                  bootstrap=100)

@@ -83,8 +83,8 @@ def test_tflite_export_predicts_the_same_labels_on_the_demo_test_split(tmp_path,
     make_demo_data(tmp_path / "demo", 90)
     prepare(tmp_path / "demo", tmp_path / "prep", progress=False)
     bottleneck(tmp_path / "prep", tmp_path / "bn", "builtin:efficientnet_lite0", cache_dir=tmp_path / "c",
-               backbone_cache=tmp_path / "bb", progress=False)
-    train(tmp_path / "bn", tmp_path / "model", epochs=60, patience=60, backbone_cache=tmp_path / "bb",
+               backbone_cache_dir=tmp_path / "bb", progress=False)
+    train(tmp_path / "bn", tmp_path / "model", epochs=60, patience=60, backbone_cache_dir=tmp_path / "bb",
           progress=False)
     assert (tmp_path / "model" / "model.tflite").is_file()
     _, test = load_prepared(tmp_path / "prep", "test")

@@ -252,3 +252,118 @@ def test_predict_names_the_bad_file_and_still_labels_the_others(tmp_path, colour
     assert f"{good}:" in p.stdout and str(bad) not in p.stdout
     assert f"{bad}:" in p.stderr and f"{tmp_path / 'gone.jpg'}: file not found" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _bottleneck_cli(tmp, out, *extra, env=None, check=False, popen=False, handle=None):
+    args = ["bottleneck", "--prepared", str(tmp / "prepared"), "--out", str(tmp / out), "--handle", str(handle),
+            "--cache-dir", str(tmp / "cache"), "--batch-size", "8", "--views", "1",
+            "--metrics", str(tmp / f"{out}.metrics.json"), *extra]
+    if popen:
+        e = dict(os.environ)
+        e.update(env or {})
+        return subprocess.Popen([sys.executable, "-m", "mltag.cli", *args], cwd=tmp, env=e,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return run_cli(*args, cwd=tmp, env=env, check=check)
+
+
+def _stats(tmp, out) -> dict:
+    import json
+
+    return json.loads((tmp / f"{out}.metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_bottleneck_killed_mid_batch_converges_and_leftovers_are_cleaned(tmp_path, colour_dataset, fake_backbone):
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    n = 48
+    killed = _bottleneck_cli(tmp_path, "bn", env={"MLTAG_FAULT": "bottleneck:mid_batch"}, handle=fake_backbone)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "bn").exists()  # no half-written output
+    written = list((tmp_path / "cache").rglob("*.npy"))
+    assert 1 <= len(written) < n
+    # leftovers a killed run could leave: a temp entry (full disk), a temp output folder, a swapped-out old output
+    dead = _dead_pid()
+    sub = written[0].parent
+    leftovers = [sub / f".{'0' * 64}.npy.{dead}.tmp", tmp_path / f".bn.{dead}.x1y2.tmp", tmp_path / f".bn.old-{dead}"]
+    leftovers[0].write_bytes(b"")
+    for d in leftovers[1:]:
+        d.mkdir()
+        (d / "train.npz").write_bytes(b"half")
+    alive = tmp_path / f".bn.{os.getpid()}.live.tmp"  # a live process's temp folder is never touched
+    alive.mkdir()
+    past = time.time() - 3600
+    for f in [*leftovers, alive]:
+        os.utime(f, (past, past))
+    _bottleneck_cli(tmp_path, "bn", check=True, handle=fake_backbone)
+    assert _stats(tmp_path, "bn")["computed"] == n - len(written)
+    assert [f for f in leftovers if f.exists()] == [] and alive.exists()
+    clean = bottleneck(tmp_path / "prepared", tmp_path / "clean", handle=str(fake_backbone),
+                       cache_dir=tmp_path / "fresh-cache", batch_size=8, progress=False)
+    assert clean["computed"] == n
+    for name in ("train.npz", "val.npz", "test.npz", "labels.txt"):
+        assert (tmp_path / "bn" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    import json
+
+    meta = [json.loads((tmp_path / d / "bottleneck.json").read_text()) for d in ("bn", "clean")]
+    assert meta[0].pop("config")["bottleneck"]["batch_size"] == 8 and meta[1].pop("config") is None  # CLI vs call
+    assert meta[0] == meta[1]
+
+
+def test_rerun_on_unchanged_data_leaves_the_output_byte_identical(tmp_path, colour_dataset, fake_backbone):
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    outputs = []
+    for i in range(2):
+        s = bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "cache",
+                       progress=False, views=2, metrics=tmp_path / f"m{i}.json")
+        assert s["computed"] == (0 if i else s["computed"]) and (tmp_path / f"m{i}.json").is_file()
+        outputs.append({f.name: f.read_bytes() for f in sorted((tmp_path / "bn").iterdir())})
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.slow
+def test_two_concurrent_bottleneck_runs_compute_each_vector_once(tmp_path, colour_dataset, fake_backbone):
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    # The first run is slowed to 1 s per batch, so the second arrives while it computes.
+    first = _bottleneck_cli(tmp_path, "a", env={"MLTAG_FAULT": "bottleneck:batch=sleep:1"}, popen=True,
+                            handle=fake_backbone)
+    deadline = time.time() + 120
+    while not list((tmp_path / "cache").rglob("*.npy")) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    second = _bottleneck_cli(tmp_path, "b", check=True, handle=fake_backbone)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    a, b = _stats(tmp_path, "a"), _stats(tmp_path, "b")
+    assert a["computed"] + b["computed"] == 48 and a["computed"] == 48, (a, b)
+    assert "waiting for another mltag run" in second.stderr
+    for split in ("train", "val", "test"):
+        assert (tmp_path / "a" / f"{split}.npz").read_bytes() == (tmp_path / "b" / f"{split}.npz").read_bytes()
+
+
+def test_symlinks_out_of_the_image_root_are_refused_unless_allowed(tmp_path, colour_dataset):
+    outside = tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    images = sorted((colour_dataset / "images").iterdir())
+    secret = outside / "secret.jpg"
+    secret.write_bytes(images[0].read_bytes())
+    images[0].unlink()
+    images[0].symlink_to(secret)  # a file link leaving the root
+    (outside / "dir" / "more.jpg").write_bytes(images[1].read_bytes())
+    (colour_dataset / "linked").symlink_to(outside / "dir")  # a folder link leaving the root
+    (colour_dataset / "images" / "alias.jpg").symlink_to(images[2])  # a link that stays inside is fine
+    lst = colour_dataset / "all.lst"
+    flags = lst.read_text().splitlines()[1].split("\t")[1:-1]
+    lst.write_text(lst.read_text() + "".join(f"{i}\t" + "\t".join(flags) + f"\t{p}\n"
+                                             for i, p in ((900, "linked/more.jpg"), (901, "images/alias.jpg"))))
+    r = prepare(colour_dataset, tmp_path / "p1", progress=False)
+    reasons = {x["path"]: x["reason"] for x in r["rejected"]}
+    assert sorted(reasons) == [f"images/{images[0].name}", "linked/more.jpg"], reasons
+    assert all("outside the image root" in why and "follow_symlinks" in why for why in reasons.values())
+    kept = "".join((tmp_path / "p1" / f"{s}.lst").read_text() for s in ("train", "val", "test"))
+    assert "images/alias.jpg" in kept and "linked/" not in kept and images[0].name not in kept
+    r = prepare(colour_dataset, tmp_path / "p2", progress=False, follow_symlinks=True)
+    assert r["rejected"] == [] and r["images_used"] == 50

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from pipeline.run import compile_pipeline
+from mltag.kubeflow.run import compile_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,9 @@ def compiled(tmp_path_factory) -> tuple[str, list]:
     out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
     env_image = os.environ.pop("MLTAG_IMAGE", None)
     try:
-        compile_pipeline(out)
+        from mltag.config import load_params
+
+        compile_pipeline(out, load_params(REPO / "params.yaml"))
     finally:
         if env_image is not None:
             os.environ["MLTAG_IMAGE"] = env_image
@@ -38,7 +40,7 @@ def _compile(tmp_path, **sections) -> tuple[dict, dict]:
 
     params = load_params(REPO / "params.yaml")
     for section, values in sections.items():
-        params[section].update(values)
+        params = params.replace(section, **values)
     out = compile_pipeline(tmp_path / "p.yaml", params)
     spec, platform = yaml.safe_load_all(out.read_text())
     return spec, platform
@@ -74,8 +76,8 @@ def test_fine_tune_puts_train_on_the_gpu_pool_and_fails_fast_without_one(tmp_pat
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in train["tolerations"]
     assert train["image"] == "reg/mltag:1-gpu"
     assert {"name": "MLTAG_REQUIRE_GPU", "value": "1"} in train["env"]
-    assert spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["mode"]["runtimeValue"]["constant"] \
-        == "fine_tune"
+    assert spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["defaults"]["runtimeValue"]["constant"][
+        "train"]["mode"] == "fine_tune"
 
 
 def test_bottleneck_shards_on_the_gpu_pool_when_asked(tmp_path):
@@ -124,19 +126,22 @@ def test_dag_shape_parallelfor_and_no_cache_on_register(compiled):
     assert tasks["register"].get("cachingOptions", {}).get("enableCache") is not True
     assert tasks["train"]["cachingOptions"]["enableCache"] is True
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["learning_rate"]["defaultValue"] == 0.001  # from params.yaml
-    assert params["backbone_handle"]["defaultValue"] == "builtin:efficientnet_lite2"
+    assert params["train"]["defaultValue"]["learning_rate"] == 0.001  # from params.yaml
+    assert params["backbone"]["defaultValue"]["handle"] == "builtin:efficientnet_lite2"
 
 
 @pytest.mark.slow
 def test_full_pipeline_runs_locally_and_registers(tmp_path, colour_dataset, fake_backbone, mlflow_store):
     from mlflow import MlflowClient
 
-    from pipeline.run import run_local
+    from mltag.config import load_params
+    from mltag.kubeflow.run import run_local
 
-    run_local(data=str(colour_dataset), pipeline_root=str(tmp_path / "kfp-root"),
-              overrides={"backbone_handle": str(fake_backbone), "num_shards": "2", "learning_rate": "0.05",
-                         "bootstrap": "20", "model_name": "kfp-model", "patience": "30"})
+    # section.key overrides over the compiled params, as `mltag pipeline run --arg` passes them
+    run_local(data=str(colour_dataset), pipeline_root=str(tmp_path / "kfp-root"), params=load_params(REPO / "params.yaml"),
+              overrides={"backbone.handle": str(fake_backbone), "bottleneck.num_shards": "2",
+                         "train.learning_rate": "0.05", "evaluate.bootstrap": "20", "register.model_name": "kfp-model",
+                         "train.patience": "30", "evaluate.seed": "3"})
     client = MlflowClient()
     mv = client.get_model_version_by_alias("kfp-model", "champion")
     run = client.get_run(mv.run_id)
@@ -183,4 +188,6 @@ def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert "cannot submit to http://127.0.0.1:9" in p.stderr
     p = run_cli("pipeline", "run", "--local", "--arg", "colour=red", cwd=tmp_path, check=False)
-    assert p.returncode == 2 and "unknown pipeline parameter 'colour'" in p.stderr
+    assert p.returncode == 2 and "'colour' is not SECTION.KEY" in p.stderr, p.stderr[-2000:]
+    p = run_cli("pipeline", "run", "--local", "--arg", "train.epoch=3", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "unknown key train.epoch" in p.stderr, p.stderr[-2000:]

@@ -103,7 +103,7 @@ def test_ambiguous_input_asks_for_format(tmp_path, rows_and_src):
     write_lst_dataset(tmp_path / "both", rows)
     with pytest.raises(MltagError, match="ambiguous input: looks like lst and csv; pass --format"):
         prepare(tmp_path / "both", tmp_path / "out", progress=False)
-    prepare(tmp_path / "both", tmp_path / "out", fmt="csv", progress=False)
+    prepare(tmp_path / "both", tmp_path / "out", format="csv", progress=False)
 
 
 # --------------------------------------------------------------------------- label-file validation

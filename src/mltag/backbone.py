@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from mltag.common import MltagError, atomic_path
+
+log = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1"
 BN_EPSILON = 1e-3
@@ -352,7 +355,7 @@ def resolve(handle: str, cache_dir: str | os.PathLike = ".mltag-cache/backbones"
         if not (target / "saved_model.pb").is_file():
             if not build:
                 raise MltagError(f"built-in backbone not built yet; run: mltag backbone build {name} --out {target}")
-            print(f"building built-in backbone {name} into {target} (once) ...", flush=True)
+            log.info("building built-in backbone %s into %s (once) ...", name, target)
             build_builtin(name, target)
         return Backbone(handle, str(target), bid)
     if handle.startswith(("http://", "https://", "gs://")):
@@ -368,8 +371,18 @@ def resolve(handle: str, cache_dir: str | os.PathLike = ".mltag-cache/backbones"
     )
 
 
+def tensorflow_hub():
+    """Import tensorflow_hub without its pkg_resources deprecation warning (it still imports pkg_resources)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        import tensorflow_hub as hub
+    return hub
+
+
 def _resolve_url(url: str) -> str:
-    import tensorflow_hub as hub
+    hub = tensorflow_hub()
 
     try:
         return hub.resolve(url)
@@ -384,7 +397,7 @@ def _resolve_url(url: str) -> str:
 
 def load(backbone: Backbone):
     """``hub.load`` the resolved backbone, with a clear error when it is not a TF2 module."""
-    import tensorflow_hub as hub
+    hub = tensorflow_hub()
 
     try:
         return hub.load(backbone.location)

@@ -24,9 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, cpu_threads, imap_ordered, sha256_file, write_labels
+from mltag.common import (
+    MltagError,
+    atomic_path,
+    cpu_threads,
+    fault_point,
+    imap_ordered,
+    locked,
+    remove_stale_leftovers,
+    sha256_file,
+    write_json_atomic,
+    write_labels,
+)
+from mltag.formats import SPLITS, image_root_of, load_prepared, load_split, load_views  # noqa: F401
 from mltag.images import PREPROCESSING_VERSION, BadImage, augmented_view, load_image
-from mltag.prepare import SPLITS, image_root_of, load_prepared
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +62,14 @@ class FeatureCache:
         self.prefix = f"{backbone_id}|{image_size}|{PREPROCESSING_VERSION}|cache{CACHE_FORMAT}|"
         self.extra = [Path(p) for p in (extra or [])]
         self.dim: int | None = None
-        self.rejected = 0  # entries that loaded but were not trusted
+        self._rejected: set[str] = set()  # keys of entries that were read but not trusted
         self._dirs: set[Path] = set()
         self._headers: dict[int, bytes] = {}
+
+    @property
+    def rejected(self) -> int:
+        """How many entries were read but not trusted (each counted once)."""
+        return len(self._rejected)
 
     def key(self, content_sha: str, view: int = 0) -> str:
         """The plain vector's key, or with ``view > 0`` the key of augmented view number ``view``."""
@@ -71,11 +87,11 @@ class FeatureCache:
             except FileNotFoundError:
                 continue
             except OSError:
-                self.rejected += 1
+                self._rejected.add(key)
                 continue
             v = self._decode(data)
             if v is None:  # damaged: recompute rather than trust it
-                self.rejected += 1
+                self._rejected.add(key)
                 continue
             self.dim = self.dim or v.shape[0]
             return v
@@ -108,7 +124,10 @@ class FeatureCache:
     def put(self, key: str, vector: np.ndarray) -> None:
         p = self._path(self.root, key)
         if p.parent not in self._dirs:
-            p.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise MltagError(f"cannot write the feature cache: {e.strerror or e}", p.parent) from None
             self._dirs.add(p.parent)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
         body = np.ascontiguousarray(vector, dtype=np.float16).tobytes()
@@ -121,6 +140,14 @@ class FeatureCache:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise MltagError(f"cannot write the feature cache: {e.strerror or e}", p) from None
+
+    def clean_leftovers(self) -> int:
+        """Remove temp entries that killed runs left in the cache (e.g. 0-byte ones after a full disk)."""
+        try:
+            subdirs = [d for d in os.scandir(self.root) if d.is_dir() and len(d.name) == 2]
+        except OSError:
+            return 0
+        return sum(remove_stale_leftovers(d.path) for d in subdirs)
 
     def _header(self, dim: int) -> bytes:
         """The .npy header of a float16 vector of ``dim`` values (np.save's, made once per size)."""
@@ -173,13 +200,15 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
     def writer():
         while (item := writes.get()) is not None:
             keys, feats = item
-            for key, vec in zip(keys, feats):
+            for i, (key, vec) in enumerate(zip(keys, feats)):
                 if write_error:
                     break
                 try:
                     cache.put(key, vec)
                 except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                     write_error.append(e)
+                if i == 0:
+                    fault_point("bottleneck:mid_batch")  # a kill here leaves a batch half written
 
     def decode_batch(batch):
         out = np.empty((len(batch), image_size, image_size, 3), np.uint8)
@@ -197,6 +226,7 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
     decoded = imap_ordered(decode_batch, batches, workers, ahead=workers + 1)
     try:
         for batch, pixels in zip(batches, decoded):
+            fault_point("bottleneck:batch")
             feats = engine(pixels)
             bad = ~np.isfinite(feats).all(axis=1)
             if bad.any():
@@ -225,10 +255,11 @@ def hash_files(paths: list[Path], workers: int | None = None) -> list[str]:
 
 def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str = "builtin:efficientnet_lite2",
                cache_dir: str | os.PathLike = ".mltag-cache/bottlenecks",
-               backbone_cache: str | os.PathLike = ".mltag-cache/backbones", image_size: int = 0,
+               backbone_cache_dir: str | os.PathLike = ".mltag-cache/backbones", image_size: int = 0,
                batch_size: int = 32, images: str | os.PathLike | None = None, shard_index: int = 0,
                num_shards: int = 1, extra_caches: list | None = None, progress: bool = True, *,
-               engine: str = "auto", views: int = 1) -> dict:
+               engine: str = "auto", views: int = 1, metrics: str | os.PathLike | None = None,
+               config: dict | None = None) -> dict:
     """Run the bottleneck step.
 
     Args:
@@ -243,8 +274,11 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
     written: that is one shard of a scaled-out run, gathered by a later call that lists the
     shard caches in ``extra_caches``.
 
+    Writes ``out/bottleneck.json`` (what the vectors depend on) and, when ``metrics`` is
+    given, this run's statistics there (computed, cached, untrusted entries, seconds).
+
     Returns:
-        Summary dict (also written to ``out/bottleneck.json``).
+        Both merged into one dict.
     """
     from mltag import backbone as bb
     from mltag.engine import backbone_engine, require_gpu
@@ -255,7 +289,7 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
     if views < 1:
         raise MltagError(f"bottleneck.views must be at least 1, got {views}")
     image_size = int(image_size) or bb.default_image_size(handle)
-    resolved = bb.resolve(handle, backbone_cache)
+    resolved = bb.resolve(handle, backbone_cache_dir)
     root = Path(images) if images else image_root_of(prepared)
     cache = FeatureCache(cache_dir, resolved.backbone_id, image_size, extra_caches)
     splits = {}
@@ -272,6 +306,18 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
     shas = hash_files(files)
     keys: dict[str, list[str]] = {}
     loaded: dict[str, np.ndarray] = {}
+
+    def uncached(jobs: list) -> list:
+        """The jobs whose vector the cache lacks; the others' vectors are kept for the split files."""
+        missing = []
+        for job in jobs:
+            vec = cache.get(job[0])
+            if vec is None:
+                missing.append(job)
+            elif num_shards == 1:
+                loaded[job[0]] = vec  # read once: the split files below need it again
+        return missing
+
     todo, seen = [], set()
     for ex, p, sha in zip(all_ex, files, shas):
         n_views = views if ex.path in train_paths else 1
@@ -280,18 +326,24 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
             if key in seen or (num_shards > 1 and int(key[:8], 16) % num_shards != shard_index):
                 continue
             seen.add(key)
-            vec = cache.get(key)
-            if vec is None:
-                todo.append((key, str(p), ex.source, sha, v))
-            elif num_shards == 1:
-                loaded[key] = vec  # read once: the split files below need it again
+            todo.append((key, str(p), ex.source, sha, v))
+    todo = uncached(todo)
     used_engine, computed, seconds = None, 0, 0.0
     if todo:
-        eng = backbone_engine(engine, resolved, image_size, backbone_cache)
-        used_engine = eng.name
-        t_compute = time.time()
-        computed = compute_missing(todo, cache, eng, image_size, batch_size, progress)
-        seconds = time.time() - t_compute
+        # One run computes into a cache at a time (per shard): a second run waits, then finds
+        # the first run's vectors instead of computing them again.
+        lock = cache.root / (".lock" if num_shards == 1 else f".lock-shard{shard_index}-of-{num_shards}")
+        with locked(lock, f"the feature cache {cache.root}"):
+            cache.clean_leftovers()
+            todo = uncached(todo)  # what another run computed while this one waited
+            if todo:
+                eng = backbone_engine(engine, resolved, image_size, backbone_cache_dir)
+                used_engine = eng.name
+                t_compute = time.time()
+                computed = compute_missing(todo, cache, eng, image_size, batch_size, progress)
+                seconds = time.time() - t_compute
+    # bottleneck.json (a DVC output) holds only what the vectors depend on, so a rerun on
+    # unchanged data leaves the output byte-identical; run statistics go to ``metrics``.
     summary = {
         "backbone_handle": handle,
         "backbone_id": resolved.backbone_id,
@@ -299,11 +351,14 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
         "preprocessing": PREPROCESSING_VERSION,
         "views": views,
         "images": len(all_ex),
+        "shard": [shard_index, num_shards],
+        "config": config,
+    }
+    stats = {
         "computed": computed,
         "cached": len(seen) - computed,
         "untrusted_entries": cache.rejected,
         "engine": used_engine,
-        "shard": [shard_index, num_shards],
         "seconds": round(time.time() - t0, 2),
         "images_per_second": round(computed / seconds, 1) if computed and seconds > 0 else None,
     }
@@ -335,24 +390,11 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
             summary["feature_dim"] = int(dim or 0)
             write_labels(tmp / "labels.txt", labels)
         (tmp / "bottleneck.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    rate = f", {summary['images_per_second']} vectors/s ({used_engine})" if summary["images_per_second"] else ""
-    log.info("bottleneck: %d computed, %d from cache%s", computed, summary["cached"], rate)
+    if metrics:
+        write_json_atomic(metrics, stats)
+    summary.update(stats)
+    rate = f", {stats['images_per_second']} vectors/s ({used_engine})" if stats["images_per_second"] else ""
+    log.info("bottleneck: %d computed, %d from cache%s", computed, stats["cached"], rate)
     if cache.rejected:
         log.warning("bottleneck: %d damaged cache entries were recomputed", cache.rejected)
     return summary
-
-
-def load_split(bottlenecks: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(features float32, labels uint8, paths)`` for one split: the plain view only."""
-    f = Path(bottlenecks) / f"{split}.npz"
-    if not f.is_file():
-        raise MltagError("bottleneck file not found; run the bottleneck step first", f)
-    with np.load(f, allow_pickle=False) as z:
-        return z["features"].astype(np.float32), z["labels"], z["paths"]
-
-
-def load_views(bottlenecks: str | os.PathLike, split: str = "train") -> np.ndarray | None:
-    """The augmented views ``[N, views - 1, D]`` float32 of a split, or None when there are none."""
-    f = Path(bottlenecks) / f"{split}.npz"
-    with np.load(f, allow_pickle=False) as z:
-        return z["views"].astype(np.float32) if "views" in z.files else None

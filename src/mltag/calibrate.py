@@ -12,7 +12,7 @@ import numpy as np
 
 from mltag import metrics as M
 from mltag.common import MltagError, read_labels, write_json_atomic
-from mltag.train import model_mode
+from mltag.formats import model_mode
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
     Returns:
         ``(labels, scores, fold of each image)``.
     """
-    from mltag.bottleneck import load_split, load_views
+    from mltag.formats import load_split, load_views
     from mltag.train import fit_head, predict_head
 
     meta = json.loads((Path(model_dir) / "model.json").read_text(encoding="utf-8"))
@@ -176,7 +176,7 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
                                seed=int(hp["seed"]) + f)
         scores[folds == f] = predict_head(model, x[folds == f])
         if progress:
-            log.info("calibrate: fold %d/%d refitted", f + 1, k)
+            log.debug("calibrate: fold %d/%d refitted", f + 1, k)
     return y, scores, folds
 
 
@@ -184,7 +184,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
               metrics_file: str | os.PathLike, method: str = "f1", min_precision: float | None = None,
               min_positives: int = 5, tracking_uri: str | None = None, run_id: str | None = None, *,
               bottlenecks: str | os.PathLike | None = None, cv_folds: int = 5, shrink: float = 10.0,
-              min_gain: float = 0.01, progress: bool = True) -> dict:
+              min_gain: float = 0.01, progress: bool = True, config: dict | None = None) -> dict:
     """Fit per-label thresholds; report test metrics at 0.5 and at the thresholds.
 
     With ``cv_folds`` > 1 (and ``bottlenecks``), thresholds come from out-of-fold scores over
@@ -247,6 +247,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         "test_at_0.5": {k: v for k, v in at_05.items() if k != "per_label"},
         "test_at_thresholds": at_cal,
     }
+    th["config"] = config
     write_json_atomic(out, th)
     write_json_atomic(metrics_file, result)
     run_id = run_id or tracking.run_id_of(model_dir)

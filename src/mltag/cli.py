@@ -11,80 +11,12 @@ from pathlib import Path
 
 from mltag.common import MltagError
 
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-# (flag, params key "section.key", type, help): a flag left unset takes its params.yaml value.
-STEP_FLAGS = {
-    "demo-data": [("--n-images", "demo.n_images", int, "number of images"), ("--seed", "demo.seed", int, "seed")],
-    "prepare": [
-        ("--input", "prepare.input", str, "dataset folder or file"),
-        ("--format", "prepare.format", str, "auto, lst, labels_json, image_list, folders or csv"),
-        ("--val-fraction", "prepare.val_fraction", float, "validation fraction"),
-        ("--test-fraction", "prepare.test_fraction", float, "test fraction"),
-        ("--no-label", "prepare.no_label", str, "keep (as all-negative) or reject images without labels"),
-        ("--max-bad-fraction", "prepare.max_bad_fraction", float, "fail when more images than this are bad"),
-        ("--max-pixels", "prepare.max_pixels", int, "decompression-bomb cap"),
-        ("--salt", "prepare.salt", str, "split hash salt (changing it reshuffles everything)"),
-    ],
-    "bottleneck": [
-        ("--handle", "backbone.handle", str, "builtin:NAME, TF Hub URL or SavedModel folder"),
-        ("--image-size", "backbone.image_size", int, "backbone input size (0: the built-in's own)"),
-        ("--backbone-cache", "backbone.cache_dir", str, "where built-in backbones are built"),
-        ("--cache-dir", "bottleneck.cache_dir", str, "feature cache folder"),
-        ("--batch-size", "bottleneck.batch_size", int, "images per backbone batch"),
-        ("--engine", "bottleneck.engine", str, "auto (LiteRT on CPU, TF on GPU), litert or tf"),
-        ("--views", "bottleneck.views", int, "vectors per training image: plain + views-1 augmented"),
-    ],
-    "train": [
-        ("--learning-rate", "train.learning_rate", float, "Adam learning rate"),
-        ("--epochs", "train.epochs", int, "maximum epochs"),
-        ("--batch-size", "train.batch_size", int, "batch size"),
-        ("--hidden-units", "train.hidden_units", int, "hidden layer width (0: none)"),
-        ("--dropout", "train.dropout", float, "dropout rate"),
-        ("--patience", "train.patience", int, "early-stopping patience (epochs)"),
-        ("--monitor", "train.monitor", str, "val_loss or val_map"),
-        ("--seed", "train.seed", int, "random seed"),
-        ("--mode", "train.mode", str, "head (cached vectors) or fine_tune (also the backbone's top blocks)"),
-        ("--fine-tune-blocks", "train.fine_tune_blocks", int, "fine_tune: top backbone blocks trained"),
-        ("--fine-tune-epochs", "train.fine_tune_epochs", int, "fine_tune: maximum epochs"),
-        ("--fine-tune-learning-rate", "train.fine_tune_learning_rate", float, "fine_tune: backbone learning rate"),
-        ("--fine-tune-patience", "train.fine_tune_patience", int, "fine_tune: early-stopping patience"),
-        ("--mixed-precision", "train.mixed_precision", str, "auto (float16 on a GPU), true or false"),
-        ("--backbone-cache", "backbone.cache_dir", str, "where built-in backbones are built"),
-        ("--experiment", "register.experiment", str, "MLflow experiment"),
-    ],
-    "evaluate": [("--bootstrap", "evaluate.bootstrap", int, "bootstrap resamples for 95% CIs"),
-                 ("--seed", "evaluate.seed", int, "bootstrap seed"),
-                 ("--tta", "evaluate.tta", str, "none, mean or max: test-time augmentation")],
-    "calibrate": [
-        ("--method", "calibrate.method", str, "f1, min_precision or none (0.5 everywhere)"),
-        ("--min-precision", "calibrate.min_precision", float, "precision target for method min_precision"),
-        ("--min-positives", "calibrate.min_positives", int, "fewer positives -> global threshold"),
-        ("--cv-folds", "calibrate.cv_folds", int, "out-of-fold head refits over train+val (0: validation only)"),
-        ("--shrink", "calibrate.shrink", float, "pseudo-positives pulling a label's threshold to the global one"),
-        ("--min-gain", "calibrate.min_gain", float, "out-of-fold F1 gain a label needs to leave 0.5"),
-    ],
-    "register": [
-        ("--model-name", "register.model_name", str, "registered model name"),
-        ("--experiment", "register.experiment", str, "MLflow experiment (when train opened no run)"),
-        ("--margin", "register.margin", float, "mAP margin the challenger must beat the champion by"),
-        ("--max-label-ap-drop", "register.max_label_ap_drop", float, "largest per-label AP drop allowed"),
-        ("--tflite", "register.tflite", _bool, "also register model.tflite, model_int8.tflite and their parity"),
-    ],
-}
-
 # Paths each step reads and writes (defaults match dvc.yaml).
 STEP_PATHS = {
     "demo-data": [("--out", "data/demo")],
     "prepare": [("--out", "data/prepared")],
-    "bottleneck": [("--prepared", "data/prepared"), ("--out", "data/bottlenecks"), ("--images", None)],
+    "bottleneck": [("--prepared", "data/prepared"), ("--out", "data/bottlenecks"), ("--images", None),
+                   ("--metrics", None)],
     "train": [("--bottlenecks", "data/bottlenecks"), ("--prepared", "data/prepared"), ("--out", "models/train"),
               ("--metrics", None),
               ("--history", None)],
@@ -97,24 +29,37 @@ STEP_PATHS = {
 }
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+def step_flags(step: str) -> list[tuple[list[str], str, str]]:
+    """The generated config flags of a step: ``([--section.key, --key], "section.key", help)``.
+
+    Every key of every section the step reads is ``--section.key``; it is also ``--key``
+    (dashes for underscores) under the step function's own name for it, e.g.
+    ``--val-fraction`` or ``--backbone-cache-dir``.
+    """
+    from mltag.config import STEP_SECTIONS, Params, section_fields, step_kwargs
+
+    names = iter(step_kwargs(step, Params()))
+    out = []
+    for section in STEP_SECTIONS[step]:
+        for f in section_fields(section):
+            alias = "--" + next(names).replace("_", "-")
+            choices = f.metadata.get("choices")
+            hlp = f.metadata["help"] + (f" ({', '.join(choices)})" if choices else "")
+            out.append(([f"--{section}.{f.name}", alias], f"{section}.{f.name}", hlp))
+    return out
 
 
-def _resolve(args, step: str) -> tuple[dict, dict]:
+def _resolve(args, step: str):
+    """params.yaml (or --params) overlaid with the flags given on the command line."""
     from mltag.config import load_params
 
     params = load_params(args.params)
-    for flag, key, _, _ in STEP_FLAGS.get(step, []):
-        v = getattr(args, _dest(flag))
+    for _, key, _ in step_flags(step):
+        v = getattr(args, key, None)
         if v is not None:
             section, name = key.split(".")
-            params[section][name] = v
-    values = {}
-    for flag, key, _, _ in STEP_FLAGS.get(step, []):
-        section, name = key.split(".")
-        values[_dest(flag)] = params[section][name]
-    return params, values
+            params = params.replace(section, **{name: v})
+    return params
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,17 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--version", action="version", version=f"mltag {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for step in STEP_FLAGS:
+    for step in STEP_PATHS:
         sp = sub.add_parser(step, help=f"run the {step} step")
+        sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
         for flag, default in STEP_PATHS[step]:
             sp.add_argument(flag, default=default, help=f"path (default: {default})")
-        for flag, key, typ, hlp in STEP_FLAGS[step]:
-            sp.add_argument(flag, type=typ, default=None, help=f"{hlp} (params: {key})")
+        for flags, key, hlp in step_flags(step):
+            sp.add_argument(*flags, dest=key, default=None, metavar="VALUE", help=f"{hlp} (params: {key})")
         if step == "prepare":
             sp.add_argument("--dataset-version", default=None, help="dataset revision to record in the report")
         if step == "bottleneck":
-            sp.add_argument("--shard-index", type=int, default=0)
-            sp.add_argument("--num-shards", type=int, default=1)
+            sp.add_argument("--shard-index", type=int, default=None,
+                            help="compute only this shard (of bottleneck.num_shards) into the cache")
             sp.add_argument("--extra-cache", action="append", default=[], help="read-only feature cache (gather)")
     pr = sub.add_parser("predict", help="label images with a registered or local model")
     pr.add_argument("images", nargs="+", help="image files")
@@ -166,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     pls = pl.add_subparsers(dest="pipeline_command", required=True)
     pc = pls.add_parser("compile", help="write the compiled pipeline YAML")
     pc.add_argument("--out", default="pipeline/pipeline.yaml")
+    pc.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
     pr2 = pls.add_parser("run", help="run locally (kfp.local) or submit to a KFP endpoint")
     g = pr2.add_mutually_exclusive_group(required=True)
     g.add_argument("--local", action="store_true", help="run every step on this machine with kfp.local")
@@ -175,12 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr2.add_argument("--data-repo", default="", help="git URL of a DVC-versioned dataset")
     pr2.add_argument("--data-rev", default="", help="revision of --data-repo")
     pr2.add_argument("--pipeline-root", default=None, help="local artifact folder for --local")
-    pr2.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", help="pipeline parameter override")
+    pr2.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
+    pr2.add_argument("--arg", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="pipeline parameter override, e.g. train.epochs=50")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported anywhere
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if "-v" not in (argv or sys.argv) and "--verbose" not in (argv or sys.argv):
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     args = build_parser().parse_args(argv)
     _setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
@@ -222,6 +174,8 @@ def _setup_logging(level: int) -> None:
         logger.addHandler(h)
     logger.setLevel(level)
     logger.propagate = False
+    if level > logging.DEBUG:  # MLflow's own INFO lines (database setup, signature checks): -v shows them
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _dispatch(args) -> int:
@@ -237,68 +191,16 @@ def _dispatch(args) -> int:
             # Device discovery logs "failed call to cuInit" on machines without CUDA; do it now, quietly.
             tensorflow.config.list_physical_devices("GPU")
     progress = not args.quiet
-    if cmd in STEP_FLAGS:
-        params, v = _resolve(args, cmd)
-    if cmd == "demo-data":
-        from mltag.demo import make_demo_data
-
-        make_demo_data(args.out, v["n_images"], v["seed"])
-        print(f"demo-data: {v['n_images']} images in {args.out}")
-    elif cmd == "prepare":
-        from mltag.fetch import git_rev
-        from mltag.prepare import prepare
-
-        r = prepare(v["input"], args.out, v["format"], v["val_fraction"], v["test_fraction"], v["no_label"],
-                    v["max_bad_fraction"], v["max_pixels"], v["salt"], args.dataset_version or git_rev(v["input"]),
-                    progress)
-        print(f"prepare: {r['images_used']} images ({r['format']}): {r['images_per_split']}; "
-              f"{len(r['rejected'])} rejected; report in {args.out}/report.html")
-    elif cmd == "bottleneck":
-        from mltag.bottleneck import bottleneck
-
-        bottleneck(args.prepared, args.out, v["handle"], v["cache_dir"], v["backbone_cache"], v["image_size"],
-                   v["batch_size"], args.images, args.shard_index, args.num_shards, args.extra_cache, progress,
-                   engine=v["engine"], views=v["views"])
-    elif cmd == "train":
-        from mltag.train import train
-
-        s = train(args.bottlenecks, args.out, v["learning_rate"], v["epochs"], v["batch_size"], v["hidden_units"],
-                  v["dropout"], v["patience"], v["monitor"], v["seed"], v["backbone_cache"], args.tracking_uri,
-                  v["experiment"], config=params, progress=progress, metrics_file=args.metrics,
-                  history_file=args.history, mode=v["mode"], images=_image_root(args.prepared),
-                  fine_tune_blocks=v["fine_tune_blocks"], fine_tune_epochs=v["fine_tune_epochs"],
-                  fine_tune_learning_rate=v["fine_tune_learning_rate"], fine_tune_patience=v["fine_tune_patience"],
-                  mixed_precision=str(v["mixed_precision"]).lower())
-        ft = (f"; fine-tune best epoch {s['fine_tune_best_epoch']}/{s['fine_tune_epochs_run']}, val loss "
-              f"{s['fine_tune_val_loss']:.4f}" if s.get("fine_tune_val_loss") is not None else "")
-        val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"
-        print(f"train: head best epoch {s['best_epoch']}/{s['epochs_run']}, val loss {val}{ft}, "
-              f"MLflow run {s['run_id']}")
-    elif cmd == "evaluate":
-        from mltag.evaluate import evaluate
-
-        images = _image_root(args.prepared)
-        evaluate(args.model, args.bottlenecks, args.out, args.metrics, images, v["bootstrap"], v["seed"],
-                 args.tracking_uri, args.plots, tta=v["tta"])
-    elif cmd == "calibrate":
-        from mltag.calibrate import calibrate
-
-        calibrate(args.evaluation, args.model, args.out, args.metrics, v["method"], v["min_precision"],
-                  v["min_positives"], args.tracking_uri, bottlenecks=args.bottlenecks, cv_folds=v["cv_folds"],
-                  shrink=v["shrink"], min_gain=v["min_gain"], progress=progress)
-    elif cmd == "register":
-        from mltag.register import register
-
-        register(args.model, args.thresholds, args.prepared, args.out, v["model_name"], v["margin"],
-                 v["max_label_ap_drop"], args.images, args.tracking_uri, v["experiment"], tflite=v["tflite"])
-    elif cmd == "predict":
+    if cmd in STEP_PATHS:
+        return _run_step(cmd, args, progress)
+    if cmd == "predict":
         return _predict(args)
     elif cmd == "metrics":
         _show_metrics(args)
     elif cmd == "promote":
         from mltag.register import promote
 
-        promote(args.name, args.version, args.reason, args.user, args.tracking_uri)
+        print(json.dumps(promote(args.name, args.version, args.reason, args.user, args.tracking_uri)))
     elif cmd == "backbone":
         from mltag.backbone import build_builtin
 
@@ -309,9 +211,60 @@ def _dispatch(args) -> int:
     return 0
 
 
+def _run_step(step: str, args, progress: bool) -> int:
+    """One step through the same entry as the Kubeflow components (``mltag.steps.run_step``)."""
+    from mltag.steps import run_step
+
+    params = _resolve(args, step)
+    rt = {k: getattr(args, k) for k in _TAKES if step in _TAKES[k]}
+    if step in ("train", "evaluate", "calibrate"):
+        rt["metrics_file"] = args.metrics
+    if step in ("train", "evaluate", "calibrate", "register"):
+        rt["tracking_uri"] = args.tracking_uri
+    if step in ("prepare", "bottleneck", "train", "calibrate"):
+        rt["progress"] = progress
+    if step == "demo-data":
+        out = run_step(step, params, **rt)
+        print(f"demo-data: {params.demo.n_images} images in {out}")
+    elif step == "prepare":
+        from mltag.fetch import git_rev
+
+        rt["dataset_version"] = args.dataset_version or git_rev(params.prepare.input)
+        r = run_step(step, params, **rt)
+        print(f"prepare: {r['images_used']} images ({r['format']}): {r['images_per_split']}; "
+              f"{len(r['rejected'])} rejected; report in {args.out}/report.html")
+    elif step == "bottleneck":
+        rt.update(images=args.images, extra_caches=args.extra_cache, shard_index=args.shard_index or 0)
+        if args.shard_index is None:
+            rt["num_shards"] = 1  # bottleneck.num_shards is the Kubeflow fan-out; locally one run does it all
+        run_step(step, params, **rt)
+    elif step == "train":
+        s = run_step(step, params, **rt, history_file=args.history, images=_image_root(args.prepared))
+        ft = (f"; fine-tune best epoch {s['fine_tune_best_epoch']}/{s['fine_tune_epochs_run']}, val loss "
+              f"{s['fine_tune_val_loss']:.4f}" if s.get("fine_tune_val_loss") is not None else "")
+        val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"
+        print(f"train: head best epoch {s['best_epoch']}/{s['epochs_run']}, val loss {val}{ft}, "
+              f"MLflow run {s['run_id']}")
+    elif step == "evaluate":
+        run_step(step, params, **rt, model_dir=args.model, images=_image_root(args.prepared), plots=args.plots)
+    elif step == "calibrate":
+        run_step(step, params, **rt, model_dir=args.model)
+    elif step == "register":
+        r = run_step(step, params, **rt, model_dir=args.model, images=args.images)
+        verdict = "promoted to champion" if r["promoted"] else "kept as challenger"
+        print(f"register: {r['model_name']} version {r['version']} {verdict}: {r['reason']}")
+    return 0
+
+
+# The path flags handed to each step function under the same keyword.
+_TAKES = {"out": tuple(STEP_PATHS), "prepared": ("bottleneck", "register"),
+          "bottlenecks": ("train", "evaluate", "calibrate"), "metrics": ("bottleneck",),
+          "evaluation": ("calibrate",), "thresholds": ("register",)}
+
+
 def _image_root(prepared) -> Path | None:
     """The image folder of a prepared dataset, or None when ``prepared`` is not one."""
-    from mltag.prepare import image_root_of
+    from mltag.formats import image_root_of
 
     return image_root_of(prepared) if prepared and Path(prepared, "dataset.json").is_file() else None
 
@@ -352,7 +305,7 @@ def _predict(args) -> int:
     if model is None:
         from mltag.config import load_params
 
-        model = f"models:/{load_params(args.params)['register']['model_name']}@champion"
+        model = f"models:/{load_params(args.params).register.model_name}@champion"
     local = Path(model)
     if (local.is_dir() and (local / "model.json").is_file()) or (local.suffix == ".tflite" and local.is_file()):
         from mltag.model import InferenceModel
@@ -401,19 +354,27 @@ def _predict(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from pipeline import run as prun
+    from mltag.config import load_params
+    from mltag.kubeflow import run as prun
 
+    params = load_params(args.params)
     if args.pipeline_command == "compile":
-        prun.compile_pipeline(args.out)
+        prun.compile_pipeline(args.out, params)
         print(f"pipeline: compiled to {args.out}")
         return 0
+    bad = [a for a in args.arg if "=" not in a]
+    if bad:
+        raise MltagError(f"--arg expects SECTION.KEY=VALUE, got {bad[0]!r}")
     overrides = dict(a.split("=", 1) for a in args.arg)
     if args.local:
         prun.run_local(data=args.data, data_repo=args.data_repo, data_rev=args.data_rev,
-                       pipeline_root=args.pipeline_root, tracking_uri=args.tracking_uri, overrides=overrides)
+                       pipeline_root=args.pipeline_root, tracking_uri=args.tracking_uri, overrides=overrides,
+                       params=params)
+        print(f"pipeline: local run finished; artifacts under {args.pipeline_root or 'local_outputs'}")
     else:
-        prun.submit(args.host, experiment=args.experiment, data=args.data, data_repo=args.data_repo,
-                    data_rev=args.data_rev, tracking_uri=args.tracking_uri, overrides=overrides)
+        run = prun.submit(args.host, experiment=args.experiment, data=args.data, data_repo=args.data_repo,
+                          data_rev=args.data_rev, tracking_uri=args.tracking_uri, overrides=overrides, params=params)
+        print(f"pipeline: submitted run {run.run_id} to {args.host} (experiment {args.experiment})")
     return 0
 
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from mltag import metrics as M
-from mltag.bottleneck import load_split
 from mltag.common import MltagError, atomic_path, read_labels, write_json_atomic
-from mltag.train import head_scores, model_mode
+from mltag.formats import load_split, model_mode
+from mltag.train import head_scores
+
+log = logging.getLogger(__name__)
 
 
 def pr_curves_png(y: np.ndarray, s: np.ndarray, labels: list[str], title: str = "precision-recall (test)") -> bytes:
@@ -102,7 +106,7 @@ def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, 
 def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: str | os.PathLike,
              metrics_file: str | os.PathLike, images: str | os.PathLike | None = None, bootstrap: int = 1000,
              seed: int = 0, tracking_uri: str | None = None, plots: str | os.PathLike | None = None,
-             run_id: str | None = None, tta: str = "none") -> dict:
+             run_id: str | None = None, tta: str = "none", config: dict | None = None) -> dict:
     """Score val and test with the trained head; write metrics, PR curves, scores and a report.
 
     ``out`` receives ``scores.npz`` (for calibrate), ``pr_curves.png`` and ``report.html``;
@@ -145,6 +149,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         np.savez(tmp / "scores.npz", val_scores=s_va, val_labels=y_va, val_paths=p_va,
                  test_scores=s_te, test_labels=y_te, test_paths=p_te)
         (tmp / "pr_curves.png").write_bytes(png)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         root = Path(images) if images else None
         (tmp / "report.html").write_text(
             error_report_html(y_te, s_te, np.full(len(labels), 0.5), labels, p_te, root, result, png),
@@ -170,7 +175,10 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
             mlflow.log_artifact(str(out / "pr_curves.png"), "evaluate")
             mlflow.log_artifact(str(out / "report.html"), "evaluate")
             mlflow.log_artifact(str(metrics_file), "evaluate")
-    print_table(result, labels)
+            mlflow.log_artifact(str(out / "config.json"), "evaluate")
+    ci = result["ci95"].get("map")
+    log.info("evaluate: test mAP %.3f%s, micro F1 %.3f, macro F1 %.3f (at 0.5); report in %s/report.html",
+             result["map"], f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "", result["micro_f1"], result["macro_f1"], out)
     return result
 
 

@@ -22,7 +22,10 @@ def export_inference_model(backbone_location: str, head_weights: list[np.ndarray
                            out: str | os.PathLike) -> None:
     """Save backbone + dense head as one SavedModel: ``serving_default(images uint8 [B,S,S,3]) -> scores``."""
     import tensorflow as tf
-    import tensorflow_hub as hub
+
+    from mltag.backbone import tensorflow_hub
+
+    hub = tensorflow_hub()
 
     class EndToEnd(tf.Module):
         def __init__(self):

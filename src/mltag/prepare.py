@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +37,12 @@ from mltag.common import (
     write_labels,
     write_lst,
 )
+from mltag.formats import SPLITS, image_root_of, load_prepared  # noqa: F401 - re-exported for callers
 from mltag.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, inspect_image
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("lst", "labels_json", "image_list", "folders", "csv")
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -357,12 +360,29 @@ def read_dataset(src: str | os.PathLike, fmt: str = "auto") -> Dataset:
 # --------------------------------------------------------------------------- image checks
 
 
+def outside_root(root: Path, rel: str) -> str | None:
+    """Why ``root / rel`` is not inside ``root`` once symlinks are resolved, or None when it is."""
+    real_root = root.resolve()
+    real = (root / rel).resolve()
+    if real == real_root or real_root in real.parents:
+        return None
+    return (f"a symlink to {real}, outside the image root {real_root} "
+            "(set prepare.follow_symlinks: true to allow)")
+
+
 def check_images(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 8,
-                 progress: bool = True) -> tuple[list[Example], dict[str, dict]]:
-    """Decode every image; return the good examples and per-path info (hash, size, ahash)."""
+                 progress: bool = True, follow_symlinks: bool = False) -> tuple[list[Example], dict[str, dict]]:
+    """Decode every image; return the good examples and per-path info (hash, size, ahash).
+
+    Unless ``follow_symlinks``, an image whose real path lies outside the image root (a
+    symlink to a file or through a linked folder) is rejected: data outside the dataset is
+    never read into training or reports.
+    """
     from tqdm import tqdm
 
     def one(ex: Example):
+        if not follow_symlinks and (why := outside_root(ds.image_root, ex.path)):
+            return ex, None, why
         try:
             return ex, inspect_image(ds.image_root / ex.path, max_pixels), None
         except BadImage as e:
@@ -435,10 +455,10 @@ def assign_splits(examples: list[Example], infos: dict[str, dict], val_fraction:
 # --------------------------------------------------------------------------- the step
 
 
-def prepare(input_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "auto", val_fraction: float = 0.15,
+def prepare(input: str | os.PathLike, out: str | os.PathLike, format: str = "auto", val_fraction: float = 0.15,
             test_fraction: float = 0.15, no_label: str = "keep", max_bad_fraction: float = 0.05,
             max_pixels: int = DEFAULT_MAX_PIXELS, salt: str = "mltag", dataset_version: str | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, follow_symlinks: bool = False, config: dict | None = None) -> dict:
     """Run the prepare step: read, validate, split and write the canonical dataset.
 
     Writes ``labels.txt``, ``train.lst``, ``val.lst``, ``test.lst``, ``dataset.json``,
@@ -449,9 +469,9 @@ def prepare(input_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "a
     """
     if no_label not in ("keep", "reject"):
         raise MltagError(f"prepare.no_label must be 'keep' or 'reject', got {no_label!r}")
-    ds = read_dataset(input_path, fmt)
+    ds = read_dataset(input, format)
     if not ds.examples:
-        raise MltagError("the dataset has no images", input_path)
+        raise MltagError("the dataset has no images", input)
     if no_label == "reject":
         kept = []
         for ex in ds.examples:
@@ -461,15 +481,15 @@ def prepare(input_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "a
                 kept.append(ex)
         ds.examples = kept
     total = len(ds.examples) + len(ds.rejected)
-    good, infos = check_images(ds, max_pixels=max_pixels, progress=progress)
+    good, infos = check_images(ds, max_pixels=max_pixels, progress=progress, follow_symlinks=follow_symlinks)
     bad = [r for r in ds.rejected if not r["reason"].startswith("no labels")]
     if total and len(bad) / total > max_bad_fraction:
         listing = "\n".join(f"  {r['source']}: {r['path']}: {r['reason']}" for r in bad[:20])
         raise MltagError(
             f"{len(bad)} of {total} images are unusable ({len(bad) / total:.1%} > prepare.max_bad_fraction="
-            f"{max_bad_fraction:.1%}):\n{listing}", input_path)
+            f"{max_bad_fraction:.1%}):\n{listing}", input)
     for r in bad:
-        print(f"prepare: skipping {r['source']}: {r['path']}: {r['reason']}")
+        log.warning("prepare: skipping %s: %s: %s", r["source"], r["path"], r["reason"])
     y = np.array([ex.flags for ex in good], dtype=np.int64).reshape(len(good), len(ds.labels))
     n_splits = sum(1 for f in (1.0, val_fraction, test_fraction) if f > 0)
     flags_of = {ex.path: ex.flags for ex in ds.examples}
@@ -478,11 +498,15 @@ def prepare(input_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "a
         if count < n_splits:
             lost = sum(1 for r in bad if flags_of.get(r["path"], (0,) * len(ds.labels))[j])
             extra = f" ({lost} of its images were rejected as unusable)" if lost else ""
+            first = next((ex.source for ex in ds.examples if ex.flags[j]), None)
+            if first and not lost:
+                hint = "; a typo? a labels.txt beside the CSV makes unknown names an error" if ds.fmt == "csv" else ""
+                extra += f" (first at {first}{hint})"
             raise MltagError(
                 f"label {name!r} has {count} usable example(s){extra}; at least {n_splits} are needed so every "
-                "split has one. Add examples or remove the label.", input_path)
+                "split has one. Add examples or remove the label.", input)
     split_of, repairs = assign_splits(good, infos, val_fraction, test_fraction, salt)
-    report = build_report(ds, good, infos, split_of, repairs, total, dataset_version, input_path)
+    report = build_report(ds, good, infos, split_of, repairs, total, dataset_version, input)
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
@@ -491,8 +515,8 @@ def prepare(input_path: str | os.PathLike, out: str | os.PathLike, fmt: str = "a
             write_lst(tmp / f"{s}.lst", sorted((ex for ex in good if split_of[ex.path] == s), key=lambda e: e.path))
         root = os.path.relpath(ds.image_root.resolve(), out.resolve())
         (tmp / "dataset.json").write_text(json.dumps({
-            "image_root": root, "format": ds.fmt, "source": str(input_path), "dataset_version": dataset_version,
-            "labels": ds.labels}, indent=2) + "\n", encoding="utf-8")
+            "image_root": root, "format": ds.fmt, "source": str(input), "dataset_version": dataset_version,
+            "labels": ds.labels, "config": config}, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.html").write_text(report_html(report), encoding="utf-8")
     return report
@@ -590,16 +614,3 @@ Mean labels per image {report['label_cardinality']['mean']:.2f}.</p>
 {len(report['near_duplicates_across_splits'])} near-duplicate groups across splits.</p>
 </body></html>
 """
-
-
-def load_prepared(prepared: str | os.PathLike, split: str) -> tuple[list[str], list[Example]]:
-    """Read labels and one split of a prepared dataset folder."""
-    prepared = Path(prepared)
-    labels = read_labels(prepared / "labels.txt")
-    return labels, read_lst(prepared / f"{split}.lst", n_labels=len(labels))
-
-
-def image_root_of(prepared: str | os.PathLike) -> Path:
-    prepared = Path(prepared)
-    meta = json.loads((prepared / "dataset.json").read_text(encoding="utf-8"))
-    return (prepared / meta["image_root"]).resolve()

@@ -1,11 +1,10 @@
 """The MLflow pyfunc wrapper: a DataFrame of base64 images in, labels and scores out."""
 
-from __future__ import annotations
-
 import base64
 import binascii
 
 import mlflow.pyfunc
+import pandas as pd
 
 
 def decode_images(column) -> list[bytes]:
@@ -32,9 +31,7 @@ class MltagPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = InferenceModel(context.artifacts["model"])
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from mltag.images import BadImage
 
         if "image" not in model_input.columns:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import getpass
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from mltag import metrics as M
-from mltag.common import MltagError, write_json_atomic
-from mltag.prepare import image_root_of, load_prepared
+from mltag.common import MltagError, fault_point, write_json_atomic
+from mltag.formats import image_root_of, load_prepared
+
+log = logging.getLogger(__name__)
 
 RUNTIME_PACKAGES = ("tensorflow", "tensorflow-hub", "ai-edge-litert", "pillow", "numpy", "pandas", "scikit-learn",
                     "mlflow")
@@ -95,14 +98,6 @@ def _score_pyfunc(model, images: list[Path], labels: list[str]) -> np.ndarray:
     return res[cols].to_numpy(np.float64)
 
 
-def fault_point(name: str) -> None:
-    """Test hook: ``MLTAG_FAULT=<name>`` kills this process with SIGKILL here (the fault-injection suite)."""
-    if os.environ.get("MLTAG_FAULT") == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def model_hash(model_dir: Path, thresholds: Path) -> str:
     """SHA-256 over the model folder's files (names and bytes) and the thresholds: the version's identity."""
     import hashlib
@@ -156,7 +151,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
              out: str | os.PathLike, model_name: str = "mltag", margin: float = 0.0,
              max_label_ap_drop: float = 0.05, images: str | os.PathLike | None = None,
              tracking_uri: str | None = None, experiment: str = "mltag", run_id: str | None = None,
-             tflite: bool = True) -> dict:
+             tflite: bool = True, config: dict | None = None) -> dict:
     """Log, register and (maybe) promote the model; write the decision to ``out``.
 
     With ``tflite`` the registered version also carries ``model.tflite`` (fp32) and
@@ -229,7 +224,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             # 2. One version per model content: a rerun (after a crash, or of the same folder) reuses it.
             if existing is None:
                 info = mlflow.pyfunc.log_model(
-                    name="model", python_model=MltagPyfunc(), artifacts={"model": str(bundle)},
+                    name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                    artifacts={"model": str(bundle)},
                     code_paths=[str(Path(__file__).parent)], signature=signature, input_example=example,
                     pip_requirements=pip_requirements())
                 fault_point("register:logged")
@@ -238,7 +234,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                 mv = str(existing.version)
                 for k, v in tags.items():
                     client.set_model_version_tag(model_name, mv, k, v)
-                print(f"register: this model content is already version {mv}; reusing it")
+                log.info("register: this model content is already version %s; reusing it", mv)
             fault_point("register:created")
             # 3. Aliases move only after the decision is recorded on the version.
             try:
@@ -263,20 +259,23 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                 mlflow.log_metrics({f"tflite_{k}": v for k, v in parity.items()
                                     if isinstance(v, float) and k != "images"})
             mlflow.set_tag("mltag.registered_version", mv)
+            if config:
+                mlflow.log_dict(config, "register/config.json")
             if tflite:
                 result["tflite"] = parity
             result.update({"version": int(mv), "promoted": promote, "reason": reason,
                            "aliases": ["challenger", "champion"] if promote else ["challenger"]})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    result["config"] = config
     write_json_atomic(out, result)
     verdict = "promoted to champion" if promote else "kept as challenger"
-    print(f"register: {model_name} version {result['version']} {verdict}: {reason}")
+    log.debug("register: %s version %s %s: %s", model_name, result["version"], verdict, reason)  # the CLI prints it
     return result
 
 
 def promote(model_name: str, version: int | str, reason: str, user: str | None = None,
-            tracking_uri: str | None = None) -> None:
+            tracking_uri: str | None = None) -> dict:
     """Move ``champion`` to ``version`` by hand, recording who and why in tags."""
     from mlflow import MlflowClient
 
@@ -293,4 +292,6 @@ def promote(model_name: str, version: int | str, reason: str, user: str | None =
     client.set_model_version_tag(model_name, str(version), "mltag.promoted_by", user)
     client.set_model_version_tag(model_name, str(version), "mltag.promoted_reason", reason)
     client.set_model_version_tag(model_name, str(version), "mltag.gate", f"manual promotion by {user}: {reason}")
-    print(json.dumps({"model_name": model_name, "champion": int(version), "by": user, "reason": reason}))
+    result = {"model_name": model_name, "champion": int(version), "by": user, "reason": reason}
+    log.info("promote: %s", json.dumps(result))
+    return result

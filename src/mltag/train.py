@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.bottleneck import load_split, load_views
 from mltag.common import MltagError, atomic_path, read_labels, write_json_atomic, write_labels
+from mltag.formats import load_split, load_views, model_mode  # noqa: F401 - model_mode re-exported
 
 
 def build_head(dim: int, n_labels: int, hidden_units: int = 0, dropout: float = 0.2):
@@ -152,7 +152,7 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
             best, best_weights, since = value, [w.copy() for w in head.weights], 0
         else:
             since += 1
-        if progress and (epoch + 1) % 25 == 0:
+        if progress and (epoch + 1) % max(25, epochs // 4) == 0:  # a few summary lines, not one per epoch
             shown = ", ".join(f"{k} {vals[-1]:.4f}" for k, vals in history.items())
             log.info("train: epoch %d/%d: %s", epoch + 1, epochs, shown)
         if patience > 0 and since >= patience:
@@ -180,12 +180,13 @@ def predict_head(model, features: np.ndarray) -> np.ndarray:
 
 def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate: float = 1e-3, epochs: int = 200,
           batch_size: int = 32, hidden_units: int = 0, dropout: float = 0.2, patience: int = 15,
-          monitor: str = "val_loss", seed: int = 42, backbone_cache: str | os.PathLike = ".mltag-cache/backbones",
+          monitor: str = "val_loss", seed: int = 42, backbone_cache_dir: str | os.PathLike = ".mltag-cache/backbones",
           tracking_uri: str | None = None, experiment: str = "mltag", config: dict | None = None,
           progress: bool = True, metrics_file: str | os.PathLike | None = None,
           history_file: str | os.PathLike | None = None, *, mode: str = "head", images: str | os.PathLike | None = None,
           fine_tune_blocks: int = 2, fine_tune_epochs: int = 10, fine_tune_learning_rate: float = 2e-5,
-          fine_tune_patience: int = 3, mixed_precision: str = "auto") -> dict:
+          fine_tune_patience: int = 3, mixed_precision: str = "auto", handle: str | None = None,
+          image_size: int = 0) -> dict:
     """Train the head, save it with the end-to-end model, and open the MLflow run.
 
     Args:
@@ -194,6 +195,8 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
             ``fine_tune_blocks`` blocks of the built-in backbone, from the images under
             ``images``; see ``mltag.finetune``).
         config: the resolved configuration, logged to MLflow and saved beside the outputs.
+        handle, image_size: the backbone the caller expects (backbone.*); the model always
+            uses the bottlenecks' own backbone, and a mismatch is logged as a warning.
         metrics_file: also write the summary here (DVC metrics).
         history_file: also write per-epoch losses here, one record per epoch (DVC plots).
 
@@ -216,6 +219,11 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
     if not meta_file.is_file():
         raise MltagError("bottleneck output not found; run the bottleneck step first", meta_file)
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    for key, want in (("backbone_handle", handle), ("image_size", image_size)):
+        if want and str(meta.get(key)) != str(want):  # train follows the bottlenecks; say so once
+            log.warning("train: the bottlenecks in %s were computed with %s %r, not backbone.%s %r; training on "
+                        "them (rerun the bottleneck step for %r)", bottlenecks, key, meta.get(key),
+                        key.replace("backbone_", ""), want, want)
     if mode == "fine_tune":
         from mltag.finetune import builtin_name
 
@@ -228,7 +236,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
     x_fit, y_fit = with_views(x_tr, y_tr, load_views(bottlenecks, "train"))
     if len(x_tr) == 0:
         raise MltagError("the train split is empty", Path(bottlenecks) / "train.npz")
-    resolved = bb.resolve(meta["backbone_handle"], backbone_cache)
+    resolved = bb.resolve(meta["backbone_handle"], backbone_cache_dir)
     if resolved.backbone_id != meta["backbone_id"]:
         raise MltagError(f"backbone changed since the bottleneck step ({meta['backbone_id']} -> "
                          f"{resolved.backbone_id}); rerun bottleneck")
@@ -342,14 +350,6 @@ def _fine_tune(meta: dict, images, p_tr, y_tr, p_va, y_va, head_weights, **kw):
         items[split] = list(zip(files, hash_files(files)))
     return fine_tune(meta["backbone_handle"], int(meta["image_size"]), items["train"], y_tr, items["val"], y_va,
                      head_weights, views=int(meta.get("views", 1)), **kw)
-
-
-def model_mode(model_dir: str | os.PathLike) -> str:
-    """``head`` or ``fine_tune``: how the model folder was trained (older folders: head)."""
-    f = Path(model_dir) / "model.json"
-    if not f.is_file():
-        raise MltagError("not an mltag model folder (model.json missing)", model_dir)
-    return json.loads(f.read_text(encoding="utf-8")).get("mode", "head")
 
 
 def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarray:

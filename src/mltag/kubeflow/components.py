@@ -1,0 +1,164 @@
+"""Kubeflow lightweight components: one per step, each body maps artifacts to ``mltag.steps.run_step``.
+
+Every component takes the params.yaml sections its step reads as dicts (the same names
+as params.yaml, ``tests/test_config.py`` checks them) plus ``defaults``, the compiled
+values of those sections. Bodies import mltag inside the function because KFP ships only
+the function's source into the container; the project image (Dockerfile) has mltag.
+"""
+
+from typing import List, NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from mltag.kubeflow.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare(prepare: dict, defaults: dict, data_repo: str, data_rev: str, dataset: Output[Dataset],
+            report: Output[HTML]):
+    """Fetch the data (DVC repo + revision, or a path/URI) into the artifact, then prepare splits."""
+    import shutil
+    from pathlib import Path
+
+    from mltag.fetch import fetch_dataset
+    from mltag.kubeflow.entry import params_for
+    from mltag.steps import run_step
+
+    params = params_for("prepare", {"prepare": prepare}, defaults)
+    root = Path(dataset.path)
+    source, version = fetch_dataset(params.prepare.input, data_repo, data_rev, root / "source")
+    params = params.replace("prepare", input=str(source))
+    r = run_step("prepare", params, out=root / "prepared", dataset_version=version, progress=False)
+    shutil.copy(root / "prepared" / "report.html", report.path)
+    dataset.metadata.update({"dataset_version": version or "", "source": prepare.get("input", ""),
+                             "repo": data_repo, "images": r["images_used"], "rejected": len(r["rejected"])})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def shard_indices(bottleneck: dict, defaults: dict) -> List[int]:
+    """The shard numbers a ParallelFor fans out over (bottleneck.num_shards)."""
+    from mltag.kubeflow.entry import params_for
+
+    n = params_for("bottleneck", {"bottleneck": bottleneck}, defaults).bottleneck.num_shards
+    if n < 1:
+        raise ValueError(f"bottleneck.num_shards must be at least 1, got {n}")
+    return list(range(n))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def bottleneck_shard(dataset: Input[Dataset], shard_index: int, bottleneck: dict, backbone: dict, defaults: dict,
+                     cache: Output[Dataset]):
+    """Compute the feature vectors of one shard of the images into a cache artifact."""
+    from pathlib import Path
+
+    from mltag.kubeflow.entry import params_for
+    from mltag.steps import run_step
+
+    params = params_for("bottleneck", {"bottleneck": bottleneck, "backbone": backbone}, defaults)
+    params = params.replace("bottleneck", cache_dir=str(Path(cache.path) / "vectors"))
+    root = Path(dataset.path)
+    s = run_step("bottleneck", params, prepared=root / "prepared", out=Path(cache.path) / "summary",
+                 images=root / "source", shard_index=shard_index, progress=False)
+    cache.metadata.update({"computed": s["computed"], "shard": shard_index})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def bottleneck(dataset: Input[Dataset], shard_caches: Input[List[Dataset]], bottleneck: dict, backbone: dict,
+               defaults: dict, bottlenecks: Output[Dataset]):
+    """Gather the shards' vectors into the train/val/test feature files."""
+    from pathlib import Path
+
+    from mltag.kubeflow.entry import params_for
+    from mltag.steps import run_step
+
+    params = params_for("bottleneck", {"bottleneck": bottleneck, "backbone": backbone}, defaults)
+    params = params.replace("bottleneck", cache_dir="/tmp/mltag-gather")
+    root = Path(dataset.path)
+    s = run_step("bottleneck", params, prepared=root / "prepared", out=bottlenecks.path, images=root / "source",
+                 extra_caches=[Path(c.path) / "vectors" for c in shard_caches], num_shards=1, progress=False)
+    bottlenecks.metadata.update({"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"]})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train(bottlenecks: Input[Dataset], dataset: Input[Dataset], train: dict, backbone: dict, tracking: dict,
+          defaults: dict, tracking_uri: str, model: Output[Model],
+          metrics: Output[Metrics]) -> NamedTuple("TrainOutputs", [("run_id", str)]):
+    """Train the head on cached vectors, or (mode fine_tune, on the GPU pool) also the backbone's top blocks."""
+    from collections import namedtuple
+    from pathlib import Path
+
+    from mltag.kubeflow.entry import check_fixed_mode, params_for
+    from mltag.steps import run_step
+
+    params = params_for("train", {"train": train, "backbone": backbone, "tracking": tracking}, defaults)
+    check_fixed_mode(params, defaults)
+    s = run_step("train", params, bottlenecks=bottlenecks.path, out=model.path, tracking_uri=tracking_uri or None,
+                 progress=False, images=Path(dataset.path) / "source")
+    for k in ("val_loss", "train_loss", "best_epoch", "fine_tune_val_loss", "fine_tune_best_epoch"):
+        if s.get(k) is not None:
+            metrics.log_metric(k, s[k])
+    model.metadata.update({"run_id": s["run_id"], "framework": "tensorflow", "mode": params.train.mode})
+    return namedtuple("TrainOutputs", ["run_id"])(s["run_id"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(model: Input[Model], bottlenecks: Input[Dataset], dataset: Input[Dataset], run_id: str,
+             evaluate: dict, defaults: dict, tracking_uri: str, evaluation: Output[Dataset],
+             metrics: Output[Metrics], report: Output[HTML]):
+    """Test metrics with intervals and baselines, logged to the train run; an error-analysis page."""
+    import shutil
+    from pathlib import Path
+
+    from mltag.kubeflow.entry import params_for
+    from mltag.steps import run_step
+
+    params = params_for("evaluate", {"evaluate": evaluate}, defaults)
+    r = run_step("evaluate", params, model_dir=model.path, bottlenecks=bottlenecks.path, out=evaluation.path,
+                 metrics_file=Path(evaluation.path) / "metrics.json", images=Path(dataset.path) / "source",
+                 tracking_uri=tracking_uri or None, run_id=run_id)
+    for k in ("map", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "roc_auc_macro"):
+        if r.get(k) is not None:
+            metrics.log_metric(k, r[k])
+    shutil.copy(Path(evaluation.path) / "report.html", report.path)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def calibrate(evaluation: Input[Dataset], model: Input[Model], bottlenecks: Input[Dataset], run_id: str,
+              calibrate: dict, defaults: dict, tracking_uri: str, thresholds: Output[Dataset],
+              metrics: Output[Metrics]):
+    """Per-label thresholds from out-of-fold scores over train+val."""
+    from pathlib import Path
+
+    from mltag.kubeflow.entry import params_for
+    from mltag.steps import run_step
+
+    params = params_for("calibrate", {"calibrate": calibrate}, defaults)
+    out = Path(thresholds.path)
+    r = run_step("calibrate", params, evaluation=evaluation.path, model_dir=model.path, out=out / "thresholds.json",
+                 metrics_file=out / "metrics.json", tracking_uri=tracking_uri or None, run_id=run_id,
+                 bottlenecks=bottlenecks.path, progress=False)
+    for k, v in r["test_at_thresholds"].items():
+        if isinstance(v, float):
+            metrics.log_metric(f"calibrated_{k}", v)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dataset], run_id: str, register: dict,
+             tracking: dict, defaults: dict, tracking_uri: str, decision: Output[Metrics]) -> str:
+    """Register the version, alias challenger, and promote to champion through the gate."""
+    from pathlib import Path
+
+    from mltag.kubeflow.entry import params_for
+    from mltag.steps import run_step
+
+    params = params_for("register", {"register": register, "tracking": tracking}, defaults)
+    root = Path(dataset.path)
+    r = run_step("register", params, model_dir=model.path, thresholds=Path(thresholds.path) / "thresholds.json",
+                 prepared=root / "prepared", out=decision.path, images=root / "source",
+                 tracking_uri=tracking_uri or None, run_id=run_id)
+    decision.log_metric("version", r["version"])
+    decision.log_metric("promoted", 1.0 if r["promoted"] else 0.0)
+    decision.log_metric("challenger_test_map", r["challenger_test_map"])
+    decision.metadata["reason"] = r["reason"]
+    return f"{params.register.model_name}/{r['version']}:{'champion' if r['promoted'] else 'challenger'}"

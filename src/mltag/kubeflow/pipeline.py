@@ -1,0 +1,138 @@
+"""The Kubeflow Pipelines v2 DAG: prepare -> bottleneck (sharded) -> train -> evaluate -> calibrate -> register.
+
+The pipeline's parameters are the params.yaml sections the steps read, one dict each
+(``prepare``, ``backbone``, ``bottleneck``, ``train``, ``evaluate``, ``calibrate``,
+``tracking``, ``register``), defaulting to the compiled params file; a run may pass any
+subset of a section's keys. ``data_repo``/``data_rev`` name a DVC-versioned dataset and
+``tracking_uri`` the MLflow server. Cluster placement (GPU node pool, secret
+name, resources) is fixed at compile time from the ``pipeline`` section of params.yaml,
+and so is ``train.mode``, because it decides where the GPU goes:
+
+* ``train.mode: fine_tune``: the train step runs the backbone, so it gets the GPU
+  (accelerator, node selector, toleration, ``pipeline.gpu_image``).
+* ``train.mode: head``: train fits a dense layer on cached vectors; it stays on CPU.
+* ``pipeline.bottleneck_on_gpu: true`` (with ``bottleneck.engine: tf``) puts the
+  bottleneck shards on the GPU pool.
+
+A GPU task fails at once when it finds no usable GPU (``MLTAG_REQUIRE_GPU=1``) unless
+``pipeline.allow_cpu`` is true.
+"""
+
+from kfp import dsl, kubernetes
+
+from mltag.config import STEP_SECTIONS, Params, load_params, step_config
+from mltag.kubeflow import components as steps
+
+# CPU/memory requests per step (the GPU step's figures are for the host side).
+RESOURCES = {
+    "prepare": ("1", "2Gi"), "shard_indices": ("100m", "256Mi"), "bottleneck_shard": ("2", "6Gi"),
+    "bottleneck": ("1", "4Gi"), "train": ("2", "8Gi"), "evaluate": ("1", "4Gi"), "calibrate": ("500m", "2Gi"),
+    "register": ("1", "4Gi"),
+}
+
+MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
+                      "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                      "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+
+
+def _resources(task, name: str):
+    cpu, mem = RESOURCES[name]
+    return task.set_cpu_request(cpu).set_memory_request(mem).set_display_name(name)
+
+
+def gpu_tasks(params: Params) -> set[str]:
+    """Which tasks the compiled pipeline puts on the GPU pool, from ``train.mode`` and ``pipeline``."""
+    from mltag.common import MltagError
+
+    out = {"train"} if params.train.mode == "fine_tune" else set()
+    if params.pipeline.bottleneck_on_gpu:
+        if params.bottleneck.engine == "litert":
+            raise MltagError("pipeline.bottleneck_on_gpu needs bottleneck.engine tf or auto (LiteRT runs on CPU)")
+        out.add("bottleneck_shard")
+    return out
+
+
+def no_nulls(section: dict) -> dict:
+    return {k: v for k, v in section.items() if v is not None}
+
+
+# The sections the pipeline takes as parameters: every one a step reads (demo-data does not run here).
+PIPELINE_SECTIONS = tuple(dict.fromkeys(s for step, secs in STEP_SECTIONS.items() if step != "demo-data"
+                                        for s in secs))
+
+
+def build_pipeline(params: Params | None = None):
+    """Return the ``@dsl.pipeline`` function with defaults and placement taken from ``params``."""
+    p = params or load_params(None)
+    kf = p.pipeline
+    on_gpu = gpu_tasks(p)
+    # KFP parameters cannot hold null: a key whose value is null is left out, and a step
+    # reading the section gets that key's declared default, which for the optional keys is null.
+    d = {s: no_nulls(v) for s, v in p.to_dict().items()}
+
+    def defaults(step: str) -> dict:
+        return {s: no_nulls(v) for s, v in step_config(step, p).items()}
+
+    def place(task, name: str):
+        """CPU/memory requests, and for the GPU tasks the accelerator, node pool, image and fail-fast check."""
+        _resources(task, name)
+        if name in on_gpu:
+            task.set_accelerator_type(kf.accelerator_type).set_accelerator_limit(int(kf.gpu_count))
+            kubernetes.add_node_selector(task, kf.gpu_node_label_key, kf.gpu_node_label_value)
+            kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+            if kf.gpu_image:
+                task.set_container_image(str(kf.gpu_image))
+            task.set_env_variable("MLTAG_REQUIRE_GPU", "0" if kf.allow_cpu else "1")
+        return task
+
+    def mlflow_env(task):
+        if kf.mlflow_secret:
+            # optional=True: without the secret the steps use the tracking_uri parameter.
+            kubernetes.use_secret_as_env(task, kf.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
+        return task
+
+    @dsl.pipeline(name="mltag", description="Multi-label image classification by transfer learning")
+    def mltag_pipeline(
+        prepare: dict = d["prepare"],
+        backbone: dict = d["backbone"],
+        bottleneck: dict = d["bottleneck"],
+        train: dict = d["train"],
+        evaluate: dict = d["evaluate"],
+        calibrate: dict = d["calibrate"],
+        tracking: dict = d["tracking"],
+        register: dict = d["register"],
+        data_repo: str = "",
+        data_rev: str = "",
+        tracking_uri: str = "",
+    ):
+        prep = _resources(steps.prepare(prepare=prepare, defaults=defaults("prepare"), data_repo=data_repo,
+                                        data_rev=data_rev), "prepare")
+        shards = _resources(steps.shard_indices(bottleneck=bottleneck, defaults=defaults("bottleneck")),
+                            "shard_indices")
+        with dsl.ParallelFor(shards.output, parallelism=int(kf.parallelism)) as shard:
+            part = place(steps.bottleneck_shard(
+                dataset=prep.outputs["dataset"], shard_index=shard, bottleneck=bottleneck, backbone=backbone,
+                defaults=defaults("bottleneck")), "bottleneck_shard")
+        gathered = _resources(steps.bottleneck(
+            dataset=prep.outputs["dataset"], shard_caches=dsl.Collected(part.outputs["cache"]),
+            bottleneck=bottleneck, backbone=backbone, defaults=defaults("bottleneck")), "bottleneck")
+        trained = mlflow_env(place(steps.train(
+            bottlenecks=gathered.outputs["bottlenecks"], dataset=prep.outputs["dataset"], train=train,
+            backbone=backbone, tracking=tracking, defaults=defaults("train"), tracking_uri=tracking_uri), "train"))
+        run_id = trained.outputs["run_id"]
+        evaluated = mlflow_env(_resources(steps.evaluate(
+            model=trained.outputs["model"], bottlenecks=gathered.outputs["bottlenecks"],
+            dataset=prep.outputs["dataset"], run_id=run_id, evaluate=evaluate, defaults=defaults("evaluate"),
+            tracking_uri=tracking_uri), "evaluate"))
+        calibrated = mlflow_env(_resources(steps.calibrate(
+            evaluation=evaluated.outputs["evaluation"], model=trained.outputs["model"],
+            bottlenecks=gathered.outputs["bottlenecks"], run_id=run_id, calibrate=calibrate,
+            defaults=defaults("calibrate"), tracking_uri=tracking_uri), "calibrate"))
+        registered = mlflow_env(_resources(steps.register(
+            model=trained.outputs["model"], thresholds=calibrated.outputs["thresholds"],
+            dataset=prep.outputs["dataset"], run_id=run_id, register=register, tracking=tracking,
+            defaults=defaults("register"), tracking_uri=tracking_uri), "register"))
+        # The registry is shared state: a cached "success" would skip a real registration.
+        registered.set_caching_options(False)
+
+    return mltag_pipeline
