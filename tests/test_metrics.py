@@ -153,3 +153,29 @@ def test_shrinkage_pulls_thresholds_of_rare_labels_toward_the_global_one():
         assert abs(pulled["thresholds"][n] - pulled["global_threshold"]) < \
             abs(free["thresholds"][n] - free["global_threshold"]) + 1e-9
         assert abs(pulled["thresholds"][n] - pulled["global_threshold"]) < 0.02
+
+
+def test_error_report_escapes_names_and_shows_the_worst_mistakes(tmp_path):
+    from PIL import Image
+
+    from mltag.evaluate import error_report_html, pr_curves_png
+
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    s = np.array([[0.9, 0.2], [0.6, 0.8], [0.3, 0.6], [0.1, 0.7]])
+    labels = ["<b>cat</b>", "dog & co"]
+    paths = ["a.jpg", "b.jpg", "c.jpg", "broken.jpg"]
+    for p in paths[:3]:
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / p)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    m = M.compute(y, s, 0.5, labels)
+    page = error_report_html(y, s, 0.5, labels, paths, tmp_path, m, pr_curves_png(y, s, labels))
+    assert "<b>cat</b>" not in page and "&lt;b&gt;cat&lt;/b&gt;" in page and "dog &amp; co" in page
+    # cat: b.jpg is the false positive (0.6) and c.jpg the false negative (0.3); dog: broken.jpg is its FP.
+    cat, dog = page.split("<h3>")[1:]
+    assert cat.index("b.jpg") < cat.index("worst false negatives") < cat.index("c.jpg")
+    assert "score 0.600" in cat and "score 0.300" in cat and cat.count("data:image/jpeg;base64,") == 2
+    assert "broken.jpg" in dog and "(unreadable)" in dog
+    per_label = page.split("<h2>Per label</h2>")[1].split("</table>")[0]
+    tp, fp, fn, tn = (m["per_label"]["dog & co"][k] for k in ("tp", "fp", "fn", "tn"))
+    assert (tp, fp, fn, tn) == (2, 1, 0, 1)
+    assert f'<td class="num">{tp}</td>\n<td class="num">{fp}</td><td class="num">{fn}</td>' in per_label

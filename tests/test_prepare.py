@@ -335,3 +335,23 @@ def test_labels_json_dict_forms(tmp_path, rows_and_src):
     b = prepare(root, tmp_path / "b", progress=False)
     assert lst_rows(tmp_path / "a") == lst_rows(tmp_path / "b")
     assert a["images_used"] == b["images_used"] == 40
+
+
+def test_report_html_escapes_and_lists_rejections_and_repairs():
+    from mltag.prepare import report_html
+
+    report = {
+        "source": "data/<in>", "format": "csv", "dataset_version": "v1", "labels": ["<i>a</i>", "b"],
+        "images_listed": 5, "images_used": 4, "images_per_split": {"train": 2, "val": 1, "test": 1},
+        "examples_per_label": {"<i>a</i>": {"train": 2, "val": 1, "test": 1}, "b": {"train": 1, "val": 0, "test": 1}},
+        "label_cardinality": {"mean": 1.25, "histogram": {}}, "cooccurrence": [[4, 1], [1, 2]],
+        "rejected": [{"path": "x&y.jpg", "source": "labels.csv:6", "reason": "not an image <eps>"}],
+        "exact_duplicates": [["p.jpg", "q.jpg"]], "near_duplicates_across_splits": [],
+        "stratification_repairs": [{"label": "b", "moved": "z.jpg", "from": "train", "to": "test"}],
+    }
+    page = report_html(report)
+    assert "<i>" not in page and "&lt;i&gt;a&lt;/i&gt;" in page and "data/&lt;in&gt;" in page
+    assert "x&amp;y.jpg</td><td>labels.csv:6</td><td>not an image &lt;eps&gt;" in page
+    assert "train 2, val 1, test 1." in page and "version v1" in page and "Mean labels per image 1.25" in page
+    assert "1 groups of identical images" in page and "z.jpg moved from train to test" in page
+    assert page.count("data:image/png;base64,") == 1

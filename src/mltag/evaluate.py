@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import logging
@@ -15,6 +13,7 @@ import numpy as np
 from mltag import metrics as M
 from mltag.common import MltagError, atomic_path, read_labels, write_json_atomic
 from mltag.formats import load_split, model_mode
+from mltag.reports import data_uri, figure_png, render
 from mltag.train import head_scores
 
 log = logging.getLogger(__name__)
@@ -41,13 +40,11 @@ def pr_curves_png(y: np.ndarray, s: np.ndarray, labels: list[str], title: str = 
     ax.set_title(title)
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=100)
 
 
 def _thumb(path: Path, size: int = 96) -> str:
+    """A JPEG thumbnail as a data URI; "" when the image cannot be read."""
     from PIL import Image
 
     from mltag.images import ALLOWED_FORMATS, to_rgb
@@ -58,9 +55,9 @@ def _thumb(path: Path, size: int = 96) -> str:
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)
-        return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+        return data_uri(buf.getvalue(), "image/jpeg")
     except OSError:
-        return "(unreadable)"
+        return ""
 
 
 def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, metrics: dict, pr_png: bytes,
@@ -68,39 +65,20 @@ def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, 
     """HTML: headline table, PR curves, each label's confusion and its worst false positives/negatives."""
     thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (len(labels),))
     pred = s >= thresholds
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>mltag evaluation</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px}figure{display:inline-block;margin:4px;font-size:11px}</style>",
-        "</head><body><h1>Evaluation</h1>",
-        f"<p>mAP {metrics['map']:.4f}, micro F1 {metrics['micro_f1']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
-        f"subset accuracy {metrics['subset_accuracy']:.4f}, Hamming loss {metrics['hamming_loss']:.4f} "
-        f"on {metrics['n_images']} test images.</p>",
-        f"<img src='data:image/png;base64,{base64.b64encode(pr_png).decode()}'>",
-        "<h2>Per label</h2><table><tr><th>label</th><th>AP</th><th>P</th><th>R</th><th>F1</th><th>support</th>"
-        "<th>TP</th><th>FP</th><th>FN</th><th>TN</th><th>threshold</th></tr>",
-    ]
-    for j, name in enumerate(labels):
-        m = metrics["per_label"][name]
-        ap = "n/a" if m["ap"] is None else f"{m['ap']:.3f}"
-        parts.append(f"<tr><td>{html.escape(name)}</td><td>{ap}</td><td>{m['precision']:.3f}</td>"
-                     f"<td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td><td>{m['support']}</td><td>{m['tp']}</td>"
-                     f"<td>{m['fp']}</td><td>{m['fn']}</td><td>{m['tn']}</td><td>{thresholds[j]:.3f}</td></tr>")
-    parts.append("</table>")
+
+    def shown(idx, j):
+        return [{"path": str(paths[i]), "score": float(s[i, j]),
+                 "thumb": _thumb(image_root / str(paths[i])) if image_root else None} for i in idx]
+
+    rows = []
     for j, name in enumerate(labels):
         fp = np.where(pred[:, j] & (y[:, j] == 0))[0]
         fn = np.where(~pred[:, j] & (y[:, j] == 1))[0]
         fp = fp[np.argsort(-s[fp, j])][:worst]
         fn = fn[np.argsort(s[fn, j])][:worst]
-        parts.append(f"<h3>{html.escape(name)}</h3>")
-        for kind, idx in (("worst false positives", fp), ("worst false negatives", fn)):
-            parts.append(f"<p>{kind}: {'none' if len(idx) == 0 else ''}</p>")
-            for i in idx:
-                img = _thumb(image_root / str(paths[i])) if image_root else ""
-                parts.append(f"<figure>{img}<figcaption>{html.escape(str(paths[i]))}<br>score "
-                             f"{s[i, j]:.3f}</figcaption></figure>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+        rows.append({"name": name, "metrics": metrics["per_label"][name], "threshold": float(thresholds[j]),
+                     "worst": [("worst false positives", shown(fp, j)), ("worst false negatives", shown(fn, j))]})
+    return render("evaluation.html.j2", m=metrics, rows=rows, pr_png=data_uri(pr_png))
 
 
 def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: str | os.PathLike,

@@ -18,7 +18,14 @@ def average_precisions(y: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str]) -> dict:
     """All headline and per-label metrics for true flags ``y`` and scores ``s`` at ``thresholds``."""
-    from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        hamming_loss,
+        multilabel_confusion_matrix,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     y = np.asarray(y).astype(int)
     s = np.asarray(s, dtype=np.float64)
@@ -30,15 +37,14 @@ def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str]) -> dict
         if 0 < y[:, j].sum() < len(y):
             aucs.append(roc_auc_score(y[:, j], s[:, j]))
     hl = float(hamming_loss(y, pred))
+    confusion = multilabel_confusion_matrix(y, pred, labels=range(y.shape[1]))  # [label, [[tn, fp], [fn, tp]]]
     per_label = {}
     for j, name in enumerate(labels):
-        tp = int(((pred[:, j] == 1) & (y[:, j] == 1)).sum())
-        fp = int(((pred[:, j] == 1) & (y[:, j] == 0)).sum())
-        fn = int(((pred[:, j] == 0) & (y[:, j] == 1)).sum())
+        (tn, fp), (fn, tp) = confusion[j].tolist()
         per_label[name] = {
             "ap": None if np.isnan(ap[j]) else float(ap[j]),
             "precision": float(p[j]), "recall": float(r[j]), "f1": float(f1[j]), "support": int(support[j]),
-            "tp": tp, "fp": fp, "fn": fn, "tn": int(len(y) - tp - fp - fn),
+            "tp": tp, "fp": fp, "fn": fn, "tn": tn,
         }
     return {
         "map": float(np.nanmean(ap)) if np.isfinite(ap).any() else None,

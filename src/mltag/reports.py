@@ -1,0 +1,40 @@
+"""The HTML reports (prepare's data report, evaluate's error analysis) from Jinja2 templates.
+
+Templates live in ``mltag/templates`` and share ``base.html.j2``; every value is
+autoescaped. Figures and thumbnails are inlined as ``data:`` URIs, so each report is
+one self-contained file that MLflow and a Kubeflow HTML artifact can show as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+
+
+@functools.cache
+def _environment():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("mltag", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True)
+
+
+def render(template: str, **context) -> str:
+    """Render ``mltag/templates/<template>`` with ``context``."""
+    return _environment().get_template(template).render(**context)
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def figure_png(fig, dpi: int = 90) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
