@@ -367,3 +367,31 @@ def test_symlinks_out_of_the_image_root_are_refused_unless_allowed(tmp_path, col
     assert "images/alias.jpg" in kept and "linked/" not in kept and images[0].name not in kept
     r = prepare(colour_dataset, tmp_path / "p2", progress=False, follow_symlinks=True)
     assert r["rejected"] == [] and r["images_used"] == 50
+
+
+def test_bottleneck_reads_only_the_images_it_computes_and_checks_their_recorded_hash(tmp_path, colour_dataset,
+                                                                                      fake_backbone):
+    import shutil
+
+    from PIL import Image
+
+    from mltag.common import MltagError
+    from mltag.formats import load_hashes
+
+    data = tmp_path / "data"
+    shutil.copytree(colour_dataset, data)
+    prepare(data, tmp_path / "prepared", progress=False)
+    hashes = load_hashes(tmp_path / "prepared")
+    assert len(hashes) == 48 and all(len(h) == 64 for h in hashes.values())
+    run = dict(handle=str(fake_backbone), progress=False)
+    assert bottleneck(tmp_path / "prepared", tmp_path / "bn", cache_dir=tmp_path / "cache", **run)["computed"] == 48
+    # Every vector is cached: the images are not read at all, so they may be gone.
+    (data / "images").rename(data / "away")
+    s = bottleneck(tmp_path / "prepared", tmp_path / "bn2", cache_dir=tmp_path / "cache", **run)
+    assert s["computed"] == 0 and s["cached"] == 48
+    (data / "away").rename(data / "images")
+    # An image edited after prepare is caught when it is read, never cached under the old hash.
+    victim = sorted(hashes)[0]
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(data / victim)
+    with pytest.raises(MltagError, match="changed since prepare hashed it; run prepare again"):
+        bottleneck(tmp_path / "prepared", tmp_path / "bn3", cache_dir=tmp_path / "cache2", **run)

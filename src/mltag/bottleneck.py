@@ -36,7 +36,7 @@ from mltag.common import (
     write_json_atomic,
     write_labels,
 )
-from mltag.formats import SPLITS, image_root_of, load_prepared, load_split, load_views  # noqa: F401
+from mltag.formats import SPLITS, image_root_of, load_hashes, load_prepared, load_split, load_views  # noqa: F401
 from mltag.images import PREPROCESSING_VERSION, BadImage, augmented_view, load_image
 
 log = logging.getLogger(__name__)
@@ -169,9 +169,15 @@ def view_seed(content_sha: str, view: int) -> int:
 def decode_view(path, sha: str, view: int, image_size: int, source: str | None = None) -> np.ndarray:
     """The pixels of view ``view`` of an image: 0 the plain one, else a deterministic augmented one."""
     try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MltagError(f"image not found: {path}", source) from None
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise MltagError(f"{path} changed since prepare hashed it; run prepare again", source)
+    try:
         if view == 0:
-            return load_image(path, image_size)
-        return augmented_view(path, image_size, view_seed(sha, view))
+            return load_image(data, image_size)
+        return augmented_view(data, image_size, view_seed(sha, view))
     except BadImage as e:
         raise MltagError(f"{path}: {e}", source) from None
 
@@ -300,10 +306,16 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
     train_paths = {ex.path for ex in splits["train"]}
     all_ex = sorted({ex.path: ex for s in SPLITS for ex in splits[s]}.values(), key=lambda e: e.path)
     files = [root / ex.path for ex in all_ex]
-    for ex, p in zip(all_ex, files):
-        if not p.is_file():
-            raise MltagError(f"image not found: {p}", ex.source)
-    shas = hash_files(files)
+    recorded = load_hashes(prepared)
+    if recorded is not None and all(ex.path in recorded for ex in all_ex):
+        # prepare hashed every image once: no image is read here unless its vector is computed
+        # (and then its hash is checked against the record, see decode_view).
+        shas = [recorded[ex.path] for ex in all_ex]
+    else:
+        for ex, p in zip(all_ex, files):
+            if not p.is_file():
+                raise MltagError(f"image not found: {p}", ex.source)
+        shas = hash_files(files)
     keys: dict[str, list[str]] = {}
     loaded: dict[str, np.ndarray] = {}
 

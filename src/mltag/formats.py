@@ -38,6 +38,29 @@ def image_root_of(prepared: str | os.PathLike) -> Path:
     return (prepared / meta["image_root"]).resolve()
 
 
+HASHES_FILE = "hashes.tsv"
+
+
+def write_hashes(path: str | os.PathLike, hashes: dict[str, tuple[str, int]]) -> None:
+    """``sha256<TAB>bytes<TAB>path`` per image, sorted by path: prepare hashes each image once."""
+    lines = [f"{sha}\t{size}\t{rel}\n" for rel, (sha, size) in sorted(hashes.items())]
+    Path(path).write_text("".join(lines), encoding="utf-8")
+
+
+def load_hashes(prepared: str | os.PathLike) -> dict[str, str] | None:
+    """``{path: sha256}`` as prepare recorded it, or None for a folder prepared before hashes were kept."""
+    f = Path(prepared) / HASHES_FILE
+    if not f.is_file():
+        return None
+    out = {}
+    for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split("\t", 2)
+        if len(parts) != 3 or len(parts[0]) != 64:
+            raise MltagError("expected 'sha256<TAB>bytes<TAB>path'", f, n)
+        out[parts[2]] = parts[0]
+    return out
+
+
 # --------------------------------------------------------------------------- bottleneck's output
 
 

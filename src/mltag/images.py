@@ -117,7 +117,9 @@ def inspect_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS)
     img = _open(path, max_pixels)
     info = {"width": img.size[0], "height": img.size[1], "mode": img.mode}
     info["phash"] = perceptual_hash(to_rgb(img))
-    info["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    data = Path(path).read_bytes()
+    info["sha256"] = hashlib.sha256(data).hexdigest()
+    info["bytes"] = len(data)
     return info
 
 

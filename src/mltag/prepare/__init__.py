@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from mltag.common import MltagError, atomic_path, write_labels, write_lst
-from mltag.formats import SPLITS, image_root_of, load_prepared  # noqa: F401 - re-exported for callers
+from mltag.formats import HASHES_FILE, SPLITS, image_root_of, load_prepared, write_hashes  # noqa: F401 - re-exported
 from mltag.images import DEFAULT_MAX_PIXELS
 from mltag.prepare.checks import (  # noqa: F401 - outside_root re-exported
     check_bad_fraction,
@@ -32,7 +32,8 @@ def prepare(input: str | os.PathLike, out: str | os.PathLike, format: str = "aut
             progress: bool = True, follow_symlinks: bool = False, config: dict | None = None) -> dict:
     """Run the prepare step: read, validate, split and write the canonical dataset.
 
-    Writes ``labels.txt``, ``train.lst``, ``val.lst``, ``test.lst``, ``dataset.json``,
+    Writes ``labels.txt``, ``train.lst``, ``val.lst``, ``test.lst``, ``hashes.tsv`` (each image's
+    content hash, so later steps never hash the dataset again), ``dataset.json``,
     ``report.json`` and ``report.html`` into ``out`` (all or nothing).
 
     Returns:
@@ -57,6 +58,7 @@ def prepare(input: str | os.PathLike, out: str | os.PathLike, format: str = "aut
         write_labels(tmp / "labels.txt", ds.labels)
         for s in SPLITS:
             write_lst(tmp / f"{s}.lst", sorted((ex for ex in good if split_of[ex.path] == s), key=lambda e: e.path))
+        write_hashes(tmp / HASHES_FILE, {ex.path: (infos[ex.path]["sha256"], infos[ex.path]["bytes"]) for ex in good})
         root = os.path.relpath(ds.image_root.resolve(), out.resolve())
         (tmp / "dataset.json").write_text(json.dumps({
             "image_root": root, "format": ds.fmt, "source": str(input), "dataset_version": dataset_version,
