@@ -138,3 +138,16 @@ def test_exp_run_fine_tune_and_compare_both_modes(project):
     assert {"head", "fine_tune"} <= set(modes), rows
     assert any(r["name"] == "tuned" and r["mode"] == "fine_tune" for r in rows), rows
     assert modes["fine_tune"]["map"] >= 0.8, rows
+
+
+def test_exp_run_temp_finds_the_models_run_from_its_metadata(project):
+    """`dvc exp run --temp` runs in a fresh workspace with its own ./mlflow.db: train comes from the
+    DVC cache, its run lives in the first workspace's store, and evaluate must still find a run."""
+    d, env, _ = project
+    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the local default: ./mlflow.db
+    sh("git add -A && git commit -qm 'before temp exp' --allow-empty", d, env)
+    out = sh("dvc exp run --temp -n tempeval -S evaluate.bootstrap=30", d, env)
+    assert stages_run(out) == ["evaluate", "calibrate", "register"], out[-3000:]
+    assert "is not in sqlite:///" in out and "logging into run" in out, out[-3000:]
+    rows = json.loads(sh("dvc exp show --json 2>/dev/null", d, env))
+    assert '"tempeval"' in json.dumps(rows)

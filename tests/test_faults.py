@@ -395,3 +395,53 @@ def test_bottleneck_reads_only_the_images_it_computes_and_checks_their_recorded_
     Image.new("RGB", (32, 32), (1, 2, 3)).save(data / victim)
     with pytest.raises(MltagError, match="changed since prepare hashed it; run prepare again"):
         bottleneck(tmp_path / "prepared", tmp_path / "bn3", cache_dir=tmp_path / "cache2", **run)
+
+
+def test_vector_store_at_an_fsspec_uri_is_shared_and_checked_like_a_folder(tmp_path, colour_dataset, fake_backbone):
+    import fsspec
+
+    store = f"memory://mltag-store-{os.getpid()}"
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    run = dict(handle=str(fake_backbone), cache_dir=store, progress=False)
+    first = bottleneck(tmp_path / "prepared", tmp_path / "bn1", **run)
+    assert first["computed"] == 48
+    fs = fsspec.filesystem("memory")
+    entries = [p for p in fs.find(store.removeprefix("memory://")) if p.endswith(".npy")]
+    assert len(entries) == 48
+    # A damaged object is recomputed, never trusted; everything else comes from the store.
+    fs.pipe_file(entries[0], b"\x93NUMPY garbage")
+    second = bottleneck(tmp_path / "prepared", tmp_path / "bn2", **run)
+    assert (second["computed"], second["cached"], second["untrusted_entries"]) == (1, 47, 1)
+    for split in ("train", "val", "test"):
+        a, b = (np.load(tmp_path / d / f"{split}.npz")["features"] for d in ("bn1", "bn2"))
+        assert np.array_equal(a, b)
+
+
+def test_a_model_from_another_tracking_store_logs_into_one_stand_in_run(tmp_path, colour_dataset, fake_backbone,
+                                                                       monkeypatch):
+    from mlflow import MlflowClient
+
+    from mltag import tracking
+    from mltag.common import MltagError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'first.db'}")
+    _steps_until_register(tmp_path, colour_dataset, fake_backbone)
+    trained_in = tracking.run_id_of(tmp_path / "model")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    # An explicit run id (what Kubeflow passes) that this store lacks: a clear error before any work.
+    with pytest.raises(MltagError, match=f"MLflow run {trained_in} does not exist in the tracking store {other}"):
+        evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval2", tmp_path / "ev2.json", bootstrap=5,
+                 tracking_uri=other, run_id=trained_in)
+    assert not (tmp_path / "eval2").exists()
+    # From the model folder's own run.json (dvc pull, dvc exp run --temp): one stand-in run, found again.
+    evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval2", tmp_path / "ev2.json", bootstrap=5,
+             tracking_uri=other)
+    calibrate(tmp_path / "eval2", tmp_path / "model", tmp_path / "th2.json", tmp_path / "ca2.json",
+              bottlenecks=tmp_path / "bn", progress=False, tracking_uri=other)
+    tracking.setup(other)
+    runs = MlflowClient().search_runs(["0", *[e.experiment_id for e in MlflowClient().search_experiments()]])
+    stand_ins = {r.info.run_id: r for r in runs if r.data.tags.get(tracking.MODEL_RUN_TAG) == trained_in}
+    assert len(stand_ins) == 1, runs
+    (run,) = stand_ins.values()
+    assert "test_map" in run.data.metrics and "calibrated_test_micro_f1" in run.data.metrics
+    assert run.data.tags["mltag.trained_in"] == f"sqlite:///{tmp_path / 'first.db'}"

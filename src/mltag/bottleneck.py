@@ -12,6 +12,7 @@ values are treated as missing and recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -58,7 +59,14 @@ class FeatureCache:
     """
 
     def __init__(self, root: str | os.PathLike, backbone_id: str, image_size: int, extra: list | None = None):
-        self.root = Path(root)
+        self.remote = None  # an fsspec filesystem when ``root`` is a URI (s3://, gs://, memory://...)
+        if is_store_uri(root):
+            import fsspec
+
+            self.remote, base = fsspec.core.url_to_fs(str(root))
+            self.root = PurePosixPath(base)
+        else:
+            self.root = Path(str(root).removeprefix("file://"))
         self.prefix = f"{backbone_id}|{image_size}|{PREPROCESSING_VERSION}|cache{CACHE_FORMAT}|"
         self.extra = [Path(p) for p in (extra or [])]
         self.dim: int | None = None
@@ -83,7 +91,7 @@ class FeatureCache:
         for root in (self.root, *self.extra):
             p = self._path(root, key)
             try:
-                data = p.read_bytes()
+                data = self.remote.cat_file(str(p)) if self.remote and root is self.root else p.read_bytes()
             except FileNotFoundError:
                 continue
             except OSError:
@@ -123,6 +131,15 @@ class FeatureCache:
 
     def put(self, key: str, vector: np.ndarray) -> None:
         p = self._path(self.root, key)
+        if self.remote is not None:
+            # An object store writes an object whole or not at all; on any other fsspec
+            # filesystem a torn write fails the checksum on read and is recomputed.
+            body = np.ascontiguousarray(vector, dtype=np.float16).tobytes()
+            try:
+                self.remote.pipe_file(str(p), self._header(len(body) // 2) + body + _checksum(body))
+            except OSError as e:
+                raise MltagError(f"cannot write the vector store: {e}", str(p)) from None
+            return
         if p.parent not in self._dirs:
             try:
                 p.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +158,17 @@ class FeatureCache:
             tmp.unlink(missing_ok=True)
             raise MltagError(f"cannot write the feature cache: {e.strerror or e}", p) from None
 
+    def lock(self, name: str):
+        """A lock on this cache (one run computes into it at a time); none for a URI store,
+        where entries are written whole by key and two writers of one key write the same vector."""
+        if self.remote is not None:
+            return contextlib.nullcontext()
+        return locked(self.root / name, f"the feature cache {self.root}")
+
     def clean_leftovers(self) -> int:
         """Remove temp entries that killed runs left in the cache (e.g. 0-byte ones after a full disk)."""
+        if self.remote is not None:
+            return 0  # nothing is written through a temp name there
         try:
             subdirs = [d for d in os.scandir(self.root) if d.is_dir() and len(d.name) == 2]
         except OSError:
@@ -159,6 +185,11 @@ class FeatureCache:
             np.save(buf, np.zeros(dim, np.float16))
             h = self._headers[dim] = buf.getvalue()[: -2 * dim]
         return h
+
+
+def is_store_uri(root) -> bool:
+    """Whether a vector store location is an fsspec URI rather than a local (or mounted PVC) folder."""
+    return "://" in str(root) and not str(root).startswith("file://")
 
 
 def view_seed(content_sha: str, view: int) -> int:
@@ -344,8 +375,7 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
     if todo:
         # One run computes into a cache at a time (per shard): a second run waits, then finds
         # the first run's vectors instead of computing them again.
-        lock = cache.root / (".lock" if num_shards == 1 else f".lock-shard{shard_index}-of-{num_shards}")
-        with locked(lock, f"the feature cache {cache.root}"):
+        with cache.lock(".lock" if num_shards == 1 else f".lock-shard{shard_index}-of-{num_shards}"):
             cache.clean_leftovers()
             todo = uncached(todo)  # what another run computed while this one waited
             if todo:

@@ -205,6 +205,8 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         raise MltagError(f"calibrate.method must be f1, min_precision or none, got {method!r}")
     if method == "min_precision" and min_precision is None:
         raise MltagError("calibrate.method=min_precision needs calibrate.min_precision")
+    if run_id or tracking.run_id_of(model_dir):  # the run is found (or its absence said) before any work
+        run_id = tracking.model_run(model_dir, run_id, tracking.setup_checked(tracking_uri))
     f = Path(evaluation) / "scores.npz"
     if not f.is_file():
         raise MltagError("scores not found; run the evaluate step first", f)
@@ -250,9 +252,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     th["config"] = config
     write_json_atomic(out, th)
     write_json_atomic(metrics_file, result)
-    run_id = run_id or tracking.run_id_of(model_dir)
     if run_id:
-        tracking.setup_checked(tracking_uri)
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metrics({f"calibrated_test_{k}": v for k, v in at_cal.items() if isinstance(v, float)})
             mlflow.log_metrics({f"threshold_{n}": v for n, v in th["thresholds"].items()})

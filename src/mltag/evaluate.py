@@ -97,6 +97,8 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     from mltag import tracking
 
     labels = read_labels(Path(model_dir) / "labels.txt")
+    if run_id or tracking.run_id_of(model_dir):  # the run is found (or its absence said) before any work
+        run_id = tracking.model_run(model_dir, run_id, tracking.setup_checked(tracking_uri))
     x_va, y_va, p_va = load_split(bottlenecks, "val")
     x_te, y_te, p_te = load_split(bottlenecks, "test")
     _, y_tr, _ = load_split(bottlenecks, "train")
@@ -141,9 +143,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
                 rows += [f"{a:.5f},{b:.5f},{c:.5f}" for a, b, c in zip(p[:-1], r[:-1], t)]
             (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     write_json_atomic(metrics_file, result)
-    run_id = run_id or tracking.run_id_of(model_dir)
     if run_id:
-        tracking.setup_checked(tracking_uri)
         with mlflow.start_run(run_id=run_id):
             flat = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
             flat.update({f"test_ap_{n}": m["ap"] for n, m in result["per_label"].items() if m["ap"] is not None})

@@ -174,7 +174,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     y_test = np.array([ex.flags for ex in test], dtype=int).reshape(len(test), len(labels))
     uri = tracking.setup_checked(tracking_uri)
     client = MlflowClient()
-    run_id = run_id or tracking.run_id_of(model_dir)
+    run_id = tracking.model_run(model_dir, run_id, uri)
     if run_id is None:
         mlflow.set_experiment(experiment)
     tmp = Path(tempfile.mkdtemp(prefix="mltag-register-"))

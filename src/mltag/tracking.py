@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -75,16 +78,80 @@ def setup(explicit: str | None = None) -> str:
     return uri
 
 
-def save_run_ref(folder: str | os.PathLike, run_id: str, experiment_id: str, uri: str) -> None:
-    ref = {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+def save_run_ref(folder: str | os.PathLike, run_id: str, experiment_id: str, uri: str,
+                 experiment: str = "mltag") -> None:
+    ref = {"run_id": run_id, "experiment_id": experiment_id, "experiment": experiment, "tracking_uri": uri}
     (Path(folder) / "run.json").write_text(json.dumps(ref, indent=2) + "\n", encoding="utf-8")
 
 
-def run_id_of(model_dir: str | os.PathLike) -> str | None:
+def run_ref_of(model_dir: str | os.PathLike) -> dict | None:
+    """What train recorded about its MLflow run in the model folder, or None."""
     f = Path(model_dir) / "run.json"
     if not f.is_file():
         return None
-    return json.loads(f.read_text(encoding="utf-8"))["run_id"]
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def run_id_of(model_dir: str | os.PathLike) -> str | None:
+    ref = run_ref_of(model_dir)
+    return ref["run_id"] if ref else None
+
+
+MODEL_RUN_TAG = "mltag.model_run_id"
+
+
+def model_run(model_dir: str | os.PathLike, run_id: str | None, uri: str) -> str | None:
+    """The MLflow run that evaluate, calibrate and register log into, in the store at ``uri``.
+
+    An explicit ``run_id`` (Kubeflow passes train's) must exist there: if not, the error
+    names the run and the store. Otherwise the model folder's ``run.json`` names train's
+    run; when this store does not hold it (the model came from the DVC run cache, ``dvc
+    pull`` or a ``dvc exp run --temp`` workspace, trained against another store), the
+    steps share one stand-in run here, tagged with train's run id, found again by that
+    tag. None when the model has no run at all.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mltag.common import MltagError
+
+    client = MlflowClient()
+    if run_id:
+        if not _run_exists(client, run_id):
+            raise MltagError(
+                f"MLflow run {run_id} does not exist in the tracking store {uri}. The step that created it "
+                "(train) logged to another store: give every step the same tracking URI (the tracking_uri "
+                "pipeline parameter or the mlflow-tracking secret on Kubeflow; MLFLOW_TRACKING_URI locally)")
+        return run_id
+    ref = run_ref_of(model_dir)
+    if ref is None:
+        return None
+    if _run_exists(client, ref["run_id"]):
+        return ref["run_id"]
+    found = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                               filter_string=f"tags.`{MODEL_RUN_TAG}` = '{ref['run_id']}'")
+    if found:
+        return found[0].info.run_id
+    exp = mlflow.set_experiment(ref.get("experiment") or "mltag")
+    run = client.create_run(exp.experiment_id, run_name=f"model-of-{ref['run_id'][:8]}", tags={
+        MODEL_RUN_TAG: ref["run_id"], "mltag.trained_in": ref.get("tracking_uri", "")})
+    client.set_terminated(run.info.run_id)
+    log.warning("train's MLflow run %s is not in %s (this model was trained against %s, or restored from a "
+                "DVC cache); logging into run %s instead, tagged %s", ref["run_id"], uri,
+                ref.get("tracking_uri", "another store"), run.info.run_id, MODEL_RUN_TAG)
+    return run.info.run_id
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise
+    return True
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -325,7 +325,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
                 indent=2) + "\n", encoding="utf-8")
             (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-            tracking.save_run_ref(tmp, run.info.run_id, run.info.experiment_id, uri)
+            tracking.save_run_ref(tmp, run.info.run_id, run.info.experiment_id, uri, experiment)
         records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(values))]
         if metrics_file:
             write_json_atomic(metrics_file, summary)
