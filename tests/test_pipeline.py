@@ -130,25 +130,59 @@ def test_dag_shape_parallelfor_and_no_cache_on_register(compiled):
     assert params["backbone"]["defaultValue"]["handle"] == "builtin:efficientnet_lite2"
 
 
+def _stats(root: Path) -> tuple[list[dict], dict]:
+    """The shards' and the gather's run statistics from one kfp.local run's artifacts."""
+    import json
+
+    found = {f: json.loads(f.read_text()) for f in root.rglob("stats.json")}
+    shards = [v for f, v in found.items() if "bottleneck-shard" in str(f)]
+    (gather,) = [v for f, v in found.items() if "bottleneck-shard" not in str(f)]
+    return shards, gather
+
+
 @pytest.mark.slow
-def test_full_pipeline_runs_locally_and_registers(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+def test_full_pipeline_runs_locally_twice_and_computes_only_new_images(tmp_path, fake_backbone, mlflow_store):
+    """Two kfp.local runs sharing a vector store folder: the second, with 10% more images, computes
+    only those, in its shards; the gather computes nothing. The images are read in place."""
+    import json
+
     from mlflow import MlflowClient
 
+    from conftest import make_colour_dataset, write_lst_dataset
     from mltag.config import load_params
     from mltag.kubeflow.run import run_local
 
+    data, rows = tmp_path / "colours", []
+    rows += make_colour_dataset(data, n=40)
+    write_lst_dataset(data, rows)
+    store = tmp_path / "store"
     # section.key overrides over the compiled params, as `mltag pipeline run --arg` passes them
-    run_local(data=str(colour_dataset), pipeline_root=str(tmp_path / "kfp-root"), params=load_params(REPO / "params.yaml"),
-              overrides={"backbone.handle": str(fake_backbone), "bottleneck.num_shards": "2",
-                         "train.learning_rate": "0.05", "evaluate.bootstrap": "20", "register.model_name": "kfp-model",
-                         "train.patience": "30", "evaluate.seed": "3"})
+    overrides = {"backbone.handle": str(fake_backbone), "bottleneck.num_shards": "2",
+                 "bottleneck.cache_dir": str(store), "bottleneck.views": "1", "train.learning_rate": "0.05",
+                 "evaluate.bootstrap": "20", "register.model_name": "kfp-model", "train.patience": "30",
+                 "evaluate.seed": "3"}
+    run_local(data=str(data), pipeline_root=str(tmp_path / "run1"), params=load_params(REPO / "params.yaml"),
+              overrides=overrides)
     client = MlflowClient()
     mv = client.get_model_version_by_alias("kfp-model", "champion")
     run = client.get_run(mv.run_id)
     assert run.data.metrics["test_map"] >= 0.9
     assert "calibrated_test_micro_f1" in run.data.metrics  # evaluate and calibrate logged into train's run
-    shard_summaries = list((tmp_path / "kfp-root").rglob("summary/bottleneck.json"))
-    assert len(shard_summaries) == 2
+    shards, gather = _stats(tmp_path / "run1")
+    assert len(shards) == 2 and sum(s["computed"] for s in shards) == 40 and gather["computed"] == 0
+    assert all(s["computed"] > 0 for s in shards)  # split by key hash, both shards get work
+    assert not list((tmp_path / "run1").rglob("source"))  # by reference: no copy of the dataset
+    images = [json.loads(f.read_text()) for f in (tmp_path / "run1").rglob("images.json")]
+    assert images == [{"root": str(data.resolve()), "copied": False}]
+
+    rows += make_colour_dataset(data, n=4, seed=7, start=40)
+    write_lst_dataset(data, rows)
+    run_local(data=str(data), pipeline_root=str(tmp_path / "run2"), params=load_params(REPO / "params.yaml"),
+              overrides=overrides)
+    shards, gather = _stats(tmp_path / "run2")
+    assert sum(s["computed"] for s in shards) == 4 and sum(s["cached"] for s in shards) == 40
+    assert gather["computed"] == 0 and gather["cached"] == 44
+    assert len(client.search_model_versions("name='kfp-model'")) == 2
 
 
 def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset):
@@ -180,6 +214,50 @@ def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset
     assert (got2 / "labels.txt").read_text().split() == ["r", "g", "b"]
 
 
+def test_a_mutable_reference_resolves_to_an_immutable_version_and_prepare_is_cached_only_on_it(tmp_path, compiled):
+    """A branch resolves to its commit now; when the branch moves, the version (prepare's cache key) moves."""
+    from mltag.fetch import resolve_version
+
+    repo = tmp_path / "datarepo"
+    repo.mkdir()
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e.com", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@e.com")
+
+    def git(cmd):
+        return subprocess.run(f"git {cmd}", shell=True, cwd=repo, env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init -q -b main")
+    (repo / "a.txt").write_text("1")
+    git("add -A && git commit -qm v1")
+    v1 = git("rev-parse HEAD")
+    assert resolve_version("data", str(repo), "main") == f"{repo}@{v1}"
+    assert resolve_version("data", str(repo), "") == f"{repo}@{v1}"
+    (repo / "a.txt").write_text("2")
+    git("commit -qam v2")
+    v2 = git("rev-parse HEAD")
+    assert v2 != v1 and resolve_version("data", str(repo), "main") == f"{repo}@{v2}"
+    assert resolve_version("data", str(repo), v1) == f"{repo}@{v1}"  # a commit id stays itself
+    git("tag -a t1 -m t1 " + v1)
+    assert resolve_version("data", str(repo), "t1") == f"{repo}@{v1}"
+    from mltag.common import MltagError
+
+    with pytest.raises(MltagError, match="revision 'nope' not found in data repo"):
+        resolve_version("data", str(repo), "nope")
+    # A folder read in place: its manifest changes when a file is added or rewritten.
+    before = resolve_version(str(repo))
+    (repo / "b.txt").write_text("new")
+    assert resolve_version(str(repo)) != before
+    # In the compiled pipeline resolve-data is never cached, and prepare takes its output as an input:
+    # KFP caches prepare on the resolved version, so a moved branch or folder runs prepare again.
+    _, (spec, _) = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["resolve-data"]["cachingOptions"].get("enableCache") is not True
+    version_in = tasks["prepare"]["inputs"]["parameters"]["data_version"]["taskOutputParameter"]
+    assert version_in["producerTask"] == "resolve-data"
+    assert "data_rev" not in tasks["prepare"]["inputs"]["parameters"]
+
+
 def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
     from conftest import run_cli
 
@@ -191,3 +269,26 @@ def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "'colour' is not SECTION.KEY" in p.stderr, p.stderr[-2000:]
     p = run_cli("pipeline", "run", "--local", "--arg", "train.epoch=3", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "unknown key train.epoch" in p.stderr, p.stderr[-2000:]
+
+
+def test_on_a_cluster_without_a_tracking_uri_the_first_step_stops_with_how_to(monkeypatch):
+    from mltag.common import MltagError
+    from mltag.kubeflow.components import resolve_data
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # what every Kubernetes pod has
+    body = resolve_data.python_func
+    with pytest.raises(MltagError, match="no MLflow tracking URI on a Kubernetes cluster.*--tracking-uri.*"
+                                         "kubectl create secret generic mlflow-tracking"):
+        body(prepare={}, defaults={"prepare": {"input": "/nowhere"}}, data_repo="", data_rev="", tracking_uri="")
+    # With the parameter (or the secret's variable) it goes on, to the next error: the data is missing.
+    with pytest.raises(MltagError, match="dataset not found"):
+        body(prepare={}, defaults={"prepare": {"input": "/nowhere"}}, data_repo="", data_rev="",
+             tracking_uri="http://mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    with pytest.raises(MltagError, match="dataset not found"):
+        body(prepare={}, defaults={"prepare": {"input": "/nowhere"}}, data_repo="", data_rev="", tracking_uri="")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # off the cluster (kfp.local, dvc): the local default is fine
+    with pytest.raises(MltagError, match="dataset not found"):
+        body(prepare={}, defaults={"prepare": {"input": "/nowhere"}}, data_repo="", data_rev="", tracking_uri="")

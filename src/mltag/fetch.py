@@ -1,9 +1,17 @@
-"""Bring a dataset to a local folder: a DVC-versioned repo at a revision, or a path/URI."""
+"""Where a dataset is, and which version of it: a DVC-versioned repo at a revision, a bucket, a path.
+
+``resolve_version`` turns a mutable reference (a branch, a bucket prefix, a folder) into
+an immutable one before anything is cached on it; ``fetch_dataset`` copies a remote
+dataset to a local folder (a local or mounted folder is read in place by the pipeline).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 from mltag.common import MltagError
@@ -69,3 +77,75 @@ def git_rev(path: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return rev.stdout.strip() or None if rev.returncode == 0 else None
+
+
+def is_remote(data: str) -> bool:
+    return "://" in data and not data.startswith("file://")
+
+
+def resolve_version(data: str, repo: str = "", rev: str = "") -> str:
+    """An immutable name for the dataset as it is now, for caching and lineage.
+
+    * a DVC repo: ``<repo>@<commit>``, the commit ``rev`` (a branch, tag or commit; empty
+      for the default branch) points at now;
+    * an fsspec URI: ``<uri>#manifest-<hash>`` over every object's name, size and ETag
+      (or checksum, or modification time);
+    * a local or mounted folder (or a labels file in it): ``<path>#manifest-<hash>`` over
+      every file's relative path, size and modification time.
+
+    A moved branch or a changed bucket gives a new name, so a step cached on it runs again.
+    """
+    if repo:
+        return f"{repo}@{_commit_of(repo, rev)}"
+    if is_remote(data):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(data)
+        if not fs.exists(path):
+            raise MltagError(f"dataset not found: {data}")
+        found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+        rows = sorted(f"{name}\t{info.get('size')}\t{_object_version(info)}" for name, info in found.items())
+        return f"{data}#manifest-{_digest(rows)}"
+    src = Path(data.removeprefix("file://"))
+    if not src.exists():
+        raise MltagError("dataset not found", src)
+    folder = src if src.is_dir() else src.parent
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            f = Path(dirpath) / name
+            st = f.stat()
+            rows.append(f"{f.relative_to(folder).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}")
+    return f"{data}#manifest-{_digest(sorted(rows))}"
+
+
+def _digest(rows: list[str]) -> str:
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def _object_version(info: dict) -> str:
+    for k in ("ETag", "etag", "md5Hash", "crc32c", "generation", "VersionId", "mtime", "LastModified", "created"):
+        if info.get(k) is not None:
+            return str(info[k])
+    return ""
+
+
+def _commit_of(repo: str, rev: str) -> str:
+    """The commit ``rev`` names in ``repo`` now (``git ls-remote``; a full commit id is already one)."""
+    if re.fullmatch(r"[0-9a-f]{40}", rev):
+        return rev
+    try:
+        patterns = [rev, f"{rev}^{{}}"] if rev else ["HEAD"]  # ^{}: the commit an annotated tag points at
+        p = subprocess.run(["git", "ls-remote", repo, *patterns], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise MltagError(f"cannot reach data repo {repo}: {e}") from None
+    if p.returncode != 0:
+        raise MltagError(f"cannot read data repo {repo}: {p.stderr.strip()[:300]}")
+    lines = [ln.split("\t") for ln in p.stdout.splitlines() if "\t" in ln]
+    for want in (rev or "HEAD", f"refs/heads/{rev}", f"refs/tags/{rev}^{{}}", f"refs/tags/{rev}"):
+        for sha, ref in lines:
+            if ref == want:
+                return sha
+    raise MltagError(f"revision {rev!r} not found in data repo {repo} (give a branch, a tag or a full commit id)")
+

@@ -15,24 +15,44 @@ from mltag.kubeflow.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def prepare(prepare: dict, defaults: dict, data_repo: str, data_rev: str, dataset: Output[Dataset],
+def resolve_data(prepare: dict, defaults: dict, data_repo: str, data_rev: str, tracking_uri: str) -> str:
+    """The dataset's immutable version now (repo@commit, or a manifest hash): never cached, so prepare,
+    cached on this value, runs again exactly when the branch, bucket or folder has moved."""
+    from mltag.fetch import resolve_version
+    from mltag.kubeflow.entry import check_cluster_tracking, params_for
+
+    check_cluster_tracking(tracking_uri)  # the first step: a missing tracking URI stops the run here
+    params = params_for("prepare", {"prepare": prepare}, defaults)
+    return resolve_version(params.prepare.input, data_repo, data_rev)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare(prepare: dict, defaults: dict, data_repo: str, data_version: str, dataset: Output[Dataset],
             report: Output[HTML]):
-    """Fetch the data (DVC repo + revision, or a path/URI) into the artifact, then prepare splits."""
+    """Prepare splits and content hashes; a local or mounted folder is read in place, by reference,
+    and only a DVC repo (at the resolved commit) or a bucket is copied into the artifact."""
     import shutil
     from pathlib import Path
 
-    from mltag.fetch import fetch_dataset
-    from mltag.kubeflow.entry import params_for
+    from mltag.fetch import fetch_dataset, is_remote
+    from mltag.formats import image_root_of
+    from mltag.kubeflow.entry import params_for, record_images
     from mltag.steps import run_step
 
     params = params_for("prepare", {"prepare": prepare}, defaults)
     root = Path(dataset.path)
-    source, version = fetch_dataset(params.prepare.input, data_repo, data_rev, root / "source")
-    params = params.replace("prepare", input=str(source))
-    r = run_step("prepare", params, out=root / "prepared", dataset_version=version, progress=False)
+    root.mkdir(parents=True, exist_ok=True)
+    data = params.prepare.input
+    copied = bool(data_repo) or is_remote(data)
+    if copied:
+        rev = data_version.rpartition("@")[2] if data_repo else ""
+        source, _ = fetch_dataset(data, data_repo, rev, root / "source")
+        params = params.replace("prepare", input=str(source))
+    r = run_step("prepare", params, out=root / "prepared", dataset_version=data_version, progress=False)
+    record_images(root, image_root_of(root / "prepared"), copied)
     shutil.copy(root / "prepared" / "report.html", report.path)
-    dataset.metadata.update({"dataset_version": version or "", "source": prepare.get("input", ""),
-                             "repo": data_repo, "images": r["images_used"], "rejected": len(r["rejected"])})
+    dataset.metadata.update({"dataset_version": data_version, "source": data, "repo": data_repo,
+                             "images": r["images_used"], "rejected": len(r["rejected"]), "copied": copied})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -49,35 +69,50 @@ def shard_indices(bottleneck: dict, defaults: dict) -> List[int]:
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def bottleneck_shard(dataset: Input[Dataset], shard_index: int, bottleneck: dict, backbone: dict, defaults: dict,
                      cache: Output[Dataset]):
-    """Compute the feature vectors of one shard of the images into a cache artifact."""
+    """Compute the vectors of one shard (by cache key: stable when images are added) that the store lacks.
+
+    With a shared store (``bottleneck.cache_dir`` an fsspec URI or a mounted absolute path)
+    they go there and later runs reuse them; otherwise into this task's artifact.
+    """
     from pathlib import Path
 
-    from mltag.kubeflow.entry import params_for
+    from mltag.kubeflow.entry import images_of, params_for, shared_store
     from mltag.steps import run_step
 
     params = params_for("bottleneck", {"bottleneck": bottleneck, "backbone": backbone}, defaults)
-    params = params.replace("bottleneck", cache_dir=str(Path(cache.path) / "vectors"))
+    store = shared_store(params)
+    if store is None:  # no store every pod sees: this shard's vectors travel as its artifact
+        params = params.replace("bottleneck", cache_dir=str(Path(cache.path) / "vectors"))
     root = Path(dataset.path)
-    s = run_step("bottleneck", params, prepared=root / "prepared", out=Path(cache.path) / "summary",
-                 images=root / "source", shard_index=shard_index, progress=False)
-    cache.metadata.update({"computed": s["computed"], "shard": shard_index})
+    out = Path(cache.path)
+    s = run_step("bottleneck", params, prepared=root / "prepared", out=out / "summary", images=images_of(root),
+                 shard_index=shard_index, progress=False, metrics=out / "stats.json")
+    cache.metadata.update({"computed": s["computed"], "cached": s["cached"], "shard": shard_index,
+                           "store": store or ""})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def bottleneck(dataset: Input[Dataset], shard_caches: Input[List[Dataset]], bottleneck: dict, backbone: dict,
                defaults: dict, bottlenecks: Output[Dataset]):
-    """Gather the shards' vectors into the train/val/test feature files."""
+    """Gather the vectors into the train/val/test feature files: from the shared store, or from the
+    shards' artifacts without one. Computes nothing when every shard succeeded."""
     from pathlib import Path
 
-    from mltag.kubeflow.entry import params_for
+    from mltag.kubeflow.entry import images_of, params_for, shared_store
     from mltag.steps import run_step
 
     params = params_for("bottleneck", {"bottleneck": bottleneck, "backbone": backbone}, defaults)
-    params = params.replace("bottleneck", cache_dir="/tmp/mltag-gather")
+    store = shared_store(params)
+    extra = []
+    if store is None:  # read the shards' artifacts
+        params = params.replace("bottleneck", cache_dir="/tmp/mltag-gather")
+        extra = [Path(c.path) / "vectors" for c in shard_caches]
     root = Path(dataset.path)
-    s = run_step("bottleneck", params, prepared=root / "prepared", out=bottlenecks.path, images=root / "source",
-                 extra_caches=[Path(c.path) / "vectors" for c in shard_caches], num_shards=1, progress=False)
-    bottlenecks.metadata.update({"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"]})
+    out = Path(bottlenecks.path)
+    s = run_step("bottleneck", params, prepared=root / "prepared", out=out, images=images_of(root),
+                 extra_caches=extra, num_shards=1, progress=False, metrics=out / "stats.json")
+    bottlenecks.metadata.update({"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"],
+                                 "store": store or ""})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -86,15 +121,15 @@ def train(bottlenecks: Input[Dataset], dataset: Input[Dataset], train: dict, bac
           metrics: Output[Metrics]) -> NamedTuple("TrainOutputs", [("run_id", str)]):
     """Train the head on cached vectors, or (mode fine_tune, on the GPU pool) also the backbone's top blocks."""
     from collections import namedtuple
-    from pathlib import Path
 
-    from mltag.kubeflow.entry import check_fixed_mode, params_for
+    from mltag.kubeflow.entry import check_cluster_tracking, check_fixed_mode, images_of, params_for
     from mltag.steps import run_step
 
+    check_cluster_tracking(tracking_uri)
     params = params_for("train", {"train": train, "backbone": backbone, "tracking": tracking}, defaults)
     check_fixed_mode(params, defaults)
     s = run_step("train", params, bottlenecks=bottlenecks.path, out=model.path, tracking_uri=tracking_uri or None,
-                 progress=False, images=Path(dataset.path) / "source")
+                 progress=False, images=images_of(dataset.path))
     for k in ("val_loss", "train_loss", "best_epoch", "fine_tune_val_loss", "fine_tune_best_epoch"):
         if s.get(k) is not None:
             metrics.log_metric(k, s[k])
@@ -110,12 +145,13 @@ def evaluate(model: Input[Model], bottlenecks: Input[Dataset], dataset: Input[Da
     import shutil
     from pathlib import Path
 
-    from mltag.kubeflow.entry import params_for
+    from mltag.kubeflow.entry import check_cluster_tracking, images_of, params_for
     from mltag.steps import run_step
 
+    check_cluster_tracking(tracking_uri)
     params = params_for("evaluate", {"evaluate": evaluate}, defaults)
     r = run_step("evaluate", params, model_dir=model.path, bottlenecks=bottlenecks.path, out=evaluation.path,
-                 metrics_file=Path(evaluation.path) / "metrics.json", images=Path(dataset.path) / "source",
+                 metrics_file=Path(evaluation.path) / "metrics.json", images=images_of(dataset.path),
                  tracking_uri=tracking_uri or None, run_id=run_id)
     for k in ("map", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "roc_auc_macro"):
         if r.get(k) is not None:
@@ -130,9 +166,10 @@ def calibrate(evaluation: Input[Dataset], model: Input[Model], bottlenecks: Inpu
     """Per-label thresholds from out-of-fold scores over train+val."""
     from pathlib import Path
 
-    from mltag.kubeflow.entry import params_for
+    from mltag.kubeflow.entry import check_cluster_tracking, params_for
     from mltag.steps import run_step
 
+    check_cluster_tracking(tracking_uri)
     params = params_for("calibrate", {"calibrate": calibrate}, defaults)
     out = Path(thresholds.path)
     r = run_step("calibrate", params, evaluation=evaluation.path, model_dir=model.path, out=out / "thresholds.json",
@@ -149,13 +186,14 @@ def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dat
     """Register the version, alias challenger, and promote to champion through the gate."""
     from pathlib import Path
 
-    from mltag.kubeflow.entry import params_for
+    from mltag.kubeflow.entry import check_cluster_tracking, images_of, params_for
     from mltag.steps import run_step
 
+    check_cluster_tracking(tracking_uri)
     params = params_for("register", {"register": register, "tracking": tracking}, defaults)
     root = Path(dataset.path)
     r = run_step("register", params, model_dir=model.path, thresholds=Path(thresholds.path) / "thresholds.json",
-                 prepared=root / "prepared", out=decision.path, images=root / "source",
+                 prepared=root / "prepared", out=decision.path, images=images_of(root),
                  tracking_uri=tracking_uri or None, run_id=run_id)
     decision.log_metric("version", r["version"])
     decision.log_metric("promoted", 1.0 if r["promoted"] else 0.0)

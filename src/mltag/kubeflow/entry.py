@@ -34,3 +34,47 @@ def check_fixed_mode(params: Params, defaults: dict) -> None:
     if params.train.mode != compiled:
         raise MltagError(f"train.mode is {params.train.mode!r} but the pipeline was compiled for {compiled!r}, "
                          "which decides where the GPU goes; recompile with `mltag pipeline compile --params FILE`")
+
+
+def shared_store(params: Params) -> str | None:
+    """``bottleneck.cache_dir`` when every pod sees the same one (an fsspec URI, or an absolute path:
+    a mounted PVC); None for a relative path, which on a cluster lives only as long as its pod."""
+    from pathlib import Path
+
+    from mltag.bottleneck import is_store_uri
+
+    store = params.bottleneck.cache_dir
+    return store if is_store_uri(store) or Path(store).is_absolute() else None
+
+
+IMAGES_FILE = "images.json"
+
+
+def record_images(dataset_dir, root, copied: bool) -> None:
+    """Write where the dataset artifact's images are: read in place (a mounted folder) or copied into it."""
+    import json
+    from pathlib import Path
+
+    root = Path(root).resolve()
+    ref = {"root": os.path.relpath(root, Path(dataset_dir).resolve()) if copied else str(root), "copied": copied}
+    (Path(dataset_dir) / IMAGES_FILE).write_text(json.dumps(ref) + "\n", encoding="utf-8")
+
+
+def images_of(dataset_dir):
+    """The image folder of a dataset artifact, as ``record_images`` wrote it."""
+    import json
+    from pathlib import Path
+
+    ref = json.loads((Path(dataset_dir) / IMAGES_FILE).read_text(encoding="utf-8"))
+    return Path(dataset_dir) / ref["root"] if ref["copied"] else Path(ref["root"])
+
+
+def check_cluster_tracking(tracking_uri: str) -> None:
+    """On Kubernetes, a missing tracking URI would give each pod its own throwaway store: stop at once."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise MltagError(
+            "no MLflow tracking URI on a Kubernetes cluster: every pod would log to its own throwaway "
+            "sqlite file and later steps could not find train's run. Pass the pipeline parameter "
+            "tracking_uri (mltag pipeline run --tracking-uri http://mlflow.mlflow.svc:5000), or create the "
+            "secret named by pipeline.mlflow_secret: kubectl create secret generic mlflow-tracking "
+            "--from-literal=MLFLOW_TRACKING_URI=http://mlflow.mlflow.svc:5000")

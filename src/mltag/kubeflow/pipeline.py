@@ -25,7 +25,7 @@ from mltag.kubeflow import components as steps
 
 # CPU/memory requests per step (the GPU step's figures are for the host side).
 RESOURCES = {
-    "prepare": ("1", "2Gi"), "shard_indices": ("100m", "256Mi"), "bottleneck_shard": ("2", "6Gi"),
+    "resolve_data": ("100m", "256Mi"), "prepare": ("1", "2Gi"), "shard_indices": ("100m", "256Mi"), "bottleneck_shard": ("2", "6Gi"),
     "bottleneck": ("1", "4Gi"), "train": ("2", "8Gi"), "evaluate": ("1", "4Gi"), "calibrate": ("500m", "2Gi"),
     "register": ("1", "4Gi"),
 }
@@ -105,8 +105,14 @@ def build_pipeline(params: Params | None = None):
         data_rev: str = "",
         tracking_uri: str = "",
     ):
+        version = mlflow_env(_resources(steps.resolve_data(prepare=prepare, defaults=defaults("prepare"),
+                                                           data_repo=data_repo, data_rev=data_rev,
+                                                           tracking_uri=tracking_uri), "resolve_data"))
+        # A branch, bucket or folder can move under the same name: resolve it on every run,
+        # and let prepare be cached on the resolved, immutable version only.
+        version.set_caching_options(False)
         prep = _resources(steps.prepare(prepare=prepare, defaults=defaults("prepare"), data_repo=data_repo,
-                                        data_rev=data_rev), "prepare")
+                                        data_version=version.output), "prepare")
         shards = _resources(steps.shard_indices(bottleneck=bottleneck, defaults=defaults("bottleneck")),
                             "shard_indices")
         with dsl.ParallelFor(shards.output, parallelism=int(kf.parallelism)) as shard:

@@ -79,6 +79,10 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
 
             make_demo_data(data)  # the built-in demo data, as `dvc repro` would make it
         data = str(Path(data).resolve())
+    store = params.bottleneck.cache_dir
+    if "://" not in store and not Path(store).is_absolute():
+        # every local step sees this machine's folders: share the vector store with `dvc repro`
+        params = params.replace("bottleneck", cache_dir=str(Path(store).resolve()))
     uri = tracking.tracking_uri(tracking_uri)
     root = str(Path(pipeline_root or "local_outputs").resolve())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root)
