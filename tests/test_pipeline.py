@@ -173,7 +173,7 @@ def test_full_pipeline_runs_locally_twice_and_computes_only_new_images(tmp_path,
     assert all(s["computed"] > 0 for s in shards)  # split by key hash, both shards get work
     assert not list((tmp_path / "run1").rglob("source"))  # by reference: no copy of the dataset
     images = [json.loads(f.read_text()) for f in (tmp_path / "run1").rglob("images.json")]
-    assert images == [{"root": str(data.resolve()), "copied": False}]
+    assert images == [{"root": str(data.resolve()), "repo": "", "rev": ""}]
 
     rows += make_colour_dataset(data, n=4, seed=7, start=40)
     write_lst_dataset(data, rows)
@@ -185,33 +185,78 @@ def test_full_pipeline_runs_locally_twice_and_computes_only_new_images(tmp_path,
     assert len(client.search_model_versions("name='kfp-model'")) == 2
 
 
-def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset):
-    """prepare's data source: a git+DVC repo at a revision, recorded as repo@commit."""
-    from mltag.fetch import fetch_dataset
+def make_dvc_data_repo(tmp_path: Path, dataset: Path) -> tuple[Path, str]:
+    """A git+DVC repo holding ``dataset`` as ``colours`` (v1, pushed to a local remote), then a v2 whose
+    labels.txt is renamed; returns the repo and v1's commit."""
+    import shutil
 
     repo = tmp_path / "datarepo"
     repo.mkdir()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@e.com")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@e.com", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@e.com")
 
     def sh(cmd):
         subprocess.run(cmd, shell=True, cwd=repo, env=env, check=True, capture_output=True)
 
-    import shutil
-
-    shutil.copytree(colour_dataset, repo / "colours")
+    shutil.copytree(dataset, repo / "colours")
     sh("git init -q && dvc init -q && dvc config core.analytics false && "
        f"dvc remote add -d store {tmp_path / 'remote'} && dvc add -q colours && git add -A && "
        "git commit -qm v1 && dvc push -q")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     (repo / "colours" / "labels.txt").write_text("r\ng\nb\n")
     sh("dvc add -q colours && git commit -qam v2 && dvc push -q")
+    return repo, commit
+
+
+def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset):
+    """prepare's data source: a git+DVC repo at a revision, recorded as repo@commit."""
+    from mltag.common import MltagError
+    from mltag.fetch import ImageSource, fetch_dataset
+
+    repo, commit = make_dvc_data_repo(tmp_path, colour_dataset)
     got, version = fetch_dataset("colours", str(repo), commit, tmp_path / "fetched")
     assert version == f"{repo}@{commit}"
     assert (got / "labels.txt").read_text().split() == ["red", "green", "blue"]
     assert len(list((got / "images").iterdir())) == 48
     got2, _ = fetch_dataset("colours", str(repo), "", tmp_path / "fetched2")
     assert (got2 / "labels.txt").read_text().split() == ["r", "g", "b"]
+    # By reference: a step downloads only the images it names, at the recorded commit.
+    src = ImageSource("colours", str(repo), commit, scratch=tmp_path / "scratch")
+    root = src.localize(["images/0003.jpg", "images/0007.jpg"])
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == [
+        "images/0003.jpg", "images/0007.jpg"]
+    assert (root / "images/0003.jpg").read_bytes() == (colour_dataset / "images/0003.jpg").read_bytes()
+    with pytest.raises(MltagError, match="image images/9999.jpg not found in"):
+        src.localize(["images/9999.jpg"])
+
+
+@pytest.mark.slow
+def test_pipeline_reads_a_dvc_dataset_by_reference(tmp_path, colour_dataset, fake_backbone, mlflow_store, monkeypatch):
+    """data_repo + data_rev on kfp.local: prepare resolves the branch to its commit, no artifact holds an
+    image, and every later step reads the images it needs from the repo at that commit."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from mltag.config import load_params
+    from mltag.kubeflow.run import run_local
+
+    repo, v1 = make_dvc_data_repo(tmp_path, colour_dataset)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "pods"))  # the steps' scratch space
+    (tmp_path / "pods").mkdir()
+    run_local(data="colours", data_repo=str(repo), data_rev=v1, pipeline_root=str(tmp_path / "run"),
+              params=load_params(REPO / "params.yaml"),
+              overrides={"backbone.handle": str(fake_backbone), "bottleneck.num_shards": "2",
+                         "bottleneck.cache_dir": str(tmp_path / "store"), "bottleneck.views": "1",
+                         "train.learning_rate": "0.05", "evaluate.bootstrap": "20", "train.patience": "30",
+                         "register.model_name": "by-ref"})
+    mv = MlflowClient().get_model_version_by_alias("by-ref", "champion")
+    assert MlflowClient().get_run(mv.run_id).data.metrics["test_map"] >= 0.9
+    (ref,) = [json.loads(f.read_text()) for f in (tmp_path / "run").rglob("images.json")]
+    assert ref == {"root": "colours", "repo": str(repo), "rev": v1}
+    assert not [p for p in (tmp_path / "run").rglob("*.jpg")], "an artifact holds images"
+    (prepared_labels,) = (tmp_path / "run").rglob("prepared/labels.txt")
+    assert prepared_labels.read_text().split() == ["red", "green", "blue"]  # v1, not the branch head
 
 
 def test_a_mutable_reference_resolves_to_an_immutable_version_and_prepare_is_cached_only_on_it(tmp_path, compiled):

@@ -302,6 +302,8 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
     Args:
         image_size: the backbone's input size; 0 takes the built-in's own (224/240/260), 224 otherwise.
         engine: ``auto`` (LiteRT on CPU, TF when a GPU is visible), ``litert`` or ``tf``.
+        images: the image root when it is not the prepared folder's, or a ``fetch.ImageSource``
+            (a bucket or DVC repo): then only the images whose vectors are computed are downloaded.
         views: vectors per training image: the plain one plus ``views - 1`` deterministic
             augmented views (crop, flip, colour), each cached by content like the plain one.
             Validation and test images only ever get the plain view.
@@ -327,7 +329,10 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
         raise MltagError(f"bottleneck.views must be at least 1, got {views}")
     image_size = int(image_size) or bb.default_image_size(handle)
     resolved = bb.resolve(handle, backbone_cache_dir)
-    root = Path(images) if images else image_root_of(prepared)
+    from mltag.fetch import ImageSource
+
+    source = images if isinstance(images, ImageSource) else None  # a bucket or DVC repo, read by reference
+    root = source.scratch if source else Path(images) if images else image_root_of(prepared)
     cache = FeatureCache(cache_dir, resolved.backbone_id, image_size, extra_caches)
     splits = {}
     for s in SPLITS:
@@ -343,6 +348,8 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
         # (and then its hash is checked against the record, see decode_view).
         shas = [recorded[ex.path] for ex in all_ex]
     else:
+        if source:
+            source.localize([ex.path for ex in all_ex])
         for ex, p in zip(all_ex, files):
             if not p.is_file():
                 raise MltagError(f"image not found: {p}", ex.source)
@@ -379,6 +386,8 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
             cache.clean_leftovers()
             todo = uncached(todo)  # what another run computed while this one waited
             if todo:
+                if source:  # only the images whose vectors are computed travel
+                    source.localize([Path(job[1]).relative_to(root).as_posix() for job in todo])
                 eng = backbone_engine(engine, resolved, image_size, backbone_cache_dir)
                 used_engine = eng.name
                 t_compute = time.time()

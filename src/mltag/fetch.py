@@ -149,3 +149,51 @@ def _commit_of(repo: str, rev: str) -> str:
                 return sha
     raise MltagError(f"revision {rev!r} not found in data repo {repo} (give a branch, a tag or a full commit id)")
 
+
+
+class ImageSource:
+    """A dataset's images read by reference: from a bucket (fsspec URI) or a DVC repo at a commit.
+
+    ``localize`` downloads just the named images into a local scratch folder (skipping
+    those already there) and returns that folder, so each step moves only what it reads.
+    """
+
+    def __init__(self, root: str, repo: str = "", rev: str = "", scratch: str | os.PathLike | None = None):
+        self.root, self.repo, self.rev = root.rstrip("/"), repo, rev
+        key = hashlib.sha256(f"{repo}@{rev}:{root}".encode()).hexdigest()[:16]
+        self.scratch = Path(scratch or Path(os.environ.get("TMPDIR", "/tmp")) / "mltag-images" / key)
+
+    def __repr__(self) -> str:
+        return f"{self.repo}@{self.rev}:{self.root}" if self.repo else self.root
+
+    def _fs(self):
+        if self.repo:
+            from dvc.api import DVCFileSystem
+
+            return DVCFileSystem(self.repo, rev=self.rev or None), self.root
+        import fsspec
+
+        return fsspec.core.url_to_fs(self.root)
+
+    def localize(self, rel_paths) -> Path:
+        """Download the images at ``rel_paths`` (relative to the image root) that are not here yet."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = sorted({r for r in rel_paths if not (self.scratch / r).is_file()})
+        if not todo:
+            return self.scratch
+        fs, base = self._fs()
+
+        def get(rel: str) -> None:
+            dest = self.scratch / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+            try:
+                fs.get_file(f"{base}/{rel}" if base else rel, str(part))
+            except FileNotFoundError:
+                raise MltagError(f"image {rel} not found in {self!r}") from None
+            os.replace(part, dest)  # whole files only: a killed download is fetched again
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(get, todo))
+        return self.scratch

@@ -29,9 +29,12 @@ def resolve_data(prepare: dict, defaults: dict, data_repo: str, data_rev: str, t
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prepare(prepare: dict, defaults: dict, data_repo: str, data_version: str, dataset: Output[Dataset],
             report: Output[HTML]):
-    """Prepare splits and content hashes; a local or mounted folder is read in place, by reference,
-    and only a DVC repo (at the resolved commit) or a bucket is copied into the artifact."""
+    """Prepare splits and content hashes. The artifact holds no images, only where they are: a
+    folder every pod sees is read in place; a bucket or a DVC repo (at the resolved commit) is
+    read once here from pod-local scratch, and later steps download just what they need."""
+    import os
     import shutil
+    import tempfile
     from pathlib import Path
 
     from mltag.fetch import fetch_dataset, is_remote
@@ -43,16 +46,27 @@ def prepare(prepare: dict, defaults: dict, data_repo: str, data_version: str, da
     root = Path(dataset.path)
     root.mkdir(parents=True, exist_ok=True)
     data = params.prepare.input
-    copied = bool(data_repo) or is_remote(data)
-    if copied:
-        rev = data_version.rpartition("@")[2] if data_repo else ""
-        source, _ = fetch_dataset(data, data_repo, rev, root / "source")
-        params = params.replace("prepare", input=str(source))
-    r = run_step("prepare", params, out=root / "prepared", dataset_version=data_version, progress=False)
-    record_images(root, image_root_of(root / "prepared"), copied)
+    remote = bool(data_repo) or is_remote(data)
+    scratch = Path(tempfile.mkdtemp(prefix="mltag-prepare-")) if remote else None
+    try:
+        if remote:
+            rev = data_version.rpartition("@")[2] if data_repo else ""
+            local, _ = fetch_dataset(data, data_repo, rev, scratch / "data")
+            params = params.replace("prepare", input=str(local))
+        r = run_step("prepare", params, out=root / "prepared", dataset_version=data_version, progress=False)
+        images = image_root_of(root / "prepared")
+        if remote:
+            rel = os.path.relpath(images, scratch / "data").replace(os.sep, "/")
+            base = data.rstrip("/")
+            record_images(root, base if rel == "." else f"{base}/{rel}", data_repo, rev)
+        else:
+            record_images(root, str(images))
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     shutil.copy(root / "prepared" / "report.html", report.path)
     dataset.metadata.update({"dataset_version": data_version, "source": data, "repo": data_repo,
-                             "images": r["images_used"], "rejected": len(r["rejected"]), "copied": copied})
+                             "images": r["images_used"], "rejected": len(r["rejected"])})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -122,14 +136,15 @@ def train(bottlenecks: Input[Dataset], dataset: Input[Dataset], train: dict, bac
     """Train the head on cached vectors, or (mode fine_tune, on the GPU pool) also the backbone's top blocks."""
     from collections import namedtuple
 
-    from mltag.kubeflow.entry import check_cluster_tracking, check_fixed_mode, images_of, params_for
+    from mltag.kubeflow.entry import check_cluster_tracking, check_fixed_mode, images_for, params_for
     from mltag.steps import run_step
 
     check_cluster_tracking(tracking_uri)
     params = params_for("train", {"train": train, "backbone": backbone, "tracking": tracking}, defaults)
     check_fixed_mode(params, defaults)
+    images = images_for(dataset.path, {"train": None, "val": None}) if params.train.mode == "fine_tune" else None
     s = run_step("train", params, bottlenecks=bottlenecks.path, out=model.path, tracking_uri=tracking_uri or None,
-                 progress=False, images=images_of(dataset.path))
+                 progress=False, images=images)
     for k in ("val_loss", "train_loss", "best_epoch", "fine_tune_val_loss", "fine_tune_best_epoch"):
         if s.get(k) is not None:
             metrics.log_metric(k, s[k])
@@ -145,13 +160,17 @@ def evaluate(model: Input[Model], bottlenecks: Input[Dataset], dataset: Input[Da
     import shutil
     from pathlib import Path
 
-    from mltag.kubeflow.entry import check_cluster_tracking, images_of, params_for
+    from mltag.formats import model_mode
+    from mltag.kubeflow.entry import check_cluster_tracking, images_for, params_for
     from mltag.steps import run_step
 
     check_cluster_tracking(tracking_uri)
     params = params_for("evaluate", {"evaluate": evaluate}, defaults)
+    # end-to-end scoring (fine-tuned model, TTA) reads val and test; the report's thumbnails read test
+    end_to_end = model_mode(model.path) == "fine_tune" or params.evaluate.tta != "none"
+    images = images_for(dataset.path, {"val": None, "test": None} if end_to_end else {"test": None})
     r = run_step("evaluate", params, model_dir=model.path, bottlenecks=bottlenecks.path, out=evaluation.path,
-                 metrics_file=Path(evaluation.path) / "metrics.json", images=images_of(dataset.path),
+                 metrics_file=Path(evaluation.path) / "metrics.json", images=images,
                  tracking_uri=tracking_uri or None, run_id=run_id)
     for k in ("map", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "roc_auc_macro"):
         if r.get(k) is not None:
@@ -186,14 +205,15 @@ def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dat
     """Register the version, alias challenger, and promote to champion through the gate."""
     from pathlib import Path
 
-    from mltag.kubeflow.entry import check_cluster_tracking, images_of, params_for
+    from mltag.kubeflow.entry import check_cluster_tracking, images_for, params_for
     from mltag.steps import run_step
 
     check_cluster_tracking(tracking_uri)
     params = params_for("register", {"register": register, "tracking": tracking}, defaults)
     root = Path(dataset.path)
     r = run_step("register", params, model_dir=model.path, thresholds=Path(thresholds.path) / "thresholds.json",
-                 prepared=root / "prepared", out=decision.path, images=images_of(root),
+                 prepared=root / "prepared", out=decision.path,
+                 images=images_for(root, {"test": None, "train": 100}),  # the gate's test set, int8 calibration
                  tracking_uri=tracking_uri or None, run_id=run_id)
     decision.log_metric("version", r["version"])
     decision.log_metric("promoted", 1.0 if r["promoted"] else 0.0)

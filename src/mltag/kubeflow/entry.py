@@ -50,23 +50,45 @@ def shared_store(params: Params) -> str | None:
 IMAGES_FILE = "images.json"
 
 
-def record_images(dataset_dir, root, copied: bool) -> None:
-    """Write where the dataset artifact's images are: read in place (a mounted folder) or copied into it."""
+def record_images(dataset_dir, root: str, repo: str = "", rev: str = "") -> None:
+    """Write where the dataset artifact's images are read from: a folder every pod sees (a PVC
+    path, or this machine's under kfp.local), a bucket URI, or a path in a DVC repo at a commit.
+    The artifact itself holds no images."""
     import json
     from pathlib import Path
 
-    root = Path(root).resolve()
-    ref = {"root": os.path.relpath(root, Path(dataset_dir).resolve()) if copied else str(root), "copied": copied}
+    ref = {"root": root, "repo": repo, "rev": rev}
     (Path(dataset_dir) / IMAGES_FILE).write_text(json.dumps(ref) + "\n", encoding="utf-8")
 
 
 def images_of(dataset_dir):
-    """The image folder of a dataset artifact, as ``record_images`` wrote it."""
+    """The image root of a dataset artifact: a local Path, or a ``fetch.ImageSource`` to download from."""
     import json
     from pathlib import Path
 
+    from mltag.fetch import ImageSource, is_remote
+
     ref = json.loads((Path(dataset_dir) / IMAGES_FILE).read_text(encoding="utf-8"))
-    return Path(dataset_dir) / ref["root"] if ref["copied"] else Path(ref["root"])
+    if ref["repo"] or is_remote(ref["root"]):
+        return ImageSource(ref["root"], ref["repo"], ref["rev"])
+    return Path(ref["root"])
+
+
+def images_for(dataset_dir, splits: dict):
+    """A local image root holding at least the images of ``splits`` (``{split: at most N, or None: all}``):
+    a remote source downloads just those."""
+    from pathlib import Path
+
+    from mltag.formats import load_prepared
+
+    src = images_of(dataset_dir)
+    if isinstance(src, Path):
+        return src
+    rels = []
+    for split, limit in splits.items():
+        _, examples = load_prepared(Path(dataset_dir) / "prepared", split)
+        rels += [ex.path for ex in examples[:limit]]
+    return src.localize(rels)
 
 
 def check_cluster_tracking(tracking_uri: str) -> None:
