@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -130,6 +131,19 @@ def test_dag_shape_parallelfor_and_no_cache_on_register(compiled):
     assert params["backbone"]["defaultValue"]["handle"] == "builtin:efficientnet_lite2"
 
 
+def test_without_collected_the_gather_waits_for_the_loop_and_needs_a_shared_store(tmp_path):
+    from mltag.common import MltagError
+
+    with pytest.raises(MltagError, match="collect_shards false needs a vector store every pod sees"):
+        _compile(tmp_path, pipeline={"collect_shards": False})  # the default store is a relative folder
+    spec, _ = _compile(tmp_path, pipeline={"collect_shards": False}, bottleneck={"cache_dir": "gs://bucket/vectors"})
+    gather = spec["root"]["dag"]["tasks"]["bottleneck-from-store"]
+    assert "for-loop-1" in gather["dependentTasks"]
+    assert "shard_caches" not in json.dumps(gather)
+    collected = _compile(tmp_path, bottleneck={"cache_dir": "gs://bucket/vectors"})[0]["root"]["dag"]["tasks"]
+    assert "shard_caches" in json.dumps(collected["bottleneck"])
+
+
 def _stats(root: Path) -> tuple[list[dict], dict]:
     """The shards' and the gather's run statistics from one kfp.local run's artifacts."""
     import json
@@ -143,7 +157,8 @@ def _stats(root: Path) -> tuple[list[dict], dict]:
 @pytest.mark.slow
 def test_full_pipeline_runs_locally_twice_and_computes_only_new_images(tmp_path, fake_backbone, mlflow_store):
     """Two kfp.local runs sharing a vector store folder: the second, with 10% more images, computes
-    only those, in its shards; the gather computes nothing. The images are read in place."""
+    only those, in its shards; the gather computes nothing. The images are read in place. The second
+    run uses the fan-in for older backends (pipeline.collect_shards false)."""
     import json
 
     from mlflow import MlflowClient
@@ -177,8 +192,9 @@ def test_full_pipeline_runs_locally_twice_and_computes_only_new_images(tmp_path,
 
     rows += make_colour_dataset(data, n=4, seed=7, start=40)
     write_lst_dataset(data, rows)
-    run_local(data=str(data), pipeline_root=str(tmp_path / "run2"), params=load_params(REPO / "params.yaml"),
-              overrides=overrides)
+    # The second run as compiled for a backend without dsl.Collected: the gather reads the store only.
+    older_backend = load_params(REPO / "params.yaml").replace("pipeline", collect_shards=False)
+    run_local(data=str(data), pipeline_root=str(tmp_path / "run2"), params=older_backend, overrides=overrides)
     shards, gather = _stats(tmp_path / "run2")
     assert sum(s["computed"] for s in shards) == 4 and sum(s["cached"] for s in shards) == 40
     assert gather["computed"] == 0 and gather["cached"] == 44

@@ -52,7 +52,8 @@ class Backbone:
 @dataclass(frozen=True)
 class Bottleneck:
     batch_size: int = opt(32, "images per backbone batch")
-    cache_dir: str = opt(".mltag-cache/bottlenecks", "content-addressed feature cache; survives dvc repro")
+    cache_dir: str = opt(".mltag-cache/bottlenecks", "the vector store, content-addressed: a folder, or an fsspec "
+                         "URI (s3://, gs://); on Kubeflow an absolute path (a PVC) or URI is shared by all runs")
     num_shards: int = opt(1, "Kubeflow: bottleneck shards computed in parallel")
     engine: str = opt("auto", "auto (LiteRT on CPU, TF when a GPU is visible), litert or tf", ("auto", "litert", "tf"))
     views: int = opt(4, "vectors per training image: the plain one + views-1 augmented (crop, flip, colour)")
@@ -118,6 +119,8 @@ class Pipeline:
     gpu_image: str = opt("", "image for GPU steps (a CUDA build); empty: the same image as the CPU steps")
     bottleneck_on_gpu: bool = opt(False, "bottleneck shards on the GPU pool (with bottleneck.engine tf)")
     allow_cpu: bool = opt(False, "a GPU step that finds no GPU fails fast unless this is true")
+    collect_shards: bool = opt(True, "gather the shards' artifacts with dsl.Collected (KFP backend 2.5+); false: "
+                               "the gather waits for the shard loop and reads the shared vector store only")
 
 
 @dataclass(frozen=True)

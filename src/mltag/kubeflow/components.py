@@ -110,23 +110,26 @@ def bottleneck(dataset: Input[Dataset], shard_caches: Input[List[Dataset]], bott
                defaults: dict, bottlenecks: Output[Dataset]):
     """Gather the vectors into the train/val/test feature files: from the shared store, or from the
     shards' artifacts without one. Computes nothing when every shard succeeded."""
-    from pathlib import Path
-
-    from mltag.kubeflow.entry import images_of, params_for, shared_store
-    from mltag.steps import run_step
+    from mltag.kubeflow.entry import gather_vectors, params_for
 
     params = params_for("bottleneck", {"bottleneck": bottleneck, "backbone": backbone}, defaults)
-    store = shared_store(params)
-    extra = []
-    if store is None:  # read the shards' artifacts
-        params = params.replace("bottleneck", cache_dir="/tmp/mltag-gather")
-        extra = [Path(c.path) / "vectors" for c in shard_caches]
-    root = Path(dataset.path)
-    out = Path(bottlenecks.path)
-    s = run_step("bottleneck", params, prepared=root / "prepared", out=out, images=images_of(root),
-                 extra_caches=extra, num_shards=1, progress=False, metrics=out / "stats.json")
+    s = gather_vectors(dataset.path, bottlenecks.path, params, [c.path for c in shard_caches])
     bottlenecks.metadata.update({"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"],
-                                 "store": store or ""})
+                                 "store": s["store"]})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def bottleneck_from_store(dataset: Input[Dataset], bottleneck: dict, backbone: dict, defaults: dict,
+                          bottlenecks: Output[Dataset]):
+    """The gather for KFP backends without dsl.Collected of artifacts (pipeline.collect_shards false):
+    it runs after the whole shard loop and reads the shared vector store only."""
+    from mltag.kubeflow.entry import gather_vectors, params_for, require_shared_store
+
+    params = params_for("bottleneck", {"bottleneck": bottleneck, "backbone": backbone}, defaults)
+    require_shared_store(params)
+    s = gather_vectors(dataset.path, bottlenecks.path, params, [])
+    bottlenecks.metadata.update({"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"],
+                                 "store": s["store"]})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -100,3 +100,30 @@ def check_cluster_tracking(tracking_uri: str) -> None:
             "tracking_uri (mltag pipeline run --tracking-uri http://mlflow.mlflow.svc:5000), or create the "
             "secret named by pipeline.mlflow_secret: kubectl create secret generic mlflow-tracking "
             "--from-literal=MLFLOW_TRACKING_URI=http://mlflow.mlflow.svc:5000")
+
+
+def gather_vectors(dataset_dir, out, params: Params, shard_dirs: list) -> dict:
+    """The gather step's body: the split files from the shared store, or else from the shards' artifacts."""
+    from pathlib import Path
+
+    from mltag.steps import run_step
+
+    store = shared_store(params)
+    extra = []
+    if store is None:
+        params = params.replace("bottleneck", cache_dir="/tmp/mltag-gather")
+        extra = [Path(d) / "vectors" for d in shard_dirs]
+    out = Path(out)
+    s = run_step("bottleneck", params, prepared=Path(dataset_dir) / "prepared", out=out, images=images_of(dataset_dir),
+                 extra_caches=extra, num_shards=1, progress=False, metrics=out / "stats.json")
+    s["store"] = store or ""
+    return s
+
+
+def require_shared_store(params: Params) -> None:
+    if shared_store(params) is None:
+        raise MltagError(
+            f"pipeline.collect_shards false needs a vector store every pod sees, but bottleneck.cache_dir is "
+            f"{params.bottleneck.cache_dir!r}: set it to an fsspec URI (s3://..., gs://...) or an absolute "
+            "path on a volume mounted in every bottleneck pod")
+

@@ -66,6 +66,10 @@ def build_pipeline(params: Params | None = None):
     p = params or load_params(None)
     kf = p.pipeline
     on_gpu = gpu_tasks(p)
+    if not kf.collect_shards:
+        from mltag.kubeflow.entry import require_shared_store
+
+        require_shared_store(p)  # checked again at run time, where a run may pass another store
     # KFP parameters cannot hold null: a key whose value is null is left out, and a step
     # reading the section gets that key's declared default, which for the optional keys is null.
     d = {s: no_nulls(v) for s, v in p.to_dict().items()}
@@ -119,9 +123,14 @@ def build_pipeline(params: Params | None = None):
             part = place(steps.bottleneck_shard(
                 dataset=prep.outputs["dataset"], shard_index=shard, bottleneck=bottleneck, backbone=backbone,
                 defaults=defaults("bottleneck")), "bottleneck_shard")
-        gathered = _resources(steps.bottleneck(
-            dataset=prep.outputs["dataset"], shard_caches=dsl.Collected(part.outputs["cache"]),
-            bottleneck=bottleneck, backbone=backbone, defaults=defaults("bottleneck")), "bottleneck")
+        if kf.collect_shards:  # fan-in of the shards' artifacts: KFP backend 2.5 or newer
+            gathered = _resources(steps.bottleneck(
+                dataset=prep.outputs["dataset"], shard_caches=dsl.Collected(part.outputs["cache"]),
+                bottleneck=bottleneck, backbone=backbone, defaults=defaults("bottleneck")), "bottleneck")
+        else:  # any v2 backend: wait for the whole loop, then read the shared store
+            gathered = _resources(steps.bottleneck_from_store(
+                dataset=prep.outputs["dataset"], bottleneck=bottleneck, backbone=backbone,
+                defaults=defaults("bottleneck")).after(part), "bottleneck")
         trained = mlflow_env(place(steps.train(
             bottlenecks=gathered.outputs["bottlenecks"], dataset=prep.outputs["dataset"], train=train,
             backbone=backbone, tracking=tracking, defaults=defaults("train"), tracking_uri=tracking_uri), "train"))
