@@ -1,9 +1,12 @@
 # One image for every Kubeflow step. CPU build by default; GPU build for the train node pool:
 #   docker build -t REGISTRY/mltag:0.1.0 .
 #   docker build --build-arg TF_VARIANT=gpu -t REGISTRY/mltag:0.1.0-gpu .
+# A vector store or dataset in a bucket needs its fsspec filesystem, pinned by you:
+#   docker build --build-arg STORAGE_PKGS="gcsfs==2026.9.0" -t REGISTRY/mltag:0.1.0 .
 FROM python:3.11.11-slim-bookworm
 
 ARG TF_VARIANT=cpu
+ARG STORAGE_PKGS=""
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -14,8 +17,11 @@ WORKDIR /opt/mltag
 # Dependencies first, from the lock file (`make lock`), so a code change reuses this layer;
 # the GPU variant adds TensorFlow's CUDA wheels.
 COPY requirements.lock ./
+# STORAGE_PKGS is split into packages on purpose, and pinned by whoever builds (see the top).
+# hadolint ignore=SC2086,DL3013
 RUN pip install --no-cache-dir -r requirements.lock \
     && if [ "$TF_VARIANT" = "gpu" ]; then pip install --no-cache-dir "tensorflow[and-cuda]==2.21.0"; fi \
+    && if [ -n "$STORAGE_PKGS" ]; then pip install --no-cache-dir $STORAGE_PKGS; fi \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin mltag
 
 # Then the package itself, without re-resolving anything.

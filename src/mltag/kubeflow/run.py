@@ -73,7 +73,7 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
     from mltag import tracking
 
     params = params or load_params(None)
-    if not data_repo:
+    if not data_repo and "://" not in data:
         if not Path(data).exists() and Path(data) == Path("data/demo"):
             from mltag.demo import make_demo_data
 
