@@ -147,7 +147,8 @@ def test_exp_run_temp_finds_the_models_run_from_its_metadata(project):
     env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the local default: ./mlflow.db
     sh("git add -A && git commit -qm 'before temp exp' --allow-empty", d, env)
     out = sh("dvc exp run --temp -n tempeval -S evaluate.bootstrap=30", d, env)
-    assert stages_run(out) == ["evaluate", "calibrate", "register"], out[-3000:]
+    # register runs too unless calibrate's thresholds came out the same as before
+    assert stages_run(out)[:2] == ["evaluate", "calibrate"], out[-3000:]
     assert "is not in sqlite:///" in out and "logging into run" in out, out[-3000:]
     rows = json.loads(sh("dvc exp show --json 2>/dev/null", d, env))
     assert '"tempeval"' in json.dumps(rows)
