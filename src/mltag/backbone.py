@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path
+from mltag.common import MltagError, atomic_path, import_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class LiteNet:
     """
 
     def __init__(self, name: str, state: dict[str, np.ndarray] | None = None):
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         state = load_state(name) if state is None else state
         self.name = name
@@ -203,14 +203,14 @@ class LiteNet:
 
     @staticmethod
     def _bn(x, p, dtype):
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         gamma, beta, mean, variance = (tf.cast(v, dtype) for v in p)
         return tf.nn.batch_normalization(x, mean, variance, beta, gamma, BN_EPSILON)
 
     def bottom(self, images, k: int, dtype="float32"):
         """Stem and blocks ``[0, k)`` on float images in [0, 1]: a feature map."""
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         x = (255.0 * tf.cast(images, tf.float32) - 127.0) / 128.0
         x = tf.cast(x, dtype)
@@ -219,7 +219,7 @@ class LiteNet:
         return self._blocks(x, 0, k, dtype)
 
     def _blocks(self, x, first: int, last: int, dtype):
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         for blk in self.blocks[first:last]:
             inp = x
@@ -238,7 +238,7 @@ class LiteNet:
 
     def top(self, x, k: int, dtype="float32"):
         """Blocks ``[k, n)``, the head convolution and the average pool: feature vectors (float32)."""
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         x = self._blocks(tf.cast(x, dtype), k, self.n_blocks, dtype)
         w, p = self.head
@@ -270,7 +270,7 @@ def build_lite_module(name: str, state: dict[str, np.ndarray] | None = None):
     ``trainable_variables`` and ``regularization_losses``. Batch norm always uses
     the moving statistics (see ``LiteNet``).
     """
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     net = LiteNet(name, state)
 
@@ -295,7 +295,7 @@ def build_builtin(name: str, out: str | os.PathLike, state: dict[str, np.ndarray
 
     ``state`` replaces the package's ImageNet weights (a fine-tuned ``LiteNet.state_dict()``).
     """
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     _spec(name)
     out = Path(out)

@@ -183,13 +183,9 @@ def _dispatch(args) -> int:
     if cmd in ("train", "evaluate", "register", "backbone") and not args.verbose:
         # TF's C++ logs a few startup lines (oneDNN, "could not find cuda drivers") before any
         # Python-side setting applies; -v shows them.
-        from mltag.common import quiet_stderr
+        from mltag.common import import_tensorflow
 
-        with quiet_stderr():
-            import tensorflow
-
-            # Device discovery logs "failed call to cuInit" on machines without CUDA; do it now, quietly.
-            tensorflow.config.list_physical_devices("GPU")
+        import_tensorflow()
     progress = not args.quiet
     if cmd in STEP_PATHS:
         return _run_step(cmd, args, progress)

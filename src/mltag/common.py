@@ -232,6 +232,24 @@ def quiet_stderr():
         os.close(fd)
 
 
+def import_tensorflow():
+    """``import tensorflow`` once, with its C++ start-up lines (oneDNN, "could not find cuda drivers",
+    cuInit) kept off the terminal: they print before any Python-side setting applies. ``-v`` shows them."""
+    import sys
+
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    if logging.getLogger("mltag").isEnabledFor(logging.DEBUG):
+        import tensorflow
+
+        return tensorflow
+    with quiet_stderr():
+        import tensorflow
+
+        tensorflow.config.list_physical_devices("GPU")  # device discovery logs cuInit failures once, here
+    return tensorflow
+
+
 # --------------------------------------------------------------------------- fault injection
 
 

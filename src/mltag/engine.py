@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, cpu_threads, quiet_stderr
+from mltag.common import MltagError, atomic_path, cpu_threads, import_tensorflow, quiet_stderr
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def gpu_missing_reason() -> str | None:
         return f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} hides every device"
     if not (Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()):
         return "the node exposes no NVIDIA device (no /dev/nvidia0): check the GPU node pool and its device plugin"
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     if not tf.config.list_physical_devices("GPU"):
         return ("an NVIDIA device exists but TensorFlow cannot use it: the image is not the GPU build "
@@ -80,7 +80,7 @@ class TFEngine:
     name = "tf"
 
     def __init__(self, location: str):
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         from mltag.backbone import Backbone, load
 
@@ -169,7 +169,7 @@ def convert_backbone(location: str, image_size: int, out: str | os.PathLike) -> 
     Raises:
         MltagError: the module cannot be converted (the message says why).
     """
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     from mltag.backbone import Backbone, load
 

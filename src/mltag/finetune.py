@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, imap_ordered
+from mltag.common import MltagError, imap_ordered, import_tensorflow
 
 log = logging.getLogger(__name__)
 HEAD_LR_FACTOR = 10.0
@@ -66,7 +66,7 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     Returns:
         ``(LiteNet with the tuned weights, head weights, history dict)``.
     """
-    import tensorflow as tf
+    tf = import_tensorflow()
     from tqdm import tqdm
 
     from mltag.backbone import LiteNet

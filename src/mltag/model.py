@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, imap_ordered
+from mltag.common import MltagError, imap_ordered, import_tensorflow
 from mltag.images import load_image
 
 
 def export_inference_model(backbone_location: str, head_weights: list[np.ndarray], image_size: int,
                            out: str | os.PathLike) -> None:
     """Save backbone + dense head as one SavedModel: ``serving_default(images uint8 [B,S,S,3]) -> scores``."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     from mltag.backbone import tensorflow_hub
 
@@ -55,7 +55,7 @@ def export_tflite(saved_model: str | os.PathLike, out: str | os.PathLike,
     weights and activations are quantized to int8 (post-training quantization, calibrated on
     those images); input and output stay uint8 pixels and float scores.
     """
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     from mltag.common import atomic_path
 
@@ -113,7 +113,7 @@ class InferenceModel:
             self.engine = "litert"
             self._run = lite
         else:
-            import tensorflow as tf
+            tf = import_tensorflow()
 
             fn = tf.saved_model.load(str(model_dir / "inference")).signatures["serving_default"]
             self.engine = "tf"

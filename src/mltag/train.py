@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, read_labels, write_json_atomic, write_labels
+from mltag.common import MltagError, atomic_path, import_tensorflow, read_labels, write_json_atomic, write_labels
 from mltag.formats import load_split, load_views, model_mode  # noqa: F401 - model_mode re-exported
 
 
 def build_head(dim: int, n_labels: int, hidden_units: int = 0, dropout: float = 0.2):
+    import_tensorflow()  # keras' TF backend: without its start-up noise
     import keras
 
     inputs = keras.Input((dim,), name="features")
@@ -354,6 +355,7 @@ def _fine_tune(meta: dict, images, p_tr, y_tr, p_va, y_va, head_weights, **kw):
 
 def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarray:
     """Score cached bottleneck vectors with the saved head (same weights as the end-to-end model)."""
+    import_tensorflow()  # keras' TF backend: without its start-up noise
     import keras
 
     return predict_head(keras.saving.load_model(Path(model_dir) / "head.keras", compile=False), features)
