@@ -353,3 +353,14 @@ def test_on_a_cluster_without_a_tracking_uri_the_first_step_stops_with_how_to(mo
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # off the cluster (kfp.local, dvc): the local default is fine
     with pytest.raises(MltagError, match="dataset not found"):
         body(prepare={}, defaults={"prepare": {"input": "/nowhere"}}, data_repo="", data_rev="", tracking_uri="")
+
+
+def test_which_vector_stores_count_as_shared_on_a_cluster():
+    from mltag.config import load_params
+    from mltag.kubeflow.entry import shared_store
+
+    p = load_params(REPO / "params.yaml")
+    shared = {v: shared_store(p.replace("bottleneck", cache_dir=v))
+              for v in (".mltag-cache/bottlenecks", "/mnt/pvc/vectors", "file:///mnt/pvc/vectors", "gs://b/v")}
+    assert shared == {".mltag-cache/bottlenecks": None, "/mnt/pvc/vectors": "/mnt/pvc/vectors",
+                      "file:///mnt/pvc/vectors": "file:///mnt/pvc/vectors", "gs://b/v": "gs://b/v"}

@@ -44,7 +44,7 @@ def shared_store(params: Params) -> str | None:
     from mltag.bottleneck import is_store_uri
 
     store = params.bottleneck.cache_dir
-    return store if is_store_uri(store) or Path(store).is_absolute() else None
+    return store if is_store_uri(store) or Path(store.removeprefix("file://")).is_absolute() else None
 
 
 IMAGES_FILE = "images.json"
