@@ -364,3 +364,21 @@ def test_which_vector_stores_count_as_shared_on_a_cluster():
               for v in (".mltag-cache/bottlenecks", "/mnt/pvc/vectors", "file:///mnt/pvc/vectors", "gs://b/v")}
     assert shared == {".mltag-cache/bottlenecks": None, "/mnt/pvc/vectors": "/mnt/pvc/vectors",
                       "file:///mnt/pvc/vectors": "file:///mnt/pvc/vectors", "gs://b/v": "gs://b/v"}
+
+
+def test_a_bucket_dataset_resolves_to_a_manifest_and_is_read_by_reference(tmp_path, colour_dataset):
+    """fsspec's local:// protocol stands in for s3:// and gs:// (the same code path: listing, get_file)."""
+    from mltag.fetch import ImageSource, fetch_dataset, resolve_version
+
+    uri = f"local://{colour_dataset}"
+    v1 = resolve_version(uri)
+    assert v1.startswith(f"{uri}#manifest-") and resolve_version(uri) == v1
+    got, _ = fetch_dataset(uri, dest=tmp_path / "scratch-prepare")
+    assert len(list((got / "images").iterdir())) == 48
+    src = ImageSource(uri, rev=v1, scratch=tmp_path / "scratch")
+    root = src.localize(["images/0001.jpg"])
+    assert [p.name for p in root.rglob("*.jpg")] == ["0001.jpg"]
+    (colour_dataset / "images" / "0001.jpg").write_bytes(b"changed")
+    v2 = resolve_version(uri)
+    assert v2 != v1  # a changed object: a new version, so prepare runs again and the scratch key changes
+    assert ImageSource(uri, rev=v2).scratch != ImageSource(uri, rev=v1).scratch

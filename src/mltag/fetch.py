@@ -150,7 +150,6 @@ def _commit_of(repo: str, rev: str) -> str:
     raise MltagError(f"revision {rev!r} not found in data repo {repo} (give a branch, a tag or a full commit id)")
 
 
-
 class ImageSource:
     """A dataset's images read by reference: from a bucket (fsspec URI) or a DVC repo at a commit.
 
@@ -159,6 +158,8 @@ class ImageSource:
     """
 
     def __init__(self, root: str, repo: str = "", rev: str = "", scratch: str | os.PathLike | None = None):
+        """``rev``: the repo's commit, or for a bucket the resolved version (its manifest hash), which
+        keys the scratch folder so a changed bucket never reuses an older download."""
         self.root, self.repo, self.rev = root.rstrip("/"), repo, rev
         key = hashlib.sha256(f"{repo}@{rev}:{root}".encode()).hexdigest()[:16]
         self.scratch = Path(scratch or Path(os.environ.get("TMPDIR", "/tmp")) / "mltag-images" / key)
@@ -179,6 +180,7 @@ class ImageSource:
         """Download the images at ``rel_paths`` (relative to the image root) that are not here yet."""
         from concurrent.futures import ThreadPoolExecutor
 
+        self.scratch.mkdir(parents=True, exist_ok=True)
         todo = sorted({r for r in rel_paths if not (self.scratch / r).is_file()})
         if not todo:
             return self.scratch

@@ -50,8 +50,8 @@ def prepare(prepare: dict, defaults: dict, data_repo: str, data_version: str, da
     scratch = Path(tempfile.mkdtemp(prefix="mltag-prepare-")) if remote else None
     try:
         if remote:
-            rev = data_version.rpartition("@")[2] if data_repo else ""
-            local, _ = fetch_dataset(data, data_repo, rev, scratch / "data")
+            rev = data_version.rpartition("@")[2] if data_repo else data_version  # a commit, or a manifest
+            local, _ = fetch_dataset(data, data_repo, rev if data_repo else "", scratch / "data")
             params = params.replace("prepare", input=str(local))
         r = run_step("prepare", params, out=root / "prepared", dataset_version=data_version, progress=False)
         images = image_root_of(root / "prepared")
