@@ -227,14 +227,15 @@ def make_dvc_data_repo(tmp_path: Path, dataset: Path) -> tuple[Path, str]:
 def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset):
     """prepare's data source: a git+DVC repo at a revision, recorded as repo@commit."""
     from mltag.common import MltagError
-    from mltag.fetch import ImageSource, fetch_dataset
+    from mltag.fetch import ImageSource, fetch_dataset, resolve_version
 
     repo, commit = make_dvc_data_repo(tmp_path, colour_dataset)
-    got, version = fetch_dataset("colours", str(repo), commit, tmp_path / "fetched")
+    version = resolve_version("colours", str(repo), commit)  # what the pipeline records and fetches
     assert version == f"{repo}@{commit}"
+    got = fetch_dataset("colours", str(repo), version.rpartition("@")[2], tmp_path / "fetched")
     assert (got / "labels.txt").read_text().split() == ["red", "green", "blue"]
     assert len(list((got / "images").iterdir())) == 48
-    got2, _ = fetch_dataset("colours", str(repo), "", tmp_path / "fetched2")
+    got2 = fetch_dataset("colours", str(repo), "", tmp_path / "fetched2")
     assert (got2 / "labels.txt").read_text().split() == ["r", "g", "b"]
     # By reference: a step downloads only the images it names, at the recorded commit.
     src = ImageSource("colours", str(repo), commit, scratch=tmp_path / "scratch")
@@ -368,12 +369,13 @@ def test_which_vector_stores_count_as_shared_on_a_cluster():
 
 def test_a_bucket_dataset_resolves_to_a_manifest_and_is_read_by_reference(tmp_path, colour_dataset):
     """fsspec's local:// protocol stands in for s3:// and gs:// (the same code path: listing, get_file)."""
+    from mltag.common import MltagError
     from mltag.fetch import ImageSource, fetch_dataset, resolve_version
 
     uri = f"local://{colour_dataset}"
     v1 = resolve_version(uri)
     assert v1.startswith(f"{uri}#manifest-") and resolve_version(uri) == v1
-    got, _ = fetch_dataset(uri, dest=tmp_path / "scratch-prepare")
+    got = fetch_dataset(uri, dest=tmp_path / "scratch-prepare")
     assert len(list((got / "images").iterdir())) == 48
     src = ImageSource(uri, rev=v1, scratch=tmp_path / "scratch")
     root = src.localize(["images/0001.jpg"])
@@ -382,3 +384,5 @@ def test_a_bucket_dataset_resolves_to_a_manifest_and_is_read_by_reference(tmp_pa
     v2 = resolve_version(uri)
     assert v2 != v1  # a changed object: a new version, so prepare runs again and the scratch key changes
     assert ImageSource(uri, rev=v2).scratch != ImageSource(uri, rev=v1).scratch
+    with pytest.raises(MltagError, match="is a local path: read it in place"):
+        fetch_dataset(str(colour_dataset), dest=tmp_path / "never")

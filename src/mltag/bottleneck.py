@@ -37,6 +37,7 @@ from mltag.common import (
     write_json_atomic,
     write_labels,
 )
+from mltag.fetch import is_remote
 from mltag.formats import SPLITS, image_root_of, load_hashes, load_prepared, load_split, load_views  # noqa: F401
 from mltag.images import PREPROCESSING_VERSION, BadImage, augmented_view, load_image
 
@@ -60,7 +61,7 @@ class FeatureCache:
 
     def __init__(self, root: str | os.PathLike, backbone_id: str, image_size: int, extra: list | None = None):
         self.remote = None  # an fsspec filesystem when ``root`` is a URI (s3://, gs://, memory://...)
-        if is_store_uri(root):
+        if is_remote(str(root)):
             import fsspec
 
             self.remote, base = fsspec.core.url_to_fs(str(root))
@@ -185,11 +186,6 @@ class FeatureCache:
             np.save(buf, np.zeros(dim, np.float16))
             h = self._headers[dim] = buf.getvalue()[: -2 * dim]
         return h
-
-
-def is_store_uri(root) -> bool:
-    """Whether a vector store location is an fsspec URI rather than a local (or mounted PVC) folder."""
-    return "://" in str(root) and not str(root).startswith("file://")
 
 
 def view_seed(content_sha: str, view: int) -> int:

@@ -2,7 +2,9 @@
 
 ``resolve_version`` turns a mutable reference (a branch, a bucket prefix, a folder) into
 an immutable one before anything is cached on it; ``fetch_dataset`` copies a remote
-dataset to a local folder (a local or mounted folder is read in place by the pipeline).
+dataset (a DVC repo at that commit, a bucket) to a local folder once, for prepare, and
+``ImageSource`` downloads just the images a later step reads. A local or mounted folder
+is read in place.
 """
 
 from __future__ import annotations
@@ -17,17 +19,15 @@ from pathlib import Path
 from mltag.common import MltagError
 
 
-def fetch_dataset(data: str, repo: str = "", rev: str = "", dest: str | os.PathLike = "source") -> tuple[Path, str | None]:
-    """Copy ``data`` into ``dest`` and return ``(input path for prepare, dataset version)``.
+def fetch_dataset(data: str, repo: str = "", rev: str = "", dest: str | os.PathLike = "source") -> Path:
+    """Copy a remote dataset into ``dest`` and return the input path for prepare there.
 
     Args:
-        data: a path inside ``repo`` when a repo is given; else a local path or an fsspec URI
-            (``s3://``, ``gs://``... with the matching fsspec package installed).
+        data: a path inside ``repo`` when a repo is given; else an fsspec URI (``s3://``,
+            ``gs://``... with the matching fsspec package installed). A local or mounted
+            folder is never copied: it is read in place.
         repo: git URL (or local path) of a DVC project holding the dataset; empty for none.
-        rev: git revision of ``repo``; empty means its default branch.
-
-    The version is ``<repo>@<commit>`` for a DVC repo (the exact commit, even when
-    ``rev`` is a branch), the git commit of a local folder inside a repo, or None.
+        rev: the commit of ``repo`` to read (``resolve_version`` gives it); empty: the default branch.
     """
     dest = Path(dest)
     if dest.exists():
@@ -39,30 +39,16 @@ def fetch_dataset(data: str, repo: str = "", rev: str = "", dest: str | os.PathL
             Repo.get(repo, data, out=str(dest), rev=rev or None)
         except Exception as e:  # noqa: BLE001 - dvc raises many kinds
             raise MltagError(f"cannot get {data!r} from DVC repo {repo} at {rev or 'HEAD'}: {e}") from None
-        commit = None
-        try:
-            with Repo.open(repo, rev=rev or None) as r:
-                commit = r.scm.resolve_rev(rev) if rev else r.scm.get_rev()
-        except Exception:  # noqa: BLE001 - the data is here; the exact commit is a nicety
-            commit = rev or None
-        return dest, f"{repo}@{commit}" if commit else repo
-    if "://" in data and not data.startswith("file://"):
-        import fsspec
+        return dest
+    if not is_remote(data):
+        raise MltagError(f"{data} is a local path: read it in place, there is nothing to fetch")
+    import fsspec
 
-        fs, path = fsspec.core.url_to_fs(data)
-        if not fs.exists(path):
-            raise MltagError(f"dataset not found: {data}")
-        fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
-        return dest, data
-    src = Path(data.removeprefix("file://"))
-    if not src.exists():
-        raise MltagError("dataset not found", src)
-    if src.is_dir():
-        shutil.copytree(src, dest)
-        return dest, git_rev(str(src))
-    # A labels file (.lst, .csv...): its folder holds the images it names.
-    shutil.copytree(src.parent, dest)
-    return dest / src.name, git_rev(str(src))
+    fs, path = fsspec.core.url_to_fs(data)
+    if not fs.exists(path):
+        raise MltagError(f"dataset not found: {data}")
+    fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
+    return dest
 
 
 def git_rev(path: str) -> str | None:

@@ -51,7 +51,7 @@ def prepare(prepare: dict, defaults: dict, data_repo: str, data_version: str, da
     try:
         if remote:
             rev = data_version.rpartition("@")[2] if data_repo else data_version  # a commit, or a manifest
-            local, _ = fetch_dataset(data, data_repo, rev if data_repo else "", scratch / "data")
+            local = fetch_dataset(data, data_repo, rev, scratch / "data")
             params = params.replace("prepare", input=str(local))
         r = run_step("prepare", params, out=root / "prepared", dataset_version=data_version, progress=False)
         images = image_root_of(root / "prepared")
@@ -113,9 +113,7 @@ def bottleneck(dataset: Input[Dataset], shard_caches: Input[List[Dataset]], bott
     from mltag.kubeflow.entry import gather_vectors, params_for
 
     params = params_for("bottleneck", {"bottleneck": bottleneck, "backbone": backbone}, defaults)
-    s = gather_vectors(dataset.path, bottlenecks.path, params, [c.path for c in shard_caches])
-    bottlenecks.metadata.update({"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"],
-                                 "store": s["store"]})
+    bottlenecks.metadata.update(gather_vectors(dataset.path, bottlenecks.path, params, [c.path for c in shard_caches]))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -127,9 +125,7 @@ def bottleneck_from_store(dataset: Input[Dataset], bottleneck: dict, backbone: d
 
     params = params_for("bottleneck", {"bottleneck": bottleneck, "backbone": backbone}, defaults)
     require_shared_store(params)
-    s = gather_vectors(dataset.path, bottlenecks.path, params, [])
-    bottlenecks.metadata.update({"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"],
-                                 "store": s["store"]})
+    bottlenecks.metadata.update(gather_vectors(dataset.path, bottlenecks.path, params, []))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

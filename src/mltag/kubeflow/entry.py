@@ -41,10 +41,10 @@ def shared_store(params: Params) -> str | None:
     a mounted PVC); None for a relative path, which on a cluster lives only as long as its pod."""
     from pathlib import Path
 
-    from mltag.bottleneck import is_store_uri
+    from mltag.fetch import is_remote
 
     store = params.bottleneck.cache_dir
-    return store if is_store_uri(store) or Path(store.removeprefix("file://")).is_absolute() else None
+    return store if is_remote(store) or Path(store.removeprefix("file://")).is_absolute() else None
 
 
 IMAGES_FILE = "images.json"
@@ -103,7 +103,12 @@ def check_cluster_tracking(tracking_uri: str) -> None:
 
 
 def gather_vectors(dataset_dir, out, params: Params, shard_dirs: list) -> dict:
-    """The gather step's body: the split files from the shared store, or else from the shards' artifacts."""
+    """The gather step's body: the split files from the shared store, or else from the shards' artifacts.
+
+    Returns:
+        The output artifact's metadata: backbone id, vectors computed here (0 when every shard
+        succeeded), and the shared store (empty without one).
+    """
     from pathlib import Path
 
     from mltag.steps import run_step
@@ -116,8 +121,7 @@ def gather_vectors(dataset_dir, out, params: Params, shard_dirs: list) -> dict:
     out = Path(out)
     s = run_step("bottleneck", params, prepared=Path(dataset_dir) / "prepared", out=out, images=images_of(dataset_dir),
                  extra_caches=extra, num_shards=1, progress=False, metrics=out / "stats.json")
-    s["store"] = store or ""
-    return s
+    return {"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"], "store": store or ""}
 
 
 def require_shared_store(params: Params) -> None:
@@ -126,4 +130,3 @@ def require_shared_store(params: Params) -> None:
             f"pipeline.collect_shards false needs a vector store every pod sees, but bottleneck.cache_dir is "
             f"{params.bottleneck.cache_dir!r}: set it to an fsspec URI (s3://..., gs://...) or an absolute "
             "path on a volume mounted in every bottleneck pod")
-
