@@ -205,8 +205,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         raise MltagError(f"calibrate.method must be f1, min_precision or none, got {method!r}")
     if method == "min_precision" and min_precision is None:
         raise MltagError("calibrate.method=min_precision needs calibrate.min_precision")
-    if run_id or tracking.run_id_of(model_dir):  # the run is found (or its absence said) before any work
-        run_id = tracking.model_run(model_dir, run_id, tracking.setup_checked(tracking_uri))
+    run_id = tracking.join_model_run(model_dir, run_id, tracking_uri)  # found (or its absence said) before any work
     f = Path(evaluation) / "scores.npz"
     if not f.is_file():
         raise MltagError("scores not found; run the evaluate step first", f)

@@ -97,8 +97,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     from mltag import tracking
 
     labels = read_labels(Path(model_dir) / "labels.txt")
-    if run_id or tracking.run_id_of(model_dir):  # the run is found (or its absence said) before any work
-        run_id = tracking.model_run(model_dir, run_id, tracking.setup_checked(tracking_uri))
+    run_id = tracking.join_model_run(model_dir, run_id, tracking_uri)  # found (or its absence said) before any work
     x_va, y_va, p_va = load_split(bottlenecks, "val")
     x_te, y_te, p_te = load_split(bottlenecks, "test")
     _, y_tr, _ = load_split(bottlenecks, "train")

@@ -142,6 +142,14 @@ def model_run(model_dir: str | os.PathLike, run_id: str | None, uri: str) -> str
     return run.info.run_id
 
 
+def join_model_run(model_dir: str | os.PathLike, run_id: str | None, tracking_uri: str | None) -> str | None:
+    """For steps that log only when the model has a run (evaluate, calibrate): ``model_run`` in the
+    checked store, or None without touching MLflow when there is no run to join."""
+    if not run_id and run_ref_of(model_dir) is None:
+        return None
+    return model_run(model_dir, run_id, setup_checked(tracking_uri))
+
+
 def _run_exists(client, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
