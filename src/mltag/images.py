@@ -31,15 +31,20 @@ class BadImage(Exception):
     """The file is not a usable image; the message says why."""
 
 
+def _read(src: str | os.PathLike | bytes) -> bytes:
+    """The encoded bytes of ``src`` (a path, or the bytes themselves)."""
+    if isinstance(src, (bytes, bytearray)):
+        return src
+    p = Path(src)
+    if not p.is_file():
+        raise BadImage("file not found")
+    if p.stat().st_size == 0:
+        raise BadImage("zero-byte file")
+    return p.read_bytes()
+
+
 def _open(src: str | os.PathLike | bytes, max_pixels: int, draft: int | None = None) -> Image.Image:
-    data = src if isinstance(src, (bytes, bytearray)) else None
-    if data is None:
-        p = Path(src)
-        if not p.is_file():
-            raise BadImage("file not found")
-        if p.stat().st_size == 0:
-            raise BadImage("zero-byte file")
-        data = p.read_bytes()
+    data = _read(src)
     if not data:
         raise BadImage("empty image bytes")
     with warnings.catch_warnings():
@@ -114,10 +119,10 @@ def inspect_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS)
     Raises:
         BadImage: as ``load_image``.
     """
-    img = _open(path, max_pixels)
+    data = _read(path)  # read once: decoded and hashed from the same bytes
+    img = _open(data, max_pixels)
     info = {"width": img.size[0], "height": img.size[1], "mode": img.mode}
     info["phash"] = perceptual_hash(to_rgb(img))
-    data = Path(path).read_bytes()
     info["sha256"] = hashlib.sha256(data).hexdigest()
     info["bytes"] = len(data)
     return info
