@@ -375,6 +375,7 @@ def tensorflow_hub():
     """Import tensorflow_hub without its pkg_resources deprecation warning (it still imports pkg_resources)."""
     import warnings
 
+    import_tensorflow()  # hub imports TensorFlow: without its start-up noise
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
         import tensorflow_hub as hub
