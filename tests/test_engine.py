@@ -97,3 +97,52 @@ def test_tflite_export_predicts_the_same_labels_on_the_demo_test_split(tmp_path,
     assert np.abs(s_tf - s_lite).max() <= 1e-4
     assert [p["labels"] for p in saved.predict(images)] == [p["labels"] for p in lite.predict(images)]
     assert np.abs(saved.scores(images[:3], tta="mean") - lite.scores(images[:3], tta="mean")).max() <= 1e-4
+
+
+@pytest.mark.parametrize("engine", ["litert", "tf"])
+def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, tmp_path, colour_dataset,
+                                                                       fake_backbone):
+    """Whatever the batch split, each image's cached vector is the engine's own output for it; a
+    non-finite output stops the run naming the image and its source line, and a cache that cannot
+    be written is a clear error, not a hang or a traceback from the writer thread."""
+    from mltag.bottleneck import FeatureCache, compute_missing
+    from mltag.common import MltagError
+    from mltag.formats import load_hashes
+    from mltag.images import load_image
+    from mltag.prepare import prepare
+
+    prepare(colour_dataset, tmp_path / "prep", progress=False)
+    resolved = bb.resolve(str(fake_backbone))
+    eng = backbone_engine(engine, resolved, 32, tmp_path / "bb")
+    assert eng.name == engine
+    jobs = [(sha, str(colour_dataset / rel), f"all.lst:{i + 1}", sha, 0)
+            for i, (rel, sha) in enumerate(sorted(load_hashes(tmp_path / "prep").items()))]
+    cache = FeatureCache(tmp_path / "cache", resolved.backbone_id, 32)
+    assert compute_missing(jobs, cache, eng, 32, batch_size=5, progress=False) == len(jobs) == 48
+    expected = eng(np.stack([load_image(j[1], 32) for j in jobs]))
+    got = np.stack([cache.get(j[0]) for j in jobs]).astype(np.float32)
+    assert np.abs(got - expected).max() <= 1e-3  # float16 storage
+
+    class NaNAtSeventh:  # the engine's output for one image turns non-finite
+        name = engine
+
+        def __init__(self):
+            self.seen = 0
+
+        def __call__(self, px):
+            out = eng(px)
+            if self.seen <= 6 < self.seen + len(px):
+                out[6 - self.seen, 0] = np.nan
+            self.seen += len(px)
+            return out
+
+    cache2 = FeatureCache(tmp_path / "cache2", resolved.backbone_id, 32)
+    with pytest.raises(MltagError, match="non-finite features") as e:
+        compute_missing(jobs, cache2, NaNAtSeventh(), 32, batch_size=5, progress=False)
+    assert jobs[6][1] in str(e.value) and jobs[6][2] in str(e.value)
+    assert cache2.get(jobs[6][0]) is None
+
+    (tmp_path / "blocked").write_text("a file where the cache folder must be\n")
+    with pytest.raises(MltagError, match="cannot write the feature cache"):
+        compute_missing(jobs, FeatureCache(tmp_path / "blocked", resolved.backbone_id, 32), eng, 32,
+                        batch_size=5, progress=False)
