@@ -11,7 +11,10 @@ Prints a table and, with ``--json``, one JSON object as the last line:
 * ``incremental_10pct_fraction``: the step on N + 10% images (the N cached), divided by
   the cold time;
 * ``peak_rss_mb`` / ``peak_rss_mb_4x``: peak resident memory of a cold step process on N
-  and on 4N images.
+  and on 4N images;
+* ``decode_ms_per_image`` / ``cache_write_ms_per_vector``: CPU time of the step's other
+  work per image, each measured alone, and ``step_ceiling_fraction``, the most of the
+  forward pass a cold step can reach with that work on the same cores.
 
 Each step runs in a fresh process (so peak memory is that step's own); the backbone is
 built and converted once beforehand, as it is after a project's first run. Asserts nothing.
@@ -83,6 +86,30 @@ def forward_ips(engine, image_size: int, batch: int, seconds: float = 5.0) -> fl
     return n / (time.perf_counter() - t)
 
 
+def per_image_costs(prepared: Path, size: int, cache_dir: Path, dim: int) -> dict:
+    """CPU milliseconds per image of the step's work besides the forward, each measured alone on one
+    thread: decode and resize (the step's own function, on the prepared images), and one cache write
+    (into a fresh cache, so the fan-out folders are created as on a first run)."""
+    import numpy as np
+
+    from mltag.bottleneck import FeatureCache, decode_view
+    from mltag.formats import image_root_of, load_hashes
+
+    root, hashes = image_root_of(prepared), sorted(load_hashes(prepared).items())
+    decode_view(root / hashes[0][0], hashes[0][1], 0, size)  # first-call set-up is not per image
+    t = time.process_time()
+    for rel, sha in hashes:
+        decode_view(root / rel, sha, 0, size)
+    decode_ms = (time.process_time() - t) / len(hashes) * 1e3
+    cache = FeatureCache(cache_dir, "bench", size)
+    vec = np.random.default_rng(0).random(dim, dtype=np.float32)
+    t = time.process_time()
+    for _, sha in hashes:
+        cache.put(cache.key(sha), vec)
+    write_ms = (time.process_time() - t) / len(hashes) * 1e3
+    return {"decode_ms": round(decode_ms, 3), "cache_write_ms": round(write_ms, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=512)
@@ -101,6 +128,8 @@ def main() -> None:
     import logging
 
     logging.disable(logging.WARNING)
+    import numpy as np
+
     from mltag.backbone import default_image_size, resolve
     from mltag.common import cpu_threads
     from mltag.demo import make_demo_data
@@ -128,12 +157,16 @@ def main() -> None:
         per_layout = {name: forward_ips(e, size, cores) for name, e in layouts.items()}
         litert_ips = max(per_layout.values())
         tf_ips = forward_ips(TFEngine(bb.location), size, 32)
+        dim = int(lite(np.zeros((1, size, size, 3), np.uint8)).shape[1])
+        costs = per_image_costs(tmp / "prep-n", size, tmp / "write-cache", dim)
 
         cold = step(tmp, tmp / "prep-n", "bn", "cache", args.handle, args.engine)
         warm = step(tmp, tmp / "prep-n", "bn", "cache", args.handle, args.engine)
         incr = step(tmp, tmp / "prep-n10", "bn10", "cache", args.handle, args.engine)
         big = step(tmp, tmp / "prep-n4", "bn4", "cache4", args.handle, args.engine)
 
+    forward_ms = cpu_threads() / litert_ips * 1e3
+    ceiling = forward_ms / (forward_ms + costs["decode_ms"] + costs["cache_write_ms"])
     result = {
         "handle": args.handle, "images": n, "image_size": size, "engine": cold["engine"],
         "tf_forward_ips": round(tf_ips, 1),
@@ -147,6 +180,11 @@ def main() -> None:
         "peak_rss_mb_4x": round(big["peak_rss_mb"]),
         "step_4x_ips": round(big["computed"] / big["seconds"], 1),
         "cpu_threads": cpu_threads(),
+        # CPU ms per image besides the forward, and the cold step's ceiling they imply:
+        # forward / (forward + decode + write), the forward costing cores / litert_forward_ips.
+        "decode_ms_per_image": costs["decode_ms"],
+        "cache_write_ms_per_vector": costs["cache_write_ms"],
+        "step_ceiling_fraction": round(ceiling, 3),
     }
     print(f"bottleneck benchmark: {args.handle} at {size} px, {n} demo images, {result['cpu_threads']} CPU threads")
     print(f"  backbone forward, TF (batch 32):        {result['tf_forward_ips']:8.1f} images/s")
@@ -159,6 +197,9 @@ def main() -> None:
           f"of the cold time")
     print(f"  peak memory, cold step:                 {result['peak_rss_mb']:8d} MB ({n} images), "
           f"{result['peak_rss_mb_4x']} MB ({4 * n} images)")
+    print(f"  CPU per image besides the forward:      decode+resize {costs['decode_ms']:.2f} ms, cache write "
+          f"{costs['cache_write_ms']:.2f} ms, against {forward_ms:.2f} core-ms for the forward: the cold step "
+          f"can reach at most {ceiling:.0%} of the forward pass")
     if args.json:
         print(json.dumps(result))
 
