@@ -165,7 +165,7 @@ def main() -> None:
         incr = step(tmp, tmp / "prep-n10", "bn10", "cache", args.handle, args.engine)
         big = step(tmp, tmp / "prep-n4", "bn4", "cache4", args.handle, args.engine)
 
-    forward_ms = cpu_threads() / litert_ips * 1e3
+    forward_ms = cores / litert_ips * 1e3
     ceiling = forward_ms / (forward_ms + costs["decode_ms"] + costs["cache_write_ms"])
     result = {
         "handle": args.handle, "images": n, "image_size": size, "engine": cold["engine"],

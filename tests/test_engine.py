@@ -124,8 +124,6 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
     assert np.abs(got - expected).max() <= 1e-3  # float16 storage
 
     class NaNAtSeventh:  # the engine's output for one image turns non-finite
-        name = engine
-
         def __init__(self):
             self.seen = 0
 
