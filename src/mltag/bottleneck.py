@@ -161,9 +161,10 @@ class FeatureCache:
 
     def lock(self, name: str):
         """A lock on this cache (one run computes into it at a time); none for a URI store,
-        where entries are written whole by key and two writers of one key write the same vector."""
+        where entries are written whole by key and two writers of one key write the same vector.
+        Entered, it gives whether it waited for another run (whose vectors may now be cached)."""
         if self.remote is not None:
-            return contextlib.nullcontext()
+            return contextlib.nullcontext(False)
         return locked(self.root / name, f"the feature cache {self.root}")
 
     def clean_leftovers(self) -> int:
@@ -214,13 +215,33 @@ def _decode(job, image_size: int) -> np.ndarray:
     return decode_view(path, sha, view, image_size, source)
 
 
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """How ``n`` jobs are cut into batches: 1, 2, 4, ... up to ``batch_size``, then ``batch_size``.
+
+    The short first batches start the engine after one image's decode instead of a whole
+    batch's (32 images are about 20 ms of one core), and cost nothing: LiteRT runs one image
+    per invoke anyway, and TF traces at most twice (its function relaxes the batch dimension).
+    """
+    sizes, size = [], 1
+    while n > 0:
+        sizes.append(min(size, batch_size, n))
+        n -= sizes[-1]
+        size *= 2
+    return sizes
+
+
 def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCache, engine, image_size: int,
-                    batch_size: int = 32, progress: bool = True, workers: int | None = None) -> int:
+                    batch_size: int = 32, progress: bool = True, workers: int | None = None, *,
+                    make_engine=None, keep: dict | None = None) -> int:
     """Compute and cache vectors for ``(key, image path, source, content sha, view)`` jobs.
 
     Decoding runs in a thread pool (Pillow releases the GIL) a bounded window ahead of
     the engine, and a writer thread stores the vectors, so memory stays flat however
-    many images there are. Returns how many vectors were computed.
+    many images there are. Instead of ``engine`` (then None), ``make_engine`` may give a
+    function without arguments that makes one: it is called once decoding has started, so
+    loading the engine overlaps the first decodes. With ``keep``, each computed float16
+    vector is also put there by key (for a caller that needs them next, instead of reading
+    them back). Returns how many vectors were computed.
     """
     if not jobs:
         return 0
@@ -233,7 +254,7 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
     def writer():
         while (item := writes.get()) is not None:
             keys, feats = item
-            for i, (key, vec) in enumerate(zip(keys, feats)):
+            for i, (key, vec) in enumerate(zip(keys, feats, strict=True)):
                 if write_error:
                     break
                 try:
@@ -255,17 +276,27 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
     bar = tqdm(total=len(jobs), desc="bottleneck", unit="img", disable=not progress, mininterval=1.0)
     # One task per batch keeps the per-image thread overhead small; a few batches in flight
     # keep the engine fed while memory stays flat.
-    batches = [jobs[i: i + batch_size] for i in range(0, len(jobs), batch_size)]
+    batches, start = [], 0
+    for size in batch_sizes(len(jobs), batch_size):
+        batches.append(jobs[start: start + size])
+        start += size
     decoded = imap_ordered(decode_batch, batches, workers, ahead=workers + 1)
     try:
+        if make_engine is not None:
+            engine = make_engine()  # while the first batches decode
         for batch, pixels in zip(batches, decoded):
             fault_point("bottleneck:batch")
-            feats = engine(pixels)
+            with np.errstate(over="ignore"):  # beyond float16's range becomes inf: refused below
+                feats = np.asarray(engine(pixels)).astype(np.float16)  # what the cache stores
             bad = ~np.isfinite(feats).all(axis=1)
             if bad.any():
                 j = batch[int(np.argmax(bad))]
-                raise MltagError(f"{j[1]}: the backbone returned non-finite features", j[2])
-            writes.put(([jb[0] for jb in batch], feats))
+                raise MltagError(f"{j[1]}: the backbone returned non-finite features (or beyond float16's range)",
+                                 j[2])
+            keys = [jb[0] for jb in batch]
+            if keep is not None:
+                keep.update(zip(keys, feats))
+            writes.put((keys, feats))
             if write_error:
                 raise write_error[0]
             done += len(batch)
@@ -378,17 +409,25 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
     if todo:
         # One run computes into a cache at a time (per shard): a second run waits, then finds
         # the first run's vectors instead of computing them again.
-        with cache.lock(".lock" if num_shards == 1 else f".lock-shard{shard_index}-of-{num_shards}"):
+        with cache.lock(".lock" if num_shards == 1 else f".lock-shard{shard_index}-of-{num_shards}") as waited:
             cache.clean_leftovers()
-            todo = uncached(todo)  # what another run computed while this one waited
+            if waited:
+                todo = uncached(todo)  # what the other run computed while this one waited
             if todo:
                 if source:  # only the images whose vectors are computed travel
                     source.localize([Path(job[1]).relative_to(root).as_posix() for job in todo])
-                eng = backbone_engine(engine, resolved, image_size, backbone_cache_dir)
-                used_engine = eng.name
+                made = []
+
+                def make_engine():
+                    made.append(backbone_engine(engine, resolved, image_size, backbone_cache_dir))
+                    return made[0]
+
                 t_compute = time.time()
-                computed = compute_missing(todo, cache, eng, image_size, batch_size, progress)
+                # The split files below need the computed vectors too: kept, not read back.
+                computed = compute_missing(todo, cache, None, image_size, batch_size, progress,
+                                           make_engine=make_engine, keep=loaded if num_shards == 1 else None)
                 seconds = time.time() - t_compute
+                used_engine = made[0].name if made else None
     # bottleneck.json (a DVC output) holds only what the vectors depend on, so a rerun on
     # unchanged data leaves the output byte-identical; run statistics go to ``metrics``.
     summary = {

@@ -99,13 +99,18 @@ def lock_file_for(dest: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def locked(lock_path: str | os.PathLike, what: str, timeout: float = -1):
-    """Hold an exclusive file lock; when another process holds it, say so once and wait."""
+    """Hold an exclusive file lock; when another process holds it, say so once and wait.
+
+    Yields whether it had to wait (another run held the lock, so what it guards may have changed).
+    """
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(lock_path))
+    waited = False
     try:
         lock.acquire(timeout=0)
     except Timeout:  # (a TimeoutError, so before OSError)
+        waited = True
         logging.getLogger(__name__).warning("waiting for another mltag run that is writing %s (lock %s)",
                                             what, lock_path)
         try:
@@ -115,7 +120,7 @@ def locked(lock_path: str | os.PathLike, what: str, timeout: float = -1):
     except OSError as e:  # read-only or missing folder
         raise MltagError(f"cannot create a lock file: {e.strerror or e}", lock_path) from None
     try:
-        yield
+        yield waited
     finally:
         lock.release()
 
