@@ -16,8 +16,10 @@ Prints a table and, with ``--json``, one JSON object as the last line:
   work per image, each measured alone, and ``step_ceiling_fraction``, the most of the
   forward pass a cold step can reach with that work on the same cores.
 
-Each step runs in a fresh process (so peak memory is that step's own); the backbone is
-built and converted once beforehand, as it is after a project's first run. Asserts nothing.
+Each step runs in a fresh process (so peak memory is that step's own), after ``os.sync()``
+(so the kernel's deferred write-back of the generated images and of earlier steps does not
+land inside it); the backbone is built and converted once beforehand, as it is after a
+project's first run. Asserts nothing.
 
 Usage:
     python benchmarks/bottleneck.py [--images 512] [--handle builtin:efficientnet_lite0] [--json]
@@ -65,6 +67,9 @@ def peak_rss_mb() -> float:
 
 
 def step(tmp: Path, prepared: Path, out: str, cache: str, handle: str, engine: str) -> dict:
+    # What earlier work wrote (the generated images, the last step's packs) is flushed first: the
+    # kernel writes dirty pages back about 30 s later, which would land inside this measurement.
+    os.sync()
     cmd = [sys.executable, __file__, "--worker", "--prepared", str(prepared), "--out", str(tmp / out),
            "--cache", str(tmp / cache), "--backbone-cache", str(tmp / "backbones"), "--handle", handle,
            "--engine", engine]
@@ -88,8 +93,8 @@ def forward_ips(engine, image_size: int, batch: int, seconds: float = 5.0) -> fl
 
 def per_image_costs(prepared: Path, size: int, cache_dir: Path, dim: int) -> dict:
     """CPU milliseconds per image of the step's work besides the forward, each measured alone on one
-    thread: decode and resize (the step's own function, on the prepared images), and one cache write
-    (into a fresh cache, so the fan-out folders are created as on a first run)."""
+    thread: decode and resize (the step's own function, on the prepared images), and the cache write
+    per vector (batches of 32, one pack file each, into a fresh cache as on a first run)."""
     import numpy as np
 
     from mltag.bottleneck import FeatureCache, decode_view
@@ -102,10 +107,11 @@ def per_image_costs(prepared: Path, size: int, cache_dir: Path, dim: int) -> dic
         decode_view(root / rel, sha, 0, size)
     decode_ms = (time.process_time() - t) / len(hashes) * 1e3
     cache = FeatureCache(cache_dir, "bench", size)
-    vec = np.random.default_rng(0).random(dim, dtype=np.float32)
+    keys = [cache.key(sha) for _, sha in hashes]
+    vecs = np.random.default_rng(0).random((len(keys), dim), dtype=np.float32)
     t = time.process_time()
-    for _, sha in hashes:
-        cache.put(cache.key(sha), vec)
+    for i in range(0, len(keys), 32):
+        cache.put_many(keys[i: i + 32], vecs[i: i + 32])
     write_ms = (time.process_time() - t) / len(hashes) * 1e3
     return {"decode_ms": round(decode_ms, 3), "cache_write_ms": round(write_ms, 3)}
 
@@ -152,6 +158,7 @@ def main() -> None:
         # The bare forward pass at the engine's best layout: the larger of one interpreter with a
         # thread per core (the step's default) and one single-threaded interpreter per core.
         cores = cpu_threads()
+        os.sync()  # the generated images' write-back happens now, not inside the measurements
         layouts = {"1x1 per core": LiteRTEngine(lite_file, threads=1, parallel=cores),
                    f"{cores} threads x1": LiteRTEngine(lite_file, threads=cores, parallel=1)}
         per_layout = {name: forward_ips(e, size, cores) for name, e in layouts.items()}

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,28 +138,44 @@ def test_server_stopped_between_train_and_register_then_restarted(tmp_path, colo
         stop(server)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "nan", "wrong_shape"])
+def _pack_entries(path: Path) -> tuple[list[str], np.ndarray]:
+    """The keys and float16 vectors of one pack file."""
+    from mltag.bottleneck import read_pack_table
+
+    data = path.read_bytes()
+    dim, table = read_pack_table(data)
+    start = len(data) - 2 * dim * len(table)
+    return [k for k, _ in table], np.frombuffer(data[start:], np.float16).reshape(len(table), dim)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "nan", "key_table"])
 def test_damaged_cache_entries_are_recomputed_never_trusted(tmp_path, colour_dataset, fake_backbone, damage):
+    from mltag.bottleneck import pack_bytes
+
     prepare(colour_dataset, tmp_path / "prepared", progress=False)
     first = bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone),
                        cache_dir=tmp_path / "cache", progress=False)
-    entries = sorted((tmp_path / "cache").rglob("*.npy"))
-    victim = entries[0]
-    good = np.load(victim)
-    header = victim.read_bytes()[:128]
+    # The victim: the last entry of the largest pack (so a cut at its values loses it alone).
+    pack = max((tmp_path / "cache").rglob("*.pack"), key=lambda p: (p.stat().st_size, p.name))
+    keys, vecs = _pack_entries(pack)
+    assert len(keys) > 1
+    victim, good = keys[-1], vecs[-1].copy()
+    data = pack.read_bytes()
+    lost = 1
     if damage == "truncated":
-        victim.write_bytes(victim.read_bytes()[:40])
+        pack.write_bytes(data[:-5])
     elif damage == "garbage":
-        victim.write_bytes(header + os.urandom(len(victim.read_bytes()) - 128))
-    elif damage == "nan":
-        np.save(victim, np.full_like(good, np.nan))
-    else:
-        np.save(victim, np.zeros(good.shape[-1] + 3, good.dtype))
+        pack.write_bytes(data[:-2 * len(good)] + os.urandom(2 * len(good)))
+    elif damage == "nan":  # NaN values under valid checksums: caught by the finiteness check
+        pack.write_bytes(pack_bytes(keys, np.concatenate([vecs[:-1], np.full((1, len(good)), np.nan)])))
+    else:  # a flipped bit in the key table: the whole pack is a miss (counted once), never other keys
+        pack.write_bytes(data[:40] + bytes([data[40] ^ 4]) + data[41:])
+        lost = len(keys)
     again = bottleneck(tmp_path / "prepared", tmp_path / "bn2", handle=str(fake_backbone),
                        cache_dir=tmp_path / "cache", progress=False)
-    assert again["computed"] == 1 and again["cached"] == first["computed"] - 1, again
+    assert again["computed"] == lost and again["cached"] == first["computed"] - lost, again
     assert again["untrusted_entries"] == 1
-    np.testing.assert_array_equal(np.load(victim), good)
+    np.testing.assert_array_equal(FeatureCache(tmp_path / "cache", "any", 0).get(victim), good)
     for split in ("train", "val", "test"):
         a, b = np.load(tmp_path / "bn" / f"{split}.npz"), np.load(tmp_path / "bn2" / f"{split}.npz")
         np.testing.assert_array_equal(a["features"], b["features"])
@@ -170,7 +187,7 @@ def test_garbage_with_a_valid_header_is_caught_by_the_checksum(tmp_path):
     vec = np.linspace(-1, 1, 16).astype(np.float16)
     key = cache.key("a" * 64, 0)
     cache.put(key, vec)
-    f = next((tmp_path / "c").rglob("*.npy"))
+    f = next((tmp_path / "c").rglob("*.pack"))
     data = bytearray(f.read_bytes())
     data[-4] ^= 0x01  # one flipped bit in the last values: still finite, still the right shape
     f.write_bytes(bytes(data))
@@ -282,15 +299,15 @@ def _stats(tmp, out) -> dict:
 def test_bottleneck_killed_mid_batch_converges_and_leftovers_are_cleaned(tmp_path, colour_dataset, fake_backbone):
     prepare(colour_dataset, tmp_path / "prepared", progress=False)
     n = 48
-    killed = _bottleneck_cli(tmp_path, "bn", env={"MLTAG_FAULT": "bottleneck:mid_batch"}, handle=fake_backbone)
+    killed = _bottleneck_cli(tmp_path, "bn", env={"MLTAG_FAULT": "bottleneck:written"}, handle=fake_backbone)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "bn").exists()  # no half-written output
-    written = list((tmp_path / "cache").rglob("*.npy"))
+    written = FeatureCache(tmp_path / "cache", "any", 0).locations()
     assert 1 <= len(written) < n
-    # leftovers a killed run could leave: a temp entry (full disk), a temp output folder, a swapped-out old output
+    # leftovers a killed run could leave: a temp pack (full disk), a temp output folder, a swapped-out old output
     dead = _dead_pid()
-    sub = written[0].parent
-    leftovers = [sub / f".{'0' * 64}.npy.{dead}.tmp", tmp_path / f".bn.{dead}.x1y2.tmp", tmp_path / f".bn.old-{dead}"]
+    packs = tmp_path / "cache" / "packs"
+    leftovers = [packs / f".{'0' * 24}.pack.{dead}.tmp", tmp_path / f".bn.{dead}.x1y2.tmp", tmp_path / f".bn.old-{dead}"]
     leftovers[0].write_bytes(b"")
     for d in leftovers[1:]:
         d.mkdir()
@@ -333,7 +350,7 @@ def test_two_concurrent_bottleneck_runs_compute_each_vector_once(tmp_path, colou
     first = _bottleneck_cli(tmp_path, "a", env={"MLTAG_FAULT": "bottleneck:batch=sleep:1"}, popen=True,
                             handle=fake_backbone)
     deadline = time.time() + 120
-    while not list((tmp_path / "cache").rglob("*.npy")) and time.time() < deadline and first.poll() is None:
+    while not list((tmp_path / "cache").rglob("*.pack")) and time.time() < deadline and first.poll() is None:
         time.sleep(0.1)
     second = _bottleneck_cli(tmp_path, "b", check=True, handle=fake_backbone)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
@@ -406,10 +423,11 @@ def test_vector_store_at_an_fsspec_uri_is_shared_and_checked_like_a_folder(tmp_p
     first = bottleneck(tmp_path / "prepared", tmp_path / "bn1", **run)
     assert first["computed"] == 48
     fs = fsspec.filesystem("memory")
-    entries = [p for p in fs.find(store.removeprefix("memory://")) if p.endswith(".npy")]
-    assert len(entries) == 48
-    # A damaged object is recomputed, never trusted; everything else comes from the store.
-    fs.pipe_file(entries[0], b"\x93NUMPY garbage")
+    assert len(FeatureCache(store, "any", 0).locations()) == 48
+    # A damaged entry is recomputed, never trusted; everything else comes from the store.
+    pack = max((p for p in fs.find(store.removeprefix("memory://")) if p.endswith(".pack")), key=fs.size)
+    data = fs.cat_file(pack)
+    fs.pipe_file(pack, data[:-3] + bytes([data[-3] ^ 1]) + data[-2:])
     second = bottleneck(tmp_path / "prepared", tmp_path / "bn2", **run)
     assert (second["computed"], second["cached"], second["untrusted_entries"]) == (1, 47, 1)
     for split in ("train", "val", "test"):

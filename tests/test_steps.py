@@ -101,16 +101,29 @@ def test_bottleneck_cache_computes_only_new_images(tmp_path, fake_backbone):
     assert third["computed"] == 44
 
 
-def test_cache_entries_are_written_atomically(tmp_path):
+def test_cache_writes_a_batch_as_one_pack_atomically_and_trusts_only_what_checks_out(tmp_path):
     cache = FeatureCache(tmp_path, "bb", 224)
-    key = cache.key("abc")
-    cache.put(key, np.ones(4, np.float32))
-    entries = list(tmp_path.rglob("*"))
-    assert not [p for p in entries if p.name.endswith(".tmp")]
-    assert cache.get(key).dtype == np.float16
-    # A truncated entry (e.g. copied in by hand) is not trusted.
-    (tmp_path / key[:2] / f"{key}.npy").write_bytes(b"\x93NUMPY")
-    assert cache.get(key) is None
+    keys = [cache.key(c * 64) for c in "abc"]
+    vecs = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    cache.put_many(keys, vecs)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert [p.suffix for p in files] == [".pack"]  # one file for the batch, no temp file left
+    assert cache.get(keys[1]).dtype == np.float16
+    fresh = FeatureCache(tmp_path, "bb", 224)  # another process: reads the packs' key tables
+    for k, v in zip(keys, vecs):
+        np.testing.assert_array_equal(fresh.get(k), v.astype(np.float16))
+    assert fresh.get(cache.key("d" * 64)) is None and fresh.rejected == 0
+    # A pack cut short (e.g. a copy that stopped) loses the entries past the cut, and only those.
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[:-3])
+    cut = FeatureCache(tmp_path, "bb", 224)
+    assert [cut.get(k) is not None for k in keys] == [True, True, False] and cut.rejected == 1
+    # A damaged key table is never read as other keys: the whole pack is a miss, counted once.
+    files[0].write_bytes(data[:30] + bytes([data[30] ^ 1]) + data[31:])
+    bad = FeatureCache(tmp_path, "bb", 224)
+    assert [bad.get(k) for k in keys] == [None] * 3 and bad.rejected == 1
+    # A run holding the lock removes it: its entries are misses anyway, and are recomputed.
+    assert bad.clean_leftovers() == 1 and not any((tmp_path / "packs").iterdir())
 
 
 def test_sharded_bottleneck_then_gather(tmp_path, colour_dataset, fake_backbone):

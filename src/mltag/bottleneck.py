@@ -4,20 +4,22 @@ Cache key = image content hash + backbone id + image size + preprocessing versio
 view number for augmented views), so adding images computes only the new ones and a
 changed backbone or resize never reuses stale vectors. The engine (LiteRT or TF) is not
 in the key: both give the same float16 vectors (tests/test_engine.py checks it on real
-photos). Entries are float16 ``.npy`` files written atomically (temp file + rename) by a
-writer thread, so an interrupted run never leaves a truncated entry and disk writes never
-stall the backbone. Entries that do not load, have the wrong shape or hold non-finite
-values are treated as missing and recomputed.
+photos). Vectors are stored float16, a batch per pack file written atomically (temp file
++ rename) by a writer thread, so an interrupted run never leaves a truncated entry, disk
+writes never stall the backbone, and a vector costs no file of its own. Entries that do
+not check out (checksum, size, non-finite values) are treated as missing and recomputed.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,19 +46,55 @@ from mltag.images import PREPROCESSING_VERSION, BadImage, augmented_view, load_i
 log = logging.getLogger(__name__)
 
 
-CACHE_FORMAT = "2"  # entries carry a checksum of their values; part of the key, so older entries are misses
+CACHE_FORMAT = "3"  # packs of vectors with checksummed keys; part of the key, so older entries are misses
+PACK_MAGIC = b"MLTAGPK1"
+PACK_MAX = 256  # vectors per pack file at most: a longer batch is split
+_HEAD = struct.Struct("<8sII8s")  # magic, count, dim, checksum of (count, dim, key table)
+_ENTRY = 32 + 8  # one key (a SHA-256 digest) and its entry's checksum, in the key table
 
 
 def _checksum(body: bytes) -> bytes:
     return hashlib.blake2b(body, digest_size=8).digest()
 
 
-class FeatureCache:
-    """A directory of ``<key>.npy`` float16 vectors, plus read-only extra directories.
+def pack_bytes(keys: list[str], vectors) -> bytes:
+    """One pack file: header, key table (each key with a checksum of key and values), float16 values.
 
-    Each entry is an ``.npy`` file followed by an 8-byte BLAKE2b checksum of its values. An
-    entry whose header, size, checksum or values (non-finite) do not check out is a miss,
-    counted in ``rejected``, and recomputed: bit rot or a partial overwrite is never trusted.
+    The header's checksum covers the count, the size and the key table, so a damaged table is
+    never read as other keys; each entry's checksum covers its key and its values, so bit rot
+    in one vector costs only that vector.
+    """
+    vecs = np.ascontiguousarray(vectors, dtype=np.float16).reshape(len(keys), -1)
+    count, dim = vecs.shape
+    raw = [bytes.fromhex(k) for k in keys]
+    table = b"".join(raw) + b"".join(_checksum(r + v.tobytes()) for r, v in zip(raw, vecs, strict=True))
+    sizes = struct.pack("<II", count, dim)
+    return _HEAD.pack(PACK_MAGIC, count, dim, _checksum(sizes + table)) + table + vecs.tobytes()
+
+
+def read_pack_table(head: bytes) -> tuple[int, list[tuple[str, bytes]]] | None:
+    """``(dim, [(key, entry checksum)...])`` from the start of a pack file; None unless it checks out."""
+    if len(head) < _HEAD.size:
+        return None
+    magic, count, dim, check = _HEAD.unpack_from(head)
+    end = _HEAD.size + _ENTRY * count
+    if magic != PACK_MAGIC or not 0 < count <= PACK_MAX or dim == 0 or len(head) < end:
+        return None
+    table = head[_HEAD.size: end]
+    if _checksum(struct.pack("<II", count, dim) + table) != check:
+        return None
+    return dim, [(table[32 * i: 32 * i + 32].hex(), table[32 * count + 8 * i: 32 * count + 8 * i + 8])
+                 for i in range(count)]
+
+
+class FeatureCache:
+    """A vector store: float16 vectors by key, in pack files under ``<root>/packs/``, plus read-only extra roots.
+
+    Each write stores one batch as one pack file, written whole through a temp name and a
+    rename (or as one object in a bucket), so a killed run leaves whole packs and nothing
+    torn, and a batch costs one file instead of one per vector. An entry whose checksum,
+    size or values (non-finite) do not check out is a miss, counted in ``rejected``, and
+    recomputed: bit rot or a partial overwrite is never trusted.
     """
 
     def __init__(self, root: str | os.PathLike, backbone_id: str, image_size: int, extra: list | None = None):
@@ -71,93 +109,165 @@ class FeatureCache:
         self.prefix = f"{backbone_id}|{image_size}|{PREPROCESSING_VERSION}|cache{CACHE_FORMAT}|"
         self.extra = [Path(p) for p in (extra or [])]
         self.dim: int | None = None
-        self._rejected: set[str] = set()  # keys of entries that were read but not trusted
-        self._dirs: set[Path] = set()
-        self._headers: dict[int, bytes] = {}
+        self._rejected: set[str] = set()  # keys whose stored entries were read but none trusted
+        self._damaged_packs: set[str] = set()  # pack files whose header or key table does not check out
+        self._index: dict[str, list[tuple]] | None = None  # key -> [(root, pack, offset, dim, checksum)]
+        self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # packs read last
+        self._dir_made = False
 
     @property
     def rejected(self) -> int:
-        """How many entries were read but not trusted (each counted once)."""
-        return len(self._rejected)
+        """How many entries were read but not trusted (each counted once; a pack whose key table
+        is damaged counts once, its keys being unknown)."""
+        return len(self._rejected) + len(self._damaged_packs)
 
     def key(self, content_sha: str, view: int = 0) -> str:
         """The plain vector's key, or with ``view > 0`` the key of augmented view number ``view``."""
         suffix = f"|view{view}" if view else ""
         return hashlib.sha256((self.prefix + content_sha + suffix).encode()).hexdigest()
 
-    def _path(self, root: Path, key: str) -> Path:
-        return root / key[:2] / f"{key}.npy"
+    def _packs(self, root) -> list[str]:
+        folder = root / "packs"
+        if self.remote is not None and root is self.root:
+            try:
+                return sorted(p for p in self.remote.ls(str(folder), detail=False) if p.endswith(".pack"))
+            except FileNotFoundError:
+                return []
+        try:
+            return sorted(e.path for e in os.scandir(folder) if e.name.endswith(".pack") and e.name[0] != ".")
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _heads(self, root, paths: list[str]) -> list[bytes | None]:
+        """The start of each pack (enough for its key table); None for one that vanished meanwhile."""
+        size = _HEAD.size + _ENTRY * PACK_MAX
+        if self.remote is not None and root is self.root:  # one request each, concurrent where the store allows
+            heads = self.remote.cat_ranges(paths, [0] * len(paths), [size] * len(paths), on_error="return")
+            return [None if isinstance(h, FileNotFoundError) else b"" if isinstance(h, Exception) else h
+                    for h in heads]
+        out = []
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    out.append(f.read(size))
+            except FileNotFoundError:
+                out.append(None)
+            except OSError:
+                out.append(b"")
+        return out
+
+    def _pack(self, root, path: str) -> bytes:
+        """A whole pack file, from the few read last (a run reads its vectors mostly in the order
+        they were written, so one read serves a pack's vectors, and a bucket one request)."""
+        data = self._recent.pop(path, None)
+        if data is None:
+            if self.remote is not None and root is self.root:
+                data = self.remote.cat_file(path)
+            else:
+                with open(path, "rb") as f:
+                    data = f.read()
+        self._recent[path] = data
+        while len(self._recent) > 8:
+            self._recent.popitem(last=False)
+        return data
+
+    def _locations(self) -> dict[str, list[tuple]]:
+        """The index of every pack's key table, read once (and again after ``refresh``)."""
+        if self._index is None:
+            index: dict[str, list[tuple]] = {}
+            for root in (self.root, *self.extra):
+                paths = self._packs(root)
+                for path, head in zip(paths, self._heads(root, paths), strict=True):
+                    if head is None:
+                        continue
+                    table = read_pack_table(head)
+                    if table is None:
+                        self._damaged_packs.add(path)
+                        continue
+                    dim, entries = table
+                    base = _HEAD.size + _ENTRY * len(entries)
+                    for i, (key, check) in enumerate(entries):
+                        index.setdefault(key, []).append((root, path, base + 2 * dim * i, dim, check))
+            self._index = index
+        return self._index
+
+    def refresh(self) -> None:
+        """Forget the index: the next read lists the packs again (after another run wrote some)."""
+        self._index = None
+        self._damaged_packs.clear()
+        self._recent.clear()
+        if self.remote is not None:
+            self.remote.invalidate_cache(str(self.root / "packs"))
+
+    def locations(self) -> dict[str, tuple[str, int]]:
+        """Where each stored key's (first) entry lies: ``(pack file, offset of its values)``."""
+        return {k: (locs[0][1], locs[0][2]) for k, locs in self._locations().items()}
 
     def get(self, key: str) -> np.ndarray | None:
-        for root in (self.root, *self.extra):
-            p = self._path(root, key)
+        damaged = False
+        for root, path, offset, dim, check in self._locations().get(key, ()):
             try:
-                data = self.remote.cat_file(str(p)) if self.remote and root is self.root else p.read_bytes()
+                body = self._pack(root, path)[offset: offset + 2 * dim]
             except FileNotFoundError:
                 continue
             except OSError:
-                self._rejected.add(key)
+                body = b""
+            if (self.dim is not None and dim != self.dim) or len(body) != 2 * dim \
+                    or _checksum(bytes.fromhex(key) + body) != check:
+                damaged = True
                 continue
-            v = self._decode(data)
-            if v is None:  # damaged: recompute rather than trust it
-                self._rejected.add(key)
+            v = np.frombuffer(body, np.float16)
+            if not np.isfinite(v).all():
+                damaged = True
                 continue
-            self.dim = self.dim or v.shape[0]
+            self.dim = self.dim or dim
             return v
+        if damaged:  # recomputed rather than trusted
+            self._rejected.add(key)
         return None
 
-    def _decode(self, data: bytes) -> np.ndarray | None:
-        """The vector of an entry, or None unless header, size, checksum and values all check out."""
-        known = self._header(self.dim) if self.dim is not None else None
-        if known is not None and data.startswith(known):
-            hl, dim = len(known), self.dim
-        else:
-            import io
-
-            f = io.BytesIO(data)
-            try:
-                if np.lib.format.read_magic(f) != (1, 0):
-                    return None
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            except (ValueError, EOFError, OSError):
-                return None
-            if len(shape) != 1 or fortran or dtype != np.float16 or (self.dim and shape[0] != self.dim):
-                return None
-            hl, dim = f.tell(), shape[0]
-        body, check = data[hl: hl + 2 * dim], data[hl + 2 * dim:]
-        if len(body) != 2 * dim or check != _checksum(body):
-            return None
-        v = np.frombuffer(body, np.float16)
-        return v if np.isfinite(v).all() else None
-
     def put(self, key: str, vector: np.ndarray) -> None:
-        p = self._path(self.root, key)
+        self.put_many([key], np.asarray(vector)[None])
+
+    def put_many(self, keys: list[str], vectors) -> None:
+        """Store a batch of vectors (one pack file per ``PACK_MAX`` of them)."""
+        vectors = np.asarray(vectors)
+        for i in range(0, len(keys), PACK_MAX):
+            self._write_pack(keys[i: i + PACK_MAX], vectors[i: i + PACK_MAX])
+
+    def _write_pack(self, keys: list[str], vectors: np.ndarray) -> None:
+        data = pack_bytes(keys, vectors)
+        name = f"{hashlib.blake2b(data, digest_size=12).hexdigest()}.pack"  # by content: a rewrite is the same file
+        folder = self.root / "packs"
+        path = folder / name
         if self.remote is not None:
             # An object store writes an object whole or not at all; on any other fsspec
-            # filesystem a torn write fails the checksum on read and is recomputed.
-            body = np.ascontiguousarray(vector, dtype=np.float16).tobytes()
+            # filesystem a torn write fails the checksums on read and is recomputed.
             try:
-                self.remote.pipe_file(str(p), self._header(len(body) // 2) + body + _checksum(body))
+                self.remote.pipe_file(str(path), data)
             except OSError as e:
-                raise MltagError(f"cannot write the vector store: {e}", str(p)) from None
-            return
-        if p.parent not in self._dirs:
+                raise MltagError(f"cannot write the vector store: {e}", str(path)) from None
+        else:
+            if not self._dir_made:
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise MltagError(f"cannot write the feature cache: {e.strerror or e}", folder) from None
+                self._dir_made = True
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
             try:
-                p.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
             except OSError as e:
-                raise MltagError(f"cannot write the feature cache: {e.strerror or e}", p.parent) from None
-            self._dirs.add(p.parent)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        body = np.ascontiguousarray(vector, dtype=np.float16).tobytes()
-        try:
-            with open(tmp, "wb") as f:
-                f.write(self._header(len(body) // 2))
-                f.write(body)
-                f.write(_checksum(body))  # after the array: np.load ignores it, get() verifies it
-            os.replace(tmp, p)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise MltagError(f"cannot write the feature cache: {e.strerror or e}", p) from None
+                tmp.unlink(missing_ok=True)
+                raise MltagError(f"cannot write the feature cache: {e.strerror or e}", path) from None
+        if self._index is not None:  # read from now on, before older copies of the same keys
+            dim = vectors.reshape(len(keys), -1).shape[1]
+            base = _HEAD.size + _ENTRY * len(keys)
+            checks = read_pack_table(data[:base])[1]
+            for i, (key, check) in enumerate(checks):
+                self._index.setdefault(key, []).insert(0, (self.root, str(path), base + 2 * dim * i, dim, check))
 
     def lock(self, name: str):
         """A lock on this cache (one run computes into it at a time); none for a URI store,
@@ -168,25 +278,18 @@ class FeatureCache:
         return locked(self.root / name, f"the feature cache {self.root}")
 
     def clean_leftovers(self) -> int:
-        """Remove temp entries that killed runs left in the cache (e.g. 0-byte ones after a full disk)."""
+        """Remove what killed runs left (temp packs, e.g. 0-byte ones after a full disk) and packs
+        whose key table is damaged (their entries are misses anyway). Call it holding the lock."""
         if self.remote is not None:
             return 0  # nothing is written through a temp name there
-        try:
-            subdirs = [d for d in os.scandir(self.root) if d.is_dir() and len(d.name) == 2]
-        except OSError:
-            return 0
-        return sum(remove_stale_leftovers(d.path) for d in subdirs)
-
-    def _header(self, dim: int) -> bytes:
-        """The .npy header of a float16 vector of ``dim`` values (np.save's, made once per size)."""
-        h = self._headers.get(dim)
-        if h is None:
-            import io
-
-            buf = io.BytesIO()
-            np.save(buf, np.zeros(dim, np.float16))
-            h = self._headers[dim] = buf.getvalue()[: -2 * dim]
-        return h
+        removed = remove_stale_leftovers(self.root / "packs")
+        for path in sorted(self._damaged_packs):
+            if Path(path).parent == self.root / "packs":  # never in a read-only extra cache
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed += 1
+                    log.info("removed a damaged pack of the feature cache: %s", path)
+        return removed
 
 
 def view_seed(content_sha: str, view: int) -> int:
@@ -252,17 +355,26 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
     write_error: list[BaseException] = []
 
     def writer():
-        while (item := writes.get()) is not None:
-            keys, feats = item
-            for i, (key, vec) in enumerate(zip(keys, feats, strict=True)):
-                if write_error:
-                    break
+        last = False
+        while not last and (item := writes.get()) is not None:
+            keys, feats = list(item[0]), [item[1]]
+            while len(keys) < PACK_MAX:  # batches that queued up meanwhile go into the same pack
                 try:
-                    cache.put(key, vec)
-                except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                    write_error.append(e)
-                if i == 0:
-                    fault_point("bottleneck:mid_batch")  # a kill here leaves a batch half written
+                    more = writes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    last = True
+                    break
+                keys += more[0]
+                feats.append(more[1])
+            if write_error:
+                continue  # keep taking batches so the engine never blocks on a full queue
+            try:
+                cache.put_many(keys, np.concatenate(feats))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                write_error.append(e)
+            fault_point("bottleneck:written")  # a kill here leaves some packs written, the rest not
 
     def decode_batch(batch):
         out = np.empty((len(batch), image_size, image_size, 3), np.uint8)
@@ -410,9 +522,10 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
         # One run computes into a cache at a time (per shard): a second run waits, then finds
         # the first run's vectors instead of computing them again.
         with cache.lock(".lock" if num_shards == 1 else f".lock-shard{shard_index}-of-{num_shards}") as waited:
+            if waited:  # the other run's packs are new since the first look
+                cache.refresh()
+                todo = uncached(todo)
             cache.clean_leftovers()
-            if waited:
-                todo = uncached(todo)  # what the other run computed while this one waited
             if todo:
                 if source:  # only the images whose vectors are computed travel
                     source.localize([Path(job[1]).relative_to(root).as_posix() for job in todo])

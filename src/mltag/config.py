@@ -51,7 +51,8 @@ class Backbone:
 
 @dataclass(frozen=True)
 class Bottleneck:
-    batch_size: int = opt(32, "images per backbone batch")
+    batch_size: int = opt(32, "images per TF batch and per decode task (LiteRT runs one image per invoke "
+                          "whatever it is)")
     cache_dir: str = opt(".mltag-cache/bottlenecks", "the vector store, content-addressed: a folder, or an fsspec "
                          "URI (s3://, gs://); on Kubeflow an absolute path (a PVC) or URI is shared by all runs")
     num_shards: int = opt(1, "Kubeflow: bottleneck shards computed in parallel")
