@@ -105,7 +105,7 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
     """Whatever the batch split, each image's cached vector is the engine's own output for it; a
     non-finite output stops the run naming the image and its source line, and a cache that cannot
     be written is a clear error, not a hang or a traceback from the writer thread."""
-    from mltag.bottleneck import FeatureCache, compute_missing
+    from mltag.bottleneck import FeatureCache, batch_sizes, compute_missing
     from mltag.common import MltagError
     from mltag.formats import load_hashes
     from mltag.images import load_image
@@ -118,10 +118,20 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
     jobs = [(sha, str(colour_dataset / rel), f"all.lst:{i + 1}", sha, 0)
             for i, (rel, sha) in enumerate(sorted(load_hashes(tmp_path / "prep").items()))]
     cache = FeatureCache(tmp_path / "cache", resolved.backbone_id, 32)
-    assert compute_missing(jobs, cache, eng, 32, batch_size=5, progress=False) == len(jobs) == 48
+    assert batch_sizes(48, 5) == [1, 2, 4] + [5] * 8 + [1]  # the engine starts after one image's decode
+    made, kept = [], {}  # the engine made while the first batches decode; the vectors kept for the caller
+
+    def make():
+        made.append(eng)
+        return eng
+
+    assert compute_missing(jobs, cache, None, 32, batch_size=5, progress=False, make_engine=make,
+                           keep=kept) == len(jobs) == 48
+    assert made == [eng] and sorted(kept) == sorted(j[0] for j in jobs)
     expected = eng(np.stack([load_image(j[1], 32) for j in jobs]))
     got = np.stack([cache.get(j[0]) for j in jobs]).astype(np.float32)
     assert np.abs(got - expected).max() <= 1e-3  # float16 storage
+    assert all(np.array_equal(kept[j[0]], cache.get(j[0])) for j in jobs)
 
     class NaNAtSeventh:  # the engine's output for one image turns non-finite
         def __init__(self):

@@ -127,16 +127,16 @@ class FeatureCache:
         return hashlib.sha256((self.prefix + content_sha + suffix).encode()).hexdigest()
 
     def _packs(self, root) -> list[str]:
+        """The pack files under ``root`` (none when it does not exist yet)."""
         folder = root / "packs"
-        if self.remote is not None and root is self.root:
-            try:
-                return sorted(p for p in self.remote.ls(str(folder), detail=False) if p.endswith(".pack"))
-            except FileNotFoundError:
-                return []
         try:
+            if self.remote is not None and root is self.root:
+                return sorted(p for p in self.remote.ls(str(folder), detail=False) if p.endswith(".pack"))
             return sorted(e.path for e in os.scandir(folder) if e.name.endswith(".pack") and e.name[0] != ".")
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as e:
+            raise MltagError(f"cannot list the feature cache: {e.strerror or e}", str(folder)) from None
 
     def _heads(self, root, paths: list[str]) -> list[bytes | None]:
         """The start of each pack (enough for its key table); None for one that vanished meanwhile."""
