@@ -126,6 +126,30 @@ def test_cache_writes_a_batch_as_one_pack_atomically_and_trusts_only_what_checks
     assert bad.clean_leftovers() == 1 and not any((tmp_path / "packs").iterdir())
 
 
+def test_a_bucket_vector_store_is_read_pack_by_pack_not_vector_by_vector(monkeypatch):
+    import fsspec
+
+    store = f"memory://mltag-packs-{os.getpid()}"
+    cache = FeatureCache(store, "bb", 32)
+    keys = [cache.key(f"{i:064x}") for i in range(100)]
+    vecs = np.random.default_rng(0).random((100, 8)).astype(np.float32)
+    for i in range(0, 100, 25):
+        cache.put_many(keys[i: i + 25], vecs[i: i + 25])
+    fs = fsspec.filesystem("memory")
+    whole, real = [], fs.cat_file
+
+    def counting(path, start=None, end=None, **kw):
+        if start is None and end is None:
+            whole.append(path)
+        return real(path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(fs, "cat_file", counting)
+    fresh = FeatureCache(store, "bb", 32)  # another run: lists the packs, reads their key tables
+    got = np.stack([fresh.get(k) for k in keys])
+    np.testing.assert_array_equal(got, vecs.astype(np.float16))
+    assert len(whole) == len(set(whole)) == 4  # one request per pack, however many vectors it holds
+
+
 def test_sharded_bottleneck_then_gather(tmp_path, colour_dataset, fake_backbone):
     prepare(colour_dataset, tmp_path / "prep", progress=False)
     shards = []
