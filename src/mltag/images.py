@@ -158,8 +158,19 @@ def augmented_view(src: str | os.PathLike | bytes, size: int, seed: int, max_pix
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     a = np.asarray(img, dtype=np.float32)
     b, c, s = rng.uniform(0.85, 1.15, 3)
-    grey = a @ np.array([0.299, 0.587, 0.114], np.float32)
-    a = grey[..., None] + s * (a - grey[..., None])  # saturation
-    a = a.mean() + c * (a - a.mean())  # contrast
-    a = a * b  # brightness
-    return np.clip(a + 0.5, 0, 255).astype(np.uint8)
+    # In place on one float64 array: the same operations on the same values as
+    # ``grey + s * (a - grey)``, ``mean + c * (x - mean)``, ``x * b`` (float32 differences, then
+    # float64 through the float64 factors), so the pixels are bit-identical to the plain
+    # expressions (tests/test_steps.py checks it) at a sixth of their time.
+    grey = (a @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    x = (a - grey).astype(np.float64)
+    x *= s  # saturation
+    x += grey
+    mean = x.mean()
+    x -= mean  # contrast
+    x *= c
+    x += mean
+    x *= b  # brightness
+    x += 0.5
+    np.clip(x, 0, 255, out=x)
+    return x.astype(np.uint8)
