@@ -150,6 +150,31 @@ def test_a_bucket_vector_store_is_read_pack_by_pack_not_vector_by_vector(monkeyp
     assert len(whole) == len(set(whole)) == 4  # one request per pack, however many vectors it holds
 
 
+def test_imap_ordered_starts_its_window_at_the_call_and_keeps_order():
+    """compute_missing loads the engine after the call: the first decodes must already be running."""
+    import threading
+
+    from mltag.common import imap_ordered
+
+    started = threading.Semaphore(0)
+
+    def work(x):
+        started.release()
+        return x * x
+
+    it = imap_ordered(work, range(10), workers=2, ahead=3)
+    assert all(started.acquire(timeout=10) for _ in range(3))  # before any next()
+    assert list(it) == [x * x for x in range(10)]
+
+    def fails(x):
+        if x == 4:
+            raise ValueError("item 4")
+        return x
+
+    with pytest.raises(ValueError, match="item 4"):
+        list(imap_ordered(fails, range(10), workers=2, ahead=3))
+
+
 def test_sharded_bottleneck_then_gather(tmp_path, colour_dataset, fake_backbone):
     prepare(colour_dataset, tmp_path / "prep", progress=False)
     shards = []
