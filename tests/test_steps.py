@@ -113,6 +113,10 @@ def test_cache_writes_a_batch_as_one_pack_atomically_and_trusts_only_what_checks
     for k, v in zip(keys, vecs):
         np.testing.assert_array_equal(fresh.get(k), v.astype(np.float16))
     assert fresh.get(cache.key("d" * 64)) is None and fresh.rejected == 0
+    fresh.put(cache.key("d" * 64), np.full(4, 0.5))  # written after the index was read: found at once
+    np.testing.assert_array_equal(fresh.get(cache.key("d" * 64)), np.full(4, 0.5, np.float16))
+    (added,) = set((tmp_path / "packs").iterdir()) - {files[0]}
+    added.unlink()  # the checks below are about the first pack alone
     # A pack cut short (e.g. a copy that stopped) loses the entries past the cut, and only those.
     data = files[0].read_bytes()
     files[0].write_bytes(data[:-3])

@@ -87,6 +87,17 @@ def read_pack_table(head: bytes) -> tuple[int, list[tuple[str, bytes]]] | None:
                  for i in range(count)]
 
 
+def _pack_locations(root, path: str, head: bytes) -> list[tuple[str, tuple]] | None:
+    """``[(key, (root, pack, offset of its values, dim, entry checksum))...]`` for the index; None
+    unless the pack's key table checks out."""
+    table = read_pack_table(head)
+    if table is None:
+        return None
+    dim, entries = table
+    base = _HEAD.size + _ENTRY * len(entries)
+    return [(key, (root, path, base + 2 * dim * i, dim, check)) for i, (key, check) in enumerate(entries)]
+
+
 class FeatureCache:
     """A vector store: float16 vectors by key, in pack files under ``<root>/packs/``, plus read-only extra roots.
 
@@ -180,14 +191,12 @@ class FeatureCache:
                 for path, head in zip(paths, self._heads(root, paths), strict=True):
                     if head is None:
                         continue
-                    table = read_pack_table(head)
-                    if table is None:
+                    located = _pack_locations(root, path, head)
+                    if located is None:
                         self._damaged_packs.add(path)
                         continue
-                    dim, entries = table
-                    base = _HEAD.size + _ENTRY * len(entries)
-                    for i, (key, check) in enumerate(entries):
-                        index.setdefault(key, []).append((root, path, base + 2 * dim * i, dim, check))
+                    for key, loc in located:
+                        index.setdefault(key, []).append(loc)
             self._index = index
         return self._index
 
@@ -263,11 +272,8 @@ class FeatureCache:
                 tmp.unlink(missing_ok=True)
                 raise MltagError(f"cannot write the feature cache: {e.strerror or e}", path) from None
         if self._index is not None:  # read from now on, before older copies of the same keys
-            dim = vectors.reshape(len(keys), -1).shape[1]
-            base = _HEAD.size + _ENTRY * len(keys)
-            checks = read_pack_table(data[:base])[1]
-            for i, (key, check) in enumerate(checks):
-                self._index.setdefault(key, []).insert(0, (self.root, str(path), base + 2 * dim * i, dim, check))
+            for key, loc in _pack_locations(self.root, str(path), data):
+                self._index.setdefault(key, []).insert(0, loc)
 
     def lock(self, name: str):
         """A lock on this cache (one run computes into it at a time); none for a URI store,
