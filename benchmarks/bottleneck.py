@@ -186,7 +186,7 @@ def main() -> None:
         "peak_rss_mb": round(cold["peak_rss_mb"]),
         "peak_rss_mb_4x": round(big["peak_rss_mb"]),
         "step_4x_ips": round(big["computed"] / big["seconds"], 1),
-        "cpu_threads": cpu_threads(),
+        "cpu_threads": cores,
         # CPU ms per image besides the forward, and the cold step's ceiling they imply:
         # forward / (forward + decode + write), the forward costing cores / litert_forward_ips.
         "decode_ms_per_image": costs["decode_ms"],
