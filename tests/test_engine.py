@@ -99,12 +99,37 @@ def test_tflite_export_predicts_the_same_labels_on_the_demo_test_split(tmp_path,
     assert np.abs(saved.scores(images[:3], tta="mean") - lite.scores(images[:3], tta="mean")).max() <= 1e-4
 
 
-@pytest.mark.parametrize("engine", ["litert", "tf"])
+class Lanes:
+    """An engine with lanes whose runners record which lane ran each image, and can turn the
+    output for one image (recognised by its pixels) non-finite."""
+
+    def __init__(self, eng, nan_for=None):
+        self.eng, self.nan_for, self.ran = eng, nan_for, []
+
+    def lanes(self):
+        def runner(i, run):
+            def go(px):
+                out = run(px)
+                self.ran.append(i)
+                if self.nan_for is not None and np.array_equal(px[0], self.nan_for):
+                    out = out.copy()
+                    out[0, 0] = np.nan
+                return out
+            return go
+        return [runner(i, run) for i, run in enumerate(self.eng.lanes())]
+
+    def __call__(self, px):  # never used: an engine with lanes is run lane by lane
+        raise AssertionError("called on a whole batch")
+
+
+@pytest.mark.parametrize("engine", ["litert", "litert-lanes", "tf"])
 def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, tmp_path, colour_dataset,
                                                                        fake_backbone):
     """Whatever the batch split, each image's cached vector is the engine's own output for it; a
     non-finite output stops the run naming the image and its source line, and a cache that cannot
-    be written is a clear error, not a hang or a traceback from the writer thread."""
+    be written is a clear error, not a hang or a traceback from the writer thread. With lanes
+    (one single-threaded interpreter per core, as the bottleneck step runs LiteRT) each image is
+    run by one lane, whichever, and the batches still come out whole and right."""
     from mltag.bottleneck import FeatureCache, batch_sizes, compute_missing
     from mltag.common import MltagError
     from mltag.formats import load_hashes
@@ -113,8 +138,10 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
 
     prepare(colour_dataset, tmp_path / "prep", progress=False)
     resolved = bb.resolve(str(fake_backbone))
-    eng = backbone_engine(engine, resolved, 32, tmp_path / "bb")
-    assert eng.name == engine
+    eng = backbone_engine(engine.split("-")[0], resolved, 32, tmp_path / "bb")
+    assert eng.name == engine.split("-")[0]
+    if engine == "litert-lanes":  # two lanes whatever this machine's cores
+        eng = Lanes(LiteRTEngine(tflite_path(resolved, 32, tmp_path / "bb"), threads=1, parallel=2))
     jobs = [(sha, str(colour_dataset / rel), f"all.lst:{i + 1}", sha, 0)
             for i, (rel, sha) in enumerate(sorted(load_hashes(tmp_path / "prep").items()))]
     cache = FeatureCache(tmp_path / "cache", resolved.backbone_id, 32)
@@ -128,7 +155,9 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
     assert compute_missing(jobs, cache, None, 32, batch_size=5, progress=False, make_engine=make,
                            keep=kept) == len(jobs) == 48
     assert made == [eng] and sorted(kept) == sorted(j[0] for j in jobs)
-    expected = eng(np.stack([load_image(j[1], 32) for j in jobs]))
+    if engine == "litert-lanes":
+        assert len(eng.ran) == 48 and set(eng.ran) <= {0, 1}  # each image run once, by one lane
+    expected = (eng.eng if engine == "litert-lanes" else eng)(np.stack([load_image(j[1], 32) for j in jobs]))
     got = np.stack([cache.get(j[0]) for j in jobs]).astype(np.float32)
     assert np.abs(got - expected).max() <= 1e-3  # float16 storage
     assert all(np.array_equal(kept[j[0]], cache.get(j[0])) for j in jobs)
@@ -145,8 +174,9 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
             return out
 
     cache2 = FeatureCache(tmp_path / "cache2", resolved.backbone_id, 32)
+    bad = Lanes(eng.eng, nan_for=load_image(jobs[6][1], 32)) if engine == "litert-lanes" else NaNAtSeventh()
     with pytest.raises(MltagError, match="non-finite features") as e:
-        compute_missing(jobs, cache2, NaNAtSeventh(), 32, batch_size=5, progress=False)
+        compute_missing(jobs, cache2, bad, 32, batch_size=5, progress=False)
     assert jobs[6][1] in str(e.value) and jobs[6][2] in str(e.value)
     assert cache2.get(jobs[6][0]) is None
 

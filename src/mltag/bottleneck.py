@@ -346,7 +346,10 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
 
     Decoding runs in a thread pool (Pillow releases the GIL) a bounded window ahead of
     the engine, and a writer thread stores the vectors, so memory stays flat however
-    many images there are. Instead of ``engine`` (then None), ``make_engine`` may give a
+    many images there are. An engine with several ``lanes()`` (LiteRT on CPU: one
+    single-threaded interpreter per core) gets a thread per lane, each taking the next
+    decoded image (see ``_run_in_lanes``); any other engine (TF, on a GPU above all) is
+    called on whole batches. Instead of ``engine`` (then None), ``make_engine`` may give a
     function without arguments that makes one: it is called once decoding has started, so
     loading the engine overlaps the first decodes. With ``keep``, each computed float16
     vector is also put there by key (for a caller that needs them next, instead of reading
@@ -388,9 +391,28 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
             out[i] = _decode(job, image_size)
         return out
 
+    done = 0
+
+    def finish(batch, vectors):
+        """A batch's vectors are computed: check them, keep them, queue them for the writer."""
+        nonlocal done
+        with np.errstate(over="ignore"):  # beyond float16's range becomes inf: refused below
+            feats = np.asarray(vectors).astype(np.float16)  # what the cache stores
+        bad = ~np.isfinite(feats).all(axis=1)
+        if bad.any():
+            j = batch[int(np.argmax(bad))]
+            raise MltagError(f"{j[1]}: the backbone returned non-finite features (or beyond float16's range)", j[2])
+        keys = [jb[0] for jb in batch]
+        if keep is not None:
+            keep.update(zip(keys, feats))
+        writes.put((keys, feats))
+        if write_error:
+            raise write_error[0]
+        done += len(batch)
+        bar.update(len(batch))
+
     wt = threading.Thread(target=writer, name="mltag-cache-writer", daemon=True)
     wt.start()
-    done = 0
     bar = tqdm(total=len(jobs), desc="bottleneck", unit="img", disable=not progress, mininterval=1.0)
     # One task per batch keeps the per-image thread overhead small; a few batches in flight
     # keep the engine fed while memory stays flat.
@@ -402,23 +424,13 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
     try:
         if make_engine is not None:
             engine = make_engine()  # while the first batches decode
-        for batch, pixels in zip(batches, decoded):
-            fault_point("bottleneck:batch")
-            with np.errstate(over="ignore"):  # beyond float16's range becomes inf: refused below
-                feats = np.asarray(engine(pixels)).astype(np.float16)  # what the cache stores
-            bad = ~np.isfinite(feats).all(axis=1)
-            if bad.any():
-                j = batch[int(np.argmax(bad))]
-                raise MltagError(f"{j[1]}: the backbone returned non-finite features (or beyond float16's range)",
-                                 j[2])
-            keys = [jb[0] for jb in batch]
-            if keep is not None:
-                keep.update(zip(keys, feats))
-            writes.put((keys, feats))
-            if write_error:
-                raise write_error[0]
-            done += len(batch)
-            bar.update(len(batch))
+        lanes = engine.lanes() if callable(getattr(engine, "lanes", None)) else []
+        if len(lanes) > 1:
+            _run_in_lanes(zip(batches, decoded), lanes, finish)
+        else:
+            for batch, pixels in zip(batches, decoded):
+                fault_point("bottleneck:batch")
+                finish(batch, engine(pixels))
     finally:
         decoded.close()  # cancels what is queued, waits for what runs
         writes.put(None)
@@ -427,6 +439,71 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
     if write_error:
         raise write_error[0]
     return done
+
+
+def _run_in_lanes(items, lanes: list, finish) -> None:
+    """Run decoded ``(batch, pixels)`` items image by image, one thread per lane.
+
+    Each lane takes the next image whichever batch it is in, so no lane waits for another,
+    and ``finish(batch, vectors)`` runs (under the lanes' lock) as soon as a batch's last
+    image is done. Against one interpreter with a thread per core fed by the same decode
+    pool: Lite0 on the demo scenes went from 236 to 269 images/s (medians of 14
+    interleaved fresh-process runs, faster in 13), Lite2 from 129 to 146, and the process
+    used less CPU: the threads of one interpreter spin at the end of every layer while a
+    decode holds the core one of them needs.
+    """
+    lock, stop, errors = threading.Lock(), threading.Event(), []
+    items = iter(items)
+    current = {"index": -1, "pixels": None, "next": 0}
+    pending: dict[int, list] = {}  # batch index -> [its vectors so far, images left, the batch]
+
+    def take():
+        """The next image (under the lock): its batch index, its place there, its pixels; None at the end."""
+        if current["pixels"] is None or current["next"] == len(current["pixels"]):
+            item = next(items, None)  # waits for the decode; the other lanes would wait for it too
+            if item is None:
+                return None
+            fault_point("bottleneck:batch")
+            batch, pixels = item
+            current.update(index=current["index"] + 1, pixels=pixels, next=0)
+            pending[current["index"]] = [[None] * len(batch), len(batch), batch]
+        j = current["next"]
+        current["next"] += 1
+        return current["index"], j, current["pixels"][j: j + 1]
+
+    def lane(run):
+        try:
+            while not stop.is_set():
+                with lock:
+                    item = None if stop.is_set() else take()
+                if item is None:
+                    return
+                index, j, pixels = item
+                vector = run(pixels)[0]  # releases the GIL: the lanes run side by side
+                with lock:
+                    entry = pending[index]
+                    entry[0][j] = vector
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        del pending[index]
+                        finish(entry[2], np.stack(entry[0]))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=lane, args=(run,), name=f"mltag-lane{i}", daemon=True)
+               for i, run in enumerate(lanes)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    finally:  # Ctrl-C here: each lane stops after its current image
+        stop.set()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
 
 
 def hash_files(paths: list[Path], workers: int | None = None) -> list[str]:
@@ -538,7 +615,7 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str 
                 made = []
 
                 def make_engine():
-                    made.append(backbone_engine(engine, resolved, image_size, backbone_cache_dir))
+                    made.append(backbone_engine(engine, resolved, image_size, backbone_cache_dir, lanes=True))
                     return made[0]
 
                 t_compute = time.time()

@@ -14,6 +14,7 @@ A module that LiteRT cannot convert falls back to ``tf`` with one log line sayin
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -99,11 +100,15 @@ class TFEngine:
 class LiteRTEngine:
     """A ``.tflite`` model (``uint8 [B,S,S,3]`` in) run by the LiteRT interpreter with XNNPACK.
 
-    ``parallel`` interpreters of ``threads`` threads each split every batch between them
-    (one image per invoke). The default is one interpreter with a thread per core: on 2
-    cores it ran Lite0 at 242 img/s, against 163 for two single-threaded interpreters
-    splitting each batch (``benchmarks/bottleneck.py`` measures both). One image per invoke
-    measured fastest (247 img/s at batch 1, 214 at batch 32).
+    ``parallel`` interpreters of ``threads`` threads each. A call splits its batch between
+    them (one image per invoke: 247 img/s for Lite0 at batch 1, 214 at batch 32). The
+    default is one interpreter with a thread per core, the faster layout for a caller that
+    waits for each batch.
+
+    ``lanes()`` hands out one single-image runner per interpreter, for a caller that keeps
+    each busy from its own thread (the bottleneck step, with one single-threaded interpreter
+    per core): no lane ever waits for another, whereas the threads of one interpreter meet
+    at the end of every layer, so a decode that preempts one of them stalls both.
     """
 
     name = "litert"
@@ -142,6 +147,11 @@ class LiteRTEngine:
             it.invoke()  # releases the GIL: the interpreters run side by side
             out.append(it.get_tensor(self._out).copy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def lanes(self) -> list:
+        """One runner per interpreter, ``uint8 [1,S,S,3] -> float32 [1,D]``. Each must be called
+        from one thread at a time; different runners may run at once."""
+        return [functools.partial(self._run_one, i) for i in range(len(self._its))]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.asarray(pixels)
@@ -193,11 +203,13 @@ def convert_backbone(location: str, image_size: int, out: str | os.PathLike) -> 
 
 
 def backbone_engine(engine: str, backbone, image_size: int, backbone_cache: str | os.PathLike,
-                    threads: int | None = None):
+                    threads: int | None = None, *, lanes: bool = False):
     """An engine for a resolved backbone: ``litert`` (converted once, cached) or ``tf``.
 
     With ``auto`` or ``litert``, a module LiteRT cannot convert or run falls back to
-    ``tf`` with one warning line that says why.
+    ``tf`` with one warning line that says why. ``lanes`` asks LiteRT for one
+    single-threaded interpreter per core (``LiteRTEngine.lanes``) instead of one
+    interpreter with a thread per core.
     """
     chosen = resolve_engine(engine)
     if chosen == "litert":
@@ -215,7 +227,7 @@ def backbone_engine(engine: str, backbone, image_size: int, backbone_cache: str 
                         failed.parent.mkdir(parents=True, exist_ok=True)
                         failed.write_text(f"{e}\n", encoding="utf-8")
                     raise
-            eng = LiteRTEngine(path, threads)
+            eng = LiteRTEngine(path, 1, cpu_threads()) if lanes else LiteRTEngine(path, threads)
             eng(np.zeros((1, image_size, image_size, 3), np.uint8))  # fail here, not mid-run
             return eng
         except (MltagError, ValueError, RuntimeError) as e:
