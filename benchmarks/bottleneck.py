@@ -4,7 +4,8 @@ Prints a table and, with ``--json``, one JSON object as the last line:
 
 * ``tf_forward_ips`` / ``litert_forward_ips``: the bare backbone forward pass on uint8
   pixels (TF at batch 32; LiteRT one image per invoke at the better of its two layouts,
-  one interpreter on all cores or one single-threaded interpreter per core), images/s;
+  one interpreter with a thread per core, or one single-threaded interpreter per core each
+  looping in its own thread, as the step runs it), images/s;
 * ``step_cold_ips``: the whole bottleneck step (hash, decode, forward, cache writes, split
   files) on N new images with the default engine, images/s;
 * ``step_warm_seconds``: the same step again, everything cached;
@@ -91,6 +92,32 @@ def forward_ips(engine, image_size: int, batch: int, seconds: float = 5.0) -> fl
     return n / (time.perf_counter() - t)
 
 
+def lanes_forward_ips(engine, image_size: int, seconds: float = 5.0) -> float:
+    """Images/s of ``engine.lanes()``, each lane looping on one image in its own thread."""
+    import threading
+
+    import numpy as np
+
+    x = np.random.default_rng(0).integers(0, 255, (1, image_size, image_size, 3), dtype=np.uint8)
+    runs = engine.lanes()
+    for run in runs:
+        run(x)  # warm up (allocate)
+    counts = [0] * len(runs)
+    t = time.perf_counter()
+
+    def loop(i: int) -> None:
+        while time.perf_counter() - t < seconds:
+            runs[i](x)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(runs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(counts) / (time.perf_counter() - t)
+
+
 def per_image_costs(prepared: Path, size: int, cache_dir: Path, dim: int) -> dict:
     """CPU milliseconds per image of the step's work besides the forward, each measured alone on one
     thread: decode and resize (the step's own function, on the prepared images), and the cache write
@@ -156,12 +183,13 @@ def main() -> None:
             raise SystemExit("LiteRT could not convert this backbone")
         lite_file = tflite_path(bb, size, tmp / "backbones")
         # The bare forward pass at the engine's best layout: the larger of one interpreter with a
-        # thread per core (the step's default) and one single-threaded interpreter per core.
+        # thread per core and one single-threaded interpreter per core in its own thread (the
+        # step's lanes).
         cores = cpu_threads()
         os.sync()  # the generated images' write-back happens now, not inside the measurements
-        layouts = {"1x1 per core": LiteRTEngine(lite_file, threads=1, parallel=cores),
-                   f"{cores} threads x1": LiteRTEngine(lite_file, threads=cores, parallel=1)}
-        per_layout = {name: forward_ips(e, size, cores) for name, e in layouts.items()}
+        per_layout = {"1x1 per core": lanes_forward_ips(LiteRTEngine(lite_file, threads=1, parallel=cores), size),
+                      f"{cores} threads x1": forward_ips(LiteRTEngine(lite_file, threads=cores, parallel=1), size,
+                                                         cores)}
         litert_ips = max(per_layout.values())
         tf_ips = forward_ips(TFEngine(bb.location), size, 32)
         dim = int(lite(np.zeros((1, size, size, 3), np.uint8)).shape[1])

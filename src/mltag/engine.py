@@ -121,8 +121,12 @@ class LiteRTEngine:
         if threads is None and parallel is None:
             threads, parallel = cpu_threads(), 1
         threads, parallel = threads or 1, parallel or 1
+        # Several interpreters share one copy of the model in memory (13 MB less for Lite0's second
+        # than mapping the file again); each still packs its own weights for XNNPACK.
+        self._model = Path(tflite_file).read_bytes() if parallel > 1 else None
         with quiet_stderr():
-            self._its = [Interpreter(model_path=str(tflite_file), num_threads=threads) for _ in range(parallel)]
+            self._its = [Interpreter(model_content=self._model, num_threads=threads) if self._model else
+                         Interpreter(model_path=str(tflite_file), num_threads=threads) for _ in range(parallel)]
         inp = self._its[0].get_input_details()[0]
         self._in, self._out = inp["index"], self._its[0].get_output_details()[0]["index"]
         self.input_shape = tuple(int(d) for d in inp["shape"][1:])
