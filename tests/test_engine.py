@@ -141,6 +141,9 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
     eng = backbone_engine(engine.split("-")[0], resolved, 32, tmp_path / "bb")
     assert eng.name == engine.split("-")[0]
     if engine == "litert-lanes":  # two lanes whatever this machine's cores
+        from mltag.common import cpu_threads
+
+        assert len(backbone_engine("litert", resolved, 32, tmp_path / "bb", lanes=True).lanes()) == cpu_threads()
         eng = Lanes(LiteRTEngine(tflite_path(resolved, 32, tmp_path / "bb"), threads=1, parallel=2))
     jobs = [(sha, str(colour_dataset / rel), f"all.lst:{i + 1}", sha, 0)
             for i, (rel, sha) in enumerate(sorted(load_hashes(tmp_path / "prep").items()))]

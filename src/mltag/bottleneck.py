@@ -447,10 +447,10 @@ def _run_in_lanes(items, lanes: list, finish) -> None:
     Each lane takes the next image whichever batch it is in, so no lane waits for another,
     and ``finish(batch, vectors)`` runs (under the lanes' lock) as soon as a batch's last
     image is done. Against one interpreter with a thread per core fed by the same decode
-    pool: Lite0 on the demo scenes went from 236 to 269 images/s (medians of 14
-    interleaved fresh-process runs, faster in 13), Lite2 from 129 to 146, and the process
-    used less CPU: the threads of one interpreter spin at the end of every layer while a
-    decode holds the core one of them needs.
+    pool, the step with Lite0 went from 264 to 282 images/s on the demo scenes (medians of
+    12 interleaved fresh-process pairs, faster in 10) and from 242 to 276 on real flower
+    photos (6 pairs), and the process used less CPU: the threads of one interpreter spin at
+    the end of every layer while a decode holds the core one of them needs.
     """
     lock, stop, errors = threading.Lock(), threading.Event(), []
     items = iter(items)
