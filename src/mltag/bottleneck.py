@@ -453,29 +453,23 @@ def _run_in_lanes(items, lanes: list, finish) -> None:
     the end of every layer while a decode holds the core one of them needs.
     """
     lock, stop, errors = threading.Lock(), threading.Event(), []
-    items = iter(items)
-    current = {"index": -1, "pixels": None, "next": 0}
     pending: dict[int, list] = {}  # batch index -> [its vectors so far, images left, the batch]
 
-    def take():
-        """The next image (under the lock): its batch index, its place there, its pixels; None at the end."""
-        if current["pixels"] is None or current["next"] == len(current["pixels"]):
-            item = next(items, None)  # waits for the decode; the other lanes would wait for it too
-            if item is None:
-                return None
+    def images():
+        """Each image as (its batch's index, its place there, its pixels); advanced under the lock."""
+        for index, (batch, pixels) in enumerate(items):  # waits for the decode; the other lanes would too
             fault_point("bottleneck:batch")
-            batch, pixels = item
-            current.update(index=current["index"] + 1, pixels=pixels, next=0)
-            pending[current["index"]] = [[None] * len(batch), len(batch), batch]
-        j = current["next"]
-        current["next"] += 1
-        return current["index"], j, current["pixels"][j: j + 1]
+            pending[index] = [[None] * len(batch), len(batch), batch]
+            for j in range(len(batch)):
+                yield index, j, pixels[j: j + 1]
+
+    ordered = images()
 
     def lane(run):
         try:
-            while not stop.is_set():
+            while True:
                 with lock:
-                    item = None if stop.is_set() else take()
+                    item = None if stop.is_set() else next(ordered, None)
                 if item is None:
                     return
                 index, j, pixels = item
