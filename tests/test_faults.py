@@ -463,3 +463,364 @@ def test_a_model_from_another_tracking_store_logs_into_one_stand_in_run(tmp_path
     (run,) = stand_ins.values()
     assert "test_map" in run.data.metrics and "calibrated_test_micro_f1" in run.data.metrics
     assert run.data.tags["mltag.trained_in"] == f"sqlite:///{tmp_path / 'first.db'}"
+
+
+# --------------------------------------------------------------------------- the round of #23: tampered models,
+# secrets in tracking URIs, options smuggled into git, NaN, damaged hand-off files, half-states, small ones
+
+
+def _tamper_labels(model_dir: Path, new_labels: list[str]) -> None:
+    import json
+
+    meta = json.loads((model_dir / "model.json").read_text())
+    meta["labels"] = new_labels
+    (model_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (model_dir / "labels.txt").write_text("".join(f"{x}\n" for x in new_labels))
+
+
+@pytest.mark.parametrize("edit", ["cut", "reversed"])
+def test_a_hand_edited_label_list_is_never_registered_or_served(tmp_path, colour_dataset, fake_backbone, mlflow_store,
+                                                                 edit):
+    """Case 1: model.json's labels cut to the first two of three, or reversed, in a copy of the model folder."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from mltag.common import MltagError
+    from mltag.formats import write_integrity
+    from mltag.model import InferenceModel
+
+    _steps_until_register(tmp_path, colour_dataset, fake_backbone)
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "model", edited)
+    labels = ["red", "green", "blue"]
+    _tamper_labels(edited, labels[:2] if edit == "cut" else labels[::-1])
+    p = run_cli("register", "--model", str(edited), "--thresholds", str(tmp_path / "th.json"), "--prepared",
+                str(tmp_path / "prepared"), "--out", str(tmp_path / "rg.json"), "--model-name", "tampered", "--tflite",
+                "false", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"{edited / 'labels.txt'}" in p.stderr or f"{edited / 'model.json'}" in p.stderr, p.stderr
+    assert "changed after train recorded the model's content hash" in p.stderr
+    assert MlflowClient().search_model_versions("name='tampered'") == []
+    assert not (tmp_path / "rg.json").exists()
+    image = colour_dataset / "images" / "0001.jpg"
+    for cmd in (["predict", "--model", str(edited), str(image)],
+                ["evaluate", "--model", str(edited), "--bottlenecks", str(tmp_path / "bn"), "--out",
+                 str(tmp_path / "ev2"), "--metrics", str(tmp_path / "ev2.json")]):
+        p = run_cli(*cmd, cwd=tmp_path, check=False)
+        assert p.returncode == 2 and "content hash" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert str(image) + ":" not in p.stdout
+    # Someone who also rewrites the recorded hash: the output width still refuses a cut list, and
+    # register still refuses the folder, as train's run holds the hash it recorded.
+    write_integrity(edited)
+    if edit == "cut":
+        with pytest.raises(MltagError, match="outputs 3 scores but model.json lists 2 labels"):
+            InferenceModel(edited)
+    p = run_cli("register", "--model", str(edited), "--thresholds", str(tmp_path / "th.json"), "--prepared",
+                str(tmp_path / "prepared"), "--out", str(tmp_path / "rg.json"), "--model-name", "tampered", "--tflite",
+                "false", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert ("differs from the one train recorded" in p.stderr if edit == "reversed"
+            else "thresholds name label(s) the model does not score: blue" in p.stderr), p.stderr
+    assert MlflowClient().search_model_versions("name='tampered'") == []
+
+
+def test_mask_uri_keeps_scheme_host_and_path_only():
+    from mltag.tracking import mask_uri, scrub
+
+    assert mask_uri("http://user:pw@127.0.0.1:5000/mlflow?token=abc#x") == "http://127.0.0.1:5000/mlflow"
+    assert mask_uri("https://tok@[::1]:443/") == "https://[::1]:443/"
+    assert mask_uri("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
+    assert mask_uri("databricks") == "databricks"
+    uri = "http://alice:p%40ss@h:1/x?token=abc"
+    assert scrub(f"GET {uri}/health failed for alice with p@ss and abc", uri) == \
+        "GET http://h:1/x/health failed for *** with *** and ***"
+
+
+@pytest.mark.slow
+def test_a_tracking_uri_with_credentials_works_and_the_secret_goes_nowhere(tmp_path, colour_dataset, fake_backbone):
+    """Case 2: a live server behind http://user:password@...: every step runs, and the user name and the
+    password appear in no output, no file, no MLflow tag, param or log, and not in the server's own store."""
+    from mlflow import MlflowClient
+
+    from conftest import reset_mlflow_uris
+
+    user, secret = "alice-9f3k", "S3cretPw-x7Qz"
+    port = free_port()
+    server = start_server(tmp_path / "srv", port)
+    uri = f"http://{user}:{secret}@127.0.0.1:{port}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    outputs = []
+    try:
+        for args in (
+                ["prepare", "--input", str(colour_dataset), "--out", str(tmp_path / "prepared")],
+                ["bottleneck", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "bn"), "--handle",
+                 str(fake_backbone), "--cache-dir", str(tmp_path / "cache")],
+                ["train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "model"), "--learning-rate",
+                 "0.05", "-v"],
+                ["evaluate", "--model", str(tmp_path / "model"), "--bottlenecks", str(tmp_path / "bn"), "--prepared",
+                 str(tmp_path / "prepared"), "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "ev.json"),
+                 "--bootstrap", "20"],
+                ["calibrate", "--evaluation", str(tmp_path / "eval"), "--model", str(tmp_path / "model"),
+                 "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "th.json"), "--metrics",
+                 str(tmp_path / "ca.json")]):
+            p = run_cli(*args, cwd=tmp_path, env=env)
+            outputs += [p.stdout, p.stderr]
+        p = _register_cli(tmp_path, "secret", env=env, check=True)
+        outputs += [p.stdout, p.stderr]
+        # A model trained against another store: the stand-in run's tag and warning line hold the masked URI.
+        local = f"sqlite:///{tmp_path / 'other.db'}"
+        p = run_cli("calibrate", "--evaluation", str(tmp_path / "eval"), "--model", str(tmp_path / "model"),
+                    "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "th2.json"), "--metrics",
+                    str(tmp_path / "ca2.json"), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": local})
+        outputs += [p.stdout, p.stderr]
+        assert f"trained against http://127.0.0.1:{port}" in p.stderr, p.stderr
+        # The server stopped: the error names the server, not the credentials.
+        stop(server)
+        p = _register_cli(tmp_path, "secret", env=env)
+        outputs += [p.stdout, p.stderr]
+        assert p.returncode == 2 and f"http://127.0.0.1:{port}" in p.stderr, p.stderr[-2000:]
+        server = start_server(tmp_path / "srv", port)
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        try:
+            client = MlflowClient(uri)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            stored = [str(r.data.tags) + str(r.data.params) for r in runs]
+            stored += [str(v.tags) for v in client.search_model_versions("name='secret'")]
+            for r in runs:
+                for a in client.list_artifacts(r.info.run_id):
+                    stored.append(a.path)
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+            reset_mlflow_uris()
+        client_local = MlflowClient(local)
+        stand_in = client_local.search_runs([e.experiment_id for e in client_local.search_experiments()])
+        assert stand_in and stand_in[0].data.tags["mltag.trained_in"] == f"http://127.0.0.1:{port}"
+        stored += [str(r.data.tags) for r in stand_in]
+    finally:
+        stop(server)
+    assert len(runs) >= 1 and stored
+    for text in outputs + stored:
+        assert secret not in text and user not in text, text[-3000:]
+    for f in tmp_path.rglob("*"):  # every file: run.json, register.json, the server's database and logs...
+        if f.is_file():
+            data = f.read_bytes()
+            assert secret.encode() not in data and user.encode() not in data, f
+
+
+@pytest.mark.parametrize("value", ["--version", "--get-url", "-u/tmp/x"])
+def test_a_data_repo_or_revision_that_looks_like_an_option_is_refused(tmp_path, value):
+    """Case 3: git never sees a user's value as one of its options."""
+    from mltag.common import MltagError
+    from mltag.fetch import ImageSource, fetch_dataset, resolve_version
+
+    with pytest.raises(MltagError, match="starts with '-', which git would read as an option"):
+        resolve_version("d", value, "")
+    with pytest.raises(MltagError, match="starts with '-'"):
+        resolve_version("d", str(tmp_path), value)
+    with pytest.raises(MltagError, match="starts with '-'"):
+        fetch_dataset("d", value, "", tmp_path / "dest")
+    with pytest.raises(MltagError, match="starts with '-'"):
+        ImageSource("d", value)
+
+
+def test_a_data_repo_still_resolves_through_git_ls_remote(tmp_path):
+    from mltag.fetch import resolve_version
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True, env=env)
+    (repo / "f").write_text("x")
+    subprocess.run(["git", "-C", str(repo), "add", "f"], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "commit", "-qm", "x"], check=True, env=env)
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert resolve_version("d", str(repo), "main") == f"{repo}@{sha}"
+    assert resolve_version("d", str(repo), "") == f"{repo}@{sha}"
+
+
+def _rewrite_npz(f: Path, **changes) -> None:
+    with np.load(f, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    np.savez(f, **arrays)
+
+
+def test_train_refuses_non_finite_vectors_and_never_exits_0_with_a_nan_loss(tmp_path, colour_dataset, fake_backbone,
+                                                                            mlflow_store):
+    """Case 4: a NaN in the split vectors (with and without a validation split), and a diverging fit."""
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "cache",
+               progress=False)
+    bn = tmp_path / "bn"
+    clean = {s: (bn / f"{s}.npz").read_bytes() for s in ("train", "val")}
+    with np.load(bn / "train.npz") as z:
+        x = z["features"].copy()
+    x[3, 1], x[5, 0] = np.nan, np.inf
+    _rewrite_npz(bn / "train.npz", features=x)
+
+    def train_cli(*extra):
+        return run_cli("train", "--bottlenecks", str(bn), "--out", str(tmp_path / "model"), *extra, cwd=tmp_path,
+                       check=False)
+
+    p = train_cli()
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"{bn / 'train.npz'}: 2 non-finite value(s)" in p.stderr, p.stderr
+    with np.load(bn / "val.npz") as z:
+        empty = {k: z[k][:0] for k in z.files}
+    _rewrite_npz(bn / "val.npz", **empty)
+    p = train_cli()
+    assert p.returncode == 2 and "2 non-finite value(s)" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    (bn / "train.npz").write_bytes(clean["train"])
+    p = train_cli("--learning-rate", "1e38", "--epochs", "20")  # no validation split: the documented fallback
+    assert p.returncode == 2 and "training diverged" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    (bn / "val.npz").write_bytes(clean["val"])
+    p = train_cli("--learning-rate", "1e38", "--epochs", "20")
+    assert p.returncode == 2 and "training diverged" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "model").exists()
+    p = train_cli("--learning-rate", "0.05")  # the empty-val fallback itself trains (on the train loss)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["prepared/dataset.json", "bn/bottleneck.json", "model/model.json", "th.json",
+                                    "bn/train.npz", "bn/test.npz", "eval/scores.npz", "model/run.json",
+                                    "model/integrity.json"])
+def test_each_damaged_hand_off_file_is_a_clear_error_naming_it(tmp_path, colour_dataset, fake_backbone, mlflow_store,
+                                                               victim):
+    """Case 5: each hand-off file truncated in turn; every step that reads it says which file, exit 2."""
+    _steps_until_register(tmp_path, colour_dataset, fake_backbone)
+    f = tmp_path / victim
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    t = str(tmp_path)
+    readers = {
+        "prepared/dataset.json": [["register", "--model", f"{t}/model", "--thresholds", f"{t}/th.json", "--prepared",
+                                   f"{t}/prepared", "--out", f"{t}/rg.json", "--tflite", "false"]],
+        "bn/bottleneck.json": [["train", "--bottlenecks", f"{t}/bn", "--out", f"{t}/m2"]],
+        "model/model.json": [["evaluate", "--model", f"{t}/model", "--bottlenecks", f"{t}/bn", "--out", f"{t}/e2",
+                              "--metrics", f"{t}/e2.json"],
+                             ["predict", "--model", f"{t}/model", str(colour_dataset / "images" / "0001.jpg")]],
+        "th.json": [["register", "--model", f"{t}/model", "--thresholds", f"{t}/th.json", "--prepared",
+                     f"{t}/prepared", "--out", f"{t}/rg.json", "--tflite", "false"]],
+        "bn/train.npz": [["train", "--bottlenecks", f"{t}/bn", "--out", f"{t}/m2"]],
+        "bn/test.npz": [["evaluate", "--model", f"{t}/model", "--bottlenecks", f"{t}/bn", "--out", f"{t}/e2",
+                         "--metrics", f"{t}/e2.json"]],
+        "eval/scores.npz": [["calibrate", "--evaluation", f"{t}/eval", "--model", f"{t}/model", "--bottlenecks",
+                             f"{t}/bn", "--out", f"{t}/th2.json", "--metrics", f"{t}/ca2.json"]],
+        "model/run.json": [["calibrate", "--evaluation", f"{t}/eval", "--model", f"{t}/model", "--bottlenecks",
+                            f"{t}/bn", "--out", f"{t}/th2.json", "--metrics", f"{t}/ca2.json"]],
+        "model/integrity.json": [["predict", "--model", f"{t}/model", str(colour_dataset / "images" / "0001.jpg")]],
+    }
+    for cmd in readers[victim]:
+        p = run_cli(*cmd, cwd=tmp_path, check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (cmd, p.stderr[-2000:])
+        assert f"{f}" in p.stderr and "damaged" in p.stderr, (cmd, p.stderr)
+    assert not (tmp_path / "rg.json").exists() and not (tmp_path / "th2.json").exists()
+
+
+def test_every_subcommand_has_a_working_help():
+    """Case 5: `mltag evaluate --help` crashed on the '%' of '95%'."""
+    from mltag.cli import build_parser
+
+    def commands(parser, prefix=()):
+        import argparse
+
+        yield prefix
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, (*prefix, name))
+
+    found = list(commands(build_parser()))
+    assert ("evaluate",) in found and ("pipeline", "run") in found and ("backbone", "build") in found
+    for cmd in found:
+        p = run_cli(*cmd, "--help")
+        assert p.returncode == 0 and "usage: mltag" in p.stdout and not p.stderr, (cmd, p.stderr[-2000:])
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_previous_output(tmp_path, colour_dataset, fake_backbone,
+                                                                   mlflow_store):
+    """Case 5: ENOSPC on write carries no file name; the error names the output (real process, fault hook)."""
+    _steps_until_register(tmp_path, colour_dataset, fake_backbone)
+    before = (tmp_path / "ev.json").read_bytes()
+    p = run_cli("evaluate", "--model", str(tmp_path / "model"), "--bottlenecks", str(tmp_path / "bn"), "--out",
+                str(tmp_path / "eval"), "--metrics", str(tmp_path / "ev.json"), "--bootstrap", "20", cwd=tmp_path,
+                env={"MLTAG_FAULT": "write:ev.json=enospc"}, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"{tmp_path / 'ev.json'}: cannot write: No space left on device" in p.stderr, p.stderr
+    assert (tmp_path / "ev.json").read_bytes() == before
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".ev.json.")]
+
+
+@pytest.mark.slow
+def test_register_checks_its_output_before_the_registry_and_cleans_killed_scratch(tmp_path, colour_dataset,
+                                                                                  fake_backbone, mlflow_store):
+    """Case 6: an unwritable --out changes nothing in the registry; a killed register's scratch is removed."""
+    from mlflow import MlflowClient
+
+    _steps_until_register(tmp_path, colour_dataset, fake_backbone)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where register's output folder must be\n")
+    p = run_cli("register", "--model", str(tmp_path / "model"), "--thresholds", str(tmp_path / "th.json"),
+                "--prepared", str(tmp_path / "prepared"), "--out", str(blocker / "rg.json"), "--model-name", "half",
+                "--tflite", "false", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and str(blocker) in p.stderr and "nothing was registered" in p.stderr, p.stderr[-2000:]
+    assert MlflowClient().search_model_versions("name='half'") == []
+    killed = _register_cli(tmp_path, "half", env={"MLTAG_FAULT": "register:decided"})
+    assert killed.returncode == -signal.SIGKILL
+    left = [x for x in tmp_path.iterdir() if x.name.startswith(".mltag-register.")]
+    assert len(left) == 1 and left[0].is_dir() and (left[0] / "model" / "model.json").is_file()
+    _register_cli(tmp_path, "half", check=True)
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".mltag-register.")]
+    tmp_root = Path(os.environ.get("TMPDIR", "/tmp"))
+    assert not [x for x in tmp_root.glob("mltag-register-*") if x.stat().st_mtime > time.time() - 600]
+
+
+def test_a_train_killed_with_kill_9_has_its_run_ended_by_the_next_train(tmp_path, colour_dataset, fake_backbone,
+                                                                         mlflow_store):
+    """Case 6: the run a killed train left RUNNING is ended as KILLED, with a note, by the next train."""
+    from mlflow import MlflowClient
+
+    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "cache",
+               progress=False)
+    args = ("train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "model"), "--learning-rate", "0.05")
+    killed = run_cli(*args, cwd=tmp_path, env={"MLTAG_FAULT": "train:fitting"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("mltag")
+    (stale,) = client.search_runs([exp.experiment_id])
+    assert stale.info.status == "RUNNING"
+    other = run_cli(*args[:3], "--out", str(tmp_path / "other"), "--learning-rate", "0.05", cwd=tmp_path)
+    assert client.get_run(stale.info.run_id).info.status == "RUNNING", "another model's train must not end it"
+    assert "left RUNNING" not in other.stderr
+    again = run_cli(*args, cwd=tmp_path)
+    assert f"MLflow run {stale.info.run_id} was left RUNNING" in again.stderr
+    ended = client.get_run(stale.info.run_id)
+    assert ended.info.status == "KILLED" and "was gone" in ended.data.tags["mltag.note"]
+    statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id]))
+    assert statuses == ["FINISHED", "FINISHED", "KILLED"]
+
+
+def test_verbose_after_the_subcommand_and_a_dotdot_path_inside_the_root(tmp_path, colour_dataset):
+    """Case 7: `-v` is accepted after the subcommand; images/../images/x.jpg stays inside the root."""
+    p = run_cli("metrics", "-v", "--evaluate", str(tmp_path / "missing.json"), cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "Traceback" in p.stderr and "no metrics yet" in p.stderr, p.stderr[-2000:]
+    p = run_cli("metrics", "--evaluate", str(tmp_path / "missing.json"), "-q", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    lst = colour_dataset / "all.lst"
+    lines = lst.read_text().splitlines()
+    lines[0] = lines[0].replace("\timages/", "\timages/../images/./")
+    lst.write_text("\n".join(lines) + "\n")
+    r = prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    assert r["images_used"] == 48
+    listed = "".join((tmp_path / "prepared" / f"{s}.lst").read_text() for s in ("train", "val", "test"))
+    assert "\timages/0000.jpg\n" in listed and ".." not in listed
+    lines[1] = lines[1].replace("\timages/", "\timages/../../")
+    lst.write_text("\n".join(lines) + "\n")
+    from mltag.common import MltagError
+
+    with pytest.raises(MltagError, match=r"all.lst:2: image path 'images/../../0001.jpg' leads outside the image root"):
+        prepare(colour_dataset, tmp_path / "p2", progress=False)

@@ -122,7 +122,7 @@ def lst_case(tmp_path, lines, labels="red\ngreen\nblue\n"):
     (["0\t1\t0\t0\ta.jpg", "0\t0\t1\t0\tb.jpg"], r"all.lst:2: duplicate index '0' \(first on line 1\)"),
     (["0\t1\t0\ta.jpg"], r"all.lst:1: expected 3 label flags, got 2"),
     (["0\t1\t0\t-1\ta.jpg"], r"all.lst:1: label flags must be 0 or 1, got '-1'"),
-    (["0\t1\t0\t0\t../secret.jpg"], r"all.lst:1: image path '../secret.jpg' escapes the image root"),
+    (["0\t1\t0\t0\t../secret.jpg"], r"all.lst:1: image path '../secret.jpg' leads outside the image root"),
     (["0\t1\t0\t0\t/etc/passwd"], r"all.lst:1: absolute image path '/etc/passwd' is not allowed"),
     (["0 1 0 0 a.jpg"], r"all.lst:1: expected index<TAB>flags...<TAB>path"),
 ])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mltag import metrics as M
-from mltag.common import MltagError, read_labels, write_json_atomic
+from mltag.common import MltagError, write_json_atomic
 from mltag.formats import model_mode
 
 log = logging.getLogger(__name__)
@@ -147,10 +146,10 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
     Returns:
         ``(labels, scores, fold of each image)``.
     """
-    from mltag.formats import load_split, load_views
+    from mltag.formats import load_split, load_views, read_model_meta
     from mltag.train import fit_head, predict_head
 
-    meta = json.loads((Path(model_dir) / "model.json").read_text(encoding="utf-8"))
+    meta = read_model_meta(model_dir)
     hp = meta.get("head")
     if hp is None:
         raise MltagError("model.json has no head settings (trained by an older mltag); retrain, or set "
@@ -206,12 +205,15 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     if method == "min_precision" and min_precision is None:
         raise MltagError("calibrate.method=min_precision needs calibrate.min_precision")
     run_id = tracking.join_model_run(model_dir, run_id, tracking_uri)  # found (or its absence said) before any work
-    f = Path(evaluation) / "scores.npz"
-    if not f.is_file():
-        raise MltagError("scores not found; run the evaluate step first", f)
-    labels = read_labels(Path(model_dir) / "labels.txt")
-    with np.load(f, allow_pickle=False) as z:
-        s_va, y_va, s_te, y_te = z["val_scores"], z["val_labels"], z["test_scores"], z["test_labels"]
+    from mltag.formats import load_scores, read_model_meta
+
+    labels = read_model_meta(model_dir)["labels"]
+    sc = load_scores(evaluation)
+    s_va, y_va, s_te, y_te = sc["val_scores"], sc["val_labels"], sc["test_scores"], sc["test_labels"]
+    for name, a in (("val_scores", s_va), ("test_scores", s_te)):
+        if a.ndim != 2 or a.shape[1] != len(labels):
+            raise MltagError(f"{name} has {a.shape[-1] if a.ndim else 0} columns but the model has {len(labels)} "
+                             "labels; run evaluate again for this model", Path(evaluation) / "scores.npz")
     mp = min_precision if method == "min_precision" else None
     if cv_folds > 1 and method != "none" and model_mode(model_dir) == "fine_tune":
         log.info("calibrate: fine-tuned backbone: the cached vectors do not match it, so thresholds come from "

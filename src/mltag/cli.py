@@ -44,7 +44,7 @@ def step_flags(step: str) -> list[tuple[list[str], str, str]]:
         for f in section_fields(section):
             alias = "--" + next(names).replace("_", "-")
             choices = f.metadata.get("choices")
-            hlp = f.metadata["help"] + (f" ({', '.join(choices)})" if choices else "")
+            hlp = (f.metadata["help"] + (f" ({', '.join(choices)})" if choices else "")).replace("%", "%%")
             out.append(([f"--{section}.{f.name}", alias], f"{section}.{f.name}", hlp))
     return out
 
@@ -68,11 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                                          "else sqlite:///./mlflow.db)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages, and tracebacks with errors")
     from mltag import __version__
 
     p.add_argument("--version", action="version", version=f"mltag {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    # -q and -v also after a subcommand (`mltag train -v`); SUPPRESS keeps a flag given before it.
+    anywhere = argparse.ArgumentParser(add_help=False)
+    anywhere.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    anywhere.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = _Subparsers(p.add_subparsers(dest="command", required=True), anywhere)
     for step in STEP_PATHS:
         sp = sub.add_parser(step, help=f"run the {step} step")
         sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
@@ -128,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Subparsers:
+    """``add_subparsers()`` whose every parser, nested ones too, also takes the ``-q``/``-v`` flags."""
+
+    def __init__(self, action, parent: argparse.ArgumentParser):
+        self._action, self._parent = action, parent
+
+    def add_parser(self, name: str, **kw) -> argparse.ArgumentParser:
+        sp = self._action.add_parser(name, parents=[self._parent], **kw)
+        parent, add = self._parent, sp.add_subparsers
+
+        def add_subparsers(**skw):
+            return _Subparsers(add(**skw), parent)
+
+        sp.add_subparsers = add_subparsers
+        return sp
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported anywhere
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -145,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if type(e).__name__ != "MlflowException":
             raise  # a bug: the traceback matters
-        from mltag.tracking import tracking_uri
+        from mltag.tracking import mask_uri, scrub, tracking_uri
 
-        return _user_error(f"MLflow at {tracking_uri(args.tracking_uri)}: {str(e).splitlines()[0][:300]}",
-                           args.verbose)
+        uri = tracking_uri(args.tracking_uri)
+        return _user_error(f"MLflow at {mask_uri(uri)}: {scrub(str(e).splitlines()[0][:300], uri)}", args.verbose)
     except KeyboardInterrupt:
         print("mltag: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
@@ -267,19 +288,20 @@ def _image_root(prepared) -> Path | None:
 
 def _show_metrics(args) -> None:
     from mltag.evaluate import print_table
+    from mltag.formats import read_json
 
     f = Path(args.evaluate)
     if not f.is_file():
         raise MltagError("no metrics yet; run `dvc repro` (or the evaluate step) first", f)
-    ev = json.loads(f.read_text(encoding="utf-8"))
+    ev = read_json(f, "evaluate's metrics", "evaluate")
     print_table(ev, list(ev["per_label"]))
     if Path(args.calibrate).is_file():
-        ca = json.loads(Path(args.calibrate).read_text(encoding="utf-8"))
+        ca = read_json(args.calibrate, "calibrate's metrics", "calibrate")
         at = ca["test_at_thresholds"]
         print(f"calibrated thresholds: micro F1 {ca['test_at_0.5']['micro_f1']:.3f} at 0.5 -> {at['micro_f1']:.3f}, "
               f"macro F1 {ca['test_at_0.5']['macro_f1']:.3f} -> {at['macro_f1']:.3f}")
     if Path(args.register).is_file():
-        rg = json.loads(Path(args.register).read_text(encoding="utf-8"))
+        rg = read_json(args.register, "register's decision", "register")
         print(f"registry: {rg['model_name']} version {rg['version']} -> {', '.join(rg['aliases'])} ({rg['reason']})")
 
 
@@ -310,7 +332,9 @@ def _predict(args) -> int:
         thresholds = None
         t = folder.parent / "thresholds.json"
         if t.is_file() and not (folder / "thresholds.json").is_file():
-            thresholds = json.loads(t.read_text(encoding="utf-8"))
+            from mltag.formats import read_thresholds
+
+            thresholds = read_thresholds(t)
         try:
             results = InferenceModel(model, thresholds).predict(args.images, tta=args.tta)
         except BadImage as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -127,6 +128,9 @@ def locked(lock_path: str | os.PathLike, what: str, timeout: float = -1):
         lock.release()
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; move it into place only on success.
@@ -143,7 +147,15 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         raise MltagError(f"cannot write here: {e.strerror or e}", dest.parent) from None
     target = tmp / dest.name
     try:
-        yield target
+        try:
+            yield target
+            fault_point(f"write:{dest.name}")
+        except OSError as e:
+            # A failed write (full disk, quota, I/O error) carries no file name: name the output.
+            if e.filename is None and e.errno in _WRITE_ERRNOS:
+                raise MltagError(f"cannot write: {e.strerror or e} (free some space, or write elsewhere); "
+                                 "the previous output is untouched", dest) from None
+            raise
         with locked(lock_file_for(dest), str(dest)):
             if dest.is_dir() and not dest.is_symlink():
                 old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -289,7 +301,8 @@ def fault_point(name: str) -> None:
     """Test hook for the fault-injection suite (tests/test_faults.py).
 
     ``MLTAG_FAULT=<name>`` kills this process with SIGKILL here; ``MLTAG_FAULT=<name>=sleep:S``
-    sleeps S seconds here instead (to make two runs overlap). Unset, it costs one lookup.
+    sleeps S seconds here instead (to make two runs overlap); ``MLTAG_FAULT=<name>=enospc``
+    raises the error a full disk gives a write (no file name). Unset, it costs one lookup.
     """
     spec = os.environ.get("MLTAG_FAULT")
     if not spec or not spec.startswith(name):
@@ -298,6 +311,8 @@ def fault_point(name: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+    elif spec == f"{name}=enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     elif spec.startswith(f"{name}=sleep:"):
         time.sleep(float(spec.rsplit(":", 1)[1]))
 

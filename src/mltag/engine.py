@@ -128,7 +128,9 @@ class LiteRTEngine:
             self._its = [Interpreter(model_content=self._model, num_threads=threads) if self._model else
                          Interpreter(model_path=str(tflite_file), num_threads=threads) for _ in range(parallel)]
         inp = self._its[0].get_input_details()[0]
-        self._in, self._out = inp["index"], self._its[0].get_output_details()[0]["index"]
+        out = self._its[0].get_output_details()[0]
+        self._in, self._out = inp["index"], out["index"]
+        self.output_width = int(out["shape"][-1])  # what a loader checks the label list against
         self.input_shape = tuple(int(d) for d in inp["shape"][1:])
         self.input_dtype = inp["dtype"]
         self._batch = [None] * parallel

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from mltag import metrics as M
-from mltag.common import MltagError, atomic_path, read_labels, write_json_atomic
-from mltag.formats import load_split, model_mode
+from mltag.common import MltagError, atomic_path, write_json_atomic
+from mltag.formats import load_split, model_mode, read_model_meta, write_scores
 from mltag.reports import data_uri, figure_png, render
 from mltag.train import head_scores
 
@@ -96,11 +96,14 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
 
     from mltag import tracking
 
-    labels = read_labels(Path(model_dir) / "labels.txt")
+    labels = read_model_meta(model_dir)["labels"]
     run_id = tracking.join_model_run(model_dir, run_id, tracking_uri)  # found (or its absence said) before any work
     x_va, y_va, p_va = load_split(bottlenecks, "val")
     x_te, y_te, p_te = load_split(bottlenecks, "test")
     _, y_tr, _ = load_split(bottlenecks, "train")
+    if y_te.shape[1] != len(labels):
+        raise MltagError(f"the model scores {len(labels)} labels but the bottlenecks hold {y_te.shape[1]}; "
+                         "train the model on these bottlenecks", Path(model_dir) / "model.json")
     fine_tuned = model_mode(model_dir) == "fine_tune"
     if fine_tuned or tta != "none":
         # Augmented views are new pixels, and a fine-tuned backbone no longer produces the
@@ -125,8 +128,8 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     out = Path(out)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        np.savez(tmp / "scores.npz", val_scores=s_va, val_labels=y_va, val_paths=p_va,
-                 test_scores=s_te, test_labels=y_te, test_paths=p_te)
+        write_scores(tmp / "scores.npz", val_scores=s_va, val_labels=y_va, val_paths=p_va,
+                     test_scores=s_te, test_labels=y_te, test_paths=p_te)
         (tmp / "pr_curves.png").write_bytes(png)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         root = Path(images) if images else None

@@ -30,6 +30,8 @@ def fetch_dataset(data: str, repo: str = "", rev: str = "", dest: str | os.PathL
         rev: the commit of ``repo`` to read (``resolve_version`` gives it); empty: the default branch.
     """
     dest = Path(dest)
+    check_git_value(repo, "data repo")
+    check_git_value(rev, "data revision")
     if dest.exists():
         shutil.rmtree(dest)
     if repo:
@@ -58,8 +60,8 @@ def git_rev(path: str) -> str | None:
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     try:
-        rev = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        rev = subprocess.run(["git", "-C", str(folder.absolute()), "rev-parse", "--verify", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return rev.stdout.strip() or None if rev.returncode == 0 else None
@@ -117,13 +119,23 @@ def _object_version(info: dict) -> str:
     return ""
 
 
+def check_git_value(value: str, what: str) -> None:
+    """Refuse a user value that git (or DVC's git) could read as an option: ``--upload-pack=...``."""
+    if value.startswith("-"):
+        raise MltagError(f"{what} {value!r} starts with '-', which git would read as an option; give a URL, a "
+                         f"path (./{value} for a folder of that name) or a revision name")
+
+
 def _commit_of(repo: str, rev: str) -> str:
     """The commit ``rev`` names in ``repo`` now (``git ls-remote``; a full commit id is already one)."""
+    check_git_value(repo, "data repo")
+    check_git_value(rev, "data revision")
     if re.fullmatch(r"[0-9a-f]{40}", rev):
         return rev
     try:
         patterns = [rev, f"{rev}^{{}}"] if rev else ["HEAD"]  # ^{}: the commit an annotated tag points at
-        p = subprocess.run(["git", "ls-remote", repo, *patterns], capture_output=True, text=True, timeout=60)
+        # '--': whatever the user gave is a repository and patterns, never an option of git's
+        p = subprocess.run(["git", "ls-remote", "--", repo, *patterns], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise MltagError(f"cannot reach data repo {repo}: {e}") from None
     if p.returncode != 0:
@@ -146,6 +158,8 @@ class ImageSource:
     def __init__(self, root: str, repo: str = "", rev: str = "", scratch: str | os.PathLike | None = None):
         """``rev``: the repo's commit, or for a bucket the resolved version (its manifest hash), which
         keys the scratch folder so a changed bucket never reuses an older download."""
+        check_git_value(repo, "data repo")
+        check_git_value(rev, "data revision")
         self.root, self.repo, self.rev = root.rstrip("/"), repo, rev
         key = hashlib.sha256(f"{repo}@{rev}:{root}".encode()).hexdigest()[:16]
         self.scratch = Path(scratch or Path(os.environ.get("TMPDIR", "/tmp")) / "mltag-images" / key)

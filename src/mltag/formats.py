@@ -7,15 +7,62 @@ labels formats themselves live in ``mltag.common``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from mltag.common import Example, MltagError, read_labels, read_lst
+from mltag.common import Example, MltagError, read_labels, read_lst, sha256_file
 
 SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+def read_json(path: str | os.PathLike, what: str, written_by: str = "") -> dict | list:
+    """A hand-off JSON file, or a clear error naming it when it is missing, truncated or not JSON."""
+    path = Path(path)
+    hint = f"; run {written_by} again" if written_by else ""
+    if not path.is_file():
+        raise MltagError(f"{what} not found" + (f"; run {written_by} first" if written_by else ""), path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MltagError(f"{what} is damaged (not UTF-8 text){hint}", path) from None
+    except json.JSONDecodeError as e:
+        raise MltagError(f"{what} is damaged (invalid JSON: {e.msg}){hint}", path, e.lineno) from None
+
+
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike, what: str, written_by: str, keys: tuple[str, ...] = ()):
+    """``np.load`` of a hand-off ``.npz``: a truncated, corrupt or incomplete file is a clear error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MltagError(f"{what} not found; run {written_by} first", path)
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+        raise MltagError(f"{what} is damaged ({type(e).__name__}); run {written_by} again", path) from None
+    with z:
+        missing = [k for k in keys if k not in z.files]
+        if missing:
+            raise MltagError(f"{what} is damaged (no {', '.join(missing)}); run {written_by} again", path)
+        try:
+            yield z
+        except (zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError) as e:  # a member read past the damage
+            raise MltagError(f"{what} is damaged ({type(e).__name__}); run {written_by} again", path) from None
+
+
+def check_finite(values: np.ndarray, path: str | os.PathLike, what: str, fix: str) -> None:
+    """Refuse NaN or infinite values: a model trained or scored on them is silently wrong."""
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise MltagError(f"{bad} non-finite value(s) (NaN or inf) in the {what}; {fix}", path)
 
 
 # --------------------------------------------------------------------------- prepare's output
@@ -34,7 +81,9 @@ def image_root_of(prepared: str | os.PathLike) -> Path:
     f = prepared / "dataset.json"
     if not f.is_file():
         raise MltagError("not a prepared dataset folder (dataset.json missing); run prepare first", prepared)
-    meta = json.loads(f.read_text(encoding="utf-8"))
+    meta = read_json(f, "dataset.json", "prepare")
+    if not isinstance(meta, dict) or not isinstance(meta.get("image_root"), str):
+        raise MltagError("dataset.json is damaged (no image_root); run prepare again", f)
     return (prepared / meta["image_root"]).resolve()
 
 
@@ -67,17 +116,52 @@ def load_hashes(prepared: str | os.PathLike) -> dict[str, str] | None:
 def load_split(bottlenecks: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return ``(features float32, labels uint8, paths)`` for one split: the plain view only."""
     f = Path(bottlenecks) / f"{split}.npz"
-    if not f.is_file():
-        raise MltagError("bottleneck file not found; run the bottleneck step first", f)
-    with np.load(f, allow_pickle=False) as z:
-        return z["features"].astype(np.float32), z["labels"], z["paths"]
+    with open_npz(f, "bottleneck file", "the bottleneck step", ("features", "labels", "paths")) as z:
+        x, y, p = z["features"].astype(np.float32), z["labels"], z["paths"]
+    check_finite(x, f, f"{split} vectors", "rerun the bottleneck step (its cache never keeps such vectors)")
+    return x, y, p
 
 
 def load_views(bottlenecks: str | os.PathLike, split: str = "train") -> np.ndarray | None:
     """The augmented views ``[N, views - 1, D]`` float32 of a split, or None when there are none."""
     f = Path(bottlenecks) / f"{split}.npz"
-    with np.load(f, allow_pickle=False) as z:
-        return z["views"].astype(np.float32) if "views" in z.files else None
+    with open_npz(f, "bottleneck file", "the bottleneck step") as z:
+        if "views" not in z.files:
+            return None
+        v = z["views"].astype(np.float32)
+    check_finite(v, f, f"{split} augmented views", "rerun the bottleneck step")
+    return v
+
+
+def read_bottleneck_meta(bottlenecks: str | os.PathLike) -> dict:
+    """``bottleneck.json``: which backbone, image size and preprocessing made the split vectors."""
+    f = Path(bottlenecks) / "bottleneck.json"
+    meta = read_json(f, "bottleneck output", "the bottleneck step")
+    missing = [k for k in ("backbone_handle", "backbone_id", "image_size", "preprocessing")
+               if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise MltagError(f"bottleneck.json is damaged (no {', '.join(missing)}); rerun the bottleneck step", f)
+    return meta
+
+
+# --------------------------------------------------------------------------- evaluate's output
+
+SCORES_KEYS = ("val_scores", "val_labels", "val_paths", "test_scores", "test_labels", "test_paths")
+
+
+def write_scores(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """evaluate's ``scores.npz``: val and test scores, labels and paths (for calibrate)."""
+    np.savez(path, **{k: arrays[k] for k in SCORES_KEYS})
+
+
+def load_scores(evaluation: str | os.PathLike) -> dict[str, np.ndarray]:
+    """evaluate's ``scores.npz`` as a dict; damaged or non-finite scores are a clear error."""
+    f = Path(evaluation) / "scores.npz"
+    with open_npz(f, "scores", "the evaluate step", SCORES_KEYS) as z:
+        out = {k: z[k] for k in SCORES_KEYS}
+    for k in ("val_scores", "test_scores"):
+        check_finite(out[k], f, k.replace("_", " "), "rerun the evaluate step")
+    return out
 
 
 # --------------------------------------------------------------------------- train's output
@@ -85,7 +169,118 @@ def load_views(bottlenecks: str | os.PathLike, split: str = "train") -> np.ndarr
 
 def model_mode(model_dir: str | os.PathLike) -> str:
     """``head`` or ``fine_tune``: how the model folder was trained (older folders: head)."""
-    f = Path(model_dir) / "model.json"
+    return read_model_meta(model_dir).get("mode", "head")
+
+
+INTEGRITY_FILE = "integrity.json"
+# What a model's identity covers: its label list and settings, and every weight file. Run
+# bookkeeping (run.json, config.json, summary.json, history.json) is not the model.
+_MODEL_CONTENT = ("model.json", "labels.txt", "head.keras", "model.tflite", "model_int8.tflite", "inference")
+
+
+def _content_files(model_dir: Path) -> dict[str, str]:
+    out = {}
+    for name in _MODEL_CONTENT:
+        p = model_dir / name
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+        for f in files:
+            out[f.relative_to(model_dir).as_posix()] = sha256_file(f)
+    return out
+
+
+def _digest(files: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+
+
+def write_integrity(model_dir: str | os.PathLike) -> str:
+    """Record the content hash of a model folder (its weights, model.json and labels.txt); returns the digest."""
+    model_dir = Path(model_dir)
+    files = _content_files(model_dir)
+    digest = _digest(files)
+    (model_dir / INTEGRITY_FILE).write_text(json.dumps({"format": 1, "algorithm": "sha256", "digest": digest,
+                                                        "files": files}, indent=2) + "\n", encoding="utf-8")
+    return digest
+
+
+def verify_integrity(model_dir: str | os.PathLike) -> str:
+    """Check a model folder against the content hash train recorded; returns the digest.
+
+    A file edited, added to the model's content or removed since is an error naming it:
+    a model whose label list no longer matches its weights must never be served.
+    """
+    model_dir = Path(model_dir)
+    f = model_dir / INTEGRITY_FILE
+    if not f.is_file():
+        raise MltagError(f"no {INTEGRITY_FILE}: this model folder has no recorded content hash (trained by an "
+                         "older mltag, or copied without it); retrain it", model_dir)
+    rec = read_json(f, "the model's content hash", "train")
+    if not isinstance(rec, dict) or not isinstance(rec.get("files"), dict) or rec.get("format") != 1:
+        raise MltagError("damaged content hash record; retrain the model", f)
+    now = _content_files(model_dir)
+    for name, sha in sorted(rec["files"].items()):
+        if name not in now:
+            raise MltagError(f"model file {name} is missing (it is part of the recorded content hash)", model_dir)
+        if now[name] != sha:
+            raise MltagError("damaged or edited: this file changed after train recorded the model's content hash; "
+                             "a model whose files were edited is never loaded (retrain it, or restore the file)",
+                             model_dir / name)
+    extra = sorted(set(now) - set(rec["files"]))
+    if extra:
+        raise MltagError(f"model file {extra[0]} is not part of the recorded content hash; remove it or retrain",
+                         model_dir)
+    if _digest(rec["files"]) != rec.get("digest"):
+        raise MltagError("damaged content hash record (its digest does not match its files); retrain the model", f)
+    return rec["digest"]
+
+
+def read_model_meta(model_dir: str | os.PathLike, verify: bool = True) -> dict:
+    """A model folder's ``model.json``, checked: the content hash, and the label list against labels.txt.
+
+    The label list against the output width is checked by whatever loads the weights
+    (``check_output_width``).
+    """
+    model_dir = Path(model_dir)
+    f = model_dir / "model.json"
     if not f.is_file():
         raise MltagError("not an mltag model folder (model.json missing)", model_dir)
-    return json.loads(f.read_text(encoding="utf-8")).get("mode", "head")
+    if verify:
+        verify_integrity(model_dir)
+    meta = read_json(f, "model.json", "train")
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        raise MltagError("model.json is damaged: 'labels' must be a non-empty list of label names", f)
+    if len(set(labels)) != len(labels):
+        raise MltagError("model.json lists a label twice", f)
+    if not isinstance(meta.get("image_size"), int) or meta["image_size"] <= 0:
+        raise MltagError("model.json is damaged: 'image_size' must be a positive integer", f)
+    txt = model_dir / "labels.txt"
+    if txt.is_file() and read_labels(txt) != labels:
+        raise MltagError("model.json's labels differ from labels.txt in the same folder (an edited model); "
+                         "retrain it", f)
+    return meta
+
+
+def check_output_width(labels: list[str], width: int, model_file: str | os.PathLike) -> None:
+    """The model scores exactly one value per listed label, or it is refused naming the file."""
+    if int(width) != len(labels):
+        raise MltagError(f"the model outputs {width} scores but model.json lists {len(labels)} labels; a label "
+                         "list that does not match the weights would mislabel every image", model_file)
+
+
+# --------------------------------------------------------------------------- calibrate's output
+
+
+def read_thresholds(path: str | os.PathLike, labels: list[str] | None = None) -> dict:
+    """``thresholds.json`` from calibrate; with ``labels``, every label must have a finite threshold."""
+    th = read_json(path, "thresholds file", "calibrate")
+    t = th.get("thresholds") if isinstance(th, dict) else None
+    if not isinstance(t, dict):
+        raise MltagError("thresholds file is damaged (no 'thresholds' object); run calibrate again", path)
+    for name, v in t.items():
+        if not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise MltagError(f"thresholds file is damaged: label {name!r} has threshold {v!r}", path)
+    if labels is not None:
+        unknown = sorted(set(t) - set(labels))
+        if unknown:
+            raise MltagError(f"thresholds name label(s) the model does not score: {', '.join(unknown)}", path)
+    return th

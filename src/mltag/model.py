@@ -8,13 +8,13 @@ very function the bottleneck step used, so serving sees the pixels training saw.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from mltag.common import MltagError, imap_ordered, import_tensorflow
+from mltag.formats import check_output_width, read_model_meta, read_thresholds
 from mltag.images import load_image
 
 
@@ -96,10 +96,7 @@ class InferenceModel:
                 raise MltagError("model file not found", model_dir)
             tflite, model_dir = model_dir, model_dir.parent
             engine = "litert"
-        meta_file = model_dir / "model.json"
-        if not meta_file.is_file():
-            raise MltagError("not an mltag model folder (model.json missing)", model_dir)
-        self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        self.meta = read_model_meta(model_dir)  # the content hash and the label list, checked
         self.labels: list[str] = self.meta["labels"]
         self.image_size: int = int(self.meta["image_size"])
         if tflite is None and (model_dir / "model.tflite").is_file() and engine != "tf" \
@@ -110,16 +107,18 @@ class InferenceModel:
                              model_dir)
         if tflite is not None:
             lite = LiteRTEngine(tflite)
+            check_output_width(self.labels, lite.output_width, tflite)
             self.engine = "litert"
             self._run = lite
         else:
             tf = import_tensorflow()
 
             fn = tf.saved_model.load(str(model_dir / "inference")).signatures["serving_default"]
+            check_output_width(self.labels, fn.structured_outputs["scores"].shape[-1], model_dir / "inference")
             self.engine = "tf"
             self._run = lambda px: fn(images=tf.constant(np.ascontiguousarray(px)))["scores"].numpy()
         if thresholds is None and (model_dir / "thresholds.json").is_file():
-            thresholds = json.loads((model_dir / "thresholds.json").read_text(encoding="utf-8"))
+            thresholds = read_thresholds(model_dir / "thresholds.json", self.labels)
         self.thresholds = np.array(
             [float((thresholds or {}).get("thresholds", {}).get(lb, 0.5)) for lb in self.labels], np.float32)
 

@@ -20,8 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from mltag import metrics as M
-from mltag.common import MltagError, fault_point, write_json_atomic
-from mltag.formats import image_root_of, load_prepared
+from mltag.common import MltagError, fault_point, remove_stale_leftovers, write_json_atomic
+from mltag.formats import (
+    INTEGRITY_FILE,
+    image_root_of,
+    load_prepared,
+    read_model_meta,
+    read_thresholds,
+    verify_integrity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +48,7 @@ def pip_requirements() -> list[str]:
 
 def _bundle(model_dir: Path, thresholds_file: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
-    for name in ("inference", "model.json", "labels.txt", "model.tflite"):
+    for name in ("inference", "model.json", "labels.txt", "model.tflite", "head.keras", INTEGRITY_FILE):
         src = model_dir / name
         if src.exists():
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
@@ -58,6 +65,7 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
     micro F1 against fp32 (reported, not required to match: int8 trades accuracy for speed).
     """
     from mltag.common import quiet_stderr
+    from mltag.formats import write_integrity
     from mltag.images import load_image
     from mltag.model import InferenceModel, export_tflite
 
@@ -76,6 +84,7 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
     except MltagError as e:
         out["int8_error"] = str(e)
         return out
+    write_integrity(bundle)  # the bundle now also carries model_int8.tflite (the train folder was checked)
     int8 = InferenceModel(bundle / "model_int8.tflite").scores(test_images)
     for name, s in (("fp32", chall_scores), ("int8", int8)):
         m = M.compute(y_test, s, 0.5, labels) if len(y_test) else {"map": None, "micro_f1": None}
@@ -147,6 +156,39 @@ def gate(challenger_ap: np.ndarray, champion_ap: np.ndarray, labels: list[str], 
     return True, f"test mAP {ch:.4f} beats the champion's {cp:.4f} by more than margin {margin}"
 
 
+SCRATCH = "mltag-register"
+
+
+def _scratch(out: Path) -> Path:
+    """register's scratch folder, beside ``out``: writing there proves ``out`` writable before the
+    registry is touched, and what a killed register left there is removed (once its process is gone)."""
+    if out.is_dir():
+        raise MltagError("--out is a folder; give a file name for register's decision (JSON)", out)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise MltagError("--out is not writable; nothing was registered", out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_leftovers(out.parent, SCRATCH)
+        return Path(tempfile.mkdtemp(prefix=f".{SCRATCH}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise MltagError(f"cannot write register's output here ({e.strerror or e}); nothing was registered",
+                         out.parent) from None
+
+
+def _check_recorded_digest(client, model_dir: Path, digest: str) -> None:
+    """The folder's content hash must be the one train tagged its run with, when that run is in this store."""
+    from mltag import tracking
+
+    ref = tracking.run_ref_of(model_dir)
+    if not ref or not tracking._run_exists(client, ref["run_id"]):
+        return
+    recorded = client.get_run(ref["run_id"]).data.tags.get(tracking.MODEL_DIGEST_TAG)
+    if recorded and recorded != digest:
+        raise MltagError(f"this model folder's content hash differs from the one train recorded in MLflow run "
+                         f"{ref['run_id']} ({recorded[:12]}...): the folder was changed after training; not "
+                         "registering", model_dir)
+
+
 def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepared: str | os.PathLike,
              out: str | os.PathLike, model_name: str = "mltag", margin: float = 0.0,
              max_label_ap_drop: float = 0.05, images: str | os.PathLike | None = None,
@@ -165,9 +207,10 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     from mltag import tracking
     from mltag.pyfunc import MltagPyfunc
 
-    model_dir, thresholds = Path(model_dir), Path(thresholds)
-    if not thresholds.is_file():
-        raise MltagError("thresholds file not found; run calibrate first", thresholds)
+    model_dir, thresholds, out = Path(model_dir), Path(thresholds), Path(out)
+    digest = verify_integrity(model_dir)  # a hand-edited model folder never reaches the registry
+    model_labels = read_model_meta(model_dir, verify=False)["labels"]
+    read_thresholds(thresholds, model_labels)
     labels, test = load_prepared(prepared, "test")
     root = Path(images) if images else image_root_of(prepared)
     test_images = [root / ex.path for ex in test]
@@ -175,9 +218,13 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     uri = tracking.setup_checked(tracking_uri)
     client = MlflowClient()
     run_id = tracking.model_run(model_dir, run_id, uri)
+    _check_recorded_digest(client, model_dir, digest)
+    if labels != model_labels:
+        raise MltagError(f"the model scores labels {model_labels} but the prepared data has {labels}; train on "
+                         "this data (or register against the data it was trained on)", model_dir / "model.json")
     if run_id is None:
         mlflow.set_experiment(experiment)
-    tmp = Path(tempfile.mkdtemp(prefix="mltag-register-"))
+    tmp = _scratch(out)  # also proves --out's folder writable, before the registry is touched
     try:
         bundle = _bundle(model_dir, thresholds, tmp / "model")
         from mltag.model import InferenceModel
@@ -204,7 +251,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
         content = model_hash(model_dir, thresholds)
         existing = _version_with_hash(client, model_name, content)
         champ = _alias(client, model_name, "champion")
-        result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": uri,
+        result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": tracking.mask_uri(uri),
                   "champion_version": None, "champion_test_map": None, "content_hash": content}
         if champ is None:
             promote, reason = True, "no champion yet"

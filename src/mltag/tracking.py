@@ -25,24 +25,82 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
 PROBE_TIMEOUT_S = 5.0
 
 
+def mask_uri(uri: str) -> str:
+    """A tracking URI fit to print, log, tag or write: scheme, host, port and path only.
+
+    A user name, password, token in the query or a fragment is dropped, so nothing mltag
+    prints or stores holds a credential (``http://user:pw@h:5000/x?token=t`` -> ``http://h:5000/x``).
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable URI>"
+    if not parts.scheme or parts.scheme in ("file", "sqlite") and "@" not in parts.netloc:
+        return uri.split("?", 1)[0]
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def scrub(text: str, uri: str) -> str:
+    """``text`` with every credential of ``uri`` (user, password, query) replaced by ``***``."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return text
+    from urllib.parse import parse_qsl
+
+    secrets = [parts.password, parts.username, parts.query, parts.fragment]
+    secrets += [v for _, v in parse_qsl(parts.query)]
+    secrets += [unquote(x) for x in secrets if x]
+    if parts.username is not None or parts.query:
+        text = text.replace(uri, mask_uri(uri)).replace(uri.rstrip("/"), mask_uri(uri))
+    for secret in sorted({x for x in secrets if x}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Fail within ``timeout`` seconds when an http(s) tracking server does not answer."""
+    """Fail within about ``timeout`` seconds when an http(s) tracking server does not answer.
+
+    The probe goes through MLflow's own HTTP client and credentials (the URI's user and
+    password, ``MLFLOW_TRACKING_TOKEN``...), so every URI MLflow accepts is accepted here.
+    """
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
     from mltag.common import MltagError
 
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return  # it answered (a proxy's 401/403/404 is still a live server)
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise MltagError(f"MLflow tracking server {uri} does not answer ({reason}). Start it or point "
+        http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, backoff_factor=0,
+                     timeout=timeout, raise_on_status=False)
+    except Exception as e:  # noqa: BLE001 - connection errors come wrapped in many types
+        reason = scrub(_root_cause(e), uri)
+        raise MltagError(f"MLflow tracking server {mask_uri(uri)} does not answer ({reason}). Start it or point "
                          "MLFLOW_TRACKING_URI (or --tracking-uri) at a live one; nothing computed so far is "
                          "lost, and rerunning this step alone finishes the job") from None
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error's type and first line: 'ConnectionRefusedError: ...', not a retry summary."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    msg = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def setup_checked(explicit: str | None = None) -> str:
@@ -80,16 +138,22 @@ def setup(explicit: str | None = None) -> str:
 
 def save_run_ref(folder: str | os.PathLike, run_id: str, experiment_id: str, uri: str,
                  experiment: str = "mltag") -> None:
-    ref = {"run_id": run_id, "experiment_id": experiment_id, "experiment": experiment, "tracking_uri": uri}
+    ref = {"run_id": run_id, "experiment_id": experiment_id, "experiment": experiment, "tracking_uri": mask_uri(uri)}
     (Path(folder) / "run.json").write_text(json.dumps(ref, indent=2) + "\n", encoding="utf-8")
 
 
 def run_ref_of(model_dir: str | os.PathLike) -> dict | None:
     """What train recorded about its MLflow run in the model folder, or None."""
+    from mltag.common import MltagError
+    from mltag.formats import read_json
+
     f = Path(model_dir) / "run.json"
     if not f.is_file():
         return None
-    return json.loads(f.read_text(encoding="utf-8"))
+    ref = read_json(f, "the model's MLflow run record", "train")
+    if not isinstance(ref, dict) or not isinstance(ref.get("run_id"), str):
+        raise MltagError("the model's MLflow run record is damaged (no run_id); run train again", f)
+    return ref
 
 
 def run_id_of(model_dir: str | os.PathLike) -> str | None:
@@ -98,6 +162,7 @@ def run_id_of(model_dir: str | os.PathLike) -> str | None:
 
 
 MODEL_RUN_TAG = "mltag.model_run_id"
+MODEL_DIGEST_TAG = "mltag.model_digest"  # the content hash of the model folder train wrote
 
 
 def model_run(model_dir: str | os.PathLike, run_id: str | None, uri: str) -> str | None:
@@ -119,7 +184,7 @@ def model_run(model_dir: str | os.PathLike, run_id: str | None, uri: str) -> str
     if run_id:
         if not _run_exists(client, run_id):
             raise MltagError(
-                f"MLflow run {run_id} does not exist in the tracking store {uri}. The step that created it "
+                f"MLflow run {run_id} does not exist in the tracking store {mask_uri(uri)}. The step that created it "
                 "(train) logged to another store: give every step the same tracking URI (the tracking_uri "
                 "pipeline parameter or the mlflow-tracking secret on Kubeflow; MLFLOW_TRACKING_URI locally)")
         return run_id
@@ -134,12 +199,54 @@ def model_run(model_dir: str | os.PathLike, run_id: str | None, uri: str) -> str
         return found[0].info.run_id
     exp = mlflow.set_experiment(ref.get("experiment") or "mltag")
     run = client.create_run(exp.experiment_id, run_name=f"model-of-{ref['run_id'][:8]}", tags={
-        MODEL_RUN_TAG: ref["run_id"], "mltag.trained_in": ref.get("tracking_uri", "")})
+        MODEL_RUN_TAG: ref["run_id"], "mltag.trained_in": mask_uri(ref.get("tracking_uri", ""))})
     client.set_terminated(run.info.run_id)
     log.warning("train's MLflow run %s is not in %s (this model was trained against %s, or restored from a "
-                "DVC cache); logging into run %s instead, tagged %s", ref["run_id"], uri,
-                ref.get("tracking_uri", "another store"), run.info.run_id, MODEL_RUN_TAG)
+                "DVC cache); logging into run %s instead, tagged %s", ref["run_id"], mask_uri(uri),
+                mask_uri(ref.get("tracking_uri", "another store")), run.info.run_id, MODEL_RUN_TAG)
     return run.info.run_id
+
+
+OWNER_TAGS = ("mltag.host", "mltag.pid", "mltag.out")
+
+
+def owner_tags(out: str | os.PathLike) -> dict[str, str]:
+    """Tags that say which process on which machine writes which model folder (to find its run if it dies)."""
+    import socket
+
+    return {"mltag.host": socket.gethostname(), "mltag.pid": str(os.getpid()), "mltag.out": str(Path(out).absolute())}
+
+
+def close_stale_runs(experiment_id: str, out: str | os.PathLike) -> list[str]:
+    """End as KILLED the RUNNING runs of this model folder whose process on this machine is gone.
+
+    A train killed with kill -9 cannot end its own run; the next train of the same model
+    folder does, with a note, so the MLflow UI never shows a run that runs forever.
+    Runs of other machines are left alone: this one cannot tell whether they are alive.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mltag.common import _pid_alive
+
+    mine = owner_tags(out)
+    found = mlflow.search_runs([experiment_id], output_format="list", max_results=200,
+                               filter_string=f"attributes.status = 'RUNNING' and tags.`mltag.host` = '{mine['mltag.host']}'")
+    closed = []
+    client = MlflowClient()
+    for run in found:
+        tags = run.data.tags
+        if tags.get("mltag.out") != mine["mltag.out"] or not tags.get("mltag.pid", "").isdigit():
+            continue
+        if _pid_alive(int(tags["mltag.pid"])):
+            continue
+        client.set_tag(run.info.run_id, "mltag.note", f"ended as KILLED by a later train (pid {os.getpid()}): its "
+                       f"process {tags['mltag.pid']} on {mine['mltag.host']} was gone")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+        log.warning("train: MLflow run %s was left RUNNING by a process that is gone (pid %s); ended it as KILLED",
+                    run.info.run_id, tags["mltag.pid"])
+    return closed
 
 
 def join_model_run(model_dir: str | os.PathLike, run_id: str | None, tracking_uri: str | None) -> str | None:

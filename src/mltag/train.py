@@ -10,8 +10,24 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, import_tensorflow, read_labels, write_json_atomic, write_labels
-from mltag.formats import load_split, load_views, model_mode  # noqa: F401 - model_mode re-exported
+from mltag.common import (
+    MltagError,
+    atomic_path,
+    fault_point,
+    import_tensorflow,
+    read_labels,
+    write_json_atomic,
+    write_labels,
+)
+from mltag.formats import (  # noqa: F401 - model_mode re-exported
+    check_output_width,
+    load_split,
+    load_views,
+    model_mode,
+    read_bottleneck_meta,
+    read_model_meta,
+    write_integrity,
+)
 
 
 def build_head(dim: int, n_labels: int, hidden_units: int = 0, dropout: float = 0.2):
@@ -142,6 +158,8 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
                 v[j] = b2 * v[j] + (1 - b2) * (g * g)
                 head.weights[j] -= (lr_t * m[j] / (np.sqrt(v[j]) + eps)).astype(np.float32)
         history["loss"].append(float(np.sum(losses) / len(x_tr)))
+        if not np.isfinite(history["loss"][-1]):
+            break  # diverged: the caller refuses the model (check_converged), no validation on NaN scores
         if has_val:
             zv, _ = head.logits(np.asarray(x_va, np.float32))
             val_loss, val_map = validation_metrics(zv, y_va)
@@ -161,6 +179,18 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
     if patience > 0 and best_weights is not None:
         head.weights = best_weights
     return head, history, mon
+
+
+def check_converged(head: NumpyHead, history: dict, learning_rate: float) -> None:
+    """Never hand on a model whose loss or weights went NaN or infinite (a too-high learning rate)."""
+    for key, values in history.items():
+        bad = [i for i, v in enumerate(values) if not np.isfinite(v)]
+        if bad:
+            raise MltagError(f"training diverged: {key} is {values[bad[0]]} from epoch {bad[0] + 1}; lower "
+                             f"train.learning_rate (now {learning_rate}) and check the vectors")
+    if not all(np.isfinite(w).all() for w in head.weights):
+        raise MltagError(f"training diverged: the head's weights are not finite; lower train.learning_rate "
+                         f"(now {learning_rate})")
 
 
 def to_keras(head: NumpyHead, dropout: float):
@@ -216,10 +246,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
         raise MltagError(f"train.monitor must be val_loss or val_map, got {monitor!r}")
     if mode not in ("head", "fine_tune"):
         raise MltagError(f"train.mode must be head or fine_tune, got {mode!r}")
-    meta_file = Path(bottlenecks) / "bottleneck.json"
-    if not meta_file.is_file():
-        raise MltagError("bottleneck output not found; run the bottleneck step first", meta_file)
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    meta = read_bottleneck_meta(bottlenecks)
     for key, want in (("backbone_handle", handle), ("image_size", image_size)):
         if want and str(meta.get(key)) != str(want):  # train follows the bottlenecks; say so once
             log.warning("train: the bottlenecks in %s were computed with %s %r, not backbone.%s %r; training on "
@@ -245,16 +272,19 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
     hparams = {"learning_rate": learning_rate, "epochs": epochs, "batch_size": batch_size,
                "hidden_units": hidden_units, "dropout": dropout, "seed": seed}
     uri = tracking.setup_checked(tracking_uri)
-    mlflow.set_experiment(experiment)
+    exp = mlflow.set_experiment(experiment)
+    tracking.close_stale_runs(exp.experiment_id, out)
     t0 = time.time()
-    with mlflow.start_run() as run:
+    with mlflow.start_run(tags=tracking.owner_tags(out)) as run:
         params = tracking.flatten(config or {})
         params.update({"train.backbone_id": resolved.backbone_id, "train.n_labels": len(labels),
                        "train.n_train": len(x_tr), "train.n_train_vectors": len(x_fit), "train.n_val": len(x_va)})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.set_tags({"mltag.step": "train", "mltag.labels": ",".join(labels)})
+        fault_point("train:fitting")
         head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, patience=patience, monitor=monitor,
                                       progress=progress, **hparams)
+        check_converged(head, history, learning_rate)
         ft = None
         if mode == "fine_tune":
             net, head.weights, ft = _fine_tune(meta, images, p_tr, y_tr, p_va, y_va, head.weights, blocks=fine_tune_blocks,
@@ -327,6 +357,8 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate:
             (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             tracking.save_run_ref(tmp, run.info.run_id, run.info.experiment_id, uri, experiment)
+            digest = write_integrity(tmp)
+            mlflow.set_tag(tracking.MODEL_DIGEST_TAG, digest)
         records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(values))]
         if metrics_file:
             write_json_atomic(metrics_file, summary)
@@ -358,4 +390,8 @@ def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarra
     import_tensorflow()  # keras' TF backend: without its start-up noise
     import keras
 
-    return predict_head(keras.saving.load_model(Path(model_dir) / "head.keras", compile=False), features)
+    labels = read_model_meta(model_dir)["labels"]
+    f = Path(model_dir) / "head.keras"
+    model = keras.saving.load_model(f, compile=False)
+    check_output_width(labels, model.output_shape[-1], f)
+    return predict_head(model, features)

@@ -63,12 +63,16 @@ def record_images(dataset_dir, root: str, repo: str = "", rev: str = "") -> None
 
 def images_of(dataset_dir):
     """The image root of a dataset artifact: a local Path, or a ``fetch.ImageSource`` to download from."""
-    import json
     from pathlib import Path
 
+    from mltag.common import MltagError
     from mltag.fetch import ImageSource, is_remote
+    from mltag.formats import read_json
 
-    ref = json.loads((Path(dataset_dir) / IMAGES_FILE).read_text(encoding="utf-8"))
+    f = Path(dataset_dir) / IMAGES_FILE
+    ref = read_json(f, "the dataset's image reference", "prepare")
+    if not isinstance(ref, dict) or not {"root", "repo", "rev"} <= set(ref):
+        raise MltagError("the dataset's image reference is damaged (needs root, repo and rev); run prepare again", f)
     if ref["repo"] or is_remote(ref["root"]):
         return ImageSource(ref["root"], ref["repo"], ref["rev"])
     return Path(ref["root"])

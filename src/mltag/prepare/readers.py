@@ -48,9 +48,17 @@ def _check_rel(rel: str, root: Path, source: str) -> str:
     p = PurePosixPath(rel)
     if p.is_absolute() or rel.startswith("~") or (len(rel) > 1 and rel[1] == ":"):
         raise MltagError(f"absolute image path {rel!r} is not allowed; paths are relative to {root}", path, int(line))
-    parts = [x for x in p.parts if x not in ("", ".")]
-    if ".." in parts:
-        raise MltagError(f"image path {rel!r} escapes the image root {root}", path, int(line))
+    parts: list[str] = []
+    for x in p.parts:  # '..' is resolved by name: images/../images/x.jpg is images/x.jpg
+        if x == "..":
+            if not parts:
+                raise MltagError(f"image path {rel!r} leads outside the image root {root}: its '..' climbs above "
+                                 "the folder the paths are relative to; give paths inside it", path, int(line))
+            parts.pop()
+        elif x not in ("", "."):
+            parts.append(x)
+    if not parts:
+        raise MltagError(f"image path {rel!r} names the image root itself, not an image", path, int(line))
     return "/".join(parts)
 
 
