@@ -18,6 +18,21 @@ from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def pytest_configure(config):
+    """Built-in backbones are built once per test session: one per-user-style cache for every test and
+    every process they start (not the real ~/.cache, which a test run must not depend on or fill)."""
+    import tempfile
+
+    os.environ["MLTAG_BACKBONE_CACHE"] = tempfile.mkdtemp(prefix="mltag-test-backbones-")
+    os.environ.pop("XDG_CACHE_HOME", None)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(os.environ.get("MLTAG_BACKBONE_CACHE", "/nonexistent"), ignore_errors=True)
+
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue"]
 

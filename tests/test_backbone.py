@@ -6,6 +6,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +18,8 @@ from mltag.torch_weights import load_legacy_state_dict
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bb") / "lite0"
-    bb.build_builtin("efficientnet_lite0", out)
-    return out
+def built():
+    return Path(bb.resolve("builtin:efficientnet_lite0").location)  # built once per test session (conftest)
 
 
 def test_state_dict_layout():
@@ -124,3 +123,48 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     g.write_bytes(b"not a pickle")
     with pytest.raises(MltagError, match="not a legacy torch state dict"):
         load_legacy_state_dict(g)
+
+
+@pytest.mark.slow
+def test_two_projects_at_once_build_a_backbone_once_in_the_per_user_cache(tmp_path):
+    """Two processes in two project folders, started together, want Lite0 and its LiteRT conversion:
+    one builds and converts into $XDG_CACHE_HOME/mltag/backbones, the other waits on the lock and
+    reuses them; a third project later builds nothing."""
+    import os
+
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+            "from mltag.backbone import resolve\nfrom mltag.engine import backbone_engine\n"
+            "b = resolve('builtin:efficientnet_lite0'); backbone_engine('litert', b, 224, '')\n"
+            "print('LOCATION', b.location)\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLTAG_BACKBONE_CACHE"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    projects = [tmp_path / f"project{i}" for i in range(3)]
+    for p in projects:
+        p.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=p, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for p in projects[:2]]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    outs.append(subprocess.run([sys.executable, "-c", code], cwd=projects[2], env=env, capture_output=True,
+                               text=True, check=True).stderr)
+    both = "".join(outs)
+    assert both.count("building built-in backbone efficientnet_lite0") == 1, both
+    assert both.count("converting backbone builtin:efficientnet_lite0 to LiteRT") == 1, both
+    cache = tmp_path / "xdg" / "mltag" / "backbones"
+    built = [d for d in cache.iterdir() if d.name.startswith("efficientnet_lite0-")]
+    assert len(built) == 1 and (built[0] / "saved_model.pb").is_file()
+    assert len(list((cache / "litert").glob("*.tflite"))) == 1
+    assert not [p for p in projects if any(p.iterdir())], "nothing is written into the project folders"
+    assert not [x for x in cache.rglob(".*") if x.name.endswith(".tmp")], "no temp leftovers"
+
+
+def test_the_backbone_cache_follows_the_setting_then_the_environment_then_xdg(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLTAG_BACKBONE_CACHE", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert bb.cache_root(tmp_path / "mine") == tmp_path / "mine"
+    assert bb.cache_root("") == tmp_path / "env"
+    monkeypatch.delenv("MLTAG_BACKBONE_CACHE")
+    assert bb.cache_root("") == tmp_path / "xdg" / "mltag" / "backbones"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert bb.cache_root(None) == tmp_path / "home" / ".cache" / "mltag" / "backbones"

@@ -32,11 +32,12 @@ def assert_same_in_float16(a: np.ndarray, b: np.ndarray) -> None:
 @pytest.mark.parametrize("which", ["builtin", "fake"])
 def test_litert_matches_tf_on_real_photos(which, tmp_path, fake_backbone):
     handle = "builtin:efficientnet_lite0" if which == "builtin" else str(fake_backbone)
-    resolved = bb.resolve(handle, tmp_path / "bb")
+    cache = "" if which == "builtin" else tmp_path / "bb"  # the built-in: the session's shared cache (conftest)
+    resolved = bb.resolve(handle, cache)
     px = real_photos(224)
-    lite = backbone_engine("litert", resolved, 224, tmp_path / "bb")
+    lite = backbone_engine("litert", resolved, 224, cache)
     assert isinstance(lite, LiteRTEngine)
-    assert tflite_path(resolved, 224, tmp_path / "bb").is_file()  # converted once, kept beside the backbone
+    assert tflite_path(resolved, 224, cache).is_file()  # converted once, kept beside the backbone
     tf_out, lite_out = TFEngine(resolved.location)(px), lite(px)
     assert tf_out.shape == lite_out.shape == (5, 1280 if which == "builtin" else 6)
     assert np.abs(tf_out - lite_out).max() < 1e-4
@@ -83,9 +84,8 @@ def test_tflite_export_predicts_the_same_labels_on_the_demo_test_split(tmp_path,
     make_demo_data(tmp_path / "demo", 90)
     prepare(tmp_path / "demo", tmp_path / "prep", progress=False)
     bottleneck(tmp_path / "prep", tmp_path / "bn", "builtin:efficientnet_lite0", cache_dir=tmp_path / "c",
-               backbone_cache_dir=tmp_path / "bb", progress=False)
-    train(tmp_path / "bn", tmp_path / "model", epochs=60, patience=60, backbone_cache_dir=tmp_path / "bb",
-          progress=False)
+               progress=False)  # the test session's shared backbone cache (conftest)
+    train(tmp_path / "bn", tmp_path / "model", epochs=60, patience=60, progress=False)
     assert (tmp_path / "model" / "model.tflite").is_file()
     _, test = load_prepared(tmp_path / "prep", "test")
     images = [image_root_of(tmp_path / "prep") / ex.path for ex in test]

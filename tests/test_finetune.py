@@ -81,9 +81,9 @@ def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predic
     prepare(colour_dataset, tmp_path / "prepared", progress=False)
     images = image_root_of(tmp_path / "prepared")
     bottleneck(tmp_path / "prepared", tmp_path / "bn", handle="builtin:efficientnet_lite0", image_size=64,
-               cache_dir=tmp_path / "cache", backbone_cache_dir=tmp_path / "backbones", views=2, engine="tf",
+               cache_dir=tmp_path / "cache", views=2, engine="tf",
                progress=False)
-    s = train(tmp_path / "bn", tmp_path / "model", epochs=60, backbone_cache_dir=tmp_path / "backbones", mode="fine_tune",
+    s = train(tmp_path / "bn", tmp_path / "model", epochs=60, mode="fine_tune",
               images=images, fine_tune_blocks=2, fine_tune_epochs=3, fine_tune_learning_rate=1e-3,
               fine_tune_patience=0, progress=False)
     assert s["mode"] == "fine_tune" and s["fine_tune_epochs_run"] == 3

@@ -386,3 +386,67 @@ def test_a_bucket_dataset_resolves_to_a_manifest_and_is_read_by_reference(tmp_pa
     assert ImageSource(uri, rev=v2).scratch != ImageSource(uri, rev=v1).scratch
     with pytest.raises(MltagError, match="is a local path: read it in place"):
         fetch_dataset(str(colour_dataset), dest=tmp_path / "never")
+
+
+@pytest.mark.slow
+def test_a_local_run_prints_a_line_per_task_and_a_second_cached_run_says_so(tmp_path, fake_backbone):
+    """`mltag pipeline run --local` prints about 20 lines, not kfp.local's hundreds; with --cache a rerun
+    reuses the cached tasks (the dataset version and register always run)."""
+    from conftest import make_colour_dataset, run_cli, write_lst_dataset
+
+    data = tmp_path / "colours"
+    write_lst_dataset(data, make_colour_dataset(data, n=40))
+    args = ["pipeline", "run", "--local", "--cache", "--data", str(data), "--pipeline-root", str(tmp_path / "run"),
+            "--params", str(REPO / "params.yaml")]
+    for kv in (f"backbone.handle={fake_backbone}", f"bottleneck.cache_dir={tmp_path / 'store'}", "bottleneck.views=1",
+               "train.learning_rate=0.05", "evaluate.bootstrap=20", "register.model_name=quiet"):
+        args += ["--arg", kv]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    first = run_cli(*args, cwd=tmp_path, env=env)
+    lines = (first.stdout + first.stderr).splitlines()
+    assert len(lines) <= 20, "\n".join(lines)
+    assert "Executor input" not in first.stdout and "Warning" not in first.stderr, first.stderr
+    tasks = [ln.split() for ln in first.stdout.splitlines() if ln.startswith("  ")]
+    names = [t[0] for t in tasks]
+    assert {"prepare", "train", "evaluate", "calibrate", "register"} <= set(names), first.stdout
+    assert all(t[1] == "SUCCESS" and t[-1] == "computed" for t in tasks), first.stdout
+    assert f"{len(tasks)} tasks succeeded ({len(tasks)} computed, 0 cached)" in first.stdout
+    second = run_cli(*args, cwd=tmp_path, env=env)
+    again = {t[0]: t[-1] for t in (ln.split() for ln in second.stdout.splitlines() if ln.startswith("  "))}
+    assert again["prepare"] == again["bottleneck-shard"] == again["bottleneck"] == "cached", second.stdout
+    assert again["resolve-data"] == again["register"] == "computed", second.stdout  # never cached
+
+
+def test_task_lines_keep_each_task_apart_and_show_a_failed_tasks_log():
+    """TaskLines reads kfp.local's own banners (made by its logging_utils), per thread."""
+    import io
+    import threading
+
+    from kfp.local import logging_utils, status
+
+    from mltag.kubeflow.run import TaskLines
+
+    out = io.StringIO()
+    lines = TaskLines(out)
+
+    def task(name, ok):
+        lines.write(f"12:00:00.000 - INFO - Executing task {logging_utils.format_task_name(name)}\n")
+        for i in range(50):
+            lines.write(f"    {name} log line {i}\n")
+        st = status.Status.SUCCESS if ok else status.Status.FAILURE
+        lines.write(f"12:00:01.000 - INFO - Task {logging_utils.format_task_name(name)} finished with status "
+                    f"{logging_utils.format_status(st)}\n")
+
+    threads = [threading.Thread(target=task, args=(f"shard-{i}", i != 1)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    shown = out.getvalue().splitlines()
+    assert sorted(ln.split()[0] for ln in shown) == ["shard-0", "shard-1", "shard-2"]
+    assert {ln.split()[0]: ln.split()[1] for ln in shown}["shard-1"] == "FAILURE"
+    log = lines.failed_log(tail=5).splitlines()
+    assert log[0].startswith("--- shard-1") and log[1:] == [f"    shard-1 log line {i}" for i in range(45, 50)]
+    verbose = io.StringIO()
+    TaskLines(verbose, verbose=True).write("anything at all\n")
+    assert verbose.getvalue() == "anything at all\n"

@@ -302,6 +302,9 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
     export_inference_model(resolve(str(fake_backbone)).location, weights, 224, bad / "inference")
     export_tflite(bad / "inference", bad / "model.tflite")  # the LiteRT copy must match, or register refuses
     (bad / "run.json").unlink()  # its own run
+    from mltag.formats import write_integrity
+
+    write_integrity(bad)  # a model built by hand records its own content hash
     second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json",
                       model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05)
     assert not second["promoted"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, import_tensorflow
+from mltag.common import MltagError, atomic_path, import_tensorflow, lock_file_for, locked
 
 log = logging.getLogger(__name__)
 
@@ -337,12 +337,29 @@ def _dir_id(path: Path) -> str:
     return f"dir:{h.hexdigest()[:16]}"
 
 
-def resolve(handle: str, cache_dir: str | os.PathLike = ".mltag-cache/backbones", build: bool = True) -> Backbone:
+def cache_root(cache_dir: str | os.PathLike | None = "") -> Path:
+    """Where built backbones and their LiteRT conversions live.
+
+    ``cache_dir`` (``backbone.cache_dir``) when set; else ``$MLTAG_BACKBONE_CACHE`` (the
+    Docker image's baked folder); else the per-user cache, ``$XDG_CACHE_HOME/mltag/backbones``
+    or ``~/.cache/mltag/backbones``, so every project of a user builds a backbone once, as
+    torch hub and Hugging Face do.
+    """
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("MLTAG_BACKBONE_CACHE"):
+        return Path(os.environ["MLTAG_BACKBONE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "mltag" / "backbones"
+
+
+def resolve(handle: str, cache_dir: str | os.PathLike | None = "", build: bool = True) -> Backbone:
     """Turn a ``backbone.handle`` value into a loadable location.
 
     Args:
         handle: ``builtin:NAME``, a TF Hub URL or a local SavedModel directory.
-        cache_dir: where built-in backbones are built (once) and kept.
+        cache_dir: where built-in backbones are built (once) and kept; empty: ``cache_root``'s default.
         build: build a missing built-in backbone; with False a missing one is an error.
     """
     handle = str(handle).strip()
@@ -351,12 +368,17 @@ def resolve(handle: str, cache_dir: str | os.PathLike = ".mltag-cache/backbones"
         _spec(name)
         bid = builtin_id(name)
         tag = hashlib.sha256(bid.encode()).hexdigest()[:10]
-        target = Path(cache_dir) / f"{name}-{tag}"
+        target = cache_root(cache_dir) / f"{name}-{tag}"
         if not (target / "saved_model.pb").is_file():
             if not build:
                 raise MltagError(f"built-in backbone not built yet; run: mltag backbone build {name} --out {target}")
-            log.info("building built-in backbone %s into %s (once) ...", name, target)
-            build_builtin(name, target)
+            # Two processes (two projects, two shards) may want it at once: one builds, the other
+            # waits on the lock and then finds it built. The build itself goes to a temp name first.
+            # (a lock of its own: atomic_path takes the output's lock for the final rename)
+            with locked(lock_file_for(f"{target}.build"), f"the built-in backbone {target}"):
+                if not (target / "saved_model.pb").is_file():
+                    log.info("building built-in backbone %s into %s (once) ...", name, target)
+                    build_builtin(name, target)
         return Backbone(handle, str(target), bid)
     if handle.startswith(("http://", "https://", "gs://")):
         return Backbone(handle, _resolve_url(handle), f"url:{handle}")

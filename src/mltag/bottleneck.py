@@ -508,7 +508,7 @@ def hash_files(paths: list[Path], workers: int | None = None) -> list[str]:
 
 def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, handle: str = "builtin:efficientnet_lite2",
                cache_dir: str | os.PathLike = ".mltag-cache/bottlenecks",
-               backbone_cache_dir: str | os.PathLike = ".mltag-cache/backbones", image_size: int = 0,
+               backbone_cache_dir: str | os.PathLike = "", image_size: int = 0,
                batch_size: int = 32, images: str | os.PathLike | None = None, shard_index: int = 0,
                num_shards: int = 1, extra_caches: list | None = None, progress: bool = True, *,
                engine: str = "auto", views: int = 1, metrics: str | os.PathLike | None = None,

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from mltag.common import MltagError
@@ -107,11 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("version")
     pm.add_argument("--reason", required=True)
     pm.add_argument("--user", default=None)
+    dr = sub.add_parser("doctor", help="check this machine before a long run: packages, CPU, engines and their "
+                                       "speed, GPU, tracking server, vector store, output folders, DVC")
+    dr.add_argument("--no-measure", action="store_true", help="skip the 16-image forward-rate measurement")
+    dr.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
     bb = sub.add_parser("backbone", help="backbone tools")
     bbs = bb.add_subparsers(dest="backbone_command", required=True)
     bd = bbs.add_parser("build", help="build a built-in backbone into a SavedModel folder")
     bd.add_argument("name", help="efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2")
-    bd.add_argument("--out", required=True)
+    bd.add_argument("--out", default=None, help="a SavedModel folder (default: the backbone cache, where the steps "
+                                                "look, plus its LiteRT conversion)")
     pl = sub.add_parser("pipeline", help="the Kubeflow pipeline")
     pls = pl.add_subparsers(dest="pipeline_command", required=True)
     pc = pls.add_parser("compile", help="write the compiled pipeline YAML")
@@ -126,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr2.add_argument("--data-repo", default="", help="git URL of a DVC-versioned dataset")
     pr2.add_argument("--data-rev", default="", help="revision of --data-repo")
     pr2.add_argument("--pipeline-root", default=None, help="local artifact folder for --local")
+    pr2.add_argument("--cache", action="store_true",
+                     help="--local: reuse a task's outputs when its inputs and code are unchanged (kfp.local's cache)")
     pr2.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
     pr2.add_argument("--arg", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="pipeline parameter override, e.g. train.epochs=50")
@@ -218,11 +226,30 @@ def _dispatch(args) -> int:
         from mltag.register import promote
 
         print(json.dumps(promote(args.name, args.version, args.reason, args.user, args.tracking_uri)))
+    elif cmd == "doctor":
+        from mltag.config import Params, load_params
+        from mltag.doctor import doctor
+
+        try:
+            params, problem = load_params(args.params), None
+        except MltagError as e:
+            params, problem = Params(), str(e)
+        return doctor(params, args.tracking_uri, measure=not args.no_measure, params_problem=problem)
     elif cmd == "backbone":
         from mltag.backbone import build_builtin
 
-        out = build_builtin(args.name, args.out)
-        print(f"backbone: {args.name} written to {out}")
+        if args.out is None:
+            from mltag.backbone import default_image_size, resolve
+            from mltag.config import load_params
+            from mltag.engine import backbone_engine
+
+            cache = load_params(args.params).backbone.cache_dir
+            resolved = resolve(f"builtin:{args.name}", cache)
+            backbone_engine("litert", resolved, default_image_size(args.name), cache)
+            print(f"backbone: {args.name} built in {resolved.location} (and converted for LiteRT)")
+        else:
+            out = build_builtin(args.name, args.out)
+            print(f"backbone: {args.name} written to {out}")
     elif cmd == "pipeline":
         return _pipeline(args)
     return 0
@@ -387,10 +414,17 @@ def _pipeline(args) -> int:
         raise MltagError(f"--arg expects SECTION.KEY=VALUE, got {bad[0]!r}")
     overrides = dict(a.split("=", 1) for a in args.arg)
     if args.local:
-        prun.run_local(data=args.data, data_repo=args.data_repo, data_rev=args.data_rev,
-                       pipeline_root=args.pipeline_root, tracking_uri=args.tracking_uri, overrides=overrides,
-                       params=params)
-        print(f"pipeline: local run finished; artifacts under {args.pipeline_root or 'local_outputs'}")
+        from mltag.tracking import mask_uri, tracking_uri
+
+        print(f"pipeline: running every task on this machine (kfp.local){'' if args.verbose else '; -v shows logs'}")
+        t0 = time.time()
+        _, rows = prun.run_local(data=args.data, data_repo=args.data_repo, data_rev=args.data_rev,
+                                 pipeline_root=args.pipeline_root, tracking_uri=args.tracking_uri, overrides=overrides,
+                                 params=params, verbose=args.verbose, cache=args.cache)
+        cached = sum(r[3] == "cached" for r in rows)
+        print(f"pipeline: {len(rows)} tasks succeeded ({len(rows) - cached} computed, {cached} cached) in "
+              f"{time.time() - t0:.0f} s; artifacts under {args.pipeline_root or 'local_outputs'}; MLflow at "
+              f"{mask_uri(tracking_uri(args.tracking_uri))}")
     else:
         run = prun.submit(args.host, experiment=args.experiment, data=args.data, data_repo=args.data_repo,
                           data_rev=args.data_rev, tracking_uri=args.tracking_uri, overrides=overrides, params=params)

@@ -46,7 +46,9 @@ class Backbone:
     handle: str = opt("builtin:efficientnet_lite2",
                       "builtin:efficientnet_lite0/1/2, a TF Hub URL or a local SavedModel folder")
     image_size: int = opt(0, "input size; 0: the built-in's own (224/240/260), 224 for other modules")
-    cache_dir: str = opt(".mltag-cache/backbones", "where built-in backbones are built and converted")
+    cache_dir: str = opt("", "where built-in backbones are built and converted; empty: the per-user cache "
+                         "($MLTAG_BACKBONE_CACHE, else $XDG_CACHE_HOME/mltag/backbones, else "
+                         "~/.cache/mltag/backbones)")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, cpu_threads, import_tensorflow, quiet_stderr
+from mltag.common import MltagError, atomic_path, cpu_threads, import_tensorflow, lock_file_for, locked, quiet_stderr
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,9 @@ class LiteRTEngine:
 def tflite_path(backbone, image_size: int, backbone_cache: str | os.PathLike) -> Path:
     """Where the converted backbone lives: beside the built ones, keyed like them."""
     key = hashlib.sha256(f"{backbone.backbone_id}|{image_size}|{CONVERTER_VERSION}".encode()).hexdigest()[:16]
-    return Path(backbone_cache) / "litert" / f"{key}.tflite"
+    from mltag.backbone import cache_root
+
+    return cache_root(backbone_cache) / "litert" / f"{key}.tflite"
 
 
 def convert_backbone(location: str, image_size: int, out: str | os.PathLike) -> Path:
@@ -225,14 +227,19 @@ def backbone_engine(engine: str, backbone, image_size: int, backbone_cache: str 
             if failed.is_file():  # converting again would fail again; say why once more
                 raise MltagError(failed.read_text(encoding="utf-8").strip())
             if not path.is_file():
-                log.info("converting backbone %s to LiteRT (once) -> %s", backbone.handle, path)
-                try:
-                    convert_backbone(backbone.location, image_size, path)
-                except MltagError as e:
-                    with contextlib.suppress(OSError):
-                        failed.parent.mkdir(parents=True, exist_ok=True)
-                        failed.write_text(f"{e}\n", encoding="utf-8")
-                    raise
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # one process converts (a lock of its own: atomic_path takes the file's for the rename)
+                with locked(lock_file_for(f"{path}.build"), f"the LiteRT conversion {path}"):
+                    if failed.is_file():
+                        raise MltagError(failed.read_text(encoding="utf-8").strip())
+                    if not path.is_file():
+                        log.info("converting backbone %s to LiteRT (once) -> %s", backbone.handle, path)
+                        try:
+                            convert_backbone(backbone.location, image_size, path)
+                        except MltagError as e:
+                            with contextlib.suppress(OSError):
+                                failed.write_text(f"{e}\n", encoding="utf-8")
+                            raise
             eng = LiteRTEngine(path, 1, cpu_threads()) if lanes else LiteRTEngine(path, threads)
             eng(np.zeros((1, image_size, image_size, 3), np.uint8))  # fail here, not mid-run
             return eng

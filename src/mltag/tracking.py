@@ -118,6 +118,9 @@ def setup(explicit: str | None = None) -> str:
 
     global _registry_set_here
     uri = tracking_uri(explicit)
+    if mask_uri(uri) != uri.split("?", 1)[0] or "?" in uri:
+        # MLflow prints "View run ... at: <URI>" after each run, credentials and all: not with these.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     # mlflow.set_registry_uri also exports MLFLOW_REGISTRY_URI (for subprocesses), so a value we set
     # for an earlier store must not be mistaken for the user's choice by a later call in this process.

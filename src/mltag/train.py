@@ -211,7 +211,7 @@ def predict_head(model, features: np.ndarray) -> np.ndarray:
 
 def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate: float = 1e-3, epochs: int = 200,
           batch_size: int = 32, hidden_units: int = 0, dropout: float = 0.2, patience: int = 15,
-          monitor: str = "val_loss", seed: int = 42, backbone_cache_dir: str | os.PathLike = ".mltag-cache/backbones",
+          monitor: str = "val_loss", seed: int = 42, backbone_cache_dir: str | os.PathLike = "",
           tracking_uri: str | None = None, experiment: str = "mltag", config: dict | None = None,
           progress: bool = True, metrics_file: str | os.PathLike | None = None,
           history_file: str | os.PathLike | None = None, *, mode: str = "head", images: str | os.PathLike | None = None,

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
+import re
+import threading
+import time
 from pathlib import Path
 
 from mltag.common import MltagError
@@ -59,14 +63,101 @@ def arguments(params: Params, data: str | None, data_repo: str, data_rev: str, t
     return args
 
 
+class TaskLines(io.TextIOBase):
+    """Stands in for ``sys.stdout`` while kfp.local runs: one line per finished task, not its whole log.
+
+    kfp.local prints each task's banner, executor input, streamed log and outputs (about
+    a hundred lines a task). This keeps each task's lines apart (per thread: a ParallelFor
+    runs tasks side by side), prints ``name  status  seconds  computed|cached`` when the
+    task ends, and the log of a task that failed. ``verbose`` passes everything through.
+    """
+
+    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    _START = re.compile(r"Executing task '([^']+)'")
+    _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+    _HIT = re.compile(r"Task (\S+) cache hit")
+
+    def __init__(self, out, verbose: bool = False):
+        super().__init__()
+        self.out, self.verbose = out, verbose
+        self.rows: list[tuple[str, str, float, str]] = []
+        self.logs: dict[str, list[str]] = {}
+        self._started: dict[str, float] = {}
+        self._current: dict[int, str] = {}
+        self._partial: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.verbose:
+            self.out.write(text)
+        me = threading.get_ident()
+        with self._lock:
+            buf = self._partial.get(me, "") + text
+            *lines, self._partial[me] = buf.split("\n")
+            for line in lines:
+                self._line(me, self._ANSI.sub("", line))
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def _line(self, me: int, line: str) -> None:
+        if m := self._START.search(line):
+            self._current[me] = m.group(1)
+            self._started[m.group(1)] = time.time()
+            self.logs[m.group(1)] = []
+        elif m := self._END.search(line):
+            self._row(m.group(1), m.group(2), "computed")
+        elif m := self._HIT.search(line):
+            self._row(m.group(1), "SUCCESS", "cached")
+        elif me in self._current:
+            self.logs[self._current[me]].append(line)
+
+    def _row(self, name: str, status: str, how: str) -> None:
+        seconds = max(0.0, time.time() - self._started[name]) if how == "computed" and name in self._started else 0.0
+        self.rows.append((name, status, seconds, how))
+        if not self.verbose:
+            self.out.write(f"  {name:<28} {status:<8} {seconds:7.1f} s  {how}\n")
+            self.out.flush()
+
+    def failed_log(self, tail: int = 40) -> str:
+        """The last lines of each task that did not succeed (what a user needs to see why)."""
+        bad = [name for name, status, _, _ in self.rows if status != "SUCCESS"]
+        bad += [name for name in self._current.values() if name not in {r[0] for r in self.rows}]
+        out = []
+        for name in dict.fromkeys(bad):
+            lines = [ln for ln in self.logs.get(name, []) if ln.strip()]
+            out += [f"--- {name} (last {min(tail, len(lines))} lines of its log) ---", *lines[-tail:]]
+        return "\n".join(out)
+
+
+# KFP warnings that say nothing about a local run of this pipeline, filtered by their text.
+LOCAL_NOISE = (
+    (r"You may be attemping to run a task that uses custom or non-Python base image", RuntimeWarning),
+    (r"'\.\w+\(\)' is not used by the current local runner", UserWarning),
+    (r"Task '[^']+': settings \[.*\] have no effect in the current local runner", UserWarning),
+)
+
+
 def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", pipeline_root: str | None = None,
-              tracking_uri: str | None = None, overrides: dict | None = None, params: Params | None = None):
+              tracking_uri: str | None = None, overrides: dict | None = None, params: Params | None = None,
+              verbose: bool = False, cache: bool = False):
     """Run the whole DAG on this machine with ``kfp.local.SubprocessRunner(use_venv=False)``.
 
     Every step runs in a subprocess with this Python (mltag installed), so the DAG,
-    the ParallelFor fan-out and the artifact passing are the real ones.
+    the ParallelFor fan-out and the artifact passing are the real ones. One line per
+    task is printed (``verbose``: kfp.local's whole output); ``cache`` turns on kfp.local's
+    task cache (a task with the same inputs and code is not run again).
+
+    Returns:
+        ``(pipeline outputs, [(task, status, seconds, computed|cached), ...])``.
     """
     import logging
+    import sys
+    import warnings
 
     from kfp import local
 
@@ -85,11 +176,32 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
         params = params.replace("bottleneck", cache_dir=str(Path(store).resolve()))
     uri = tracking.tracking_uri(tracking_uri)
     root = str(Path(pipeline_root or "local_outputs").resolve())
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, enable_caching=cache)
     fn = build_pipeline(params)
-    result = fn(**arguments(params, data, data_repo, data_rev, uri, overrides))
-    logging.getLogger(__name__).info("pipeline: local run finished; artifacts under %s; MLflow at %s", root, uri)
-    return result
+    lines = TaskLines(sys.stdout, verbose)
+    # kfp.local logs a cache hit outside its per-task logger: catch it at INFO while the run lasts.
+    root_logger, hit = logging.getLogger(), logging.StreamHandler(lines)
+    hit.addFilter(lambda r: "cache hit" in r.getMessage())
+    level = root_logger.level
+    with warnings.catch_warnings():
+        for message, category in LOCAL_NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        old_stdout, sys.stdout = sys.stdout, lines
+        root_logger.addHandler(hit)
+        root_logger.setLevel(min(level or logging.WARNING, logging.INFO))
+        try:
+            result = fn(**arguments(params, data, data_repo, data_rev, uri, overrides))
+        except RuntimeError as e:
+            sys.stdout = old_stdout
+            if not verbose:
+                print(lines.failed_log(), file=sys.stderr)
+            raise MltagError(f"the local pipeline run failed: {tracking.scrub(str(e), uri)}"
+                             + ("" if verbose else " (the task's log is above; -v shows every task's)")) from None
+        finally:
+            sys.stdout = old_stdout
+            root_logger.removeHandler(hit)
+            root_logger.setLevel(level)
+    return result, lines.rows
 
 
 def submit(host: str, experiment: str = "mltag", data: str = "", data_repo: str = "", data_rev: str = "",
