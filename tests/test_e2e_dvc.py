@@ -57,6 +57,10 @@ def project(tmp_path_factory):
 def test_repro_registers_a_predicting_champion(project):
     d, env, out = project
     assert stages_run(out) == ["demo-data", "prepare", "bottleneck", "train", "evaluate", "calibrate", "register"]
+    # no third-party warning or chatter lines (pkg_resources, KFP, MLflow's "Successfully registered")
+    noise = [ln for ln in out.splitlines() if re.search(r"Warning|warn\(|deprecat|Successfully registered|Created "
+                                                        r"version|View run", ln)]
+    assert not noise, noise
     ev = json.loads((d / "metrics" / "evaluate.json").read_text())
     assert ev["map"] >= 0.9, ev["map"]
     reg = json.loads((d / "metrics" / "register.json").read_text())

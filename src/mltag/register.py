@@ -8,7 +8,9 @@ than ``margin`` and no label's AP drops by more than ``max_label_ap_drop``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import getpass
+import io
 import json
 import logging
 import os
@@ -276,7 +278,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                     code_paths=[str(Path(__file__).parent)], signature=signature, input_example=example,
                     pip_requirements=pip_requirements())
                 fault_point("register:logged")
-                mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)  # tags in the same call
+                with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Successfully registered..." lines
+                    mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)  # tags in one call
             else:
                 mv = str(existing.version)
                 for k, v in tags.items():
