@@ -404,13 +404,14 @@ def test_augmented_views_are_bit_identical_to_the_plain_expressions_on_real_phot
 
 def test_out_of_fold_scores_come_from_heads_that_never_saw_the_image(tmp_path, colour_dataset, fake_backbone,
                                                                   mlflow_store):
-    from mltag.calibrate import out_of_fold_scores
+    from mltag.oof import out_of_fold_scores
 
     prepare(colour_dataset, tmp_path / "prep", progress=False)
     bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=2,
                progress=False)
     train(tmp_path / "bn", tmp_path / "model", learning_rate=0.05, epochs=80, patience=80, progress=False)
-    y, s, folds = out_of_fold_scores(tmp_path / "bn", tmp_path / "model", 4)
+    y, s, folds, paths = out_of_fold_scores(tmp_path / "bn", tmp_path / "model", 4)
+    assert len(paths) == len(y) and len(set(paths)) == len(paths)
     n = len(read_lst(tmp_path / "prep" / "train.lst")) + len(read_lst(tmp_path / "prep" / "val.lst"))
     assert y.shape == s.shape == (n, 3) and sorted(set(folds)) == [0, 1, 2, 3]
     from mltag import metrics as M

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -11,7 +10,8 @@ import numpy as np
 
 from mltag import metrics as M
 from mltag.common import MltagError, write_json_atomic
-from mltag.formats import model_mode
+from mltag.formats import model_mode, write_oof
+from mltag.oof import assign_folds, out_of_fold_scores
 
 log = logging.getLogger(__name__)
 
@@ -131,59 +131,12 @@ def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: l
     return th
 
 
-def assign_folds(names, k: int) -> np.ndarray:
-    """Fold of each item from a hash of its name (an image's path): stable when images are added."""
-    return np.array([int(hashlib.sha256(f"calibrate|{n}".encode()).hexdigest()[:8], 16) % k for n in names])
-
-
-def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathLike, k: int,
-                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scores of every train and val image from a head that never saw it (k refits, cheap on cached vectors).
-
-    Each refit uses the trained head's own settings and its best epoch count; a training
-    image's augmented views stay in its fold.
-
-    Returns:
-        ``(labels, scores, fold of each image)``.
-    """
-    from mltag.formats import load_split, load_views, read_model_meta
-    from mltag.train import fit_head, predict_head
-
-    meta = read_model_meta(model_dir)
-    hp = meta.get("head")
-    if hp is None:
-        raise MltagError("model.json has no head settings (trained by an older mltag); retrain, or set "
-                         "calibrate.cv_folds: 0", Path(model_dir) / "model.json")
-    x_tr, y_tr, p_tr = load_split(bottlenecks, "train")
-    x_va, y_va, p_va = load_split(bottlenecks, "val")
-    views = load_views(bottlenecks, "train")
-    x, y = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
-    paths = np.concatenate([p_tr, p_va])
-    if len(x) < 2 * k:
-        raise MltagError(f"calibrate.cv_folds {k} needs at least {2 * k} train+val images, got {len(x)}")
-    folds = assign_folds(paths, k)
-    scores = np.zeros(y.shape, np.float32)
-    for f in range(k):
-        fit = np.where(folds != f)[0]
-        fit_tr = fit[fit < len(x_tr)]
-        xf, yf = x[fit], y[fit]
-        if views is not None:  # only training images have views; a view stays in its image's fold
-            xf = np.concatenate([xf, views[fit_tr].reshape(-1, x.shape[1])])
-            yf = np.concatenate([yf, np.repeat(y_tr[fit_tr], views.shape[1], axis=0)])
-        model, _, _ = fit_head(xf, yf, None, None, learning_rate=hp["learning_rate"], epochs=int(hp["best_epoch"]),
-                               batch_size=hp["batch_size"], hidden_units=hp["hidden_units"], dropout=hp["dropout"],
-                               seed=int(hp["seed"]) + f)
-        scores[folds == f] = predict_head(model, x[folds == f])
-        if progress:
-            log.debug("calibrate: fold %d/%d refitted", f + 1, k)
-    return y, scores, folds
-
-
 def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
               metrics_file: str | os.PathLike, method: str = "f1", min_precision: float | None = None,
               min_positives: int = 5, tracking_uri: str | None = None, run_id: str | None = None, *,
               bottlenecks: str | os.PathLike | None = None, cv_folds: int = 5, shrink: float = 10.0,
-              min_gain: float = 0.01, progress: bool = True, config: dict | None = None) -> dict:
+              min_gain: float = 0.01, progress: bool = True, config: dict | None = None,
+              oof_out: str | os.PathLike | None = None) -> dict:
     """Fit per-label thresholds; report test metrics at 0.5 and at the thresholds.
 
     With ``cv_folds`` > 1 (and ``bottlenecks``), thresholds come from out-of-fold scores over
@@ -194,7 +147,9 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     A label keeps 0.5 unless its fitted threshold beats 0.5 by more than ``min_gain`` F1 on
     folds it was not fitted on, so calibration does not make a model worse on average.
 
-    Writes the thresholds JSON to ``out`` and the metrics to ``metrics_file``.
+    Writes the thresholds JSON to ``out`` and the metrics to ``metrics_file``; with
+    ``oof_out``, every train+val image's out-of-fold scores for review (computed with
+    ``cv_folds`` folds, or 5 when thresholds do not use them).
     """
     import mlflow
 
@@ -219,10 +174,23 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         log.info("calibrate: fine-tuned backbone: the cached vectors do not match it, so thresholds come from "
                  "the validation scores (no out-of-fold refits)")
         cv_folds = 0
+    oof = None
+    if oof_out is not None:
+        if bottlenecks is None:
+            raise MltagError("out-of-fold scores for review need the bottleneck folder (--bottlenecks)")
+        try:
+            oof = out_of_fold_scores(bottlenecks, model_dir, max(cv_folds, 2) if cv_folds > 1 else 5, progress)
+            write_oof(oof_out, oof[3], oof[0], oof[1], oof[2], labels)
+        except MltagError as e:
+            if "needs at least" not in str(e) and "no head settings" not in str(e):
+                raise
+            log.warning("calibrate: no out-of-fold scores for review: %s", e)
+            write_oof(oof_out, [], np.zeros((0, len(labels))), np.zeros((0, len(labels))), np.zeros(0), labels, str(e))
     if cv_folds > 1 and method != "none":
         if bottlenecks is None:
             raise MltagError("calibrate.cv_folds > 1 needs the bottleneck folder (--bottlenecks)")
-        y_fit, s_fit, folds = out_of_fold_scores(bottlenecks, model_dir, cv_folds, progress)
+        y_fit, s_fit, folds, _ = oof if oof is not None else out_of_fold_scores(bottlenecks, model_dir, cv_folds,
+                                                                                 progress)
         source = f"out-of-fold scores of {len(y_fit)} train+val images ({cv_folds} folds)"
     else:
         y_fit, s_fit = y_va, s_va

@@ -24,9 +24,12 @@ STEP_PATHS = {
     "evaluate": [("--model", "models/train"), ("--bottlenecks", "data/bottlenecks"), ("--prepared", "data/prepared"),
                  ("--out", "reports/evaluate"), ("--metrics", "metrics/evaluate.json"), ("--plots", None)],
     "calibrate": [("--evaluation", "reports/evaluate"), ("--model", "models/train"), ("--bottlenecks", "data/bottlenecks"),
-                  ("--out", "models/thresholds.json"), ("--metrics", "metrics/calibrate.json")],
+                  ("--out", "models/thresholds.json"), ("--metrics", "metrics/calibrate.json"),
+                  ("--oof", "reports/calibrate/oof_scores.npz")],
     "register": [("--model", "models/train"), ("--thresholds", "models/thresholds.json"),
                  ("--prepared", "data/prepared"), ("--out", "metrics/register.json"), ("--images", None)],
+    "review": [("--oof", "reports/calibrate/oof_scores.npz"), ("--prepared", "data/prepared"), ("--model", "models/train"),
+               ("--out", "reports/review"), ("--metrics", "metrics/review.json"), ("--images", None)],
 }
 
 
@@ -87,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(*flags, dest=key, default=None, metavar="VALUE", help=f"{hlp} (params: {key})")
         if step == "prepare":
             sp.add_argument("--dataset-version", default=None, help="dataset revision to record in the report")
+        if step == "review":
+            sp.add_argument("action", nargs="?", choices=["apply"],
+                            help="apply: write a corrected label file from --accept (no action: rank the issues)")
+            sp.add_argument("--accept", default=None, metavar="CSV",
+                            help="apply: the label_issues.csv rows you agree with (delete the others)")
+            sp.add_argument("--input", default=None, help="apply: the dataset (default: prepare.input)")
+            sp.add_argument("--format", dest="apply_format", default=None, help="apply: the dataset's format "
+                            "(default: prepare.format)")
+            sp.add_argument("--to", default=None, help="apply: where to write (default: beside the original)")
         if step == "bottleneck":
             sp.add_argument("--shard-index", type=int, default=None,
                             help="compute only this shard (of bottleneck.num_shards) into the cache")
@@ -261,11 +273,11 @@ def _run_step(step: str, args, progress: bool) -> int:
 
     params = _resolve(args, step)
     rt = {k: getattr(args, k) for k in _TAKES if step in _TAKES[k]}
-    if step in ("train", "evaluate", "calibrate"):
+    if step in ("train", "evaluate", "calibrate", "review"):
         rt["metrics_file"] = args.metrics
-    if step in ("train", "evaluate", "calibrate", "register"):
+    if step in ("train", "evaluate", "calibrate", "register", "review"):
         rt["tracking_uri"] = args.tracking_uri
-    if step in ("prepare", "bottleneck", "train", "calibrate"):
+    if step in ("prepare", "bottleneck", "train", "calibrate", "review"):
         rt["progress"] = progress
     if step == "demo-data":
         out = run_step(step, params, **rt)
@@ -292,7 +304,18 @@ def _run_step(step: str, args, progress: bool) -> int:
     elif step == "evaluate":
         run_step(step, params, **rt, model_dir=args.model, images=_image_root(args.prepared), plots=args.plots)
     elif step == "calibrate":
-        run_step(step, params, **rt, model_dir=args.model)
+        run_step(step, params, **rt, model_dir=args.model, oof_out=args.oof)
+    elif step == "review" and args.action == "apply":
+        from mltag.review import apply_review
+
+        if not args.accept:
+            raise MltagError("review apply needs --accept FILE (the label_issues.csv rows you agree with)")
+        target = apply_review(args.accept, args.input or params.prepare.input,
+                              args.apply_format or params.prepare.format, args.to)
+        print(f"review apply: corrected labels in {target}; set prepare.input to it (or --input) and run dvc repro")
+    elif step == "review":
+        r = run_step(step, params, **rt, model_dir=args.model, images=args.images)
+        print(f"review: {r['issues']} likely label error(s) in {r['images']} images; see {args.out}/review.html")
     elif step == "register":
         r = run_step(step, params, **rt, model_dir=args.model, images=args.images)
         verdict = "promoted to champion" if r["promoted"] else "kept as challenger"
@@ -301,7 +324,7 @@ def _run_step(step: str, args, progress: bool) -> int:
 
 
 # The path flags handed to each step function under the same keyword.
-_TAKES = {"out": tuple(STEP_PATHS), "prepared": ("bottleneck", "register"),
+_TAKES = {"out": tuple(STEP_PATHS), "prepared": ("bottleneck", "register", "review"), "oof": ("review",),
           "bottlenecks": ("train", "evaluate", "calibrate"), "metrics": ("bottleneck",),
           "evaluation": ("calibrate",), "thresholds": ("register",)}
 

@@ -99,6 +99,13 @@ class Calibrate:
 
 
 @dataclass(frozen=True)
+class Review:
+    filter_by: str = opt("prune_by_noise_rate", "cleanlab's rule for flagging an (image, label) pair",
+                         ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"))
+    thumbnails: int = opt(24, "review.html: the most likely errors shown per label")
+
+
+@dataclass(frozen=True)
 class Tracking:
     experiment: str = opt("mltag", "MLflow experiment of the training runs")
 
@@ -135,6 +142,7 @@ class Params:
     train: Train = field(default_factory=Train)
     evaluate: Evaluate = field(default_factory=Evaluate)
     calibrate: Calibrate = field(default_factory=Calibrate)
+    review: Review = field(default_factory=Review)
     tracking: Tracking = field(default_factory=Tracking)
     register: Register = field(default_factory=Register)
     pipeline: Pipeline = field(default_factory=Pipeline)
@@ -162,6 +170,7 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     "calibrate": ("calibrate",),
     "register": ("register", "tracking"),
+    "review": ("review",),
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -13,7 +12,7 @@ import numpy as np
 from mltag import metrics as M
 from mltag.common import MltagError, atomic_path, write_json_atomic
 from mltag.formats import load_split, model_mode, read_model_meta, write_scores
-from mltag.reports import data_uri, figure_png, render
+from mltag.reports import data_uri, figure_png, render, thumbnail
 from mltag.train import head_scores
 
 log = logging.getLogger(__name__)
@@ -43,23 +42,6 @@ def pr_curves_png(y: np.ndarray, s: np.ndarray, labels: list[str], title: str = 
     return figure_png(fig, dpi=100)
 
 
-def _thumb(path: Path, size: int = 96) -> str:
-    """A JPEG thumbnail as a data URI; "" when the image cannot be read."""
-    from PIL import Image
-
-    from mltag.images import ALLOWED_FORMATS, to_rgb
-
-    try:
-        with Image.open(path, formats=ALLOWED_FORMATS) as im:
-            im = to_rgb(im)
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=80)
-        return data_uri(buf.getvalue(), "image/jpeg")
-    except OSError:
-        return ""
-
-
 def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, metrics: dict, pr_png: bytes,
                       worst: int = 4) -> str:
     """HTML: headline table, PR curves, each label's confusion and its worst false positives/negatives."""
@@ -68,7 +50,7 @@ def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, 
 
     def shown(idx, j):
         return [{"path": str(paths[i]), "score": float(s[i, j]),
-                 "thumb": _thumb(image_root / str(paths[i])) if image_root else None} for i in idx]
+                 "thumb": thumbnail(image_root / str(paths[i])) if image_root else None} for i in idx]
 
     rows = []
     for j, name in enumerate(labels):

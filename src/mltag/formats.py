@@ -269,6 +269,36 @@ def check_output_width(labels: list[str], width: int, model_file: str | os.PathL
 
 # --------------------------------------------------------------------------- calibrate's output
 
+OOF_KEYS = ("paths", "labels", "scores", "folds", "label_names", "reason")
+
+
+def write_oof(path: str | os.PathLike, paths, y: np.ndarray, scores: np.ndarray, folds: np.ndarray,
+              label_names: list[str], reason: str = "") -> None:
+    """calibrate's ``oof_scores.npz``: each train+val image's out-of-fold scores (for review).
+
+    No rows and a ``reason`` when they could not be computed (too few images, a model
+    without head settings): review says so instead of ranking anything.
+    """
+    from mltag.common import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, paths=np.asarray(paths, dtype=str), labels=np.asarray(y, np.uint8),
+                     scores=np.asarray(scores, np.float32), folds=np.asarray(folds, np.int32),
+                     label_names=np.asarray(label_names, dtype=str), reason=np.asarray(reason))
+
+
+def load_oof(path: str | os.PathLike) -> dict:
+    """``oof_scores.npz`` as a dict (``label_names`` a list, ``reason`` a str); damage is a clear error."""
+    with open_npz(path, "out-of-fold scores", "calibrate", OOF_KEYS) as z:
+        out = {k: z[k] for k in OOF_KEYS}
+    out["label_names"], out["reason"] = [str(x) for x in out["label_names"]], str(out["reason"])
+    check_finite(out["scores"], path, "out-of-fold scores", "run calibrate again")
+    n, k = len(out["paths"]), len(out["label_names"])
+    if out["scores"].shape != (n, k) or out["labels"].shape != (n, k) or out["folds"].shape != (n,):
+        raise MltagError("out-of-fold scores are damaged (their shapes do not match); run calibrate again", path)
+    return out
+
 
 def read_thresholds(path: str | os.PathLike, labels: list[str] | None = None) -> dict:
     """``thresholds.json`` from calibrate; with ``labels``, every label must have a finite threshold."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+from pathlib import Path
 
 
 @functools.cache
@@ -38,3 +39,20 @@ def figure_png(fig, dpi: int = 90) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def thumbnail(path: Path, size: int = 96) -> str:
+    """A JPEG thumbnail as a data URI; "" when the image cannot be read."""
+    from PIL import Image
+
+    from mltag.images import ALLOWED_FORMATS, to_rgb
+
+    try:
+        with Image.open(path, formats=ALLOWED_FORMATS) as im:
+            im = to_rgb(im)
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+        return data_uri(buf.getvalue(), "image/jpeg")
+    except OSError:
+        return ""

@@ -20,6 +20,7 @@ STEP_FUNCTIONS = {
     "evaluate": "mltag.evaluate:evaluate",
     "calibrate": "mltag.calibrate:calibrate",
     "register": "mltag.register:register",
+    "review": "mltag.review:review",
 }
 
 

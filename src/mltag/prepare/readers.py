@@ -28,6 +28,12 @@ from mltag.images import IMAGE_EXTENSIONS
 FORMATS = ("lst", "labels_json", "image_list", "folders", "csv")
 
 
+def _not_reviewed(files) -> list[Path]:
+    """A folder's label files without the corrected copies ``mltag review apply`` writes beside them
+    (``*.reviewed.lst``, ``*.reviewed.csv``, ``reviewed.csv``): the original reads as before."""
+    return sorted(f for f in files if not (f.stem.endswith(".reviewed") or f.stem == "reviewed"))
+
+
 @dataclass
 class Dataset:
     """Parsed input before image checks: label names, examples, and where images live."""
@@ -91,7 +97,7 @@ def _json_kind(path: Path) -> str:
 
 
 def read_lst_dataset(src: Path) -> Dataset:
-    files = [src] if src.is_file() else sorted(src.glob("*.lst"))
+    files = [src] if src.is_file() else _not_reviewed(src.glob("*.lst"))
     if not files:
         raise MltagError("no .lst file found", src)
     root = files[0].parent
@@ -250,7 +256,7 @@ def read_folders_dataset(src: Path) -> Dataset:
 
 
 def read_csv_dataset(src: Path) -> Dataset:
-    files = [src] if src.is_file() else sorted(src.glob("*.csv"))
+    files = [src] if src.is_file() else _not_reviewed(src.glob("*.csv"))
     if len(files) != 1:
         raise MltagError(f"expected one .csv file, found {len(files)}", src)
     cf = files[0]
@@ -313,9 +319,9 @@ def detect_format(src: Path) -> str:
             return "image_list"
         raise MltagError("cannot tell the format of this file; pass --format", src)
     found = []
-    if list(src.glob("*.lst")):
+    if _not_reviewed(src.glob("*.lst")):
         found.append("lst")
-    if list(src.glob("*.csv")):
+    if _not_reviewed(src.glob("*.csv")):
         found.append("csv")
     if _first(src, "image_list", "image_list.txt"):
         found.append("image_list")

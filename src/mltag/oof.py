@@ -1,0 +1,66 @@
+"""Out-of-fold scores: every train and val image scored by a head that never saw it.
+
+calibrate fits thresholds on them and review ranks likely label errors from them; both
+get them from here (calibrate computes them once and hands them on in ``oof_scores.npz``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mltag.common import MltagError
+
+log = logging.getLogger(__name__)
+
+
+def assign_folds(names, k: int) -> np.ndarray:
+    """Fold of each item from a hash of its name (an image's path): stable when images are added."""
+    return np.array([int(hashlib.sha256(f"calibrate|{n}".encode()).hexdigest()[:8], 16) % k for n in names])
+
+
+def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathLike, k: int,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores of every train and val image from a head that never saw it (k refits, cheap on cached vectors).
+
+    Each refit uses the trained head's own settings and its best epoch count; a training
+    image's augmented views stay in its fold.
+
+    Returns:
+        ``(labels, scores, fold of each image, paths)``: train images first, then val.
+    """
+    from mltag.formats import load_split, load_views, read_model_meta
+    from mltag.train import fit_head, predict_head
+
+    meta = read_model_meta(model_dir)
+    hp = meta.get("head")
+    if hp is None:
+        raise MltagError("model.json has no head settings (trained by an older mltag); retrain, or set "
+                         "calibrate.cv_folds: 0", Path(model_dir) / "model.json")
+    x_tr, y_tr, p_tr = load_split(bottlenecks, "train")
+    x_va, y_va, p_va = load_split(bottlenecks, "val")
+    views = load_views(bottlenecks, "train")
+    x, y = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])
+    paths = np.concatenate([p_tr, p_va])
+    if len(x) < 2 * k:
+        raise MltagError(f"calibrate.cv_folds {k} needs at least {2 * k} train+val images, got {len(x)}")
+    folds = assign_folds(paths, k)
+    scores = np.zeros(y.shape, np.float32)
+    for f in range(k):
+        fit = np.where(folds != f)[0]
+        fit_tr = fit[fit < len(x_tr)]
+        xf, yf = x[fit], y[fit]
+        if views is not None:  # only training images have views; a view stays in its image's fold
+            xf = np.concatenate([xf, views[fit_tr].reshape(-1, x.shape[1])])
+            yf = np.concatenate([yf, np.repeat(y_tr[fit_tr], views.shape[1], axis=0)])
+        model, _, _ = fit_head(xf, yf, None, None, learning_rate=hp["learning_rate"], epochs=int(hp["best_epoch"]),
+                               batch_size=hp["batch_size"], hidden_units=hp["hidden_units"], dropout=hp["dropout"],
+                               seed=int(hp["seed"]) + f)
+        scores[folds == f] = predict_head(model, x[folds == f])
+        if progress:
+            log.debug("calibrate: fold %d/%d refitted", f + 1, k)
+    return y, scores, folds, paths
