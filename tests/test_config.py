@@ -85,7 +85,7 @@ def test_pipeline_and_components_take_every_section_and_key(tmp_path):
         assert set(inputs[section]["defaultValue"]) == _keys(section) - nullable, section
     component_step = {"prepare": "prepare", "shard-indices": "bottleneck", "bottleneck-shard": "bottleneck",
                       "bottleneck": "bottleneck", "train": "train", "evaluate": "evaluate", "calibrate": "calibrate",
-                      "register": "register"}
+                      "register": "register", "review": "review"}
     tasks = {**spec["root"]["dag"]["tasks"]}
     for comp in spec["components"].values():
         tasks.update(comp.get("dag", {}).get("tasks", {}))

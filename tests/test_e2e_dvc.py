@@ -56,7 +56,12 @@ def project(tmp_path_factory):
 
 def test_repro_registers_a_predicting_champion(project):
     d, env, out = project
-    assert stages_run(out) == ["demo-data", "prepare", "bottleneck", "train", "evaluate", "calibrate", "register"]
+    ran = stages_run(out)
+    assert ran[:6] == ["demo-data", "prepare", "bottleneck", "train", "evaluate", "calibrate"], ran
+    assert sorted(ran[6:]) == ["register", "review"], ran  # both need calibrate; review never gates register
+    issues = (d / "reports" / "review" / "label_issues.csv").read_text().splitlines()
+    assert issues[0] == "path,label,given,suggested,score,confidence"
+    assert json.loads((d / "metrics" / "review.json").read_text())["images"] > 0
     # no third-party warning or chatter lines (pkg_resources, KFP, MLflow's "Successfully registered")
     noise = [ln for ln in out.splitlines() if re.search(r"Warning|warn\(|deprecat|Successfully registered|Created "
                                                         r"version|View run", ln)]
@@ -84,7 +89,7 @@ def test_learning_rate_change_reruns_train_and_after(project):
     d, env, _ = project
     set_param(d, "train", "learning_rate", 0.002)
     out = sh("dvc repro", d, env)
-    assert stages_run(out) == ["train", "evaluate", "calibrate", "register"]
+    assert sorted(stages_run(out)) == ["calibrate", "evaluate", "register", "review", "train"]
     # Which test metrics move with the learning rate is the model's business; the train
     # summary (epochs, losses, time) always does.
     diff = json.loads(subprocess.run("dvc metrics diff --json", shell=True, cwd=d, env=env, capture_output=True,
@@ -134,7 +139,7 @@ def test_exp_run_fine_tune_and_compare_both_modes(project):
     d, env, _ = project
     sh("git add -A && git commit -qm 'head baseline'", d, env)
     out = sh("dvc exp run -n tuned -S train.mode=fine_tune -S train.fine_tune_epochs=2", d, env)
-    assert stages_run(out) == ["train", "evaluate", "calibrate", "register"]
+    assert sorted(stages_run(out)) == ["calibrate", "evaluate", "register", "review", "train"]
     model = json.loads((d / "models" / "train" / "model.json").read_text())
     assert model["mode"] == "fine_tune"
     rows = _exp_rows(json.loads(sh("dvc exp show --json 2>/dev/null", d, env)))

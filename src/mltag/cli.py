@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON lines")
     pr.add_argument("--tta", choices=["none", "mean", "max"], default="none",
                     help="test-time augmentation: combine 10 crops/mirrors by mean or max")
+    sg = sub.add_parser("suggest", help="rank unlabelled images for labelling (uncertainty, then diversity)")
+    sg.add_argument("--model", default=None, help="models:/NAME@champion (default, NAME from params), runs:/... or "
+                                                  "a local model folder")
+    sg.add_argument("--images", required=True, help="a folder (recursive), a glob ('new/*.jpg') or a file listing "
+                                                    "images")
+    sg.add_argument("--n", type=int, default=100, help="how many to suggest (default 100)")
+    sg.add_argument("--out", default="suggest.csv", help="CSV, most worth labelling first (default suggest.csv)")
+    sg.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
     ms = sub.add_parser("metrics", help="print the last run's metrics table and registry decision")
     ms.add_argument("--evaluate", default="metrics/evaluate.json")
     ms.add_argument("--calibrate", default="metrics/calibrate.json")
@@ -232,6 +240,16 @@ def _dispatch(args) -> int:
         return _run_step(cmd, args, progress)
     if cmd == "predict":
         return _predict(args)
+    elif cmd == "suggest":
+        from mltag.config import load_params
+        from mltag.suggest import suggest
+
+        params = load_params(args.params)
+        r = suggest(args.model or f"models:/{params.register.model_name}@champion", args.images, args.n, args.out,
+                    store=params.bottleneck.cache_dir, backbone_cache_dir=params.backbone.cache_dir,
+                    engine=params.bottleneck.engine, tracking_uri=args.tracking_uri, progress=not args.quiet)
+        print(f"suggest: the {r['suggested']} of {r['images']} images most worth labelling are in {args.out} "
+              f"({r['computed']} vectors computed)")
     elif cmd == "metrics":
         _show_metrics(args)
     elif cmd == "promote":

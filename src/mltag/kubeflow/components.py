@@ -192,10 +192,35 @@ def calibrate(evaluation: Input[Dataset], model: Input[Model], bottlenecks: Inpu
     out = Path(thresholds.path)
     r = run_step("calibrate", params, evaluation=evaluation.path, model_dir=model.path, out=out / "thresholds.json",
                  metrics_file=out / "metrics.json", tracking_uri=tracking_uri or None, run_id=run_id,
-                 bottlenecks=bottlenecks.path, progress=False)
+                 bottlenecks=bottlenecks.path, progress=False, oof_out=out / "oof_scores.npz")
     for k, v in r["test_at_thresholds"].items():
         if isinstance(v, float):
             metrics.log_metric(f"calibrated_{k}", v)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def review(thresholds: Input[Dataset], model: Input[Model], dataset: Input[Dataset], run_id: str, review: dict,
+           defaults: dict, tracking_uri: str, issues: Output[Dataset], metrics: Output[Metrics],
+           report: Output[HTML]):
+    """Likely label errors from calibrate's out-of-fold scores (CPU; never gates register)."""
+    import shutil
+    from pathlib import Path
+
+    from mltag.kubeflow.entry import check_cluster_tracking, images_of, params_for
+    from mltag.steps import run_step
+
+    check_cluster_tracking(tracking_uri)
+    params = params_for("review", {"review": review}, defaults)
+    root = images_of(dataset.path)  # thumbnails from a local or mounted image root; a bucket's are not fetched
+    r = run_step("review", params, oof=Path(thresholds.path) / "oof_scores.npz", out=issues.path,
+                 metrics_file=Path(issues.path) / "metrics.json",
+                 images=root if isinstance(root, Path) else None, model_dir=model.path,
+                 tracking_uri=tracking_uri or None, run_id=run_id, progress=False)
+    metrics.log_metric("issues", float(r["issues"]))
+    metrics.log_metric("issue_rate", r["issue_rate"])
+    for name, x in r["per_label"].items():
+        metrics.log_metric(f"noise_rate_{name}", x["noise_rate"])
+    shutil.copy(Path(issues.path) / "review.html", report.path)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -27,7 +27,7 @@ from mltag.kubeflow import components as steps
 RESOURCES = {
     "resolve_data": ("100m", "256Mi"), "prepare": ("1", "2Gi"), "shard_indices": ("100m", "256Mi"), "bottleneck_shard": ("2", "6Gi"),
     "bottleneck": ("1", "4Gi"), "train": ("2", "8Gi"), "evaluate": ("1", "4Gi"), "calibrate": ("500m", "2Gi"),
-    "register": ("1", "4Gi"),
+    "register": ("1", "4Gi"), "review": ("500m", "2Gi"),
 }
 
 MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
@@ -103,6 +103,7 @@ def build_pipeline(params: Params | None = None):
         train: dict = d["train"],
         evaluate: dict = d["evaluate"],
         calibrate: dict = d["calibrate"],
+        review: dict = d["review"],
         tracking: dict = d["tracking"],
         register: dict = d["register"],
         data_repo: str = "",
@@ -149,5 +150,10 @@ def build_pipeline(params: Params | None = None):
             defaults=defaults("register"), tracking_uri=tracking_uri), "register"))
         # The registry is shared state: a cached "success" would skip a real registration.
         registered.set_caching_options(False)
+        # review never gates register: it runs beside it, on CPU, from calibrate's out-of-fold scores
+        mlflow_env(_resources(steps.review(
+            thresholds=calibrated.outputs["thresholds"], model=trained.outputs["model"],
+            dataset=prep.outputs["dataset"], run_id=run_id, review=review, defaults=defaults("review"),
+            tracking_uri=tracking_uri), "review"))
 
     return mltag_pipeline
