@@ -332,8 +332,7 @@ def _run_step(step: str, args, progress: bool) -> int:
                               args.apply_format or params.prepare.format, args.to)
         print(f"review apply: corrected labels in {target}; set prepare.input to it (or --input) and run dvc repro")
     elif step == "review":
-        r = run_step(step, params, **rt, model_dir=args.model, images=args.images)
-        print(f"review: {r['issues']} likely label error(s) in {r['images']} images; see {args.out}/review.html")
+        run_step(step, params, **rt, model_dir=args.model, images=args.images)  # its log line says what it found
     elif step == "register":
         r = run_step(step, params, **rt, model_dir=args.model, images=args.images)
         verdict = "promoted to champion" if r["promoted"] else "kept as challenger"
