@@ -398,9 +398,12 @@ def tensorflow_hub():
     import warnings
 
     import_tensorflow()  # hub imports TensorFlow: without its start-up noise
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-        import tensorflow_hub as hub
+    # A lasting filter, not catch_warnings(): that one is not thread-safe, and a decode thread leaving its
+    # own catch_warnings() while hub imports (the LiteRT conversion overlaps the first decodes) would put
+    # the old filters back and let the warning through.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    import tensorflow_hub as hub
+
     return hub
 
 

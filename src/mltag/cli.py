@@ -180,6 +180,11 @@ class _Subparsers:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported anywhere
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import warnings
+
+    # tensorflow_hub still imports pkg_resources: its deprecation warning says nothing to a user of mltag.
+    # Set before any thread starts (see mltag.backbone.tensorflow_hub).
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     if "-v" not in (argv or sys.argv) and "--verbose" not in (argv or sys.argv):
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     args = build_parser().parse_args(argv)
