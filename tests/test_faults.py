@@ -266,9 +266,18 @@ def test_predict_names_the_bad_file_and_still_labels_the_others(tmp_path, colour
     p = run_cli("predict", "--model", str(tmp_path / "model"), str(good), str(bad), str(tmp_path / "gone.jpg"),
                 cwd=tmp_path, check=False)
     assert p.returncode == 2, p.stderr[-2000:]
-    assert f"{good}:" in p.stdout and str(bad) not in p.stdout
-    assert f"{bad}:" in p.stderr and f"{tmp_path / 'gone.jpg'}: file not found" in p.stderr
-    assert "Traceback" not in p.stderr
+    lines = p.stdout.splitlines()  # one row per image, in the order given; a bad one says why in its row
+    assert lines[0].startswith(f"{good}: ") and "error" not in lines[0]
+    assert lines[1].startswith(f"{bad}: error: corrupt or truncated image") and lines[2] == f"{tmp_path / 'gone.jpg'}: error: file not found"
+    assert "2 of 3 images could not be read" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("predict", "--model", str(tmp_path / "model"), "--format", "csv", str(good), str(bad), cwd=tmp_path,
+                check=False)
+    import csv
+
+    rows = list(csv.DictReader(p.stdout.splitlines()))
+    assert p.returncode == 2 and [r["path"] for r in rows] == [str(good), str(bad)]
+    assert rows[0]["error"] == "" and float(rows[0]["score_red"]) >= 0 and rows[1]["score_red"] == ""
+    assert rows[1]["error"].startswith("corrupt or truncated image")
 
 
 def _dead_pid() -> int:

@@ -248,7 +248,7 @@ def test_predict_cli_local_folder(tmp_path, colour_dataset, fake_backbone, mlflo
     p = run_cli("predict", "--model", "models:/nope@champion", str(img), cwd=tmp_path, check=False)
     assert p.returncode == 2 and "cannot load model models:/nope@champion" in p.stderr
     p = run_cli("predict", "--model", str(tmp_path / "model"), str(tmp_path / "missing.jpg"), check=False)
-    assert p.returncode == 2 and "missing.jpg: file not found" in p.stderr
+    assert p.returncode == 2 and "missing.jpg: error: file not found" in p.stdout
 
 
 def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset, fake_backbone, mlflow_store):

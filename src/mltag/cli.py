@@ -104,11 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help="compute only this shard (of bottleneck.num_shards) into the cache")
             sp.add_argument("--extra-cache", action="append", default=[], help="read-only feature cache (gather)")
     pr = sub.add_parser("predict", help="label images with a registered or local model")
-    pr.add_argument("images", nargs="+", help="image files")
+    pr.add_argument("images", nargs="+", help="image files, folders (recursive), globs ('new/*.jpg') or .txt files "
+                                              "listing images")
     pr.add_argument("--model", default=None,
                     help="models:/NAME@champion (default, NAME from params), runs:/..., a local model folder "
                          "or a .tflite file inside one")
-    pr.add_argument("--json", action="store_true", help="print JSON lines")
+    pr.add_argument("--format", choices=["text", "csv", "jsonl"], default="text",
+                    help="text (a line per image), csv (path, labels, error, score per label) or jsonl")
+    pr.add_argument("--json", action="store_true", help="the same as --format jsonl")
+    pr.add_argument("--out", default=None, help="write the rows here (written whole when done) instead of stdout")
     pr.add_argument("--tta", choices=["none", "mean", "max"], default="none",
                     help="test-time augmentation: combine 10 crops/mirrors by mean or max")
     sg = sub.add_parser("suggest", help="rank unlabelled images for labelling (uncertainty, then diversity)")
@@ -378,71 +382,27 @@ def _show_metrics(args) -> None:
 
 
 def _predict(args) -> int:
-    from mltag.common import MltagError as Err
-    from mltag.images import BadImage, check_image
+    from mltag.predict import predict
 
-    bad = []
-    for img in args.images:
-        try:
-            check_image(img)
-        except BadImage as e:
-            bad.append(img)
-            print(f"mltag: error: {img}: {e}", file=sys.stderr)
-    args.images = [img for img in args.images if img not in bad]
-    if not args.images:
-        return 2
     model = args.model
     if model is None:
         from mltag.config import load_params
 
         model = f"models:/{load_params(args.params).register.model_name}@champion"
-    local = Path(model)
-    if (local.is_dir() and (local / "model.json").is_file()) or (local.suffix == ".tflite" and local.is_file()):
-        from mltag.model import InferenceModel
+    fmt = "jsonl" if args.json else args.format
+    if args.out:
+        from mltag.common import atomic_path
 
-        folder = local.parent if local.suffix == ".tflite" else local
-        thresholds = None
-        t = folder.parent / "thresholds.json"
-        if t.is_file() and not (folder / "thresholds.json").is_file():
-            from mltag.formats import read_thresholds
-
-            thresholds = read_thresholds(t)
-        try:
-            results = InferenceModel(model, thresholds).predict(args.images, tta=args.tta)
-        except BadImage as e:
-            raise Err(str(e)) from None
+        with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+            ok, failed = predict(model, args.images, fmt, fh, args.tta, args.tracking_uri,
+                                 progress=None if not args.quiet else False)
     else:
-        import base64
-
-        import mlflow
-        import pandas as pd
-
-        from mltag import tracking
-
-        tracking.setup(args.tracking_uri)
-        try:
-            pm = mlflow.pyfunc.load_model(model)
-        except Exception as e:  # noqa: BLE001
-            raise Err(f"cannot load model {model}: {str(e).splitlines()[0][:300]}") from None
-        df = pd.DataFrame({"image": [base64.b64encode(Path(p).read_bytes()).decode() for p in args.images]})
-        try:
-            res = pm.predict(df, params={"tta": args.tta})
-        except Exception as e:  # noqa: BLE001
-            raise Err(f"prediction failed: {str(e).splitlines()[0][:300]}") from None
-        results = []
-        for _, row in res.iterrows():
-            scores = {c[len("score_"):]: float(row[c]) for c in res.columns if c.startswith("score_")}
-            results.append({"labels": [x for x in str(row["labels"]).split(",") if x], "scores": scores})
-    for path, r in zip(args.images, results):
-        if args.json:
-            print(json.dumps({"image": path, **r}))
-        else:
-            lab = ", ".join(f"{lb} ({r['scores'][lb]:.2f})" for lb in r["labels"]) or "(no label)"
-            print(f"{path}: {lab}")
-    if bad:
-        print(f"mltag: {len(bad)} of {len(bad) + len(args.images)} images could not be read (named above); "
-              "the others are labelled", file=sys.stderr)
-    return 2 if bad else 0
+        ok, failed = predict(model, args.images, fmt, None, args.tta, args.tracking_uri,
+                             progress=None if not args.quiet else False)
+    if failed:
+        print(f"mltag: {failed} of {ok + failed} images could not be read (their rows say why); the others are "
+              "labelled", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def _pipeline(args) -> int:

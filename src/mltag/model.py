@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, imap_ordered, import_tensorflow
+from mltag.common import MltagError, cpu_threads, imap_ordered, import_tensorflow
 from mltag.formats import check_output_width, read_model_meta, read_thresholds
 from mltag.images import load_image
 
@@ -105,6 +105,7 @@ class InferenceModel:
         if engine == "litert" and tflite is None:
             raise MltagError("engine litert needs model.tflite in the model folder (retrain with this mltag)",
                              model_dir)
+        self._tflite = tflite
         if tflite is not None:
             lite = LiteRTEngine(tflite)
             check_output_width(self.labels, lite.output_width, tflite)
@@ -121,6 +122,16 @@ class InferenceModel:
             thresholds = read_thresholds(model_dir / "thresholds.json", self.labels)
         self.thresholds = np.array(
             [float((thresholds or {}).get("thresholds", {}).get(lb, 0.5)) for lb in self.labels], np.float32)
+
+    def lanes(self) -> list:
+        """Runners ``uint8 [1,S,S,3] -> scores [1,L]`` for callers that keep several busy from their own
+        threads: with LiteRT one single-threaded interpreter per core (the bottleneck step's layout),
+        else the one engine (TF spreads a call over the cores itself)."""
+        if self._tflite is None or cpu_threads() < 2:
+            return [self._run]
+        from mltag.engine import LiteRTEngine
+
+        return LiteRTEngine(self._tflite, 1, cpu_threads()).lanes()
 
     def pixels(self, images) -> np.ndarray:
         return np.stack(list(imap_ordered(lambda im: load_image(im, self.image_size), images)))

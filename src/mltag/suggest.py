@@ -65,15 +65,23 @@ def local_model(model: str, tracking_uri: str | None = None) -> Path:
     from mltag import tracking
 
     tracking.setup_checked(tracking_uri)
-    key = hashlib.sha256(f"{tracking.mask_uri(tracking.tracking_uri(tracking_uri))}|{model}".encode()).hexdigest()[:16]
-    dest = Path(tempfile.gettempdir()) / "mltag-models" / key
+    asked = model
     try:
-        # an alias can move: resolve it to a version first, so the download is keyed by what it is now
-        if model.startswith("models:/") and "@" in model:
-            name, alias = model.removeprefix("models:/").split("@", 1)
-            version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
-            dest = dest.with_name(f"{key}-v{version}")
-            model = f"models:/{name}/{version}"
+        # An alias moves, and a store recreated at the same place numbers its versions again: key the
+        # download by the version's run and creation time, not by the URI.
+        identity = model
+        if model.startswith("models:/"):
+            client = mlflow.MlflowClient()
+            name, _, rest = model.removeprefix("models:/").partition("@")
+            if rest:
+                mv = client.get_model_version_by_alias(name, rest)
+            else:
+                name, _, version = name.partition("/")
+                mv = client.get_model_version(name, version)
+            model = f"models:/{mv.name}/{mv.version}"
+            identity = f"{model}|{mv.run_id}|{mv.creation_timestamp}"
+        key = hashlib.sha256(f"{tracking.mask_uri(tracking.tracking_uri(tracking_uri))}|{identity}".encode())
+        dest = Path(tempfile.gettempdir()) / "mltag-models" / key.hexdigest()[:20]
         if not (dest / "done").is_file():
             dest.mkdir(parents=True, exist_ok=True)
             mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(dest))
@@ -81,7 +89,7 @@ def local_model(model: str, tracking_uri: str | None = None) -> Path:
     except MltagError:
         raise
     except Exception as e:  # noqa: BLE001 - MLflow raises many kinds for a missing model
-        raise MltagError(f"cannot load model {model}: {str(e).splitlines()[0][:300]}") from None
+        raise MltagError(f"cannot load model {asked}: {str(e).splitlines()[0][:300]}") from None
     found = [f.parent for f in dest.rglob("model.json")]
     if not found:
         raise MltagError(f"{model} holds no mltag model folder (no model.json among its artifacts)")
