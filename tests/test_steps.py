@@ -47,10 +47,12 @@ def test_six_steps_on_tiny_data(tmp_path, colour_dataset, fake_backbone, mlflow_
         assert (tmp_path / "eval" / f).is_file()
     assert sorted(p.name for p in (tmp_path / "eval" / "pr").iterdir()) == sorted(f"{c}.csv" for c in COLOURS)
     assert rg["promoted"] and rg["version"] == 1
-    # The version carries the TFLite files and their parity: fp32 tight, int8 reported (not asserted tight).
+    # The version carries the TFLite files and their parity: fp32 tight, int8 shipped as it keeps the accuracy.
     par = rg["tflite"]
     assert par["fp32_max_abs_diff_vs_savedmodel"] <= 1e-4
-    assert 0.0 <= par["int8_test_map"] <= 1.0 and par["int8_bytes"] > 0
+    assert par["int8_shipped"] and par["int8_kind"] == "int8", par
+    assert par["fp32_test_map"] - par["int8_test_map"] <= 0.01 and par["int8_bytes"] > 0
+    assert par["int8_calibration_images"] == len(read_lst(tmp_path / "prepared" / "train.lst"))  # all: < 300
     m = tmp_path / "metrics"
     shown = run_cli("metrics", "--evaluate", str(m / "evaluate.json"), "--calibrate", str(m / "calibrate.json"),
                     "--register", str(m / "register.json")).stdout
@@ -419,3 +421,31 @@ def test_out_of_fold_scores_come_from_heads_that_never_saw_the_image(tmp_path, c
     assert np.nanmean(M.average_precisions(y, s)) > 0.9  # the colours are learnable from 3/4 of the data
     # Folds depend on the path alone: a second call gives the same folds.
     assert np.array_equal(out_of_fold_scores(tmp_path / "bn", tmp_path / "model", 4)[2], folds)
+
+
+def test_a_quantized_model_that_loses_accuracy_is_not_shipped(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    """The int8 gate: calibrated on black images only, the int8 model's activation ranges miss every real
+    image; dynamic range (no calibration) may still pass. Neither passing: no model_int8.tflite, and why."""
+    from mltag.common import read_labels
+    from mltag.formats import verify_integrity
+    from mltag.register import _bundle, tflite_parity
+
+    run_all(tmp_path, colour_dataset, fake_backbone, name="int8gate")
+    bundle = _bundle(tmp_path / "model", tmp_path / "thresholds.json", tmp_path / "scratch" / "model")
+    labels = read_labels(tmp_path / "model" / "labels.txt")
+    test = read_lst(tmp_path / "prepared" / "test.lst")
+    images = [colour_dataset / ex.path for ex in test]
+    y = np.array([ex.flags for ex in test])
+    from mltag.model import InferenceModel
+
+    fp32 = InferenceModel(bundle).scores(images)
+    black = [np.zeros((224, 224, 3), np.uint8)] * 8
+    par = tflite_parity(bundle, images, y, labels, [], fp32, representative=black, max_drop=0.01)
+    assert par["int8_test_map"] < par["fp32_test_map"] - 0.01 or par["int8_test_micro_f1"] < \
+        par["fp32_test_micro_f1"] - 0.01, par  # deliberately bad, and measured so
+    if par["int8_shipped"]:
+        assert par["int8_kind"] == "dynamic_range" and (bundle / "model_int8.tflite").is_file()
+    par = tflite_parity(bundle, images, y, labels, [], fp32, representative=black, max_drop=-1.0)
+    assert not par["int8_shipped"] and not (bundle / "model_int8.tflite").exists()
+    assert par["int8_reason"].startswith("not shipped: no quantized model stays within -1.0 of fp32")
+    verify_integrity(bundle)  # the bundle's recorded content matches what is (not) there

@@ -346,6 +346,8 @@ def _run_step(step: str, args, progress: bool) -> int:
         r = run_step(step, params, **rt, model_dir=args.model, images=args.images)
         verdict = "promoted to champion" if r["promoted"] else "kept as challenger"
         print(f"register: {r['model_name']} version {r['version']} {verdict}: {r['reason']}")
+        if r.get("tflite", {}).get("int8_reason"):
+            print(f"register: model_int8.tflite {r['tflite']['int8_reason']}")
     return 0
 
 

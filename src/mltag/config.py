@@ -115,7 +115,11 @@ class Register:
     model_name: str = opt("mltag", "registered model name")
     margin: float = opt(0.0, "the challenger's test mAP must beat the champion's by more than this")
     max_label_ap_drop: float = opt(0.05, "largest per-label AP drop allowed against the champion")
-    tflite: bool = opt(True, "also register model.tflite + model_int8.tflite with a parity table")
+    tflite: bool = opt(True, "also register model.tflite, and a quantized model_int8.tflite when it keeps the "
+                       "accuracy, with a parity table")
+    int8_images: int = opt(300, "training images that calibrate the int8 model's activation ranges")
+    int8_max_drop: float = opt(0.01, "largest test mAP or micro F1 drop against fp32 that a quantized model may "
+                               "have and still ship (full int8 first, then dynamic range)")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def export_inference_model(backbone_location: str, head_weights: list[np.ndarray
 
 
 def export_tflite(saved_model: str | os.PathLike, out: str | os.PathLike,
-                  representative: list[np.ndarray] | None = None) -> Path:
+                  representative: list[np.ndarray] | None = None, dynamic_range: bool = False) -> Path:
     """Convert the end-to-end SavedModel to ``.tflite``: uint8 pixels in, float32 scores out.
 
     With ``representative`` (uint8 images ``[S,S,3]``, e.g. a hundred training images) the
@@ -60,7 +60,9 @@ def export_tflite(saved_model: str | os.PathLike, out: str | os.PathLike,
     from mltag.common import atomic_path
 
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_default"])
-    if representative is not None:
+    if dynamic_range:  # int8 weights, float activations: no calibration data, smaller loss
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif representative is not None:
         def gen():
             for px in representative:
                 yield [np.asarray(px, np.uint8)[None]]

@@ -59,15 +59,23 @@ def _bundle(model_dir: Path, thresholds_file: Path, dest: Path) -> Path:
 
 
 def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, labels: list[str],
-                  train_images: list[Path], chall_scores: np.ndarray, limit: int = 200) -> dict:
-    """Add ``model_int8.tflite`` to the bundle and measure both TFLite files against the SavedModel.
+                  train_images: list[Path], chall_scores: np.ndarray, limit: int = 200, *, int8_images: int = 300,
+                  max_drop: float = 0.01, representative: list[np.ndarray] | None = None) -> dict:
+    """Check ``model.tflite`` against the SavedModel; ship a quantized model only if it keeps the accuracy.
 
     fp32: the largest score difference from the SavedModel on (up to ``limit``) test images.
-    int8: post-training quantized, calibrated on up to 100 training images; its test mAP and
-    micro F1 against fp32 (reported, not required to match: int8 trades accuracy for speed).
+    Quantized, two kinds are tried in turn: full int8 (weights and activations, calibrated on
+    up to ``int8_images`` training images decoded as the model sees them; uint8 pixels in,
+    float scores out) and dynamic range (int8 weights, float activations). The first whose
+    test mAP and micro F1 (at the calibrated thresholds) stay within ``max_drop`` of fp32 is
+    added to the bundle as ``model_int8.tflite``; if neither does, none is, and the result
+    says why. ``representative`` replaces the calibration images (a test's deliberately bad set).
     """
+    import tempfile
+
     from mltag.common import quiet_stderr
-    from mltag.formats import write_integrity
+    from mltag.engine import LiteRTEngine
+    from mltag.formats import read_thresholds, write_integrity
     from mltag.images import load_image
     from mltag.model import InferenceModel, export_tflite
 
@@ -79,21 +87,54 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
     lite = InferenceModel(bundle / "model.tflite")
     fp32 = lite.scores(imgs)
     out["fp32_max_abs_diff_vs_savedmodel"] = float(np.abs(fp32 - saved).max()) if len(imgs) else 0.0
-    rep = [load_image(p, lite.image_size) for p in train_images[:100]]
-    try:
-        with quiet_stderr():
-            export_tflite(bundle / "inference", bundle / "model_int8.tflite", rep)
-    except MltagError as e:
-        out["int8_error"] = str(e)
-        return out
-    write_integrity(bundle)  # the bundle now also carries model_int8.tflite (the train folder was checked)
-    int8 = InferenceModel(bundle / "model_int8.tflite").scores(test_images)
-    for name, s in (("fp32", chall_scores), ("int8", int8)):
-        m = M.compute(y_test, s, 0.5, labels) if len(y_test) else {"map": None, "micro_f1": None}
-        out[f"{name}_test_map"], out[f"{name}_test_micro_f1"] = m["map"], m["micro_f1"]
-    out["int8_max_abs_diff_vs_fp32"] = float(np.abs(int8 - chall_scores).max()) if len(y_test) else 0.0
     out["fp32_bytes"] = (bundle / "model.tflite").stat().st_size
-    out["int8_bytes"] = (bundle / "model_int8.tflite").stat().st_size
+    t = np.array([float(read_thresholds(bundle / "thresholds.json")["thresholds"].get(lb, 0.5)) for lb in labels])
+
+    def quality(s):
+        m = M.compute(y_test, s, t, labels) if len(y_test) else {"map": None, "micro_f1": None}
+        return m["map"], m["micro_f1"]
+
+    out["fp32_test_map"], out["fp32_test_micro_f1"] = quality(chall_scores)
+    rep = representative if representative is not None else \
+        [load_image(p, lite.image_size) for p in train_images[:int8_images]]
+    out["int8_calibration_images"] = len(rep)
+    pixels = np.stack([load_image(p, lite.image_size) for p in test_images]) if test_images else None
+    chosen = None
+    with tempfile.TemporaryDirectory(dir=bundle.parent) as scratch:
+        for kind in ("int8", "dynamic_range"):
+            f = Path(scratch) / f"{kind}.tflite"
+            try:
+                with quiet_stderr():
+                    export_tflite(bundle / "inference", f, rep if kind == "int8" else None,
+                                  dynamic_range=kind == "dynamic_range")
+            except MltagError as e:
+                out[f"{kind}_error"] = str(e)
+                continue
+            s = LiteRTEngine(f)(pixels) if pixels is not None else np.zeros((0, len(labels)), np.float32)
+            q_map, q_f1 = quality(s)
+            out[f"{kind}_test_map"], out[f"{kind}_test_micro_f1"] = q_map, q_f1
+            out[f"{kind}_max_abs_diff_vs_fp32"] = float(np.abs(s - chall_scores).max()) if len(s) else 0.0
+            out[f"{kind}_bytes"] = f.stat().st_size
+            drops = [a - b for a, b in ((out["fp32_test_map"], q_map), (out["fp32_test_micro_f1"], q_f1))
+                     if a is not None and b is not None]
+            if chosen is None and all(d <= max_drop for d in drops):
+                chosen = kind
+                os.replace(f, bundle / "model_int8.tflite")
+    out["int8_kind"] = chosen
+    out["int8_shipped"] = chosen is not None
+    if chosen is None:
+        (bundle / "model_int8.tflite").unlink(missing_ok=True)
+        tried = ", ".join(f"{k}: mAP {out.get(f'{k}_test_map', float('nan')):.4f}, micro F1 "
+                          f"{out.get(f'{k}_test_micro_f1', float('nan')):.4f}"
+                          for k in ("int8", "dynamic_range") if f"{k}_test_map" in out and out[f"{k}_test_map"] is not None)
+        out["int8_reason"] = (f"not shipped: no quantized model stays within {max_drop} of fp32 (mAP "
+                              f"{out['fp32_test_map']:.4f}, micro F1 {out['fp32_test_micro_f1']:.4f}) in both; "
+                              f"{tried or 'both conversions failed'}")
+    else:
+        out["int8_reason"] = (f"shipped {chosen}: test mAP {out[f'{chosen}_test_map']:.4f} and micro F1 "
+                              f"{out[f'{chosen}_test_micro_f1']:.4f} within {max_drop} of fp32")
+        out["int8_bytes"] = out[f"{chosen}_bytes"]
+    write_integrity(bundle)  # the bundle's content now includes (or not) model_int8.tflite
     return out
 
 
@@ -195,7 +236,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
              out: str | os.PathLike, model_name: str = "mltag", margin: float = 0.0,
              max_label_ap_drop: float = 0.05, images: str | os.PathLike | None = None,
              tracking_uri: str | None = None, experiment: str = "mltag", run_id: str | None = None,
-             tflite: bool = True, config: dict | None = None) -> dict:
+             tflite: bool = True, config: dict | None = None, int8_images: int = 300,
+             int8_max_drop: float = 0.01) -> dict:
     """Log, register and (maybe) promote the model; write the decision to ``out``.
 
     With ``tflite`` the registered version also carries ``model.tflite`` (fp32) and
@@ -243,7 +285,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
         if tflite:
             _, train_ex = load_prepared(prepared, "train")
             parity = tflite_parity(bundle, test_images, y_test, labels, [root / ex.path for ex in train_ex],
-                                   chall_scores)
+                                   chall_scores, int8_images=int8_images, max_drop=int8_max_drop)
             write_json_atomic(bundle / "tflite_parity.json", parity)
             if parity.get("fp32_max_abs_diff_vs_savedmodel", 0.0) > 1e-4:
                 raise MltagError(f"model.tflite differs from the SavedModel by "
@@ -267,6 +309,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             promote, reason = gate(chall_ap, champ_ap, labels, margin, max_label_ap_drop)
         tags = {"mltag.content_hash": content, "mltag.test_map": f"{chall_map:.6f}", "mltag.labels": ",".join(labels),
                 "mltag.gate": ("promoted: " if promote else "kept: ") + reason}
+        if tflite:
+            tags["mltag.int8"] = str(parity.get("int8_reason") or parity.get("error", ""))[:500]
         fault_point("register:decided")
         with mlflow.start_run(run_id=run_id) as run:
             result["run_id"] = run.info.run_id
