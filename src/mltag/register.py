@@ -133,7 +133,7 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
     else:
         out["int8_reason"] = (f"shipped {chosen}: test mAP {out[f'{chosen}_test_map']:.4f} and micro F1 "
                               f"{out[f'{chosen}_test_micro_f1']:.4f} within {max_drop} of fp32")
-        out["int8_bytes"] = out[f"{chosen}_bytes"]
+        out["shipped_bytes"] = out[f"{chosen}_bytes"]
     write_integrity(bundle)  # the bundle's content now includes (or not) model_int8.tflite
     return out
 

@@ -1,0 +1,206 @@
+"""Benchmark: serving latency and batch throughput of a registered (or local) model.
+
+1. LiteRT latency of one image on this machine's cores for each ``.tflite`` of the model
+   (fp32, the shipped ``model_int8.tflite`` if any, and a dynamic-range conversion made here),
+   with each file's size.
+2. ``mltag predict`` throughput on ``--n`` images (the bulk path: decode pipelined, LiteRT in
+   lanes) against the bottleneck step's rate on the same images (the backbone alone, computed
+   into a fresh vector store the way the step does).
+3. A real ``mlflow models serve`` on 127.0.0.1: p50, p95 and p99 latency and throughput at
+   concurrency 1, 4 and 16, for requests of one image and of 16 images (base64 JSON).
+
+Prints figures (the last line one JSON object with ``--json``); asserts nothing.
+
+Usage:
+    python benchmarks/serving.py --model models/train --images data/demo/images [--n 512] [--requests 60] [--json]
+    python benchmarks/serving.py --model models:/mltag@champion --images DIR ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# benchmarks/bottleneck.py would shadow the PyPI package of that name, which pandas probes for
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+
+def cpu_flags() -> str:
+    from mltag.doctor import cpu_info
+
+    c = cpu_info()
+    return f"{c['model']}, {c['cores']} cores, AVX2 {c['avx2']}, AVX-512 {c['avx512']}"
+
+
+def pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values) * 1000.0, q))
+
+
+def litert_latency(folder: Path, pixels: np.ndarray, runs: int = 40) -> dict:
+    from mltag.common import quiet_stderr
+    from mltag.engine import LiteRTEngine
+    from mltag.model import export_tflite
+
+    files = {"fp32": folder / "model.tflite"}
+    if (folder / "model_int8.tflite").is_file():
+        files["shipped_int8"] = folder / "model_int8.tflite"
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if (folder / "inference").is_dir():
+            with quiet_stderr():
+                files["dynamic_range"] = export_tflite(folder / "inference", Path(tmp) / "dyn.tflite",
+                                                       dynamic_range=True)
+        for name, f in files.items():
+            eng = LiteRTEngine(f)
+            eng(pixels[:1])
+            times = []
+            for i in range(runs):
+                t0 = time.perf_counter()
+                eng(pixels[i % len(pixels): i % len(pixels) + 1])
+                times.append(time.perf_counter() - t0)
+            out[name] = {"p50_ms": round(pct(times, 50), 2), "p95_ms": round(pct(times, 95), 2),
+                         "bytes": f.stat().st_size}
+    return out
+
+
+def throughput(model_ref: str, folder: Path, files: list[Path], tracking_uri: str | None) -> dict:
+    import io
+
+    from mltag.formats import read_model_meta
+    from mltag.predict import predict
+    from mltag.suggest import vectors_for
+
+    t0 = time.perf_counter()
+    ok, failed = predict(model_ref, [str(f) for f in files], "csv", io.StringIO(), tracking_uri=tracking_uri,
+                         progress=False)
+    predict_s = time.perf_counter() - t0
+    meta = read_model_meta(folder)
+    with tempfile.TemporaryDirectory() as store:
+        t0 = time.perf_counter()
+        _, computed = vectors_for(files, meta, store, progress=False)
+        step_s = time.perf_counter() - t0
+    return {"images": len(files), "predict_ips": round(ok / predict_s, 1), "failed": failed,
+            "step_ips": round(computed / step_s, 1), "predict_vs_step": round((ok / predict_s) / (computed / step_s), 3)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_load(model_uri: str, files: list[Path], requests: int, env: dict) -> dict:
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"mlflow models serve did not start; see {log.name}") from None
+                time.sleep(0.5)
+        b64 = [base64.b64encode(f.read_bytes()).decode() for f in files[:64]]
+
+        def body(k, i):
+            rows = [[b64[(i * k + j) % len(b64)]] for j in range(k)]
+            return json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+
+        def call(data):
+            req = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+            return time.perf_counter() - t0
+
+        call(body(1, 0))  # warm-up
+        out = {}
+        for k in (1, 16):
+            for conc in (1, 4, 16):
+                n = max(conc, requests if k == 1 else max(conc, requests // 4))
+                lat, lock, it = [], threading.Lock(), iter(range(n))
+
+                def worker(k=k, lat=lat, lock=lock, it=it):
+                    while True:
+                        with lock:
+                            i = next(it, None)
+                        if i is None:
+                            return
+                        t = call(body(k, i))
+                        with lock:
+                            lat.append(t)
+
+                t0 = time.perf_counter()
+                threads = [threading.Thread(target=worker) for _ in range(conc)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+                out[f"batch{k}_c{conc}"] = {"requests": n, "p50_ms": round(pct(lat, 50), 1),
+                                            "p95_ms": round(pct(lat, 95), 1), "p99_ms": round(pct(lat, 99), 1),
+                                            "images_per_s": round(n * k / wall, 1)}
+        return out
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a local model folder or models:/NAME@alias")
+    ap.add_argument("--images", required=True, help="a folder of images (cycled to reach --n)")
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--requests", type=int, default=60, help="single-image requests per concurrency level")
+    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--no-serve", action="store_true", help="skip the mlflow models serve part")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    from mltag import tracking
+    from mltag.images import load_image
+    from mltag.model import InferenceModel
+    from mltag.predict import expand_images, resolve_model
+
+    folder = resolve_model(args.model, args.tracking_uri)
+    found, _ = expand_images([args.images])
+    files = [Path(found[i % len(found)]) for i in range(args.n)]
+    model = InferenceModel(folder)
+    pixels = np.stack([load_image(f, model.image_size) for f in files[:16]])
+    result = {"cpu": cpu_flags(), "model": args.model, "litert": litert_latency(folder, pixels)}
+    result["bulk"] = throughput(str(folder), folder, files, args.tracking_uri)
+    if not args.no_serve:
+        uri = args.model if args.model.startswith(("models:/", "runs:/")) else None
+        if uri is None:
+            print("serving: --model is a folder; serving needs a registered model (models:/...): skipped",
+                  file=sys.stderr)
+        else:
+            env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(args.tracking_uri)}
+            result["serve"] = serve_load(uri, files, args.requests, env)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
