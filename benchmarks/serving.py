@@ -161,8 +161,9 @@ def serve_load(model_uri: str, files: list[Path], requests: int, env: dict) -> d
                                             "images_per_s": round(n * k / wall, 1)}
         return out
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             print("serving: --model is a folder; serving needs a registered model (models:/...): skipped",
                   file=sys.stderr)
         else:
-            env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(args.tracking_uri)}
+            bin_dir = str(Path(sys.executable).parent)  # the server execs uvicorn from this environment
+            env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(args.tracking_uri),
+                   "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
             result["serve"] = serve_load(uri, files, args.requests, env)
     if args.json:
         print(json.dumps(result))

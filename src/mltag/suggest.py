@@ -65,6 +65,7 @@ def local_model(model: str, tracking_uri: str | None = None) -> Path:
     from mltag import tracking
 
     tracking.setup_checked(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per model, not per file
     asked = model
     try:
         # An alias moves, and a store recreated at the same place numbers its versions again: key the
