@@ -187,3 +187,42 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
     with pytest.raises(MltagError, match="cannot write the feature cache"):
         compute_missing(jobs, FeatureCache(tmp_path / "blocked", resolved.backbone_id, 32), eng, 32,
                         batch_size=5, progress=False)
+
+
+def test_an_inference_model_scores_from_many_threads_at_once_as_it_does_alone(tmp_path, mlflow_store):
+    """`mlflow models serve` calls predict from several threads: a LiteRT interpreter is not thread-safe, so
+    concurrent calls must give exactly the serial scores (they failed with HTTP 400 under load before)."""
+    import threading
+
+    from mltag.bottleneck import bottleneck
+    from mltag.demo import make_demo_data
+    from mltag.model import InferenceModel
+    from mltag.prepare import prepare
+    from mltag.train import train
+
+    make_demo_data(tmp_path / "demo", 40)
+    prepare(tmp_path / "demo", tmp_path / "prep", progress=False)
+    bottleneck(tmp_path / "prep", tmp_path / "bn", "builtin:efficientnet_lite0", cache_dir=tmp_path / "c",
+               progress=False)
+    train(tmp_path / "bn", tmp_path / "model", epochs=20, patience=20, progress=False)
+    model = InferenceModel(tmp_path / "model")
+    assert model.engine == "litert"
+    images = sorted((tmp_path / "demo" / "images").glob("*.jpg"))[:12]
+    alone = model.scores(images)
+    got, errors = {}, []
+
+    def worker(k):
+        try:
+            for _ in range(3):
+                got[k] = model.scores(images[k: k + 2])
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(0, 12, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k, s in got.items():
+        np.testing.assert_allclose(s, alone[k: k + 2], atol=1e-6)

@@ -9,6 +9,7 @@ very function the bottleneck step used, so serving sees the pixels training saw.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,7 @@ class InferenceModel:
             raise MltagError("engine litert needs model.tflite in the model folder (retrain with this mltag)",
                              model_dir)
         self._tflite = tflite
+        self._lock = threading.Lock()
         if tflite is not None:
             lite = LiteRTEngine(tflite)
             check_output_width(self.labels, lite.output_width, tflite)
@@ -124,6 +126,12 @@ class InferenceModel:
             thresholds = read_thresholds(model_dir / "thresholds.json", self.labels)
         self.thresholds = np.array(
             [float((thresholds or {}).get("thresholds", {}).get(lb, 0.5)) for lb in self.labels], np.float32)
+
+    def _locked_run(self, pixels: np.ndarray) -> np.ndarray:
+        """One engine call at a time: a LiteRT interpreter is not thread-safe, and a server (``mlflow models
+        serve``) calls predict from several threads at once. Decoding, outside the lock, still overlaps."""
+        with self._lock:
+            return self._run(pixels)
 
     def lanes(self) -> list:
         """Runners ``uint8 [1,S,S,3] -> scores [1,L]`` for callers that keep several busy from their own
@@ -156,9 +164,9 @@ class InferenceModel:
             raise MltagError(f"tta must be none, mean or max, got {tta!r}")
         if tta != "none":
             reduce = np.mean if tta == "mean" else np.max
-            out = [reduce(self._run(views), axis=0) for views in imap_ordered(self.tta_views, images)]
+            out = [reduce(self._locked_run(views), axis=0) for views in imap_ordered(self.tta_views, images)]
             return np.stack(out) if out else np.zeros((0, len(self.labels)), np.float32)
-        out = [self._run(self.pixels(images[i: i + batch_size])) for i in range(0, len(images), batch_size)]
+        out = [self._locked_run(self.pixels(images[i: i + batch_size])) for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
     def predict(self, images, tta: str = "none") -> list[dict]:
