@@ -1,12 +1,19 @@
-# One image for every Kubeflow step. CPU build by default; GPU build for the train node pool:
-#   docker build -t REGISTRY/mltag:0.1.0 .
-#   docker build --build-arg TF_VARIANT=gpu -t REGISTRY/mltag:0.1.0-gpu .
+# One image for every Kubeflow step. CPU build by default; GPU build for the train node pool. Tag it
+# with the tag the compiled pipeline names (it follows the code: `python -c "from mltag.kubeflow.image
+# import image_tag; print(image_tag())"`), and give the version git would (no .git in the context):
+#   TAG=$(python -c "from mltag.kubeflow.image import image_tag; print(image_tag())")
+#   docker build --build-arg VERSION="$(python -m setuptools_scm)" -t REGISTRY/mltag:$TAG .
+#   docker build --build-arg TF_VARIANT=gpu --build-arg VERSION=... -t REGISTRY/mltag:$TAG-gpu .
+# The built-in backbones named in BACKBONES are built and converted for LiteRT at their own input
+# sizes (all three by default): --build-arg BACKBONES="efficientnet_lite0" for a smaller image.
 # A vector store or dataset in a bucket needs its fsspec filesystem, pinned by you:
 #   docker build --build-arg STORAGE_PKGS="gcsfs==2026.9.0" -t REGISTRY/mltag:0.1.0 .
 FROM python:3.11.11-slim-bookworm
 
 ARG TF_VARIANT=cpu
 ARG STORAGE_PKGS=""
+ARG VERSION=0.1.0
+ARG BACKBONES="efficientnet_lite0 efficientnet_lite1 efficientnet_lite2"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -27,14 +34,15 @@ RUN pip install --no-cache-dir -r requirements.lock \
 # Then the package itself, without re-resolving anything.
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-cache-dir --no-deps .
+RUN SETUPTOOLS_SCM_PRETEND_VERSION="$VERSION" pip install --no-cache-dir --no-deps .
 
 USER 10001
 WORKDIR /home/mltag
-# Build the default built-in backbone and its LiteRT conversion once into the image, where the
-# components look for them.
+# Build the built-in backbones and their LiteRT conversions (each at its own input size) once into
+# the image, where the components look for them (MLTAG_BACKBONE_CACHE).
 ENV MLTAG_BACKBONE_CACHE=/home/mltag/.mltag-cache/backbones
-RUN python -c "from mltag.backbone import resolve; from mltag.engine import backbone_engine; \
-b = resolve('builtin:efficientnet_lite2', '$MLTAG_BACKBONE_CACHE'); backbone_engine('litert', b, 260, '$MLTAG_BACKBONE_CACHE')"
+# BACKBONES is a list of names on purpose: one word each.
+# hadolint ignore=SC2086
+RUN for name in $BACKBONES; do mltag backbone build "$name"; done
 
 CMD ["mltag", "--help"]

@@ -77,7 +77,7 @@ def test_pipeline_and_components_take_every_section_and_key(tmp_path):
     from mltag.kubeflow.pipeline import PIPELINE_SECTIONS
     from mltag.kubeflow.run import compile_pipeline
 
-    spec, _ = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", Params()).read_text())
+    spec, _ = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", Params(), allow_dirty=True).read_text())
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert set(inputs) == {*PIPELINE_SECTIONS, "data_repo", "data_rev", "tracking_uri"}
     for section in PIPELINE_SECTIONS:

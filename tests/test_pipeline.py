@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def compiled(tmp_path_factory) -> tuple[str, list]:
     try:
         from mltag.config import load_params
 
-        compile_pipeline(out, load_params(REPO / "params.yaml"))
+        compile_pipeline(out, load_params(REPO / "params.yaml"), allow_dirty=True)
     finally:
         if env_image is not None:
             os.environ["MLTAG_IMAGE"] = env_image
@@ -33,7 +34,12 @@ def compiled(tmp_path_factory) -> tuple[str, list]:
 def test_committed_yaml_equals_a_fresh_compile(compiled):
     text, _ = compiled
     committed = (REPO / "pipeline" / "pipeline.yaml").read_text()
-    assert committed == text, "pipeline/pipeline.yaml is stale: run `mltag pipeline compile` and commit it"
+
+    def same_image(t):  # the tag names the source digest: every commit has its own (tested below)
+        return re.sub(r"(image: ghcr\.io/mltag/mltag):\S+", r"\1:TAG", t)
+
+    assert same_image(committed) == same_image(text), \
+        "pipeline/pipeline.yaml is stale: run `mltag pipeline compile` and commit it"
 
 
 def _compile(tmp_path, **sections) -> tuple[dict, dict]:
@@ -42,7 +48,7 @@ def _compile(tmp_path, **sections) -> tuple[dict, dict]:
     params = load_params(REPO / "params.yaml")
     for section, values in sections.items():
         params = params.replace(section, **values)
-    out = compile_pipeline(tmp_path / "p.yaml", params)
+    out = compile_pipeline(tmp_path / "p.yaml", params, allow_dirty=True)
     spec, platform = yaml.safe_load_all(out.read_text())
     return spec, platform
 
@@ -109,11 +115,12 @@ def test_a_gpu_step_without_a_gpu_fails_at_once(tmp_path, monkeypatch):
 def test_every_step_requests_cpu_and_memory_and_runs_the_project_image(compiled):
     _, (spec, _) = compiled
     from mltag import __version__
+    from mltag.kubeflow.image import default_image
 
     for name, ex in spec["deploymentSpec"]["executors"].items():
         c = ex["container"]
         assert c["resources"].get("resourceCpuRequest") and c["resources"].get("resourceMemoryRequest"), name
-        assert c["image"].endswith(f":{__version__}"), name
+        assert c["image"] == default_image() and __version__.replace("+", "-") in c["image"], name
         assert "pip install" not in " ".join(c.get("command", [])), f"{name} must not install kfp at runtime"
 
 
@@ -450,3 +457,82 @@ def test_task_lines_keep_each_task_apart_and_show_a_failed_tasks_log():
     verbose = io.StringIO()
     TaskLines(verbose, verbose=True).write("anything at all\n")
     assert verbose.getvalue() == "anything at all\n"
+
+
+def test_the_image_tag_follows_the_code_and_dirty_source_is_refused(tmp_path):
+    """Compile from a git checkout of mltag's source: a committed change gives another image; an
+    uncommitted one stops the compile unless --allow-dirty."""
+    import shutil
+
+    src = tmp_path / "checkout" / "src"
+    shutil.copytree(REPO / "src" / "mltag", src / "mltag", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(src), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLTAG_IMAGE", None)
+    repo = tmp_path / "checkout"
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
+
+    def compile_image(*extra):
+        code = ("import sys, mltag; assert mltag.__file__.startswith(sys.argv[1]), mltag.__file__;"
+                "from mltag.cli import main; sys.exit(main(sys.argv[2:]))")
+        p = subprocess.run([sys.executable, "-c", code, str(src), "pipeline", "compile", "--out",
+                            str(tmp_path / "p.yaml"), *extra], cwd=tmp_path, env=env, capture_output=True, text=True)
+        if p.returncode:
+            return None, p.stderr
+        spec, _ = yaml.safe_load_all((tmp_path / "p.yaml").read_text())
+        return {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}, p.stderr
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "v1")
+    first, _ = compile_image()
+    assert first and len(first) == 1 and next(iter(first)).startswith("ghcr.io/mltag/mltag:")
+    f = src / "mltag" / "metrics.py"
+    f.write_text(f.read_text() + "\n# a change\n")
+    dirty, err = compile_image()
+    assert dirty is None and "uncommitted changes (src/mltag/metrics.py)" in err and "--allow-dirty" in err, err
+    allowed, _ = compile_image("--allow-dirty")
+    git("commit", "-qam", "v2")
+    second, _ = compile_image()
+    assert second == allowed and second != first  # the tag names the source, whatever git's version says
+
+
+def test_an_absolute_store_is_mounted_from_a_pvc_or_refused(tmp_path):
+    from mltag.common import MltagError
+
+    spec, platform = _compile(tmp_path, bottleneck={"cache_dir": "/mnt/vectors"},
+                              pipeline={"store_pvc": "vectors-rwx"})
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounted = {name for name, ex in executors.items()
+               if any(m.get("mountPath") == "/mnt/vectors" and m.get("constant", m.get("pvcName")) == "vectors-rwx"
+                      or m.get("mountPath") == "/mnt/vectors" for m in ex.get("pvcMount", []))}
+    assert mounted == {"exec-bottleneck-shard", "exec-bottleneck"}, executors.keys()
+    with pytest.raises(MltagError, match="set pipeline.store_pvc to a PersistentVolumeClaim"):
+        _compile(tmp_path, bottleneck={"cache_dir": "/mnt/vectors"})
+    with pytest.raises(MltagError, match="must then be an absolute path"):
+        _compile(tmp_path, pipeline={"store_pvc": "vectors-rwx"})
+    spec, platform = _compile(tmp_path, bottleneck={"cache_dir": "gs://bucket/vectors"})
+    assert "pvcMount" not in json.dumps(platform)
+
+
+@pytest.mark.parametrize("arg, name", [("--data=data/demo", "prepare.input"),
+                                       ("--arg=bottleneck.cache_dir=.mltag-cache/bottlenecks",
+                                        "bottleneck.cache_dir")])
+def test_a_relative_path_never_reaches_a_cluster(tmp_path, arg, name):
+    """Refused before contacting the host (10.255.255.1 would not answer for a long time)."""
+    import time
+
+    from conftest import run_cli
+
+    args = ["pipeline", "run", "--host", "http://10.255.255.1:8888", arg]
+    if name != "prepare.input":
+        args.append("--data=gs://bucket/photos")
+    else:
+        args.append("--arg=bottleneck.cache_dir=gs://bucket/vectors")
+    t0 = time.time()
+    p = run_cli(*args, cwd=tmp_path, check=False)
+    assert time.time() - t0 < 30
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"mltag: error: {name} "), p.stderr

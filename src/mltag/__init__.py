@@ -1,3 +1,8 @@
 """mltag: multi-label image classification by transfer learning."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("mltag")  # from git through setuptools-scm, when installed
+except PackageNotFoundError:  # run from a source folder that was never installed
+    __version__ = "0.0.0+unknown"

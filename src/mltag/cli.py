@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     pls = pl.add_subparsers(dest="pipeline_command", required=True)
     pc = pls.add_parser("compile", help="write the compiled pipeline YAML")
     pc.add_argument("--out", default="pipeline/pipeline.yaml")
+    pc.add_argument("--allow-dirty", action="store_true",
+                    help="compile even though mltag's source has uncommitted changes (the image tag names the source)")
     pc.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
     pr2 = pls.add_parser("run", help="run locally (kfp.local) or submit to a KFP endpoint")
     g = pr2.add_mutually_exclusive_group(required=True)
@@ -156,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr2.add_argument("--data-repo", default="", help="git URL of a DVC-versioned dataset")
     pr2.add_argument("--data-rev", default="", help="revision of --data-repo")
     pr2.add_argument("--pipeline-root", default=None, help="local artifact folder for --local")
+    pr2.add_argument("--allow-dirty", action="store_true", help="--host: submit even though mltag's source has "
+                                                                 "uncommitted changes")
     pr2.add_argument("--cache", action="store_true",
                      help="--local: reuse a task's outputs when its inputs and code are unchanged (kfp.local's cache)")
     pr2.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
@@ -413,7 +417,7 @@ def _pipeline(args) -> int:
 
     params = load_params(args.params)
     if args.pipeline_command == "compile":
-        prun.compile_pipeline(args.out, params)
+        prun.compile_pipeline(args.out, params, allow_dirty=args.allow_dirty)
         print(f"pipeline: compiled to {args.out}")
         return 0
     bad = [a for a in args.arg if "=" not in a]
@@ -434,7 +438,8 @@ def _pipeline(args) -> int:
               f"{mask_uri(tracking_uri(args.tracking_uri))}")
     else:
         run = prun.submit(args.host, experiment=args.experiment, data=args.data, data_repo=args.data_repo,
-                          data_rev=args.data_rev, tracking_uri=args.tracking_uri, overrides=overrides, params=params)
+                          data_rev=args.data_rev, tracking_uri=args.tracking_uri, overrides=overrides, params=params,
+                          allow_dirty=args.allow_dirty)
         print(f"pipeline: submitted run {run.run_id} to {args.host} (experiment {args.experiment})")
     return 0
 

@@ -133,6 +133,8 @@ class Pipeline:
     gpu_image: str = opt("", "image for GPU steps (a CUDA build); empty: the same image as the CPU steps")
     bottleneck_on_gpu: bool = opt(False, "bottleneck shards on the GPU pool (with bottleneck.engine tf)")
     allow_cpu: bool = opt(False, "a GPU step that finds no GPU fails fast unless this is true")
+    store_pvc: str = opt("", "PersistentVolumeClaim mounted at bottleneck.cache_dir (an absolute path) on every task "
+                         "that reads or writes the vector store; empty: a bucket URI or pod-local store")
     collect_shards: bool = opt(True, "gather the shards' artifacts with dsl.Collected (KFP backend 2.5+); false: "
                                "the gather waits for the shard loop and reads the shared vector store only")
 

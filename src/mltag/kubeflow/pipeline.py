@@ -61,11 +61,41 @@ PIPELINE_SECTIONS = tuple(dict.fromkeys(s for step, secs in STEP_SECTIONS.items(
                                         for s in secs))
 
 
-def build_pipeline(params: Params | None = None):
-    """Return the ``@dsl.pipeline`` function with defaults and placement taken from ``params``."""
+def store_mount(params: Params, local: bool = False) -> tuple[str, str] | None:
+    """``(pvc, mount path)`` for the tasks that touch the vector store, or None (a bucket URI, a pod-local store).
+
+    An absolute ``bottleneck.cache_dir`` on a cluster is a folder every pod must see: without
+    ``pipeline.store_pvc`` each pod would write its own and the gather would compute it all
+    again, so that is an error here. A local run (kfp.local) shares this machine's folders.
+    """
+    from pathlib import PurePosixPath
+
+    from mltag.common import MltagError
+    from mltag.fetch import is_remote
+
+    store, pvc = params.bottleneck.cache_dir, params.pipeline.store_pvc
+    if is_remote(store):
+        return None
+    absolute = PurePosixPath(store.removeprefix("file://")).is_absolute()
+    if pvc and not absolute:
+        raise MltagError(f"pipeline.store_pvc {pvc!r} is mounted at bottleneck.cache_dir, which must then be an "
+                         f"absolute path (the mount point), not {store!r}")
+    if absolute and not pvc and not local:
+        raise MltagError(f"bottleneck.cache_dir is the absolute path {store!r}, but nothing mounts a volume there, so "
+                         "every pod would keep its own store: set pipeline.store_pvc to a PersistentVolumeClaim "
+                         "(ReadWriteMany) to mount there, or make the store a bucket URI (gs://..., s3://...)")
+    return (pvc, store.removeprefix("file://")) if absolute and pvc else None
+
+
+def build_pipeline(params: Params | None = None, local: bool = False):
+    """Return the ``@dsl.pipeline`` function with defaults and placement taken from ``params``.
+
+    ``local``: for kfp.local, where every task sees this machine's folders (no volume to mount).
+    """
     p = params or load_params(None)
     kf = p.pipeline
     on_gpu = gpu_tasks(p)
+    mount = store_mount(p, local)
     if not kf.collect_shards:
         from mltag.kubeflow.entry import require_shared_store
 
@@ -87,6 +117,12 @@ def build_pipeline(params: Params | None = None):
             if kf.gpu_image:
                 task.set_container_image(str(kf.gpu_image))
             task.set_env_variable("MLTAG_REQUIRE_GPU", "0" if kf.allow_cpu else "1")
+        return task
+
+    def with_store(task):
+        """Mount the vector store's volume on a task that reads or writes it."""
+        if mount is not None:
+            kubernetes.mount_pvc(task, pvc_name=mount[0], mount_path=mount[1])
         return task
 
     def mlflow_env(task):
@@ -121,17 +157,17 @@ def build_pipeline(params: Params | None = None):
         shards = _resources(steps.shard_indices(bottleneck=bottleneck, defaults=defaults("bottleneck")),
                             "shard_indices")
         with dsl.ParallelFor(shards.output, parallelism=int(kf.parallelism)) as shard:
-            part = place(steps.bottleneck_shard(
+            part = with_store(place(steps.bottleneck_shard(
                 dataset=prep.outputs["dataset"], shard_index=shard, bottleneck=bottleneck, backbone=backbone,
-                defaults=defaults("bottleneck")), "bottleneck_shard")
+                defaults=defaults("bottleneck")), "bottleneck_shard"))
         if kf.collect_shards:  # fan-in of the shards' artifacts: KFP backend 2.5 or newer
-            gathered = _resources(steps.bottleneck(
+            gathered = with_store(_resources(steps.bottleneck(
                 dataset=prep.outputs["dataset"], shard_caches=dsl.Collected(part.outputs["cache"]),
-                bottleneck=bottleneck, backbone=backbone, defaults=defaults("bottleneck")), "bottleneck")
+                bottleneck=bottleneck, backbone=backbone, defaults=defaults("bottleneck")), "bottleneck"))
         else:  # any v2 backend: wait for the whole loop, then read the shared store
-            gathered = _resources(steps.bottleneck_from_store(
+            gathered = with_store(_resources(steps.bottleneck_from_store(
                 dataset=prep.outputs["dataset"], bottleneck=bottleneck, backbone=backbone,
-                defaults=defaults("bottleneck")).after(part), "bottleneck")
+                defaults=defaults("bottleneck")).after(part), "bottleneck"))
         trained = mlflow_env(place(steps.train(
             bottlenecks=gathered.outputs["bottlenecks"], dataset=prep.outputs["dataset"], train=train,
             backbone=backbone, tracking=tracking, defaults=defaults("train"), tracking_uri=tracking_uri), "train"))

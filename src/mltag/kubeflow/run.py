@@ -17,12 +17,21 @@ from mltag.kubeflow.pipeline import PIPELINE_SECTIONS, build_pipeline, no_nulls
 COMPILED = Path("pipeline") / "pipeline.yaml"
 
 
-def compile_pipeline(out: str | os.PathLike = COMPILED, params: Params | None = None) -> Path:
-    """Compile with the defaults and placement of ``params`` (default: ./params.yaml when present)."""
+def compile_pipeline(out: str | os.PathLike = COMPILED, params: Params | None = None,
+                     allow_dirty: bool = False) -> Path:
+    """Compile with the defaults and placement of ``params`` (default: ./params.yaml when present).
+
+    The image every task runs in is tagged by the package version and a digest of mltag's own
+    source (``mltag.kubeflow.image``), so a cluster never reuses results of older code. Source
+    with uncommitted changes is refused unless ``allow_dirty``: its image could not be rebuilt
+    from any commit.
+    """
     from kfp import compiler
 
     from mltag.common import atomic_path
+    from mltag.kubeflow.image import check_clean_source
 
+    check_clean_source(allow_dirty)
     out = Path(out)
     with atomic_path(out) as tmp:
         compiler.Compiler().compile(build_pipeline(params or load_params(None)), str(tmp))
@@ -45,9 +54,8 @@ def _stable_header(text: str) -> str:
     return re.sub(r"^(#\s+\w+: dict \[Default: )(\{.*\})\]$", fix, text, flags=re.M)
 
 
-def arguments(params: Params, data: str | None, data_repo: str, data_rev: str, tracking_uri: str | None,
-              overrides: dict | None) -> dict:
-    """Pipeline arguments: the section dicts of ``params`` with ``section.key=value`` overrides applied."""
+def effective_params(params: Params, data: str | None, overrides: dict | None) -> Params:
+    """``params`` with ``--data`` and the ``section.key=value`` overrides applied: what the run will use."""
     if data:
         params = params.replace("prepare", input=data)
     for name, value in (overrides or {}).items():
@@ -56,6 +64,13 @@ def arguments(params: Params, data: str | None, data_repo: str, data_rev: str, t
             raise MltagError(f"pipeline parameter {name!r} is not SECTION.KEY with SECTION one of "
                              f"{', '.join(PIPELINE_SECTIONS)}")
         params = params_from_dict({section: {key: value}}, "--arg", base=params)
+    return params
+
+
+def arguments(params: Params, data: str | None, data_repo: str, data_rev: str, tracking_uri: str | None,
+              overrides: dict | None) -> dict:
+    """Pipeline arguments: the section dicts of ``params`` with ``section.key=value`` overrides applied."""
+    params = effective_params(params, data, overrides)
     args = {s: no_nulls(dataclasses.asdict(getattr(params, s))) for s in PIPELINE_SECTIONS}
     args.update(data_repo=data_repo, data_rev=data_rev)
     if tracking_uri:
@@ -177,7 +192,7 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
     uri = tracking.tracking_uri(tracking_uri)
     root = str(Path(pipeline_root or "local_outputs").resolve())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, enable_caching=cache)
-    fn = build_pipeline(params)
+    fn = build_pipeline(params, local=True)
     lines = TaskLines(sys.stdout, verbose)
     # kfp.local logs a cache hit outside its per-task logger: catch it at INFO while the run lasts.
     root_logger, hit = logging.getLogger(), logging.StreamHandler(lines)
@@ -204,16 +219,38 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
     return result, lines.rows
 
 
+def check_cluster_paths(params: Params, data_repo: str = "") -> None:
+    """No relative path reaches a cluster: a pod would resolve it against its own empty working folder."""
+    from pathlib import PurePosixPath
+
+    from mltag.fetch import is_remote
+
+    data = params.prepare.input
+    if not data_repo and not is_remote(data) and not PurePosixPath(data.removeprefix("file://")).is_absolute():
+        raise MltagError(f"prepare.input {data!r} is a relative path, which no pod can see: give --data a bucket URI "
+                         "(gs://..., s3://...), an absolute path on a volume every pod mounts, or a path inside "
+                         "--data-repo")
+    store = params.bottleneck.cache_dir
+    if not is_remote(store) and not PurePosixPath(store.removeprefix("file://")).is_absolute():
+        raise MltagError(f"bottleneck.cache_dir {store!r} is a relative path: on a cluster each pod would keep its "
+                         "own vector store and forget it; set it to a bucket URI, or an absolute path with "
+                         "pipeline.store_pvc (--arg bottleneck.cache_dir=gs://bucket/vectors)")
+
+
 def submit(host: str, experiment: str = "mltag", data: str = "", data_repo: str = "", data_rev: str = "",
-           tracking_uri: str | None = None, overrides: dict | None = None, params: Params | None = None):
+           tracking_uri: str | None = None, overrides: dict | None = None, params: Params | None = None,
+           allow_dirty: bool = False):
     """Submit a run of the pipeline, compiled from ``params``, to a KFP endpoint."""
     import logging
 
     import kfp
 
     params = params or load_params(None)
+    run_params = effective_params(params, data or None, overrides)
+    check_cluster_paths(run_params, data_repo)  # before anything reaches the host
     args = arguments(params, data or None, data_repo, data_rev, tracking_uri, overrides)
-    compiled = compile_pipeline(Path(os.environ.get("TMPDIR", "/tmp")) / "mltag-pipeline.yaml", params)
+    compiled = compile_pipeline(Path(os.environ.get("TMPDIR", "/tmp")) / "mltag-pipeline.yaml", run_params,
+                                allow_dirty=allow_dirty)
     try:
         client = kfp.Client(host=host)
         run = client.create_run_from_pipeline_package(str(compiled), arguments=args, experiment_name=experiment)
