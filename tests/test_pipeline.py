@@ -536,3 +536,15 @@ def test_a_relative_path_never_reaches_a_cluster(tmp_path, arg, name):
     assert time.time() - t0 < 30
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"mltag: error: {name} "), p.stderr
+
+
+def test_the_dockerfile_bakes_every_builtin_backbone_it_is_asked_for():
+    """One list of names (a build argument, all built-ins by default); no size or handle copied from params.yaml."""
+    from mltag.backbone import BUILTINS
+
+    text = (REPO / "Dockerfile").read_text()
+    arg = next(ln for ln in text.splitlines() if ln.startswith("ARG BACKBONES="))
+    assert arg.split("=", 1)[1].strip('"').split() == list(BUILTINS)
+    body = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#") and not ln.startswith("ARG BACKBONES=")]
+    assert not [ln for ln in body if "efficientnet" in ln or "260" in ln], body
+    assert 'for name in $BACKBONES; do mltag backbone build "$name"; done' in text

@@ -60,7 +60,11 @@ def open_npz(path: str | os.PathLike, what: str, written_by: str, keys: tuple[st
 
 def check_finite(values: np.ndarray, path: str | os.PathLike, what: str, fix: str) -> None:
     """Refuse NaN or infinite values: a model trained or scored on them is silently wrong."""
-    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    flat = values.reshape(len(values), -1) if values.ndim else values.reshape(1, -1)
+    bad = 0
+    for i in range(0, len(flat), 16384):  # in chunks: a mask of the whole array would double its memory
+        chunk = flat[i: i + 16384]
+        bad += int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
     if bad:
         raise MltagError(f"{bad} non-finite value(s) (NaN or inf) in the {what}; {fix}", path)
 
@@ -114,21 +118,25 @@ def load_hashes(prepared: str | os.PathLike) -> dict[str, str] | None:
 
 
 def load_split(bottlenecks: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(features float32, labels uint8, paths)`` for one split: the plain view only."""
+    """Return ``(features, labels uint8, paths)`` for one split: the plain view only.
+
+    The features stay as stored (float16): half the memory of float32, and every consumer casts
+    a batch at a time (the cast is exact).
+    """
     f = Path(bottlenecks) / f"{split}.npz"
     with open_npz(f, "bottleneck file", "the bottleneck step", ("features", "labels", "paths")) as z:
-        x, y, p = z["features"].astype(np.float32), z["labels"], z["paths"]
+        x, y, p = z["features"], z["labels"], z["paths"]
     check_finite(x, f, f"{split} vectors", "rerun the bottleneck step (its cache never keeps such vectors)")
     return x, y, p
 
 
 def load_views(bottlenecks: str | os.PathLike, split: str = "train") -> np.ndarray | None:
-    """The augmented views ``[N, views - 1, D]`` float32 of a split, or None when there are none."""
+    """The augmented views ``[N, views - 1, D]`` of a split (as stored, float16), or None when there are none."""
     f = Path(bottlenecks) / f"{split}.npz"
     with open_npz(f, "bottleneck file", "the bottleneck step") as z:
         if "views" not in z.files:
             return None
-        v = z["views"].astype(np.float32)
+        v = z["views"]
     check_finite(v, f, f"{split} augmented views", "rerun the bottleneck step")
     return v
 

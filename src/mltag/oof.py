@@ -34,7 +34,7 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
         ``(labels, scores, fold of each image, paths)``: train images first, then val.
     """
     from mltag.formats import load_split, load_views, read_model_meta
-    from mltag.train import fit_head, predict_head
+    from mltag.train import Rows, fit_head, predict_head
 
     meta = read_model_meta(model_dir)
     hp = meta.get("head")
@@ -53,10 +53,11 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
     for f in range(k):
         fit = np.where(folds != f)[0]
         fit_tr = fit[fit < len(x_tr)]
-        xf, yf = x[fit], y[fit]
-        if views is not None:  # only training images have views; a view stays in its image's fold
-            xf = np.concatenate([xf, views[fit_tr].reshape(-1, x.shape[1])])
-            yf = np.concatenate([yf, np.repeat(y_tr[fit_tr], views.shape[1], axis=0)])
+        # The fold's rows by index, not copied: only training images have views, and a view stays
+        # in its image's fold.
+        xf, yf = Rows(x, views, fit, fit_tr), y[fit]
+        if xf.k:
+            yf = np.concatenate([yf, np.repeat(y_tr[fit_tr], xf.k, axis=0)])
         model, _, _ = fit_head(xf, yf, None, None, learning_rate=hp["learning_rate"], epochs=int(hp["best_epoch"]),
                                batch_size=hp["batch_size"], hidden_units=hp["hidden_units"], dropout=hp["dropout"],
                                seed=int(hp["seed"]) + f)

@@ -49,12 +49,45 @@ def build_head(dim: int, n_labels: int, hidden_units: int = 0, dropout: float = 
 log = logging.getLogger(__name__)
 
 
-def with_views(x: np.ndarray, y: np.ndarray, views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Plain vectors plus every augmented view, labels repeated to match."""
-    if views is None or views.shape[1] == 0:
-        return x, y
-    k = views.shape[1]
-    return np.concatenate([x, views.reshape(-1, x.shape[1])]), np.concatenate([y, np.repeat(y, k, axis=0)])
+class Rows:
+    """Training rows without copying them: ``plain[plain_idx]`` then every view of ``views[view_idx]``.
+
+    Indexing with an array of row numbers returns those rows as float32, so a fit holds the
+    stored float16 vectors once and casts one batch at a time (at 300k images with 4 views,
+    2.2 GB instead of the 8.6 GB that float32 copies and a concatenation took).
+    """
+
+    def __init__(self, plain: np.ndarray, views: np.ndarray | None = None, plain_idx: np.ndarray | None = None,
+                 view_idx: np.ndarray | None = None):
+        self.plain, self.views = plain, views if views is not None and views.shape[1] else None
+        self.plain_idx = np.arange(len(plain)) if plain_idx is None else np.asarray(plain_idx)
+        k = self.views.shape[1] if self.views is not None else 0
+        self.k = k
+        self.view_idx = (np.arange(len(self.views)) if view_idx is None else np.asarray(view_idx)) if k else \
+            np.zeros(0, int)
+        self.n_plain = len(self.plain_idx)
+        self.shape = (self.n_plain + len(self.view_idx) * k, plain.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx))
+        out = np.empty((len(idx), self.shape[1]), np.float32)
+        p = idx < self.n_plain
+        out[p] = self.plain[self.plain_idx[idx[p]]]
+        if not p.all():
+            j = idx[~p] - self.n_plain
+            out[~p] = self.views[self.view_idx[j // self.k], j % self.k]
+        return out
+
+
+def with_views(x: np.ndarray, y: np.ndarray, views: np.ndarray | None) -> tuple[Rows, np.ndarray]:
+    """Plain vectors plus every augmented view (as ``Rows``, no copy), labels repeated to match."""
+    rows = Rows(x, views)
+    if rows.k == 0:
+        return rows, y
+    return rows, np.concatenate([y, np.repeat(y, rows.k, axis=0)])
 
 
 class NumpyHead:
@@ -118,10 +151,13 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
         validation data, ``val_loss`` and ``val_map`` per epoch.
     """
     rng = np.random.default_rng(seed)
-    x_tr = np.ascontiguousarray(x_tr, np.float32)
+    if not isinstance(x_tr, Rows):
+        x_tr = Rows(np.asarray(x_tr))  # a batch at a time as float32, never the whole array
     y_tr = np.asarray(y_tr, np.float32)
     head = NumpyHead(x_tr.shape[1], y_tr.shape[1], hidden_units, rng)
     has_val = x_va is not None and len(x_va) > 0
+    if has_val:
+        x_va = np.asarray(x_va, np.float32)  # once, not every epoch
     mon = monitor if has_val else monitor.removeprefix("val_")
     if mon == "map":
         mon = "loss"  # no train mAP is tracked: without validation data, watch the train loss
@@ -161,7 +197,7 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
         if not np.isfinite(history["loss"][-1]):
             break  # diverged: the caller refuses the model (check_converged), no validation on NaN scores
         if has_val:
-            zv, _ = head.logits(np.asarray(x_va, np.float32))
+            zv, _ = head.logits(x_va)
             val_loss, val_map = validation_metrics(zv, y_va)
             history["val_loss"].append(val_loss)
             history["val_map"].append(val_map)
@@ -206,7 +242,7 @@ def predict_head(model, features: np.ndarray) -> np.ndarray:
         return model.predict(features)
     if len(features) == 0:
         return np.zeros((0, model.output_shape[-1]), np.float32)
-    return np.asarray(model.predict(features, batch_size=1024, verbose=0), np.float32)
+    return np.asarray(model.predict(np.asarray(features, np.float32), batch_size=1024, verbose=0), np.float32)
 
 
 def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, learning_rate: float = 1e-3, epochs: int = 200,
