@@ -83,16 +83,26 @@ def write_bottlenecks(out: Path, n: int, backbone: Path, seed: int = 0) -> None:
         "preprocessing": PREPROCESSING_VERSION, "views": VIEWS, "images": n, "shard": [0, 1], "config": {}}))
 
 
+# The step's own peak (VmHWM of its memory map), written when it exits. Not ru_maxrss: Linux carries
+# that across fork and exec, so every step would report at least this benchmark's own peak.
+_MEASURED = ("import atexit, os, runpy, sys\n"
+             "def _peak():\n"
+             "    kb = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]\n"
+             "    open(os.environ['MLTAG_PEAK_FILE'], 'w').write(kb[0] if kb else '0')\n"
+             "atexit.register(_peak)\n"
+             "sys.argv = ['mltag'] + sys.argv[1:]\n"
+             "runpy.run_module('mltag.cli', run_name='__main__')\n")
+
+
 def run_measured(args: list[str], cwd: Path, env: dict) -> dict:
+    peak = cwd / "peak.txt"
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "mltag.cli", "-q", *args], cwd=cwd, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run([sys.executable, "-c", _MEASURED, "-q", *args], cwd=cwd, env={**env, "MLTAG_PEAK_FILE": str(peak)},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t0
-    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"mltag {' '.join(args)} failed:\n{err[-2000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 0)}
+    if p.returncode != 0:
+        raise RuntimeError(f"mltag {' '.join(args)} failed:\n{p.stderr[-2000:]}")
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(int(peak.read_text()) / 1024, 0)}
 
 
 def main(argv: list[str] | None = None) -> int:
