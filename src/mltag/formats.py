@@ -60,6 +60,8 @@ def open_npz(path: str | os.PathLike, what: str, written_by: str, keys: tuple[st
 
 def check_finite(values: np.ndarray, path: str | os.PathLike, what: str, fix: str) -> None:
     """Refuse NaN or infinite values: a model trained or scored on them is silently wrong."""
+    if values.size == 0:  # an empty split (an empty validation split is allowed)
+        return
     flat = values.reshape(len(values), -1) if values.ndim else values.reshape(1, -1)
     bad = 0
     for i in range(0, len(flat), 16384):  # in chunks: a mask of the whole array would double its memory
