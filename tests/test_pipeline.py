@@ -330,8 +330,8 @@ def test_a_mutable_reference_resolves_to_an_immutable_version_and_prepare_is_cac
 def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
     from conftest import run_cli
 
-    p = run_cli("pipeline", "run", "--host", "http://127.0.0.1:9", "--data", "x", cwd=tmp_path, check=False,
-                timeout=300)
+    p = run_cli("pipeline", "run", "--host", "http://127.0.0.1:9", "--data", "gs://bucket/photos", "--arg",
+                "bottleneck.cache_dir=gs://bucket/vectors", "--allow-dirty", cwd=tmp_path, check=False, timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "cannot submit to http://127.0.0.1:9" in p.stderr
     p = run_cli("pipeline", "run", "--local", "--arg", "colour=red", cwd=tmp_path, check=False)
