@@ -119,6 +119,12 @@ def test_restricted_unpickler_refuses_code(tmp_path):
         pickle.dump(Evil(), fh)
     with pytest.raises(MltagError, match="refusing to load builtins.print"):
         load_legacy_state_dict(f)
+    # the very first pickle (where the magic number belongs) is read by the restricted unpickler too
+    first = tmp_path / "evil-first.pth"
+    with open(first, "wb") as fh:
+        pickle.dump(Evil(), fh)
+    with pytest.raises(MltagError, match="refusing to load builtins.print"):
+        load_legacy_state_dict(first)
     g = tmp_path / "junk.pth"
     g.write_bytes(b"not a pickle")
     with pytest.raises(MltagError, match="not a legacy torch state dict"):

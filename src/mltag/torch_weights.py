@@ -86,9 +86,11 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _load(f: io.BufferedReader) -> dict[str, np.ndarray]:
-    if pickle.load(f) != MAGIC:
+    # Every pickle in the file goes through the restricted unpickler, the magic number and the
+    # protocol version too: a plain pickle.load of the first one would run whatever it names.
+    if _Unpickler(f).load() != MAGIC:
         raise pickle.UnpicklingError("bad magic number")
-    if pickle.load(f) != PROTOCOL:
+    if _Unpickler(f).load() != PROTOCOL:
         raise pickle.UnpicklingError("unsupported protocol version")
     _sys_info = _Unpickler(f).load()
     state = _Unpickler(f).load()
