@@ -94,7 +94,7 @@ class NumpyHead:
     """The head's Dense layers as numpy arrays: dropout -> [Dense+ReLU -> dropout] -> Dense+sigmoid.
 
     Training it in numpy (mini-batch Adam, Keras' defaults) is the same algorithm as
-    ``keras.Model.fit`` on this head but about 30x faster on CPU: a step is a few small
+    ``keras.Model.fit`` on this head but several times faster on CPU: a step is a few small
     matmuls, where Keras spends 1.5-3 ms of graph dispatch per step. That makes the k-fold
     refits of cross-fitted calibration cheap.
     """
