@@ -188,13 +188,26 @@ INTEGRITY_FILE = "integrity.json"
 _MODEL_CONTENT = ("model.json", "labels.txt", "head.keras", "model.tflite", "model_int8.tflite", "inference")
 
 
+_SHA_SEEN: dict[tuple, str] = {}
+
+
+def _sha_of(f: Path) -> str:
+    """A file's SHA-256, hashed once per process for the same file, size and modification time
+    (evaluate checks one model folder several times: the weights are read once, not each time)."""
+    st = f.stat()
+    key = (str(f.absolute()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA_SEEN:
+        _SHA_SEEN[key] = sha256_file(f)
+    return _SHA_SEEN[key]
+
+
 def _content_files(model_dir: Path) -> dict[str, str]:
     out = {}
     for name in _MODEL_CONTENT:
         p = model_dir / name
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
         for f in files:
-            out[f.relative_to(model_dir).as_posix()] = sha256_file(f)
+            out[f.relative_to(model_dir).as_posix()] = _sha_of(f)
     return out
 
 

@@ -89,8 +89,6 @@ def run_batch(model, paths: list[str], progress: bool = False, tta: str = "none"
 
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, mininterval=1.0, file=sys.stderr)
     if tta != "none":  # ten views per image: the batch path, one image at a time
-        from mltag.images import BadImage
-
         for path in paths:
             try:
                 yield path, model.scores([path], tta=tta)[0], None
