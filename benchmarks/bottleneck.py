@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mltag.config import sections
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -49,8 +51,7 @@ def worker(args) -> None:
 
     logging.disable(logging.WARNING)
     t = time.perf_counter()
-    s = bottleneck(args.prepared, args.out, args.handle, args.cache, args.backbone_cache, engine=args.engine,
-                   progress=False)
+    s = bottleneck(args.prepared, args.out, **sections("bottleneck", handle=args.handle, cache_dir=args.cache, backbone_cache_dir=args.backbone_cache, engine=args.engine, views=1), progress=False)
     seconds = time.perf_counter() - t
     print(json.dumps({"seconds": seconds, "computed": s["computed"], "images": s["images"], "engine": s["engine"],
                       "peak_rss_mb": peak_rss_mb(), "tensorflow_imported": "tensorflow" in sys.modules}))
@@ -124,8 +125,9 @@ def per_image_costs(prepared: Path, size: int, cache_dir: Path, dim: int) -> dic
     per vector (batches of 32, one pack file each, into a fresh cache as on a first run)."""
     import numpy as np
 
-    from mltag.bottleneck import FeatureCache, decode_view
     from mltag.formats import image_root_of, load_hashes
+    from mltag.lanes import decode_view
+    from mltag.store import FeatureCache
 
     root, hashes = image_root_of(prepared), sorted(load_hashes(prepared).items())
     decode_view(root / hashes[0][0], hashes[0][1], 0, size)  # first-call set-up is not per image
@@ -164,10 +166,10 @@ def main() -> None:
     import numpy as np
 
     from mltag.backbone import default_image_size, resolve
-    from mltag.common import cpu_threads
     from mltag.demo import make_demo_data
     from mltag.engine import LiteRTEngine, TFEngine, backbone_engine, tflite_path
     from mltag.prepare import prepare
+    from mltag.workers import cpu_threads
 
     n = args.images
     size = default_image_size(args.handle)
@@ -175,8 +177,8 @@ def main() -> None:
         tmp = Path(tmp)
         # Demo scenes (about 290x230 JPEGs); make_demo_data(n) is a prefix of make_demo_data(m > n).
         for name, count in (("n", n), ("n10", n + max(1, n // 10)), ("n4", 4 * n)):
-            make_demo_data(tmp / f"demo-{name}", count)
-            prepare(tmp / f"demo-{name}", tmp / f"prep-{name}", progress=False)
+            make_demo_data(tmp / f"demo-{name}", **sections("demo-data", n_images=count))
+            prepare(tmp / f"prep-{name}", **sections("prepare", input=tmp / f"demo-{name}"), progress=False)
         bb = resolve(args.handle, tmp / "backbones")
         lite = backbone_engine("litert", bb, size, tmp / "backbones")  # converts once, as a first run does
         if not isinstance(lite, LiteRTEngine):

@@ -41,9 +41,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 def noisy_copy(data: Path, dest: Path, flip: float, seed: int) -> tuple[set[tuple[str, str]], int]:
     """Write the dataset with flips as ``dest/all.lst`` + labels.txt (images linked or copied); return
     the flipped (path, label) pairs and the number of pairs."""
-    from mltag.prepare.readers import read_dataset
+    from mltag.datasets import read_dataset
 
-    ds = read_dataset(data)
+    ds = read_dataset(data, "auto")
     rng = np.random.default_rng(seed)
     y = np.array([ex.flags for ex in ds.examples], dtype=int)
     mask = rng.random(y.shape) < flip

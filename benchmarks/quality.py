@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mltag.config import sections
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 CALIBRATIONS = {  # name -> calibrate() keywords
@@ -47,25 +49,22 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     t0 = time.perf_counter()
     prep = work / f"prep-{salt}"
     if not prep.is_dir():
-        prepare(data, prep, salt=salt, progress=False)
+        prepare(prep, **sections("prepare", input=data, salt=salt), progress=False)
     tag = f"{backbone}-v{views}-h{hidden}-{mode}-{salt}"
     bn = work / f"bn-{backbone}-v{views}-{salt}"
     t_bn = time.perf_counter()
-    s = bottleneck(prep, bn, f"builtin:efficientnet_{backbone}", cache, backbones_dir, views=views,
-                   progress=False)
+    s = bottleneck(prep, bn, **sections("bottleneck", handle=f"builtin:efficientnet_{backbone}", cache_dir=cache, backbone_cache_dir=backbones_dir, views=views), progress=False)
     bn_seconds = time.perf_counter() - t_bn
     p = params.replace("train", hidden_units=hidden, mode=mode).replace(
         "backbone", cache_dir=str(backbones_dir), handle=f"builtin:efficientnet_{backbone}")
     run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep))
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
-        evaluate(work / f"model-{tag}", bn, work / f"ev-{tag}", work / f"ev-{tag}.json", image_root_of(prep),
-                 bootstrap=100)
+        evaluate(work / f"model-{tag}", bn, work / f"ev-{tag}", work / f"ev-{tag}.json", image_root_of(prep), **sections("evaluate", bootstrap=100))
     base_seconds = time.perf_counter() - t0
     rows = []
     for cal in calibrations:
         t1 = time.perf_counter()
-        r = calibrate(work / f"ev-{tag}", work / f"model-{tag}", work / f"th-{tag}-{cal}.json",
-                      work / f"cal-{tag}-{cal}.json", bottlenecks=bn, progress=False, **CALIBRATIONS[cal])
+        r = calibrate(work / f"ev-{tag}", work / f"model-{tag}", work / f"th-{tag}-{cal}.json", work / f"cal-{tag}-{cal}.json", **sections("calibrate", **CALIBRATIONS[cal]), bottlenecks=bn, progress=False)
         a05, acal = r["test_at_0.5"], r["test_at_thresholds"]
         rows.append({
             "backbone": backbone, "views": views, "hidden": hidden, "mode": mode, "calibration": cal, "salt": salt,

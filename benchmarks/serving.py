@@ -50,9 +50,9 @@ def pct(values, q) -> float:
 
 
 def litert_latency(folder: Path, pixels: np.ndarray, runs: int = 40) -> dict:
-    from mltag.common import quiet_stderr
     from mltag.engine import LiteRTEngine
-    from mltag.model import export_tflite
+    from mltag.export import export_tflite
+    from mltag.tf_runtime import quiet_stderr
 
     files = {"fp32": folder / "model.tflite"}
     if (folder / "model_int8.tflite").is_file():

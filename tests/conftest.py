@@ -33,8 +33,10 @@ def pytest_unconfigure(config):
 
     shutil.rmtree(os.environ.get("MLTAG_BACKBONE_CACHE", "/nonexistent"), ignore_errors=True)
 
+
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue"]
+
 
 
 def save_pooling_module(path: Path) -> Path:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mltag import backbone as bb
-from mltag.common import MltagError
+from mltag.errors import MltagError
 from mltag.torch_weights import load_legacy_state_dict
 
 

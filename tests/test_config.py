@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -18,19 +19,20 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli
-from mltag.common import MltagError
 from mltag.config import (
     SECTIONS,
     STEP_SECTIONS,
     Params,
+    flag_names,
     load_params,
+    output_keys,
     section_fields,
-    step_kwargs,
 )
+from mltag.errors import MltagError
 
 
 def _keys(section: str) -> set[str]:
-    return {f.name for f in section_fields(section)}
+    return set(section_fields(section))
 
 
 def test_params_yaml_holds_every_key_of_every_section_and_its_defaults():
@@ -41,15 +43,40 @@ def test_params_yaml_holds_every_key_of_every_section_and_its_defaults():
     assert load_params(REPO / "params.yaml") == Params()  # the committed file holds the declared defaults
 
 
-def test_every_step_function_takes_every_key_it_reads_by_keyword():
+def test_step_functions_take_typed_sections_and_no_params_key_of_their_own():
+    """A step function gets each section it reads as a required keyword (no default), and has no
+    parameter named after a params key: every value and default comes from mltag.config."""
     from mltag.steps import step_function
 
+    every_key = {k for s in SECTIONS for k in section_fields(s)} | set(SECTIONS)
     for step in STEP_SECTIONS:
         sig = inspect.signature(step_function(step)).parameters
-        missing = [k for k in step_kwargs(step, Params()) if k not in sig]
-        assert not missing, f"{step}() lacks {missing}"
-        kinds = {sig[k].kind for k in step_kwargs(step, Params())}
-        assert inspect.Parameter.POSITIONAL_ONLY not in kinds
+        for section in STEP_SECTIONS[step]:
+            assert section in sig, f"{step}() lacks its {section} section"
+            param = sig[section]
+            assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is inspect.Parameter.empty, \
+                (step, section)
+            assert param.annotation == f"config.{SECTIONS[section].__name__}", (step, section, param.annotation)
+        stray = {n for n in sig if n in every_key and n not in STEP_SECTIONS[step]} | \
+            {n for n in sig if n in flag_names(step) and n not in STEP_SECTIONS[step]}
+        assert not stray, f"{step}() takes params key(s) {stray} outside their section"
+
+
+def test_no_module_but_config_lists_the_allowed_values_of_a_key():
+    """Allowed values of a choice key are declared once (a Literal in mltag.config): no other module
+    spells the list out again."""
+    from mltag.config import choices
+
+    lists = {tuple(choices(s, k)) for s in SECTIONS for k in section_fields(s) if len(choices(s, k)) > 1}
+    src = REPO / "src" / "mltag"
+    for f in src.rglob("*.py"):
+        if f.name == "config.py":
+            continue
+        text = f.read_text()
+        for allowed in lists:
+            spelled = r"[\[(]\s*" + r",\s*".join(f'"{v}"' for v in allowed) + r",?\s*[\])]"  # the whole list
+            found = re.search(spelled, text)
+            assert not found, f"{f.relative_to(REPO)} repeats {found.group(0)}"
 
 
 def test_cli_has_a_flag_for_every_key_both_spellings():
@@ -62,15 +89,65 @@ def test_cli_has_a_flag_for_every_key_both_spellings():
         for section in sections:
             for key in _keys(section):
                 assert flags.get(f"--{section}.{key}") == f"{section}.{key}", (step, section, key)
-        for name in step_kwargs(step, Params()):
+        for name in flag_names(step):
             assert "--" + name.replace("_", "-") in flags, (step, name)
 
 
-def test_dvc_stages_depend_on_every_section_their_step_reads():
+def _dvc_params_mismatch(stages: dict) -> dict:
+    """Per stage, what its ``params:`` list lacks and what it lists beyond its step's output-changing keys."""
+    out = {}
+    for step in STEP_SECTIONS:
+        listed = [str(p) for p in stages[step].get("params", [])]
+        want = set(output_keys(step))
+        if set(listed) != want or len(listed) != len(set(listed)):
+            out[step] = {"missing": sorted(want - set(listed)), "extra": sorted(set(listed) - want)}
+    return out
+
+
+def test_dvc_stages_list_exactly_the_output_changing_keys_key_by_key():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for step, sections in STEP_SECTIONS.items():
-        listed = {str(p).split(".")[0] for p in stages[step].get("params", [])}
-        assert set(sections) <= listed, (step, set(sections) - listed)
+    assert _dvc_params_mismatch(stages) == {}
+    # The check catches one key missing, and a whole section listed instead of its keys.
+    stages["bottleneck"]["params"].remove("bottleneck.views")
+    stages["evaluate"]["params"] = ["evaluate"]
+    found = _dvc_params_mismatch(stages)
+    assert found["bottleneck"]["missing"] == ["bottleneck.views"] and found["evaluate"]["extra"] == ["evaluate"]
+
+
+def test_outputs_record_exactly_the_output_changing_keys():
+    from mltag.config import changes_output, step_config
+
+    assert not changes_output("bottleneck", "engine") and not changes_output("bottleneck", "cache_dir")
+    assert changes_output("bottleneck", "views") and changes_output("train", "learning_rate")
+    for step in STEP_SECTIONS:
+        recorded = step_config(step, Params())
+        assert sorted(f"{s}.{k}" for s in recorded for k in recorded[s]) == sorted(output_keys(step)), step
+
+
+def test_json_schema_of_params_yaml_is_committed_and_current():
+    """docs/params.schema.json is what `mltag params schema` prints: editors complete and check params.yaml
+    with it (params.yaml names it on its first line)."""
+    from mltag.config import json_schema
+
+    committed = json.loads((REPO / "docs" / "params.schema.json").read_text())
+    assert committed == json_schema(), "run: mltag params schema > docs/params.schema.json"
+    train = committed["$defs"]["Train"]
+    assert train["additionalProperties"] is False
+    assert train["properties"]["monitor"]["enum"] == ["val_loss", "val_map"]
+    assert train["properties"]["learning_rate"]["exclusiveMinimum"] == 0
+    assert (REPO / "params.yaml").read_text().startswith("# yaml-language-server: $schema=docs/params.schema.json")
+    p = run_cli("params", "schema", cwd=REPO)
+    assert json.loads(p.stdout) == committed
+
+
+def test_readme_parameter_reference_is_generated_from_the_config():
+    from mltag.config import reference_markdown
+
+    text = (REPO / "README.md").read_text()
+    begin, end = "<!-- params-reference:begin -->\n", "<!-- params-reference:end -->"
+    assert begin in text and end in text
+    assert text.split(begin)[1].split(end)[0].strip() == reference_markdown().strip(), \
+        "run: mltag params reference (and paste it between the markers)"
 
 
 def test_pipeline_and_components_take_every_section_and_key(tmp_path):
@@ -81,7 +158,7 @@ def test_pipeline_and_components_take_every_section_and_key(tmp_path):
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert set(inputs) == {*PIPELINE_SECTIONS, "data_repo", "data_rev", "tracking_uri"}
     for section in PIPELINE_SECTIONS:
-        nullable = {f.name for f in section_fields(section) if getattr(SECTIONS[section](), f.name) is None}
+        nullable = {k for k in section_fields(section) if getattr(SECTIONS[section](), k) is None}
         assert set(inputs[section]["defaultValue"]) == _keys(section) - nullable, section
     component_step = {"prepare": "prepare", "shard-indices": "bottleneck", "bottleneck-shard": "bottleneck",
                       "bottleneck": "bottleneck", "train": "train", "evaluate": "evaluate", "calibrate": "calibrate",
@@ -111,10 +188,19 @@ def test_unknown_and_mistyped_keys_name_the_file_and_key(tmp_path):
     with pytest.raises(MltagError, match=rf"{f}: unknown key train.epoch \(known: learning_rate"):
         load_params(f)
     f.write_text("train:\n  epochs: many\n")
-    with pytest.raises(MltagError, match="train.epochs must be an integer, got 'many'"):
+    with pytest.raises(MltagError, match=rf"{f}: train.epochs: must be an integer, got 'many'"):
         load_params(f)
     f.write_text("bottleneck:\n  engine: gpu\n")
-    with pytest.raises(MltagError, match="bottleneck.engine must be one of auto, litert, tf"):
+    with pytest.raises(MltagError, match="bottleneck.engine: must be one of auto, litert, tf, got 'gpu'"):
+        load_params(f)
+    f.write_text("train:\n  learning_rate: -0.1\n  dropout: 1.5\n")
+    with pytest.raises(MltagError, match=r"train.learning_rate: must be > 0.*; .*train.dropout: must be < 1"):
+        load_params(f)  # every bad key at once
+    f.write_text("calibrate:\n  method: min_precision\n")
+    with pytest.raises(MltagError, match="calibrate.method min_precision needs calibrate.min_precision"):
+        load_params(f)
+    f.write_text("train: 3\n")
+    with pytest.raises(MltagError, match="section 'train' must be a mapping"):
         load_params(f)
     f.write_text("other_tool:\n  anything: 1\ncalibrate:\n  min_precision: 0.9\n")
     assert load_params(f).calibrate.min_precision == 0.9  # other tools' sections are left alone
@@ -127,7 +213,7 @@ def test_flags_override_params_and_the_resolved_config_is_saved_with_the_output(
     saved = json.loads((tmp_path / "p" / "dataset.json").read_text())["config"]["prepare"]
     assert (saved["val_fraction"], saved["test_fraction"], saved["salt"]) == (0.2, 0.25, "from-file")
     p = run_cli("prepare", "--out", str(tmp_path / "q"), "--val-fraction", "lots", cwd=tmp_path, check=False)
-    assert p.returncode == 2 and "prepare.val_fraction must be a number" in p.stderr
+    assert p.returncode == 2 and "prepare.val_fraction: must be a number, got 'lots'" in p.stderr
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from mltag import backbone as bb
+from mltag.config import sections
 from mltag.engine import LiteRTEngine, TFEngine, backbone_engine, tflite_path
 
 
@@ -67,7 +68,7 @@ def test_unconvertible_module_falls_back_to_tf_with_one_line(tmp_path, caplog):
 
 
 def test_engine_flag_is_checked(tmp_path, fake_backbone):
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     with pytest.raises(MltagError, match="bottleneck.engine must be one of"):
         backbone_engine("cuda", bb.resolve(str(fake_backbone)), 32, tmp_path)
@@ -81,11 +82,10 @@ def test_tflite_export_predicts_the_same_labels_on_the_demo_test_split(tmp_path,
     from mltag.prepare import image_root_of, load_prepared, prepare
     from mltag.train import train
 
-    make_demo_data(tmp_path / "demo", 90)
-    prepare(tmp_path / "demo", tmp_path / "prep", progress=False)
-    bottleneck(tmp_path / "prep", tmp_path / "bn", "builtin:efficientnet_lite0", cache_dir=tmp_path / "c",
-               progress=False)  # the test session's shared backbone cache (conftest)
-    train(tmp_path / "bn", tmp_path / "model", epochs=60, patience=60, progress=False)
+    make_demo_data(tmp_path / "demo", **sections("demo-data", n_images=90))
+    prepare(tmp_path / "prep", **sections("prepare", input=tmp_path / "demo"), progress=False)
+    bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle="builtin:efficientnet_lite0", cache_dir=tmp_path / "c", views=1), progress=False)  # the test session's shared backbone cache (conftest)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", epochs=60, patience=60), progress=False)
     assert (tmp_path / "model" / "model.tflite").is_file()
     _, test = load_prepared(tmp_path / "prep", "test")
     images = [image_root_of(tmp_path / "prep") / ex.path for ex in test]
@@ -130,18 +130,19 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
     be written is a clear error, not a hang or a traceback from the writer thread. With lanes
     (one single-threaded interpreter per core, as the bottleneck step runs LiteRT) each image is
     run by one lane, whichever, and the batches still come out whole and right."""
-    from mltag.bottleneck import FeatureCache, batch_sizes, compute_missing
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
     from mltag.formats import load_hashes
     from mltag.images import load_image
+    from mltag.lanes import batch_sizes, compute_missing
     from mltag.prepare import prepare
+    from mltag.store import FeatureCache
 
-    prepare(colour_dataset, tmp_path / "prep", progress=False)
+    prepare(tmp_path / "prep", **sections("prepare", input=colour_dataset), progress=False)
     resolved = bb.resolve(str(fake_backbone))
     eng = backbone_engine(engine.split("-")[0], resolved, 32, tmp_path / "bb")
     assert eng.name == engine.split("-")[0]
     if engine == "litert-lanes":  # two lanes whatever this machine's cores
-        from mltag.common import cpu_threads
+        from mltag.workers import cpu_threads
 
         assert len(backbone_engine("litert", resolved, 32, tmp_path / "bb", lanes=True).lanes()) == cpu_threads()
         eng = Lanes(LiteRTEngine(tflite_path(resolved, 32, tmp_path / "bb"), threads=1, parallel=2))
@@ -200,11 +201,10 @@ def test_an_inference_model_scores_from_many_threads_at_once_as_it_does_alone(tm
     from mltag.prepare import prepare
     from mltag.train import train
 
-    make_demo_data(tmp_path / "demo", 40)
-    prepare(tmp_path / "demo", tmp_path / "prep", progress=False)
-    bottleneck(tmp_path / "prep", tmp_path / "bn", "builtin:efficientnet_lite0", cache_dir=tmp_path / "c",
-               progress=False)
-    train(tmp_path / "bn", tmp_path / "model", epochs=20, patience=20, progress=False)
+    make_demo_data(tmp_path / "demo", **sections("demo-data", n_images=40))
+    prepare(tmp_path / "prep", **sections("prepare", input=tmp_path / "demo"), progress=False)
+    bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle="builtin:efficientnet_lite0", cache_dir=tmp_path / "c", views=1), progress=False)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", epochs=20, patience=20), progress=False)
     model = InferenceModel(tmp_path / "model")
     assert model.engine == "litert"
     images = sorted((tmp_path / "demo" / "images").glob("*.jpg"))[:12]

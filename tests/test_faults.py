@@ -17,19 +17,21 @@ import pytest
 from test_mlflow_server import free_port, start_server, stop
 
 from conftest import run_cli
-from mltag.bottleneck import FeatureCache, bottleneck
+from mltag.bottleneck import bottleneck
 from mltag.calibrate import calibrate
+from mltag.config import sections
 from mltag.evaluate import evaluate
 from mltag.prepare import prepare
+from mltag.store import FeatureCache
 from mltag.train import train
 
 
 def _steps_until_register(tmp, dataset, backbone):
-    prepare(dataset, tmp / "prepared", progress=False)
-    bottleneck(tmp / "prepared", tmp / "bn", handle=str(backbone), cache_dir=tmp / "cache", progress=False)
-    train(tmp / "bn", tmp / "model", learning_rate=0.05, epochs=150, patience=30, progress=False)
-    evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "ev.json", bootstrap=20)
-    calibrate(tmp / "eval", tmp / "model", tmp / "th.json", tmp / "ca.json", bottlenecks=tmp / "bn", progress=False)
+    prepare(tmp / "prepared", **sections("prepare", input=dataset), progress=False)
+    bottleneck(tmp / "prepared", tmp / "bn", **sections("bottleneck", handle=str(backbone), cache_dir=tmp / "cache", views=1), progress=False)
+    train(tmp / "bn", tmp / "model", **sections("train", learning_rate=0.05, epochs=150, patience=30), progress=False)
+    evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "ev.json", **sections("evaluate", bootstrap=20))
+    calibrate(tmp / "eval", tmp / "model", tmp / "th.json", tmp / "ca.json", **sections("calibrate"), bottlenecks=tmp / "bn", progress=False)
 
 
 def _register_cli(tmp, name, env=None, check=False):
@@ -66,12 +68,11 @@ def test_register_failing_at_scoring_leaves_the_registry_unchanged(tmp_path, col
     """A champion that cannot score the new label set: the stage fails and no version is left behind."""
     from mlflow import MlflowClient
 
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
     from mltag.register import register
 
     _steps_until_register(tmp_path, colour_dataset, fake_backbone)
-    register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json",
-             model_name="labels", tflite=False)
+    register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json", **sections("register", model_name="labels", tflite=False))
     # Same model, but the prepared test split now claims a fourth label the champion does not score.
     prepared = tmp_path / "prepared"
     (prepared / "labels.txt").write_text("red\ngreen\nblue\npurple\n")
@@ -83,17 +84,15 @@ def test_register_failing_at_scoring_leaves_the_registry_unchanged(tmp_path, col
     client = MlflowClient()
     before = [(v.version, dict(v.tags)) for v in client.search_model_versions("name='labels'")]
     with pytest.raises(MltagError):
-        register(tmp_path / "model", tmp_path / "th.json", prepared, tmp_path / "rg2.json", model_name="labels",
-                 tflite=False)
+        register(tmp_path / "model", tmp_path / "th.json", prepared, tmp_path / "rg2.json", **sections("register", model_name="labels", tflite=False))
     after = [(v.version, dict(v.tags)) for v in client.search_model_versions("name='labels'")]
     assert after == before
     assert str(client.get_model_version_by_alias("labels", "challenger").version) == "1"
 
 
 def test_unreachable_mlflow_fails_within_seconds_naming_the_uri(tmp_path, colour_dataset, fake_backbone):
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
-    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "cache",
-               progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=1), progress=False)
     uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.time()
     p = run_cli("train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "model"), cwd=tmp_path,
@@ -140,7 +139,7 @@ def test_server_stopped_between_train_and_register_then_restarted(tmp_path, colo
 
 def _pack_entries(path: Path) -> tuple[list[str], np.ndarray]:
     """The keys and float16 vectors of one pack file."""
-    from mltag.bottleneck import read_pack_table
+    from mltag.store import read_pack_table
 
     data = path.read_bytes()
     dim, table = read_pack_table(data)
@@ -150,11 +149,10 @@ def _pack_entries(path: Path) -> tuple[list[str], np.ndarray]:
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "nan", "key_table"])
 def test_damaged_cache_entries_are_recomputed_never_trusted(tmp_path, colour_dataset, fake_backbone, damage):
-    from mltag.bottleneck import pack_bytes
+    from mltag.store import pack_bytes
 
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
-    first = bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone),
-                       cache_dir=tmp_path / "cache", progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    first = bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=1), progress=False)
     # The victim: the last entry of the largest pack (so a cut at its values loses it alone).
     pack = max((tmp_path / "cache").rglob("*.pack"), key=lambda p: (p.stat().st_size, p.name))
     keys, vecs = _pack_entries(pack)
@@ -171,8 +169,7 @@ def test_damaged_cache_entries_are_recomputed_never_trusted(tmp_path, colour_dat
     else:  # a flipped bit in the key table: the whole pack is a miss (counted once), never other keys
         pack.write_bytes(data[:40] + bytes([data[40] ^ 4]) + data[41:])
         lost = len(keys)
-    again = bottleneck(tmp_path / "prepared", tmp_path / "bn2", handle=str(fake_backbone),
-                       cache_dir=tmp_path / "cache", progress=False)
+    again = bottleneck(tmp_path / "prepared", tmp_path / "bn2", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=1), progress=False)
     assert again["computed"] == lost and again["cached"] == first["computed"] - lost, again
     assert again["untrusted_entries"] == 1
     np.testing.assert_array_equal(FeatureCache(tmp_path / "cache", "any", 0).get(victim), good)
@@ -207,7 +204,8 @@ def test_eps_renamed_jpg_is_refused_everywhere(tmp_path):
 
 
 def test_bom_and_non_utf8_label_files(tmp_path, colour_dataset):
-    from mltag.common import MltagError, read_labels
+    from mltag.errors import MltagError
+    from mltag.formats import read_labels
 
     bom = tmp_path / "labels.txt"
     bom.write_bytes("\ufeffdesert\nsea\n".encode("utf-8"))
@@ -219,7 +217,7 @@ def test_bom_and_non_utf8_label_files(tmp_path, colour_dataset):
         (csv_dir / "images" / img.name).write_bytes(img.read_bytes())
         rows.append(f"images/{img.name},{'red' if i % 2 else 'blue'}")
     (csv_dir / "data.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    r = prepare(csv_dir, tmp_path / "prep", progress=False)
+    r = prepare(tmp_path / "prep", **sections("prepare", input=csv_dir), progress=False)
     assert r["format"] == "csv" and r["images_used"] == 20
     latin = tmp_path / "latin" / "labels.txt"
     latin.parent.mkdir()
@@ -229,7 +227,7 @@ def test_bom_and_non_utf8_label_files(tmp_path, colour_dataset):
 
 
 def test_read_only_output_and_cache_are_clear_errors(tmp_path, colour_dataset, fake_backbone):
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     ro = tmp_path / "ro"
     if os.geteuid() == 0:  # root writes through permissions: a file where a folder must be fails the same way
         ro.write_text("not a folder\n")
@@ -306,7 +304,7 @@ def _stats(tmp, out) -> dict:
 
 @pytest.mark.slow
 def test_bottleneck_killed_mid_batch_converges_and_leftovers_are_cleaned(tmp_path, colour_dataset, fake_backbone):
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     n = 48
     killed = _bottleneck_cli(tmp_path, "bn", env={"MLTAG_FAULT": "bottleneck:written"}, handle=fake_backbone)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -329,8 +327,7 @@ def test_bottleneck_killed_mid_batch_converges_and_leftovers_are_cleaned(tmp_pat
     _bottleneck_cli(tmp_path, "bn", check=True, handle=fake_backbone)
     assert _stats(tmp_path, "bn")["computed"] == n - len(written)
     assert [f for f in leftovers if f.exists()] == [] and alive.exists()
-    clean = bottleneck(tmp_path / "prepared", tmp_path / "clean", handle=str(fake_backbone),
-                       cache_dir=tmp_path / "fresh-cache", batch_size=8, progress=False)
+    clean = bottleneck(tmp_path / "prepared", tmp_path / "clean", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "fresh-cache", batch_size=8, views=1), progress=False)
     assert clean["computed"] == n
     for name in ("train.npz", "val.npz", "test.npz", "labels.txt"):
         assert (tmp_path / "bn" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
@@ -342,11 +339,10 @@ def test_bottleneck_killed_mid_batch_converges_and_leftovers_are_cleaned(tmp_pat
 
 
 def test_rerun_on_unchanged_data_leaves_the_output_byte_identical(tmp_path, colour_dataset, fake_backbone):
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     outputs = []
     for i in range(2):
-        s = bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "cache",
-                       progress=False, views=2, metrics=tmp_path / f"m{i}.json")
+        s = bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=2), progress=False, metrics=tmp_path / f"m{i}.json")
         assert s["computed"] == (0 if i else s["computed"]) and (tmp_path / f"m{i}.json").is_file()
         outputs.append({f.name: f.read_bytes() for f in sorted((tmp_path / "bn").iterdir())})
     assert outputs[0] == outputs[1]
@@ -354,7 +350,7 @@ def test_rerun_on_unchanged_data_leaves_the_output_byte_identical(tmp_path, colo
 
 @pytest.mark.slow
 def test_two_concurrent_bottleneck_runs_compute_each_vector_once(tmp_path, colour_dataset, fake_backbone):
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     # The first run is slowed to 1 s per batch, so the second arrives while it computes.
     first = _bottleneck_cli(tmp_path, "a", env={"MLTAG_FAULT": "bottleneck:batch=sleep:1"}, popen=True,
                             handle=fake_backbone)
@@ -385,13 +381,13 @@ def test_symlinks_out_of_the_image_root_are_refused_unless_allowed(tmp_path, col
     flags = lst.read_text().splitlines()[1].split("\t")[1:-1]
     lst.write_text(lst.read_text() + "".join(f"{i}\t" + "\t".join(flags) + f"\t{p}\n"
                                              for i, p in ((900, "linked/more.jpg"), (901, "images/alias.jpg"))))
-    r = prepare(colour_dataset, tmp_path / "p1", progress=False)
+    r = prepare(tmp_path / "p1", **sections("prepare", input=colour_dataset), progress=False)
     reasons = {x["path"]: x["reason"] for x in r["rejected"]}
     assert sorted(reasons) == [f"images/{images[0].name}", "linked/more.jpg"], reasons
     assert all("outside the image root" in why and "follow_symlinks" in why for why in reasons.values())
     kept = "".join((tmp_path / "p1" / f"{s}.lst").read_text() for s in ("train", "val", "test"))
     assert "images/alias.jpg" in kept and "linked/" not in kept and images[0].name not in kept
-    r = prepare(colour_dataset, tmp_path / "p2", progress=False, follow_symlinks=True)
+    r = prepare(tmp_path / "p2", **sections("prepare", input=colour_dataset, follow_symlinks=True), progress=False)
     assert r["rejected"] == [] and r["images_used"] == 50
 
 
@@ -401,35 +397,35 @@ def test_bottleneck_reads_only_the_images_it_computes_and_checks_their_recorded_
 
     from PIL import Image
 
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
     from mltag.formats import load_hashes
 
     data = tmp_path / "data"
     shutil.copytree(colour_dataset, data)
-    prepare(data, tmp_path / "prepared", progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=data), progress=False)
     hashes = load_hashes(tmp_path / "prepared")
     assert len(hashes) == 48 and all(len(h) == 64 for h in hashes.values())
-    run = dict(handle=str(fake_backbone), progress=False)
-    assert bottleneck(tmp_path / "prepared", tmp_path / "bn", cache_dir=tmp_path / "cache", **run)["computed"] == 48
+    run = dict(progress=False)
+    assert bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=1), **run)["computed"] == 48
     # Every vector is cached: the images are not read at all, so they may be gone.
     (data / "images").rename(data / "away")
-    s = bottleneck(tmp_path / "prepared", tmp_path / "bn2", cache_dir=tmp_path / "cache", **run)
+    s = bottleneck(tmp_path / "prepared", tmp_path / "bn2", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=1), **run)
     assert s["computed"] == 0 and s["cached"] == 48
     (data / "away").rename(data / "images")
     # An image edited after prepare is caught when it is read, never cached under the old hash.
     victim = sorted(hashes)[0]
     Image.new("RGB", (32, 32), (1, 2, 3)).save(data / victim)
     with pytest.raises(MltagError, match="changed since prepare hashed it; run prepare again"):
-        bottleneck(tmp_path / "prepared", tmp_path / "bn3", cache_dir=tmp_path / "cache2", **run)
+        bottleneck(tmp_path / "prepared", tmp_path / "bn3", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache2", views=1), **run)
 
 
 def test_vector_store_at_an_fsspec_uri_is_shared_and_checked_like_a_folder(tmp_path, colour_dataset, fake_backbone):
     import fsspec
 
     store = f"memory://mltag-store-{os.getpid()}"
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
-    run = dict(handle=str(fake_backbone), cache_dir=store, progress=False)
-    first = bottleneck(tmp_path / "prepared", tmp_path / "bn1", **run)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    cfg = sections("bottleneck", handle=str(fake_backbone), cache_dir=store, views=1)
+    first = bottleneck(tmp_path / "prepared", tmp_path / "bn1", **cfg, progress=False)
     assert first["computed"] == 48
     fs = fsspec.filesystem("memory")
     assert len(FeatureCache(store, "any", 0).locations()) == 48
@@ -437,7 +433,7 @@ def test_vector_store_at_an_fsspec_uri_is_shared_and_checked_like_a_folder(tmp_p
     pack = max((p for p in fs.find(store.removeprefix("memory://")) if p.endswith(".pack")), key=fs.size)
     data = fs.cat_file(pack)
     fs.pipe_file(pack, data[:-3] + bytes([data[-3] ^ 1]) + data[-2:])
-    second = bottleneck(tmp_path / "prepared", tmp_path / "bn2", **run)
+    second = bottleneck(tmp_path / "prepared", tmp_path / "bn2", **cfg, progress=False)
     assert (second["computed"], second["cached"], second["untrusted_entries"]) == (1, 47, 1)
     for split in ("train", "val", "test"):
         a, b = (np.load(tmp_path / d / f"{split}.npz")["features"] for d in ("bn1", "bn2"))
@@ -449,7 +445,7 @@ def test_a_model_from_another_tracking_store_logs_into_one_stand_in_run(tmp_path
     from mlflow import MlflowClient
 
     from mltag import tracking
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'first.db'}")
     _steps_until_register(tmp_path, colour_dataset, fake_backbone)
@@ -457,14 +453,11 @@ def test_a_model_from_another_tracking_store_logs_into_one_stand_in_run(tmp_path
     other = f"sqlite:///{tmp_path / 'other.db'}"
     # An explicit run id (what Kubeflow passes) that this store lacks: a clear error before any work.
     with pytest.raises(MltagError, match=f"MLflow run {trained_in} does not exist in the tracking store {other}"):
-        evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval2", tmp_path / "ev2.json", bootstrap=5,
-                 tracking_uri=other, run_id=trained_in)
+        evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval2", tmp_path / "ev2.json", **sections("evaluate", bootstrap=5), tracking_uri=other, run_id=trained_in)
     assert not (tmp_path / "eval2").exists()
     # From the model folder's own run.json (dvc pull, dvc exp run --temp): one stand-in run, found again.
-    evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval2", tmp_path / "ev2.json", bootstrap=5,
-             tracking_uri=other)
-    calibrate(tmp_path / "eval2", tmp_path / "model", tmp_path / "th2.json", tmp_path / "ca2.json",
-              bottlenecks=tmp_path / "bn", progress=False, tracking_uri=other)
+    evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval2", tmp_path / "ev2.json", **sections("evaluate", bootstrap=5), tracking_uri=other)
+    calibrate(tmp_path / "eval2", tmp_path / "model", tmp_path / "th2.json", tmp_path / "ca2.json", **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False, tracking_uri=other)
     tracking.setup(other)
     runs = MlflowClient().search_runs(["0", *[e.experiment_id for e in MlflowClient().search_experiments()]])
     stand_ins = {r.info.run_id: r for r in runs if r.data.tags.get(tracking.MODEL_RUN_TAG) == trained_in}
@@ -495,7 +488,7 @@ def test_a_hand_edited_label_list_is_never_registered_or_served(tmp_path, colour
 
     from mlflow import MlflowClient
 
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
     from mltag.formats import write_integrity
     from mltag.model import InferenceModel
 
@@ -620,7 +613,7 @@ def test_a_tracking_uri_with_credentials_works_and_the_secret_goes_nowhere(tmp_p
 @pytest.mark.parametrize("value", ["--version", "--get-url", "-u/tmp/x"])
 def test_a_data_repo_or_revision_that_looks_like_an_option_is_refused(tmp_path, value):
     """Case 3: git never sees a user's value as one of its options."""
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
     from mltag.fetch import ImageSource, fetch_dataset, resolve_version
 
     with pytest.raises(MltagError, match="starts with '-', which git would read as an option"):
@@ -659,9 +652,8 @@ def _rewrite_npz(f: Path, **changes) -> None:
 def test_train_refuses_non_finite_vectors_and_never_exits_0_with_a_nan_loss(tmp_path, colour_dataset, fake_backbone,
                                                                             mlflow_store):
     """Case 4: a NaN in the split vectors (with and without a validation split), and a diverging fit."""
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
-    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "cache",
-               progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=1), progress=False)
     bn = tmp_path / "bn"
     clean = {s: (bn / f"{s}.npz").read_bytes() for s in ("train", "val")}
     with np.load(bn / "train.npz") as z:
@@ -792,9 +784,8 @@ def test_a_train_killed_with_kill_9_has_its_run_ended_by_the_next_train(tmp_path
     """Case 6: the run a killed train left RUNNING is ended as KILLED, with a note, by the next train."""
     from mlflow import MlflowClient
 
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
-    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "cache",
-               progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=1), progress=False)
     args = ("train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "model"), "--learning-rate", "0.05")
     killed = run_cli(*args, cwd=tmp_path, env={"MLTAG_FAULT": "train:fitting"}, check=False)
     assert killed.returncode == -signal.SIGKILL
@@ -823,13 +814,13 @@ def test_verbose_after_the_subcommand_and_a_dotdot_path_inside_the_root(tmp_path
     lines = lst.read_text().splitlines()
     lines[0] = lines[0].replace("\timages/", "\timages/../images/./")
     lst.write_text("\n".join(lines) + "\n")
-    r = prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    r = prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     assert r["images_used"] == 48
     listed = "".join((tmp_path / "prepared" / f"{s}.lst").read_text() for s in ("train", "val", "test"))
     assert "\timages/0000.jpg\n" in listed and ".." not in listed
     lines[1] = lines[1].replace("\timages/", "\timages/../../")
     lst.write_text("\n".join(lines) + "\n")
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     with pytest.raises(MltagError, match=r"all.lst:2: image path 'images/../../0001.jpg' leads outside the image root"):
-        prepare(colour_dataset, tmp_path / "p2", progress=False)
+        prepare(tmp_path / "p2", **sections("prepare", input=colour_dataset), progress=False)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mltag.backbone import LiteNet, load_state
-from mltag.common import MltagError
+from mltag.config import sections
+from mltag.errors import MltagError
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +42,12 @@ def test_fine_tune_needs_a_builtin_backbone(tmp_path, colour_dataset, fake_backb
     from mltag.prepare import prepare
     from mltag.train import train
 
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
-    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
-               progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=1), progress=False)
     with pytest.raises(MltagError, match="fine_tune needs a built-in backbone"):
-        train(tmp_path / "bn", tmp_path / "model", mode="fine_tune", images=colour_dataset, progress=False)
+        train(tmp_path / "bn", tmp_path / "model", **sections("train", mode="fine_tune"), images=colour_dataset, progress=False)
     with pytest.raises(MltagError, match="train.mode must be head or fine_tune"):
-        train(tmp_path / "bn", tmp_path / "model", mode="finetune", progress=False)
+        train(tmp_path / "bn", tmp_path / "model", **sections("train", mode="finetune"), progress=False)
     assert not (tmp_path / "model").exists()
 
 
@@ -78,14 +78,10 @@ def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predic
     from mltag.register import register
     from mltag.train import train
 
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     images = image_root_of(tmp_path / "prepared")
-    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle="builtin:efficientnet_lite0", image_size=64,
-               cache_dir=tmp_path / "cache", views=2, engine="tf",
-               progress=False)
-    s = train(tmp_path / "bn", tmp_path / "model", epochs=60, mode="fine_tune",
-              images=images, fine_tune_blocks=2, fine_tune_epochs=3, fine_tune_learning_rate=1e-3,
-              fine_tune_patience=0, progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle="builtin:efficientnet_lite0", image_size=64, cache_dir=tmp_path / "cache", views=2, engine="tf"), progress=False)
+    s = train(tmp_path / "bn", tmp_path / "model", **sections("train", epochs=60, mode="fine_tune", fine_tune_blocks=2, fine_tune_epochs=3, fine_tune_learning_rate=1e-3, fine_tune_patience=0), images=images, progress=False)
     assert s["mode"] == "fine_tune" and s["fine_tune_epochs_run"] == 3
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
     assert meta["mode"] == "fine_tune" and meta["fine_tune"]["tuned_blocks"] == [14, 15]
@@ -100,16 +96,14 @@ def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predic
     assert changed == trainable
 
     # evaluate scores the images end to end (cached vectors no longer match), calibrate uses validation.
-    ev = evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev.json", images, bootstrap=20)
+    ev = evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev.json", images, **sections("evaluate", bootstrap=20))
     direct = InferenceModel(tmp_path / "model").scores(
         [images / str(p) for p in np.load(tmp_path / "eval" / "scores.npz")["test_paths"]])
     np.testing.assert_allclose(np.load(tmp_path / "eval" / "scores.npz")["test_scores"], direct, atol=1e-6)
     assert ev["map"] >= 0.8, ev["map"]
-    ca = calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th.json", tmp_path / "ca.json",
-                   bottlenecks=tmp_path / "bn", progress=False)
+    ca = calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th.json", tmp_path / "ca.json", **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False)
     assert "validation" in ca["fitted_on"]
-    rg = register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json",
-                  model_name="tuned")
+    rg = register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json", **sections("register", model_name="tuned"))
     assert rg["version"] == 1 and rg["tflite"]["fp32_max_abs_diff_vs_savedmodel"] <= 1e-4
     out = InferenceModel(tmp_path / "model").predict([images / "images/0000.jpg"])
     assert set(out[0]["scores"]) == {"red", "green", "blue"}
@@ -117,9 +111,9 @@ def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predic
 
 def test_mixed_precision_path_runs_on_cpu(colour_dataset):
     """The GPU's float16 path (loss scaling, fp32 master weights) is the same code; it must run here too."""
-    from mltag.bottleneck import hash_files
-    from mltag.common import read_lst
     from mltag.finetune import fine_tune
+    from mltag.formats import read_lst
+    from mltag.lanes import hash_files
 
     rows = read_lst(colour_dataset / "all.lst")[:12]
     files = [colour_dataset / r.path for r in rows]

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from mltag.config import sections
 from mltag.kubeflow.run import compile_pipeline
 
 
@@ -88,7 +89,7 @@ def test_fine_tune_puts_train_on_the_gpu_pool_and_fails_fast_without_one(tmp_pat
 
 
 def test_bottleneck_shards_on_the_gpu_pool_when_asked(tmp_path):
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     spec, platform = _compile(tmp_path, bottleneck={"engine": "tf"},
                               pipeline={"bottleneck_on_gpu": True, "allow_cpu": True})
@@ -101,15 +102,15 @@ def test_bottleneck_shards_on_the_gpu_pool_when_asked(tmp_path):
 
 def test_a_gpu_step_without_a_gpu_fails_at_once(tmp_path, monkeypatch):
     """MLTAG_REQUIRE_GPU=1 (set on GPU tasks) on a machine with no GPU: a clear error before any work."""
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
     from mltag.train import train
 
     monkeypatch.setenv("MLTAG_REQUIRE_GPU", "1")
     with pytest.raises(MltagError, match="placed on the GPU pool but has no GPU.*allow_cpu"):
-        train(tmp_path / "missing-bottlenecks", tmp_path / "model")
+        train(tmp_path / "missing-bottlenecks", tmp_path / "model", **sections("train"))
     monkeypatch.setenv("MLTAG_REQUIRE_GPU", "0")
     with pytest.raises(MltagError, match="run the bottleneck step first"):  # allowed on CPU: past the check
-        train(tmp_path / "missing-bottlenecks", tmp_path / "model")
+        train(tmp_path / "missing-bottlenecks", tmp_path / "model", **sections("train"))
 
 
 def test_every_step_requests_cpu_and_memory_and_runs_the_project_image(compiled):
@@ -139,7 +140,7 @@ def test_dag_shape_parallelfor_and_no_cache_on_register(compiled):
 
 
 def test_without_collected_the_gather_waits_for_the_loop_and_needs_a_shared_store(tmp_path):
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     with pytest.raises(MltagError, match="collect_shards false needs a vector store every pod sees"):
         _compile(tmp_path, pipeline={"collect_shards": False})  # the default store is a relative folder
@@ -233,7 +234,7 @@ def make_dvc_data_repo(tmp_path: Path, dataset: Path) -> tuple[Path, str]:
 
 def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset):
     """prepare's data source: a git+DVC repo at a revision, recorded as repo@commit."""
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
     from mltag.fetch import ImageSource, fetch_dataset, resolve_version
 
     repo, commit = make_dvc_data_repo(tmp_path, colour_dataset)
@@ -309,7 +310,7 @@ def test_a_mutable_reference_resolves_to_an_immutable_version_and_prepare_is_cac
     assert resolve_version("data", str(repo), v1) == f"{repo}@{v1}"  # a commit id stays itself
     git("tag -a t1 -m t1 " + v1)
     assert resolve_version("data", str(repo), "t1") == f"{repo}@{v1}"
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     with pytest.raises(MltagError, match="revision 'nope' not found in data repo"):
         resolve_version("data", str(repo), "nope")
@@ -341,7 +342,7 @@ def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
 
 
 def test_on_a_cluster_without_a_tracking_uri_the_first_step_stops_with_how_to(monkeypatch):
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
     from mltag.kubeflow.components import resolve_data
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -376,7 +377,7 @@ def test_which_vector_stores_count_as_shared_on_a_cluster():
 
 def test_a_bucket_dataset_resolves_to_a_manifest_and_is_read_by_reference(tmp_path, colour_dataset):
     """fsspec's local:// protocol stands in for s3:// and gs:// (the same code path: listing, get_file)."""
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
     from mltag.fetch import ImageSource, fetch_dataset, resolve_version
 
     uri = f"local://{colour_dataset}"
@@ -500,7 +501,7 @@ def test_the_image_tag_follows_the_code_and_dirty_source_is_refused(tmp_path):
 
 
 def test_an_absolute_store_is_mounted_from_a_pvc_or_refused(tmp_path):
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     spec, platform = _compile(tmp_path, bottleneck={"cache_dir": "/mnt/vectors"},
                               pipeline={"store_pvc": "vectors-rwx"})

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from conftest import COLOURS, colour_image, make_colour_dataset, write_lst_dataset
-from mltag.common import MltagError, read_lst
+from mltag.config import sections
+from mltag.errors import MltagError
+from mltag.formats import read_lst
 from mltag.images import BadImage, load_image
 from mltag.prepare import detect_format, prepare
 
@@ -62,11 +64,11 @@ def rows_and_src(tmp_path):
 @pytest.mark.parametrize("fmt", ["image_list", "csv"])
 def test_formats_convert_to_identical_lst(tmp_path, rows_and_src, fmt):
     rows, src = rows_and_src
-    prepare(src, tmp_path / "from_lst", progress=False)
+    prepare(tmp_path / "from_lst", **sections("prepare", input=src), progress=False)
     root = tmp_path / fmt
     {"image_list": to_image_list, "csv": to_csv}[fmt](rows, root, src)
     assert detect_format(root) == fmt
-    prepare(root, tmp_path / "other", progress=False)
+    prepare(tmp_path / "other", **sections("prepare", input=root), progress=False)
     assert lst_rows(tmp_path / "other") == lst_rows(tmp_path / "from_lst")
     assert (tmp_path / "other" / "labels.txt").read_text() == (tmp_path / "from_lst" / "labels.txt").read_text()
 
@@ -76,7 +78,7 @@ def test_labels_json_format(tmp_path, rows_and_src):
     root = tmp_path / "lj"
     to_labels_json(rows, root, src)
     assert detect_format(root) == "labels_json"
-    r = prepare(root, tmp_path / "out", progress=False)
+    r = prepare(tmp_path / "out", **sections("prepare", input=root), progress=False)
     got = {ex.path: ex.flags for s in ("train", "val", "test") for ex in read_lst(tmp_path / "out" / f"{s}.lst")}
     assert got == {f"images/{i}.jpg": f for i, (_, f) in enumerate(rows, 1)}
     assert r["format"] == "labels_json"
@@ -89,7 +91,7 @@ def test_folder_per_class_becomes_one_label_rows(tmp_path):
         for i in range(8):
             colour_image(tuple(int(k == j) for k in range(3)), rng).save(tmp_path / "f" / c / f"{i}.jpg")
     assert detect_format(tmp_path / "f") == "folders"
-    prepare(tmp_path / "f", tmp_path / "out", progress=False)
+    prepare(tmp_path / "out", **sections("prepare", input=tmp_path / "f"), progress=False)
     labels = (tmp_path / "out" / "labels.txt").read_text().split()
     assert labels == sorted(COLOURS)
     for s in ("train", "val", "test"):
@@ -102,8 +104,8 @@ def test_ambiguous_input_asks_for_format(tmp_path, rows_and_src):
     to_csv(rows, tmp_path / "both", src)
     write_lst_dataset(tmp_path / "both", rows)
     with pytest.raises(MltagError, match="ambiguous input: looks like lst and csv; pass --format"):
-        prepare(tmp_path / "both", tmp_path / "out", progress=False)
-    prepare(tmp_path / "both", tmp_path / "out", format="csv", progress=False)
+        prepare(tmp_path / "out", **sections("prepare", input=tmp_path / "both"), progress=False)
+    prepare(tmp_path / "out", **sections("prepare", input=tmp_path / "both", format="csv"), progress=False)
 
 
 # --------------------------------------------------------------------------- label-file validation
@@ -129,18 +131,18 @@ def lst_case(tmp_path, lines, labels="red\ngreen\nblue\n"):
 def test_lst_errors_name_file_and_line(tmp_path, lines, message):
     d = lst_case(tmp_path, lines)
     with pytest.raises(MltagError, match=message):
-        prepare(d, tmp_path / "out", progress=False)
+        prepare(tmp_path / "out", **sections("prepare", input=d), progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_label_file_and_input(tmp_path):
     with pytest.raises(MltagError, match="input not found"):
-        prepare(tmp_path / "nope", tmp_path / "out", progress=False)
+        prepare(tmp_path / "out", **sections("prepare", input=tmp_path / "nope"), progress=False)
     d = tmp_path / "d"
     d.mkdir()
     (d / "all.lst").write_text("0\t1\ta.jpg\n")
     with pytest.raises(MltagError, match="no label names found"):
-        prepare(d, tmp_path / "out", progress=False)
+        prepare(tmp_path / "out", **sections("prepare", input=d), progress=False)
 
 
 def test_labels_json_rejects_values_other_than_plus_minus_one(tmp_path, rows_and_src):
@@ -153,7 +155,7 @@ def test_labels_json_rejects_values_other_than_plus_minus_one(tmp_path, rows_and
     # indent=1: line 1 is "[", then five lines per vector; the third vector opens on line 12.
     assert (root / "labels.json").read_text().splitlines()[11] == " ["
     with pytest.raises(MltagError, match=r"labels.json:12: vector values must be 1 or -1 in this format, got 0"):
-        prepare(root, tmp_path / "out", progress=False)
+        prepare(tmp_path / "out", **sections("prepare", input=root), progress=False)
 
 
 def test_image_list_count_must_match_row(tmp_path, rows_and_src):
@@ -165,11 +167,11 @@ def test_image_list_count_must_match_row(tmp_path, rows_and_src):
     text[4] = f"{name} {int(count) + 1}"
     (root / "image_list").write_text("\n".join(text) + "\n")
     with pytest.raises(MltagError, match=r"image_list:5: count column says \d labels but line 5 of image_label has"):
-        prepare(root, tmp_path / "out", progress=False)
+        prepare(tmp_path / "out", **sections("prepare", input=root), progress=False)
     to_image_list(rows, tmp_path / "il2", src)
     (tmp_path / "il2" / "image_label").write_text("1 0 0\n")
     with pytest.raises(MltagError, match="image_list has 40 entries but image_label has 1 rows"):
-        prepare(tmp_path / "il2", tmp_path / "out", progress=False)
+        prepare(tmp_path / "out", **sections("prepare", input=tmp_path / "il2"), progress=False)
 
 
 def test_csv_unknown_label(tmp_path, rows_and_src):
@@ -178,7 +180,7 @@ def test_csv_unknown_label(tmp_path, rows_and_src):
     with open(tmp_path / "c" / "train.csv", "a") as fh:
         fh.write("images/0001.jpg,red purple\n")
     with pytest.raises(MltagError, match=r"train.csv:42: unknown label 'purple'"):
-        prepare(tmp_path / "c", tmp_path / "out", progress=False)
+        prepare(tmp_path / "out", **sections("prepare", input=tmp_path / "c"), progress=False)
 
 
 def test_label_with_too_few_examples(tmp_path, rows_and_src):
@@ -188,16 +190,16 @@ def test_label_with_too_few_examples(tmp_path, rows_and_src):
     rows[1] = (rows[1][0], (1, 0, 1))
     write_lst_dataset(src, rows)
     with pytest.raises(MltagError, match="label 'blue' has 2 usable example"):
-        prepare(src, tmp_path / "out", progress=False)
+        prepare(tmp_path / "out", **sections("prepare", input=src), progress=False)
 
 
 def test_images_without_labels_keep_or_reject(tmp_path, rows_and_src):
     rows, src = rows_and_src
     rows[0] = (rows[0][0], (0, 0, 0))
     write_lst_dataset(src, rows)
-    kept = prepare(src, tmp_path / "keep", progress=False)
+    kept = prepare(tmp_path / "keep", **sections("prepare", input=src), progress=False)
     assert kept["images_used"] == 40
-    rej = prepare(src, tmp_path / "reject", no_label="reject", progress=False)
+    rej = prepare(tmp_path / "reject", **sections("prepare", input=src, no_label="reject"), progress=False)
     assert rej["images_used"] == 39
     assert rej["rejected"][0]["path"] == rows[0][0] and "no labels" in rej["rejected"][0]["reason"]
 
@@ -213,7 +215,7 @@ def test_bad_images_are_skipped_and_reported(tmp_path, rows_and_src):
     (src / rows[2][0]).write_text("this is not an image")
     (src / rows[3][0]).unlink()
     Image.new("L", (3000, 3000)).save(src / rows[4][0], "PNG")
-    r = prepare(src, tmp_path / "out", max_bad_fraction=0.2, max_pixels=4_000_000, progress=False)
+    r = prepare(tmp_path / "out", **sections("prepare", input=src, max_bad_fraction=0.2, max_pixels=4_000_000), progress=False)
     reasons = {x["path"]: x["reason"] for x in r["rejected"]}
     assert reasons[rows[0][0]] == "zero-byte file"
     assert "truncated" in reasons[rows[1][0]]
@@ -224,7 +226,7 @@ def test_bad_images_are_skipped_and_reported(tmp_path, rows_and_src):
     assert r["images_used"] == 35
     assert "zero-byte file" in (tmp_path / "out" / "report.html").read_text()
     with pytest.raises(MltagError, match=r"5 of 40 images are unusable \(12.5% > prepare.max_bad_fraction=5.0%\)"):
-        prepare(src, tmp_path / "out2", max_pixels=4_000_000, progress=False)
+        prepare(tmp_path / "out2", **sections("prepare", input=src, max_pixels=4_000_000), progress=False)
 
 
 def test_modes_and_exif_are_normalised(tmp_path):
@@ -270,7 +272,7 @@ def test_duplicates_share_a_split_and_near_duplicates_are_reported(tmp_path, row
     pair = sorted([rows[1][0], "images/near.png"])
     group = [rows[0][0]] + [f"images/copy{i}.jpg" for i in range(5)]
     for salt in (f"s{i}" for i in range(50)):
-        r = prepare(src, tmp_path / "out", salt=salt, progress=False)
+        r = prepare(tmp_path / "out", **sections("prepare", input=src, salt=salt), progress=False)
         split_of = {ex.path: s for s in ("train", "val", "test") for ex in read_lst(tmp_path / "out" / f"{s}.lst")}
         assert len({split_of[p] for p in group}) == 1
         assert sorted(group) in r["exact_duplicates"]
@@ -288,11 +290,11 @@ def test_adding_ten_percent_keeps_every_old_image_in_its_split(tmp_path):
     src = tmp_path / "d"
     rows = make_colour_dataset(src, n=100)
     write_lst_dataset(src, rows)
-    prepare(src, tmp_path / "v1", progress=False)
+    prepare(tmp_path / "v1", **sections("prepare", input=src), progress=False)
     before = {ex.path: s for s in ("train", "val", "test") for ex in read_lst(tmp_path / "v1" / f"{s}.lst")}
     rows += make_colour_dataset(src, n=10, seed=5, start=100)
     write_lst_dataset(src, rows)
-    r = prepare(src, tmp_path / "v2", progress=False)
+    r = prepare(tmp_path / "v2", **sections("prepare", input=src), progress=False)
     after = {ex.path: s for s in ("train", "val", "test") for ex in read_lst(tmp_path / "v2" / f"{s}.lst")}
     assert len(after) == 110
     assert {p: after[p] for p in before} == before
@@ -307,13 +309,13 @@ def test_every_label_reaches_every_split(tmp_path):
     for i in range(3):  # a rare label with three examples
         rows[i] = (rows[i][0], (rows[i][1][0], rows[i][1][1], 1))
     write_lst_dataset(src, rows)
-    r = prepare(src, tmp_path / "out", progress=False)
+    r = prepare(tmp_path / "out", **sections("prepare", input=src), progress=False)
     assert r["examples_per_label"]["blue"] == {"train": 1, "val": 1, "test": 1}
 
 
 def test_report_contents(tmp_path, rows_and_src):
     rows, src = rows_and_src
-    r = prepare(src, tmp_path / "out", progress=False)
+    r = prepare(tmp_path / "out", **sections("prepare", input=src), progress=False)
     y = np.array([f for _, f in rows])
     assert r["cooccurrence"] == (y.T @ y).tolist()
     assert r["label_cardinality"]["mean"] == pytest.approx(y.sum(1).mean())
@@ -329,10 +331,10 @@ def test_labels_json_dict_forms(tmp_path, rows_and_src):
     to_labels_json(rows, root, src)
     vectors = json.loads((root / "labels.json").read_text())
     (root / "labels.json").write_text(json.dumps({str(i): v for i, v in enumerate(vectors, 1)}))
-    a = prepare(root, tmp_path / "a", progress=False)
+    a = prepare(tmp_path / "a", **sections("prepare", input=root), progress=False)
     (root / "labels.txt").unlink()
     (root / "labels.json").write_text(json.dumps({"labels": COLOURS, "vectors": vectors}))
-    b = prepare(root, tmp_path / "b", progress=False)
+    b = prepare(tmp_path / "b", **sections("prepare", input=root), progress=False)
     assert lst_rows(tmp_path / "a") == lst_rows(tmp_path / "b")
     assert a["images_used"] == b["images_used"] == 40
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import COLOURS, make_colour_dataset, run_cli, write_lst_dataset
 from mltag.bottleneck import bottleneck
 from mltag.calibrate import calibrate
+from mltag.config import sections
 from mltag.evaluate import evaluate
 from mltag.prepare import prepare
 from mltag.train import train
@@ -34,15 +35,12 @@ def reviewed(tmp_path, fake_backbone, mlflow_store):
     data = tmp_path / "colours"
     rows, flipped = _flip(make_colour_dataset(data, n=90), [(3, 0), (10, 1), (25, 2), (40, 0), (61, 1), (77, 2)])
     write_lst_dataset(data, rows)
-    prepare(data, tmp_path / "prepared", progress=False)
-    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "cache",
-               progress=False)
-    train(tmp_path / "bn", tmp_path / "model", learning_rate=0.05, epochs=150, patience=30, progress=False)
-    evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev.json", bootstrap=20)
-    calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th.json", tmp_path / "ca.json",
-              bottlenecks=tmp_path / "bn", progress=False, oof_out=tmp_path / "oof.npz")
-    r = review(tmp_path / "oof.npz", tmp_path / "review", tmp_path / "rv.json", prepared=tmp_path / "prepared",
-               model_dir=tmp_path / "model", filter_by="prune_by_noise_rate", thumbnails=24)
+    prepare(tmp_path / "prepared", **sections("prepare", input=data), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=1), progress=False)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150, patience=30), progress=False)
+    evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev.json", **sections("evaluate", bootstrap=20))
+    calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th.json", tmp_path / "ca.json", **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False, oof_out=tmp_path / "oof.npz")
+    r = review(tmp_path / "oof.npz", tmp_path / "review", tmp_path / "rv.json", **sections("review", filter_by="prune_by_noise_rate", thumbnails=24), prepared=tmp_path / "prepared", model_dir=tmp_path / "model")
     return tmp_path, data, flipped, r
 
 
@@ -80,7 +78,8 @@ def test_review_ranks_the_injected_flips_first_and_logs_to_the_models_run(review
 
 
 def test_review_apply_round_trips_through_prepare_and_never_touches_the_original(reviewed):
-    from mltag.common import MltagError, read_lst
+    from mltag.errors import MltagError
+    from mltag.formats import read_lst
     from mltag.review import apply_review
 
     tmp, data, flipped, _ = reviewed
@@ -93,14 +92,14 @@ def test_review_apply_round_trips_through_prepare_and_never_touches_the_original
         w.writeheader()
         w.writerows(accepted)
     original = (data / "all.lst").read_bytes()
-    target = apply_review(acc, data)
+    target = apply_review(acc, data, "auto")
     assert target == data / "all.reviewed.lst" and (data / "all.lst").read_bytes() == original
     # the folder still reads as the original dataset; the corrected file reads with the fixes
-    prepare(data, tmp / "again", progress=False)
+    prepare(tmp / "again", **sections("prepare", input=data), progress=False)
     before = {ex.path: ex.flags for s in ("train", "val", "test") for ex in read_lst(tmp / "prepared" / f"{s}.lst")}
     again = {ex.path: ex.flags for s in ("train", "val", "test") for ex in read_lst(tmp / "again" / f"{s}.lst")}
     assert again == before
-    prepare(target, tmp / "fixed", progress=False)
+    prepare(tmp / "fixed", **sections("prepare", input=target), progress=False)
     fixed = {ex.path: ex.flags for s in ("train", "val", "test") for ex in read_lst(tmp / "fixed" / f"{s}.lst")}
     for x in accepted:
         j = COLOURS.index(x["label"])
@@ -108,7 +107,7 @@ def test_review_apply_round_trips_through_prepare_and_never_touches_the_original
     assert sum(fixed[p] != before[p] for p in before) == len({x["path"] for x in accepted})
     # applying the same rows to the corrected file: their given labels are no longer there
     with pytest.raises(MltagError, match=r"accepted.csv:2: .* not "):
-        apply_review(acc, target, out=tmp / "twice.lst")
+        apply_review(acc, target, "auto", out=tmp / "twice.lst")
     # the CLI: prepare.input from params, a one-line answer
     (tmp / "params.yaml").write_text(f"prepare:\n  input: {data}\n")
     target.unlink()
@@ -117,7 +116,7 @@ def test_review_apply_round_trips_through_prepare_and_never_touches_the_original
 
 
 def test_review_apply_writes_a_csv_for_a_csv_or_folder_dataset(tmp_path):
-    from mltag.prepare.readers import detect_format, read_dataset
+    from mltag.datasets import detect_format, read_dataset
     from mltag.review import apply_review
 
     root = tmp_path / "folders"
@@ -130,17 +129,17 @@ def test_review_apply_writes_a_csv_for_a_csv_or_folder_dataset(tmp_path):
             colour_image((1, 0, 0) if name == "cat" else (0, 1, 0), rng).save(root / name / f"{i}.jpg")
     acc = tmp_path / "acc.csv"
     acc.write_text("path,label,given,suggested,score,confidence\ncat/0.jpg,dog,0,1,0.9,0.9\n")
-    target = apply_review(acc, root)
+    target = apply_review(acc, root, "auto")
     assert target == root / "reviewed.csv" and detect_format(root) == "folders"
-    ds = read_dataset(target)
+    ds = read_dataset(target, "auto")
     got = {ex.path: dict(zip(ds.labels, ex.flags)) for ex in ds.examples}
     assert got["cat/0.jpg"] == {"cat": 1, "dog": 1} and got["cat/1.jpg"] == {"cat": 1, "dog": 0}
     csv_data = tmp_path / "kaggle"
     shutil.copytree(root, csv_data, ignore=shutil.ignore_patterns("*.csv"))
     (csv_data / "data.csv").write_text("path,labels\ncat/0.jpg,cat\ncat/1.jpg,cat\ndog/0.jpg,dog\ndog/1.jpg,dog\n")
-    target = apply_review(acc, csv_data)
+    target = apply_review(acc, csv_data, "auto")
     assert target == csv_data / "data.reviewed.csv" and detect_format(csv_data) == "csv"
-    assert read_dataset(csv_data).examples[0].source.startswith(str(csv_data / "data.csv"))
+    assert read_dataset(csv_data, "auto").examples[0].source.startswith(str(csv_data / "data.csv"))
     assert "cat/0.jpg,cat dog" in target.read_text()
 
 
@@ -166,15 +165,13 @@ def test_suggest_against_a_registered_model_reuses_the_vector_store(tmp_path, fa
 
     data = tmp_path / "colours"
     write_lst_dataset(data, make_colour_dataset(data, n=60))
-    prepare(data, tmp_path / "prepared", progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=data), progress=False)
     store = tmp_path / "store"
-    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=store, progress=False)
-    train(tmp_path / "bn", tmp_path / "model", learning_rate=0.05, epochs=150, patience=30, progress=False)
-    evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev.json", bootstrap=20)
-    calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th.json", tmp_path / "ca.json",
-              bottlenecks=tmp_path / "bn", progress=False)
-    register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json",
-             model_name="active", tflite=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=store, views=1), progress=False)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150, patience=30), progress=False)
+    evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev.json", **sections("evaluate", bootstrap=20))
+    calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th.json", tmp_path / "ca.json", **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False)
+    register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json", **sections("register", model_name="active", tflite=False))
     new = tmp_path / "unlabelled"
     make_colour_dataset(new, n=12, seed=5, start=500)
     (new / "images" / "dup.jpg").write_bytes((new / "images" / "0500.jpg").read_bytes())

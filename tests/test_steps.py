@@ -5,30 +5,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from conftest import COLOURS, make_colour_dataset, run_cli, write_lst_dataset
-from mltag.bottleneck import FeatureCache, bottleneck
+from mltag.bottleneck import bottleneck
 from mltag.calibrate import calibrate
-from mltag.common import MltagError, read_lst
+from mltag.config import sections
+from mltag.errors import MltagError
 from mltag.evaluate import evaluate
+from mltag.formats import read_lst
 from mltag.prepare import prepare
 from mltag.register import register
+from mltag.store import FeatureCache
 from mltag.train import train
 
 
 def run_all(tmp, dataset, backbone, lr=0.05, name="colours", **reg):
-    prepare(dataset, tmp / "prepared", progress=False)
-    bn = bottleneck(tmp / "prepared", tmp / "bn", handle=str(backbone), cache_dir=tmp / "cache", progress=False)
-    tr = train(tmp / "bn", tmp / "model", learning_rate=lr, epochs=150, patience=30, progress=False,
-               config={"train": {"learning_rate": lr}})
-    ev = evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "metrics" / "evaluate.json", bootstrap=50)
-    ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json",
-                   bottlenecks=tmp / "bn", progress=False)
-    rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "metrics" / "register.json",
-                  model_name=name, **reg)
+    prepare(tmp / "prepared", **sections("prepare", input=dataset), progress=False)
+    bn = bottleneck(tmp / "prepared", tmp / "bn", **sections("bottleneck", handle=str(backbone), cache_dir=tmp / "cache", views=1), progress=False)
+    tr = train(tmp / "bn", tmp / "model", **sections("train", learning_rate=lr, epochs=150, patience=30), progress=False, config={"train": {"learning_rate": lr}})
+    ev = evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "metrics" / "evaluate.json", **sections("evaluate", bootstrap=50))
+    ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json", **sections("calibrate"), bottlenecks=tmp / "bn", progress=False)
+    rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "metrics" / "register.json", **sections("register", model_name=name), **reg)
     return bn, tr, ev, ca, rg
 
 
@@ -82,24 +84,21 @@ def add_images(root, rows, prepared, n, seed):
     """Add ``n`` images to the dataset at ``root`` (``rows`` grows in place) and prepare it again."""
     rows += make_colour_dataset(root, n=n, seed=seed, start=len(rows))
     write_lst_dataset(root, rows)
-    prepare(root, prepared, progress=False)
+    prepare(prepared, **sections("prepare", input=root), progress=False)
 
 
 def test_bottleneck_cache_computes_only_new_images(tmp_path, fake_backbone):
     root, rows = tmp_path / "data", []
     add_images(root, rows, tmp_path / "prep", n=40, seed=0)
-    first = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
-                       progress=False)
+    first = bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=1), progress=False)
     assert (first["computed"], first["cached"]) == (40, 0)
     add_images(root, rows, tmp_path / "prep", n=4, seed=9)
-    second = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
-                        progress=False)
+    second = bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=1), progress=False)
     assert (second["computed"], second["cached"]) == (4, 40)
     with np.load(tmp_path / "bn" / "train.npz") as z:
         assert z["features"].dtype == np.float16 and z["features"].shape[1] == 6
     # A different image size is a different cache key: nothing stale is reused.
-    third = bottleneck(tmp_path / "prep", tmp_path / "bn2", handle=str(fake_backbone), cache_dir=tmp_path / "c",
-                       image_size=32, progress=False)
+    third = bottleneck(tmp_path / "prep", tmp_path / "bn2", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", image_size=32, views=1), progress=False)
     assert third["computed"] == 44
 
 
@@ -160,7 +159,7 @@ def test_imap_ordered_starts_its_window_at_the_call_and_keeps_order():
     """compute_missing loads the engine after the call: the first decodes must already be running."""
     import threading
 
-    from mltag.common import imap_ordered
+    from mltag.workers import imap_ordered
 
     started = threading.Semaphore(0)
 
@@ -182,28 +181,24 @@ def test_imap_ordered_starts_its_window_at_the_call_and_keeps_order():
 
 
 def test_sharded_bottleneck_then_gather(tmp_path, colour_dataset, fake_backbone):
-    prepare(colour_dataset, tmp_path / "prep", progress=False)
+    prepare(tmp_path / "prep", **sections("prepare", input=colour_dataset), progress=False)
     shards = []
     for i in range(3):
-        s = bottleneck(tmp_path / "prep", tmp_path / f"shard{i}", handle=str(fake_backbone),
-                       cache_dir=tmp_path / f"cache{i}", shard_index=i, num_shards=3, progress=False)
+        s = bottleneck(tmp_path / "prep", tmp_path / f"shard{i}", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / f"cache{i}", num_shards=3, views=1), shard_index=i, progress=False)
         shards.append(s["computed"])
         assert not (tmp_path / f"shard{i}" / "train.npz").exists()
     assert sum(shards) == 48 and min(shards) > 0
-    g = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "gather",
-                   extra_caches=[tmp_path / f"cache{i}" for i in range(3)], progress=False)
+    g = bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "gather", views=1), extra_caches=[tmp_path / f"cache{i}" for i in range(3)], progress=False)
     assert g["computed"] == 0 and g["cached"] == 48
 
 
 def test_failed_step_leaves_previous_output_intact(tmp_path, colour_dataset, fake_backbone):
-    prepare(colour_dataset, tmp_path / "prep", progress=False)
-    bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
-               progress=False)
+    prepare(tmp_path / "prep", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=1), progress=False)
     before = (tmp_path / "bn" / "train.npz").read_bytes()
     os.remove(colour_dataset / "images" / "0003.jpg")
     with pytest.raises(MltagError, match="0003.jpg"):
-        bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c2",
-                   progress=False)
+        bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c2", views=1), progress=False)
     assert (tmp_path / "bn" / "train.npz").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bn")) == []
 
@@ -244,8 +239,7 @@ def test_predict_cli_local_folder(tmp_path, colour_dataset, fake_backbone, mlflo
     assert r["labels"] == [c for c, f in zip(COLOURS, truth) if f]
     p = run_cli("predict", "--json", "--tta", "mean", "--model", str(tmp_path / "model"), str(img), cwd=tmp_path)
     assert json.loads(p.stdout.strip().splitlines()[-1])["labels"] == r["labels"]
-    ev = evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval-tta", tmp_path / "ev-tta.json",
-                  images=colour_dataset, bootstrap=0, tta="max")
+    ev = evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval-tta", tmp_path / "ev-tta.json", **sections("evaluate", bootstrap=0, tta="max"), images=colour_dataset)
     assert ev["tta"] == "max" and ev["map"] >= 0.9
     p = run_cli("predict", "--model", "models:/nope@champion", str(img), cwd=tmp_path, check=False)
     assert p.returncode == 2 and "cannot load model models:/nope@champion" in p.stderr
@@ -258,18 +252,15 @@ def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset
 
     client = MlflowClient()
     # A weak champion first (tiny learning rate, few epochs), then a strong challenger.
-    prepare(colour_dataset, tmp_path / "prepared", progress=False)
-    bottleneck(tmp_path / "prepared", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
-               progress=False)
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=1), progress=False)
 
     def cycle(tag, lr, epochs, **gate):
         m = tmp_path / f"model-{tag}"
-        train(tmp_path / "bn", m, learning_rate=lr, epochs=epochs, patience=epochs, progress=False, seed=1)
-        evaluate(m, tmp_path / "bn", tmp_path / f"eval-{tag}", tmp_path / f"ev-{tag}.json", bootstrap=0)
-        calibrate(tmp_path / f"eval-{tag}", m, tmp_path / f"th-{tag}.json", tmp_path / f"ca-{tag}.json",
-                  bottlenecks=tmp_path / "bn", cv_folds=0)
-        return register(m, tmp_path / f"th-{tag}.json", tmp_path / "prepared", tmp_path / f"rg-{tag}.json",
-                        model_name="gate", **gate)
+        train(tmp_path / "bn", m, **sections("train", learning_rate=lr, epochs=epochs, patience=epochs, seed=1), progress=False)
+        evaluate(m, tmp_path / "bn", tmp_path / f"eval-{tag}", tmp_path / f"ev-{tag}.json", **sections("evaluate", bootstrap=0))
+        calibrate(tmp_path / f"eval-{tag}", m, tmp_path / f"th-{tag}.json", tmp_path / f"ca-{tag}.json", **sections("calibrate", cv_folds=0), bottlenecks=tmp_path / "bn")
+        return register(m, tmp_path / f"th-{tag}.json", tmp_path / "prepared", tmp_path / f"rg-{tag}.json", **sections("register", model_name="gate"), **gate)
 
     weak = cycle("weak", 1e-4, 2)
     assert weak["promoted"] and weak["reason"] == "no champion yet"
@@ -291,7 +282,7 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
     import keras
 
     from mltag.backbone import resolve
-    from mltag.model import export_inference_model, export_tflite
+    from mltag.export import export_inference_model, export_tflite
 
     *_, first = run_all(tmp_path, colour_dataset, fake_backbone, name="onelabel")
     assert first["promoted"]
@@ -307,8 +298,7 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
     from mltag.formats import write_integrity
 
     write_integrity(bad)  # a model built by hand records its own content hash
-    second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json",
-                      model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05)
+    second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json", **sections("register", model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05))
     assert not second["promoted"]
     assert second["reason"].startswith("label 'blue' AP drops")
     from mlflow import MlflowClient
@@ -317,19 +307,16 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
 
 
 def test_augmented_views_are_cached_once_and_only_for_training_images(tmp_path, fake_backbone):
-    from mltag.bottleneck import load_views
+    from mltag.formats import load_views
 
     root, rows = tmp_path / "data", []
     add_images(root, rows, tmp_path / "prep", n=40, seed=0)
-    plain = bottleneck(tmp_path / "prep", tmp_path / "bn1", handle=str(fake_backbone), cache_dir=tmp_path / "c",
-                       progress=False)
+    plain = bottleneck(tmp_path / "prep", tmp_path / "bn1", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=1), progress=False)
     n_train = len(read_lst(tmp_path / "prep" / "train.lst"))
-    first = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
-                       views=3, progress=False)
+    first = bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=3), progress=False)
     # The plain vectors came from the cache; only the 2 extra views of each training image were computed.
     assert (plain["computed"], first["computed"], first["cached"]) == (40, 2 * n_train, 40)
-    again = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
-                       views=3, progress=False)
+    again = bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=3), progress=False)
     assert again["computed"] == 0
     views = load_views(tmp_path / "bn", "train")
     assert views.shape == (n_train, 2, 6)
@@ -344,8 +331,7 @@ def test_augmented_views_are_cached_once_and_only_for_training_images(tmp_path, 
     # Adding images computes only the new images' vectors and views.
     add_images(root, rows, tmp_path / "prep", n=6, seed=5)
     new_train = len(read_lst(tmp_path / "prep" / "train.lst")) - n_train
-    more = bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c",
-                      views=3, progress=False)
+    more = bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=3), progress=False)
     assert more["computed"] == 6 + 2 * new_train
 
 
@@ -408,10 +394,9 @@ def test_out_of_fold_scores_come_from_heads_that_never_saw_the_image(tmp_path, c
                                                                   mlflow_store):
     from mltag.oof import out_of_fold_scores
 
-    prepare(colour_dataset, tmp_path / "prep", progress=False)
-    bottleneck(tmp_path / "prep", tmp_path / "bn", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=2,
-               progress=False)
-    train(tmp_path / "bn", tmp_path / "model", learning_rate=0.05, epochs=80, patience=80, progress=False)
+    prepare(tmp_path / "prep", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=2), progress=False)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=80, patience=80), progress=False)
     y, s, folds, paths = out_of_fold_scores(tmp_path / "bn", tmp_path / "model", 4)
     assert len(paths) == len(y) and len(set(paths)) == len(paths)
     n = len(read_lst(tmp_path / "prep" / "train.lst")) + len(read_lst(tmp_path / "prep" / "val.lst"))
@@ -426,8 +411,7 @@ def test_out_of_fold_scores_come_from_heads_that_never_saw_the_image(tmp_path, c
 def test_a_quantized_model_that_loses_accuracy_is_not_shipped(tmp_path, colour_dataset, fake_backbone, mlflow_store):
     """The int8 gate: calibrated on black images only, the int8 model's activation ranges miss every real
     image; dynamic range (no calibration) may still pass. Neither passing: no model_int8.tflite, and why."""
-    from mltag.common import read_labels
-    from mltag.formats import verify_integrity
+    from mltag.formats import read_labels, verify_integrity
     from mltag.register import _bundle, tflite_parity
 
     run_all(tmp_path, colour_dataset, fake_backbone, name="int8gate")
@@ -440,12 +424,45 @@ def test_a_quantized_model_that_loses_accuracy_is_not_shipped(tmp_path, colour_d
 
     fp32 = InferenceModel(bundle).scores(images)
     black = [np.zeros((224, 224, 3), np.uint8)] * 8
-    par = tflite_parity(bundle, images, y, labels, [], fp32, representative=black, max_drop=0.01)
+    par = tflite_parity(bundle, images, y, labels, [], fp32, representative=black, int8_images=8, max_drop=0.01)
     assert par["int8_test_map"] < par["fp32_test_map"] - 0.01 or par["int8_test_micro_f1"] < \
         par["fp32_test_micro_f1"] - 0.01, par  # deliberately bad, and measured so
     if par["int8_shipped"]:
         assert par["int8_kind"] == "dynamic_range" and (bundle / "model_int8.tflite").is_file()
-    par = tflite_parity(bundle, images, y, labels, [], fp32, representative=black, max_drop=-1.0)
+    par = tflite_parity(bundle, images, y, labels, [], fp32, representative=black, int8_images=8, max_drop=-1.0)
     assert not par["int8_shipped"] and not (bundle / "model_int8.tflite").exists()
     assert par["int8_reason"].startswith("not shipped: no quantized model stays within -1.0 of fp32")
     verify_integrity(bundle)  # the bundle's recorded content matches what is (not) there
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_the_numpy_trainer_and_the_saved_keras_head_are_one_model(hidden):
+    """head.npz (scored in numpy by evaluate, calibrate and suggest) and head.keras hold the same
+    weights and give the same scores, to 1e-5, with or without a hidden layer."""
+    from mltag.head import NumpyHead, fit_head, predict_head, to_keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 24)).astype(np.float16)
+    y = (x[:, :3].astype(np.float32) + rng.normal(0, 0.3, (300, 3)) > 0).astype(np.uint8)
+    head, history, _ = fit_head(x[:240], y[:240], x[240:], y[240:], learning_rate=0.01, epochs=20, batch_size=32,
+                                hidden_units=hidden, dropout=0.2, patience=5, monitor="val_map", seed=1)
+    assert len(history["loss"]) >= 1 and history["loss"][-1] < history["loss"][0] + 1e-6
+    keras_scores = predict_head(to_keras(head, 0.2), x)  # dropout is off at inference in both
+    numpy_scores = NumpyHead.from_weights(head.weights).predict(x)
+    np.testing.assert_allclose(numpy_scores, keras_scores, atol=1e-5)
+    assert 0.0 < float(numpy_scores.min()) and float(numpy_scores.max()) < 1.0
+
+
+def test_head_scores_need_no_tensorflow(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    """Scoring cached vectors with a model folder's head runs in a process that never imports TF."""
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
+                                                                     cache_dir=tmp_path / "c", views=1), progress=False)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=20), progress=False)
+    code = ("import sys, numpy as np; from mltag.formats import load_split; from mltag.head import head_scores;"
+            "x, y, p = load_split(sys.argv[2], 'test'); s = head_scores(sys.argv[1], x);"
+            "assert s.shape == y.shape, s.shape; assert 'tensorflow' not in sys.modules; print(len(s))")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model"), str(tmp_path / "bn")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and int(p.stdout) > 0, p.stderr[-2000:]
+    assert (tmp_path / "model" / "head.npz").is_file()

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, import_tensorflow, lock_file_for, locked
+from mltag.errors import MltagError
+from mltag.files import atomic_path, lock_file_for, locked
+from mltag.tf_runtime import import_tensorflow
 
 log = logging.getLogger(__name__)
 

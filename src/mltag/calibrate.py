@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mltag import config
 from mltag import metrics as M
-from mltag.common import MltagError, write_json_atomic
-from mltag.formats import model_mode, write_oof
+from mltag.errors import MltagError
+from mltag.files import write_json_atomic
+from mltag.formats import model_mode, write_oof, write_thresholds
 from mltag.oof import assign_folds, out_of_fold_scores
 
 log = logging.getLogger(__name__)
@@ -132,14 +134,12 @@ def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: l
 
 
 def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
-              metrics_file: str | os.PathLike, method: str = "f1", min_precision: float | None = None,
-              min_positives: int = 5, tracking_uri: str | None = None, run_id: str | None = None, *,
-              bottlenecks: str | os.PathLike | None = None, cv_folds: int = 5, shrink: float = 10.0,
-              min_gain: float = 0.01, progress: bool = True, config: dict | None = None,
-              oof_out: str | os.PathLike | None = None) -> dict:
+              metrics_file: str | os.PathLike, *, calibrate: config.Calibrate, tracking_uri: str | None = None,
+              run_id: str | None = None, bottlenecks: str | os.PathLike | None = None, progress: bool = True,
+              config: dict | None = None, oof_out: str | os.PathLike | None = None) -> dict:
     """Fit per-label thresholds; report test metrics at 0.5 and at the thresholds.
 
-    With ``cv_folds`` > 1 (and ``bottlenecks``), thresholds come from out-of-fold scores over
+    ``calibrate`` is the typed params section. With ``cv_folds`` > 1 (and ``bottlenecks``), thresholds come from out-of-fold scores over
     train+val: the head is refitted ``cv_folds`` times on cached vectors, so every image is
     scored by a head that never saw it. With ``cv_folds`` 0 they come from the validation
     scores alone (small validation sets overfit). ``method: none`` ships 0.5 everywhere.
@@ -155,10 +155,8 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
 
     from mltag import tracking
 
-    if method not in ("f1", "min_precision", "none"):
-        raise MltagError(f"calibrate.method must be f1, min_precision or none, got {method!r}")
-    if method == "min_precision" and min_precision is None:
-        raise MltagError("calibrate.method=min_precision needs calibrate.min_precision")
+    method, min_precision, min_positives = calibrate.method, calibrate.min_precision, calibrate.min_positives
+    cv_folds, shrink, min_gain = calibrate.cv_folds, calibrate.shrink, calibrate.min_gain
     run_id = tracking.join_model_run(model_dir, run_id, tracking_uri)  # found (or its absence said) before any work
     from mltag.formats import load_scores, read_model_meta
 
@@ -219,7 +217,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         "test_at_thresholds": at_cal,
     }
     th["config"] = config
-    write_json_atomic(out, th)
+    write_thresholds(out, th)
     write_json_atomic(metrics_file, result)
     if run_id:
         with mlflow.start_run(run_id=run_id):

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from mltag.common import MltagError
+from mltag.errors import MltagError
 
 # Paths each step reads and writes (defaults match dvc.yaml).
 STEP_PATHS = {
@@ -37,19 +37,19 @@ def step_flags(step: str) -> list[tuple[list[str], str, str]]:
     """The generated config flags of a step: ``([--section.key, --key], "section.key", help)``.
 
     Every key of every section the step reads is ``--section.key``; it is also ``--key``
-    (dashes for underscores) under the step function's own name for it, e.g.
-    ``--val-fraction`` or ``--backbone-cache-dir``.
+    (dashes for underscores), e.g. ``--val-fraction``, or ``--section-key`` where two sections
+    share the key's name (``--backbone-cache-dir``).
     """
-    from mltag.config import STEP_SECTIONS, Params, section_fields, step_kwargs
+    from mltag.config import STEP_SECTIONS, choices, flag_names, section_fields
 
-    names = iter(step_kwargs(step, Params()))
+    names = iter(flag_names(step))
     out = []
     for section in STEP_SECTIONS[step]:
-        for f in section_fields(section):
+        for key, f in section_fields(section).items():
             alias = "--" + next(names).replace("_", "-")
-            choices = f.metadata.get("choices")
-            hlp = (f.metadata["help"] + (f" ({', '.join(choices)})" if choices else "")).replace("%", "%%")
-            out.append(([f"--{section}.{f.name}", alias], f"{section}.{f.name}", hlp))
+            allowed = choices(section, key)
+            hlp = (f.description + (f" ({', '.join(allowed)})" if allowed else "")).replace("%", "%%")
+            out.append(([f"--{section}.{key}", alias], f"{section}.{key}", hlp))
     return out
 
 
@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text (a line per image), csv (path, labels, error, score per label) or jsonl")
     pr.add_argument("--json", action="store_true", help="the same as --format jsonl")
     pr.add_argument("--out", default=None, help="write the rows here (written whole when done) instead of stdout")
-    pr.add_argument("--tta", choices=["none", "mean", "max"], default="none",
+    from mltag.config import choices
+
+    pr.add_argument("--tta", choices=choices("evaluate", "tta"), default="none",
                     help="test-time augmentation: combine 10 crops/mirrors by mean or max")
     sg = sub.add_parser("suggest", help="rank unlabelled images for labelling (uncertainty, then diversity)")
     sg.add_argument("--model", default=None, help="models:/NAME@champion (default, NAME from params), runs:/... or "
@@ -123,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--n", type=int, default=100, help="how many to suggest (default 100)")
     sg.add_argument("--out", default="suggest.csv", help="CSV, most worth labelling first (default suggest.csv)")
     sg.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
+    pa = sub.add_parser("params", help="params.yaml tools: its JSON Schema, its reference table, a check")
+    pas = pa.add_subparsers(dest="params_command", required=True)
+    pas.add_parser("schema", help="print the JSON Schema of params.yaml (for editors: docs/params.schema.json)")
+    pas.add_parser("reference", help="print the parameter reference (Markdown, as in the README)")
+    pck = pas.add_parser("check", help="check a params file: every key known, every value valid")
+    pck.add_argument("file", nargs="?", default="params.yaml")
     ms = sub.add_parser("metrics", help="print the last run's metrics table and registry decision")
     ms.add_argument("--evaluate", default="metrics/evaluate.json")
     ms.add_argument("--calibrate", default="metrics/calibrate.json")
@@ -245,7 +253,7 @@ def _dispatch(args) -> int:
     if cmd in ("train", "evaluate", "register", "backbone") and not args.verbose:
         # TF's C++ logs a few startup lines (oneDNN, "could not find cuda drivers") before any
         # Python-side setting applies; -v shows them.
-        from mltag.common import import_tensorflow
+        from mltag.tf_runtime import import_tensorflow
 
         import_tensorflow()
     progress = not args.quiet
@@ -293,6 +301,16 @@ def _dispatch(args) -> int:
         else:
             out = build_builtin(args.name, args.out)
             print(f"backbone: {args.name} written to {out}")
+    elif cmd == "params":
+        from mltag import config
+
+        if args.params_command == "schema":
+            print(json.dumps(config.json_schema(), indent=2))
+        elif args.params_command == "reference":
+            print(config.reference_markdown(), end="")
+        else:
+            config.load_params(args.file)
+            print(f"{args.file}: every key known, every value valid")
     elif cmd == "pipeline":
         return _pipeline(args)
     return 0
@@ -322,8 +340,8 @@ def _run_step(step: str, args, progress: bool) -> int:
               f"{len(r['rejected'])} rejected; report in {args.out}/report.html")
     elif step == "bottleneck":
         rt.update(images=args.images, extra_caches=args.extra_cache, shard_index=args.shard_index or 0)
-        if args.shard_index is None:
-            rt["num_shards"] = 1  # bottleneck.num_shards is the Kubeflow fan-out; locally one run does it all
+        if args.shard_index is None:  # bottleneck.num_shards is the Kubeflow fan-out; locally one run does it all
+            params = params.replace("bottleneck", num_shards=1)
         run_step(step, params, **rt)
     elif step == "train":
         s = run_step(step, params, **rt, history_file=args.history, images=_image_root(args.prepared))
@@ -397,7 +415,7 @@ def _predict(args) -> int:
         model = f"models:/{load_params(args.params).register.model_name}@champion"
     fmt = "jsonl" if args.json else args.format
     if args.out:
-        from mltag.common import atomic_path
+        from mltag.files import atomic_path
 
         with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
             ok, failed = predict(model, args.images, fmt, fh, args.tta, args.tracking_uri,

@@ -1,170 +1,238 @@
-"""One typed config per params.yaml section: every parameter is declared here, once.
+"""One typed, validated model per params.yaml section: every parameter is declared here, once.
 
-params.yaml, the CLI flags (``mltag <step> --section.key`` or ``--key``), the step
-functions' keyword arguments and the Kubeflow pipeline's parameters (one dict per
-section) are all derived from these dataclasses; ``tests/test_config.py`` fails when
-one of those views misses a key.
+The sections are pydantic models. params.yaml, the CLI flags (``mltag <step> --section.key``
+or ``--key``), the step functions' section arguments, dvc.yaml's per-stage ``params:``, the
+JSON Schema of params.yaml (``mltag params schema``), the README's parameter reference
+(``mltag params reference``) and the Kubeflow pipeline's parameters (one dict per section)
+all come from these classes; ``tests/test_config.py`` fails when one of those views
+drifts. No step module holds a default or a list of allowed values of its own.
+
+Each key says whether it changes its step's output (``changes_output``). Those keys, and
+only those, are the step's dvc.yaml ``params:`` and the config recorded in its outputs;
+the others (where the vector store lives, how many shards, which engine computes the
+same vectors) only change where or how fast the work is done.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
-from collections import Counter
-from dataclasses import dataclass, field, fields
+import typing
+import warnings
 from pathlib import Path
+from typing import Literal
 
-from mltag.common import MltagError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+from mltag.errors import MltagError
 
 
-def opt(default, help: str, choices: tuple | None = None):
-    """A config field: its default, one line of help, and the allowed values when it is a choice."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help: str, *, output: bool = True, **bounds):
+    """A config key: its default, one line of help, whether it changes the step's output, and
+    its bounds (``ge``, ``gt``, ``le``, ``lt``). Allowed values of a choice are its ``Literal`` type."""
+    return Field(default, description=help, json_schema_extra={"changes_output": output}, **bounds)
 
 
-@dataclass(frozen=True)
-class Demo:
-    n_images: int = opt(400, "built-in demo scenes (desert, mountains, sea, sunset, trees)")
+_NULLS = ("null", "none", "~", "")
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys are errors, values are read leniently from text
+    (CLI flags, ``dvc exp run -S``) and from whole floats (KFP), and the object is frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data):
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key, value in data.items():
+            f = cls.model_fields.get(key)
+            if f is None:
+                continue
+            base, optional = _base_type(f.annotation)
+            if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NULLS)):
+                out[key] = None
+            elif base is str or typing.get_origin(base) is Literal:
+                if isinstance(value, os.PathLike):  # a path given from Python
+                    out[key] = os.fspath(value)
+                elif isinstance(value, bool):  # YAML reads `true` as a bool
+                    out[key] = str(value).lower()
+                elif isinstance(value, (int, float)):
+                    out[key] = str(value)
+            elif base in (int, float) and isinstance(value, bool):
+                out[key] = str(value).lower()  # a bool is not a number: fails with the value named
+            elif base is bool and isinstance(value, str):
+                out[key] = value.strip().lower()
+        return out
+
+
+def _base_type(annotation) -> tuple[object, bool]:
+    """``(T, optional)`` for ``T`` or ``T | None``."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return annotation, False
+
+
+class Demo(Section):
+    n_images: int = opt(400, "built-in demo scenes (desert, mountains, sea, sunset, trees)", ge=1)
     seed: int = opt(7, "demo data seed")
 
 
-@dataclass(frozen=True)
-class Prepare:
+class Prepare(Section):
     input: str = opt("data/demo", "your dataset folder or file (see README: formats)")
-    format: str = opt("auto", "input format", ("auto", "lst", "labels_json", "image_list", "folders", "csv"))
-    val_fraction: float = opt(0.15, "validation fraction")
-    test_fraction: float = opt(0.15, "test fraction")
-    no_label: str = opt("keep", "images without labels: kept as all-negative, or rejected", ("keep", "reject"))
-    max_bad_fraction: float = opt(0.05, "fail when more images than this are unusable")
-    max_pixels: int = opt(40_000_000, "decompression-bomb cap")
+    format: Literal["auto", "lst", "labels_json", "image_list", "folders", "csv"] = opt("auto", "input format")
+    val_fraction: float = opt(0.15, "validation fraction", ge=0, lt=1)
+    test_fraction: float = opt(0.15, "test fraction", ge=0, lt=1)
+    no_label: Literal["keep", "reject"] = opt("keep", "images without labels: kept as all-negative, or rejected")
+    max_bad_fraction: float = opt(0.05, "fail when more images than this are unusable", output=False, ge=0, le=1)
+    max_pixels: int = opt(40_000_000, "decompression-bomb cap", ge=1)
     salt: str = opt("mltag", "split hash salt: changing it reshuffles every split")
     follow_symlinks: bool = opt(False, "accept images that are symlinks to files outside the image root")
 
 
-@dataclass(frozen=True)
-class Backbone:
+class Backbone(Section):
     handle: str = opt("builtin:efficientnet_lite2",
                       "builtin:efficientnet_lite0/1/2, a TF Hub URL or a local SavedModel folder")
-    image_size: int = opt(0, "input size; 0: the built-in's own (224/240/260), 224 for other modules")
+    image_size: int = opt(0, "input size; 0: the built-in's own (224/240/260), 224 for other modules", ge=0)
     cache_dir: str = opt("", "where built-in backbones are built and converted; empty: the per-user cache "
                          "($MLTAG_BACKBONE_CACHE, else $XDG_CACHE_HOME/mltag/backbones, else "
-                         "~/.cache/mltag/backbones)")
+                         "~/.cache/mltag/backbones)", output=False)
 
 
-@dataclass(frozen=True)
-class Bottleneck:
+class Bottleneck(Section):
     batch_size: int = opt(32, "images per TF batch and per decode task (LiteRT runs one image per invoke "
-                          "whatever it is)")
+                          "whatever it is)", output=False, ge=1)
     cache_dir: str = opt(".mltag-cache/bottlenecks", "the vector store, content-addressed: a folder, or an fsspec "
-                         "URI (s3://, gs://); on Kubeflow an absolute path (a PVC) or URI is shared by all runs")
-    num_shards: int = opt(1, "Kubeflow: bottleneck shards computed in parallel")
-    engine: str = opt("auto", "auto (LiteRT on CPU, TF when a GPU is visible), litert or tf", ("auto", "litert", "tf"))
-    views: int = opt(4, "vectors per training image: the plain one + views-1 augmented (crop, flip, colour)")
+                         "URI (s3://, gs://); on Kubeflow an absolute path (a PVC) or URI is shared by all runs",
+                         output=False)
+    num_shards: int = opt(1, "Kubeflow: bottleneck shards computed in parallel", output=False, ge=1)
+    engine: Literal["auto", "litert", "tf"] = opt(
+        "auto", "auto (LiteRT on CPU, TF when a GPU is visible), litert or tf: the same vectors (the store's keys "
+        "do not name the engine), at another speed", output=False)
+    views: int = opt(4, "vectors per training image: the plain one + views-1 augmented (crop, flip, colour)", ge=1)
 
 
-@dataclass(frozen=True)
-class Train:
-    learning_rate: float = opt(0.001, "Adam learning rate of the head")
-    epochs: int = opt(200, "maximum epochs of the head")
-    batch_size: int = opt(32, "batch size")
-    hidden_units: int = opt(0, "0: logistic head; >0: one ReLU hidden layer")
-    dropout: float = opt(0.2, "dropout rate")
-    patience: int = opt(15, "early-stopping patience (epochs)")
-    monitor: str = opt("val_loss", "early-stopping metric", ("val_loss", "val_map"))
+class Train(Section):
+    learning_rate: float = opt(0.001, "Adam learning rate of the head", gt=0)
+    epochs: int = opt(200, "maximum epochs of the head", ge=1)
+    batch_size: int = opt(32, "batch size", ge=1)
+    hidden_units: int = opt(0, "0: logistic head; >0: one ReLU hidden layer", ge=0)
+    dropout: float = opt(0.2, "dropout rate", ge=0, lt=1)
+    patience: int = opt(15, "early-stopping patience (epochs)", ge=1)
+    monitor: Literal["val_loss", "val_map"] = opt("val_loss", "early-stopping and best-epoch metric, of the head "
+                                                  "and of fine_tune")
     seed: int = opt(42, "random seed")
-    mode: str = opt("head", "head (on cached vectors) or fine_tune (also the backbone's top blocks, from the images)",
-                    ("head", "fine_tune"))
-    fine_tune_blocks: int = opt(2, "fine_tune: top blocks trained (the rest stays frozen); built-in backbones only")
-    fine_tune_epochs: int = opt(10, "fine_tune: maximum epochs")
-    fine_tune_learning_rate: float = opt(2e-5, "fine_tune: backbone learning rate; the head gets 10x this")
-    fine_tune_patience: int = opt(3, "fine_tune: epochs without a better val loss before stopping")
-    mixed_precision: str = opt("auto", "auto (float16 on a GPU), true or false", ("auto", "true", "false"))
+    mode: Literal["head", "fine_tune"] = opt(
+        "head", "head (on cached vectors) or fine_tune (also the backbone's top blocks, from the images)")
+    fine_tune_blocks: int = opt(2, "fine_tune: top blocks trained (the rest stays frozen); built-in backbones only",
+                                ge=1)
+    fine_tune_epochs: int = opt(10, "fine_tune: maximum epochs", ge=1)
+    fine_tune_learning_rate: float = opt(2e-5, "fine_tune: backbone learning rate; the head gets 10x this", gt=0)
+    fine_tune_patience: int = opt(3, "fine_tune: epochs without a better train.monitor value before stopping", ge=1)
+    mixed_precision: Literal["auto", "true", "false"] = opt("auto", "auto (float16 on a GPU), true or false")
 
 
-@dataclass(frozen=True)
-class Evaluate:
-    bootstrap: int = opt(1000, "bootstrap resamples for 95% confidence intervals")
+class Evaluate(Section):
+    bootstrap: int = opt(1000, "bootstrap resamples for 95% confidence intervals", ge=0)
     seed: int = opt(0, "bootstrap seed")
-    tta: str = opt("none", "test-time augmentation (10 crops/mirrors), end to end", ("none", "mean", "max"))
+    tta: Literal["none", "mean", "max"] = opt("none", "test-time augmentation (10 crops/mirrors), end to end")
 
 
-@dataclass(frozen=True)
-class Calibrate:
-    method: str = opt("f1", "f1, min_precision, or none (0.5 for every label)", ("f1", "min_precision", "none"))
-    min_precision: float | None = opt(None, "precision target for method min_precision, e.g. 0.9")
-    min_positives: int = opt(5, "labels with fewer positives get the global threshold")
-    cv_folds: int = opt(5, "thresholds from out-of-fold scores over train+val (k head refits); 0: validation only")
-    shrink: float = opt(10.0, "pseudo-positives pulling each label's threshold toward the global one")
+class Calibrate(Section):
+    method: Literal["f1", "min_precision", "none"] = opt("f1", "f1, min_precision, or none (0.5 for every label)")
+    min_precision: float | None = opt(None, "precision target for method min_precision, e.g. 0.9", gt=0, le=1)
+    min_positives: int = opt(5, "labels with fewer positives get the global threshold", ge=0)
+    cv_folds: int = opt(5, "thresholds from out-of-fold scores over train+val (k head refits); 0: validation only",
+                        ge=0)
+    shrink: float = opt(10.0, "pseudo-positives pulling each label's threshold toward the global one", ge=0)
     min_gain: float = opt(0.01, "out-of-fold F1 gain a label (and the whole set) needs to leave 0.5")
 
-
-@dataclass(frozen=True)
-class Review:
-    filter_by: str = opt("prune_by_noise_rate", "cleanlab's rule for flagging an (image, label) pair",
-                         ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"))
-    thumbnails: int = opt(24, "review.html: the most likely errors shown per label")
-
-
-@dataclass(frozen=True)
-class Tracking:
-    experiment: str = opt("mltag", "MLflow experiment of the training runs")
+    @model_validator(mode="after")
+    def _precision_target(self):
+        if self.method == "min_precision" and self.min_precision is None:
+            raise ValueError("calibrate.method min_precision needs calibrate.min_precision (e.g. 0.9)")
+        return self
 
 
-@dataclass(frozen=True)
-class Register:
+class Review(Section):
+    filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                       "predicted_neq_given"] = opt("prune_by_noise_rate",
+                                                    "cleanlab's rule for flagging an (image, label) pair")
+    thumbnails: int = opt(24, "review.html: the most likely errors shown per label", ge=0)
+
+
+class Tracking(Section):
+    experiment: str = opt("mltag", "MLflow experiment of the training runs (where the run is filed, not what "
+                          "it computes)", output=False)
+
+
+class Register(Section):
     model_name: str = opt("mltag", "registered model name")
     margin: float = opt(0.0, "the challenger's test mAP must beat the champion's by more than this")
-    max_label_ap_drop: float = opt(0.05, "largest per-label AP drop allowed against the champion")
+    max_label_ap_drop: float = opt(0.05, "largest per-label AP drop allowed against the champion", ge=0)
     tflite: bool = opt(True, "also register model.tflite, and a quantized model_int8.tflite when it keeps the "
                        "accuracy, with a parity table")
-    int8_images: int = opt(300, "training images that calibrate the int8 model's activation ranges")
+    int8_images: int = opt(300, "training images that calibrate the int8 model's activation ranges", ge=1)
     int8_max_drop: float = opt(0.01, "largest test mAP or micro F1 drop against fp32 that a quantized model may "
-                               "have and still ship (full int8 first, then dynamic range)")
+                               "have and still ship (full int8 first, then dynamic range)", ge=0)
 
 
-@dataclass(frozen=True)
-class Pipeline:
-    accelerator_type: str = opt("nvidia.com/gpu", "Kubernetes accelerator resource of GPU tasks")
-    gpu_count: int = opt(1, "GPUs per GPU task")
-    gpu_node_label_key: str = opt("cloud.google.com/gke-accelerator", "the GPU node pool's label key")
-    gpu_node_label_value: str = opt("nvidia-tesla-t4", "the GPU node pool's label value")
-    mlflow_secret: str = opt("mlflow-tracking", "Kubernetes secret with MLFLOW_TRACKING_URI (optional)")
-    parallelism: int = opt(4, "bottleneck shards computed at once")
-    gpu_image: str = opt("", "image for GPU steps (a CUDA build); empty: the same image as the CPU steps")
-    bottleneck_on_gpu: bool = opt(False, "bottleneck shards on the GPU pool (with bottleneck.engine tf)")
-    allow_cpu: bool = opt(False, "a GPU step that finds no GPU fails fast unless this is true")
+class Pipeline(Section):
+    accelerator_type: str = opt("nvidia.com/gpu", "Kubernetes accelerator resource of GPU tasks", output=False)
+    gpu_count: int = opt(1, "GPUs per GPU task", output=False, ge=0)
+    gpu_node_label_key: str = opt("cloud.google.com/gke-accelerator", "the GPU node pool's label key", output=False)
+    gpu_node_label_value: str = opt("nvidia-tesla-t4", "the GPU node pool's label value", output=False)
+    mlflow_secret: str = opt("mlflow-tracking", "Kubernetes secret with MLFLOW_TRACKING_URI (optional)", output=False)
+    parallelism: int = opt(4, "bottleneck shards computed at once", output=False, ge=1)
+    gpu_image: str = opt("", "image for GPU steps (a CUDA build); empty: the same image as the CPU steps",
+                         output=False)
+    bottleneck_on_gpu: bool = opt(False, "bottleneck shards on the GPU pool (with bottleneck.engine tf)", output=False)
+    allow_cpu: bool = opt(False, "a GPU step that finds no GPU fails fast unless this is true", output=False)
     store_pvc: str = opt("", "PersistentVolumeClaim mounted at bottleneck.cache_dir (an absolute path) on every task "
-                         "that reads or writes the vector store; empty: a bucket URI or pod-local store")
+                         "that reads or writes the vector store; empty: a bucket URI or pod-local store", output=False)
     collect_shards: bool = opt(True, "gather the shards' artifacts with dsl.Collected (KFP backend 2.5+); false: "
-                               "the gather waits for the shard loop and reads the shared vector store only")
+                               "the gather waits for the shard loop and reads the shared vector store only",
+                               output=False)
 
 
-@dataclass(frozen=True)
-class Params:
-    demo: Demo = field(default_factory=Demo)
-    prepare: Prepare = field(default_factory=Prepare)
-    backbone: Backbone = field(default_factory=Backbone)
-    bottleneck: Bottleneck = field(default_factory=Bottleneck)
-    train: Train = field(default_factory=Train)
-    evaluate: Evaluate = field(default_factory=Evaluate)
-    calibrate: Calibrate = field(default_factory=Calibrate)
-    review: Review = field(default_factory=Review)
-    tracking: Tracking = field(default_factory=Tracking)
-    register: Register = field(default_factory=Register)
-    pipeline: Pipeline = field(default_factory=Pipeline)
+with warnings.catch_warnings():  # `register` shadows BaseModel.register (abc's), which nothing here calls
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    class Params(BaseModel):
+        """All of params.yaml: one typed section per step (and the pipeline's placement)."""
 
-    def section(self, name: str):
-        return getattr(self, name)
+        model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def replace(self, section: str, **values) -> Params:
-        """A copy with some keys of one section changed (checked like params.yaml values)."""
-        return dataclasses.replace(self, **{section: build_section(section, values, "", getattr(self, section))})
+        demo: Demo = Field(default_factory=Demo)
+        prepare: Prepare = Field(default_factory=Prepare)
+        backbone: Backbone = Field(default_factory=Backbone)
+        bottleneck: Bottleneck = Field(default_factory=Bottleneck)
+        train: Train = Field(default_factory=Train)
+        evaluate: Evaluate = Field(default_factory=Evaluate)
+        calibrate: Calibrate = Field(default_factory=Calibrate)
+        review: Review = Field(default_factory=Review)
+        tracking: Tracking = Field(default_factory=Tracking)
+        register: Register = Field(default_factory=Register)
+        pipeline: Pipeline = Field(default_factory=Pipeline)
+
+        def to_dict(self) -> dict:
+            return self.model_dump()
+
+        def section(self, name: str) -> Section:
+            return getattr(self, name)
+
+        def replace(self, section: str, **values) -> Params:
+            """A copy with some keys of one section changed (checked like params.yaml values)."""
+            return self.model_copy(update={section: build_section(section, values, "", getattr(self, section))})
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Params)}
+SECTIONS: dict[str, type[Section]] = {name: f.default_factory for name, f in Params.model_fields.items()}
 
 # The sections each step reads, its own first. Kubeflow runs every step but demo-data;
 # the pipeline section is placement, fixed when the pipeline is compiled.
@@ -180,84 +248,82 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def section_fields(section: str) -> list[dataclasses.Field]:
-    return list(fields(SECTIONS[section]))
+def section_fields(section: str) -> dict[str, FieldInfo]:
+    """A section's keys, in params.yaml order."""
+    return dict(SECTIONS[section].model_fields)
+
+
+def choices(section: str, key: str) -> tuple[str, ...]:
+    """The allowed values of a choice key (its ``Literal`` type); empty for any other key."""
+    base, _ = _base_type(section_fields(section)[key].annotation)
+    return typing.get_args(base) if typing.get_origin(base) is Literal else ()
+
+
+def changes_output(section: str, key: str) -> bool:
+    return bool((section_fields(section)[key].json_schema_extra or {}).get("changes_output", True))
+
+
+def output_keys(step: str) -> list[str]:
+    """``section.key`` of every key that changes ``step``'s output: its dvc.yaml ``params:``,
+    and what its outputs record (``step_config``)."""
+    return [f"{s}.{k}" for s in STEP_SECTIONS[step] for k in section_fields(s) if changes_output(s, k)]
 
 
 # Key names that more than one section has (cache_dir, seed, batch_size).
-_SHARED_KEYS = {name for name, n in Counter(f.name for s in SECTIONS for f in section_fields(s)).items() if n > 1}
+_SHARED_KEYS = {k for k in {k for s in SECTIONS for k in section_fields(s)}
+                if sum(k in section_fields(s) for s in SECTIONS) > 1}
+
+_MESSAGES = {
+    "int_parsing": "must be an integer", "int_type": "must be an integer", "int_from_float": "must be an integer",
+    "float_parsing": "must be a number", "float_type": "must be a number", "finite_number": "must be a finite number",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+    "string_type": "must be text",
+}
 
 
-def coerce(cls: type, key: str, value, where: str):
-    """``value`` as the declared type of ``cls.key``, or an error naming ``where``."""
-    f = {x.name: x for x in fields(cls)}[key]
-    typ = str(f.type)
-    optional = "None" in typ
-    base = typ.replace("| None", "").strip()
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and optional):
-        if optional:
-            return None
-        raise MltagError(f"{where} must be a {base}, not empty")
-    if base == "bool":
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-            value = value.strip().lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise MltagError(f"{where} must be true or false, got {value!r}")
-    elif base in ("int", "float"):
-        value = _number(value, int if base == "int" else float, where)
-    elif base == "str":
-        choices = f.metadata.get("choices") or ()
-        if isinstance(value, bool) and str(value).lower() in choices:  # YAML reads `true` as a bool
-            value = str(value).lower()
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise MltagError(f"{where} must be text, got {value!r}")
-        value = str(value)
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise MltagError(f"{where} must be one of {', '.join(choices)}; got {value!r}")
-    return value
+def _message(section: str, err: dict, at: str) -> str:
+    key = ".".join(str(x) for x in err["loc"])
+    path = f"{section}.{key}" if key else section
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return f"{at}unknown key {path} (known: {', '.join(section_fields(section))})"
+    if kind == "literal_error":
+        text = f"must be one of {', '.join(choices(section, key))}"
+    elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        text = f"must be {op} {bound}"
+    elif kind == "model_type" or kind == "dict_type":
+        return f"{at}section {path!r} must be a mapping of keys to values"
+    elif kind == "value_error":  # a rule across keys: its message names them
+        return f"{at}{err['msg'].removeprefix('Value error, ')}"
+    else:
+        text = _MESSAGES.get(kind, err["msg"].lower())
+    return f"{at}{path}: {text}, got {value!r}"
 
 
-def _number(value, cast: type, where: str):
-    """``value`` as an int or float: numbers and numeric text; an int also from a whole float (KFP's)."""
-    what = "an integer" if cast is int else "a number"
-    if isinstance(value, str):
-        try:
-            value = cast(value)
-        except ValueError:
-            raise MltagError(f"{where} must be {what}, got {value!r}") from None
-    if cast is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    allowed = (int,) if cast is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, allowed):
-        raise MltagError(f"{where} must be {what}, got {value!r}")
-    return cast(value)
+def build_section(section: str, values: dict, where: str, base: Section | None = None) -> Section:
+    """A section from ``values`` over ``base`` (default: the declared defaults); unknown keys fail.
 
-
-def build_section(section: str, values: dict, where: str, base=None):
-    """A section's config from ``values`` over ``base`` (default: the built-in defaults); unknown keys fail.
-
-    ``where`` (a file, or what set the values) starts each error message when given.
+    ``where`` (a file, or what set the values) starts each error message when given; the
+    message then names the key path: ``params.yaml: train.epochs: must be an integer, got 'many'``.
     """
     cls = SECTIONS[section]
     at = f"{where}: " if where else ""
     if not isinstance(values, dict):
         raise MltagError(f"{at}section {section!r} must be a mapping of keys to values")
-    known = [f.name for f in fields(cls)]
-    for key in values:
-        if key not in known:
-            raise MltagError(f"{at}unknown key {section}.{key} (known: {', '.join(known)})")
-    cur = base if base is not None else cls()
-    return dataclasses.replace(cur, **{k: coerce(cls, k, v, f"{at}{section}.{k}") for k, v in values.items()})
+    current = base.model_dump(exclude_unset=True) if base is not None else {}
+    try:
+        return cls.model_validate({**current, **values})
+    except ValidationError as e:
+        raise MltagError("; ".join(_message(section, err, at) for err in e.errors())) from None
 
 
 def params_from_dict(data: dict, where: str, base: Params | None = None) -> Params:
     """Params from nested ``{section: {key: value}}``; sections of other tools are ignored."""
     p = base or Params()
-    for section, values in data.items():
-        if section in SECTIONS:
-            p = dataclasses.replace(p, **{section: build_section(section, values, where, getattr(p, section))})
-    return p
+    update = {s: build_section(s, v, where, getattr(p, s)) for s, v in data.items() if s in SECTIONS}
+    return p.model_copy(update=update)
 
 
 def load_params(path: str | os.PathLike | None = None) -> Params:
@@ -281,21 +347,64 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     return params_from_dict(data, str(path))
 
 
-def step_kwargs(step: str, params: Params) -> dict:
-    """The step function's keyword arguments from the sections it reads.
+def flag_names(step: str) -> list[str]:
+    """The short CLI flag of each key a step reads (``--learning-rate``), in section order.
 
     A key of the step's own section keeps its name; so does a key of another section,
     unless some other section has a key of that name too (``cache_dir``, ``seed``), then
-    it is ``<section>_<key>`` (``backbone_cache_dir``).
+    it is ``<section>_<key>`` (``--backbone-cache-dir``).
     """
-    out = {}
-    for i, section in enumerate(STEP_SECTIONS[step]):
-        cfg = getattr(params, section)
-        for f in fields(cfg):
-            out[f"{section}_{f.name}" if i > 0 and f.name in _SHARED_KEYS else f.name] = getattr(cfg, f.name)
-    return out
+    return [f"{section}_{k}" if i > 0 and k in _SHARED_KEYS else k
+            for i, section in enumerate(STEP_SECTIONS[step]) for k in section_fields(section)]
+
+
+def step_sections(step: str, params: Params) -> dict[str, Section]:
+    """The typed sections a step function takes, by section name (its keyword arguments)."""
+    return {s: getattr(params, s) for s in STEP_SECTIONS[step]}
+
+
+def sections(step: str, params: Params | None = None, **values) -> dict[str, Section]:
+    """A step function's sections from Python: ``params`` (default: the declared defaults, the
+    same as params.yaml's) with ``values`` set, named as the step's short flags
+    (``learning_rate``, ``handle``, ``backbone_cache_dir``) and checked like params.yaml values::
+
+        train(bottlenecks, out, **sections("train", learning_rate=0.01))
+    """
+    where = dict(zip(flag_names(step), ((s, k) for s in STEP_SECTIONS[step] for k in section_fields(s))))
+    unknown = sorted(set(values) - set(where))
+    if unknown:
+        raise MltagError(f"step {step} reads no key {', '.join(unknown)} (known: {', '.join(where)})")
+    p = params or Params()
+    for name, v in values.items():
+        section, key = where[name]
+        p = p.replace(section, **{key: v})
+    return step_sections(step, p)
 
 
 def step_config(step: str, params: Params) -> dict:
-    """The resolved values a step ran with, by section: saved beside its outputs and logged to MLflow."""
-    return {s: dataclasses.asdict(getattr(params, s)) for s in STEP_SECTIONS[step]}
+    """The output-changing values a step ran with, by section: recorded in its outputs and logged to MLflow."""
+    keys = set(output_keys(step))
+    return {s: {k: v for k, v in getattr(params, s).model_dump().items() if f"{s}.{k}" in keys}
+            for s in STEP_SECTIONS[step]}
+
+
+def json_schema() -> dict:
+    """A JSON Schema of params.yaml, for editors (``# yaml-language-server: $schema=...``)."""
+    schema = Params.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "mltag params.yaml"
+    return schema
+
+
+def reference_markdown() -> str:
+    """The README's parameter reference: one table per section, generated from these classes."""
+    lines = []
+    for section in SECTIONS:
+        lines += [f"**{section}**", "", "| key | default | changes output | what it does |", "|---|---|---|---|"]
+        for key, f in section_fields(section).items():
+            allowed = choices(section, key)
+            help_ = f.description + (f" ({' / '.join(allowed)})" if allowed else "")
+            lines.append(f"| `{key}` | `{json.dumps(f.default)}` | {'yes' if changes_output(section, key) else 'no'} "
+                         f"| {help_.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from mltag.common import Example, atomic_path, write_labels, write_lst
+from mltag import config
+from mltag.files import atomic_path
+from mltag.formats import Example, write_labels, write_lst
 
 DEMO_LABELS = ["desert", "mountains", "sea", "sunset", "trees"]
 
@@ -108,14 +110,13 @@ def draw_scene(flags: tuple[int, ...], rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def make_demo_data(out: str | os.PathLike, n_images: int = 400, seed: int = 7) -> Path:
-    """Write ``n_images`` scenes plus ``labels.txt`` and ``all.lst`` under ``out``.
+def make_demo_data(out: str | os.PathLike, *, demo: config.Demo) -> Path:
+    """Write ``demo.n_images`` scenes plus ``labels.txt`` and ``all.lst`` under ``out``.
 
     Files whose bytes would not change are left untouched, so DVC and the bottleneck cache see
     only the new ones when ``n_images`` grows.
     """
-    if n_images < 1:
-        raise ValueError("n_images must be at least 1")
+    n_images, seed = demo.n_images, demo.seed
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     examples = []

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mltag.common import MltagError, cpu_threads
+from mltag.errors import MltagError
+from mltag.workers import cpu_threads
 
 PACKAGES = ("mltag", "tensorflow", "tf-keras", "tensorflow-hub", "ai-edge-litert", "numpy", "pillow", "mlflow", "kfp",
             "dvc")

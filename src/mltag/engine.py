@@ -22,11 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, cpu_threads, import_tensorflow, lock_file_for, locked, quiet_stderr
+from mltag import config
+from mltag.errors import MltagError
+from mltag.files import atomic_path, lock_file_for, locked
+from mltag.tf_runtime import import_tensorflow, quiet_stderr
+from mltag.workers import cpu_threads
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "litert", "tf")
+ENGINES = config.choices("bottleneck", "engine")  # declared in mltag.config
 # Bumped when the converted graph changes (it is part of the .tflite file's name).
 CONVERTER_VERSION = "1"
 

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mltag import config
 from mltag import metrics as M
-from mltag.common import MltagError, atomic_path, write_json_atomic
+from mltag.errors import MltagError
+from mltag.files import atomic_path, write_json_atomic
 from mltag.formats import load_split, model_mode, read_model_meta, write_scores
+from mltag.head import head_scores
 from mltag.reports import data_uri, figure_png, render, thumbnail
-from mltag.train import head_scores
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +66,17 @@ def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, 
 
 
 def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: str | os.PathLike,
-             metrics_file: str | os.PathLike, images: str | os.PathLike | None = None, bootstrap: int = 1000,
-             seed: int = 0, tracking_uri: str | None = None, plots: str | os.PathLike | None = None,
-             run_id: str | None = None, tta: str = "none", config: dict | None = None) -> dict:
+             metrics_file: str | os.PathLike, images: str | os.PathLike | None = None, *,
+             evaluate: config.Evaluate, tracking_uri: str | None = None, plots: str | os.PathLike | None = None,
+             run_id: str | None = None, config: dict | None = None) -> dict:
     """Score val and test with the trained head; write metrics, PR curves, scores and a report.
 
     ``out`` receives ``scores.npz`` (for calibrate), ``pr_curves.png`` and ``report.html``;
     ``metrics_file`` the metrics JSON; ``plots`` (default ``out/pr``) one ``<label>.csv``
-    PR curve per label for ``dvc plots``. ``tta`` (``mean``/``max``) scores the test
+    PR curve per label for ``dvc plots``. ``evaluate.tta`` (``mean``/``max``) scores the test
     images end to end over ten augmented views instead of the cached vectors.
     """
+    tta = evaluate.tta
     import mlflow
 
     from mltag import tracking
@@ -101,7 +104,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         else head_scores(model_dir, x_te)
     result = M.compute(y_te, s_te, 0.5, labels)
     result["tta"] = tta
-    result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=bootstrap, seed=seed)
+    result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=evaluate.bootstrap, seed=evaluate.seed)
     result["baselines"] = M.baselines(y_te, y_tr, labels)
     result["val"] = {k: v for k, v in M.compute(y_va, s_va, 0.5, labels).items() if k != "per_label"}
     png = pr_curves_png(y_te, s_te, labels)
@@ -113,7 +116,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         write_scores(tmp / "scores.npz", val_scores=s_va, val_labels=y_va, val_paths=p_va,
                      test_scores=s_te, test_labels=y_te, test_paths=p_te)
         (tmp / "pr_curves.png").write_bytes(png)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
         root = Path(images) if images else None
         (tmp / "report.html").write_text(
             error_report_html(y_te, s_te, np.full(len(labels), 0.5), labels, p_te, root, result, png),

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from mltag.common import MltagError
+from mltag.errors import MltagError
 
 
 def fetch_dataset(data: str, repo: str = "", rev: str = "", dest: str | os.PathLike = "source") -> Path:

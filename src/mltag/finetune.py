@@ -28,7 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, imap_ordered, import_tensorflow
+from mltag import config
+from mltag.errors import MltagError
+from mltag.tf_runtime import import_tensorflow
+from mltag.workers import imap_ordered
 
 log = logging.getLogger(__name__)
 HEAD_LR_FACTOR = 10.0
@@ -45,23 +48,23 @@ def builtin_name(handle: str) -> str:
 
 
 def _pixels(paths: list[Path], shas: list[str], view: int, size: int) -> np.ndarray:
-    from mltag.bottleneck import decode_view
+    from mltag.lanes import decode_view
 
     return np.stack(list(imap_ordered(lambda item: decode_view(*item, view, size), list(zip(paths, shas)))))
 
 
 def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]], y_tr: np.ndarray,
               val_items: list[tuple[Path, str]], y_va: np.ndarray, head_weights: list[np.ndarray], *,
-              blocks: int = 2, views: int = 1, epochs: int = 10, learning_rate: float = 2e-5, patience: int = 3,
-              batch_size: int = 32, dropout: float = 0.2, seed: int = 42, mixed_precision: str = "auto",
-              progress: bool = True):
-    """Fine-tune the top ``blocks`` blocks of built-in ``handle`` and the head.
+              train: config.Train, views: int, progress: bool):
+    """Fine-tune the top ``train.fine_tune_blocks`` blocks of built-in ``handle`` and the head.
 
     Args:
         train_items, val_items: ``(image path, content sha256)`` per image; the sha seeds the
             augmented views exactly as the bottleneck step does.
         head_weights: the warm-start head (kernel, bias per Dense layer).
-        mixed_precision: ``auto`` (float16 on a GPU), ``true`` or ``false``.
+        train: the train section: ``fine_tune_*``, ``batch_size``, ``dropout``, ``seed``,
+            ``mixed_precision`` and ``monitor`` (the best epoch is the lowest ``val_loss`` or the
+            highest ``val_map``, as in the head's fit).
 
     Returns:
         ``(LiteNet with the tuned weights, head weights, history dict)``.
@@ -71,15 +74,15 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
 
     from mltag.backbone import LiteNet
     from mltag.engine import gpu_visible
-    from mltag.train import validation_metrics
+    from mltag.head import validation_metrics
 
+    blocks, epochs, patience = train.fine_tune_blocks, train.fine_tune_epochs, train.fine_tune_patience
+    learning_rate, batch_size, dropout, seed = train.fine_tune_learning_rate, train.batch_size, train.dropout, train.seed
     name = builtin_name(handle)
     net = LiteNet(name)
     if not 1 <= blocks <= net.n_blocks:
         raise MltagError(f"train.fine_tune_blocks must be 1..{net.n_blocks} for {name}, got {blocks}")
-    if mixed_precision not in ("auto", "true", "false", True, False):
-        raise MltagError(f"train.mixed_precision must be auto, true or false, got {mixed_precision!r}")
-    half = gpu_visible() if mixed_precision == "auto" else mixed_precision in ("true", True)
+    half = gpu_visible() if train.mixed_precision == "auto" else train.mixed_precision == "true"
     dtype = "float16" if half else "float32"
     k = net.n_blocks - blocks
     tf.random.set_seed(seed)
@@ -160,6 +163,7 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
         return np.concatenate([logit_fn(tf.constant(x[i: i + 64])).numpy() for i in range(0, len(x), 64)])
 
     history: dict[str, list[float]] = {"loss": [], "val_loss": [], "val_map": []}
+    mon = train.monitor  # the head's fit and this phase pick their best epoch the same way
     best, best_weights, since = None, None, 0
     n_steps = epochs * len(x_tr)
     bar = tqdm(total=n_steps, desc=f"fine-tune: blocks {k}-{net.n_blocks - 1} + head", unit="img", leave=False,
@@ -178,13 +182,13 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
             val_loss, val_map = validation_metrics(val_logits(x_va), y_va)
             history["val_loss"].append(val_loss)
             history["val_map"].append(val_map)
-            value = history["val_loss"][-1]
+            value = history[mon][-1]
         else:
             value = history["loss"][-1]
-        if not np.isfinite(value):
-            raise MltagError(f"fine-tune diverged at epoch {epoch + 1} (loss {value}); lower "
+        if not np.isfinite(history["loss"][-1]) or not np.isfinite(value):
+            raise MltagError(f"fine-tune diverged at epoch {epoch + 1} (loss {history['loss'][-1]}); lower "
                              "train.fine_tune_learning_rate")
-        if best is None or value < best:
+        if best is None or (value > best if mon == "val_map" and x_va is not None else value < best):
             best, since = value, 0
             best_weights = [v.numpy() for v in tuned + head_vars]
         else:
@@ -197,7 +201,11 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     bar.close()
     for v, w in zip(tuned + head_vars, best_weights):
         v.assign(w)
-    history["best_epoch"] = int(np.argmin(history["val_loss"] if x_va is not None else history["loss"])) + 1
+    if x_va is None:
+        history["best_epoch"] = int(np.argmin(history["loss"])) + 1
+    else:
+        values = history[mon]
+        history["best_epoch"] = int(np.argmax(values) if mon == "val_map" else np.argmin(values)) + 1
     history["seconds"] = round(time.perf_counter() - t0, 1)
     history["mixed_precision"] = half
     history["tuned_blocks"] = list(range(k, net.n_blocks))

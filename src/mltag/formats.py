@@ -1,8 +1,11 @@
-"""The hand-offs between steps, in one place: readers of what prepare, bottleneck and train write.
+"""The hand-offs between steps, in one place: a reader and a writer for every file one step
+writes and another reads (labels and ``.lst``, ``hashes.tsv``, the split vectors,
+``bottleneck.json``, ``model.json``, ``integrity.json``, ``thresholds.json``, ``scores.npz``,
+``oof_scores.npz``, ``run.json``, ``images.json``).
 
-Steps import these instead of importing each other, so a step's module holds only its
-own work. Writers stay with the step that owns the format; the canonical ``.lst`` and
-labels formats themselves live in ``mltag.common``.
+Steps import these instead of importing each other, and nothing else opens these files.
+A JSON hand-off carries ``"format": N``; a reader refuses a newer format than it knows,
+naming the file.
 """
 
 from __future__ import annotations
@@ -12,13 +15,150 @@ import hashlib
 import json
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from mltag.common import Example, MltagError, read_labels, read_lst, sha256_file
+from mltag.errors import MltagError
+from mltag.files import read_user_text, sha256_file, write_text_atomic
 
 SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------- labels and .lst
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Read label names from labels.txt (one per line) or labels.json (a list, or {"labels": [...]})."""
+    path = Path(path)
+    if not path.is_file():
+        raise MltagError("label file not found", path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(read_user_text(path))
+        except json.JSONDecodeError as e:
+            raise MltagError(f"invalid JSON: {e.msg}", path, e.lineno) from None
+        if isinstance(data, dict):
+            data = data.get("labels")
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise MltagError("expected a list of label names (or {\"labels\": [...]})", path)
+        names = [x.strip() for x in data]
+        lines = list(range(1, len(names) + 1))
+    else:
+        names, lines = [], []
+        for i, raw in enumerate(read_user_text(path).splitlines(), 1):
+            if raw.strip():
+                names.append(raw.strip())
+                lines.append(i)
+    if not names:
+        raise MltagError("no label names", path)
+    seen: dict[str, int] = {}
+    for name, line in zip(names, lines):
+        if not name:
+            raise MltagError("empty label name", path, line)
+        if name in seen:
+            raise MltagError(f"duplicate label {name!r} (first on line {seen[name]})", path, line)
+        seen[name] = line
+    return names
+
+
+def write_labels(path: str | os.PathLike, labels: Sequence[str]) -> None:
+    write_text_atomic(path, "".join(f"{x}\n" for x in labels))
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image and its 0/1 label flags."""
+
+    path: str  # relative to the image root, '/'-separated
+    flags: tuple[int, ...]
+    source: str = ""  # "file:line" it came from, for messages
+
+
+def read_lst(path: str | os.PathLike, n_labels: int | None = None) -> list[Example]:
+    """Parse ``index<TAB>flag_1..flag_N<TAB>relative/path`` lines, validating each."""
+    path = Path(path)
+    if not path.is_file():
+        raise MltagError("list file not found", path)
+    out: list[Example] = []
+    seen_idx: dict[str, int] = {}
+    seen_path: dict[str, int] = {}
+    for i, raw in enumerate(read_user_text(path).splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        cols = raw.rstrip("\r\n").split("\t")
+        if len(cols) < 3:
+            raise MltagError(
+                f"expected index<TAB>flags...<TAB>path, got {len(cols)} tab-separated column(s)", path, i
+            )
+        idx, flags, rel = cols[0].strip(), cols[1:-1], cols[-1].strip()
+        if n_labels is not None and len(flags) != n_labels:
+            raise MltagError(f"expected {n_labels} label flags, got {len(flags)}", path, i)
+        bad = [f for f in flags if f.strip() not in ("0", "1")]
+        if bad:
+            raise MltagError(f"label flags must be 0 or 1, got {bad[0]!r}", path, i)
+        if idx in seen_idx:
+            raise MltagError(f"duplicate index {idx!r} (first on line {seen_idx[idx]})", path, i)
+        if rel in seen_path:
+            raise MltagError(f"duplicate path {rel!r} (first on line {seen_path[rel]})", path, i)
+        seen_idx[idx] = i
+        seen_path[rel] = i
+        out.append(Example(rel, tuple(int(f) for f in flags), f"{path}:{i}"))
+    return out
+
+
+def write_lst(path: str | os.PathLike, examples: Sequence[Example]) -> None:
+    lines = [
+        "\t".join([str(i), *(str(f) for f in ex.flags), ex.path]) + "\n" for i, ex in enumerate(examples)
+    ]
+    write_text_atomic(path, "".join(lines))
+
+
+def find_labels_file(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    for name in ("labels.txt", "labels.json"):
+        if (folder / name).is_file():
+            return folder / name
+    raise MltagError("no labels.txt or labels.json here", folder)
+
+
+# --------------------------------------------------------------------------- versioned JSON hand-offs
+
+# The format each JSON hand-off is written in. A reader takes this version and older ones
+# (a file without "format" is version 1) and refuses a newer one, naming the file.
+FORMATS = {"dataset.json": 1, "bottleneck.json": 2, "model.json": 2, "thresholds.json": 1, "run.json": 1,
+           "images.json": 1, "integrity.json": 1}
+
+
+def write_handoff(path: str | os.PathLike, obj: dict, name: str | None = None) -> None:
+    """Write a JSON hand-off with its ``format`` version first (into a folder being built, or atomically
+    in place when ``path`` is not inside one)."""
+    path = Path(path)
+    text = json.dumps({"format": FORMATS[name or path.name], **obj}, indent=2, default=_plain) + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def read_handoff(path: str | os.PathLike, what: str, written_by: str, name: str | None = None) -> dict:
+    """A JSON hand-off as a dict: missing, damaged, not an object or of a newer format is a clear error."""
+    path = Path(path)
+    obj = read_json(path, what, written_by)
+    if not isinstance(obj, dict):
+        raise MltagError(f"{what} is damaged (not a JSON object); run {written_by} again", path)
+    version, known = obj.get("format", 1), FORMATS[name or path.name]
+    if not isinstance(version, int) or version > known:
+        raise MltagError(f"{what} is format {version!r}, newer than this mltag reads ({known}); upgrade mltag or "
+                         f"run {written_by} again", path)
+    return obj
+
+
+def _plain(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # --------------------------------------------------------------------------- damaged files
@@ -87,10 +227,15 @@ def image_root_of(prepared: str | os.PathLike) -> Path:
     f = prepared / "dataset.json"
     if not f.is_file():
         raise MltagError("not a prepared dataset folder (dataset.json missing); run prepare first", prepared)
-    meta = read_json(f, "dataset.json", "prepare")
-    if not isinstance(meta, dict) or not isinstance(meta.get("image_root"), str):
+    meta = read_handoff(f, "dataset.json", "prepare")
+    if not isinstance(meta.get("image_root"), str):
         raise MltagError("dataset.json is damaged (no image_root); run prepare again", f)
     return (prepared / meta["image_root"]).resolve()
+
+
+def write_dataset_meta(prepared: str | os.PathLike, meta: dict) -> None:
+    """prepare's ``dataset.json``: where the images are (``image_root``, relative), the labels and counts."""
+    write_handoff(Path(prepared) / "dataset.json", meta)
 
 
 HASHES_FILE = "hashes.tsv"
@@ -117,6 +262,23 @@ def load_hashes(prepared: str | os.PathLike) -> dict[str, str] | None:
 
 
 # --------------------------------------------------------------------------- bottleneck's output
+
+
+def write_split(folder: str | os.PathLike, split: str, features: np.ndarray, labels: np.ndarray,
+                paths: list[str], views: np.ndarray | None = None) -> None:
+    """One split's vectors: ``features [N, D]`` float16 (the plain view), ``labels [N, L]`` uint8,
+    ``paths [N]``, and for the train split ``views [N, V-1, D]`` (the augmented views)."""
+    arrays = {"features": np.asarray(features, np.float16), "labels": np.asarray(labels, np.uint8),
+              "paths": np.asarray(paths, dtype=str)}
+    if views is not None:
+        arrays["views"] = np.asarray(views, np.float16)
+    np.savez(Path(folder) / f"{split}.npz", **arrays)
+
+
+def write_bottleneck_meta(folder: str | os.PathLike, meta: dict) -> None:
+    """``bottleneck.json``: what the split vectors depend on, and nothing else (a rerun on the same
+    data writes the same bytes)."""
+    write_handoff(Path(folder) / "bottleneck.json", meta)
 
 
 def load_split(bottlenecks: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -146,9 +308,8 @@ def load_views(bottlenecks: str | os.PathLike, split: str = "train") -> np.ndarr
 def read_bottleneck_meta(bottlenecks: str | os.PathLike) -> dict:
     """``bottleneck.json``: which backbone, image size and preprocessing made the split vectors."""
     f = Path(bottlenecks) / "bottleneck.json"
-    meta = read_json(f, "bottleneck output", "the bottleneck step")
-    missing = [k for k in ("backbone_handle", "backbone_id", "image_size", "preprocessing")
-               if not isinstance(meta, dict) or k not in meta]
+    meta = read_handoff(f, "bottleneck output", "the bottleneck step")
+    missing = [k for k in ("backbone_handle", "backbone_id", "image_size", "preprocessing") if k not in meta]
     if missing:
         raise MltagError(f"bottleneck.json is damaged (no {', '.join(missing)}); rerun the bottleneck step", f)
     return meta
@@ -182,10 +343,36 @@ def model_mode(model_dir: str | os.PathLike) -> str:
     return read_model_meta(model_dir).get("mode", "head")
 
 
+def write_model_meta(model_dir: str | os.PathLike, meta: dict) -> None:
+    """train's ``model.json``: labels, image size, backbone, preprocessing, the head's settings and mode."""
+    write_handoff(Path(model_dir) / "model.json", meta)
+
+
+HEAD_FILE = "head.npz"
+
+
+def write_head(model_dir: str | os.PathLike, weights: list[np.ndarray]) -> None:
+    """The head's Dense weights, arrays only (``w0, b0[, w1, b1]``): what scoring cached vectors loads."""
+    np.savez(Path(model_dir) / HEAD_FILE, **{f"w{i}": np.asarray(w, np.float32) for i, w in enumerate(weights)})
+
+
+def read_head(model_dir: str | os.PathLike) -> list[np.ndarray] | None:
+    """The head's weights from ``head.npz``, or None for a folder written before it existed."""
+    f = Path(model_dir) / HEAD_FILE
+    if not f.is_file():
+        return None
+    with open_npz(f, "head weights", "train") as z:
+        weights = [z[f"w{i}"] for i in range(len(z.files))]
+    if len(weights) not in (2, 4) or any(w.ndim != (2 if i % 2 == 0 else 1) for i, w in enumerate(weights)):
+        raise MltagError("head weights are damaged (expected w0, b0[, w1, b1]); run train again", f)
+    check_finite(np.concatenate([w.ravel() for w in weights]), f, "head weights", "run train again")
+    return weights
+
+
 INTEGRITY_FILE = "integrity.json"
 # What a model's identity covers: its label list and settings, and every weight file. Run
 # bookkeeping (run.json, config.json, summary.json, history.json) is not the model.
-_MODEL_CONTENT = ("model.json", "labels.txt", "head.keras", "model.tflite", "model_int8.tflite", "inference")
+_MODEL_CONTENT = ("model.json", "labels.txt", "head.npz", "head.keras", "model.tflite", "model_int8.tflite", "inference")
 
 
 _SHA_SEEN: dict[tuple, str] = {}
@@ -220,8 +407,7 @@ def write_integrity(model_dir: str | os.PathLike) -> str:
     model_dir = Path(model_dir)
     files = _content_files(model_dir)
     digest = _digest(files)
-    (model_dir / INTEGRITY_FILE).write_text(json.dumps({"format": 1, "algorithm": "sha256", "digest": digest,
-                                                        "files": files}, indent=2) + "\n", encoding="utf-8")
+    write_handoff(model_dir / INTEGRITY_FILE, {"algorithm": "sha256", "digest": digest, "files": files})
     return digest
 
 
@@ -236,8 +422,8 @@ def verify_integrity(model_dir: str | os.PathLike) -> str:
     if not f.is_file():
         raise MltagError(f"no {INTEGRITY_FILE}: this model folder has no recorded content hash (trained by an "
                          "older mltag, or copied without it); retrain it", model_dir)
-    rec = read_json(f, "the model's content hash", "train")
-    if not isinstance(rec, dict) or not isinstance(rec.get("files"), dict) or rec.get("format") != 1:
+    rec = read_handoff(f, "the model's content hash", "train")
+    if not isinstance(rec.get("files"), dict):
         raise MltagError("damaged content hash record; retrain the model", f)
     now = _content_files(model_dir)
     for name, sha in sorted(rec["files"].items()):
@@ -268,8 +454,8 @@ def read_model_meta(model_dir: str | os.PathLike, verify: bool = True) -> dict:
         raise MltagError("not an mltag model folder (model.json missing)", model_dir)
     if verify:
         verify_integrity(model_dir)
-    meta = read_json(f, "model.json", "train")
-    labels = meta.get("labels") if isinstance(meta, dict) else None
+    meta = read_handoff(f, "model.json", "train")
+    labels = meta.get("labels")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
         raise MltagError("model.json is damaged: 'labels' must be a non-empty list of label names", f)
     if len(set(labels)) != len(labels):
@@ -302,7 +488,7 @@ def write_oof(path: str | os.PathLike, paths, y: np.ndarray, scores: np.ndarray,
     No rows and a ``reason`` when they could not be computed (too few images, a model
     without head settings): review says so instead of ranking anything.
     """
-    from mltag.common import atomic_path
+    from mltag.files import atomic_path
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -323,10 +509,18 @@ def load_oof(path: str | os.PathLike) -> dict:
     return out
 
 
+def write_thresholds(path: str | os.PathLike, th: dict) -> None:
+    """calibrate's ``thresholds.json`` (``{"thresholds": {label: t}, ...}``), written atomically."""
+    from mltag.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        write_handoff(tmp, th, "thresholds.json")
+
+
 def read_thresholds(path: str | os.PathLike, labels: list[str] | None = None) -> dict:
     """``thresholds.json`` from calibrate; with ``labels``, every label must have a finite threshold."""
-    th = read_json(path, "thresholds file", "calibrate")
-    t = th.get("thresholds") if isinstance(th, dict) else None
+    th = read_handoff(path, "thresholds file", "calibrate", "thresholds.json")
+    t = th.get("thresholds")
     if not isinstance(t, dict):
         raise MltagError("thresholds file is damaged (no 'thresholds' object); run calibrate again", path)
     for name, v in t.items():
@@ -337,3 +531,39 @@ def read_thresholds(path: str | os.PathLike, labels: list[str] | None = None) ->
         if unknown:
             raise MltagError(f"thresholds name label(s) the model does not score: {', '.join(unknown)}", path)
     return th
+
+
+# --------------------------------------------------------------------------- run.json and images.json
+
+
+def write_run_ref(folder: str | os.PathLike, ref: dict) -> None:
+    """``run.json``: the MLflow run a model folder was trained in (run and experiment ids, the masked URI)."""
+    write_handoff(Path(folder) / "run.json", ref)
+
+
+def read_run_ref(folder: str | os.PathLike) -> dict | None:
+    """``run.json``, or None when the folder has none."""
+    f = Path(folder) / "run.json"
+    if not f.is_file():
+        return None
+    ref = read_handoff(f, "the model's MLflow run record", "train")
+    if not isinstance(ref.get("run_id"), str):
+        raise MltagError("the model's MLflow run record is damaged (no run_id); run train again", f)
+    return ref
+
+
+IMAGES_FILE = "images.json"
+
+
+def write_images_ref(dataset_dir: str | os.PathLike, root: str, repo: str = "", rev: str = "") -> None:
+    """A Kubeflow dataset artifact's ``images.json``: where its images are read from (a folder every
+    pod sees, a bucket URI, or a path in a DVC repo at a commit); the artifact holds no images."""
+    write_handoff(Path(dataset_dir) / IMAGES_FILE, {"root": root, "repo": repo, "rev": rev})
+
+
+def read_images_ref(dataset_dir: str | os.PathLike) -> dict:
+    f = Path(dataset_dir) / IMAGES_FILE
+    ref = read_handoff(f, "the dataset's image reference", "prepare")
+    if not all(isinstance(ref.get(k), str) for k in ("root", "repo", "rev")):
+        raise MltagError("the dataset's image reference is damaged (needs root, repo and rev); run prepare again", f)
+    return ref

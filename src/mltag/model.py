@@ -14,71 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, cpu_threads, imap_ordered, import_tensorflow
+from mltag import config
+from mltag.errors import MltagError
 from mltag.formats import check_output_width, read_model_meta, read_thresholds
 from mltag.images import load_image
-
-
-def export_inference_model(backbone_location: str, head_weights: list[np.ndarray], image_size: int,
-                           out: str | os.PathLike) -> None:
-    """Save backbone + dense head as one SavedModel: ``serving_default(images uint8 [B,S,S,3]) -> scores``."""
-    tf = import_tensorflow()
-
-    from mltag.backbone import tensorflow_hub
-
-    hub = tensorflow_hub()
-
-    class EndToEnd(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = hub.load(backbone_location)
-            self.kernels = [tf.Variable(w, trainable=False) for w in head_weights[0::2]]
-            self.biases = [tf.Variable(b, trainable=False) for b in head_weights[1::2]]
-
-        @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8, name="images")])
-        def serve(self, images):
-            x = self.backbone(tf.cast(images, tf.float32) / 255.0)
-            # The head's Dense layers: relu on hidden layers, sigmoid on the output.
-            for i, (k, b) in enumerate(zip(self.kernels, self.biases)):
-                x = tf.matmul(x, k) + b
-                x = tf.nn.relu(x) if i < len(self.kernels) - 1 else tf.sigmoid(x)
-            return {"scores": x}
-
-    m = EndToEnd()
-    tf.saved_model.save(m, str(out), signatures={"serving_default": m.serve})
-
-
-def export_tflite(saved_model: str | os.PathLike, out: str | os.PathLike,
-                  representative: list[np.ndarray] | None = None, dynamic_range: bool = False) -> Path:
-    """Convert the end-to-end SavedModel to ``.tflite``: uint8 pixels in, float32 scores out.
-
-    With ``representative`` (uint8 images ``[S,S,3]``, e.g. a hundred training images) the
-    weights and activations are quantized to int8 (post-training quantization, calibrated on
-    those images); input and output stay uint8 pixels and float scores.
-    """
-    tf = import_tensorflow()
-
-    from mltag.common import atomic_path
-
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_default"])
-    if dynamic_range:  # int8 weights, float activations: no calibration data, smaller loss
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif representative is not None:
-        def gen():
-            for px in representative:
-                yield [np.asarray(px, np.uint8)[None]]
-
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = gen
-    try:
-        data = conv.convert()
-    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
-        raise MltagError(f"cannot convert the model to TFLite: {type(e).__name__}: {str(e)[:300]}",
-                         saved_model) from None
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(data)
-    return out
+from mltag.tf_runtime import import_tensorflow
+from mltag.workers import cpu_threads, imap_ordered
 
 
 class InferenceModel:
@@ -160,8 +101,9 @@ class InferenceModel:
         Args:
             tta: ``none``, or ``mean``/``max`` to combine the scores of ten augmented views.
         """
-        if tta not in ("none", "mean", "max"):
-            raise MltagError(f"tta must be none, mean or max, got {tta!r}")
+        allowed = config.choices("evaluate", "tta")
+        if tta not in allowed:
+            raise MltagError(f"tta must be one of {', '.join(allowed)}, got {tta!r}")
         if tta != "none":
             reduce = np.mean if tta == "mean" else np.max
             out = [reduce(self._locked_run(views), axis=0) for views in imap_ordered(self.tta_views, images)]

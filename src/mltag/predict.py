@@ -17,7 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
-from mltag.common import MltagError, cpu_threads, imap_ordered
+from mltag.errors import MltagError
+from mltag.workers import cpu_threads, imap_ordered
 
 
 def expand_images(specs: list[str]) -> tuple[list[str], bool]:
@@ -26,7 +27,7 @@ def expand_images(specs: list[str]) -> tuple[list[str], bool]:
     Returns the paths and whether a folder or glob was expanded (then a progress bar helps).
     A missing file stays in the list: its row says so.
     """
-    from mltag.common import read_user_text
+    from mltag.files import read_user_text
     from mltag.images import IMAGE_EXTENSIONS
 
     out, expanded = [], False
@@ -60,7 +61,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> Path:
     p = Path(model)
     if (p.is_dir() and (p / "model.json").is_file()) or (p.suffix == ".tflite" and p.is_file()):
         return p
-    from mltag.suggest import local_model
+    from mltag.tracking import local_model
 
     return local_model(model, tracking_uri)
 

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mltag import config
 from mltag import metrics as M
-from mltag.common import MltagError, fault_point, remove_stale_leftovers, write_json_atomic
+from mltag.errors import MltagError
+from mltag.files import fault_point, remove_stale_leftovers, write_json_atomic
 from mltag.formats import (
     INTEGRITY_FILE,
     image_root_of,
@@ -50,7 +52,7 @@ def pip_requirements() -> list[str]:
 
 def _bundle(model_dir: Path, thresholds_file: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
-    for name in ("inference", "model.json", "labels.txt", "model.tflite", "head.keras", INTEGRITY_FILE):
+    for name in ("inference", "model.json", "labels.txt", "model.tflite", "head.npz", "head.keras", INTEGRITY_FILE):
         src = model_dir / name
         if src.exists():
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
@@ -59,8 +61,8 @@ def _bundle(model_dir: Path, thresholds_file: Path, dest: Path) -> Path:
 
 
 def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, labels: list[str],
-                  train_images: list[Path], chall_scores: np.ndarray, limit: int = 200, *, int8_images: int = 300,
-                  max_drop: float = 0.01, representative: list[np.ndarray] | None = None) -> dict:
+                  train_images: list[Path], chall_scores: np.ndarray, limit: int = 200, *, int8_images: int,
+                  max_drop: float, representative: list[np.ndarray] | None = None) -> dict:
     """Check ``model.tflite`` against the SavedModel; ship a quantized model only if it keeps the accuracy.
 
     fp32: the largest score difference from the SavedModel on (up to ``limit``) test images.
@@ -73,11 +75,12 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
     """
     import tempfile
 
-    from mltag.common import quiet_stderr
     from mltag.engine import LiteRTEngine
+    from mltag.export import export_tflite
     from mltag.formats import read_thresholds, write_integrity
     from mltag.images import load_image
-    from mltag.model import InferenceModel, export_tflite
+    from mltag.model import InferenceModel
+    from mltag.tf_runtime import quiet_stderr
 
     out: dict = {"images": min(limit, len(test_images))}
     if not (bundle / "model.tflite").is_file():
@@ -154,7 +157,7 @@ def model_hash(model_dir: Path, thresholds: Path) -> str:
     """SHA-256 over the model folder's files (names and bytes) and the thresholds: the version's identity."""
     import hashlib
 
-    from mltag.common import sha256_file
+    from mltag.files import sha256_file
 
     h = hashlib.sha256()
     for f in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
@@ -233,14 +236,12 @@ def _check_recorded_digest(client, model_dir: Path, digest: str) -> None:
 
 
 def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepared: str | os.PathLike,
-             out: str | os.PathLike, model_name: str = "mltag", margin: float = 0.0,
-             max_label_ap_drop: float = 0.05, images: str | os.PathLike | None = None,
-             tracking_uri: str | None = None, experiment: str = "mltag", run_id: str | None = None,
-             tflite: bool = True, config: dict | None = None, int8_images: int = 300,
-             int8_max_drop: float = 0.01) -> dict:
+             out: str | os.PathLike, *, register: config.Register, tracking: config.Tracking,
+             images: str | os.PathLike | None = None, tracking_uri: str | None = None, run_id: str | None = None,
+             config: dict | None = None) -> dict:
     """Log, register and (maybe) promote the model; write the decision to ``out``.
 
-    With ``tflite`` the registered version also carries ``model.tflite`` (fp32) and
+    ``register`` and ``tracking`` are the typed params sections. With ``register.tflite`` the registered version also carries ``model.tflite`` (fp32) and
     ``model_int8.tflite`` with ``tflite_parity.json`` (fp32 vs SavedModel, int8 vs fp32).
     """
     import mlflow
@@ -248,9 +249,12 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from mltag import tracking
+    from mltag import tracking as mltracking
     from mltag.pyfunc import MltagPyfunc
 
+    model_name, margin, max_label_ap_drop = register.model_name, register.margin, register.max_label_ap_drop
+    tflite, int8_images, int8_max_drop, experiment = (register.tflite, register.int8_images, register.int8_max_drop,
+                                                      tracking.experiment)
     model_dir, thresholds, out = Path(model_dir), Path(thresholds), Path(out)
     digest = verify_integrity(model_dir)  # a hand-edited model folder never reaches the registry
     model_labels = read_model_meta(model_dir, verify=False)["labels"]
@@ -259,9 +263,9 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     root = Path(images) if images else image_root_of(prepared)
     test_images = [root / ex.path for ex in test]
     y_test = np.array([ex.flags for ex in test], dtype=int).reshape(len(test), len(labels))
-    uri = tracking.setup_checked(tracking_uri)
+    uri = mltracking.setup_checked(tracking_uri)
     client = MlflowClient()
-    run_id = tracking.model_run(model_dir, run_id, uri)
+    run_id = mltracking.model_run(model_dir, run_id, uri)
     _check_recorded_digest(client, model_dir, digest)
     if labels != model_labels:
         raise MltagError(f"the model scores labels {model_labels} but the prepared data has {labels}; train on "
@@ -295,7 +299,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
         content = model_hash(model_dir, thresholds)
         existing = _version_with_hash(client, model_name, content)
         champ = _alias(client, model_name, "champion")
-        result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": tracking.mask_uri(uri),
+        result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": mltracking.mask_uri(uri),
                   "champion_version": None, "champion_test_map": None, "content_hash": content}
         if champ is None:
             promote, reason = True, "no champion yet"

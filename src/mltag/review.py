@@ -21,16 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, atomic_path, read_user_text, write_json_atomic, write_text_atomic
+from mltag import config
+from mltag.errors import MltagError
+from mltag.files import atomic_path, read_user_text, write_json_atomic, write_text_atomic
 from mltag.formats import image_root_of, load_oof
 
 log = logging.getLogger(__name__)
 
 HEADER = ("path", "label", "given", "suggested", "score", "confidence")
-FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
+FILTERS = config.choices("review", "filter_by")
 
 
-def find_issues(y: np.ndarray, scores: np.ndarray, filter_by: str = "prune_by_noise_rate"):
+def find_issues(y: np.ndarray, scores: np.ndarray, filter_by: str):
     """Flagged (image, label) pairs and every pair's confidence that its given label is wrong.
 
     Returns:
@@ -66,7 +68,7 @@ def find_issues(y: np.ndarray, scores: np.ndarray, filter_by: str = "prune_by_no
 
 def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | os.PathLike,
            prepared: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
-           model_dir: str | os.PathLike | None = None, *, filter_by: str, thumbnails: int,
+           model_dir: str | os.PathLike | None = None, *, review: config.Review,
            tracking_uri: str | None = None, run_id: str | None = None, config: dict | None = None,
            progress: bool = True) -> dict:
     """Rank likely label errors; write ``label_issues.csv``, ``review.html`` and the metrics.
@@ -77,14 +79,13 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
         prepared: the prepared dataset (its image root, for thumbnails and links); ``images``
             overrides the image root.
         model_dir: the model whose MLflow run the metrics are logged into, when it has one.
-        filter_by: cleanlab's rule for flagging pairs.
-        thumbnails: the most likely errors shown per label in ``review.html``.
+        review: the typed params section: ``filter_by`` (cleanlab's rule for flagging pairs) and
+            ``thumbnails`` (the most likely errors shown per label in ``review.html``).
     """
     from mltag import tracking
     from mltag.reports import render, thumbnail
 
-    if filter_by not in FILTERS:
-        raise MltagError(f"review.filter_by must be one of {', '.join(FILTERS)}, got {filter_by!r}")
+    filter_by, thumbnails = review.filter_by, review.thumbnails
     data = load_oof(oof)
     names, paths, y, s = data["label_names"], [str(p) for p in data["paths"]], data["labels"], data["scores"]
     run_id = tracking.join_model_run(model_dir, run_id, tracking_uri) if model_dir else None
@@ -167,7 +168,7 @@ def reviewed_name(label_file: Path) -> Path:
     return label_file.with_name(f"{label_file.stem}.reviewed{label_file.suffix}")
 
 
-def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: str = "auto",
+def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: str,
                  out: str | os.PathLike | None = None) -> Path:
     """Write the dataset's labels with the accepted changes applied, beside the original; return the file.
 
@@ -177,7 +178,7 @@ def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: s
     read these copies, so the original dataset reads as before; point ``prepare.input`` at
     the copy to train on it (``dvc repro`` then versions the fix).
     """
-    from mltag.prepare.readers import read_dataset
+    from mltag.datasets import read_dataset
 
     accepted = Path(accepted)
     rows = read_accepted(accepted)

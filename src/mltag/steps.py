@@ -1,7 +1,8 @@
 """The one entry every runner uses: ``mltag <step>`` (and so ``dvc repro``) and the Kubeflow components.
 
-A step's parameters come from its typed config sections (``mltag.config``) by keyword;
-the runner adds only paths and runtime settings (tracking URI, progress bars, shards).
+A step function takes its paths, its typed params sections (``mltag.config``) by section
+name, and runtime settings (tracking URI, progress bars, a shard); it has no default for
+any params key.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import importlib
 import inspect
 from typing import Callable
 
-from mltag.config import Params, step_config, step_kwargs
+from mltag.config import Params, step_config, step_sections
 
 STEP_FUNCTIONS = {
     "demo-data": "mltag.demo:make_demo_data",
@@ -30,18 +31,17 @@ def step_function(step: str) -> Callable:
 
 
 def run_step(step: str, params: Params, **runtime):
-    """Run ``step`` with its config from ``params`` plus ``runtime`` (paths, tracking URI, progress...).
+    """Run ``step`` with its sections from ``params`` plus ``runtime`` (paths, tracking URI, progress...).
 
-    The resolved config goes to the step as ``config`` when it takes one: it is saved
-    beside the step's outputs and logged to MLflow by the steps that log.
+    The output-changing values (``config.step_config``) go to the step as ``config`` when it
+    takes one: they are recorded in the step's outputs and logged to MLflow. train also gets
+    every section as ``recipe``: its MLflow run is the model's, and records the whole recipe.
     """
     fn = step_function(step)
-    kwargs = {**step_kwargs(step, params), **runtime}
-    if "config" in inspect.signature(fn).parameters:
-        kwargs["config"] = step_config(step, params) if step != "train" else _train_config(params)
+    kwargs = {**step_sections(step, params), **runtime}
+    accepted = inspect.signature(fn).parameters
+    if "config" in accepted:
+        kwargs["config"] = step_config(step, params)
+    if "recipe" in accepted:
+        kwargs["recipe"] = params.to_dict()
     return fn(**kwargs)
-
-
-def _train_config(params: Params) -> dict:
-    """train's run is the model's MLflow run: it records every section, so the run is the whole recipe."""
-    return params.to_dict()

@@ -15,12 +15,13 @@ import glob
 import io
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError, cpu_threads, write_text_atomic
+from mltag.errors import MltagError
+from mltag.files import write_text_atomic
+from mltag.workers import cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def list_images(spec: str) -> list[Path]:
         found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
     elif p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS:
-        from mltag.common import read_user_text
+        from mltag.files import read_user_text
 
         found = []
         for n, line in enumerate(read_user_text(p).splitlines(), 1):
@@ -51,52 +52,6 @@ def list_images(spec: str) -> list[Path]:
     return found
 
 
-def local_model(model: str, tracking_uri: str | None = None) -> Path:
-    """A local model folder for ``model``: a folder as is, a ``models:/`` or ``runs:/`` URI downloaded once."""
-    p = Path(model)
-    if p.is_dir() and (p / "model.json").is_file():
-        return p
-    if "://" not in model and not model.startswith(("models:/", "runs:/")):
-        raise MltagError("not a model folder (no model.json) nor a models:/ or runs:/ URI", model)
-    import hashlib
-
-    import mlflow
-
-    from mltag import tracking
-
-    tracking.setup_checked(tracking_uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per model, not per file
-    asked = model
-    try:
-        # An alias moves, and a store recreated at the same place numbers its versions again: key the
-        # download by the version's run and creation time, not by the URI.
-        identity = model
-        if model.startswith("models:/"):
-            client = mlflow.MlflowClient()
-            name, _, rest = model.removeprefix("models:/").partition("@")
-            if rest:
-                mv = client.get_model_version_by_alias(name, rest)
-            else:
-                name, _, version = name.partition("/")
-                mv = client.get_model_version(name, version)
-            model = f"models:/{mv.name}/{mv.version}"
-            identity = f"{model}|{mv.run_id}|{mv.creation_timestamp}"
-        key = hashlib.sha256(f"{tracking.mask_uri(tracking.tracking_uri(tracking_uri))}|{identity}".encode())
-        dest = Path(tempfile.gettempdir()) / "mltag-models" / key.hexdigest()[:20]
-        if not (dest / "done").is_file():
-            dest.mkdir(parents=True, exist_ok=True)
-            mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(dest))
-            (dest / "done").write_text("")
-    except MltagError:
-        raise
-    except Exception as e:  # noqa: BLE001 - MLflow raises many kinds for a missing model
-        raise MltagError(f"cannot load model {asked}: {str(e).splitlines()[0][:300]}") from None
-    found = [f.parent for f in dest.rglob("model.json")]
-    if not found:
-        raise MltagError(f"{model} holds no mltag model folder (no model.json among its artifacts)")
-    return found[0]
-
-
 def vectors_for(files: list[Path], meta: dict, store: str, backbone_cache_dir: str = "", engine: str = "auto",
                 progress: bool = True) -> tuple[np.ndarray, int]:
     """The plain-view vectors of ``files`` from the vector store, computing the missing ones into it.
@@ -104,8 +59,9 @@ def vectors_for(files: list[Path], meta: dict, store: str, backbone_cache_dir: s
     Returns ``(vectors float32 [N, D], how many were computed)``.
     """
     from mltag import backbone as bb
-    from mltag.bottleneck import FeatureCache, compute_missing, hash_files
     from mltag.engine import backbone_engine
+    from mltag.lanes import compute_missing, hash_files
+    from mltag.store import FeatureCache
 
     resolved = bb.resolve(meta["backbone_handle"], backbone_cache_dir)
     if resolved.backbone_id != meta.get("backbone_id"):
@@ -169,11 +125,12 @@ def pick_diverse(u: np.ndarray, vectors: np.ndarray, n: int, pool: int = 5) -> t
 def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: str, backbone_cache_dir: str = "",
             engine: str = "auto", tracking_uri: str | None = None, progress: bool = True) -> dict:
     """Rank unlabelled ``images`` for labelling with ``model``; write the top ``n`` to ``out`` (CSV)."""
+    from mltag import tracking
     from mltag.formats import read_model_meta, read_thresholds
 
     if n < 1:
         raise MltagError(f"--n must be at least 1, got {n}")
-    folder = local_model(model, tracking_uri)
+    folder = tracking.local_model(model, tracking_uri)
     meta = read_model_meta(folder)
     labels = meta["labels"]
     th_file = folder / "thresholds.json" if (folder / "thresholds.json").is_file() else folder.parent / "thresholds.json"
@@ -186,7 +143,7 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
 
         scores = InferenceModel(folder).scores(files)
     else:
-        from mltag.train import head_scores
+        from mltag.head import head_scores
 
         scores = head_scores(folder, vectors)
     u = uncertainty(scores, thresholds)

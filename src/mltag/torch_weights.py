@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import MltagError
+from mltag.errors import MltagError
 
 MAGIC = 0x1950A86A20F9469CFC6C
 PROTOCOL = 1001

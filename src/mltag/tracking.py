@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -81,7 +80,7 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     from mlflow.tracking._tracking_service.utils import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     try:
         http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, backoff_factor=0,
@@ -141,22 +140,17 @@ def setup(explicit: str | None = None) -> str:
 
 def save_run_ref(folder: str | os.PathLike, run_id: str, experiment_id: str, uri: str,
                  experiment: str = "mltag") -> None:
-    ref = {"run_id": run_id, "experiment_id": experiment_id, "experiment": experiment, "tracking_uri": mask_uri(uri)}
-    (Path(folder) / "run.json").write_text(json.dumps(ref, indent=2) + "\n", encoding="utf-8")
+    from mltag.formats import write_run_ref
+
+    write_run_ref(folder, {"run_id": run_id, "experiment_id": experiment_id, "experiment": experiment,
+                           "tracking_uri": mask_uri(uri)})
 
 
 def run_ref_of(model_dir: str | os.PathLike) -> dict | None:
     """What train recorded about its MLflow run in the model folder, or None."""
-    from mltag.common import MltagError
-    from mltag.formats import read_json
+    from mltag.formats import read_run_ref
 
-    f = Path(model_dir) / "run.json"
-    if not f.is_file():
-        return None
-    ref = read_json(f, "the model's MLflow run record", "train")
-    if not isinstance(ref, dict) or not isinstance(ref.get("run_id"), str):
-        raise MltagError("the model's MLflow run record is damaged (no run_id); run train again", f)
-    return ref
+    return read_run_ref(model_dir)
 
 
 def run_id_of(model_dir: str | os.PathLike) -> str | None:
@@ -181,7 +175,7 @@ def model_run(model_dir: str | os.PathLike, run_id: str | None, uri: str) -> str
     import mlflow
     from mlflow import MlflowClient
 
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     client = MlflowClient()
     if run_id:
@@ -230,7 +224,7 @@ def close_stale_runs(experiment_id: str, out: str | os.PathLike) -> list[str]:
     import mlflow
     from mlflow import MlflowClient
 
-    from mltag.common import _pid_alive
+    from mltag.files import _pid_alive
 
     mine = owner_tags(out)
     found = mlflow.search_runs([experiment_id], output_format="list", max_results=200,
@@ -281,3 +275,51 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def local_model(model: str, explicit_uri: str | None = None) -> Path:
+    """A local model folder for ``model``: a folder as is, a ``models:/`` or ``runs:/`` URI downloaded once
+    (shared by predict and suggest)."""
+    from mltag.errors import MltagError
+
+    p = Path(model)
+    if p.is_dir() and (p / "model.json").is_file():
+        return p
+    if "://" not in model and not model.startswith(("models:/", "runs:/")):
+        raise MltagError("not a model folder (no model.json) nor a models:/ or runs:/ URI", model)
+    import hashlib
+    import tempfile
+
+    import mlflow
+
+    setup_checked(explicit_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per model, not per file
+    asked = model
+    try:
+        # An alias moves, and a store recreated at the same place numbers its versions again: key the
+        # download by the version's run and creation time, not by the URI.
+        identity = model
+        if model.startswith("models:/"):
+            client = mlflow.MlflowClient()
+            name, _, rest = model.removeprefix("models:/").partition("@")
+            if rest:
+                mv = client.get_model_version_by_alias(name, rest)
+            else:
+                name, _, version = name.partition("/")
+                mv = client.get_model_version(name, version)
+            model = f"models:/{mv.name}/{mv.version}"
+            identity = f"{model}|{mv.run_id}|{mv.creation_timestamp}"
+        key = hashlib.sha256(f"{mask_uri(tracking_uri(explicit_uri))}|{identity}".encode())
+        dest = Path(tempfile.gettempdir()) / "mltag-models" / key.hexdigest()[:20]
+        if not (dest / "done").is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(dest))
+            (dest / "done").write_text("")
+    except MltagError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MLflow raises many kinds for a missing model
+        raise MltagError(f"cannot load model {asked}: {str(e).splitlines()[0][:300]}") from None
+    found = [f.parent for f in dest.rglob("model.json")]
+    if not found:
+        raise MltagError(f"{model} holds no mltag model folder (no model.json among its artifacts)")
+    return found[0]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from mltag.common import MltagError
 from mltag.config import STEP_SECTIONS, Params, params_from_dict
+from mltag.errors import MltagError
 
 
 def params_for(step: str, given: dict, defaults: dict) -> Params:
@@ -47,32 +47,21 @@ def shared_store(params: Params) -> str | None:
     return store if is_remote(store) or Path(store.removeprefix("file://")).is_absolute() else None
 
 
-IMAGES_FILE = "images.json"
-
-
 def record_images(dataset_dir, root: str, repo: str = "", rev: str = "") -> None:
-    """Write where the dataset artifact's images are read from: a folder every pod sees (a PVC
-    path, or this machine's under kfp.local), a bucket URI, or a path in a DVC repo at a commit.
-    The artifact itself holds no images."""
-    import json
-    from pathlib import Path
+    """Write where the dataset artifact's images are read from (``formats.write_images_ref``)."""
+    from mltag.formats import write_images_ref
 
-    ref = {"root": root, "repo": repo, "rev": rev}
-    (Path(dataset_dir) / IMAGES_FILE).write_text(json.dumps(ref) + "\n", encoding="utf-8")
+    write_images_ref(dataset_dir, root, repo, rev)
 
 
 def images_of(dataset_dir):
     """The image root of a dataset artifact: a local Path, or a ``fetch.ImageSource`` to download from."""
     from pathlib import Path
 
-    from mltag.common import MltagError
     from mltag.fetch import ImageSource, is_remote
-    from mltag.formats import read_json
+    from mltag.formats import read_images_ref
 
-    f = Path(dataset_dir) / IMAGES_FILE
-    ref = read_json(f, "the dataset's image reference", "prepare")
-    if not isinstance(ref, dict) or not {"root", "repo", "rev"} <= set(ref):
-        raise MltagError("the dataset's image reference is damaged (needs root, repo and rev); run prepare again", f)
+    ref = read_images_ref(dataset_dir)
     if ref["repo"] or is_remote(ref["root"]):
         return ImageSource(ref["root"], ref["repo"], ref["rev"])
     return Path(ref["root"])
@@ -118,13 +107,14 @@ def gather_vectors(dataset_dir, out, params: Params, shard_dirs: list) -> dict:
     from mltag.steps import run_step
 
     store = shared_store(params)
+    params = params.replace("bottleneck", num_shards=1)  # the gather writes the split files from every shard
     extra = []
     if store is None:
         params = params.replace("bottleneck", cache_dir="/tmp/mltag-gather")
         extra = [Path(d) / "vectors" for d in shard_dirs]
     out = Path(out)
     s = run_step("bottleneck", params, prepared=Path(dataset_dir) / "prepared", out=out, images=images_of(dataset_dir),
-                 extra_caches=extra, num_shards=1, progress=False, metrics=out / "stats.json")
+                 extra_caches=extra, progress=False, metrics=out / "stats.json")
     return {"backbone_id": s["backbone_id"], "computed_at_gather": s["computed"], "store": store or ""}
 
 

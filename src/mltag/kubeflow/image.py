@@ -58,7 +58,7 @@ def dirty_files(package_dir: Path = PACKAGE_DIR) -> list[str] | None:
 
 def check_clean_source(allow_dirty: bool = False, package_dir: Path = PACKAGE_DIR) -> None:
     """Refuse to compile from source that no commit holds (its image could never be rebuilt)."""
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     if allow_dirty or os.environ.get("MLTAG_IMAGE"):
         return

@@ -42,7 +42,7 @@ def _resources(task, name: str):
 
 def gpu_tasks(params: Params) -> set[str]:
     """Which tasks the compiled pipeline puts on the GPU pool, from ``train.mode`` and ``pipeline``."""
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
 
     out = {"train"} if params.train.mode == "fine_tune" else set()
     if params.pipeline.bottleneck_on_gpu:
@@ -70,7 +70,7 @@ def store_mount(params: Params, local: bool = False) -> tuple[str, str] | None:
     """
     from pathlib import PurePosixPath
 
-    from mltag.common import MltagError
+    from mltag.errors import MltagError
     from mltag.fetch import is_remote
 
     store, pvc = params.bottleneck.cache_dir, params.pipeline.store_pvc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import re
@@ -10,8 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from mltag.common import MltagError
 from mltag.config import Params, load_params, params_from_dict
+from mltag.errors import MltagError
 from mltag.kubeflow.pipeline import PIPELINE_SECTIONS, build_pipeline, no_nulls
 
 COMPILED = Path("pipeline") / "pipeline.yaml"
@@ -28,7 +27,7 @@ def compile_pipeline(out: str | os.PathLike = COMPILED, params: Params | None = 
     """
     from kfp import compiler
 
-    from mltag.common import atomic_path
+    from mltag.files import atomic_path
     from mltag.kubeflow.image import check_clean_source
 
     check_clean_source(allow_dirty)
@@ -71,7 +70,7 @@ def arguments(params: Params, data: str | None, data_repo: str, data_rev: str, t
               overrides: dict | None) -> dict:
     """Pipeline arguments: the section dicts of ``params`` with ``section.key=value`` overrides applied."""
     params = effective_params(params, data, overrides)
-    args = {s: no_nulls(dataclasses.asdict(getattr(params, s))) for s in PIPELINE_SECTIONS}
+    args = {s: no_nulls(getattr(params, s).model_dump()) for s in PIPELINE_SECTIONS}
     args.update(data_repo=data_repo, data_rev=data_rev)
     if tracking_uri:
         args["tracking_uri"] = tracking_uri
@@ -183,7 +182,7 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
         if not Path(data).exists() and Path(data) == Path("data/demo"):
             from mltag.demo import make_demo_data
 
-            make_demo_data(data)  # the built-in demo data, as `dvc repro` would make it
+            make_demo_data(data, demo=params.demo)  # the built-in demo data, as `dvc repro` would make it
         data = str(Path(data).resolve())
     store = params.bottleneck.cache_dir
     if "://" not in store and not Path(store).is_absolute():

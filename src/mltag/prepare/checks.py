@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.common import Example, MltagError
+from mltag.datasets import Dataset
+from mltag.errors import MltagError
+from mltag.formats import Example
 from mltag.images import DEFAULT_MAX_PIXELS, BadImage, inspect_image
-from mltag.prepare.readers import Dataset
 
 log = logging.getLogger(__name__)
 

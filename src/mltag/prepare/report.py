@@ -6,9 +6,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from mltag.common import Example
-from mltag.formats import SPLITS
-from mltag.prepare.readers import Dataset
+from mltag.datasets import Dataset
+from mltag.formats import SPLITS, Example
 from mltag.reports import data_uri, figure_png, render
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 
-from mltag.common import Example, MltagError
+from mltag.errors import MltagError
+from mltag.formats import Example
 
 
 def _unit_hash(key: str, salt: str) -> float:

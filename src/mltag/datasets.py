@@ -1,4 +1,4 @@
-"""prepare's format readers: each input format in, a ``Dataset`` (label names + examples) out.
+"""The dataset formats a user brings (read by prepare, and by ``review apply``): each input format in, a ``Dataset`` (label names + examples) out.
 
 Accepted inputs (auto-detected where unambiguous, ``fmt`` overrides):
 
@@ -22,10 +22,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from mltag.common import Example, MltagError, read_labels, read_lst, read_user_text
+from mltag import config
+from mltag.errors import MltagError
+from mltag.files import read_user_text
+from mltag.formats import Example, read_labels, read_lst
 from mltag.images import IMAGE_EXTENSIONS
 
-FORMATS = ("lst", "labels_json", "image_list", "folders", "csv")
+FORMATS = tuple(f for f in config.choices("prepare", "format") if f != "auto")  # declared in mltag.config
 
 
 def _not_reviewed(files) -> list[Path]:
@@ -341,7 +344,7 @@ def detect_format(src: Path) -> str:
     return found[0]
 
 
-def read_dataset(src: str | os.PathLike, fmt: str = "auto") -> Dataset:
+def read_dataset(src: str | os.PathLike, fmt: str) -> Dataset:
     src = Path(src)
     fmt = detect_format(src) if fmt == "auto" else fmt
     if fmt not in READERS:

@@ -1,0 +1,220 @@
+"""Writing outputs so that nothing is lost or half-written, locks, hashing files, reading a
+user's text files, and the fault-injection hook the fault suite drives."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from mltag.errors import MltagError
+
+_PROCESS_START = time.time()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _leftover_pid(name: str, stem: str | None) -> int | None:
+    """The PID in a leftover: ``.{stem}.{pid}[.<random>].tmp`` or ``.{stem}.old-{pid}``; else None.
+
+    With ``stem`` None, any name of that shape matches.
+    """
+    st = re.escape(stem) if stem is not None else r".+?"
+    m = re.fullmatch(rf"\.{st}\.(?:(\d+)(?:\.[^/]*)?\.tmp|old-(\d+))", name)
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def remove_stale_leftovers(folder: str | os.PathLike, stem: str | None = None) -> int:
+    """Remove what killed runs left in ``folder``: temp files and folders, swapped-out old outputs.
+
+    Only leftovers of ``stem`` (an output's name) when given, else any. A leftover is stale
+    when the process that made it is gone and it is older than this process. Returns how
+    many were removed.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for e in entries:
+        if not e.name.startswith("."):
+            continue
+        pid = _leftover_pid(e.name, stem)
+        if pid is None or _pid_alive(pid):
+            continue
+        try:
+            if e.stat(follow_symlinks=False).st_mtime >= _PROCESS_START:
+                continue
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        logging.getLogger(__name__).info("removed %d leftover(s) of killed runs in %s", removed, folder)
+    return removed
+
+
+def lock_file_for(dest: str | os.PathLike) -> Path:
+    """The lock file guarding ``dest``: outside it (never part of an output), one per absolute path."""
+    key = hashlib.sha256(str(Path(dest).absolute()).encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / f"mltag-locks-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def locked(lock_path: str | os.PathLike, what: str, timeout: float = -1):
+    """Hold an exclusive file lock; when another process holds it, say so once and wait.
+
+    Yields whether it had to wait (another run held the lock, so what it guards may have changed).
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_path))
+    waited = False
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # (a TimeoutError, so before OSError)
+        waited = True
+        logging.getLogger(__name__).warning("waiting for another mltag run that is writing %s (lock %s)",
+                                            what, lock_path)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise MltagError(f"another run still holds the lock after {timeout:.0f} s", lock_path) from None
+    except OSError as e:  # read-only or missing folder
+        raise MltagError(f"cannot create a lock file: {e.strerror or e}", lock_path) from None
+    try:
+        yield waited
+    finally:
+        lock.release()
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; move it into place only on success.
+
+    Works for files and directories: a reader never sees a half-written ``dest``. The swap
+    holds a lock per ``dest``, so two runs writing the same output one after the other
+    leave one complete output, and it removes stale leftovers of killed runs.
+    """
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise MltagError(f"cannot write here: {e.strerror or e}", dest.parent) from None
+    target = tmp / dest.name
+    try:
+        try:
+            yield target
+            fault_point(f"write:{dest.name}")
+        except OSError as e:
+            # A failed write (full disk, quota, I/O error) carries no file name: name the output.
+            if e.filename is None and e.errno in _WRITE_ERRNOS:
+                raise MltagError(f"cannot write: {e.strerror or e} (free some space, or write elsewhere); "
+                                 "the previous output is untouched", dest) from None
+            raise
+        with locked(lock_file_for(dest), str(dest)):
+            if dest.is_dir() and not dest.is_symlink():
+                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                os.replace(dest, old)
+                os.replace(target, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(target, dest)
+            remove_stale_leftovers(dest.parent, dest.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(dest: str | os.PathLike, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(dest: str | os.PathLike, obj) -> None:
+    write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fault_point(name: str) -> None:
+    """Test hook for the fault-injection suite (tests/test_faults.py).
+
+    ``MLTAG_FAULT=<name>`` kills this process with SIGKILL here; ``MLTAG_FAULT=<name>=sleep:S``
+    sleeps S seconds here instead (to make two runs overlap); ``MLTAG_FAULT=<name>=enospc``
+    raises the error a full disk gives a write (no file name). Unset, it costs one lookup.
+    """
+    spec = os.environ.get("MLTAG_FAULT")
+    if not spec or not spec.startswith(name):
+        return
+    if spec == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif spec == f"{name}=enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif spec.startswith(f"{name}=sleep:"):
+        time.sleep(float(spec.rsplit(":", 1)[1]))
+
+
+def read_user_text(path: str | os.PathLike) -> str:
+    """A user's text file (labels, lists, CSV, JSON) as UTF-8, a leading byte-order mark removed.
+
+    Excel's "CSV UTF-8" and Notepad write a BOM, which would otherwise end up in the
+    first label or column name. Bytes that are not UTF-8 are an error naming the line.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MltagError(f"cannot read: {e.strerror or e}", path) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MltagError(f"not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8", path, line) from None
