@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install demo test test-fast lint compile lock clean
+.PHONY: install demo test test-fast lint compile docs lock clean
 
 # Exact versions from the lock file (the same one the Docker image uses), then mltag itself.
 $(VENV)/.installed: pyproject.toml requirements-dev.lock
@@ -37,6 +37,11 @@ lint: install
 
 compile: install
 	mltag pipeline compile
+
+# The generated docs: params.yaml's JSON Schema and the README's parameter reference (tests check both).
+docs: install
+	mltag params schema > docs/params.schema.json
+	mltag params reference --write README.md
 
 # Re-resolve the lock files after changing pyproject.toml (needs network access to PyPI).
 lock: install

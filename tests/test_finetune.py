@@ -46,7 +46,7 @@ def test_fine_tune_needs_a_builtin_backbone(tmp_path, colour_dataset, fake_backb
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=1), progress=False)
     with pytest.raises(MltagError, match="fine_tune needs a built-in backbone"):
         train(tmp_path / "bn", tmp_path / "model", **sections("train", mode="fine_tune"), images=colour_dataset, progress=False)
-    with pytest.raises(MltagError, match="train.mode must be head or fine_tune"):
+    with pytest.raises(MltagError, match="train.mode: must be one of head, fine_tune, got .finetune."):
         train(tmp_path / "bn", tmp_path / "model", **sections("train", mode="finetune"), progress=False)
     assert not (tmp_path / "model").exists()
 
@@ -120,11 +120,13 @@ def test_mixed_precision_path_runs_on_cpu(colour_dataset):
     items = list(zip(files, hash_files(files)))
     y = np.array([r.flags for r in rows], np.float32)
     head = [np.zeros((1280, 3), np.float32), np.zeros(3, np.float32)]
+    cfg = sections("train", fine_tune_blocks=1, fine_tune_epochs=2, fine_tune_learning_rate=1e-3,
+                   fine_tune_patience=0, mixed_precision="true")["train"]
     net, head_after, hist = fine_tune("builtin:efficientnet_lite0", 32, items[:8], y[:8], items[8:], y[8:], head,
-                                      blocks=1, views=2, epochs=2, learning_rate=1e-3, patience=0,
-                                      mixed_precision="true", progress=False)
+                                      train=cfg, views=2, progress=False)
     assert hist["mixed_precision"] is True and hist["tuned_blocks"] == [15]
     assert all(np.isfinite(hist["loss"])) and hist["loss"][-1] < hist["loss"][0]
     assert head_after[0].dtype == np.float32 and np.abs(head_after[0]).sum() > 0  # master weights stay fp32
     with pytest.raises(MltagError, match="fine_tune_blocks must be 1..16"):
-        fine_tune("builtin:efficientnet_lite0", 32, items[:8], y[:8], [], y[:0], head, blocks=17, progress=False)
+        fine_tune("builtin:efficientnet_lite0", 32, items[:8], y[:8], [], y[:0], head,
+                  train=sections("train", fine_tune_blocks=17)["train"], views=1, progress=False)

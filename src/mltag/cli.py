@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     pa = sub.add_parser("params", help="params.yaml tools: its JSON Schema, its reference table, a check")
     pas = pa.add_subparsers(dest="params_command", required=True)
     pas.add_parser("schema", help="print the JSON Schema of params.yaml (for editors: docs/params.schema.json)")
-    pas.add_parser("reference", help="print the parameter reference (Markdown, as in the README)")
+    prf = pas.add_parser("reference", help="print the parameter reference (Markdown, as in the README)")
+    prf.add_argument("--write", metavar="README", default=None,
+                     help="replace the reference between the params-reference markers of this file instead")
     pck = pas.add_parser("check", help="check a params file: every key known, every value valid")
     pck.add_argument("file", nargs="?", default="params.yaml")
     ms = sub.add_parser("metrics", help="print the last run's metrics table and registry decision")
@@ -306,6 +308,8 @@ def _dispatch(args) -> int:
 
         if args.params_command == "schema":
             print(json.dumps(config.json_schema(), indent=2))
+        elif args.params_command == "reference" and args.write:
+            config.write_reference(args.write)
         elif args.params_command == "reference":
             print(config.reference_markdown(), end="")
         else:

@@ -124,7 +124,7 @@ class Train(Section):
     batch_size: int = opt(32, "batch size", ge=1)
     hidden_units: int = opt(0, "0: logistic head; >0: one ReLU hidden layer", ge=0)
     dropout: float = opt(0.2, "dropout rate", ge=0, lt=1)
-    patience: int = opt(15, "early-stopping patience (epochs)", ge=1)
+    patience: int = opt(15, "early-stopping patience (epochs); 0: every epoch runs, the best is kept", ge=0)
     monitor: Literal["val_loss", "val_map"] = opt("val_loss", "early-stopping and best-epoch metric, of the head "
                                                   "and of fine_tune")
     seed: int = opt(42, "random seed")
@@ -134,7 +134,8 @@ class Train(Section):
                                 ge=1)
     fine_tune_epochs: int = opt(10, "fine_tune: maximum epochs", ge=1)
     fine_tune_learning_rate: float = opt(2e-5, "fine_tune: backbone learning rate; the head gets 10x this", gt=0)
-    fine_tune_patience: int = opt(3, "fine_tune: epochs without a better train.monitor value before stopping", ge=1)
+    fine_tune_patience: int = opt(3, "fine_tune: epochs without a better train.monitor value before stopping; 0: "
+                                  "every epoch runs", ge=0)
     mixed_precision: Literal["auto", "true", "false"] = opt("auto", "auto (float16 on a GPU), true or false")
 
 
@@ -408,3 +409,18 @@ def reference_markdown() -> str:
                          f"| {help_.replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+REFERENCE_MARKERS = ("<!-- params-reference:begin -->\n", "<!-- params-reference:end -->")
+
+
+def write_reference(path: str | os.PathLike) -> None:
+    """Replace the parameter reference between the markers of ``path`` (the README) with a fresh one."""
+    from mltag.files import write_text_atomic
+
+    text = Path(path).read_text(encoding="utf-8")
+    begin, end = REFERENCE_MARKERS
+    if begin not in text or end not in text:
+        raise MltagError(f"no {begin.strip()} ... {end} markers", path)
+    head, rest = text.split(begin, 1)
+    write_text_atomic(path, head + begin + reference_markdown() + end + rest.split(end, 1)[1])
