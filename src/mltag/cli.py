@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     if "-v" not in (argv or sys.argv) and "--verbose" not in (argv or sys.argv):
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     args = build_parser().parse_args(argv)
     _setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
@@ -224,6 +225,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mltag: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
+    finally:
+        _record_timing(args if "args" in locals() else None, t0, cpu0)
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    return sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
+def _record_timing(args, t0: float, cpu0: float) -> None:
+    """With ``MLTAG_TIMINGS=FILE``, append this command's wall and CPU seconds (benchmarks/pipeline.py)."""
+    path = os.environ.get("MLTAG_TIMINGS")
+    if not path or args is None:
+        return
+    rec = {"command": args.command, "wall": round(time.perf_counter() - t0, 2),
+           "cpu": round(_cpu_seconds() - cpu0, 2), "pid": os.getpid()}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 def _user_error(message: str, verbose: bool) -> int:
