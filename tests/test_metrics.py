@@ -179,3 +179,26 @@ def test_error_report_escapes_names_and_shows_the_worst_mistakes(tmp_path):
     tp, fp, fn, tn = (m["per_label"]["dog & co"][k] for k in ("tp", "fp", "fn", "tn"))
     assert (tp, fp, fn, tn) == (2, 1, 0, 1)
     assert f'<td class="num">{tp}</td>\n<td class="num">{fp}</td><td class="num">{fn}</td>' in per_label
+
+
+def test_average_precision_and_micro_f1_match_sklearn_with_ties_and_empty_labels():
+    """The numpy AP (a thousand bootstrap calls) is sklearn's AP, ties and all."""
+    from sklearn.metrics import average_precision_score, f1_score
+
+    from mltag.metrics import _micro_f1, average_precisions
+
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        n = int(rng.integers(2, 60))
+        y = (rng.random((n, 4)) < 0.3).astype(int)
+        y[:, 3] = 0  # a label without positives: NaN, as before
+        s = np.round(rng.random((n, 4)), int(rng.integers(1, 3)))  # coarse scores: many ties
+        ours = average_precisions(y, s)
+        for j in range(3):
+            if y[:, j].any():
+                assert abs(ours[j] - average_precision_score(y[:, j], s[:, j])) < 1e-12, (trial, j)
+            else:
+                assert np.isnan(ours[j])
+        assert np.isnan(ours[3])
+        pred = (s >= 0.5).astype(int)
+        assert abs(_micro_f1(y, pred) - f1_score(y, pred, average="micro", zero_division=0)) < 1e-12

@@ -30,7 +30,7 @@ def run_all(tmp, dataset, backbone, lr=0.05, name="colours", **reg):
     tr = train(tmp / "bn", tmp / "model", **sections("train", learning_rate=lr, epochs=150, patience=30), progress=False, config={"train": {"learning_rate": lr}})
     ev = evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "metrics" / "evaluate.json", **sections("evaluate", bootstrap=50))
     ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json", **sections("calibrate"), bottlenecks=tmp / "bn", progress=False)
-    rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "metrics" / "register.json", **sections("register", model_name=name), **reg)
+    rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "metrics" / "register.json", **sections("register", model_name=name, int8="full"), **reg)
     return bn, tr, ev, ca, rg
 
 
@@ -424,12 +424,12 @@ def test_a_quantized_model_that_loses_accuracy_is_not_shipped(tmp_path, colour_d
 
     fp32 = InferenceModel(bundle).scores(images)
     black = [np.zeros((224, 224, 3), np.uint8)] * 8
-    par = tflite_parity(bundle, images, y, labels, [], fp32, representative=black, int8_images=8, max_drop=0.01)
+    par = tflite_parity(bundle, images, y, labels, [], fp32, representative=black, int8="full", int8_images=8, max_drop=0.01)
     assert par["int8_test_map"] < par["fp32_test_map"] - 0.01 or par["int8_test_micro_f1"] < \
         par["fp32_test_micro_f1"] - 0.01, par  # deliberately bad, and measured so
     if par["int8_shipped"]:
         assert par["int8_kind"] == "dynamic_range" and (bundle / "model_int8.tflite").is_file()
-    par = tflite_parity(bundle, images, y, labels, [], fp32, representative=black, int8_images=8, max_drop=-1.0)
+    par = tflite_parity(bundle, images, y, labels, [], fp32, representative=black, int8="full", int8_images=8, max_drop=-1.0)
     assert not par["int8_shipped"] and not (bundle / "model_int8.tflite").exists()
     assert par["int8_reason"].startswith("not shipped: no quantized model stays within -1.0 of fp32")
     verify_integrity(bundle)  # the bundle's recorded content matches what is (not) there

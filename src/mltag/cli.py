@@ -273,7 +273,7 @@ def _setup_logging(level: int) -> None:
 
 def _dispatch(args) -> int:
     cmd = args.command
-    if cmd in ("train", "evaluate", "register", "backbone") and not args.verbose:
+    if cmd in ("train", "register", "backbone") and not args.verbose:
         # TF's C++ logs a few startup lines (oneDNN, "could not find cuda drivers") before any
         # Python-side setting applies; -v shows them.
         from mltag.tf_runtime import import_tensorflow

@@ -179,9 +179,13 @@ class Register(Section):
     max_label_ap_drop: float = opt(0.05, "largest per-label AP drop allowed against the champion", ge=0)
     tflite: bool = opt(True, "also register model.tflite, and a quantized model_int8.tflite when it keeps the "
                        "accuracy, with a parity table")
-    int8_images: int = opt(300, "training images that calibrate the int8 model's activation ranges", ge=1)
+    int8: Literal["dynamic_range", "full", "none"] = opt(
+        "dynamic_range", "the quantized model_int8.tflite tried: dynamic_range (int8 weights, float activations), "
+        "full (full int8 first, calibrated on training images, then dynamic range) or none; full int8 lost "
+        "0.085-0.11 test mAP on every set measured, and its calibration is most of register's time")
+    int8_images: int = opt(300, "register.int8 full: training images that calibrate the activation ranges", ge=1)
     int8_max_drop: float = opt(0.01, "largest test mAP or micro F1 drop against fp32 that a quantized model may "
-                               "have and still ship (full int8 first, then dynamic range)", ge=0)
+                               "have and still ship", ge=0)
 
 
 class Pipeline(Section):

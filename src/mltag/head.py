@@ -20,6 +20,10 @@ from mltag.tf_runtime import import_tensorflow
 
 log = logging.getLogger("mltag.train")
 
+# Training rows up to this size (float32 bytes) are cast once per fit; larger sets (hundreds of
+# thousands of images with their views) stay float16 and are cast a chunk at a time.
+FLOAT32_COPY_MAX = 512 << 20
+
 
 def build_head(dim: int, n_labels: int, hidden_units: int, dropout: float):
     import_tensorflow()  # keras' TF backend: without its start-up noise
@@ -148,7 +152,10 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
     """
     rng = np.random.default_rng(seed)
     if not isinstance(x_tr, Rows):
-        x_tr = Rows(np.asarray(x_tr))  # a batch at a time as float32, never the whole array
+        x_tr = Rows(np.asarray(x_tr))
+    if x_tr.shape[0] * x_tr.shape[1] * 4 <= FLOAT32_COPY_MAX:
+        x_tr = x_tr[np.arange(len(x_tr))]  # cast once: each epoch then gathers float32 rows
+    # else: gathered and cast 64 batches at a time, never the whole array
     y_tr = np.asarray(y_tr, np.float32)
     head = NumpyHead(x_tr.shape[1], y_tr.shape[1], hidden_units, rng)
     has_val = x_va is not None and len(x_va) > 0
@@ -169,9 +176,12 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
     for epoch in range(epochs):
         order = rng.permutation(len(x_tr))
         losses = []
+        chunk = batch_size * 64  # rows gathered (and cast to float32) 64 batches at a time, not batch by batch
         for i in range(0, len(order), batch_size):
+            if i % chunk == 0:
+                x_chunk, y_chunk = x_tr[order[i: i + chunk]], y_tr[order[i: i + chunk]]
             idx = order[i: i + batch_size]
-            xb, yb = x_tr[idx], y_tr[idx]
+            xb, yb = x_chunk[i % chunk: i % chunk + batch_size], y_chunk[i % chunk: i % chunk + batch_size]
             z, acts = head.logits(xb, dropout, rng)
             losses.append(_bce(z, yb) * len(idx))
             grad = (1.0 / (1.0 + np.exp(-z)) - yb) / np.float32(yb.size)
