@@ -439,13 +439,14 @@ def test_a_quantized_model_that_loses_accuracy_is_not_shipped(tmp_path, colour_d
 def test_the_numpy_trainer_and_the_saved_keras_head_are_one_model(hidden):
     """head.npz (scored in numpy by evaluate, calibrate and suggest) and head.keras hold the same
     weights and give the same scores, to 1e-5, with or without a hidden layer."""
-    from mltag.head import NumpyHead, fit_head, predict_head, to_keras
+    from mltag.head import HeadLoss, NumpyHead, fit_head, predict_head, to_keras
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 24)).astype(np.float16)
     y = (x[:, :3].astype(np.float32) + rng.normal(0, 0.3, (300, 3)) > 0).astype(np.uint8)
     head, history, _ = fit_head(x[:240], y[:240], x[240:], y[240:], learning_rate=0.01, epochs=20, batch_size=32,
-                                hidden_units=hidden, dropout=0.2, patience=5, monitor="val_map", seed=1)
+                                hidden_units=hidden, dropout=0.2, patience=5, monitor="val_map", seed=1,
+                                loss=HeadLoss.of({}))
     assert len(history["loss"]) >= 1 and history["loss"][-1] < history["loss"][0] + 1e-6
     keras_scores = predict_head(to_keras(head, 0.2), x)  # dropout is off at inference in both
     numpy_scores = NumpyHead.from_weights(head.weights).predict(x)
@@ -466,3 +467,33 @@ def test_head_scores_need_no_tensorflow(tmp_path, colour_dataset, fake_backbone,
                        capture_output=True, text=True)
     assert p.returncode == 0 and int(p.stdout) > 0, p.stderr[-2000:]
     assert (tmp_path / "model" / "head.npz").is_file()
+
+
+@pytest.mark.parametrize("settings", [
+    {"loss": "bce"}, {"loss": "bce", "label_smoothing": 0.1},
+    {"loss": "asl", "asl_gamma_neg": 4.0, "asl_gamma_pos": 0.0, "asl_clip": 0.05},
+    {"loss": "asl", "asl_gamma_neg": 2.0, "asl_gamma_pos": 2.0, "asl_clip": 0.0},  # focal
+    {"loss": "asl", "asl_gamma_neg": 0.0, "asl_gamma_pos": 0.0, "asl_clip": 0.0},  # = BCE
+])
+def test_head_losses_have_the_gradient_of_their_value(settings):
+    """Each loss's analytic gradient against central differences of its own value; ASL with no
+    focusing and no clip is BCE."""
+    from mltag.head import HeadLoss
+
+    loss = HeadLoss.of(settings)
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, (6, 4)).astype(np.float64)
+    y = (rng.random((6, 4)) < 0.4).astype(np.float32)
+    _, grad = loss(z, y)
+    eps = 1e-5
+    numeric = np.zeros_like(z)
+    for i in np.ndindex(z.shape):
+        hi, lo = z.copy(), z.copy()
+        hi[i] += eps
+        lo[i] -= eps
+        numeric[i] = (loss(hi, y)[0] - loss(lo, y)[0]) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, atol=2e-5, rtol=1e-3)
+    if settings.get("asl_gamma_neg") == 0.0 and settings["loss"] == "asl":
+        bce_value, bce_grad = HeadLoss.of({})(z.astype(np.float32), y)
+        assert abs(loss(z, y)[0] - bce_value) < 1e-5
+        np.testing.assert_allclose(grad, bce_grad, atol=1e-6)

@@ -273,9 +273,10 @@ def _setup_logging(level: int) -> None:
 
 def _dispatch(args) -> int:
     cmd = args.command
-    if cmd in ("train", "register", "backbone") and not args.verbose:
+    if cmd in ("train", "backbone") and not args.verbose:
         # TF's C++ logs a few startup lines (oneDNN, "could not find cuda drivers") before any
-        # Python-side setting applies; -v shows them.
+        # Python-side setting applies; -v shows them. Other commands import TF only when they
+        # need it (mltag.tf_runtime, as quietly), or never.
         from mltag.tf_runtime import import_tensorflow
 
         import_tensorflow()

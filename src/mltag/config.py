@@ -128,6 +128,15 @@ class Train(Section):
     monitor: Literal["val_loss", "val_map"] = opt("val_loss", "early-stopping and best-epoch metric, of the head "
                                                   "and of fine_tune")
     seed: int = opt(42, "random seed")
+    loss: Literal["bce", "asl"] = opt("bce", "the head's training loss: bce (binary cross-entropy) or asl "
+                                      "(asymmetric loss; asl_gamma_pos = asl_gamma_neg = 2 and asl_clip 0 is the "
+                                      "focal loss); early stopping and val_loss always use BCE")
+    asl_gamma_neg: float = opt(4.0, "loss asl: focusing exponent of the negatives (easy negatives weigh less)", ge=0)
+    asl_gamma_pos: float = opt(0.0, "loss asl: focusing exponent of the positives", ge=0)
+    asl_clip: float = opt(0.05, "loss asl: probability shift of the negatives (a negative under it costs nothing)",
+                          ge=0, lt=1)
+    label_smoothing: float = opt(0.0, "the head's targets pulled toward 0.5 by this much (0.1: 0.05 and 0.95)",
+                                 ge=0, lt=1)
     mode: Literal["head", "fine_tune"] = opt(
         "head", "head (on cached vectors) or fine_tune (also the backbone's top blocks, from the images)")
     fine_tune_blocks: int = opt(2, "fine_tune: top blocks trained (the rest stays frozen); built-in backbones only",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,53 @@ class NumpyHead:
         return out
 
 
+@dataclass(frozen=True)
+class HeadLoss:
+    """The head's training loss: ``bce`` (binary cross-entropy) or ``asl`` (asymmetric loss,
+    Ridnik et al. 2021: positives weighted by ``(1-p)^gamma_pos``, negatives shifted down by
+    ``clip`` then weighted by ``p^gamma_neg``; ``gamma_pos = gamma_neg = 2, clip = 0`` is the
+    focal loss), on targets smoothed toward 0.5 by ``smoothing``. Validation always reports BCE."""
+
+    kind: str
+    gamma_pos: float
+    gamma_neg: float
+    clip: float
+    smoothing: float
+
+    @classmethod
+    def of(cls, settings: dict) -> HeadLoss:
+        """From ``train.*`` keys (or model.json's head settings; a model from before losses: BCE)."""
+        return cls(settings.get("loss", "bce"), float(settings.get("asl_gamma_pos", 0.0)),
+                   float(settings.get("asl_gamma_neg", 0.0)), float(settings.get("asl_clip", 0.0)),
+                   float(settings.get("label_smoothing", 0.0)))
+
+    def settings(self) -> dict:
+        return {"loss": self.kind, "asl_gamma_pos": self.gamma_pos, "asl_gamma_neg": self.gamma_neg,
+                "asl_clip": self.clip, "label_smoothing": self.smoothing}
+
+    def __call__(self, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """The mean loss of logits ``z`` against 0/1 targets ``y``, and its gradient with respect to ``z``."""
+        if self.smoothing:
+            y = y * np.float32(1.0 - self.smoothing) + np.float32(self.smoothing / 2)
+        if self.kind == "bce":
+            return _bce(z, y), (1.0 / (1.0 + np.exp(-z)) - y) / np.float32(y.size)
+        z64, y64 = z.astype(np.float64), y.astype(np.float64)
+        p = 1.0 / (1.0 + np.exp(-z64))
+        log_p = -np.logaddexp(0.0, -z64)
+        gp, gn, clip = self.gamma_pos, self.gamma_neg, self.clip
+        pm = np.maximum(p - clip, 0.0)
+        log_1m = -np.logaddexp(0.0, z64) if clip == 0 else np.log1p(-pm)
+        pos = (1.0 - p) ** gp
+        neg = pm ** gn
+        loss = -(y64 * pos * log_p + (1.0 - y64) * neg * log_1m)
+        d_pos = gp * p * (1.0 - p) ** gp * log_p - (1.0 - p) ** (gp + 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d_neg_pm = np.where(pm > 0, -gn * pm ** (gn - 1.0) * log_1m if gn else 0.0, 0.0) + neg / (1.0 - pm)
+        d_neg = np.where(p > clip, d_neg_pm * p * (1.0 - p), 0.0)
+        grad = (y64 * d_pos + (1.0 - y64) * d_neg) / y.size
+        return float(loss.mean()), grad.astype(np.float32)
+
+
 def _bce(z: np.ndarray, y: np.ndarray) -> float:
     """Keras' binary cross-entropy (mean over labels and images), computed stably from logits."""
     return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
@@ -141,7 +189,7 @@ def validation_metrics(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: np.ndarray | None, *,
              learning_rate: float, epochs: int, batch_size: int, hidden_units: int, dropout: float,
-             patience: int, monitor: str, seed: int, progress: bool = False):
+             patience: int, monitor: str, seed: int, loss: HeadLoss, progress: bool = False):
     """Fit a fresh head; with validation data and ``patience`` > 0, stop early and keep the best epoch.
 
     The settings are train's (``train.*``) or, for calibrate's refits, the ones model.json recorded.
@@ -183,8 +231,8 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
             idx = order[i: i + batch_size]
             xb, yb = x_chunk[i % chunk: i % chunk + batch_size], y_chunk[i % chunk: i % chunk + batch_size]
             z, acts = head.logits(xb, dropout, rng)
-            losses.append(_bce(z, yb) * len(idx))
-            grad = (1.0 / (1.0 + np.exp(-z)) - yb) / np.float32(yb.size)
+            value, grad = loss(z, yb)
+            losses.append(value * len(idx))
             grads = [None] * len(head.weights)
             for layer in range(n_layers - 1, -1, -1):
                 a = acts[layer]

@@ -34,7 +34,7 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
         ``(labels, scores, fold of each image, paths)``: train images first, then val.
     """
     from mltag.formats import load_split, load_views, read_model_meta
-    from mltag.head import Rows, fit_head, predict_head
+    from mltag.head import HeadLoss, Rows, fit_head, predict_head
 
     meta = read_model_meta(model_dir)
     hp = meta.get("head")
@@ -60,7 +60,7 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
             yf = np.concatenate([yf, np.repeat(y_tr[fit_tr], xf.k, axis=0)])
         model, _, _ = fit_head(xf, yf, None, None, learning_rate=hp["learning_rate"], epochs=int(hp["best_epoch"]),
                                batch_size=hp["batch_size"], hidden_units=hp["hidden_units"], dropout=hp["dropout"],
-                               patience=0, monitor="val_loss", seed=int(hp["seed"]) + f)  # no validation: all epochs
+                               patience=0, monitor="val_loss", seed=int(hp["seed"]) + f, loss=HeadLoss.of(hp))  # no validation: all epochs
         scores[folds == f] = predict_head(model, x[folds == f])
         if progress:
             log.debug("calibrate: fold %d/%d refitted", f + 1, k)

@@ -18,7 +18,7 @@ from mltag.errors import MltagError
 from mltag.export import write_model_folder
 from mltag.files import atomic_path, fault_point, write_json_atomic
 from mltag.formats import load_split, load_views, read_bottleneck_meta, read_labels, write_integrity, write_labels
-from mltag.head import check_converged, fit_head, with_views
+from mltag.head import HeadLoss, check_converged, fit_head, with_views
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.set_tags({"mltag.step": "train", "mltag.labels": ",".join(labels)})
         fault_point("train:fitting")
+        loss = HeadLoss.of(train.model_dump())
         head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, learning_rate=train.learning_rate,
                                       epochs=train.epochs, batch_size=train.batch_size,
                                       hidden_units=train.hidden_units, dropout=train.dropout, patience=train.patience,
-                                      monitor=train.monitor, seed=train.seed, progress=progress)
+                                      monitor=train.monitor, seed=train.seed, loss=loss, progress=progress)
         check_converged(head, history, train.learning_rate)
         net, ft = None, None
         if train.mode == "fine_tune":
@@ -115,7 +116,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
             # what calibrate needs to refit the same head on folds
             "head": {"learning_rate": train.learning_rate, "epochs": train.epochs, "batch_size": train.batch_size,
                      "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed,
-                     "best_epoch": best + 1, "views": int(meta.get("views", 1))},
+                     "best_epoch": best + 1, "views": int(meta.get("views", 1)), **loss.settings()},
             # fine_tune: cached vectors no longer match the backbone; evaluate scores images end to end
             "mode": train.mode,
         }
