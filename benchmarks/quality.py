@@ -10,7 +10,10 @@ so a backbone's vectors are computed once for all repeats. Prints figures; asser
 Usage:
     python benchmarks/quality.py --data ../shared/devsets/flowers [--repeats 5] [--json]
         [--backbones lite0,lite1,lite2] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
-        [--modes head,fine_tune]
+        [--modes head,fine_tune] [--train "loss=bce;loss=asl;monitor=val_map"]
+
+``--train`` compares train settings: configurations separated by ``;``, each a ``,``-separated
+list of ``key=value`` train keys (``default`` for params.yaml's own).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ CALIBRATIONS = {  # name -> calibrate() keywords
 
 
 def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: str, views: int, hidden: int,
-            calibrations: list[str], salt: str, params, mode: str = "head") -> list[dict]:
+            calibrations: list[str], salt: str, params, mode: str = "head", variant: str = "default") -> list[dict]:
     from mltag.bottleneck import bottleneck
     from mltag.calibrate import calibrate
     from mltag.evaluate import evaluate
@@ -50,12 +53,13 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     prep = work / f"prep-{salt}"
     if not prep.is_dir():
         prepare(prep, **sections("prepare", input=data, salt=salt), progress=False)
-    tag = f"{backbone}-v{views}-h{hidden}-{mode}-{salt}"
+    overrides = dict(kv.split("=", 1) for kv in variant.split(",")) if variant != "default" else {}
+    tag = f"{backbone}-v{views}-h{hidden}-{mode}-{salt}-" + "".join(c if c.isalnum() else "_" for c in variant)
     bn = work / f"bn-{backbone}-v{views}-{salt}"
     t_bn = time.perf_counter()
     s = bottleneck(prep, bn, **sections("bottleneck", handle=f"builtin:efficientnet_{backbone}", cache_dir=cache, backbone_cache_dir=backbones_dir, views=views), progress=False)
     bn_seconds = time.perf_counter() - t_bn
-    p = params.replace("train", hidden_units=hidden, mode=mode).replace(
+    p = params.replace("train", hidden_units=hidden, mode=mode, **overrides).replace(
         "backbone", cache_dir=str(backbones_dir), handle=f"builtin:efficientnet_{backbone}")
     run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep))
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
@@ -67,7 +71,8 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
         r = calibrate(work / f"ev-{tag}", work / f"model-{tag}", work / f"th-{tag}-{cal}.json", work / f"cal-{tag}-{cal}.json", **sections("calibrate", **CALIBRATIONS[cal]), bottlenecks=bn, progress=False)
         a05, acal = r["test_at_0.5"], r["test_at_thresholds"]
         rows.append({
-            "backbone": backbone, "views": views, "hidden": hidden, "mode": mode, "calibration": cal, "salt": salt,
+            "backbone": backbone, "views": views, "hidden": hidden, "mode": mode, "train": variant, "calibration": cal,
+            "salt": salt,
             "map": acal["map"], "micro_f1@0.5": a05["micro_f1"], "macro_f1@0.5": a05["macro_f1"],
             "micro_f1_cal": acal["micro_f1"], "macro_f1_cal": acal["macro_f1"],
             "label_accuracy_cal": acal["label_accuracy"], "expected_gain": r["expected_micro_f1_gain"],
@@ -80,13 +85,15 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["backbone"], r["views"], r["hidden"], r["mode"], r["calibration"]), []).append(r)
+        groups.setdefault((r["backbone"], r["views"], r["hidden"], r["mode"], r["train"], r["calibration"]),
+                          []).append(r)
     out = []
-    for (b, v, h, mode, c), rs in groups.items():
+    for (b, v, h, mode, variant, c), rs in groups.items():
         def mean(k, rs=rs):
             return statistics.fmean(r[k] for r in rs)
 
-        out.append({"backbone": b, "views": v, "hidden": h, "mode": mode, "calibration": c, "splits": len(rs),
+        out.append({"backbone": b, "views": v, "hidden": h, "mode": mode, "train": variant, "calibration": c,
+                    "splits": len(rs),
                     **{k: round(mean(k), 4) for k in ("map", "micro_f1@0.5", "micro_f1_cal", "macro_f1@0.5",
                                                       "macro_f1_cal", "label_accuracy_cal", "expected_gain")},
                     "micro_f1_cal_std": round(statistics.pstdev(r["micro_f1_cal"] for r in rs), 4),
@@ -103,6 +110,8 @@ def main() -> None:
     ap.add_argument("--hidden", default="0")
     ap.add_argument("--calibration", default="none,val,cv")
     ap.add_argument("--modes", default="head", help="train.mode values: head, fine_tune or both")
+    ap.add_argument("--train", default="default", help="train settings to compare: 'k=v,k=v;k=v' ('default': "
+                                                        "params.yaml's)")
     ap.add_argument("--repeats", type=int, default=5, help="splits (prepare salts) per configuration")
     ap.add_argument("--work", default=None, help="keep the work folder here (default: a temp folder)")
     ap.add_argument("--backbone-cache", default=".mltag-cache/backbones")
@@ -123,14 +132,16 @@ def main() -> None:
             for views in (int(v) for v in args.views.split(",")):
                 for hidden in (int(h) for h in args.hidden.split(",")):
                     for mode in args.modes.split(","):
-                        for i in range(args.repeats):
-                            rows += run_one(data, work, work / "cache", Path(args.backbone_cache).resolve(),
-                                            backbone, views, hidden, args.calibration.split(","), f"quality{i}",
-                                            params, mode)
-                            print(f"  done {backbone} views={views} hidden={hidden} {mode} split {i}",
-                                  file=sys.stderr, flush=True)
+                        for variant in args.train.split(";"):
+                            for i in range(args.repeats):
+                                rows += run_one(data, work, work / "cache", Path(args.backbone_cache).resolve(),
+                                                backbone, views, hidden, args.calibration.split(","), f"quality{i}",
+                                                params, mode, variant)
+                                print(f"  done {backbone} views={views} hidden={hidden} {mode} {variant} split {i}",
+                                      file=sys.stderr, flush=True)
     table = summarise(rows)
-    cols = [("backbone", 9, "s"), ("views", 6, "d"), ("hidden", 7, "d"), ("mode", 10, "s"), ("calibration", 12, "s"),
+    cols = [("backbone", 9, "s"), ("views", 6, "d"), ("hidden", 7, "d"), ("mode", 10, "s"), ("train", 34, "s"),
+            ("calibration", 12, "s"),
             ("map", 7, ".3f"), ("micro_f1@0.5", 13, ".3f"), ("micro_f1_cal", 13, ".3f"), ("micro_f1_cal_std", 9, ".3f"),
             ("macro_f1@0.5", 13, ".3f"), ("macro_f1_cal", 13, ".3f"), ("label_accuracy_cal", 10, ".3f"),
             ("seconds_first_split", 9, ".0f")]
