@@ -196,7 +196,7 @@ def test_full_pipeline_runs_locally_twice_and_computes_only_new_images(tmp_path,
     assert all(s["computed"] > 0 for s in shards)  # split by key hash, both shards get work
     assert not list((tmp_path / "run1").rglob("source"))  # by reference: no copy of the dataset
     images = [json.loads(f.read_text()) for f in (tmp_path / "run1").rglob("images.json")]
-    assert images == [{"root": str(data.resolve()), "repo": "", "rev": ""}]
+    assert images == [{"format": 1, "root": str(data.resolve()), "repo": "", "rev": ""}]
 
     rows += make_colour_dataset(data, n=4, seed=7, start=40)
     write_lst_dataset(data, rows)
@@ -278,7 +278,7 @@ def test_pipeline_reads_a_dvc_dataset_by_reference(tmp_path, colour_dataset, fak
     mv = MlflowClient().get_model_version_by_alias("by-ref", "champion")
     assert MlflowClient().get_run(mv.run_id).data.metrics["test_map"] >= 0.9
     (ref,) = [json.loads(f.read_text()) for f in (tmp_path / "run").rglob("images.json")]
-    assert ref == {"root": "colours", "repo": str(repo), "rev": v1}
+    assert ref == {"format": 1, "root": "colours", "repo": str(repo), "rev": v1}
     assert not [p for p in (tmp_path / "run").rglob("*.jpg")], "an artifact holds images"
     (prepared_labels,) = (tmp_path / "run").rglob("prepared/labels.txt")
     assert prepared_labels.read_text().split() == ["red", "green", "blue"]  # v1, not the branch head
