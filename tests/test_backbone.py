@@ -31,6 +31,7 @@ def test_state_dict_layout():
     assert len(bb.lite_blocks("efficientnet_lite0")) == 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", bb.BUILTINS)
 def test_imagenet_top5_on_real_photos(name, built, tmp_path):
     """Keep the classifier head for this check only: features @ _fc + bias -> ImageNet classes."""
@@ -68,6 +69,7 @@ def test_larger_variants_scale_width_and_depth_but_not_stem_or_head():
         assert sum(1 for k in state if k.endswith("_depthwise_conv.weight")) == len(bb.lite_blocks(name))
 
 
+@pytest.mark.slow
 def test_fresh_process_hub_load_and_keras_layer(built):
     code = textwrap.dedent(f"""
         import numpy as np, tensorflow_hub as hub, tf_keras

@@ -175,6 +175,9 @@ def test_pipeline_and_components_take_every_section_and_key(tmp_path):
         params = task["inputs"]["parameters"]
         defaults = params["defaults"]["runtimeValue"]["constant"]
         assert set(defaults) == set(STEP_SECTIONS[step]), name
+        for section in STEP_SECTIONS[step]:  # every key, as compiled, not only the output-changing ones
+            nullable = {k for k in section_fields(section) if getattr(SECTIONS[section](), k) is None}
+            assert set(defaults[section]) == _keys(section) - nullable, (name, section)
         for section in STEP_SECTIONS[step]:
             if name == "shard-indices" and section != "bottleneck":
                 continue

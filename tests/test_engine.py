@@ -30,6 +30,7 @@ def assert_same_in_float16(a: np.ndarray, b: np.ndarray) -> None:
     assert (a.astype(np.float16) == b.astype(np.float16)).mean() > 0.95
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["builtin", "fake"])
 def test_litert_matches_tf_on_real_photos(which, tmp_path, fake_backbone):
     handle = "builtin:efficientnet_lite0" if which == "builtin" else str(fake_backbone)
@@ -74,6 +75,7 @@ def test_engine_flag_is_checked(tmp_path, fake_backbone):
         backbone_engine("cuda", bb.resolve(str(fake_backbone)), 32, tmp_path)
 
 
+@pytest.mark.slow
 def test_tflite_export_predicts_the_same_labels_on_the_demo_test_split(tmp_path, mlflow_store):
     """The built-in backbone on the demo scenes: model.tflite (LiteRT) labels = SavedModel (TF) labels."""
     from mltag.bottleneck import bottleneck
@@ -190,6 +192,7 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
                         batch_size=5, progress=False)
 
 
+@pytest.mark.slow
 def test_an_inference_model_scores_from_many_threads_at_once_as_it_does_alone(tmp_path, mlflow_store):
     """`mlflow models serve` calls predict from several threads: a LiteRT interpreter is not thread-safe, so
     concurrent calls must give exactly the serial scores (they failed with HTTP 400 under load before)."""

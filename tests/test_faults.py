@@ -63,6 +63,7 @@ def test_register_killed_at_any_point_converges_on_rerun(tmp_path, colour_datase
     assert "version 1" in again.stdout
 
 
+@pytest.mark.slow
 def test_register_failing_at_scoring_leaves_the_registry_unchanged(tmp_path, colour_dataset, fake_backbone,
                                                                   mlflow_store):
     """A champion that cannot score the new label set: the stage fails and no version is left behind."""
@@ -255,6 +256,7 @@ def test_a_bug_still_shows_its_traceback_and_exit_1(tmp_path):
     assert p.returncode == 1 and "Traceback" in p.stderr and "ZeroDivisionError" in p.stderr
 
 
+@pytest.mark.slow
 def test_predict_names_the_bad_file_and_still_labels_the_others(tmp_path, colour_dataset, fake_backbone,
                                                                mlflow_store):
     _steps_until_register(tmp_path, colour_dataset, fake_backbone)
@@ -441,6 +443,7 @@ def test_vector_store_at_an_fsspec_uri_is_shared_and_checked_like_a_folder(tmp_p
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_model_from_another_tracking_store_logs_into_one_stand_in_run(tmp_path, colour_dataset, fake_backbone,
                                                                        monkeypatch):
     from mlflow import MlflowClient
@@ -481,6 +484,7 @@ def _tamper_labels(model_dir: Path, new_labels: list[str]) -> None:
     (model_dir / "labels.txt").write_text("".join(f"{x}\n" for x in new_labels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", ["cut", "reversed"])
 def test_a_hand_edited_label_list_is_never_registered_or_served(tmp_path, colour_dataset, fake_backbone, mlflow_store,
                                                                  edit):
@@ -650,6 +654,7 @@ def _rewrite_npz(f: Path, **changes) -> None:
     np.savez(f, **arrays)
 
 
+@pytest.mark.slow
 def test_train_refuses_non_finite_vectors_and_never_exits_0_with_a_nan_loss(tmp_path, colour_dataset, fake_backbone,
                                                                             mlflow_store):
     """Case 4: a NaN in the split vectors (with and without a validation split), and a diverging fit."""
@@ -742,6 +747,7 @@ def test_every_subcommand_has_a_working_help():
         assert p.returncode == 0 and "usage: mltag" in p.stdout and not p.stderr, (cmd, p.stderr[-2000:])
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_path_and_keeps_the_previous_output(tmp_path, colour_dataset, fake_backbone,
                                                                    mlflow_store):
     """Case 5: ENOSPC on write carries no file name; the error names the output (real process, fault hook)."""
@@ -780,6 +786,7 @@ def test_register_checks_its_output_before_the_registry_and_cleans_killed_scratc
     assert not [x for x in tmp_root.glob("mltag-register-*") if x.stat().st_mtime > time.time() - 600]
 
 
+@pytest.mark.slow
 def test_a_train_killed_with_kill_9_has_its_run_ended_by_the_next_train(tmp_path, colour_dataset, fake_backbone,
                                                                          mlflow_store):
     """Case 6: the run a killed train left RUNNING is ended as KILLED, with a note, by the next train."""

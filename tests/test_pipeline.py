@@ -232,6 +232,7 @@ def make_dvc_data_repo(tmp_path: Path, dataset: Path) -> tuple[Path, str]:
     return repo, commit
 
 
+@pytest.mark.slow
 def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset):
     """prepare's data source: a git+DVC repo at a revision, recorded as repo@commit."""
     from mltag.errors import MltagError
@@ -328,6 +329,7 @@ def test_a_mutable_reference_resolves_to_an_immutable_version_and_prepare_is_cac
     assert "data_rev" not in tasks["prepare"]["inputs"]["parameters"]
 
 
+@pytest.mark.slow
 def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
     from conftest import run_cli
 
@@ -460,6 +462,7 @@ def test_task_lines_keep_each_task_apart_and_show_a_failed_tasks_log():
     assert verbose.getvalue() == "anything at all\n"
 
 
+@pytest.mark.slow
 def test_the_image_tag_follows_the_code_and_dirty_source_is_refused(tmp_path):
     """Compile from a git checkout of mltag's source: a committed change gives another image; an
     uncommitted one stops the compile unless --allow-dirty."""

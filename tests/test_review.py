@@ -77,6 +77,7 @@ def test_review_ranks_the_injected_flips_first_and_logs_to_the_models_run(review
     assert "review_noise_rate_red" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_review_apply_round_trips_through_prepare_and_never_touches_the_original(reviewed):
     from mltag.errors import MltagError
     from mltag.formats import read_lst

@@ -229,6 +229,7 @@ def test_params_yaml_feeds_cli_defaults_and_flags_override(tmp_path, colour_data
     assert "unknown key prepare.colour" in p.stderr
 
 
+@pytest.mark.slow
 def test_predict_cli_local_folder(tmp_path, colour_dataset, fake_backbone, mlflow_store):
     run_all(tmp_path, colour_dataset, fake_backbone)
     shutil.copy(tmp_path / "thresholds.json", tmp_path / "model" / "thresholds.json")
@@ -247,6 +248,7 @@ def test_predict_cli_local_folder(tmp_path, colour_dataset, fake_backbone, mlflo
     assert p.returncode == 2 and "missing.jpg: error: file not found" in p.stdout
 
 
+@pytest.mark.slow
 def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset, fake_backbone, mlflow_store):
     from mlflow import MlflowClient
 
@@ -276,6 +278,7 @@ def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset
     assert tags["mltag.gate"].startswith("kept: ")
 
 
+@pytest.mark.slow
 def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour_dataset, fake_backbone,
                                                                 mlflow_store):
     """Even with the mAP bar removed (margin -1), one label's AP falling is enough to refuse."""
@@ -408,6 +411,7 @@ def test_out_of_fold_scores_come_from_heads_that_never_saw_the_image(tmp_path, c
     assert np.array_equal(out_of_fold_scores(tmp_path / "bn", tmp_path / "model", 4)[2], folds)
 
 
+@pytest.mark.slow
 def test_a_quantized_model_that_loses_accuracy_is_not_shipped(tmp_path, colour_dataset, fake_backbone, mlflow_store):
     """The int8 gate: calibrated on black images only, the int8 model's activation ranges miss every real
     image; dynamic range (no calibration) may still pass. Neither passing: no model_int8.tflite, and why."""
@@ -454,6 +458,7 @@ def test_the_numpy_trainer_and_the_saved_keras_head_are_one_model(hidden):
     assert 0.0 < float(numpy_scores.min()) and float(numpy_scores.max()) < 1.0
 
 
+@pytest.mark.slow
 def test_head_scores_need_no_tensorflow(tmp_path, colour_dataset, fake_backbone, mlflow_store):
     """Scoring cached vectors with a model folder's head runs in a process that never imports TF."""
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)

@@ -20,7 +20,7 @@ A GPU task fails at once when it finds no usable GPU (``MLTAG_REQUIRE_GPU=1``) u
 
 from kfp import dsl, kubernetes
 
-from mltag.config import STEP_SECTIONS, Params, load_params, step_config
+from mltag.config import STEP_SECTIONS, Params, load_params
 from mltag.kubeflow import components as steps
 
 # CPU/memory requests per step (the GPU step's figures are for the host side).
@@ -105,7 +105,9 @@ def build_pipeline(params: Params | None = None, local: bool = False):
     d = {s: no_nulls(v) for s, v in p.to_dict().items()}
 
     def defaults(step: str) -> dict:
-        return {s: no_nulls(v) for s, v in step_config(step, p).items()}
+        """Every key of the sections ``step`` reads, as compiled (not only the output-changing ones:
+        where the store lives and which engine runs are compiled settings too)."""
+        return {s: d[s] for s in STEP_SECTIONS[step]}
 
     def place(task, name: str):
         """CPU/memory requests, and for the GPU tasks the accelerator, node pool, image and fail-fast check."""
