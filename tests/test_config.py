@@ -246,3 +246,19 @@ def test_wheel_installs_without_generic_packages_and_compiles_from_anywhere(tmp_
     assert inputs["train"]["defaultValue"]["epochs"] == 7 and inputs["bottleneck"]["defaultValue"]["num_shards"] == 3
     assert not (target / "pipeline").exists() and not (target / "components").exists()
     assert Path(work / "compiled.yaml").is_file()
+
+
+def test_a_rule_across_keys_sees_every_value_given_at_once(tmp_path):
+    """calibrate.method min_precision with calibrate.min_precision, given together (flags, or from Python),
+    is valid whatever order they are applied in; either alone is the clear error."""
+    from mltag.cli import _resolve, build_parser
+    from mltag.config import sections
+
+    assert sections("calibrate", method="min_precision", min_precision=0.9)["calibrate"].min_precision == 0.9
+    with pytest.raises(MltagError, match="needs calibrate.min_precision"):
+        sections("calibrate", method="min_precision")
+    args = build_parser().parse_args(["calibrate", "--params", str(tmp_path / "none.yaml"), "--method", "min_precision",
+                                      "--min-precision", "0.9"])
+    (tmp_path / "none.yaml").write_text("{}\n")
+    p = _resolve(args, "calibrate")
+    assert (p.calibrate.method, p.calibrate.min_precision) == ("min_precision", 0.9)

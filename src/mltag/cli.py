@@ -55,15 +55,17 @@ def step_flags(step: str) -> list[tuple[list[str], str, str]]:
 
 def _resolve(args, step: str):
     """params.yaml (or --params) overlaid with the flags given on the command line."""
-    from mltag.config import load_params
+    from mltag.config import load_params, params_from_dict
 
-    params = load_params(args.params)
+    given: dict[str, dict] = {}
     for _, key, _ in step_flags(step):
         v = getattr(args, key, None)
         if v is not None:
             section, name = key.split(".")
-            params = params.replace(section, **{name: v})
-    return params
+            given.setdefault(section, {})[name] = v
+    # each section's flags at once: a rule across keys (calibrate.method min_precision needs
+    # calibrate.min_precision) sees them together
+    return params_from_dict(given, "command line", base=load_params(args.params))
 
 
 def build_parser() -> argparse.ArgumentParser:

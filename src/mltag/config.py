@@ -238,9 +238,6 @@ with warnings.catch_warnings():  # `register` shadows BaseModel.register (abc's)
         def to_dict(self) -> dict:
             return self.model_dump()
 
-        def section(self, name: str) -> Section:
-            return getattr(self, name)
-
         def replace(self, section: str, **values) -> Params:
             """A copy with some keys of one section changed (checked like params.yaml values)."""
             return self.model_copy(update={section: build_section(section, values, "", getattr(self, section))})
@@ -388,11 +385,11 @@ def sections(step: str, params: Params | None = None, **values) -> dict[str, Sec
     unknown = sorted(set(values) - set(where))
     if unknown:
         raise MltagError(f"step {step} reads no key {', '.join(unknown)} (known: {', '.join(where)})")
-    p = params or Params()
+    given: dict[str, dict] = {}
     for name, v in values.items():
         section, key = where[name]
-        p = p.replace(section, **{key: v})
-    return step_sections(step, p)
+        given.setdefault(section, {})[key] = v
+    return step_sections(step, params_from_dict(given, "", base=params))
 
 
 def step_config(step: str, params: Params) -> dict:
