@@ -159,10 +159,11 @@ def write_text_atomic(dest: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(dest: str | os.PathLike, obj) -> None:
-    write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps``' ``default``: numpy scalars and arrays, and paths, as plain JSON values."""
     import numpy as np
 
     if isinstance(o, np.generic):

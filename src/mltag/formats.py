@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from mltag.errors import MltagError
-from mltag.files import read_user_text, sha256_file, write_text_atomic
+from mltag.files import atomic_path, json_default, read_user_text, sha256_file, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -133,10 +133,10 @@ FORMATS = {"dataset.json": 1, "bottleneck.json": 2, "model.json": 2, "thresholds
 
 
 def write_handoff(path: str | os.PathLike, obj: dict, name: str | None = None) -> None:
-    """Write a JSON hand-off with its ``format`` version first (into a folder being built, or atomically
-    in place when ``path`` is not inside one)."""
+    """Write a JSON hand-off with its ``format`` version first, into a folder or temp path being built
+    (``atomic_path``) by the caller."""
     path = Path(path)
-    text = json.dumps({"format": FORMATS[name or path.name], **obj}, indent=2, default=_plain) + "\n"
+    text = json.dumps({"format": FORMATS[name or path.name], **obj}, indent=2, default=json_default) + "\n"
     path.write_text(text, encoding="utf-8")
 
 
@@ -151,14 +151,6 @@ def read_handoff(path: str | os.PathLike, what: str, written_by: str, name: str 
         raise MltagError(f"{what} is format {version!r}, newer than this mltag reads ({known}); upgrade mltag or "
                          f"run {written_by} again", path)
     return obj
-
-
-def _plain(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # --------------------------------------------------------------------------- damaged files
@@ -488,8 +480,6 @@ def write_oof(path: str | os.PathLike, paths, y: np.ndarray, scores: np.ndarray,
     No rows and a ``reason`` when they could not be computed (too few images, a model
     without head settings): review says so instead of ranking anything.
     """
-    from mltag.files import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, paths=np.asarray(paths, dtype=str), labels=np.asarray(y, np.uint8),
@@ -511,8 +501,6 @@ def load_oof(path: str | os.PathLike) -> dict:
 
 def write_thresholds(path: str | os.PathLike, th: dict) -> None:
     """calibrate's ``thresholds.json`` (``{"thresholds": {label: t}, ...}``), written atomically."""
-    from mltag.files import atomic_path
-
     with atomic_path(path) as tmp:
         write_handoff(tmp, th, "thresholds.json")
 

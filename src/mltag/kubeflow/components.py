@@ -38,8 +38,8 @@ def prepare(prepare: dict, defaults: dict, data_repo: str, data_version: str, da
     from pathlib import Path
 
     from mltag.fetch import fetch_dataset, is_remote
-    from mltag.formats import image_root_of
-    from mltag.kubeflow.entry import params_for, record_images
+    from mltag.formats import image_root_of, write_images_ref
+    from mltag.kubeflow.entry import params_for
     from mltag.steps import run_step
 
     params = params_for("prepare", {"prepare": prepare}, defaults)
@@ -58,9 +58,9 @@ def prepare(prepare: dict, defaults: dict, data_repo: str, data_version: str, da
         if remote:
             rel = os.path.relpath(images, scratch / "data").replace(os.sep, "/")
             base = data.rstrip("/")
-            record_images(root, base if rel == "." else f"{base}/{rel}", data_repo, rev)
+            write_images_ref(root, base if rel == "." else f"{base}/{rel}", data_repo, rev)
         else:
-            record_images(root, str(images))
+            write_images_ref(root, str(images))
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)

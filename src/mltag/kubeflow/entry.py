@@ -47,13 +47,6 @@ def shared_store(params: Params) -> str | None:
     return store if is_remote(store) or Path(store.removeprefix("file://")).is_absolute() else None
 
 
-def record_images(dataset_dir, root: str, repo: str = "", rev: str = "") -> None:
-    """Write where the dataset artifact's images are read from (``formats.write_images_ref``)."""
-    from mltag.formats import write_images_ref
-
-    write_images_ref(dataset_dir, root, repo, rev)
-
-
 def images_of(dataset_dir):
     """The image root of a dataset artifact: a local Path, or a ``fetch.ImageSource`` to download from."""
     from pathlib import Path
