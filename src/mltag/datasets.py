@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from mltag import config
 from mltag.errors import MltagError
-from mltag.files import read_user_text
+from mltag.files import csv_rows, read_user_text
 from mltag.formats import Example, read_labels, read_lst
 from mltag.images import IMAGE_EXTENSIONS
 
@@ -278,12 +278,7 @@ def read_csv_dataset(src: Path) -> Dataset:
         lcol = next((cols.index(c) for c in ("labels", "tags", "label") if c in cols), None)
         if pcol is None or lcol is None:
             raise MltagError(f"header must name a path column and a labels column, got {header}", cf, 1)
-        for row in reader:
-            line = reader.line_num
-            if not any(x.strip() for x in row):
-                continue
-            if len(row) != len(header):
-                raise MltagError(f"expected {len(header)} columns, got {len(row)}", cf, line)
+        for line, row in csv_rows(reader, len(header), cf):
             rows.append((line, row[pcol], row[lcol].split()))
     names = known or sorted({n for _, _, ls in rows for n in ls})
     index = {n: i for i, n in enumerate(names)}

@@ -219,3 +219,15 @@ def read_user_text(path: str | os.PathLike) -> str:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise MltagError(f"not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8", path, line) from None
+
+
+def csv_rows(reader, width: int, path: str | os.PathLike):
+    """``(line, row)`` for each non-blank row of a ``csv.reader`` over a user's file; a row of another
+    width than ``width`` is an error naming the file and line."""
+    for row in reader:
+        line = reader.line_num
+        if not any(x.strip() for x in row):
+            continue
+        if len(row) != width:
+            raise MltagError(f"expected {width} columns, got {len(row)}", path, line)
+        yield line, row

@@ -23,7 +23,7 @@ import numpy as np
 
 from mltag import config
 from mltag.errors import MltagError
-from mltag.files import atomic_path, read_user_text, write_json_atomic, write_text_atomic
+from mltag.files import atomic_path, csv_rows, read_user_text, write_json_atomic, write_text_atomic
 from mltag.formats import image_root_of, load_oof
 
 log = logging.getLogger(__name__)
@@ -149,12 +149,7 @@ def read_accepted(path: str | os.PathLike) -> list[dict]:
     if header is None or tuple(h.strip() for h in header) != HEADER:
         raise MltagError(f"expected the header {','.join(HEADER)} (a label_issues.csv from mltag review)", path, 1)
     out = []
-    for row in reader:
-        line = reader.line_num
-        if not any(x.strip() for x in row):
-            continue
-        if len(row) != len(HEADER):
-            raise MltagError(f"expected {len(HEADER)} columns, got {len(row)}", path, line)
+    for line, row in csv_rows(reader, len(HEADER), path):
         rec = dict(zip(HEADER, (x.strip() for x in row)))
         if rec["given"] not in ("0", "1") or rec["suggested"] not in ("0", "1"):
             raise MltagError("given and suggested must be 0 or 1", path, line)
