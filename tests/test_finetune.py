@@ -52,13 +52,13 @@ def test_fine_tune_needs_a_builtin_backbone(tmp_path, colour_dataset, fake_backb
 
 
 def _tuned_weights(model_dir) -> dict[str, np.ndarray]:
-    """Backbone weights inside the saved end-to-end model, keyed like the package's state dict."""
+    """Backbone weights inside the model folder's backbone SavedModel, keyed like the package's state dict."""
     import tensorflow as tf
 
     names = {k.lstrip("_").replace(".", "/"): k for k in load_state("efficientnet_lite0")}
-    m = tf.saved_model.load(str(model_dir / "inference"))
+    m = tf.saved_model.load(str(model_dir / "backbone"))
     out = {}
-    for v in m.backbone.variables:
+    for v in m.variables:
         key = names.get(v.name.split(":")[0])
         if key is not None:  # back from TF's HWIO / HWC1 layouts to the package's OIHW / C1HW
             w = v.numpy()

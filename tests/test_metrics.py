@@ -202,3 +202,46 @@ def test_average_precision_and_micro_f1_match_sklearn_with_ties_and_empty_labels
         assert np.isnan(ours[3])
         pred = (s >= 0.5).astype(int)
         assert abs(_micro_f1(y, pred) - f1_score(y, pred, average="micro", zero_division=0)) < 1e-12
+
+
+def test_metrics_compute_and_pr_curve_match_sklearn():
+    """metrics.compute, precision_recall_curve and roc_auc (numpy: the steps no longer import sklearn)
+    give sklearn's values, with ties, all-negative labels, no predicted positives and one image."""
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        hamming_loss,
+        precision_recall_curve,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    from mltag import metrics as M
+
+    rng = np.random.default_rng(5)
+    labels = ["a", "b", "c", "d"]
+    for trial in range(40):
+        n = int(rng.integers(1, 50))
+        y = (rng.random((n, 4)) < 0.35).astype(int)
+        y[:, 3] = 0
+        s = np.round(rng.random((n, 4)), int(rng.integers(1, 3)))
+        t = np.array([0.5, 0.3, 1.1, 0.5])  # label c: nothing predicted
+        m = M.compute(y, s, t, labels)
+        pred = (s >= t).astype(int)
+        p, r, f1, support = precision_recall_fscore_support(y, pred, average=None, zero_division=0,
+                                                            labels=range(4))
+        for j, name in enumerate(labels):
+            got = m["per_label"][name]
+            assert (got["precision"], got["recall"], got["f1"], got["support"]) == \
+                pytest.approx((p[j], r[j], f1[j], support[j]), abs=1e-12), (trial, name)
+        assert m["micro_f1"] == pytest.approx(f1_score(y, pred, average="micro", zero_division=0), abs=1e-12)
+        assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0), abs=1e-12)
+        assert m["hamming_loss"] == pytest.approx(hamming_loss(y, pred), abs=1e-12)
+        assert m["subset_accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+        aucs = [roc_auc_score(y[:, j], s[:, j]) for j in range(4) if 0 < y[:, j].sum() < n]
+        assert m["roc_auc_macro"] == (pytest.approx(np.mean(aucs), abs=1e-12) if aucs else None)
+        for j in range(3):
+            if y[:, j].any():
+                for ours, theirs in zip(M.precision_recall_curve(y[:, j], s[:, j]),
+                                        precision_recall_curve(y[:, j], s[:, j])):
+                    np.testing.assert_allclose(ours, theirs, atol=1e-12)

@@ -30,6 +30,7 @@ def run_all(tmp, dataset, backbone, lr=0.05, name="colours", **reg):
     tr = train(tmp / "bn", tmp / "model", **sections("train", learning_rate=lr, epochs=150, patience=30), progress=False, config={"train": {"learning_rate": lr}})
     ev = evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "metrics" / "evaluate.json", **sections("evaluate", bootstrap=50))
     ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json", **sections("calibrate"), bottlenecks=tmp / "bn", progress=False)
+    reg.setdefault("bottlenecks", tmp / "bn")  # as dvc.yaml runs it: the test split scored from the cached vectors
     rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "metrics" / "register.json", **sections("register", model_name=name, int8="full"), **reg)
     return bn, tr, ev, ca, rg
 
@@ -51,7 +52,9 @@ def test_six_steps_on_tiny_data(tmp_path, colour_dataset, fake_backbone, mlflow_
     assert rg["promoted"] and rg["version"] == 1
     # The version carries the TFLite files and their parity: fp32 tight, int8 shipped as it keeps the accuracy.
     par = rg["tflite"]
-    assert par["fp32_max_abs_diff_vs_savedmodel"] <= 1e-4
+    assert rg["scored_from"] == "cached vectors" and rg["champion_scored_from"] is None  # no champion yet
+    assert rg["challenger_test_map"] == pytest.approx(ev["map"], abs=1e-9)  # the very scores evaluate measured
+    assert par["fp32_max_abs_diff_vs_evaluated"] <= 2e-3  # float16 vectors against model.tflite
     assert par["int8_shipped"] and par["int8_kind"] == "int8", par
     assert par["fp32_test_map"] - par["int8_test_map"] <= 0.01 and par["int8_bytes"] > 0
     assert par["int8_calibration_images"] == len(read_lst(tmp_path / "prepared" / "train.lst"))  # all: < 300
@@ -282,26 +285,27 @@ def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset
 def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour_dataset, fake_backbone,
                                                                 mlflow_store):
     """Even with the mAP bar removed (margin -1), one label's AP falling is enough to refuse."""
-    import keras
-
     from mltag.backbone import resolve
-    from mltag.export import export_inference_model, export_tflite
+    from mltag.engine import litert_backbone
+    from mltag.export import compose_tflite
+    from mltag.formats import read_head, write_head
 
     *_, first = run_all(tmp_path, colour_dataset, fake_backbone, name="onelabel")
     assert first["promoted"]
     bad = tmp_path / "model-bad"
     shutil.copytree(tmp_path / "model", bad)
-    weights = keras.saving.load_model(bad / "head.keras", compile=False).get_weights()
+    weights = read_head(bad)
     weights[-2][:, 2] *= -1.0  # invert the 'blue' output: its AP collapses, the others stay
     weights[-1][2] *= -1.0
-    shutil.rmtree(bad / "inference")
-    export_inference_model(resolve(str(fake_backbone)).location, weights, 224, bad / "inference")
-    export_tflite(bad / "inference", bad / "model.tflite")  # the LiteRT copy must match, or register refuses
+    write_head(bad, weights)
+    # the LiteRT file must match the head, or register refuses
+    compose_tflite(litert_backbone(resolve(str(fake_backbone)), 224, ""), weights, bad / "model.tflite")
     (bad / "run.json").unlink()  # its own run
     from mltag.formats import write_integrity
 
     write_integrity(bad)  # a model built by hand records its own content hash
-    second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json", **sections("register", model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05))
+    second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json", **sections("register", model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05), bottlenecks=tmp_path / "bn")
+    assert (second["scored_from"], second["champion_scored_from"]) == ("cached vectors", "cached vectors")
     assert not second["promoted"]
     assert second["reason"].startswith("label 'blue' AP drops")
     from mlflow import MlflowClient
@@ -441,8 +445,9 @@ def test_a_quantized_model_that_loses_accuracy_is_not_shipped(tmp_path, colour_d
 
 @pytest.mark.parametrize("hidden", [0, 16])
 def test_the_numpy_trainer_and_the_saved_keras_head_are_one_model(hidden):
-    """head.npz (scored in numpy by evaluate, calibrate and suggest) and head.keras hold the same
-    weights and give the same scores, to 1e-5, with or without a hidden layer."""
+    """The numpy trainer's head (head.npz, scored in numpy by evaluate, calibrate and suggest) is the
+    Keras Dense head with the same weights (what a folder from before head.npz holds, head.keras):
+    the same scores to 1e-5, with or without a hidden layer."""
     from mltag.head import HeadLoss, NumpyHead, fit_head, predict_head, to_keras
 
     rng = np.random.default_rng(0)
@@ -459,19 +464,34 @@ def test_the_numpy_trainer_and_the_saved_keras_head_are_one_model(hidden):
 
 
 @pytest.mark.slow
-def test_head_scores_need_no_tensorflow(tmp_path, colour_dataset, fake_backbone, mlflow_store):
-    """Scoring cached vectors with a model folder's head runs in a process that never imports TF."""
+def test_train_and_head_scores_need_no_tensorflow(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    """train in head mode (the head fitted in numpy, model.tflite composed from the backbone's LiteRT
+    file) and scoring cached vectors with its head run in a process that never imports TF; the
+    composed model.tflite scores what head.npz scores on the backbone's LiteRT features."""
+    from mltag.backbone import resolve
+    from mltag.engine import LiteRTEngine, litert_backbone
+    from mltag.formats import image_root_of, read_head
+    from mltag.head import NumpyHead
+    from mltag.images import load_image
+
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
                                                                      cache_dir=tmp_path / "c", views=1), progress=False)
-    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=20), progress=False)
-    code = ("import sys, numpy as np; from mltag.formats import load_split; from mltag.head import head_scores;"
+    code = ("import sys, numpy as np; from mltag.config import sections; from mltag.train import train;"
+            "from mltag.formats import load_split; from mltag.head import head_scores;"
+            "train(sys.argv[2], sys.argv[1], **sections('train', learning_rate=0.05, epochs=20), progress=False);"
             "x, y, p = load_split(sys.argv[2], 'test'); s = head_scores(sys.argv[1], x);"
-            "assert s.shape == y.shape, s.shape; assert 'tensorflow' not in sys.modules; print(len(s))")
+            "assert s.shape == y.shape, s.shape; assert 'tensorflow' not in sys.modules, 'TF imported'; print(len(s))")
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model"), str(tmp_path / "bn")],
                        capture_output=True, text=True)
-    assert p.returncode == 0 and int(p.stdout) > 0, p.stderr[-2000:]
-    assert (tmp_path / "model" / "head.npz").is_file()
+    assert p.returncode == 0 and int(p.stdout.split()[-1]) > 0, p.stderr[-2000:]
+    model = tmp_path / "model"
+    assert {"head.npz", "model.tflite", "backbone", "model.json"} <= {f.name for f in model.iterdir()}
+    assert not (model / "inference").exists() and not (model / "head.keras").exists()
+    pixels = np.stack([load_image(f, 224) for f in sorted((image_root_of(tmp_path / "prepared") / "images").glob("*.jpg"))[:8]])
+    features = LiteRTEngine(litert_backbone(resolve(str(fake_backbone)), 224, ""))(pixels)
+    np.testing.assert_allclose(LiteRTEngine(model / "model.tflite")(pixels),
+                               NumpyHead.from_weights(read_head(model)).predict(features), atol=1e-6)
 
 
 @pytest.mark.parametrize("settings", [

@@ -23,9 +23,7 @@ def best_threshold(y: np.ndarray, s: np.ndarray, min_precision: float | None = N
 
     Returns None when no threshold qualifies.
     """
-    from sklearn.metrics import precision_recall_curve
-
-    p, r, t = precision_recall_curve(y, s)
+    p, r, t = M.precision_recall_curve(y, s)
     p, r = p[:-1], r[:-1]
     if min_precision is not None:
         ok = np.where(p >= min_precision)[0]

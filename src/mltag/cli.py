@@ -27,7 +27,8 @@ STEP_PATHS = {
                   ("--out", "models/thresholds.json"), ("--metrics", "metrics/calibrate.json"),
                   ("--oof", "reports/calibrate/oof_scores.npz")],
     "register": [("--model", "models/train"), ("--thresholds", "models/thresholds.json"),
-                 ("--prepared", "data/prepared"), ("--out", "metrics/register.json"), ("--images", None)],
+                 ("--prepared", "data/prepared"), ("--out", "metrics/register.json"), ("--images", None),
+                 ("--bottlenecks", None)],
     "review": [("--oof", "reports/calibrate/oof_scores.npz"), ("--prepared", "data/prepared"), ("--model", "models/train"),
                ("--out", "reports/review"), ("--metrics", "metrics/review.json"), ("--images", None)],
 }
@@ -275,10 +276,10 @@ def _setup_logging(level: int) -> None:
 
 def _dispatch(args) -> int:
     cmd = args.command
-    if cmd in ("train", "backbone") and not args.verbose:
+    if cmd == "backbone" and not args.verbose:
         # TF's C++ logs a few startup lines (oneDNN, "could not find cuda drivers") before any
         # Python-side setting applies; -v shows them. Other commands import TF only when they
-        # need it (mltag.tf_runtime, as quietly), or never.
+        # need it (mltag.tf_runtime, as quietly), or never (train in head mode).
         from mltag.tf_runtime import import_tensorflow
 
         import_tensorflow()
@@ -403,7 +404,7 @@ def _run_step(step: str, args, progress: bool) -> int:
 
 # The path flags handed to each step function under the same keyword.
 _TAKES = {"out": tuple(STEP_PATHS), "prepared": ("bottleneck", "register", "review"), "oof": ("review",),
-          "bottlenecks": ("train", "evaluate", "calibrate"), "metrics": ("bottleneck",),
+          "bottlenecks": ("train", "evaluate", "calibrate", "register"), "metrics": ("bottleneck",),
           "evaluation": ("calibrate",), "thresholds": ("register",)}
 
 

@@ -185,8 +185,13 @@ def tflite_path(backbone, image_size: int, backbone_cache: str | os.PathLike) ->
     return cache_root(backbone_cache) / "litert" / f"{key}.tflite"
 
 
-def convert_backbone(location: str, image_size: int, out: str | os.PathLike) -> Path:
+def convert_backbone(location: str, image_size: int, out: str | os.PathLike, dynamic_range: bool = False,
+                     representative: list[np.ndarray] | None = None) -> Path:
     """Convert a feature-vector SavedModel to ``.tflite`` (uint8 pixels in, the /255 inside), atomically.
+
+    ``dynamic_range``: int8 weights, float activations (no calibration data). ``representative``
+    (uint8 images ``[S,S,3]``): full int8, weights and activations calibrated on those images;
+    the input stays uint8 pixels and the output float features either way.
 
     Raises:
         MltagError: the module cannot be converted (the message says why).
@@ -203,6 +208,10 @@ def convert_backbone(location: str, image_size: int, out: str | os.PathLike) -> 
 
     try:
         conv = tf.lite.TFLiteConverter.from_concrete_functions([features.get_concrete_function()], module)
+        if dynamic_range or representative is not None:
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        if representative is not None:
+            conv.representative_dataset = lambda: ([np.asarray(px, np.uint8)[None]] for px in representative)
         with quiet_stderr():  # the converter dumps MLIR diagnostics; the exception says what matters
             data = conv.convert()
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds; all mean "cannot convert"
@@ -212,6 +221,39 @@ def convert_backbone(location: str, image_size: int, out: str | os.PathLike) -> 
     with atomic_path(out) as tmp:
         tmp.write_bytes(data)
     return out
+
+
+def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike, kind: str = "fp32") -> Path:
+    """The backbone's ``.tflite`` file, converted once per backbone, size and kind and kept in the backbone
+    cache: ``fp32``, or ``dynamic_range`` (int8 weights, float activations). One process converts; the
+    others wait for it. A module that cannot be converted is remembered (``.failed``), so a second
+    attempt says why at once.
+
+    Raises:
+        MltagError: the module cannot be converted (the message says why).
+    """
+    path = tflite_path(backbone, image_size, backbone_cache)
+    if kind != "fp32":
+        path = path.with_name(f"{path.stem}.{kind}.tflite")
+    failed = path.with_suffix(".failed")
+    if failed.is_file():  # converting again would fail again; say why once more
+        raise MltagError(failed.read_text(encoding="utf-8").strip())
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # one process converts (a lock of its own: atomic_path takes the file's for the rename)
+        with locked(lock_file_for(f"{path}.build"), f"the LiteRT conversion {path}"):
+            if failed.is_file():
+                raise MltagError(failed.read_text(encoding="utf-8").strip())
+            if not path.is_file():
+                log.info("converting backbone %s to LiteRT%s (once) -> %s", backbone.handle,
+                         "" if kind == "fp32" else f" ({kind.replace('_', ' ')})", path)
+                try:
+                    convert_backbone(backbone.location, image_size, path, dynamic_range=kind == "dynamic_range")
+                except MltagError as e:
+                    with contextlib.suppress(OSError):
+                        failed.write_text(f"{e}\n", encoding="utf-8")
+                    raise
+    return path
 
 
 def backbone_engine(engine: str, backbone, image_size: int, backbone_cache: str | os.PathLike,
@@ -225,25 +267,8 @@ def backbone_engine(engine: str, backbone, image_size: int, backbone_cache: str 
     """
     chosen = resolve_engine(engine)
     if chosen == "litert":
-        path = tflite_path(backbone, image_size, backbone_cache)
-        failed = path.with_suffix(".failed")
         try:
-            if failed.is_file():  # converting again would fail again; say why once more
-                raise MltagError(failed.read_text(encoding="utf-8").strip())
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                # one process converts (a lock of its own: atomic_path takes the file's for the rename)
-                with locked(lock_file_for(f"{path}.build"), f"the LiteRT conversion {path}"):
-                    if failed.is_file():
-                        raise MltagError(failed.read_text(encoding="utf-8").strip())
-                    if not path.is_file():
-                        log.info("converting backbone %s to LiteRT (once) -> %s", backbone.handle, path)
-                        try:
-                            convert_backbone(backbone.location, image_size, path)
-                        except MltagError as e:
-                            with contextlib.suppress(OSError):
-                                failed.write_text(f"{e}\n", encoding="utf-8")
-                            raise
+            path = litert_backbone(backbone, image_size, backbone_cache)
             eng = LiteRTEngine(path, 1, cpu_threads()) if lanes else LiteRTEngine(path, threads)
             eng(np.zeros((1, image_size, image_size, 3), np.uint8))  # fail here, not mid-run
             return eng

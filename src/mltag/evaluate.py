@@ -15,24 +15,18 @@ from mltag.errors import MltagError
 from mltag.files import atomic_path, write_json_atomic
 from mltag.formats import load_split, model_mode, read_model_meta, write_scores
 from mltag.head import head_scores
-from mltag.reports import data_uri, figure_png, render, thumbnail
+from mltag.reports import data_uri, figure_png, new_axes, render, thumbnail
 
 log = logging.getLogger(__name__)
 
 
 def pr_curves_png(y: np.ndarray, s: np.ndarray, labels: list[str], title: str = "precision-recall (test)") -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import precision_recall_curve
-
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = new_axes((6, 5))
     ap = M.average_precisions(y, s)
     for j, name in enumerate(labels):
         if y[:, j].sum() == 0:
             continue
-        p, r, _ = precision_recall_curve(y[:, j], s[:, j])
+        p, r, _ = M.precision_recall_curve(y[:, j], s[:, j])
         ax.plot(r, p, label=f"{name} (AP {ap[j]:.3f})")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
@@ -108,7 +102,6 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     result["baselines"] = M.baselines(y_te, y_tr, labels)
     result["val"] = {k: v for k, v in M.compute(y_va, s_va, 0.5, labels).items() if k != "per_label"}
     png = pr_curves_png(y_te, s_te, labels)
-    from sklearn.metrics import precision_recall_curve
 
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -126,7 +119,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         for j, name in enumerate(labels):
             rows = ["precision,recall,threshold"]
             if y_te[:, j].sum():
-                p, r, t = precision_recall_curve(y_te[:, j], s_te[:, j])
+                p, r, t = M.precision_recall_curve(y_te[:, j], s_te[:, j])
                 rows += [f"{a:.5f},{b:.5f},{c:.5f}" for a, b, c in zip(p[:-1], r[:-1], t)]
             (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     write_json_atomic(metrics_file, result)

@@ -1,104 +1,163 @@
-"""Exporting the end-to-end model: backbone and head as one SavedModel, and its LiteRT file."""
+"""The model folder's model files, written without TensorFlow in head mode.
+
+A model folder serves two ways from one backbone and one head:
+
+* ``model.tflite``: the end-to-end model for LiteRT (uint8 pixels ``[B,S,S,3]`` in, float
+  scores out), made by appending the head's Dense layers and a sigmoid to the backbone's
+  LiteRT file (``compose_tflite``). The backbone's file is the one the bottleneck step
+  converted once per backbone, so train neither imports TensorFlow nor converts anything.
+* ``backbone/`` (the feature-vector SavedModel) and ``head.npz`` (the head's weights): what
+  the TF engine (a GPU) runs, the head in numpy.
+
+A fine-tuned backbone is written as a SavedModel (``backbone/``) and converted once for that
+model; the rest is the same.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from mltag.errors import MltagError
-from mltag.tf_runtime import import_tensorflow
 
 log = logging.getLogger("mltag.train")
 
+BACKBONE_DIR = "backbone"
 
-def write_model_folder(folder: Path, head_weights: list[np.ndarray], dropout: float, backbone_location: str,
-                       tuned_net, meta: dict) -> None:
-    """A model folder's model files: ``head.npz`` (the weights, arrays only), ``head.keras`` (the same
-    weights as a Keras model), ``inference/`` (backbone + head, one SavedModel), ``model.tflite`` (the
-    same for LiteRT) and ``model.json``. ``tuned_net`` is a fine-tuned ``LiteNet``, or None for the
-    backbone at ``backbone_location`` as it is."""
+
+def write_model_folder(folder: Path, head_weights: list[np.ndarray], backbone, tuned_net, meta: dict,
+                       backbone_cache: str | os.PathLike | None = "") -> None:
+    """Write ``head.npz``, ``backbone/``, ``model.tflite`` and ``model.json`` into ``folder``.
+
+    ``backbone`` is the resolved backbone the bottlenecks were computed with; ``tuned_net`` a
+    fine-tuned ``LiteNet``, or None for that backbone as it is. Without a LiteRT backbone (a
+    module LiteRT cannot convert) there is no ``model.tflite`` and inference uses TF.
+    """
     from mltag.formats import write_head, write_model_meta
-    from mltag.head import to_keras
 
     write_head(folder, head_weights)
-    to_keras(head_weights, dropout).save(folder / "head.keras")
-    if tuned_net is None:
-        export_inference_model(backbone_location, head_weights, meta["image_size"], folder / "inference")
-    else:  # the tuned backbone, written as a SavedModel the same way as the built-in one
-        import tempfile
+    size = int(meta["image_size"])
+    try:
+        if tuned_net is None:
+            shutil.copytree(backbone.location, folder / BACKBONE_DIR)
+            from mltag.engine import litert_backbone
 
-        from mltag.backbone import build_builtin
+            lite = litert_backbone(backbone, size, backbone_cache)  # converted by the bottleneck step
+            compose_tflite(lite, head_weights, folder / "model.tflite")
+        else:  # the tuned backbone, written as a SavedModel the same way as the built-in one
+            from mltag.backbone import build_builtin
+            from mltag.engine import convert_backbone
 
-        with tempfile.TemporaryDirectory(dir=folder) as scratch:
-            tuned = build_builtin(tuned_net.name, Path(scratch) / "backbone", tuned_net.state_dict())
-            export_inference_model(str(tuned), head_weights, meta["image_size"], folder / "inference")
-    try:  # the same model for LiteRT: what predict, TTA and serving run on CPU
-        export_tflite(folder / "inference", folder / "model.tflite")
+            build_builtin(tuned_net.name, folder / BACKBONE_DIR, tuned_net.state_dict())
+            scratch = folder / ".backbone.tflite"
+            convert_backbone(str(folder / BACKBONE_DIR), size, scratch)
+            compose_tflite(scratch, head_weights, folder / "model.tflite")
+            scratch.unlink()
     except MltagError as e:
         log.warning("train: no model.tflite (%s); inference will use TF", e)
-    write_model_meta(folder, meta)
+    write_model_meta(folder, {**meta, "layout": "backbone+head"})
 
 
-def export_inference_model(backbone_location: str, head_weights: list[np.ndarray], image_size: int,
-                           out: str | os.PathLike) -> None:
-    """Save backbone + dense head as one SavedModel: ``serving_default(images uint8 [B,S,S,3]) -> scores``."""
-    tf = import_tensorflow()
+def compose_tflite(backbone_tflite: str | os.PathLike, head_weights: list[np.ndarray],
+                   out: str | os.PathLike) -> Path:
+    """The end-to-end LiteRT model: the backbone's ``.tflite`` (uint8 pixels in, features out) with the
+    head appended: one FULLY_CONNECTED per Dense layer (ReLU fused on hidden ones), then LOGISTIC.
 
-    from mltag.backbone import tensorflow_hub
-
-    hub = tensorflow_hub()
-
-    class EndToEnd(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = hub.load(backbone_location)
-            self.kernels = [tf.Variable(w, trainable=False) for w in head_weights[0::2]]
-            self.biases = [tf.Variable(b, trainable=False) for b in head_weights[1::2]]
-
-        @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8, name="images")])
-        def serve(self, images):
-            x = self.backbone(tf.cast(images, tf.float32) / 255.0)
-            # The head's Dense layers: relu on hidden layers, sigmoid on the output.
-            for i, (k, b) in enumerate(zip(self.kernels, self.biases)):
-                x = tf.matmul(x, k) + b
-                x = tf.nn.relu(x) if i < len(self.kernels) - 1 else tf.sigmoid(x)
-            return {"scores": x}
-
-    m = EndToEnd()
-    tf.saved_model.save(m, str(out), signatures={"serving_default": m.serve})
-
-
-def export_tflite(saved_model: str | os.PathLike, out: str | os.PathLike,
-                  representative: list[np.ndarray] | None = None, dynamic_range: bool = False) -> Path:
-    """Convert the end-to-end SavedModel to ``.tflite``: uint8 pixels in, float32 scores out.
-
-    With ``representative`` (uint8 images ``[S,S,3]``, e.g. a hundred training images) the
-    weights and activations are quantized to int8 (post-training quantization, calibrated on
-    those images); input and output stay uint8 pixels and float scores.
+    The head's weights go in as float32 constants, so the file scores exactly what ``head.npz``
+    scores on the backbone's features (to float rounding, which a test checks). The graph is
+    edited through the TFLite flatbuffer schema (``ai_edge_litert.schema_py_generated``): no
+    TensorFlow, no converter, a fraction of a second.
     """
-    tf = import_tensorflow()
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
 
     from mltag.files import atomic_path
 
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_default"])
-    if dynamic_range:  # int8 weights, float activations: no calibration data, smaller loss
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif representative is not None:
-        def gen():
-            for px in representative:
-                yield [np.asarray(px, np.uint8)[None]]
-
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = gen
+    src = Path(backbone_tflite).read_bytes()
     try:
-        data = conv.convert()
-    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
-        raise MltagError(f"cannot convert the model to TFLite: {type(e).__name__}: {str(e)[:300]}",
-                         saved_model) from None
+        model = fb.ModelT.InitFromPackedBuf(src, 0)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        raise MltagError(f"not a LiteRT model file ({type(e).__name__})", backbone_tflite) from None
+    if len(model.subgraphs) != 1 or len(model.subgraphs[0].outputs) != 1:
+        raise MltagError("the backbone's LiteRT file must have one graph with one output (the features)",
+                         backbone_tflite)
+    graph = model.subgraphs[0]
+    features = graph.tensors[graph.outputs[0]]
+    dim = int(features.shape[-1])
+    if head_weights[0].shape[0] != dim:
+        raise MltagError(f"the head takes {head_weights[0].shape[0]} features but the backbone gives {dim}",
+                         backbone_tflite)
+
+    def opcode(code: int) -> int:
+        for i, oc in enumerate(model.operatorCodes):
+            if max(oc.builtinCode, oc.deprecatedBuiltinCode) == code:
+                return i
+        oc = fb.OperatorCodeT()
+        oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 1
+        model.operatorCodes.append(oc)
+        return len(model.operatorCodes) - 1
+
+    def tensor(name: str, shape: list[int], data: np.ndarray | None = None) -> int:
+        buf = fb.BufferT()
+        if data is not None:
+            buf.data = np.frombuffer(np.ascontiguousarray(data, np.float32).tobytes(), np.uint8)
+        model.buffers.append(buf)
+        t = fb.TensorT()
+        t.name, t.type, t.buffer, t.shape = name, fb.TensorType.FLOAT32, len(model.buffers) - 1, list(shape)
+        if data is None:  # an activation: any batch size
+            t.shape, t.shapeSignature = [1, *shape], [-1, *shape]
+        graph.tensors.append(t)
+        return len(graph.tensors) - 1
+
+    def op(code: int, inputs: list[int], outputs: list[int], options=None) -> None:
+        o = fb.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = opcode(code), inputs, outputs
+        if options is not None:
+            o.builtinOptionsType, o.builtinOptions = fb.BuiltinOptions.FullyConnectedOptions, options
+        graph.operators.append(o)
+
+    x = graph.outputs[0]
+    n_layers = len(head_weights) // 2
+    for i in range(n_layers):
+        kernel, bias = np.asarray(head_weights[2 * i], np.float32), np.asarray(head_weights[2 * i + 1], np.float32)
+        last = i == n_layers - 1
+        w = tensor(f"head/dense_{i}/kernel", [kernel.shape[1], kernel.shape[0]], kernel.T)  # [units, inputs]
+        b = tensor(f"head/dense_{i}/bias", [kernel.shape[1]], bias)
+        y = tensor("head/logits" if last else f"head/hidden_{i}", [kernel.shape[1]])
+        fc = fb.FullyConnectedOptionsT()
+        fc.fusedActivationFunction = fb.ActivationFunctionType.NONE if last else fb.ActivationFunctionType.RELU
+        op(fb.BuiltinOperator.FULLY_CONNECTED, [x, w, b], [y], fc)
+        x = y
+    scores = tensor("scores", [int(head_weights[-1].shape[0])])
+    op(fb.BuiltinOperator.LOGISTIC, [x], [scores])
+    graph.outputs = [scores]
+    for sig in model.signatureDefs or []:
+        out_map = fb.TensorMapT()
+        out_map.name, out_map.tensorIndex = "scores", scores
+        sig.outputs = [out_map]
+    builder = _aligned_builder(flatbuffers)(len(src) + sum(w.nbytes for w in head_weights) + (1 << 16))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     out = Path(out)
     with atomic_path(out) as tmp:
-        tmp.write_bytes(data)
+        tmp.write_bytes(builder.Output())
     return out
+
+
+def _aligned_builder(flatbuffers):
+    """A flatbuffers ``Builder`` that starts every array on 16 bytes, as the converter lays out
+    buffers (kernels may read weights in place)."""
+
+    class AlignedBuilder(flatbuffers.Builder):
+        def CreateNumpyVector(self, x: np.ndarray) -> int:  # noqa: N802 - the library's name
+            payload = np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<"), copy=False).tobytes()
+            self.StartVector(x.itemsize, x.size, max(16, x.dtype.alignment))
+            self.head -= len(payload)
+            self.Bytes[self.head: self.head + len(payload)] = payload
+            self.vectorNumElems = x.size
+            return self.EndVector()
+
+    return AlignedBuilder

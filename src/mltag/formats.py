@@ -364,7 +364,8 @@ def read_head(model_dir: str | os.PathLike) -> list[np.ndarray] | None:
 INTEGRITY_FILE = "integrity.json"
 # What a model's identity covers: its label list and settings, and every weight file. Run
 # bookkeeping (run.json, config.json, summary.json, history.json) is not the model.
-_MODEL_CONTENT = ("model.json", "labels.txt", "head.npz", "head.keras", "model.tflite", "model_int8.tflite", "inference")
+_MODEL_CONTENT = ("model.json", "labels.txt", "head.npz", "head.keras", "model.tflite", "model_int8.tflite", "backbone",
+                  "inference")
 
 
 _SHA_SEEN: dict[tuple, str] = {}

@@ -39,43 +39,78 @@ def _micro_f1(y: np.ndarray, pred: np.ndarray) -> float:
     return 2.0 * tp / denominator if denominator else 0.0
 
 
-def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str]) -> dict:
-    """All headline and per-label metrics for true flags ``y`` and scores ``s`` at ``thresholds``."""
-    from sklearn.metrics import (
-        accuracy_score,
-        f1_score,
-        hamming_loss,
-        multilabel_confusion_matrix,
-        precision_recall_fscore_support,
-        roc_auc_score,
-    )
+def precision_recall_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sklearn.metrics.precision_recall_curve`` for one label, in numpy (a test compares the two):
+    precision and recall at each distinct score taken as the threshold, ascending, with the
+    final (precision 1, recall 0) point; the thresholds. Importing sklearn costs a step 1.5 s."""
+    y = np.asarray(y).ravel() > 0
+    s = np.asarray(s, dtype=np.float64).ravel()
+    order = np.argsort(s, kind="mergesort")[::-1]
+    ys, ss = y[order], s[order]
+    last = np.r_[np.flatnonzero(np.diff(ss)), len(ss) - 1]  # the last index of each distinct score
+    tps = np.cumsum(ys)[last].astype(np.float64)
+    fps = 1 + last - tps
+    ps = tps + fps
+    precision = np.divide(tps, ps, out=np.zeros_like(tps), where=ps != 0)
+    recall = np.ones_like(tps) if not len(tps) or tps[-1] == 0 else tps / tps[-1]
+    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], ss[last][::-1]
 
-    y = np.asarray(y).astype(int)
-    s = np.asarray(s, dtype=np.float64)
+
+def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``'s value): the Mann-Whitney
+    statistic, tied scores counting one half. Needs both classes."""
+    y = np.asarray(y).ravel() > 0
+    s = np.asarray(s, dtype=np.float64).ravel()
+    order = np.argsort(s, kind="mergesort")
+    ss = s[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(ss)) + 1]
+    ends = np.r_[starts[1:], len(ss)]
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # 1-based, ties averaged
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str]) -> dict:
+    """All headline and per-label metrics for true flags ``y`` and scores ``s`` at ``thresholds``.
+
+    numpy throughout, the values of sklearn's functions (``precision_recall_fscore_support``
+    and ``f1_score`` with ``zero_division=0``, ``hamming_loss``, ``accuracy_score``,
+    ``roc_auc_score``; tests/test_metrics.py compares them).
+    """
+    y = np.asarray(y).astype(int).reshape(len(y), -1)
+    s = np.asarray(s, dtype=np.float64).reshape(len(s), -1)
     pred = (s >= np.asarray(thresholds, dtype=np.float64)).astype(int)
     ap = average_precisions(y, s)
-    p, r, f1, support = precision_recall_fscore_support(y, pred, average=None, zero_division=0, labels=range(y.shape[1]))
-    aucs = []
-    for j in range(y.shape[1]):
-        if 0 < y[:, j].sum() < len(y):
-            aucs.append(roc_auc_score(y[:, j], s[:, j]))
-    hl = float(hamming_loss(y, pred))
-    confusion = multilabel_confusion_matrix(y, pred, labels=range(y.shape[1]))  # [label, [[tn, fp], [fn, tp]]]
+    pos, hit = y > 0, pred > 0
+    tp = (pos & hit).sum(axis=0)
+    fp = (~pos & hit).sum(axis=0)
+    fn = (pos & ~hit).sum(axis=0)
+    tn = (~pos & ~hit).sum(axis=0)
+
+    def ratio(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return np.divide(a, b, out=np.zeros_like(a), where=b != 0)
+
+    p, r, f1 = ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
+    aucs = [roc_auc(y[:, j], s[:, j]) for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    hl = float(np.mean(y != pred)) if y.size else 0.0
     per_label = {}
     for j, name in enumerate(labels):
-        (tn, fp), (fn, tp) = confusion[j].tolist()
         per_label[name] = {
             "ap": None if np.isnan(ap[j]) else float(ap[j]),
-            "precision": float(p[j]), "recall": float(r[j]), "f1": float(f1[j]), "support": int(support[j]),
-            "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+            "precision": float(p[j]), "recall": float(r[j]), "f1": float(f1[j]), "support": int(tp[j] + fn[j]),
+            "tp": int(tp[j]), "fp": int(fp[j]), "fn": int(fn[j]), "tn": int(tn[j]),
         }
+    micro = 2 * tp.sum() + fp.sum() + fn.sum()
     return {
         "map": float(np.nanmean(ap)) if np.isfinite(ap).any() else None,
-        "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
-        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "micro_f1": float(2 * tp.sum() / micro) if micro else 0.0,
+        "macro_f1": float(np.mean(f1)) if len(f1) else 0.0,
         "hamming_loss": hl,
         "label_accuracy": 1.0 - hl,
-        "subset_accuracy": float(accuracy_score(y, pred)),
+        "subset_accuracy": float(np.mean(np.all(y == pred, axis=1))) if len(y) else 0.0,
         "roc_auc_macro": float(np.mean(aucs)) if aucs else None,
         "n_images": int(len(y)),
         "per_label": per_label,

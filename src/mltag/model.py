@@ -1,8 +1,10 @@
 """The end-to-end inference model: raw image in, per-label scores (and labels) out.
 
-A trained model folder holds ``inference/`` (a SavedModel: uint8 pixels -> scores,
-backbone and head together), ``model.json`` (labels, image size, backbone id) and,
-once calibrated, ``thresholds.json``. Decoding uses ``mltag.images.load_image``, the
+A trained model folder holds ``model.tflite`` (LiteRT: uint8 pixels -> scores, backbone
+and head together), ``backbone/`` (the feature-vector SavedModel) with ``head.npz`` (what
+the TF engine runs, the head in numpy), ``model.json`` (labels, image size, backbone id)
+and, once calibrated, ``thresholds.json``. A folder from before ``backbone/`` holds one
+end-to-end SavedModel, ``inference/``, which still loads. Decoding uses ``mltag.images.load_image``, the
 very function the bottleneck step used, so serving sees the pixels training saw.
 """
 
@@ -22,11 +24,25 @@ from mltag.tf_runtime import import_tensorflow
 from mltag.workers import cpu_threads, imap_ordered
 
 
+def _two_stage(model_dir: Path, labels: list[str]):
+    """``uint8 [B,S,S,3] -> scores``: the folder's ``backbone/`` through TF, then ``head.npz`` in numpy."""
+    from mltag.engine import TFEngine
+    from mltag.formats import read_head
+    from mltag.head import NumpyHead
+
+    weights = read_head(model_dir)
+    if weights is None:
+        raise MltagError("model folder has backbone/ but no head.npz; retrain it", model_dir)
+    check_output_width(labels, weights[-1].shape[0], model_dir / "head.npz")
+    backbone, head = TFEngine(str(model_dir / "backbone")), NumpyHead.from_weights(weights)
+    return lambda px: head.predict(backbone(px))
+
+
 class InferenceModel:
     """Load a model folder (or one of its ``.tflite`` files) and score raw images (paths or encoded bytes).
 
     ``engine``: ``auto`` runs ``model.tflite`` through LiteRT when no GPU is visible and the
-    file exists, else the SavedModel through TF; ``litert`` and ``tf`` force one. A path to a
+    file exists, else the backbone SavedModel through TF (the head in numpy); ``litert`` and ``tf`` force one. A path to a
     ``.tflite`` file runs that file (labels and thresholds come from the folder it is in).
     """
 
@@ -56,7 +72,10 @@ class InferenceModel:
             check_output_width(self.labels, lite.output_width, tflite)
             self.engine = "litert"
             self._run = lite
-        else:
+        elif (model_dir / "backbone").is_dir():  # backbone SavedModel through TF, the head in numpy
+            self.engine = "tf"
+            self._run = _two_stage(model_dir, self.labels)
+        else:  # a folder from before backbone/: one end-to-end SavedModel
             tf = import_tensorflow()
 
             fn = tf.saved_model.load(str(model_dir / "inference")).signatures["serving_default"]

@@ -24,10 +24,12 @@ import numpy as np
 from mltag import config
 from mltag import metrics as M
 from mltag.errors import MltagError
+from mltag.export import BACKBONE_DIR
 from mltag.files import fault_point, remove_stale_leftovers, write_json_atomic
 from mltag.formats import (
     INTEGRITY_FILE,
     image_root_of,
+    load_hashes,
     load_prepared,
     read_model_meta,
     read_thresholds,
@@ -52,7 +54,8 @@ def pip_requirements() -> list[str]:
 
 def _bundle(model_dir: Path, thresholds_file: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
-    for name in ("inference", "model.json", "labels.txt", "model.tflite", "head.npz", "head.keras", INTEGRITY_FILE):
+    for name in (BACKBONE_DIR, "inference", "model.json", "labels.txt", "model.tflite", "head.npz", "head.keras",
+                 INTEGRITY_FILE):
         src = model_dir / name
         if src.exists():
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
@@ -62,37 +65,50 @@ def _bundle(model_dir: Path, thresholds_file: Path, dest: Path) -> Path:
 
 def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, labels: list[str],
                   train_images: list[Path], chall_scores: np.ndarray, limit: int = 32, *, int8: str,
-                  int8_images: int, max_drop: float, representative: list[np.ndarray] | None = None) -> dict:
-    """Check ``model.tflite`` against the SavedModel; ship a quantized model only if it keeps the accuracy.
+                  int8_images: int, max_drop: float, representative: list[np.ndarray] | None = None,
+                  evaluated: bool = False, test_hashes: list[str] | None = None) -> dict:
+    """Check ``model.tflite``; ship a quantized model only if it keeps the accuracy.
 
-    fp32: the largest score difference from the SavedModel on (up to ``limit``) test images: a
-    check of the conversion, so a few images do (the SavedModel runs through TF, slowly).
-    Quantized (``int8``, ``register.int8``): ``full`` tries two kinds in turn, full int8 (weights
-    and activations, calibrated on up to ``int8_images`` training images decoded as the model
-    sees them; uint8 pixels in, float scores out) then dynamic range (int8 weights, float
-    activations); ``dynamic_range`` tries only the latter; ``none`` neither. The first whose
-    test mAP and micro F1 (at the calibrated thresholds) stay within ``max_drop`` of fp32 is
-    added to the bundle as ``model_int8.tflite``; if neither does, none is, and the result
-    says why. ``representative`` replaces the calibration images (a test's deliberately bad set).
+    fp32: the largest score difference on (up to ``limit``) test images, a check of the file
+    itself. With ``evaluated`` (``chall_scores`` are the scores evaluate measured, from the
+    cached float16 vectors) against those, within ``EVALUATED_TOLERANCE`` (float16 rounding);
+    else against the backbone SavedModel through TF and ``head.npz``, within 1e-4.
+    Quantized (``int8``, ``register.int8``): ``full`` tries two kinds in turn, full int8 (the
+    backbone's weights and activations, calibrated on up to ``int8_images`` training images
+    decoded as the model sees them) then dynamic range (int8 weights, float activations; for a
+    backbone used as it is, converted once per backbone and kept in the backbone cache);
+    ``dynamic_range`` tries only the latter; ``none`` neither. The head stays float32. With
+    ``test_hashes`` (the test images' SHA-256) a once-per-backbone quantized backbone's features
+    of each test image are also kept (``memo_features``), so the next register on the same
+    images and backbone scores the quantized model from them. The
+    first whose test mAP and micro F1 (at the calibrated thresholds) stay within ``max_drop``
+    of fp32 is added to the bundle as ``model_int8.tflite``; if neither does, none is, and the
+    result says why. ``representative`` replaces the calibration images (a test's deliberately
+    bad set).
     """
     import tempfile
 
     from mltag.engine import LiteRTEngine
-    from mltag.export import export_tflite
-    from mltag.formats import read_thresholds, write_integrity
+    from mltag.export import compose_tflite
+    from mltag.formats import read_head, read_thresholds, write_integrity
+    from mltag.head import NumpyHead
     from mltag.images import load_image
     from mltag.model import InferenceModel
-    from mltag.tf_runtime import quiet_stderr
     from mltag.workers import cpu_threads
 
     out: dict = {"images": min(limit, len(test_images))}
     if not (bundle / "model.tflite").is_file():
         return {"error": "no model.tflite in the model folder"}
+    if not (bundle / BACKBONE_DIR).is_dir():
+        return {"error": "a model folder from an older mltag (no backbone/); retrain it to register LiteRT files"}
     imgs = test_images[:limit]
-    saved = InferenceModel(bundle, engine="tf").scores(imgs)
     lite = InferenceModel(bundle / "model.tflite")
     fp32 = lite.scores(imgs)
-    out["fp32_max_abs_diff_vs_savedmodel"] = float(np.abs(fp32 - saved).max()) if len(imgs) else 0.0
+    if evaluated:
+        out["fp32_max_abs_diff_vs_evaluated"] = float(np.abs(fp32 - chall_scores[:limit]).max()) if len(imgs) else 0.0
+    else:
+        saved = InferenceModel(bundle, engine="tf").scores(imgs)
+        out["fp32_max_abs_diff_vs_savedmodel"] = float(np.abs(fp32 - saved).max()) if len(imgs) else 0.0
     out["fp32_bytes"] = (bundle / "model.tflite").stat().st_size
     t = np.array([float(read_thresholds(bundle / "thresholds.json")["thresholds"].get(lb, 0.5)) for lb in labels])
 
@@ -107,22 +123,36 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
         rep = representative if representative is not None else \
             [load_image(p, lite.image_size) for p in train_images[:int8_images]]
         out["int8_calibration_images"] = len(rep)
-    pixels = np.stack([load_image(p, lite.image_size) for p in test_images]) if test_images and kinds else None
+    pixels = None
     chosen = None
+    head = NumpyHead.from_weights(read_head(bundle))
     with tempfile.TemporaryDirectory(dir=bundle.parent) as scratch:
         for kind in kinds:
             f = Path(scratch) / f"{kind}.tflite"
             try:
-                with quiet_stderr():
-                    export_tflite(bundle / "inference", f, rep if kind == "int8" else None,
-                                  dynamic_range=kind == "dynamic_range")
+                backbone_file, cached = _quantized_backbone(bundle, kind, rep, Path(scratch))
+                compose_tflite(backbone_file, head.weights, f)
             except MltagError as e:
                 out[f"{kind}_error"] = str(e)
                 continue
-            # one single-threaded interpreter per core: dynamic range's hybrid kernels scale badly across
-            # one interpreter's threads (51 against 40 img/s, Lite2 on 2 cores)
-            s = LiteRTEngine(f, threads=1, parallel=cpu_threads())(pixels) if pixels is not None else \
-                np.zeros((0, len(labels)), np.float32)
+            if cached and test_hashes is not None and test_images:
+                # The backbone is converted once per backbone: so are its features of each image. The
+                # file itself must score what its backbone's features give through the head.
+                features = memo_features(backbone_file, test_images, test_hashes, lite.image_size)
+                s = head.predict(features)
+                check = LiteRTEngine(f)(np.stack([load_image(p, lite.image_size) for p in test_images[:4]]))
+                out[f"{kind}_file_max_abs_diff"] = float(np.abs(check - s[:4]).max())
+                if out[f"{kind}_file_max_abs_diff"] > 1e-4:
+                    raise MltagError(f"the {kind} model file differs from its backbone's features through the "
+                                     f"head by {out[f'{kind}_file_max_abs_diff']:.2e}; not registering", bundle)
+            elif test_images:
+                if pixels is None:
+                    pixels = np.stack([load_image(p, lite.image_size) for p in test_images])
+                # one single-threaded interpreter per core: dynamic range's hybrid kernels scale badly across
+                # one interpreter's threads (51 against 40 img/s, Lite2 on 2 cores)
+                s = LiteRTEngine(f, threads=1, parallel=cpu_threads())(pixels)
+            else:
+                s = np.zeros((0, len(labels)), np.float32)
             q_map, q_f1 = quality(s)
             out[f"{kind}_test_map"], out[f"{kind}_test_micro_f1"] = q_map, q_f1
             out[f"{kind}_max_abs_diff_vs_fp32"] = float(np.abs(s - chall_scores).max()) if len(s) else 0.0
@@ -151,6 +181,81 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
         out["shipped_bytes"] = out[f"{chosen}_bytes"]
     write_integrity(bundle)  # the bundle's content now includes (or not) model_int8.tflite
     return out
+
+
+EVALUATED_TOLERANCE = 2e-3  # model.tflite against evaluate's scores: cached vectors are float16 (5e-4 seen)
+
+
+def _quantized_backbone(bundle: Path, kind: str, representative: list[np.ndarray] | None,
+                        scratch: Path) -> tuple[Path, bool]:
+    """The quantized backbone's ``.tflite`` and whether it is the once-per-backbone cached one: dynamic
+    range of a backbone used as it is (head mode) is converted once and kept in the backbone cache;
+    full int8 (calibrated on this data) and a fine-tuned backbone are converted here, each time."""
+    from mltag.backbone import Backbone
+    from mltag.engine import convert_backbone, litert_backbone
+    from mltag.tf_runtime import quiet_stderr
+
+    meta = read_model_meta(bundle, verify=False)
+    size = int(meta["image_size"])
+    if kind == "dynamic_range" and meta.get("mode", "head") == "head":
+        return litert_backbone(Backbone(meta["backbone_handle"], str(bundle / BACKBONE_DIR), meta["backbone_id"]),
+                               size, "", kind="dynamic_range"), True
+    lite = scratch / f"{kind}.backbone.tflite"
+    with quiet_stderr():
+        convert_backbone(str(bundle / BACKBONE_DIR), size, lite, dynamic_range=kind == "dynamic_range",
+                         representative=representative if kind == "int8" else None)
+    return lite, False
+
+
+MEMO_CHUNK = 256  # images decoded and run at once
+
+
+def memo_features(backbone_file: Path, images: list[Path], hashes: list[str], image_size: int) -> np.ndarray:
+    """Features of ``images`` through a cached backbone ``.tflite``, kept beside it in
+    ``<file>.features.npz`` keyed by image content (SHA-256), so each image runs once per backbone.
+
+    A damaged memo is read as empty (and rewritten); the update holds a lock and merges what
+    another process added meanwhile, and is written atomically."""
+    from mltag.engine import LiteRTEngine
+    from mltag.files import atomic_path, lock_file_for, locked
+    from mltag.images import load_image
+    from mltag.workers import cpu_threads, imap_ordered
+
+    memo = backbone_file.with_name(backbone_file.name + ".features.npz")
+
+    def read() -> dict[str, np.ndarray]:
+        try:
+            with np.load(memo) as z:
+                keys, values = z["sha"], z["features"]
+            if values.ndim != 2 or len(keys) != len(values) or not np.isfinite(values).all():
+                raise ValueError("damaged")
+            return dict(zip(keys.tolist(), values))
+        except FileNotFoundError:
+            return {}
+        except Exception as e:  # noqa: BLE001 - a damaged memo only costs its recomputation
+            log.warning("register: %s is damaged (%s); computing its features again", memo, type(e).__name__)
+            return {}
+
+    known = read()
+    missing = [i for i, h in enumerate(hashes) if h not in known]
+    if missing:
+        engine = LiteRTEngine(backbone_file, threads=1, parallel=cpu_threads())
+        new = {}
+        for at in range(0, len(missing), MEMO_CHUNK):
+            idx = missing[at: at + MEMO_CHUNK]
+            pixels = np.stack(list(imap_ordered(lambda i: load_image(images[i], image_size), idx)))
+            for i, f in zip(idx, engine(pixels)):
+                if np.isfinite(f).all():
+                    new[hashes[i]] = f
+        with locked(lock_file_for(f"{memo}.update"), f"the feature memo {memo}"):
+            merged = {**read(), **new}
+            with atomic_path(memo) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, sha=np.array(list(merged)), features=np.stack(list(merged.values())))
+        known = {**known, **merged}
+    if any(h not in known for h in hashes):  # a non-finite feature: run those images, never store them
+        return LiteRTEngine(backbone_file)(np.stack([load_image(p, image_size) for p in images]))
+    return np.stack([known[h] for h in hashes]).astype(np.float32)
 
 
 def _score_pyfunc(model, images: list[Path], labels: list[str]) -> np.ndarray:
@@ -214,6 +319,54 @@ def gate(challenger_ap: np.ndarray, champion_ap: np.ndarray, labels: list[str], 
     return True, f"test mAP {ch:.4f} beats the champion's {cp:.4f} by more than margin {margin}"
 
 
+def _cached_test_vectors(bottlenecks, model_dir: Path, test_paths: list[str]) -> np.ndarray | None:
+    """The test split's cached vectors, when they are what the model's own backbone gives (head mode,
+    the same backbone and size) and list the same images as the prepared test split; else None."""
+    from mltag.formats import load_split, read_bottleneck_meta
+
+    meta = read_model_meta(model_dir, verify=False)
+    bmeta = read_bottleneck_meta(bottlenecks)
+    if meta.get("mode", "head") != "head" or bmeta["backbone_id"] != meta.get("backbone_id") \
+            or int(bmeta["image_size"]) != int(meta["image_size"]):
+        return None
+    x, _, paths = load_split(bottlenecks, "test")
+    if [str(p) for p in paths] != [str(p) for p in test_paths]:
+        log.info("register: the bottlenecks' test split differs from the prepared one; scoring the images")
+        return None
+    return x
+
+
+def _champion_head_scores(client, model_name: str, version, meta: dict, labels: list[str], cached: np.ndarray,
+                          scratch: Path) -> np.ndarray | None:
+    """The champion's scores from its own head on the cached test vectors, when it is a head-mode model on
+    the same backbone and size (the vectors are exactly what its backbone gives); else None. Only its
+    ``model.json`` and ``head.npz`` are downloaded."""
+    import mlflow
+
+    from mltag.formats import check_output_width, read_handoff, read_head
+    from mltag.head import NumpyHead
+
+    try:
+        source = client.get_model_version_download_uri(model_name, str(version))
+        folder = scratch / "champion"
+        folder.mkdir()
+        for name in ("model.json", "head.npz"):
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/artifacts/model/{name}",
+                                                dst_path=str(folder))
+    except Exception as e:  # noqa: BLE001 - an older champion's layout, or a store that cannot: score its images
+        log.debug("register: champion head not downloadable (%s); scoring its images", e)
+        return None
+    champ = read_handoff(folder / "model.json", "the champion's model.json", "train")
+    if champ.get("mode", "head") != "head" or champ.get("backbone_id") != meta.get("backbone_id") \
+            or int(champ.get("image_size", 0)) != int(meta["image_size"]) or champ.get("labels") != labels:
+        return None
+    weights = read_head(folder)
+    if weights is None:
+        return None
+    check_output_width(labels, weights[-1].shape[0], folder / "head.npz")
+    return NumpyHead.from_weights(weights).predict(cached)
+
+
 SCRATCH = "mltag-register"
 
 
@@ -250,8 +403,13 @@ def _check_recorded_digest(client, model_dir: Path, digest: str) -> None:
 def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepared: str | os.PathLike,
              out: str | os.PathLike, *, register: config.Register, tracking: config.Tracking,
              images: str | os.PathLike | None = None, tracking_uri: str | None = None, run_id: str | None = None,
-             config: dict | None = None) -> dict:
+             config: dict | None = None, bottlenecks: str | os.PathLike | None = None) -> dict:
     """Log, register and (maybe) promote the model; write the decision to ``out``.
+
+    With ``bottlenecks`` (the folder the model was trained on), a model that uses its backbone
+    as it is (head mode) is scored on the test split from the cached vectors, as evaluate
+    scored it, and so is a champion with the same backbone (its own head on the same
+    vectors); otherwise both are scored end to end from the images.
 
     ``register`` and ``tracking`` are the typed params sections. With ``register.tflite`` the registered version also carries ``model.tflite`` (fp32) and
     ``model_int8.tflite`` with ``tflite_parity.json`` (fp32 vs SavedModel, int8 vs fp32).
@@ -295,31 +453,48 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
         py.model = local
         signature = infer_signature(example, py.predict(None, example), params={"tta": "none"}) \
             if example is not None else None
-        chall_scores = local.scores(test_images) if test_images else np.zeros((0, len(labels)))
+        cached = _cached_test_vectors(bottlenecks, model_dir, [ex.path for ex in test]) if bottlenecks else None
+        if cached is not None:  # the scores evaluate measured: the head on the test images' cached vectors
+            from mltag.head import head_scores
+
+            chall_scores = head_scores(bundle, cached)
+        else:
+            chall_scores = local.scores(test_images) if test_images else np.zeros((0, len(labels)))
         chall_ap = M.average_precisions(y_test, chall_scores)
         if tflite:
             _, train_ex = load_prepared(prepared, "train")
+            known = load_hashes(prepared) or {}  # the images' content, as prepare hashed it
+            test_hashes = [known.get(ex.path) for ex in test]
             parity = tflite_parity(bundle, test_images, y_test, labels, [root / ex.path for ex in train_ex],
                                    chall_scores, int8=register.int8, int8_images=register.int8_images,
-                                   max_drop=register.int8_max_drop)
+                                   max_drop=register.int8_max_drop, evaluated=cached is not None,
+                                   test_hashes=test_hashes if all(test_hashes) else None)
             write_json_atomic(bundle / "tflite_parity.json", parity)
-            if parity.get("fp32_max_abs_diff_vs_savedmodel", 0.0) > 1e-4:
-                raise MltagError(f"model.tflite differs from the SavedModel by "
-                                 f"{parity['fp32_max_abs_diff_vs_savedmodel']:.2e} (> 1e-4); not registering")
+            for key, tol, what in (("fp32_max_abs_diff_vs_savedmodel", 1e-4, "the SavedModel"),
+                                   ("fp32_max_abs_diff_vs_evaluated", EVALUATED_TOLERANCE, "the evaluated scores")):
+                if parity.get(key, 0.0) > tol:
+                    raise MltagError(f"model.tflite differs from {what} by {parity[key]:.2e} (> {tol}); "
+                                     "not registering", model_dir / "model.tflite")
         # 1. Decide before touching the registry: a failure here leaves no version behind.
         chall_map = float(np.nanmean(chall_ap))
         content = model_hash(model_dir, thresholds)
         existing = _version_with_hash(client, model_name, content)
         champ = _alias(client, model_name, "champion")
         result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": mltracking.mask_uri(uri),
-                  "champion_version": None, "champion_test_map": None, "content_hash": content}
+                  "champion_version": None, "champion_test_map": None, "content_hash": content,
+                  "scored_from": "cached vectors" if cached is not None else "images", "champion_scored_from": None}
         if champ is None:
             promote, reason = True, "no champion yet"
         elif existing is not None and str(champ.version) == str(existing.version):
             promote, reason = True, "already the champion (same model content)"
         else:
-            champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
-            champ_ap = M.average_precisions(y_test, _score_pyfunc(champ_model, test_images, labels))
+            champ_scores = _champion_head_scores(client, model_name, champ.version, local.meta, labels, cached,
+                                                 tmp) if cached is not None else None
+            result["champion_scored_from"] = "cached vectors" if champ_scores is not None else "images"
+            if champ_scores is None:
+                champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
+                champ_scores = _score_pyfunc(champ_model, test_images, labels)
+            champ_ap = M.average_precisions(y_test, champ_scores)
             result["champion_version"] = int(champ.version)
             result["champion_test_map"] = float(np.nanmean(champ_ap))
             promote, reason = gate(chall_ap, champ_ap, labels, margin, max_label_ap_drop)

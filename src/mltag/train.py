@@ -1,5 +1,8 @@
 """train: a sigmoid head on cached bottleneck vectors (``mltag.head``), optionally the backbone's
-top blocks too (``mltag.finetune``), saved with the end-to-end model (``mltag.export``)."""
+top blocks too (``mltag.finetune``), saved with the end-to-end model (``mltag.export``).
+
+In head mode nothing here imports TensorFlow: the head is fitted in numpy and the end-to-end
+LiteRT file is the backbone's (converted by the bottleneck step) with the head appended."""
 
 from __future__ import annotations
 
@@ -129,7 +132,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         out = Path(out)
         with atomic_path(out) as tmp:
             tmp.mkdir(parents=True)
-            write_model_folder(tmp, head.weights, train.dropout, resolved.location, net, model_meta)
+            write_model_folder(tmp, head.weights, resolved, net, model_meta, backbone.cache_dir)
             write_labels(tmp / "labels.txt", labels)
             _write_json(tmp / "history.json",
                         history if ft is None else {**history,

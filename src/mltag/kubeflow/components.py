@@ -224,8 +224,9 @@ def review(thresholds: Input[Dataset], model: Input[Model], dataset: Input[Datas
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dataset], run_id: str, register: dict,
-             tracking: dict, defaults: dict, tracking_uri: str, decision: Output[Metrics]) -> str:
+def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dataset], bottlenecks: Input[Dataset],
+             run_id: str, register: dict, tracking: dict, defaults: dict, tracking_uri: str,
+             decision: Output[Metrics]) -> str:
     """Register the version, alias challenger, and promote to champion through the gate."""
     from pathlib import Path
 
@@ -236,7 +237,7 @@ def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dat
     params = params_for("register", {"register": register, "tracking": tracking}, defaults)
     root = Path(dataset.path)
     r = run_step("register", params, model_dir=model.path, thresholds=Path(thresholds.path) / "thresholds.json",
-                 prepared=root / "prepared", out=decision.path,
+                 prepared=root / "prepared", out=decision.path, bottlenecks=bottlenecks.path,
                  images=images_for(root, {"test": None, "train": 100}),  # the gate's test set, int8 calibration
                  tracking_uri=tracking_uri or None, run_id=run_id)
     decision.log_metric("version", r["version"])

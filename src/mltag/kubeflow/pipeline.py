@@ -184,8 +184,8 @@ def build_pipeline(params: Params | None = None, local: bool = False):
             defaults=defaults("calibrate"), tracking_uri=tracking_uri), "calibrate"))
         registered = mlflow_env(_resources(steps.register(
             model=trained.outputs["model"], thresholds=calibrated.outputs["thresholds"],
-            dataset=prep.outputs["dataset"], run_id=run_id, register=register, tracking=tracking,
-            defaults=defaults("register"), tracking_uri=tracking_uri), "register"))
+            dataset=prep.outputs["dataset"], bottlenecks=gathered.outputs["bottlenecks"], run_id=run_id,
+            register=register, tracking=tracking, defaults=defaults("register"), tracking_uri=tracking_uri), "register"))
         # The registry is shared state: a cached "success" would skip a real registration.
         registered.set_caching_options(False)
         # review never gates register: it runs beside it, on CPU, from calibrate's out-of-fold scores

@@ -8,7 +8,7 @@ import numpy as np
 
 from mltag.datasets import Dataset
 from mltag.formats import SPLITS, Example
-from mltag.reports import data_uri, figure_png, render
+from mltag.reports import data_uri, figure_png, new_axes, render
 
 
 def build_report(ds: Dataset, good: list[Example], infos: dict, split_of: dict, repairs: list, total: int,
@@ -57,12 +57,7 @@ def build_report(ds: Dataset, good: list[Example], infos: dict, split_of: dict, 
 
 def cooccurrence_png(labels: list[str], co: np.ndarray) -> bytes:
     """Heatmap of how often each pair of labels appears on the same image (diagonal: label counts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(labels), 0.8 + 0.6 * len(labels)))
+    fig, ax = new_axes((1 + 0.6 * len(labels), 0.8 + 0.6 * len(labels)))
     ax.imshow(co, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
