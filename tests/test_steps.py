@@ -522,3 +522,40 @@ def test_head_losses_have_the_gradient_of_their_value(settings):
         bce_value, bce_grad = HeadLoss.of({})(z.astype(np.float32), y)
         assert abs(loss(z, y)[0] - bce_value) < 1e-5
         np.testing.assert_allclose(grad, bce_grad, atol=1e-6)
+
+
+def test_quantized_backbone_features_are_kept_per_image_content_and_a_damaged_memo_is_recomputed(
+        tmp_path, colour_dataset, fake_backbone, monkeypatch):
+    """register's feature memo beside a cached backbone file: each image runs once (keyed by its
+    content), a later call runs only new images, and a damaged memo is read as empty."""
+    from mltag import engine, register as rg
+    from mltag.backbone import resolve
+    from mltag.engine import LiteRTEngine, litert_backbone
+    from mltag.formats import read_lst
+    from mltag.images import load_image
+    from mltag.lanes import hash_files
+
+    lite = litert_backbone(resolve(str(fake_backbone)), 224, tmp_path / "bbcache")
+    images = [colour_dataset / r.path for r in read_lst(colour_dataset / "all.lst")][:10]
+    hashes = hash_files(images)
+    ran = []
+    real = LiteRTEngine.__call__
+
+    def counting(self, pixels):
+        ran.append(len(pixels))
+        return real(self, pixels)
+
+    monkeypatch.setattr(engine.LiteRTEngine, "__call__", counting)
+    first = rg.memo_features(lite, images[:6], hashes[:6], 224)
+    assert ran == [6]
+    direct = real(LiteRTEngine(lite), np.stack([load_image(p, 224) for p in images]))
+    np.testing.assert_allclose(first, direct[:6], atol=1e-6)
+    both = rg.memo_features(lite, images, hashes, 224)  # only the 4 new images run
+    assert ran == [6, 4]
+    np.testing.assert_allclose(both, direct, atol=1e-6)
+    assert rg._memo_has(lite, hashes)
+    memo = lite.with_name(lite.name + ".features.npz")
+    memo.write_bytes(b"not an npz")
+    again = rg.memo_features(lite, images, hashes, 224)
+    assert ran == [6, 4, 10] and not rg._memo_has(lite, hashes + ["0" * 64])
+    np.testing.assert_allclose(again, direct, atol=1e-6)

@@ -177,12 +177,12 @@ class LiteRTEngine:
         return np.concatenate([f.result() for f in futures]).astype(np.float32)
 
 
-def tflite_path(backbone, image_size: int, backbone_cache: str | os.PathLike) -> Path:
-    """Where the converted backbone lives: beside the built ones, keyed like them."""
+def tflite_path(backbone, image_size: int, backbone_cache: str | os.PathLike, kind: str = "fp32") -> Path:
+    """Where the converted backbone lives: beside the built ones, keyed like them (and by kind)."""
     key = hashlib.sha256(f"{backbone.backbone_id}|{image_size}|{CONVERTER_VERSION}".encode()).hexdigest()[:16]
     from mltag.backbone import cache_root
 
-    return cache_root(backbone_cache) / "litert" / f"{key}.tflite"
+    return cache_root(backbone_cache) / "litert" / (f"{key}.tflite" if kind == "fp32" else f"{key}.{kind}.tflite")
 
 
 def convert_backbone(location: str, image_size: int, out: str | os.PathLike, dynamic_range: bool = False,
@@ -232,9 +232,7 @@ def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike
     Raises:
         MltagError: the module cannot be converted (the message says why).
     """
-    path = tflite_path(backbone, image_size, backbone_cache)
-    if kind != "fp32":
-        path = path.with_name(f"{path.stem}.{kind}.tflite")
+    path = tflite_path(backbone, image_size, backbone_cache, kind)
     failed = path.with_suffix(".failed")
     if failed.is_file():  # converting again would fail again; say why once more
         raise MltagError(failed.read_text(encoding="utf-8").strip())

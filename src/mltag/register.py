@@ -367,6 +367,69 @@ def _champion_head_scores(client, model_name: str, version, meta: dict, labels: 
     return NumpyHead.from_weights(weights).predict(cached)
 
 
+_WARM_CODE = ("import json, sys; from pathlib import Path; from mltag.register import warm_quantized_backbone;"
+              "a = json.loads(sys.argv[1]); warm_quantized_backbone(Path(a['model']), a['images'], a['hashes'])")
+
+
+@contextlib.contextmanager
+def _reaped(proc):
+    """Never leave the background conversion behind: stop it if register ends first."""
+    try:
+        yield
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _warm_quantized_backbone(model_dir: Path, register: config.Register, test_images: list[Path],
+                             test_hashes: list[str] | None):
+    """Start converting the dynamic-range backbone (and its features of the test images) in a process of
+    its own, when the backbone cache lacks them: TF's import and the converter run on one core, beside
+    register's own MLflow start-up and checks on the other. Returns the process, or None."""
+    import subprocess
+    import sys
+
+    from mltag.backbone import Backbone
+    from mltag.engine import tflite_path
+
+    if not register.tflite or register.int8 == "none" or "tensorflow" in sys.modules:
+        return None  # nothing to convert, or TF is loaded here already: convert in this process
+    meta = read_model_meta(model_dir, verify=False)
+    if meta.get("mode", "head") != "head" or not (model_dir / BACKBONE_DIR).is_dir():
+        return None
+    path = tflite_path(Backbone(meta["backbone_handle"], "", meta["backbone_id"]), int(meta["image_size"]), "",
+                       "dynamic_range")
+    if path.with_suffix(".failed").is_file() or (path.is_file() and (
+            test_hashes is None or _memo_has(path, test_hashes))):
+        return None
+    args = {"model": str(model_dir), "images": [str(p) for p in test_images], "hashes": test_hashes}
+    return subprocess.Popen([sys.executable, "-c", _WARM_CODE, json.dumps(args)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def warm_quantized_backbone(model_dir: Path, images: list[str], hashes: list[str] | None) -> None:
+    """The background half of ``_warm_quantized_backbone``: the cached dynamic-range backbone, then its
+    features of ``images``. A failure here is left for register itself to meet and report."""
+    from mltag.backbone import Backbone
+    from mltag.engine import litert_backbone
+
+    meta = read_model_meta(model_dir, verify=False)
+    path = litert_backbone(Backbone(meta["backbone_handle"], str(model_dir / BACKBONE_DIR), meta["backbone_id"]),
+                           int(meta["image_size"]), "", kind="dynamic_range")
+    if hashes is not None:
+        memo_features(path, [Path(p) for p in images], hashes, int(meta["image_size"]))
+
+
+def _memo_has(backbone_file: Path, hashes: list[str]) -> bool:
+    memo = backbone_file.with_name(backbone_file.name + ".features.npz")
+    try:
+        with np.load(memo) as z:
+            return set(hashes) <= set(z["sha"].tolist())
+    except Exception:  # noqa: BLE001 - missing or damaged: not there
+        return False
+
+
 SCRATCH = "mltag-register"
 
 
@@ -414,14 +477,6 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     ``register`` and ``tracking`` are the typed params sections. With ``register.tflite`` the registered version also carries ``model.tflite`` (fp32) and
     ``model_int8.tflite`` with ``tflite_parity.json`` (fp32 vs SavedModel, int8 vs fp32).
     """
-    import mlflow
-    import pandas as pd
-    from mlflow import MlflowClient
-    from mlflow.models import infer_signature
-
-    from mltag import tracking as mltracking
-    from mltag.pyfunc import MltagPyfunc
-
     model_name, margin, max_label_ap_drop = register.model_name, register.margin, register.max_label_ap_drop
     tflite, experiment = register.tflite, tracking.experiment
     model_dir, thresholds, out = Path(model_dir), Path(thresholds), Path(out)
@@ -432,131 +487,144 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     root = Path(images) if images else image_root_of(prepared)
     test_images = [root / ex.path for ex in test]
     y_test = np.array([ex.flags for ex in test], dtype=int).reshape(len(test), len(labels))
-    uri = mltracking.setup_checked(tracking_uri)
-    client = MlflowClient()
-    run_id = mltracking.model_run(model_dir, run_id, uri)
-    _check_recorded_digest(client, model_dir, digest)
-    if labels != model_labels:
-        raise MltagError(f"the model scores labels {model_labels} but the prepared data has {labels}; train on "
-                         "this data (or register against the data it was trained on)", model_dir / "model.json")
-    if run_id is None:
-        mlflow.set_experiment(experiment)
-    tmp = _scratch(out)  # also proves --out's folder writable, before the registry is touched
-    try:
-        bundle = _bundle(model_dir, thresholds, tmp / "model")
-        from mltag.model import InferenceModel
+    known = load_hashes(prepared) or {}  # the images' content, as prepare hashed it
+    test_hashes = [known.get(ex.path) for ex in test]
+    test_hashes = test_hashes if all(test_hashes) else None
+    warm = _warm_quantized_backbone(model_dir, register, test_images, test_hashes)
+    with _reaped(warm):
+        import mlflow
+        import pandas as pd
+        from mlflow import MlflowClient
+        from mlflow.models import infer_signature
 
-        local = InferenceModel(bundle)
-        example = pd.DataFrame({"image": [base64.b64encode(test_images[0].read_bytes()).decode()]}) if test_images \
-            else None
-        py = MltagPyfunc()
-        py.model = local
-        signature = infer_signature(example, py.predict(None, example), params={"tta": "none"}) \
-            if example is not None else None
-        cached = _cached_test_vectors(bottlenecks, model_dir, [ex.path for ex in test]) if bottlenecks else None
-        if cached is not None:  # the scores evaluate measured: the head on the test images' cached vectors
-            from mltag.head import head_scores
+        from mltag import tracking as mltracking
+        from mltag.pyfunc import MltagPyfunc
 
-            chall_scores = head_scores(bundle, cached)
-        else:
-            chall_scores = local.scores(test_images) if test_images else np.zeros((0, len(labels)))
-        chall_ap = M.average_precisions(y_test, chall_scores)
-        if tflite:
-            _, train_ex = load_prepared(prepared, "train")
-            known = load_hashes(prepared) or {}  # the images' content, as prepare hashed it
-            test_hashes = [known.get(ex.path) for ex in test]
-            parity = tflite_parity(bundle, test_images, y_test, labels, [root / ex.path for ex in train_ex],
-                                   chall_scores, int8=register.int8, int8_images=register.int8_images,
-                                   max_drop=register.int8_max_drop, evaluated=cached is not None,
-                                   test_hashes=test_hashes if all(test_hashes) else None)
-            write_json_atomic(bundle / "tflite_parity.json", parity)
-            for key, tol, what in (("fp32_max_abs_diff_vs_savedmodel", 1e-4, "the SavedModel"),
-                                   ("fp32_max_abs_diff_vs_evaluated", EVALUATED_TOLERANCE, "the evaluated scores")):
-                if parity.get(key, 0.0) > tol:
-                    raise MltagError(f"model.tflite differs from {what} by {parity[key]:.2e} (> {tol}); "
-                                     "not registering", model_dir / "model.tflite")
-        # 1. Decide before touching the registry: a failure here leaves no version behind.
-        chall_map = float(np.nanmean(chall_ap))
-        content = model_hash(model_dir, thresholds)
-        existing = _version_with_hash(client, model_name, content)
-        champ = _alias(client, model_name, "champion")
-        result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": mltracking.mask_uri(uri),
-                  "champion_version": None, "champion_test_map": None, "content_hash": content,
-                  "scored_from": "cached vectors" if cached is not None else "images", "champion_scored_from": None}
-        if champ is None:
-            promote, reason = True, "no champion yet"
-        elif existing is not None and str(champ.version) == str(existing.version):
-            promote, reason = True, "already the champion (same model content)"
-        else:
-            champ_scores = _champion_head_scores(client, model_name, champ.version, local.meta, labels, cached,
-                                                 tmp) if cached is not None else None
-            result["champion_scored_from"] = "cached vectors" if champ_scores is not None else "images"
-            if champ_scores is None:
-                champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
-                champ_scores = _score_pyfunc(champ_model, test_images, labels)
-            champ_ap = M.average_precisions(y_test, champ_scores)
-            result["champion_version"] = int(champ.version)
-            result["champion_test_map"] = float(np.nanmean(champ_ap))
-            promote, reason = gate(chall_ap, champ_ap, labels, margin, max_label_ap_drop)
-        tags = {"mltag.content_hash": content, "mltag.test_map": f"{chall_map:.6f}", "mltag.labels": ",".join(labels),
-                "mltag.gate": ("promoted: " if promote else "kept: ") + reason}
-        if tflite:
-            tags["mltag.int8"] = str(parity.get("int8_reason") or parity.get("error", ""))[:500]
-        fault_point("register:decided")
-        with mlflow.start_run(run_id=run_id) as run:
-            result["run_id"] = run.info.run_id
-            # 2. One version per model content: a rerun (after a crash, or of the same folder) reuses it.
-            if existing is None:
-                info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                    artifacts={"model": str(bundle)},
-                    code_paths=[str(Path(__file__).parent)], signature=signature, input_example=example,
-                    pip_requirements=pip_requirements())
-                fault_point("register:logged")
-                with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Successfully registered..." lines
-                    mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)  # tags in one call
+        uri = mltracking.setup_checked(tracking_uri)
+        client = MlflowClient()
+        run_id = mltracking.model_run(model_dir, run_id, uri)
+        _check_recorded_digest(client, model_dir, digest)
+        if labels != model_labels:
+            raise MltagError(f"the model scores labels {model_labels} but the prepared data has {labels}; train on "
+                             "this data (or register against the data it was trained on)", model_dir / "model.json")
+        if run_id is None:
+            mlflow.set_experiment(experiment)
+        tmp = _scratch(out)  # also proves --out's folder writable, before the registry is touched
+        try:
+            bundle = _bundle(model_dir, thresholds, tmp / "model")
+            from mltag.model import InferenceModel
+
+            local = InferenceModel(bundle)
+            example = pd.DataFrame({"image": [base64.b64encode(test_images[0].read_bytes()).decode()]}) if test_images \
+                else None
+            py = MltagPyfunc()
+            py.model = local
+            signature = infer_signature(example, py.predict(None, example), params={"tta": "none"}) \
+                if example is not None else None
+            cached = _cached_test_vectors(bottlenecks, model_dir, [ex.path for ex in test]) if bottlenecks else None
+            if cached is not None:  # the scores evaluate measured: the head on the test images' cached vectors
+                from mltag.head import head_scores
+
+                chall_scores = head_scores(bundle, cached)
             else:
-                mv = str(existing.version)
-                for k, v in tags.items():
-                    client.set_model_version_tag(model_name, mv, k, v)
-                log.info("register: this model content is already version %s; reusing it", mv)
-            fault_point("register:created")
-            # 3. Aliases move only after the decision is recorded on the version.
-            try:
-                client.set_registered_model_alias(model_name, "challenger", mv)
-                fault_point("register:challenger")
-                if promote:
-                    now = _alias(client, model_name, "champion")
-                    now_v, scored_v = (str(now.version) if now else None), (str(champ.version) if champ else None)
-                    if now_v != scored_v and now_v != mv:
-                        promote = False  # another register moved it while we scored: compare again next time
-                        reason = (f"the champion moved to version {now_v} while this register was comparing with "
-                                  f"version {scored_v}; rerun register to compare with it")
-                        client.set_model_version_tag(model_name, mv, "mltag.gate", f"kept: {reason}")
-                    else:
-                        client.set_registered_model_alias(model_name, "champion", mv)
-                        fault_point("register:champion")
-            except Exception as e:
-                client.set_model_version_tag(model_name, mv, "mltag.register_error", f"{type(e).__name__}: {e}"[:500])
-                raise
-            mlflow.log_metrics({"registered_test_map": chall_map})
-            if tflite and "fp32_max_abs_diff_vs_savedmodel" in parity:
-                mlflow.log_metrics({f"tflite_{k}": v for k, v in parity.items()
-                                    if isinstance(v, float) and k != "images"})
-            mlflow.set_tag("mltag.registered_version", mv)
-            if config:
-                mlflow.log_dict(config, "register/config.json")
+                chall_scores = local.scores(test_images) if test_images else np.zeros((0, len(labels)))
+            chall_ap = M.average_precisions(y_test, chall_scores)
             if tflite:
-                result["tflite"] = parity
-            result.update({"version": int(mv), "promoted": promote, "reason": reason,
-                           "aliases": ["challenger", "champion"] if promote else ["challenger"]})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result["config"] = config
-    write_json_atomic(out, result)
-    verdict = "promoted to champion" if promote else "kept as challenger"
-    log.debug("register: %s version %s %s: %s", model_name, result["version"], verdict, reason)  # the CLI prints it
-    return result
+                _, train_ex = load_prepared(prepared, "train")
+                if warm is not None:
+                    warm.wait()  # what it made (or failed to) is in the cache; what it did not, tflite_parity does
+                parity = tflite_parity(bundle, test_images, y_test, labels, [root / ex.path for ex in train_ex],
+                                       chall_scores, int8=register.int8, int8_images=register.int8_images,
+                                       max_drop=register.int8_max_drop, evaluated=cached is not None,
+                                       test_hashes=test_hashes)
+                write_json_atomic(bundle / "tflite_parity.json", parity)
+                for key, tol, what in (("fp32_max_abs_diff_vs_savedmodel", 1e-4, "the SavedModel"),
+                                       ("fp32_max_abs_diff_vs_evaluated", EVALUATED_TOLERANCE, "the evaluated scores")):
+                    if parity.get(key, 0.0) > tol:
+                        raise MltagError(f"model.tflite differs from {what} by {parity[key]:.2e} (> {tol}); "
+                                         "not registering", model_dir / "model.tflite")
+            # 1. Decide before touching the registry: a failure here leaves no version behind.
+            chall_map = float(np.nanmean(chall_ap))
+            content = model_hash(model_dir, thresholds)
+            existing = _version_with_hash(client, model_name, content)
+            champ = _alias(client, model_name, "champion")
+            result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": mltracking.mask_uri(uri),
+                      "champion_version": None, "champion_test_map": None, "content_hash": content,
+                      "scored_from": "cached vectors" if cached is not None else "images", "champion_scored_from": None}
+            if champ is None:
+                promote, reason = True, "no champion yet"
+            elif existing is not None and str(champ.version) == str(existing.version):
+                promote, reason = True, "already the champion (same model content)"
+            else:
+                champ_scores = _champion_head_scores(client, model_name, champ.version, local.meta, labels, cached,
+                                                     tmp) if cached is not None else None
+                result["champion_scored_from"] = "cached vectors" if champ_scores is not None else "images"
+                if champ_scores is None:
+                    champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
+                    champ_scores = _score_pyfunc(champ_model, test_images, labels)
+                champ_ap = M.average_precisions(y_test, champ_scores)
+                result["champion_version"] = int(champ.version)
+                result["champion_test_map"] = float(np.nanmean(champ_ap))
+                promote, reason = gate(chall_ap, champ_ap, labels, margin, max_label_ap_drop)
+            tags = {"mltag.content_hash": content, "mltag.test_map": f"{chall_map:.6f}", "mltag.labels": ",".join(labels),
+                    "mltag.gate": ("promoted: " if promote else "kept: ") + reason}
+            if tflite:
+                tags["mltag.int8"] = str(parity.get("int8_reason") or parity.get("error", ""))[:500]
+            fault_point("register:decided")
+            with mlflow.start_run(run_id=run_id) as run:
+                result["run_id"] = run.info.run_id
+                # 2. One version per model content: a rerun (after a crash, or of the same folder) reuses it.
+                if existing is None:
+                    info = mlflow.pyfunc.log_model(
+                        name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                        artifacts={"model": str(bundle)},
+                        code_paths=[str(Path(__file__).parent)], signature=signature, input_example=example,
+                        pip_requirements=pip_requirements())
+                    fault_point("register:logged")
+                    with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Successfully registered..." lines
+                        mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)  # tags in one call
+                else:
+                    mv = str(existing.version)
+                    for k, v in tags.items():
+                        client.set_model_version_tag(model_name, mv, k, v)
+                    log.info("register: this model content is already version %s; reusing it", mv)
+                fault_point("register:created")
+                # 3. Aliases move only after the decision is recorded on the version.
+                try:
+                    client.set_registered_model_alias(model_name, "challenger", mv)
+                    fault_point("register:challenger")
+                    if promote:
+                        now = _alias(client, model_name, "champion")
+                        now_v, scored_v = (str(now.version) if now else None), (str(champ.version) if champ else None)
+                        if now_v != scored_v and now_v != mv:
+                            promote = False  # another register moved it while we scored: compare again next time
+                            reason = (f"the champion moved to version {now_v} while this register was comparing with "
+                                      f"version {scored_v}; rerun register to compare with it")
+                            client.set_model_version_tag(model_name, mv, "mltag.gate", f"kept: {reason}")
+                        else:
+                            client.set_registered_model_alias(model_name, "champion", mv)
+                            fault_point("register:champion")
+                except Exception as e:
+                    client.set_model_version_tag(model_name, mv, "mltag.register_error", f"{type(e).__name__}: {e}"[:500])
+                    raise
+                mlflow.log_metrics({"registered_test_map": chall_map})
+                if tflite and "fp32_bytes" in parity:
+                    mlflow.log_metrics({f"tflite_{k}": v for k, v in parity.items()
+                                        if isinstance(v, float) and k != "images"})
+                mlflow.set_tag("mltag.registered_version", mv)
+                if config:
+                    mlflow.log_dict(config, "register/config.json")
+                if tflite:
+                    result["tflite"] = parity
+                result.update({"version": int(mv), "promoted": promote, "reason": reason,
+                               "aliases": ["challenger", "champion"] if promote else ["challenger"]})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        result["config"] = config
+        write_json_atomic(out, result)
+        verdict = "promoted to champion" if promote else "kept as challenger"
+        log.debug("register: %s version %s %s: %s", model_name, result["version"], verdict, reason)  # the CLI prints it
+        return result
 
 
 def promote(model_name: str, version: int | str, reason: str, user: str | None = None,
