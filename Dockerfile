@@ -4,7 +4,8 @@
 #   TAG=$(python -c "from mltag.kubeflow.image import image_tag; print(image_tag())")
 #   docker build --build-arg VERSION="$(python -m setuptools_scm)" -t REGISTRY/mltag:$TAG .
 #   docker build --build-arg TF_VARIANT=gpu --build-arg VERSION=... -t REGISTRY/mltag:$TAG-gpu .
-# The built-in backbones named in BACKBONES are built and converted for LiteRT at their own input
+# The built-in backbones named in BACKBONES are built and converted for LiteRT (fp32 and dynamic range,
+# which register quantizes) at their own input
 # sizes (all three by default): --build-arg BACKBONES="efficientnet_lite0" for a smaller image.
 # A vector store or dataset in a bucket needs its fsspec filesystem, pinned by you:
 #   docker build --build-arg STORAGE_PKGS="gcsfs==2026.9.0" -t REGISTRY/mltag:0.1.0 .

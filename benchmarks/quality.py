@@ -9,7 +9,7 @@ so a backbone's vectors are computed once for all repeats. Prints figures; asser
 
 Usage:
     python benchmarks/quality.py --data ../shared/devsets/flowers [--repeats 5] [--json]
-        [--backbones lite0,lite1,lite2] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
+        [--backbones lite0,lite1,lite2,lite0+lite2] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
         [--modes head,fine_tune] [--train "loss=bce;loss=asl;monitor=val_map"]
 
 ``--train`` compares train settings: configurations separated by ``;``, each a ``,``-separated
@@ -57,10 +57,14 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     tag = f"{backbone}-v{views}-h{hidden}-{mode}-{salt}-" + "".join(c if c.isalnum() else "_" for c in variant)
     bn = work / f"bn-{backbone}-v{views}-{salt}"
     t_bn = time.perf_counter()
-    s = bottleneck(prep, bn, **sections("bottleneck", handle=f"builtin:efficientnet_{backbone}", cache_dir=cache, backbone_cache_dir=backbones_dir, views=views), progress=False)
+    parts = backbone.split("+")  # "lite0+lite2": both backbones' vectors, concatenated (an experiment)
+    for part in parts:
+        s = bottleneck(prep, work / f"bn-{part}-v{views}-{salt}", **sections("bottleneck", handle=f"builtin:efficientnet_{part}", cache_dir=cache, backbone_cache_dir=backbones_dir, views=views), progress=False)
+    if len(parts) > 1:
+        concat_bottlenecks([work / f"bn-{part}-v{views}-{salt}" for part in parts], bn)
     bn_seconds = time.perf_counter() - t_bn
     p = params.replace("train", hidden_units=hidden, mode=mode, **overrides).replace(
-        "backbone", cache_dir=str(backbones_dir), handle=f"builtin:efficientnet_{backbone}")
+        "backbone", cache_dir=str(backbones_dir), handle=f"builtin:efficientnet_{parts[-1]}")
     run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep))
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
         evaluate(work / f"model-{tag}", bn, work / f"ev-{tag}", work / f"ev-{tag}.json", image_root_of(prep), **sections("evaluate", bootstrap=100))
@@ -80,6 +84,30 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
             "seconds": round(base_seconds + time.perf_counter() - t1, 1),
         })
     return rows
+
+
+def concat_bottlenecks(parts: list[Path], out: Path) -> None:
+    """One bottleneck folder whose vectors are the parts' side by side (the same images, in the same
+    order; a view of an image is the same crop in each part). It names the last part's backbone, so
+    train accepts it; its model folder has no model.tflite (the head takes both backbones' features):
+    an experiment on cached vectors, not a servable model."""
+    import numpy as np
+
+    from mltag.formats import load_split, load_views, read_bottleneck_meta, write_bottleneck_meta, write_split
+
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val", "test"):
+        loaded = [load_split(p, split) for p in parts]
+        paths = loaded[0][2]
+        if any(list(x[2]) != list(paths) for x in loaded):
+            raise SystemExit(f"the parts list different {split} images")
+        views = [load_views(p, split) for p in parts]
+        write_split(out, split, np.concatenate([x[0] for x in loaded], axis=1), loaded[0][1], list(paths),
+                    np.concatenate(views, axis=2) if views[0] is not None else None)
+    meta = read_bottleneck_meta(parts[-1])
+    meta["feature_dim"] = int(load_split(out, "test")[0].shape[1])
+    write_bottleneck_meta(out, meta)
+    (out / "labels.txt").write_bytes((parts[-1] / "labels.txt").read_bytes())
 
 
 def summarise(rows: list[dict]) -> list[dict]:

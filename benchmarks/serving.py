@@ -50,8 +50,9 @@ def pct(values, q) -> float:
 
 
 def litert_latency(folder: Path, pixels: np.ndarray, runs: int = 40) -> dict:
-    from mltag.engine import LiteRTEngine
-    from mltag.export import export_tflite
+    from mltag.engine import LiteRTEngine, convert_backbone
+    from mltag.export import compose_tflite
+    from mltag.formats import read_head
     from mltag.tf_runtime import quiet_stderr
 
     files = {"fp32": folder / "model.tflite"}
@@ -59,11 +60,14 @@ def litert_latency(folder: Path, pixels: np.ndarray, runs: int = 40) -> dict:
         files["shipped_int8"] = folder / "model_int8.tflite"
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if (folder / "inference").is_dir():  # both quantized kinds, for their speed (register measures accuracy)
-            with quiet_stderr():
-                files["dynamic_range"] = export_tflite(folder / "inference", Path(tmp) / "dyn.tflite",
-                                                       dynamic_range=True)
-                files["full_int8"] = export_tflite(folder / "inference", Path(tmp) / "int8.tflite", list(pixels))
+        if (folder / "backbone").is_dir():  # both quantized kinds, for their speed (register measures accuracy)
+            size = int(pixels.shape[1])
+            for kind, rep in (("dynamic_range", None), ("full_int8", list(pixels))):
+                lite = Path(tmp) / f"{kind}.backbone.tflite"
+                with quiet_stderr():
+                    convert_backbone(str(folder / "backbone"), size, lite, dynamic_range=rep is None,
+                                     representative=rep)
+                files[kind] = compose_tflite(lite, read_head(folder), Path(tmp) / f"{kind}.tflite")
         for name, f in files.items():
             eng = LiteRTEngine(f)
             eng(pixels[:1])

@@ -528,7 +528,8 @@ def test_quantized_backbone_features_are_kept_per_image_content_and_a_damaged_me
         tmp_path, colour_dataset, fake_backbone, monkeypatch):
     """register's feature memo beside a cached backbone file: each image runs once (keyed by its
     content), a later call runs only new images, and a damaged memo is read as empty."""
-    from mltag import engine, register as rg
+    from mltag import engine
+    from mltag import register as rg
     from mltag.backbone import resolve
     from mltag.engine import LiteRTEngine, litert_backbone
     from mltag.formats import read_lst
@@ -559,3 +560,39 @@ def test_quantized_backbone_features_are_kept_per_image_content_and_a_damaged_me
     again = rg.memo_features(lite, images, hashes, 224)
     assert ran == [6, 4, 10] and not rg._memo_has(lite, hashes + ["0" * 64])
     np.testing.assert_allclose(again, direct, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden,dropout", [(0, 0.0), (0, 0.3), (6, 0.0), (6, 0.3)])
+def test_the_head_backward_pass_is_the_gradient_of_its_loss(hidden, dropout):
+    """NumpyHead.backward against central differences of the loss, with the same dropout masks
+    (a copy of the generator draws them again), through the hidden layer's ReLU and dropout."""
+    import copy
+
+    from mltag.head import HeadLoss, NumpyHead
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(9, 7)).astype(np.float64)
+    y = (rng.random((9, 3)) < 0.4).astype(np.float64)
+    head = NumpyHead(7, 3, hidden, rng)
+    head.weights = [w.astype(np.float64) for w in head.weights]
+    masks = np.random.default_rng(11)
+    loss = HeadLoss.of({})
+
+    def value():
+        z, _ = head.logits(x, dropout, copy.deepcopy(masks))
+        return loss(z.astype(np.float64), y)[0]
+
+    z, acts = head.logits(x, dropout, copy.deepcopy(masks))
+    _, g = loss(z.astype(np.float64), y)
+    grads = [np.zeros_like(w) for w in head.weights]
+    head.backward(acts, g.astype(np.float64), dropout, grads)
+    eps = 1e-6
+    for w, gw in zip(head.weights, grads):
+        for idx in list(np.ndindex(w.shape))[:12]:
+            keep = w[idx]
+            w[idx] = keep + eps
+            up = value()
+            w[idx] = keep - eps
+            down = value()
+            w[idx] = keep
+            assert gw[idx] == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-7), (idx, hidden, dropout)

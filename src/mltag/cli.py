@@ -319,12 +319,18 @@ def _dispatch(args) -> int:
         if args.out is None:
             from mltag.backbone import default_image_size, resolve
             from mltag.config import load_params
-            from mltag.engine import backbone_engine
+            from mltag.engine import backbone_engine, litert_backbone
 
             cache = load_params(args.params).backbone.cache_dir
             resolved = resolve(f"builtin:{args.name}", cache)
             backbone_engine("litert", resolved, default_image_size(args.name), cache)
-            print(f"backbone: {args.name} built in {resolved.location} (and converted for LiteRT)")
+            try:  # what register quantizes (register.int8: dynamic_range), so no register converts it again
+                litert_backbone(resolved, default_image_size(args.name), cache, kind="dynamic_range")
+                kinds = "fp32 and dynamic range"
+            except MltagError as e:
+                print(f"backbone: no dynamic-range conversion ({e})", file=sys.stderr)
+                kinds = "fp32"
+            print(f"backbone: {args.name} built in {resolved.location} (and converted for LiteRT: {kinds})")
         else:
             out = build_builtin(args.name, args.out)
             print(f"backbone: {args.name} written to {out}")

@@ -124,6 +124,21 @@ class NumpyHead:
             h = np.maximum(z, 0.0) if i < n_layers - 1 else z
         return h, acts
 
+    def backward(self, acts: list[np.ndarray], grad: np.ndarray, dropout: float, out: list[np.ndarray]) -> None:
+        """The loss's gradient with respect to every weight, into ``out`` (arrays shaped like the
+        weights), from ``logits``' activations (with dropout) and the gradient at the logits."""
+        scale = np.float32(1.0 / (1.0 - dropout)) if dropout > 0 else None
+        for layer in range(len(self.weights) // 2 - 1, -1, -1):
+            a = acts[layer]  # the layer's input, dropout's zeros in, its scale not
+            np.matmul(a.T, grad, out=out[2 * layer])
+            if scale is not None:
+                out[2 * layer] *= scale
+            np.sum(grad, axis=0, out=out[2 * layer + 1])
+            if layer > 0:
+                grad = grad @ self.weights[2 * layer].T
+                # through dropout (its zeros stay zero in a; its scale) and the ReLU
+                grad *= (a > 0) * scale if scale is not None else (a > 0)
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         out = np.empty((len(x), self.weights[-1].shape[0]), np.float32)
         for i in range(0, len(x), 4096):
@@ -237,13 +252,11 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
         at += w.size
     head.weights = views
     m, v, upd = np.zeros_like(flat), np.zeros_like(flat), np.empty_like(flat)
-    scale = np.float32(1.0 / (1.0 - dropout)) if dropout > 0 else np.float32(1.0)
     step = 0
     history: dict[str, list[float]] = {"loss": []}
     if has_val:
         history.update(val_loss=[], val_map=[])
     best, best_weights, since = None, None, 0
-    n_layers = len(head.weights) // 2
     for epoch in range(epochs):
         order = rng.permutation(len(x_tr))
         losses = []
@@ -255,16 +268,7 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
             z, acts = head.logits(xb, dropout, rng)
             value, grad = loss(z, yb)
             losses.append(value * len(xb))
-            for layer in range(n_layers - 1, -1, -1):
-                a = acts[layer]  # the layer's input, dropout's zeros in, its scale not
-                np.matmul(a.T, grad, out=grad_views[2 * layer])
-                if dropout > 0:
-                    grad_views[2 * layer] *= scale
-                np.sum(grad, axis=0, out=grad_views[2 * layer + 1])
-                if layer > 0:
-                    grad = grad @ head.weights[2 * layer].T
-                    # through dropout (its scale; its zeros stay zero in a) and the ReLU
-                    grad *= (a > 0) * scale if dropout > 0 else (a > 0)
+            head.backward(acts, grad, dropout, grad_views)
             step += 1
             lr_t = learning_rate * np.sqrt(1 - b2 ** step) / (1 - b1 ** step)
             m *= b1
