@@ -123,10 +123,30 @@ def test_mixed_precision_path_runs_on_cpu(colour_dataset):
     cfg = sections("train", fine_tune_blocks=1, fine_tune_epochs=2, fine_tune_learning_rate=1e-3,
                    fine_tune_patience=0, mixed_precision="true")["train"]
     net, head_after, hist = fine_tune("builtin:efficientnet_lite0", 32, items[:8], y[:8], items[8:], y[8:], head,
-                                      train=cfg, views=2, progress=False)
+                                      train=cfg, views=2, progress=False, backbone_cache="")
     assert hist["mixed_precision"] is True and hist["tuned_blocks"] == [15]
     assert all(np.isfinite(hist["loss"])) and hist["loss"][-1] < hist["loss"][0]
     assert head_after[0].dtype == np.float32 and np.abs(head_after[0]).sum() > 0  # master weights stay fp32
     with pytest.raises(MltagError, match="fine_tune_blocks must be 1..16"):
         fine_tune("builtin:efficientnet_lite0", 32, items[:8], y[:8], [], y[:0], head,
-                  train=sections("train", fine_tune_blocks=17)["train"], views=1, progress=False)
+                  train=sections("train", fine_tune_blocks=17)["train"], views=1, progress=False, backbone_cache="")
+
+
+def test_the_frozen_bottom_through_litert_gives_tf_s_feature_maps(tmp_path, colour_dataset):
+    """Fine-tuning's frozen blocks, converted once to LiteRT and run in lanes on CPU, give the feature
+    maps TF gives (to 1e-4); the conversion is kept in the backbone cache and reused."""
+    import tensorflow as tf
+
+    from mltag.backbone import LiteNet
+    from mltag.engine import LiteRTEngine, litert_bottom
+    from mltag.formats import read_lst
+    from mltag.images import load_image
+
+    files = [colour_dataset / r.path for r in read_lst(colour_dataset / "all.lst")[:6]]
+    px = np.stack([load_image(f, 64) for f in files])
+    path = litert_bottom("efficientnet_lite0", 12, 64, tmp_path / "bb")
+    assert path.is_file() and litert_bottom("efficientnet_lite0", 12, 64, tmp_path / "bb") == path
+    lite = LiteRTEngine(path, threads=1, parallel=2)(px)
+    ref = LiteNet("efficientnet_lite0").bottom(tf.constant(px, tf.float32) / 255.0, 12).numpy()
+    assert lite.shape == ref.shape and lite.shape[0] == 6
+    np.testing.assert_allclose(lite, ref, atol=1e-4)

@@ -254,6 +254,48 @@ def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike
     return path
 
 
+def litert_bottom(name: str, k: int, image_size: int, backbone_cache: str | os.PathLike | None = "") -> Path:
+    """The frozen bottom of built-in ``name`` (stem and blocks ``[0, k)``, its package weights) as a
+    ``.tflite`` file: uint8 pixels ``[B,S,S,3]`` in, the float32 feature map out. What fine-tuning
+    runs once per view, converted once per backbone, ``k`` and size into the backbone cache.
+
+    Raises:
+        MltagError: the conversion failed (the message says why).
+    """
+    from mltag.backbone import builtin_id, cache_root
+
+    key = hashlib.sha256(f"{builtin_id(name)}|bottom{k}|{image_size}|{CONVERTER_VERSION}".encode()).hexdigest()[:16]
+    path = cache_root(backbone_cache) / "litert" / f"{key}.bottom{k}.tflite"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(lock_file_for(f"{path}.build"), f"the LiteRT conversion {path}"):
+        if not path.is_file():
+            tf = import_tensorflow()
+
+            from mltag.backbone import LiteNet
+
+            net = LiteNet(name)
+
+            @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8, name="images")])
+            def maps(images):
+                return {"maps": net.bottom(tf.cast(images, tf.float32) / 255.0, k)}
+
+            log.info("converting the frozen blocks 0-%d of %s to LiteRT (once) -> %s", k - 1, name, path)
+            try:
+                root = tf.Module()
+                root.weights = net.variables
+                conv = tf.lite.TFLiteConverter.from_concrete_functions([maps.get_concrete_function()], root)
+                with quiet_stderr():
+                    data = conv.convert()
+            except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+                raise MltagError(f"LiteRT cannot convert the frozen blocks ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+    return path
+
+
 def backbone_engine(engine: str, backbone, image_size: int, backbone_cache: str | os.PathLike,
                     threads: int | None = None, *, lanes: bool = False):
     """An engine for a resolved backbone: ``litert`` (converted once, cached) or ``tf``.

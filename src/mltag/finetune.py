@@ -3,7 +3,9 @@
 The bottom of the network (stem and blocks ``[0, n - fine_tune_blocks)``) stays frozen, so
 its output for an image view never changes. Each training image's views (the plain one
 and ``views - 1`` augmented ones: random resized crop, flip, colour jitter, the same
-views the bottleneck step caches) go through the frozen bottom once; the resulting
+views the bottleneck step caches) go through the frozen bottom once (on CPU through LiteRT,
+the bottom converted once per backbone and block count, as the bottleneck step runs the
+backbone); the resulting
 feature maps are kept in memory as float16 and every epoch trains the unfrozen top blocks
 and the head on them. That makes fine-tuning affordable on CPU (the frozen part costs one
 forward pass per view, not one per epoch) and fast on GPU.
@@ -23,6 +25,7 @@ forward pass per view, not one per epoch) and fast on GPU.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -53,15 +56,35 @@ def _pixels(paths: list[Path], shas: list[str], view: int, size: int) -> np.ndar
     return np.stack(list(imap_ordered(lambda item: decode_view(*item, view, size), list(zip(paths, shas)))))
 
 
+def _frozen_bottom(name: str, k: int, image_size: int, backbone_cache, net):
+    """``uint8 pixels [B,S,S,3] -> float32 feature maps``: LiteRT lanes when no GPU is visible (the
+    bottom converted once per backbone and ``k``), else TF; LiteRT that cannot convert falls back to
+    TF with one line saying why."""
+    tf = import_tensorflow()
+
+    from mltag.engine import LiteRTEngine, litert_bottom, resolve_engine
+    from mltag.workers import cpu_threads
+
+    if resolve_engine("auto") == "litert":
+        try:
+            return LiteRTEngine(litert_bottom(name, k, image_size, backbone_cache), threads=1,
+                                parallel=cpu_threads())
+        except (MltagError, ValueError, RuntimeError) as e:
+            log.warning("fine-tune: the frozen blocks run through TF: %s", e)
+    run = tf.function(lambda x: net.bottom(x, k))
+    return lambda px: run(tf.constant(px, tf.float32) / 255.0).numpy()
+
+
 def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]], y_tr: np.ndarray,
               val_items: list[tuple[Path, str]], y_va: np.ndarray, head_weights: list[np.ndarray], *,
-              train: config.Train, views: int, progress: bool):
+              train: config.Train, views: int, progress: bool, backbone_cache: str | os.PathLike | None):
     """Fine-tune the top ``train.fine_tune_blocks`` blocks of built-in ``handle`` and the head.
 
     Args:
         train_items, val_items: ``(image path, content sha256)`` per image; the sha seeds the
             augmented views exactly as the bottleneck step does.
         head_weights: the warm-start head (kernel, bias per Dense layer).
+        backbone_cache: where the frozen bottom's LiteRT conversion is kept (``backbone.cache_dir``).
         train: the train section: ``fine_tune_*``, ``batch_size``, ``dropout``, ``seed``,
             ``mixed_precision`` and ``monitor`` (the best epoch is the lowest ``val_loss`` or the
             highest ``val_map``, as in the head's fit).
@@ -88,8 +111,9 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     tf.random.set_seed(seed)
     rng = np.random.default_rng(seed)
 
-    # 1. The frozen bottom, once per view.
-    bottom = tf.function(lambda x: net.bottom(x, k))
+    # 1. The frozen bottom, once per view: through LiteRT on CPU (one single-threaded interpreter per
+    # core, as the bottleneck step runs the backbone), through TF where TF has a GPU.
+    bottom = _frozen_bottom(name, k, image_size, backbone_cache, net)
     n_views = len(train_items) * views + len(val_items)
     bar = tqdm(total=n_views, desc=f"fine-tune: frozen blocks 0-{k - 1}, {views} view(s)", unit="img", leave=False,
                disable=not progress)
@@ -97,9 +121,10 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     def maps(items, view):
         out = []
         paths, shas = [p for p, _ in items], [s for _, s in items]
-        for i in range(0, len(items), 32):
-            px = _pixels(paths[i: i + 32], shas[i: i + 32], view, image_size)
-            out.append(bottom(tf.constant(px, tf.float32) / 255.0).numpy().astype(np.float16))
+        chunks = [(paths[i: i + 32], shas[i: i + 32]) for i in range(0, len(items), 32)]
+        # the next batch decodes while this one runs through the frozen blocks
+        for px in imap_ordered(lambda c: _pixels(c[0], c[1], view, image_size), chunks, workers=1, ahead=2):
+            out.append(bottom(px).astype(np.float16))
             bar.update(len(px))
         return np.concatenate(out) if out else None
 

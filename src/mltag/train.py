@@ -92,7 +92,8 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         check_converged(head, history, train.learning_rate)
         net, ft = None, None
         if train.mode == "fine_tune":
-            net, head.weights, ft = _fine_tune(meta, images, p_tr, y_tr, p_va, y_va, head.weights, train, progress)
+            net, head.weights, ft = _fine_tune(meta, images, p_tr, y_tr, p_va, y_va, head.weights, train, progress,
+                                               backbone.cache_dir)
         _log_history(run.info.run_id, history, ft)
         values = history[mon]
         best = int(np.argmin(values) if mon.endswith("loss") else np.argmax(values))
@@ -170,7 +171,8 @@ def _log_history(run_id: str, history: dict, ft: dict | None) -> None:
         mlflow.MlflowClient().log_batch(run_id, metrics=per_epoch[i: i + 1000])
 
 
-def _fine_tune(meta: dict, images, p_tr, y_tr, p_va, y_va, head_weights, train: config.Train, progress: bool):
+def _fine_tune(meta: dict, images, p_tr, y_tr, p_va, y_va, head_weights, train: config.Train, progress: bool,
+               backbone_cache):
     """Run ``finetune.fine_tune`` on the train and val images (paths as listed in the bottleneck folder)."""
     from mltag.finetune import fine_tune
     from mltag.lanes import hash_files
@@ -183,4 +185,5 @@ def _fine_tune(meta: dict, images, p_tr, y_tr, p_va, y_va, head_weights, train: 
                 raise MltagError("image not found (train.mode fine_tune reads the images)", f)
         items[split] = list(zip(files, hash_files(files)))
     return fine_tune(meta["backbone_handle"], int(meta["image_size"]), items["train"], y_tr, items["val"], y_va,
-                     head_weights, train=train, views=int(meta.get("views", 1)), progress=progress)
+                     head_weights, train=train, views=int(meta.get("views", 1)), progress=progress,
+                     backbone_cache=backbone_cache)
