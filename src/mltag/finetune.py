@@ -12,8 +12,10 @@ forward pass per view, not one per epoch) and fast on GPU.
 
 * Warm start: the head starts from the head fitted on the cached vectors, so the first
   gradient steps do not wreck the pretrained top blocks with a random head's errors.
-* Two learning rates: ``fine_tune_learning_rate`` for the backbone blocks and ten times
-  that for the head.
+* Learning rates: ``fine_tune_learning_rate`` for the top block (and the head convolution),
+  ``fine_tune_lr_decay`` times less for each block below it (layer-wise decay; 1 by
+  default: one rate), and ten times the top's for the head; ``fine_tune_schedule: cosine``
+  warms them up over the first epoch and decays them to 0 at ``fine_tune_epochs``.
 * Batch norm keeps its moving statistics (inference mode) in every block: batch
   statistics from small batches would be noise. Its scale and offset train in the
   unfrozen blocks.
@@ -54,6 +56,23 @@ def _pixels(paths: list[Path], shas: list[str], view: int, size: int) -> np.ndar
     from mltag.lanes import decode_view
 
     return np.stack(list(imap_ordered(lambda item: decode_view(*item, view, size), list(zip(paths, shas)))))
+
+
+def lr_schedule(kind: str, epochs: int, steps_per_epoch: int):
+    """The learning-rate factor of each step (from 0), or None for a constant rate. ``cosine``: a
+    linear warm-up over the first epoch (when there are several), then a cosine decay to 0 at
+    the last step of ``epochs``."""
+    if kind == "constant":
+        return None
+    total = max(1, epochs * steps_per_epoch)
+    warm = steps_per_epoch if epochs > 1 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + np.cos(np.pi * min(1.0, (step - warm) / max(1, total - warm - 1))))
+
+    return factor
 
 
 def _frozen_bottom(name: str, k: int, image_size: int, backbone_cache, net):
@@ -141,11 +160,19 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     kernels = [tf.Variable(w, name=f"head_kernel_{i}") for i, w in enumerate(head_weights[0::2])]
     biases = [tf.Variable(b, name=f"head_bias_{i}") for i, b in enumerate(head_weights[1::2])]
     head_vars = [v for pair in zip(kernels, biases) for v in pair]
-    tuned = net.variables_from(k)
-    opt_b = tf.keras.optimizers.Adam(learning_rate)
-    opt_h = tf.keras.optimizers.Adam(learning_rate * HEAD_LR_FACTOR)
-    opt_b.build(tuned)  # optimizer slots exist before the graph is traced
-    opt_h.build(head_vars)
+    # One Adam per tuned block (top first), each at fine_tune_learning_rate x lr_decay^depth; the
+    # head at ten times the top's. The schedule scales every rate, step by step.
+    groups = net.block_groups(k)
+    tuned = [v for g in groups for v in g]
+    base_rates = [learning_rate * train.fine_tune_lr_decay ** d for d in range(len(groups))] + \
+        [learning_rate * HEAD_LR_FACTOR]
+    rates = [tf.Variable(r, trainable=False, dtype=tf.float32) for r in base_rates]
+    opts = [tf.keras.optimizers.Adam(r) for r in rates]
+    for o, g in zip(opts, groups + [head_vars]):
+        o.build(g)  # optimizer slots exist before the graph is traced
+    bounds = np.cumsum([0] + [len(g) for g in groups + [head_vars]])
+    steps_per_epoch = -(-len(x_tr) // batch_size)
+    schedule = lr_schedule(train.fine_tune_schedule, epochs, steps_per_epoch)
     scale = tf.Variable(2.0 ** 12 if half else 1.0, trainable=False, dtype=tf.float32)
 
     def logits(x, training):
@@ -163,16 +190,20 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, logits(x, True)))
             scaled = loss * scale
-        grads = [tf.cast(g, tf.float32) / scale for g in tape.gradient(scaled, tuned + head_vars)]
+        all_vars = tuned + head_vars
+        grads = [tf.cast(g, tf.float32) / scale for g in tape.gradient(scaled, all_vars)]
+
+        def apply_all():
+            for o, a, b in zip(opts, bounds[:-1], bounds[1:]):
+                o.apply_gradients(zip(grads[a:b], all_vars[a:b]))
+
         if not half:
-            opt_b.apply_gradients(zip(grads[: len(tuned)], tuned))
-            opt_h.apply_gradients(zip(grads[len(tuned):], head_vars))
+            apply_all()
             return loss
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
 
         def apply():
-            opt_b.apply_gradients(zip(grads[: len(tuned)], tuned))
-            opt_h.apply_gradients(zip(grads[len(tuned):], head_vars))
+            apply_all()
             return tf.constant(True)
 
         def back_off():  # dynamic loss scaling: skip the step and halve the scale on overflow
@@ -198,8 +229,12 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
         bar.set_postfix(epoch=f"{epoch + 1}/{epochs}")
         order = rng.permutation(len(x_tr))
         losses = []
-        for i in range(0, len(order), batch_size):
+        for n, i in enumerate(range(0, len(order), batch_size)):
             idx = order[i: i + batch_size]
+            if schedule is not None:
+                factor = schedule(epoch * steps_per_epoch + n)
+                for r, base in zip(rates, base_rates):
+                    r.assign(base * factor)
             losses.append(float(step(tf.constant(x_tr[idx]), tf.constant(y_fit[idx]))) * len(idx))
             bar.update(len(idx))
         history["loss"].append(float(np.sum(losses) / len(x_tr)))
