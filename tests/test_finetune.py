@@ -127,6 +127,12 @@ def test_mixed_precision_path_runs_on_cpu(colour_dataset):
     assert hist["mixed_precision"] is True and hist["tuned_blocks"] == [15]
     assert all(np.isfinite(hist["loss"])) and hist["loss"][-1] < hist["loss"][0]
     assert head_after[0].dtype == np.float32 and np.abs(head_after[0]).sum() > 0  # master weights stay fp32
+    # layer-wise decay and the cosine schedule run the same path (one Adam per block, rates set per step)
+    cfg = sections("train", fine_tune_blocks=2, fine_tune_epochs=2, fine_tune_learning_rate=1e-3,
+                   fine_tune_patience=0, fine_tune_lr_decay=0.5, fine_tune_schedule="cosine")["train"]
+    _, _, hist = fine_tune("builtin:efficientnet_lite0", 32, items[:8], y[:8], items[8:], y[8:], head,
+                           train=cfg, views=1, progress=False, backbone_cache="")
+    assert hist["tuned_blocks"] == [14, 15] and len(hist["loss"]) == 2 and all(np.isfinite(hist["loss"]))
     with pytest.raises(MltagError, match="fine_tune_blocks must be 1..16"):
         fine_tune("builtin:efficientnet_lite0", 32, items[:8], y[:8], [], y[:0], head,
                   train=sections("train", fine_tune_blocks=17)["train"], views=1, progress=False, backbone_cache="")

@@ -166,8 +166,7 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     tuned = [v for g in groups for v in g]
     base_rates = [learning_rate * train.fine_tune_lr_decay ** d for d in range(len(groups))] + \
         [learning_rate * HEAD_LR_FACTOR]
-    rates = [tf.Variable(r, trainable=False, dtype=tf.float32) for r in base_rates]
-    opts = [tf.keras.optimizers.Adam(r) for r in rates]
+    opts = [tf.keras.optimizers.Adam(r) for r in base_rates]
     for o, g in zip(opts, groups + [head_vars]):
         o.build(g)  # optimizer slots exist before the graph is traced
     bounds = np.cumsum([0] + [len(g) for g in groups + [head_vars]])
@@ -233,8 +232,8 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
             idx = order[i: i + batch_size]
             if schedule is not None:
                 factor = schedule(epoch * steps_per_epoch + n)
-                for r, base in zip(rates, base_rates):
-                    r.assign(base * factor)
+                for o, base in zip(opts, base_rates):
+                    o.learning_rate = base * factor  # the optimizer's variable: the traced step reads it
             losses.append(float(step(tf.constant(x_tr[idx]), tf.constant(y_fit[idx]))) * len(idx))
             bar.update(len(idx))
         history["loss"].append(float(np.sum(losses) / len(x_tr)))

@@ -1,8 +1,8 @@
-"""The head: its numpy trainer (fit), scoring and the Keras model it is saved as.
+"""The head: its numpy trainer (fit) and scoring (and the Keras model of folders from before head.npz).
 
 One model, one implementation: ``NumpyHead`` trains it (mini-batch Adam, Keras' defaults,
-dropout, early stopping), and its weights are what ``head.npz``, ``head.keras`` and the
-end-to-end model hold. Steps that only score cached vectors (evaluate, calibrate's refits,
+dropout, early stopping), and its weights are what ``head.npz`` and the end-to-end
+``model.tflite`` hold. Steps that only score cached vectors (evaluate, calibrate's refits,
 suggest) run it in numpy and never import TensorFlow.
 """
 
@@ -318,7 +318,8 @@ def check_converged(head: NumpyHead, history: dict, learning_rate: float) -> Non
 
 
 def to_keras(head: NumpyHead | list[np.ndarray], dropout: float):
-    """The trained head (or its weights) as the Keras model saved in the model folder (``head.keras``)."""
+    """The trained head (or its weights) as a Keras model: what model folders from before ``head.npz`` saved
+    (``head.keras``), and the reference a test holds the numpy head to."""
     weights = head.weights if isinstance(head, NumpyHead) else head
     hidden = weights[0].shape[1] if len(weights) == 4 else 0
     model = build_head(weights[0].shape[0], weights[-1].shape[0], hidden, dropout)
@@ -336,8 +337,8 @@ def predict_head(model, features: np.ndarray) -> np.ndarray:
 
 def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarray:
     """Score cached bottleneck vectors with the model folder's head: ``head.npz`` in numpy (no
-    TensorFlow import), the very weights ``head.keras`` and the end-to-end model hold
-    (tests/test_steps.py checks the two agree to 1e-5). A folder from before ``head.npz``
+    TensorFlow import), the very weights the end-to-end ``model.tflite`` holds
+    (tests/test_steps.py checks the two agree to 1e-6). A folder from before ``head.npz``
     is scored through Keras."""
     from mltag.formats import read_head
 
