@@ -142,14 +142,15 @@ class Train(Section):
     fine_tune_blocks: int = opt(2, "fine_tune: top blocks trained (the rest stays frozen); built-in backbones only",
                                 ge=1)
     fine_tune_epochs: int = opt(10, "fine_tune: maximum epochs", ge=1)
-    fine_tune_learning_rate: float = opt(2e-5, "fine_tune: backbone learning rate; the head gets 10x this", gt=0)
+    fine_tune_learning_rate: float = opt(1e-4, "fine_tune: backbone learning rate (its peak, with the cosine "
+                                         "schedule); the head gets 10x this", gt=0)
     fine_tune_patience: int = opt(3, "fine_tune: epochs without a better train.monitor value before stopping; 0: "
                                   "every epoch runs", ge=0)
     fine_tune_lr_decay: float = opt(1.0, "fine_tune: each tuned block learns at this times the rate of the block "
                                     "above it (layer-wise decay; 1: one rate for all)", gt=0, le=1)
     fine_tune_schedule: Literal["constant", "cosine"] = opt(
-        "constant", "fine_tune: learning-rate schedule: constant, or cosine (warm-up over the first epoch, then "
-        "cosine decay to 0 at fine_tune_epochs)")
+        "cosine", "fine_tune: learning-rate schedule: cosine (warm-up over the first epoch, then cosine decay to 0 "
+        "at fine_tune_epochs) or constant")
     mixed_precision: Literal["auto", "true", "false"] = opt("auto", "auto (float16 on a GPU), true or false")
 
 
