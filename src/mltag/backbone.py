@@ -252,8 +252,7 @@ class LiteNet:
 
     def variables_from(self, k: int) -> list:
         """The trainable variables of blocks ``[k, n)`` and the head convolution."""
-        prefixes = tuple(f"{b['prefix']}." for b in self.blocks[k:]) + ("_conv_head.", "_bn1.")
-        return [v for key, (v, _) in self.keys.items() if key.startswith(prefixes) and v.trainable]
+        return [v for group in self.block_groups(k) for v in group]
 
     def block_groups(self, k: int) -> list[list]:
         """``variables_from(k)`` by block, top first: the last block with the head convolution, then

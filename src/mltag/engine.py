@@ -206,21 +206,31 @@ def convert_backbone(location: str, image_size: int, out: str | os.PathLike, dyn
     def features(images):
         return {"features": module(tf.cast(images, tf.float32) / 255.0)}
 
+    data = _convert(features, module, "this module", dynamic_range, representative)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    return out
+
+
+def _convert(fn, trackable, what: str, dynamic_range: bool = False,
+             representative: list[np.ndarray] | None = None) -> bytes:
+    """A ``tf.function`` with an input signature (and the object that holds its variables) as LiteRT
+    flatbuffer bytes, quantized as ``convert_backbone`` says. Any converter failure is one
+    ``MltagError`` saying why (``what`` names the model), its MLIR diagnostics kept off stderr."""
+    tf = import_tensorflow()
+
     try:
-        conv = tf.lite.TFLiteConverter.from_concrete_functions([features.get_concrete_function()], module)
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], trackable)
         if dynamic_range or representative is not None:
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
         if representative is not None:
             conv.representative_dataset = lambda: ([np.asarray(px, np.uint8)[None]] for px in representative)
         with quiet_stderr():  # the converter dumps MLIR diagnostics; the exception says what matters
-            data = conv.convert()
+            return conv.convert()
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds; all mean "cannot convert"
-        raise MltagError(f"LiteRT cannot convert this module ({type(e).__name__}: "
+        raise MltagError(f"LiteRT cannot convert {what} ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(data)
-    return out
 
 
 def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike, kind: str = "fp32") -> Path:
@@ -282,15 +292,9 @@ def litert_bottom(name: str, k: int, image_size: int, backbone_cache: str | os.P
                 return {"maps": net.bottom(tf.cast(images, tf.float32) / 255.0, k)}
 
             log.info("converting the frozen blocks 0-%d of %s to LiteRT (once) -> %s", k - 1, name, path)
-            try:
-                root = tf.Module()
-                root.weights = net.variables
-                conv = tf.lite.TFLiteConverter.from_concrete_functions([maps.get_concrete_function()], root)
-                with quiet_stderr():
-                    data = conv.convert()
-            except Exception as e:  # noqa: BLE001 - the converter raises many kinds
-                raise MltagError(f"LiteRT cannot convert the frozen blocks ({type(e).__name__}: "
-                                 f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+            root = tf.Module()
+            root.weights = net.variables
+            data = _convert(maps, root, "the frozen blocks")
             with atomic_path(path) as tmp:
                 tmp.write_bytes(data)
     return path

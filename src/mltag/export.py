@@ -30,7 +30,7 @@ BACKBONE_DIR = "backbone"
 
 
 def write_model_folder(folder: Path, head_weights: list[np.ndarray], backbone, tuned_net, meta: dict,
-                       backbone_cache: str | os.PathLike | None = "") -> None:
+                       backbone_cache: str | os.PathLike | None) -> None:
     """Write ``head.npz``, ``backbone/``, ``model.tflite`` and ``model.json`` into ``folder``.
 
     ``backbone`` is the resolved backbone the bottlenecks were computed with; ``tuned_net`` a
@@ -59,7 +59,7 @@ def write_model_folder(folder: Path, head_weights: list[np.ndarray], backbone, t
             scratch.unlink()
     except MltagError as e:
         log.warning("train: no model.tflite (%s); inference will use TF", e)
-    write_model_meta(folder, {**meta, "layout": "backbone+head"})
+    write_model_meta(folder, meta)
 
 
 def compose_tflite(backbone_tflite: str | os.PathLike, head_weights: list[np.ndarray],

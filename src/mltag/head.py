@@ -106,9 +106,9 @@ class NumpyHead:
         return head
 
     def logits(self, x: np.ndarray, dropout: float = 0.0, rng: np.random.Generator | None = None):
-        """Output logits and what backprop needs: each layer's input with dropout's zeros but not its
-        1/(1-p) scale (applied to the layer's product instead: the same value, 1/300 of the
-        multiplications), and that scale."""
+        """Output logits and what backprop (``backward``) needs: each layer's input with dropout's
+        zeros but not its 1/(1-p) scale (applied to the layer's product instead: the same value,
+        1/300 of the multiplications)."""
         acts = []
         h = x
         n_layers = len(self.weights) // 2
@@ -340,14 +340,23 @@ def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarra
     TensorFlow import), the very weights the end-to-end ``model.tflite`` holds
     (tests/test_steps.py checks the two agree to 1e-6). A folder from before ``head.npz``
     is scored through Keras."""
-    from mltag.formats import read_head
-
     labels = read_model_meta(model_dir)["labels"]
-    weights = read_head(model_dir)
-    if weights is None:
+    head = load_head(model_dir, labels)
+    if head is None:
         return _keras_head_scores(model_dir, labels, features)
-    check_output_width(labels, weights[-1].shape[0], Path(model_dir) / "head.npz")
-    return NumpyHead.from_weights(weights).predict(features)
+    return head.predict(features)
+
+
+def load_head(folder: str | os.PathLike, labels: list[str]) -> NumpyHead | None:
+    """A folder's ``head.npz`` as a ``NumpyHead``, its output width checked against ``labels``; None
+    for a folder from before ``head.npz``."""
+    from mltag.formats import HEAD_FILE, read_head
+
+    weights = read_head(folder)
+    if weights is None:
+        return None
+    check_output_width(labels, weights[-1].shape[0], Path(folder) / HEAD_FILE)
+    return NumpyHead.from_weights(weights)
 
 
 def _keras_head_scores(model_dir, labels: list[str], features: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 
 from mltag import config
 from mltag.errors import MltagError
+from mltag.export import BACKBONE_DIR
 from mltag.formats import check_output_width, read_model_meta, read_thresholds
 from mltag.images import load_image
 from mltag.tf_runtime import import_tensorflow
@@ -27,14 +28,12 @@ from mltag.workers import cpu_threads, imap_ordered
 def _two_stage(model_dir: Path, labels: list[str]):
     """``uint8 [B,S,S,3] -> scores``: the folder's ``backbone/`` through TF, then ``head.npz`` in numpy."""
     from mltag.engine import TFEngine
-    from mltag.formats import read_head
-    from mltag.head import NumpyHead
+    from mltag.head import load_head
 
-    weights = read_head(model_dir)
-    if weights is None:
+    head = load_head(model_dir, labels)
+    if head is None:
         raise MltagError("model folder has backbone/ but no head.npz; retrain it", model_dir)
-    check_output_width(labels, weights[-1].shape[0], model_dir / "head.npz")
-    backbone, head = TFEngine(str(model_dir / "backbone")), NumpyHead.from_weights(weights)
+    backbone = TFEngine(str(model_dir / BACKBONE_DIR))
     return lambda px: head.predict(backbone(px))
 
 
@@ -72,7 +71,7 @@ class InferenceModel:
             check_output_width(self.labels, lite.output_width, tflite)
             self.engine = "litert"
             self._run = lite
-        elif (model_dir / "backbone").is_dir():  # backbone SavedModel through TF, the head in numpy
+        elif (model_dir / BACKBONE_DIR).is_dir():  # backbone SavedModel through TF, the head in numpy
             self.engine = "tf"
             self._run = _two_stage(model_dir, self.labels)
         else:  # a folder from before backbone/: one end-to-end SavedModel

@@ -90,8 +90,8 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
 
     from mltag.engine import LiteRTEngine
     from mltag.export import compose_tflite
-    from mltag.formats import read_head, read_thresholds, write_integrity
-    from mltag.head import NumpyHead
+    from mltag.formats import read_thresholds, write_integrity
+    from mltag.head import load_head
     from mltag.images import load_image
     from mltag.model import InferenceModel
     from mltag.workers import cpu_threads
@@ -125,7 +125,7 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
         out["int8_calibration_images"] = len(rep)
     pixels = None
     chosen = None
-    head = NumpyHead.from_weights(read_head(bundle))
+    head = load_head(bundle, labels)
     with tempfile.TemporaryDirectory(dir=bundle.parent) as scratch:
         for kind in kinds:
             f = Path(scratch) / f"{kind}.tflite"
@@ -191,20 +191,30 @@ def _quantized_backbone(bundle: Path, kind: str, representative: list[np.ndarray
     """The quantized backbone's ``.tflite`` and whether it is the once-per-backbone cached one: dynamic
     range of a backbone used as it is (head mode) is converted once and kept in the backbone cache;
     full int8 (calibrated on this data) and a fine-tuned backbone are converted here, each time."""
-    from mltag.backbone import Backbone
     from mltag.engine import convert_backbone, litert_backbone
     from mltag.tf_runtime import quiet_stderr
 
     meta = read_model_meta(bundle, verify=False)
     size = int(meta["image_size"])
     if kind == "dynamic_range" and meta.get("mode", "head") == "head":
-        return litert_backbone(Backbone(meta["backbone_handle"], str(bundle / BACKBONE_DIR), meta["backbone_id"]),
-                               size, "", kind="dynamic_range"), True
+        return litert_backbone(_folder_backbone(bundle, meta), size, "", kind="dynamic_range"), True
     lite = scratch / f"{kind}.backbone.tflite"
     with quiet_stderr():
         convert_backbone(str(bundle / BACKBONE_DIR), size, lite, dynamic_range=kind == "dynamic_range",
                          representative=representative if kind == "int8" else None)
     return lite, False
+
+
+def _folder_backbone(folder: Path, meta: dict):
+    """A model folder's ``backbone/``, named as the backbone it is a copy of (what keys its conversions)."""
+    from mltag.backbone import Backbone
+
+    return Backbone(meta["backbone_handle"], str(folder / BACKBONE_DIR), meta["backbone_id"])
+
+
+def _memo_file(backbone_file: Path) -> Path:
+    """Where ``memo_features`` keeps a cached backbone file's features."""
+    return backbone_file.with_name(backbone_file.name + ".features.npz")
 
 
 MEMO_CHUNK = 256  # images decoded and run at once
@@ -221,7 +231,7 @@ def memo_features(backbone_file: Path, images: list[Path], hashes: list[str], im
     from mltag.images import load_image
     from mltag.workers import cpu_threads, imap_ordered
 
-    memo = backbone_file.with_name(backbone_file.name + ".features.npz")
+    memo = _memo_file(backbone_file)
 
     def read() -> dict[str, np.ndarray]:
         try:
@@ -319,15 +329,21 @@ def gate(challenger_ap: np.ndarray, champion_ap: np.ndarray, labels: list[str], 
     return True, f"test mAP {ch:.4f} beats the champion's {cp:.4f} by more than margin {margin}"
 
 
-def _cached_test_vectors(bottlenecks, model_dir: Path, test_paths: list[str]) -> np.ndarray | None:
+def _scores_from_vectors(meta: dict, backbone_id, image_size) -> bool:
+    """Whether a model (its model.json) scores vectors of this backbone and size with its head alone:
+    a head-mode model on that very backbone and size."""
+    return meta.get("mode", "head") == "head" and meta.get("backbone_id") == backbone_id \
+        and int(meta.get("image_size", 0)) == int(image_size)
+
+
+def _cached_test_vectors(bottlenecks, meta: dict, test_paths: list[str]) -> np.ndarray | None:
     """The test split's cached vectors, when they are what the model's own backbone gives (head mode,
-    the same backbone and size) and list the same images as the prepared test split; else None."""
+    the same backbone and size; ``meta``: its model.json) and list the same images as the prepared
+    test split; else None."""
     from mltag.formats import load_split, read_bottleneck_meta
 
-    meta = read_model_meta(model_dir, verify=False)
     bmeta = read_bottleneck_meta(bottlenecks)
-    if meta.get("mode", "head") != "head" or bmeta["backbone_id"] != meta.get("backbone_id") \
-            or int(bmeta["image_size"]) != int(meta["image_size"]):
+    if not _scores_from_vectors(meta, bmeta["backbone_id"], bmeta["image_size"]):
         return None
     x, _, paths = load_split(bottlenecks, "test")
     if [str(p) for p in paths] != [str(p) for p in test_paths]:
@@ -343,8 +359,8 @@ def _champion_head_scores(client, model_name: str, version, meta: dict, labels: 
     ``model.json`` and ``head.npz`` are downloaded."""
     import mlflow
 
-    from mltag.formats import check_output_width, read_handoff, read_head
-    from mltag.head import NumpyHead
+    from mltag.formats import read_handoff
+    from mltag.head import load_head
 
     try:
         source = client.get_model_version_download_uri(model_name, str(version))
@@ -357,14 +373,10 @@ def _champion_head_scores(client, model_name: str, version, meta: dict, labels: 
         log.debug("register: champion head not downloadable (%s); scoring its images", e)
         return None
     champ = read_handoff(folder / "model.json", "the champion's model.json", "train")
-    if champ.get("mode", "head") != "head" or champ.get("backbone_id") != meta.get("backbone_id") \
-            or int(champ.get("image_size", 0)) != int(meta["image_size"]) or champ.get("labels") != labels:
+    if not _scores_from_vectors(champ, meta.get("backbone_id"), meta["image_size"]) or champ.get("labels") != labels:
         return None
-    weights = read_head(folder)
-    if weights is None:
-        return None
-    check_output_width(labels, weights[-1].shape[0], folder / "head.npz")
-    return NumpyHead.from_weights(weights).predict(cached)
+    head = load_head(folder, labels)
+    return None if head is None else head.predict(cached)
 
 
 _WARM_CODE = ("import json, sys; from pathlib import Path; from mltag.register import warm_quantized_backbone;"
@@ -382,7 +394,7 @@ def _reaped(proc):
             proc.wait()
 
 
-def _warm_quantized_backbone(model_dir: Path, register: config.Register, test_images: list[Path],
+def _warm_quantized_backbone(model_dir: Path, meta: dict, register: config.Register, test_images: list[Path],
                              test_hashes: list[str] | None):
     """Start converting the dynamic-range backbone (and its features of the test images) in a process of
     its own, when the backbone cache lacks them: TF's import and the converter run on one core, beside
@@ -390,16 +402,13 @@ def _warm_quantized_backbone(model_dir: Path, register: config.Register, test_im
     import subprocess
     import sys
 
-    from mltag.backbone import Backbone
     from mltag.engine import tflite_path
 
     if not register.tflite or register.int8 == "none" or "tensorflow" in sys.modules:
         return None  # nothing to convert, or TF is loaded here already: convert in this process
-    meta = read_model_meta(model_dir, verify=False)
     if meta.get("mode", "head") != "head" or not (model_dir / BACKBONE_DIR).is_dir():
         return None
-    path = tflite_path(Backbone(meta["backbone_handle"], "", meta["backbone_id"]), int(meta["image_size"]), "",
-                       "dynamic_range")
+    path = tflite_path(_folder_backbone(model_dir, meta), int(meta["image_size"]), "", "dynamic_range")
     if path.with_suffix(".failed").is_file() or (path.is_file() and (
             test_hashes is None or _memo_has(path, test_hashes))):
         return None
@@ -411,20 +420,17 @@ def _warm_quantized_backbone(model_dir: Path, register: config.Register, test_im
 def warm_quantized_backbone(model_dir: Path, images: list[str], hashes: list[str] | None) -> None:
     """The background half of ``_warm_quantized_backbone``: the cached dynamic-range backbone, then its
     features of ``images``. A failure here is left for register itself to meet and report."""
-    from mltag.backbone import Backbone
     from mltag.engine import litert_backbone
 
     meta = read_model_meta(model_dir, verify=False)
-    path = litert_backbone(Backbone(meta["backbone_handle"], str(model_dir / BACKBONE_DIR), meta["backbone_id"]),
-                           int(meta["image_size"]), "", kind="dynamic_range")
+    path = litert_backbone(_folder_backbone(model_dir, meta), int(meta["image_size"]), "", kind="dynamic_range")
     if hashes is not None:
         memo_features(path, [Path(p) for p in images], hashes, int(meta["image_size"]))
 
 
 def _memo_has(backbone_file: Path, hashes: list[str]) -> bool:
-    memo = backbone_file.with_name(backbone_file.name + ".features.npz")
     try:
-        with np.load(memo) as z:
+        with np.load(_memo_file(backbone_file)) as z:
             return set(hashes) <= set(z["sha"].tolist())
     except Exception:  # noqa: BLE001 - missing or damaged: not there
         return False
@@ -481,7 +487,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     tflite, experiment = register.tflite, tracking.experiment
     model_dir, thresholds, out = Path(model_dir), Path(thresholds), Path(out)
     digest = verify_integrity(model_dir)  # a hand-edited model folder never reaches the registry
-    model_labels = read_model_meta(model_dir, verify=False)["labels"]
+    meta = read_model_meta(model_dir, verify=False)
+    model_labels = meta["labels"]
     read_thresholds(thresholds, model_labels)
     labels, test = load_prepared(prepared, "test")
     root = Path(images) if images else image_root_of(prepared)
@@ -490,7 +497,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     known = load_hashes(prepared) or {}  # the images' content, as prepare hashed it
     test_hashes = [known.get(ex.path) for ex in test]
     test_hashes = test_hashes if all(test_hashes) else None
-    warm = _warm_quantized_backbone(model_dir, register, test_images, test_hashes)
+    warm = _warm_quantized_backbone(model_dir, meta, register, test_images, test_hashes)
     with _reaped(warm):
         import mlflow
         import pandas as pd
@@ -521,7 +528,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             py.model = local
             signature = infer_signature(example, py.predict(None, example), params={"tta": "none"}) \
                 if example is not None else None
-            cached = _cached_test_vectors(bottlenecks, model_dir, [ex.path for ex in test]) if bottlenecks else None
+            cached = _cached_test_vectors(bottlenecks, meta, [ex.path for ex in test]) if bottlenecks else None
             if cached is not None:  # the scores evaluate measured: the head on the test images' cached vectors
                 from mltag.head import head_scores
 
@@ -556,7 +563,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             elif existing is not None and str(champ.version) == str(existing.version):
                 promote, reason = True, "already the champion (same model content)"
             else:
-                champ_scores = _champion_head_scores(client, model_name, champ.version, local.meta, labels, cached,
+                champ_scores = _champion_head_scores(client, model_name, champ.version, meta, labels, cached,
                                                      tmp) if cached is not None else None
                 result["champion_scored_from"] = "cached vectors" if champ_scores is not None else "images"
                 if champ_scores is None:
