@@ -8,6 +8,7 @@ suggest) run it in numpy and never import TensorFlow.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -155,6 +156,58 @@ def dropout_mask(rng: np.random.Generator, shape: tuple, rate: float) -> np.ndar
     return (raw >= np.uint16(min(round(rate * 65536), 65535))).reshape(shape)
 
 
+def one_blas_thread(fit):
+    """Run ``fit`` with numpy's BLAS on one thread. The head's matrices are small: a second thread
+    only spins between the products (measured: twice the CPU for the same wall time), and the
+    core it holds is better left to whatever runs beside the fit."""
+
+    @functools.wraps(fit)
+    def wrapper(*args, **kwargs):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, user_api="blas"):
+            return fit(*args, **kwargs)
+
+    return wrapper
+
+
+class FlatAdam:
+    """Adam (``keras.optimizers.Adam``'s defaults) on one flat vector: ``weights`` and ``grads`` are
+    views into it shaped like the arrays given, so a step is one set of array operations, not one
+    per weight array."""
+
+    B1, B2, EPS = 0.9, 0.999, 1e-7
+
+    def __init__(self, weights: list[np.ndarray], learning_rate: float):
+        self.flat = np.concatenate([w.ravel() for w in weights]).astype(np.float32)
+        self.grad = np.zeros_like(self.flat)
+        self.weights, self.grads, at = [], [], 0
+        for w in weights:
+            self.weights.append(self.flat[at: at + w.size].reshape(w.shape))
+            self.grads.append(self.grad[at: at + w.size].reshape(w.shape))
+            at += w.size
+        self.m, self.v, self.upd = np.zeros_like(self.flat), np.zeros_like(self.flat), np.empty_like(self.flat)
+        self.learning_rate, self.t = learning_rate, 0
+
+    def step(self) -> None:
+        """Apply ``grads`` (filled in by the caller) to ``weights``."""
+        b1, b2, upd = self.B1, self.B2, self.upd
+        self.t += 1
+        lr_t = self.learning_rate * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+        self.m -= self.grad  # m = b1*m + (1-b1)*g, in place: b1*(m-g) + g
+        self.m *= b1
+        self.m += self.grad
+        np.square(self.grad, out=upd)  # v = b2*v + (1-b2)*g^2, likewise
+        self.v -= upd
+        self.v *= b2
+        self.v += upd
+        np.sqrt(self.v, out=upd)
+        upd += self.EPS
+        np.divide(self.m, upd, out=upd)
+        upd *= np.float32(lr_t)
+        self.flat -= upd
+
+
 @dataclass(frozen=True)
 class HeadLoss:
     """The head's training loss: ``bce`` (binary cross-entropy) or ``asl`` (asymmetric loss,
@@ -215,6 +268,7 @@ def validation_metrics(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return _bce(z, np.asarray(y, np.float32)), float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
 
 
+@one_blas_thread
 def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: np.ndarray | None, *,
              learning_rate: float, epochs: int, batch_size: int, hidden_units: int, dropout: float,
              patience: int, monitor: str, seed: int, loss: HeadLoss, progress: bool = False):
@@ -240,19 +294,8 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
     mon = monitor if has_val else monitor.removeprefix("val_")
     if mon == "map":
         mon = "loss"  # no train mAP is tracked: without validation data, watch the train loss
-    b1, b2, eps = 0.9, 0.999, 1e-7  # keras.optimizers.Adam defaults
-    # Adam on one flat vector: the weights (and their gradients) are views into it, so a step is
-    # one set of array operations, not one per weight array.
-    flat = np.concatenate([w.ravel() for w in head.weights]).astype(np.float32)
-    grad_flat = np.zeros_like(flat)
-    views, grad_views, at = [], [], 0
-    for w in head.weights:
-        views.append(flat[at: at + w.size].reshape(w.shape))
-        grad_views.append(grad_flat[at: at + w.size].reshape(w.shape))
-        at += w.size
-    head.weights = views
-    m, v, upd = np.zeros_like(flat), np.zeros_like(flat), np.empty_like(flat)
-    step = 0
+    adam = FlatAdam(head.weights, learning_rate)
+    head.weights, grad_views = adam.weights, adam.grads
     history: dict[str, list[float]] = {"loss": []}
     if has_val:
         history.update(val_loss=[], val_map=[])
@@ -269,19 +312,7 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
             value, grad = loss(z, yb)
             losses.append(value * len(xb))
             head.backward(acts, grad, dropout, grad_views)
-            step += 1
-            lr_t = learning_rate * np.sqrt(1 - b2 ** step) / (1 - b1 ** step)
-            m *= b1
-            m += (1 - b1) * grad_flat
-            v *= b2
-            np.multiply(grad_flat, grad_flat, out=upd)
-            upd *= 1 - b2
-            v += upd
-            np.sqrt(v, out=upd)
-            upd += eps
-            np.divide(m, upd, out=upd)
-            upd *= np.float32(lr_t)
-            flat -= upd
+            adam.step()
         history["loss"].append(float(np.sum(losses) / len(x_tr)))
         if not np.isfinite(history["loss"][-1]):
             break  # diverged: the caller refuses the model (check_converged), no validation on NaN scores
@@ -303,6 +334,120 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
             break
     head.weights = best_weights if patience > 0 and best_weights is not None else [w.copy() for w in head.weights]
     return head, history, mon
+
+
+class FoldHeads:
+    """k heads of one shape side by side, for cross-fitting's refits: the first layer is one matrix
+    ``dim x k*units`` (then, with hidden units, one ``hidden x labels`` matrix per head), so one
+    step of all k costs about what one head's step costs. Logits are ``(rows, k, labels)``.
+    Inputs share one dropout mask (each head still sees plain dropout); hidden units do not."""
+
+    def __init__(self, dim: int, n_labels: int, hidden_units: int, k: int, rng: np.random.Generator):
+        self.k, self.hidden, self.n_labels = k, hidden_units, n_labels
+        self.units = hidden_units if hidden_units > 0 else n_labels
+
+        def glorot(a: int, b: int, shape: tuple) -> np.ndarray:  # per head, as Keras initialises Dense
+            limit = np.sqrt(6.0 / (a + b))
+            return rng.uniform(-limit, limit, shape).astype(np.float32)
+
+        self.weights = [glorot(dim, self.units, (dim, k * self.units)), np.zeros(k * self.units, np.float32)]
+        if hidden_units > 0:
+            self.weights += [glorot(hidden_units, n_labels, (k, hidden_units, n_labels)),
+                             np.zeros((k, n_labels), np.float32)]
+
+    def logits(self, x: np.ndarray, dropout: float = 0.0, rng: np.random.Generator | None = None):
+        """``(rows, k, labels)`` logits and what ``backward`` needs (as ``NumpyHead.logits``)."""
+        w, k = self.weights, self.k
+        scale = np.float32(1.0 / (1.0 - dropout)) if dropout > 0 and rng is not None else None
+        h0 = x * dropout_mask(rng, x.shape, dropout) if scale is not None else x
+        z1 = h0 @ w[0]
+        if scale is not None:
+            z1 *= scale
+        z1 += w[1]
+        if not self.hidden:
+            return z1.reshape(len(x), k, self.n_labels), (h0, None)
+        h1 = np.maximum(z1, 0.0).reshape(len(x), k, self.hidden)
+        if scale is not None:
+            h1 *= dropout_mask(rng, h1.shape, dropout)
+        z = np.matmul(h1.transpose(1, 0, 2), w[2]).transpose(1, 0, 2)
+        if scale is not None:
+            z *= scale
+        z += w[3]
+        return z, (h0, h1)
+
+    def backward(self, acts: tuple, grad: np.ndarray, dropout: float, out: list[np.ndarray]) -> None:
+        """Every head's gradient from the ``(rows, k, labels)`` gradient at the logits, into ``out``."""
+        h0, h1 = acts
+        scale = np.float32(1.0 / (1.0 - dropout)) if dropout > 0 else None
+        if self.hidden:
+            np.matmul(h1.transpose(1, 2, 0), grad.transpose(1, 0, 2), out=out[2])
+            if scale is not None:
+                out[2] *= scale
+            np.sum(grad, axis=0, out=out[3])
+            gh = np.matmul(grad.transpose(1, 0, 2), self.weights[2].transpose(0, 2, 1)).transpose(1, 0, 2)
+            gh *= (h1 > 0) * scale if scale is not None else (h1 > 0)  # dropout's zeros stay zero in h1
+            g1 = gh.reshape(len(h0), self.k * self.hidden)
+        else:
+            g1 = grad.reshape(len(h0), self.k * self.n_labels)
+        np.matmul(h0.T, g1, out=out[0])
+        if scale is not None:
+            out[0] *= scale
+        np.sum(g1, axis=0, out=out[1])
+
+    def head(self, f: int) -> NumpyHead:
+        """Head ``f`` alone (a copy of its weights)."""
+        cols = slice(f * self.units, (f + 1) * self.units)
+        w = self.weights
+        parts = [w[0][:, cols], w[1][cols]] + ([w[2][f], w[3][f]] if self.hidden else [])
+        return NumpyHead.from_weights([np.array(p) for p in parts])
+
+
+def fold_gradient(loss: HeadLoss, z: np.ndarray, y: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """The gradient at ``FoldHeads`` logits ``z`` (rows, k, labels) of each head's mean loss over its own
+    rows (``own``: rows x k, True where the row trains head f); other rows give zero."""
+    _, grad = loss(z, y[:, None, :])  # the mean over all rows and labels, every head at once
+    counts = np.maximum(own.sum(axis=0), 1)
+    grad *= (own * (len(z) / counts).astype(np.float32))[:, :, None]
+    return grad
+
+
+@one_blas_thread
+def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k: int, *, learning_rate: float,
+                   epochs: int, batch_size: int, hidden_units: int, dropout: float, seed: int,
+                   loss: HeadLoss) -> list[NumpyHead]:
+    """k heads fitted side by side (``FoldHeads``) in one pass over the rows: head ``f`` learns from
+    the rows whose ``row_fold`` is not ``f`` (cross-fitting's refits), for ``epochs`` epochs, with
+    no validation.
+
+    Each step draws ``batch_size * k / (k - 1)`` rows, so each head gets about ``batch_size`` of
+    its own rows per step, and as many steps per epoch as a refit on its folds alone. The refits
+    are bound by per-step overhead and by reading the rows, not by arithmetic, so all k cost
+    about what one refit cost.
+    """
+    rng = np.random.default_rng(seed)
+    if not isinstance(x, Rows):
+        x = Rows(np.asarray(x))
+    if x.shape[0] * x.shape[1] * 4 <= FLOAT32_COPY_MAX:
+        x = x[np.arange(len(x))]
+    y = np.asarray(y, np.float32)
+    row_fold = np.asarray(row_fold)
+    heads = FoldHeads(x.shape[1], y.shape[1], hidden_units, k, rng)
+    adam = FlatAdam(heads.weights, learning_rate)
+    heads.weights = adam.weights
+    step_rows = max(int(round(batch_size * k / (k - 1))), 1)
+    chunk = step_rows * 64
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for i in range(0, len(order), step_rows):
+            if i % chunk == 0:
+                idx = order[i: i + chunk]
+                x_chunk, y_chunk, f_chunk = x[idx], y[idx], row_fold[idx]
+            at = slice(i % chunk, i % chunk + step_rows)
+            z, acts = heads.logits(x_chunk[at], dropout, rng)
+            grad = fold_gradient(loss, z, y_chunk[at], f_chunk[at][:, None] != np.arange(k))
+            heads.backward(acts, grad, dropout, adam.grads)
+            adam.step()
+    return [heads.head(f) for f in range(k)]
 
 
 def check_converged(head: NumpyHead, history: dict, learning_rate: float) -> None:

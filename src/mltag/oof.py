@@ -24,11 +24,12 @@ def assign_folds(names, k: int) -> np.ndarray:
 
 
 def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathLike, k: int,
-                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Scores of every train and val image from a head that never saw it (k refits, cheap on cached vectors).
 
     Each refit uses the trained head's own settings and its best epoch count; a training
-    image's augmented views stay in its fold.
+    image's augmented views stay in its fold. The k heads are fitted side by side in one pass
+    (``head.fit_fold_heads``), in one process, so the scores do not depend on the number of cores.
 
     Returns:
         ``(labels, scores, fold of each image, paths)``: train images first, then val.
@@ -48,53 +49,21 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
     if len(x) < 2 * k:
         raise MltagError(f"calibrate.cv_folds {k} needs at least {2 * k} train+val images, got {len(x)}")
     folds = assign_folds(paths, k)
-    scores = np.zeros(y.shape, np.float32)
-    global _FOLD_DATA
-    _FOLD_DATA = (x, views, y, y_tr, folds, hp)
-    try:
-        for f, fold_scores in _map_folds(k):
-            scores[folds == f] = fold_scores
-            if progress:
-                log.debug("calibrate: fold %d/%d refitted", f + 1, k)
-    finally:
-        _FOLD_DATA = None
-    return y, scores, folds, paths
+    from mltag.head import HeadLoss, Rows, fit_fold_heads
 
-
-_FOLD_DATA = None  # what the refits read: set before the worker processes fork, so nothing is pickled
-
-
-def _refit(f: int) -> tuple[int, np.ndarray]:
-    """Fold ``f``'s scores from a head fitted on the other folds (the trained head's settings and epochs)."""
-    from mltag.head import HeadLoss, Rows, fit_head, predict_head
-
-    x, views, y, y_tr, folds, hp = _FOLD_DATA
-    fit = np.where(folds != f)[0]
-    fit_tr = fit[fit < len(y_tr)]
-    # The fold's rows by index, not copied: only training images have views, and a view stays
-    # in its image's fold.
-    xf, yf = Rows(x, views, fit, fit_tr), y[fit]
-    if xf.k:
-        yf = np.concatenate([yf, np.repeat(y_tr[fit_tr], xf.k, axis=0)])
-    model, _, _ = fit_head(xf, yf, None, None, learning_rate=hp["learning_rate"], epochs=int(hp["best_epoch"]),
-                           batch_size=hp["batch_size"], hidden_units=hp["hidden_units"], dropout=hp["dropout"],
-                           patience=0, monitor="val_loss", seed=int(hp["seed"]) + f,  # no validation: all epochs
+    # Every train and val row, by index (not copied); a training image's views follow it, in its fold.
+    rows = Rows(x, views, np.arange(len(x)), np.arange(len(y_tr)))
+    row_fold, y_rows = folds, y
+    if rows.k:
+        row_fold = np.concatenate([folds, np.repeat(folds[: len(y_tr)], rows.k)])
+        y_rows = np.concatenate([y, np.repeat(y_tr, rows.k, axis=0)])
+    heads = fit_fold_heads(rows, y_rows, row_fold, k, learning_rate=hp["learning_rate"],
+                           epochs=int(hp["best_epoch"]), batch_size=hp["batch_size"],
+                           hidden_units=hp["hidden_units"], dropout=hp["dropout"], seed=int(hp["seed"]),
                            loss=HeadLoss.of(hp))
-    return f, predict_head(model, x[folds == f])
-
-
-def _map_folds(k: int):
-    """The k refits, one process per core where the platform forks (each refit is independent and
-    seeded, so the scores are the same as one after the other); else one after the other."""
-    import multiprocessing as mp
-
-    from mltag.workers import cpu_threads
-
-    workers = min(k, cpu_threads())
-    if workers < 2 or "fork" not in mp.get_all_start_methods():
-        yield from map(_refit, range(k))
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-        yield from pool.map(_refit, range(k))
+    scores = np.zeros(y.shape, np.float32)
+    for f, head in enumerate(heads):
+        scores[folds == f] = head.predict(x[folds == f])
+    if progress:
+        log.debug("calibrate: %d heads refitted side by side", k)
+    return y, scores, folds, paths
