@@ -40,6 +40,8 @@ def test_litert_matches_tf_on_real_photos(which, tmp_path, fake_backbone):
     lite = backbone_engine("litert", resolved, 224, cache)
     assert isinstance(lite, LiteRTEngine)
     assert tflite_path(resolved, 224, cache).is_file()  # converted once, kept beside the backbone
+    # and its dynamic-range form with it (register's int8 model), while TF and the module are loaded
+    assert tflite_path(resolved, 224, cache, "dynamic_range").is_file()
     tf_out, lite_out = TFEngine(resolved.location)(px), lite(px)
     assert tf_out.shape == lite_out.shape == (5, 1280 if which == "builtin" else 6)
     assert np.abs(tf_out - lite_out).max() < 1e-4

@@ -654,3 +654,43 @@ def test_the_head_backward_pass_is_the_gradient_of_its_loss(hidden, dropout):
             down = value()
             w[idx] = keep
             assert gw[idx] == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-7), (idx, hidden, dropout)
+
+
+def test_the_tracking_helper_logs_what_the_step_sends_and_reports_its_errors(tmp_path, mlflow_store, monkeypatch):
+    """Tracker in its helper process (as every CLI step runs it): a train-like run opened, logged and
+    ended there, owned by this process; a missing run comes back as the MltagError it raised."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from mltag.errors import MltagError
+    from mltag.tracking import MODEL_DIGEST_TAG, Tracker, owner_tags
+
+    monkeypatch.setenv("MLTAG_TRACKING_HELPER", "1")
+    (tmp_path / "a.json").write_text("{}")
+    tracker = Tracker(None)
+    assert not tracker.direct and tracker.uri == mlflow_store
+    tracker.send("open_train_run", "helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {"train.seed": "1"},
+                 {"mltag.step": "train"})
+    run_id, exp_id = tracker.call("active_run_ids")
+    tracker.send("log_to_run", run_id, metrics={"m": 0.5}, tags={MODEL_DIGEST_TAG: "abc"},
+                 artifacts=[(str(tmp_path / "a.json"), "x")], series={"epoch_loss": [3.0, 2.0, 1.0]})
+    tracker.send("end_run", "FINISHED")
+    tracker.close()
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.experiment_id == exp_id
+    assert run.data.params == {"train.seed": "1"} and run.data.metrics["m"] == 0.5
+    assert run.data.tags[MODEL_DIGEST_TAG] == "abc" and run.data.tags["mltag.pid"] == str(os.getpid())
+    assert [m.value for m in MlflowClient().get_metric_history(run_id, "epoch_loss")] == [3.0, 2.0, 1.0]
+    assert [a.path for a in MlflowClient().list_artifacts(run_id, "x")] == ["x/a.json"]
+
+    tracker = Tracker(None)
+    with pytest.raises(MltagError, match="MLflow run 0123456789abcdef does not exist in the tracking store"):
+        tracker.call("join_model_run", tmp_path, "0123456789abcdef", None)
+    tracker.close()
+    # a step that fails ends its train run FAILED through the helper
+    tracker = Tracker(None)
+    tracker.send("open_train_run", "helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {}, {})
+    failed_id, _ = tracker.call("active_run_ids")
+    tracker.abandon("end_run", "FAILED")
+    assert MlflowClient().get_run(failed_id).info.status == "FAILED"

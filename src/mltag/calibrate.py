@@ -149,13 +149,11 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     ``oof_out``, every train+val image's out-of-fold scores for review (computed with
     ``cv_folds`` folds, or 5 when thresholds do not use them).
     """
-    import mlflow
-
     from mltag import tracking
 
     method, min_precision, min_positives = calibrate.method, calibrate.min_precision, calibrate.min_positives
     cv_folds, shrink, min_gain = calibrate.cv_folds, calibrate.shrink, calibrate.min_gain
-    run_id = tracking.join_model_run(model_dir, run_id, tracking_uri)  # found (or its absence said) before any work
+    tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the refits
     from mltag.formats import load_scores, read_model_meta
 
     labels = read_model_meta(model_dir)["labels"]
@@ -170,18 +168,19 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         log.info("calibrate: fine-tuned backbone: the cached vectors do not match it, so thresholds come from "
                  "the validation scores (no out-of-fold refits)")
         cv_folds = 0
-    oof = None
+    oof, oof_file = None, None
     if oof_out is not None:
         if bottlenecks is None:
             raise MltagError("out-of-fold scores for review need the bottleneck folder (--bottlenecks)")
         try:
             oof = out_of_fold_scores(bottlenecks, model_dir, max(cv_folds, 2) if cv_folds > 1 else 5, progress)
-            write_oof(oof_out, oof[3], oof[0], oof[1], oof[2], labels)
+            oof_file = (oof_out, oof[3], oof[0], oof[1], oof[2], labels)
         except MltagError as e:
             if "needs at least" not in str(e) and "no head settings" not in str(e):
                 raise
             log.warning("calibrate: no out-of-fold scores for review: %s", e)
-            write_oof(oof_out, [], np.zeros((0, len(labels))), np.zeros((0, len(labels))), np.zeros(0), labels, str(e))
+            oof_file = (oof_out, [], np.zeros((0, len(labels))), np.zeros((0, len(labels))), np.zeros(0), labels,
+                        str(e))
     if cv_folds > 1 and method != "none":
         if bottlenecks is None:
             raise MltagError("calibrate.cv_folds > 1 needs the bottleneck folder (--bottlenecks)")
@@ -215,14 +214,17 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         "test_at_thresholds": at_cal,
     }
     th["config"] = config
+    run_id = tracker.model_run(model_dir, run_id, tracking_uri)  # found (or a dead store said) before any write
+    if oof_file is not None:
+        write_oof(*oof_file)
     write_thresholds(out, th)
     write_json_atomic(metrics_file, result)
     if run_id:
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics({f"calibrated_test_{k}": v for k, v in at_cal.items() if isinstance(v, float)})
-            mlflow.log_metrics({f"threshold_{n}": v for n, v in th["thresholds"].items()})
-            mlflow.log_metrics({"calibrate_expected_micro_f1_gain": expected["micro_f1_gain"]})
-            mlflow.log_artifact(str(out), "calibrate")
+        tracker.send("log_to_run", run_id, metrics={
+            **{f"calibrated_test_{k}": v for k, v in at_cal.items() if isinstance(v, float)},
+            **{f"threshold_{n}": v for n, v in th["thresholds"].items()},
+            "calibrate_expected_micro_f1_gain": expected["micro_f1_gain"]}, artifacts=[(str(out), "calibrate")])
+    tracker.close()
     log.info("calibrate: thresholds %s (from %s; 0.5 kept for %s)",
              ", ".join(f"{n}={v:.3f}" for n, v in th["thresholds"].items()), source, ", ".join(kept) or "none")
     log.info("calibrate: expected micro F1 gain %+.4f; test micro F1 %.4f at 0.5 -> %.4f calibrated; "

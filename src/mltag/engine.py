@@ -196,6 +196,18 @@ def convert_backbone(location: str, image_size: int, out: str | os.PathLike, dyn
     Raises:
         MltagError: the module cannot be converted (the message says why).
     """
+    features, module = _features_function(location, image_size)
+    data = _convert(features, module, "this module", dynamic_range, representative)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _features_function(location: str, image_size: int):
+    """The module loaded and wrapped for conversion, once per process: a second conversion of the same
+    backbone (its dynamic-range form after the fp32 one) reuses the load and the trace."""
     tf = import_tensorflow()
 
     from mltag.backbone import Backbone, load
@@ -206,11 +218,7 @@ def convert_backbone(location: str, image_size: int, out: str | os.PathLike, dyn
     def features(images):
         return {"features": module(tf.cast(images, tf.float32) / 255.0)}
 
-    data = _convert(features, module, "this module", dynamic_range, representative)
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(data)
-    return out
+    return features, module
 
 
 def _convert(fn, trackable, what: str, dynamic_range: bool = False,
@@ -247,6 +255,19 @@ def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike
     if failed.is_file():  # converting again would fail again; say why once more
         raise MltagError(failed.read_text(encoding="utf-8").strip())
     if not path.is_file():
+        _convert_once(backbone, image_size, kind, path, failed)
+        if kind == "fp32":
+            # register quantizes the backbone (register.int8: dynamic_range): converted now, while the
+            # module is loaded and TF imported, it costs the converter alone, not a TF start in register
+            try:
+                litert_backbone(backbone, image_size, backbone_cache, kind="dynamic_range")
+            except MltagError as e:
+                log.info("no dynamic-range conversion of %s (register's int8 model): %s", backbone.handle, e)
+    return path
+
+
+def _convert_once(backbone, image_size: int, kind: str, path: Path, failed: Path) -> None:
+    if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         # one process converts (a lock of its own: atomic_path takes the file's for the rename)
         with locked(lock_file_for(f"{path}.build"), f"the LiteRT conversion {path}"):
@@ -261,7 +282,6 @@ def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike
                     with contextlib.suppress(OSError):
                         failed.write_text(f"{e}\n", encoding="utf-8")
                     raise
-    return path
 
 
 def litert_bottom(name: str, k: int, image_size: int, backbone_cache: str | os.PathLike | None = "") -> Path:

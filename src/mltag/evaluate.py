@@ -71,12 +71,10 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     images end to end over ten augmented views instead of the cached vectors.
     """
     tta = evaluate.tta
-    import mlflow
-
     from mltag import tracking
 
     labels = read_model_meta(model_dir)["labels"]
-    run_id = tracking.join_model_run(model_dir, run_id, tracking_uri)  # found (or its absence said) before any work
+    tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the work
     x_va, y_va, p_va = load_split(bottlenecks, "val")
     x_te, y_te, p_te = load_split(bottlenecks, "test")
     _, y_tr, _ = load_split(bottlenecks, "train")
@@ -85,6 +83,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
                          "train the model on these bottlenecks", Path(model_dir) / "model.json")
     fine_tuned = model_mode(model_dir) == "fine_tune"
     if fine_tuned or tta != "none":
+        tracker.model_run(model_dir, run_id, tracking_uri)  # minutes of scoring ahead: a dead store said first
         # Augmented views are new pixels, and a fine-tuned backbone no longer produces the
         # cached vectors: score the images end to end.
         if images is None:
@@ -102,6 +101,8 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     result["baselines"] = M.baselines(y_te, y_tr, labels)
     result["val"] = {k: v for k, v in M.compute(y_va, s_va, 0.5, labels).items() if k != "per_label"}
     png = pr_curves_png(y_te, s_te, labels)
+    # the model's run found (or a dead store reported) before anything is written
+    run_id = tracker.model_run(model_dir, run_id, tracking_uri)
 
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -124,16 +125,14 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
             (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     write_json_atomic(metrics_file, result)
     if run_id:
-        with mlflow.start_run(run_id=run_id):
-            flat = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
-            flat.update({f"test_ap_{n}": m["ap"] for n, m in result["per_label"].items() if m["ap"] is not None})
-            if result["ci95"].get("map"):
-                flat["test_map_ci_low"], flat["test_map_ci_high"] = result["ci95"]["map"]
-            mlflow.log_metrics(flat)
-            mlflow.log_artifact(str(out / "pr_curves.png"), "evaluate")
-            mlflow.log_artifact(str(out / "report.html"), "evaluate")
-            mlflow.log_artifact(str(metrics_file), "evaluate")
-            mlflow.log_artifact(str(out / "config.json"), "evaluate")
+        flat = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
+        flat.update({f"test_ap_{n}": m["ap"] for n, m in result["per_label"].items() if m["ap"] is not None})
+        if result["ci95"].get("map"):
+            flat["test_map_ci_low"], flat["test_map_ci_high"] = result["ci95"]["map"]
+        tracker.send("log_to_run", run_id, metrics=flat, artifacts=[
+            (str(f), "evaluate") for f in (out / "pr_curves.png", out / "report.html", metrics_file,
+                                           out / "config.json")])
+    tracker.close()
     ci = result["ci95"].get("map")
     log.info("evaluate: test mAP %.3f%s, micro F1 %.3f, macro F1 %.3f (at 0.5); report in %s/report.html",
              result["map"], f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "", result["micro_f1"], result["macro_f1"], out)

@@ -88,7 +88,7 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
     filter_by, thumbnails = review.filter_by, review.thumbnails
     data = load_oof(oof)
     names, paths, y, s = data["label_names"], [str(p) for p in data["paths"]], data["labels"], data["scores"]
-    run_id = tracking.join_model_run(model_dir, run_id, tracking_uri) if model_dir else None
+    tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the work
     root = Path(images) if images else image_root_of(prepared) if prepared else None
     if len(paths):
         mask, confidence, noise = find_issues(y, s, filter_by)
@@ -118,20 +118,19 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
              "thumb": thumbnail(root / p) if root else None,
              "href": Path(os.path.relpath(root / p, Path(out).absolute())).as_posix() if root else None}
             for p, _, g, sg, sc, c in mine]})
+    run_id = tracker.model_run(model_dir, run_id, tracking_uri)  # found (or a dead store said) before any write
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "label_issues.csv").write_text(buf.getvalue(), encoding="utf-8")
         (tmp / "review.html").write_text(render("review.html.j2", r=result, groups=groups), encoding="utf-8")
     write_json_atomic(metrics_file, {**result, "config": config})
     if run_id:
-        import mlflow
-
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics({"review_issues": float(len(rows)), "review_issue_rate": result["issue_rate"],
-                                **{f"review_noise_rate_{n}": v["noise_rate"] for n, v in per_label.items()}})
-            mlflow.log_artifact(str(Path(out) / "label_issues.csv"), "review")
-            mlflow.log_artifact(str(Path(out) / "review.html"), "review")
-            mlflow.log_artifact(str(metrics_file), "review")
+        tracker.send("log_to_run", run_id, metrics={
+            "review_issues": float(len(rows)), "review_issue_rate": result["issue_rate"],
+            **{f"review_noise_rate_{n}": v["noise_rate"] for n, v in per_label.items()}}, artifacts=[
+            (str(Path(out) / "label_issues.csv"), "review"), (str(Path(out) / "review.html"), "review"),
+            (str(metrics_file), "review")])
+    tracker.close()
     log.info("review: %d likely label error(s) in %d (image, label) pairs of %d images; most confident first in "
              "%s/label_issues.csv, thumbnails in %s/review.html", len(rows), y.size, len(paths), out, out)
     return result

@@ -214,7 +214,7 @@ def owner_tags(out: str | os.PathLike) -> dict[str, str]:
     return {"mltag.host": socket.gethostname(), "mltag.pid": str(os.getpid()), "mltag.out": str(Path(out).absolute())}
 
 
-def close_stale_runs(experiment_id: str, out: str | os.PathLike) -> list[str]:
+def close_stale_runs(experiment_id: str, out: str | os.PathLike, pid: int | None = None) -> list[str]:
     """End as KILLED the RUNNING runs of this model folder whose process on this machine is gone.
 
     A train killed with kill -9 cannot end its own run; the next train of the same model
@@ -237,7 +237,7 @@ def close_stale_runs(experiment_id: str, out: str | os.PathLike) -> list[str]:
             continue
         if _pid_alive(int(tags["mltag.pid"])):
             continue
-        client.set_tag(run.info.run_id, "mltag.note", f"ended as KILLED by a later train (pid {os.getpid()}): its "
+        client.set_tag(run.info.run_id, "mltag.note", f"ended as KILLED by a later train (pid {pid or os.getpid()}): its "
                        f"process {tags['mltag.pid']} on {mine['mltag.host']} was gone")
         client.set_terminated(run.info.run_id, "KILLED")
         closed.append(run.info.run_id)
@@ -323,3 +323,250 @@ def local_model(model: str, explicit_uri: str | None = None) -> Path:
     if not found:
         raise MltagError(f"{model} holds no mltag model folder (no model.json among its artifacts)")
     return found[0]
+
+
+# --------------------------------------------------------------------------- a step's MLflow, beside its work
+#
+# ``import mlflow`` and opening its store take about 2 s of a step's start (1.1 s of imports, 1.0 s
+# of SQLAlchemy and MLflow's store), and evaluate, calibrate and review do a few seconds of work
+# at most. A ``Tracker`` makes the step's MLflow calls in a helper process started first, so the
+# imports run on the core the step leaves idle. The calls are the functions in ``OPS`` below,
+# with plain arguments and results; they run in order, in the helper or (``direct``) here.
+
+def open_train_run(experiment: str, out: str, tags: dict, params: dict, step_tags: dict) -> tuple[str, str]:
+    """train's run: the experiment set, this folder's stale runs closed, a new run started (and left
+    active, as ``mlflow.start_run`` leaves it) with its params and tags. Returns its ids."""
+    import mlflow
+
+    exp = mlflow.set_experiment(experiment)
+    close_stale_runs(exp.experiment_id, out, pid=int(tags["mltag.pid"]))
+    run = mlflow.start_run(tags=tags)
+    mlflow.log_params(params)
+    mlflow.set_tags(step_tags)
+    return run.info.run_id, run.info.experiment_id
+
+
+def log_to_run(run_id: str, metrics: dict | None = None, tags: dict | None = None,
+               artifacts: list[tuple[str, str | None]] = (), series: dict[str, list[float]] | None = None) -> None:
+    """Log into ``run_id`` (the active run, or resumed for the call as ``mlflow.start_run(run_id=...)``):
+    metrics, tags, artifacts ``(file, artifact folder)`` and per-step ``series`` (one request per
+    1000 values)."""
+    import contextlib
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    active = mlflow.active_run()
+    with contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
+        if series:
+            import time
+
+            now = int(time.time() * 1000)
+            values = [Metric(k, v, now, i) for k, vs in series.items() for i, v in enumerate(vs)]
+            for i in range(0, len(values), 1000):
+                mlflow.MlflowClient().log_batch(run_id, metrics=values[i: i + 1000])
+        if metrics:
+            mlflow.log_metrics(metrics)
+        if tags:
+            mlflow.set_tags(tags)
+        for path, folder in artifacts:
+            mlflow.log_artifact(path, folder)
+
+
+def active_run_ids() -> tuple[str, str]:
+    """The active run's id and its experiment's (the run ``open_train_run`` started)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id, run.info.experiment_id
+
+
+def end_run(status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.end_run(status)
+
+
+OPS = {f.__name__: f for f in (setup_checked, join_model_run, open_train_run, active_run_ids, log_to_run, end_run)}
+
+
+class TrackingHelperError(Exception):
+    """An MLflow call failed in the helper process (the message carries its type and text)."""
+
+
+class Tracker:
+    """One step's MLflow calls, made in a helper process that imports MLflow and opens the store
+    while the step works (or in this process: ``direct``).
+
+    ``send`` queues a call and returns at once; ``call`` returns its result after every call
+    before it has run. A failed call raises at the next ``call`` or at ``close``, as the error
+    it raised in the helper (an ``MltagError`` stays one). The store is checked first (as
+    ``setup_checked``), so a dead server is reported at the step's first ``call``: steps make
+    it before they write their outputs. The helper runs each call only while this process is
+    alive, and never ends a run it was not told to end (a killed train's run stays RUNNING,
+    for the next train to close as KILLED).
+
+    Direct (no helper) when MLflow is already imported here (tests, notebooks: no import left
+    to hide), with ``MLTAG_TRACKING_HELPER=0``, or not on POSIX; ``MLTAG_TRACKING_HELPER=1``
+    starts the helper even where MLflow is imported.
+    """
+
+    def __init__(self, tracking_uri_: str | None):
+        import sys
+
+        self.uri = tracking_uri(tracking_uri_)
+        helper = os.environ.get("MLTAG_TRACKING_HELPER", "auto")  # 0: never, 1: always (tests), auto
+        self.direct = helper == "0" or os.name != "posix" or helper != "1" and "mlflow" in sys.modules
+        self._proc, self._waiting, self._failed = None, 0, None
+        if self.direct:
+            setup_checked(tracking_uri_)
+            return
+        import subprocess
+
+        r, w = os.pipe()
+        level = logging.getLogger("mltag").getEffectiveLevel()
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-m", "mltag.tracking_helper", str(w), str(level)],
+                                          stdin=subprocess.PIPE, pass_fds=(w,))
+        finally:
+            os.close(w)
+        self._replies = os.fdopen(r, "rb")
+        self.send("setup_checked", tracking_uri_)
+
+    def send(self, op: str, *args, **kwargs) -> None:
+        if self.direct:
+            OPS[op](*args, **kwargs)
+            return
+        import pickle
+
+        try:
+            pickle.dump((op, args, kwargs), self._proc.stdin)
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            self._helper_gone()
+        self._waiting += 1
+
+    def call(self, op: str, *args, **kwargs):
+        if self.direct:
+            return OPS[op](*args, **kwargs)
+        self.send(op, *args, **kwargs)
+        value = None
+        while self._waiting:
+            value = self._reply()
+        return value
+
+    def _reply(self):
+        import pickle
+
+        try:
+            kind, *rest = pickle.load(self._replies)
+        except (EOFError, pickle.UnpicklingError):
+            self._helper_gone()
+        self._waiting -= 1
+        if kind == "ok":
+            return rest[0]
+        self._raise(*rest)
+
+    def _raise(self, kind: str, type_name: str, message: str, path, line) -> None:
+        from mltag.errors import MltagError
+
+        if kind == "mltag":
+            err = MltagError(message)
+            err.path, err.line = path, line
+            raise err
+        if kind == "mlflow":  # as the CLI reports an MlflowException raised in its own process
+            first = message.splitlines()[0][:300] if message else type_name
+            raise MltagError(f"MLflow at {mask_uri(self.uri)}: {scrub(first, self.uri)}")
+        raise TrackingHelperError(f"{type_name}: {message}")
+
+    def _helper_gone(self):
+        from mltag.errors import MltagError
+
+        code = self._proc.wait()
+        raise MltagError(f"the MLflow helper process exited (status {code}) before the step's tracking was done; "
+                         "its error is above. Rerun the step; set MLTAG_TRACKING_HELPER=0 to log from the step's "
+                         "own process")
+
+    def close(self) -> None:
+        """Wait for every call sent; raise the first that failed."""
+        if self.direct or self._proc is None:
+            return
+        try:
+            while self._waiting:
+                self._reply()
+        finally:
+            self._shutdown()
+
+    def abandon(self, op: str | None = None, *args) -> None:
+        """The step failed: send ``op`` (a train's FAILED end) if the helper still listens, let it run
+        what was sent, and let it go without reading its replies (the step's own error is the one
+        to report). Direct: run ``op`` here, its own failure not hiding the step's."""
+        if op is not None:
+            try:
+                if self.direct:
+                    OPS[op](*args)
+                elif self._proc is not None:
+                    import pickle
+
+                    pickle.dump((op, args, {}), self._proc.stdin)
+                    self._proc.stdin.flush()
+            except Exception:  # noqa: BLE001 - the step's error matters more
+                log.debug("tracking: %s after a failed step did not run", op, exc_info=True)
+        self._shutdown()
+
+    def _shutdown(self, timeout: float = 60.0) -> None:
+        import subprocess
+
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._replies.close()
+
+    def model_run(self, model_dir: str | os.PathLike, run_id: str | None, tracking_uri_: str | None) -> str | None:
+        """``join_model_run`` through this tracker, once: a second call returns the first's answer."""
+        if not hasattr(self, "_model_run"):
+            self._model_run = self.call("join_model_run", model_dir, run_id, tracking_uri_)
+        return self._model_run
+
+    @classmethod
+    def for_model(cls, model_dir: str | os.PathLike, run_id: str | None, tracking_uri_: str | None) -> Tracker:
+        """For steps that log only when the model has a run (evaluate, calibrate, review): a tracker
+        whose first ``call`` should be ``join_model_run``; one that does nothing when there is no
+        run to join (no MLflow at all)."""
+        if not run_id and (model_dir is None or run_ref_of(model_dir) is None):
+            return _NoTracker()
+        return cls(tracking_uri_)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+class _NoTracker(Tracker):
+    """A tracker with no run to log into: every call returns None, nothing is started."""
+
+    def __init__(self):
+        self.direct, self._proc, self._waiting = True, None, 0
+
+    def abandon(self, op: str | None = None, *args) -> None:
+        return None
+
+    def send(self, op: str, *args, **kwargs) -> None:
+        return None
+
+    def call(self, op: str, *args, **kwargs):
+        return None

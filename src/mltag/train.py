@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -71,104 +72,110 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         raise MltagError(f"backbone changed since the bottleneck step ({meta['backbone_id']} -> "
                          f"{resolved.backbone_id}); rerun bottleneck")
 
-    import mlflow
-
-    uri = mltracking.setup_checked(tracking_uri)
-    exp = mlflow.set_experiment(tracking.experiment)
-    mltracking.close_stale_runs(exp.experiment_id, out)
+    # MLflow opens in a helper process while the head fits (mltag.tracking.Tracker)
+    tracker = mltracking.Tracker(tracking_uri)
+    uri = tracker.uri
     t0 = time.time()
-    with mlflow.start_run(tags=mltracking.owner_tags(out)) as run:
-        params = mltracking.flatten(recipe or config or {})
-        params.update({"train.backbone_id": resolved.backbone_id, "train.n_labels": len(labels),
-                       "train.n_train": len(x_tr), "train.n_train_vectors": len(x_fit), "train.n_val": len(x_va)})
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        mlflow.set_tags({"mltag.step": "train", "mltag.labels": ",".join(labels)})
-        fault_point("train:fitting")
-        loss = HeadLoss.of(train.model_dump())
-        head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, learning_rate=train.learning_rate,
-                                      epochs=train.epochs, batch_size=train.batch_size,
-                                      hidden_units=train.hidden_units, dropout=train.dropout, patience=train.patience,
-                                      monitor=train.monitor, seed=train.seed, loss=loss, progress=progress)
-        check_converged(head, history, train.learning_rate)
-        net, ft = None, None
-        if train.mode == "fine_tune":
-            net, head.weights, ft = _fine_tune(meta, images, p_tr, y_tr, p_va, y_va, head.weights, train, progress,
-                                               backbone.cache_dir)
-        _log_history(run.info.run_id, history, ft)
-        values = history[mon]
-        best = int(np.argmin(values) if mon.endswith("loss") else np.argmax(values))
-        summary = {
-            "run_id": run.info.run_id,
-            "epochs_run": len(values),
-            "best_epoch": best + 1,
-            "train_loss": history["loss"][best],
-            "val_loss": history.get("val_loss", [None] * len(values))[best],
-            "val_map_pr_auc": history.get("val_map", [None] * len(values))[best],
-            "seconds": round(time.time() - t0, 2),
-            "mode": train.mode,
-        }
-        if ft is not None:
-            summary.update({"fine_tune_best_epoch": ft["best_epoch"], "fine_tune_epochs_run": len(ft["loss"]),
-                            "fine_tune_val_loss": ft["val_loss"][ft["best_epoch"] - 1] if ft["val_loss"] else None,
-                            "fine_tune_val_map": ft["val_map"][ft["best_epoch"] - 1] if ft["val_map"] else None,
-                            "fine_tune_seconds": ft["seconds"]})
-        mlflow.log_metrics({f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
-        model_meta = {
-            "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
-            "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
-            "feature_dim": int(x_tr.shape[1]), "hidden_units": train.hidden_units,
-            # what calibrate needs to refit the same head on folds
-            "head": {"learning_rate": train.learning_rate, "epochs": train.epochs, "batch_size": train.batch_size,
-                     "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed,
-                     "best_epoch": best + 1, "views": int(meta.get("views", 1)), **loss.settings()},
-            # fine_tune: cached vectors no longer match the backbone; evaluate scores images end to end
-            "mode": train.mode,
-        }
-        if ft is not None:
-            model_meta["fine_tune"] = {
-                "blocks": train.fine_tune_blocks, "tuned_blocks": ft["tuned_blocks"],
-                "learning_rate": train.fine_tune_learning_rate, "epochs": train.fine_tune_epochs,
-                "patience": train.fine_tune_patience, "best_epoch": ft["best_epoch"],
-                "mixed_precision": ft["mixed_precision"]}
-        out = Path(out)
-        with atomic_path(out) as tmp:
-            tmp.mkdir(parents=True)
-            write_model_folder(tmp, head.weights, resolved, net, model_meta, backbone.cache_dir)
-            write_labels(tmp / "labels.txt", labels)
-            _write_json(tmp / "history.json",
-                        history if ft is None else {**history,
-                                                    "fine_tune": {k: ft[k] for k in ("loss", "val_loss", "val_map")}})
-            _write_json(tmp / "config.json", config or {})
-            _write_json(tmp / "summary.json", summary)
-            mltracking.save_run_ref(tmp, run.info.run_id, run.info.experiment_id, uri, tracking.experiment)
-            digest = write_integrity(tmp)
-            mlflow.set_tag(mltracking.MODEL_DIGEST_TAG, digest)
-        records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(values))]
-        if metrics_file:
-            write_json_atomic(metrics_file, summary)
-        if history_file:
-            write_json_atomic(history_file, records)
-        mlflow.log_artifact(str(out / "history.json"))
-        mlflow.log_artifact(str(out / "config.json"))
+    params = mltracking.flatten(recipe or config or {})
+    params.update({"train.backbone_id": resolved.backbone_id, "train.n_labels": len(labels),
+                   "train.n_train": len(x_tr), "train.n_train_vectors": len(x_fit), "train.n_val": len(x_va)})
+    tags = mltracking.owner_tags(out)
+    if not tracker.direct:  # the run's source is this command, not the helper process
+        tags["mlflow.source.name"] = os.path.abspath(sys.argv[0])
+    tracker.send("open_train_run", tracking.experiment, str(out), tags,
+                 {k: str(v)[:500] for k, v in params.items()}, {"mltag.step": "train", "mltag.labels": ",".join(labels)})
+    try:
+        summary = _fit_and_write(tracker, uri, t0, meta, resolved, labels, x_tr, x_fit, y_fit, x_va, y_va, y_tr,
+                                 p_tr, p_va, images, out, metrics_file, history_file, train, backbone, tracking,
+                                 config, progress)
+        tracker.send("end_run", "FINISHED")
+    except BaseException:
+        tracker.abandon("end_run", "FAILED")
+        raise
+    tracker.close()
+    return summary
+
+
+def _fit_and_write(tracker, uri, t0, meta, resolved, labels, x_tr, x_fit, y_fit, x_va, y_va, y_tr, p_tr, p_va,
+                   images, out, metrics_file, history_file, train: config.Train, backbone: config.Backbone,
+                   tracking: config.Tracking, config: dict | None, progress: bool) -> dict:
+    """train's work inside its MLflow run (opened by ``tracker``): fit, fine-tune, write the model folder."""
+    loss = HeadLoss.of(train.model_dump())
+    head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, learning_rate=train.learning_rate,
+                                  epochs=train.epochs, batch_size=train.batch_size,
+                                  hidden_units=train.hidden_units, dropout=train.dropout, patience=train.patience,
+                                  monitor=train.monitor, seed=train.seed, loss=loss, progress=progress)
+    check_converged(head, history, train.learning_rate)
+    # the run exists (or a dead store is reported) before fine-tuning's minutes and before any write
+    run_id, experiment_id = tracker.call("active_run_ids")
+    fault_point("train:fitting")
+    net, ft = None, None
+    if train.mode == "fine_tune":
+        net, head.weights, ft = _fine_tune(meta, images, p_tr, y_tr, p_va, y_va, head.weights, train, progress,
+                                           backbone.cache_dir)
+    series = {f"epoch_{k}": v for k, v in history.items()}
+    if ft is not None:
+        series.update({f"fine_tune_{k}": ft[k] for k in ("loss", "val_loss", "val_map")})
+    tracker.send("log_to_run", run_id, series=series)
+    values = history[mon]
+    best = int(np.argmin(values) if mon.endswith("loss") else np.argmax(values))
+    summary = {
+        "run_id": run_id,
+        "epochs_run": len(values),
+        "best_epoch": best + 1,
+        "train_loss": history["loss"][best],
+        "val_loss": history.get("val_loss", [None] * len(values))[best],
+        "val_map_pr_auc": history.get("val_map", [None] * len(values))[best],
+        "seconds": round(time.time() - t0, 2),
+        "mode": train.mode,
+    }
+    if ft is not None:
+        summary.update({"fine_tune_best_epoch": ft["best_epoch"], "fine_tune_epochs_run": len(ft["loss"]),
+                        "fine_tune_val_loss": ft["val_loss"][ft["best_epoch"] - 1] if ft["val_loss"] else None,
+                        "fine_tune_val_map": ft["val_map"][ft["best_epoch"] - 1] if ft["val_map"] else None,
+                        "fine_tune_seconds": ft["seconds"]})
+    tracker.send("log_to_run", run_id, metrics={f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
+    model_meta = {
+        "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
+        "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
+        "feature_dim": int(x_tr.shape[1]), "hidden_units": train.hidden_units,
+        # what calibrate needs to refit the same head on folds
+        "head": {"learning_rate": train.learning_rate, "epochs": train.epochs, "batch_size": train.batch_size,
+                 "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed,
+                 "best_epoch": best + 1, "views": int(meta.get("views", 1)), **loss.settings()},
+        # fine_tune: cached vectors no longer match the backbone; evaluate scores images end to end
+        "mode": train.mode,
+    }
+    if ft is not None:
+        model_meta["fine_tune"] = {
+            "blocks": train.fine_tune_blocks, "tuned_blocks": ft["tuned_blocks"],
+            "learning_rate": train.fine_tune_learning_rate, "epochs": train.fine_tune_epochs,
+            "patience": train.fine_tune_patience, "best_epoch": ft["best_epoch"],
+            "mixed_precision": ft["mixed_precision"]}
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_model_folder(tmp, head.weights, resolved, net, model_meta, backbone.cache_dir)
+        write_labels(tmp / "labels.txt", labels)
+        _write_json(tmp / "history.json",
+                    history if ft is None else {**history,
+                                                "fine_tune": {k: ft[k] for k in ("loss", "val_loss", "val_map")}})
+        _write_json(tmp / "config.json", config or {})
+        _write_json(tmp / "summary.json", summary)
+        mltracking.save_run_ref(tmp, run_id, experiment_id, uri, tracking.experiment)
+        digest = write_integrity(tmp)
+    tracker.send("log_to_run", run_id, tags={mltracking.MODEL_DIGEST_TAG: digest})
+    records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(values))]
+    if metrics_file:
+        write_json_atomic(metrics_file, summary)
+    if history_file:
+        write_json_atomic(history_file, records)
+    tracker.send("log_to_run", run_id, artifacts=[(str(out / "history.json"), None), (str(out / "config.json"), None)])
     return summary
 
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def _log_history(run_id: str, history: dict, ft: dict | None) -> None:
-    """Per-epoch values as MLflow metrics: one request per 1000 values, not one per epoch."""
-    import mlflow
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    per_epoch = [Metric(f"epoch_{k}", v[e], now, e) for k, v in history.items() for e in range(len(v))]
-    if ft is not None:
-        per_epoch += [Metric(f"fine_tune_{k}", ft[k][e], now, e) for k in ("loss", "val_loss", "val_map")
-                      for e in range(len(ft[k]))]
-    for i in range(0, len(per_epoch), 1000):
-        mlflow.MlflowClient().log_batch(run_id, metrics=per_epoch[i: i + 1000])
 
 
 def _fine_tune(meta: dict, images, p_tr, y_tr, p_va, y_va, head_weights, train: config.Train, progress: bool,
