@@ -832,3 +832,27 @@ def test_verbose_after_the_subcommand_and_a_dotdot_path_inside_the_root(tmp_path
 
     with pytest.raises(MltagError, match=r"all.lst:2: image path 'images/../../0001.jpg' leads outside the image root"):
         prepare(tmp_path / "p2", **sections("prepare", input=colour_dataset), progress=False)
+
+
+def test_a_step_that_fails_leaves_no_tracking_helper_behind(tmp_path):
+    """The CLI starts a step's MLflow helper before the step's imports; when the step fails at once
+    (here: no such model), the helper stops on its own, and the error is the step's."""
+    p = run_cli("evaluate", "--model", str(tmp_path / "missing"), "--bottlenecks", str(tmp_path / "bn"),
+                "--out", str(tmp_path / "out"), cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "missing" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+    def helpers_here() -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and b"mltag.tracking_helper" in (proc / "cmdline").read_bytes() and \
+                        os.readlink(proc / "cwd") == str(tmp_path):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
+    deadline = time.time() + 30
+    while helpers_here() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not helpers_here()

@@ -1,6 +1,6 @@
 """The helper process of ``mltag.tracking.Tracker``: runs a step's MLflow calls, in order.
 
-Started as ``python -m mltag.tracking_helper REPLY_FD LOG_LEVEL``. Reads pickled ``(op, args,
+Started as ``python -m mltag.tracking_helper REPLY_FD LOG_LEVEL TRACKING_URI``. Reads pickled ``(op, args,
 kwargs)`` from stdin, writes a pickled reply per call to ``REPLY_FD`` (stdout and stderr stay
 the step's). Stops at end of input, or before a call once the step that started it is gone,
 and leaves with ``os._exit``: MLflow's exit hook would end an active run as FINISHED, and a
@@ -14,12 +14,18 @@ import pickle
 import sys
 
 
-def serve(reply_fd: int, level: int) -> None:
+def serve(reply_fd: int, level: int, uri: str) -> None:
     import logging
 
     from mltag.cli import _setup_logging
 
     _setup_logging(level)
+    # What every step's first call needs, imported before it comes: MLflow, and for a database
+    # store its SQLAlchemy store (together about 2 s, while the step starts and works).
+    import mlflow  # noqa: F401
+
+    if uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     parent = os.getppid()
     replies = os.fdopen(reply_fd, "wb")
     from mltag import tracking
@@ -55,4 +61,4 @@ def serve(reply_fd: int, level: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]))
+    serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
