@@ -439,6 +439,71 @@ def _memo_has(backbone_file: Path, hashes: list[str]) -> bool:
 SCRATCH = "mltag-register"
 
 
+class _InThread:
+    """``fn(*args)`` in a thread started now (``inline``: run here, now); ``result()`` waits and returns
+    it or raises what it raised."""
+
+    def __init__(self, fn, *args, inline: bool = False):
+        import threading
+
+        self._value, self._error = None, None
+
+        def run():
+            try:
+                self._value = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to result()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"mltag-{fn.__name__}", daemon=True)
+        self._thread.start()
+        if inline:
+            self._thread.join()  # its error, if any, is raised by result()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _check_challenger(model_dir: Path, thresholds: Path, tmp: Path, meta: dict, bottlenecks, test, test_images,
+                      y_test: np.ndarray, labels: list[str], prepared, root: Path, warm, register: config.Register,
+                      test_hashes) -> tuple[Path, np.ndarray | None, np.ndarray, dict | None]:
+    """What register decides on, without MLflow: the bundle (model folder + thresholds) in ``tmp``, the
+    challenger's test scores (the cached vectors' when they match, as evaluate scored them; else from
+    the images) and, with ``register.tflite``, the LiteRT parity table (raising when model.tflite
+    differs from what was evaluated)."""
+    bundle = _bundle(model_dir, thresholds, tmp / "model")
+    cached = _cached_test_vectors(bottlenecks, meta, [ex.path for ex in test]) if bottlenecks else None
+    if cached is not None:  # the scores evaluate measured: the head on the test images' cached vectors
+        from mltag.head import head_scores
+
+        chall_scores = head_scores(bundle, cached)
+    else:
+        from mltag.model import InferenceModel
+
+        chall_scores = InferenceModel(bundle).scores(test_images) if test_images else np.zeros((0, len(labels)))
+    parity = None
+    if register.tflite:
+        _, train_ex = load_prepared(prepared, "train")
+        if warm is not None:
+            warm.wait()  # what it made (or failed to) is in the cache; what it did not, tflite_parity does
+        parity = tflite_parity(bundle, test_images, y_test, labels, [root / ex.path for ex in train_ex],
+                               chall_scores, int8=register.int8, int8_images=register.int8_images,
+                               max_drop=register.int8_max_drop, evaluated=cached is not None,
+                               test_hashes=test_hashes)
+        write_json_atomic(bundle / "tflite_parity.json", parity)
+        for key, tol, what in (("fp32_max_abs_diff_vs_savedmodel", 1e-4, "the SavedModel"),
+                               ("fp32_max_abs_diff_vs_evaluated", EVALUATED_TOLERANCE, "the evaluated scores")):
+            if parity.get(key, 0.0) > tol:
+                raise MltagError(f"model.tflite differs from {what} by {parity[key]:.2e} (> {tol}); "
+                                 "not registering", model_dir / "model.tflite")
+    return bundle, cached, chall_scores, parity
+
+
 def _scratch(out: Path) -> Path:
     """register's scratch folder, beside ``out``: writing there proves ``out`` writable before the
     registry is touched, and what a killed register left there is removed (once its process is gone)."""
@@ -497,28 +562,36 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     known = load_hashes(prepared) or {}  # the images' content, as prepare hashed it
     test_hashes = [known.get(ex.path) for ex in test]
     test_hashes = test_hashes if all(test_hashes) else None
+    tmp = _scratch(out)  # also proves --out's folder writable, before the registry is touched
     warm = _warm_quantized_backbone(model_dir, meta, register, test_images, test_hashes)
+    # The challenger scored and its LiteRT files checked in a thread while MLflow imports here (LiteRT
+    # and image decoding let go of the GIL, an import mostly holds it).
+    from mltag import engine, export, head, images, model  # noqa: F401 - here, not in two threads at once
+    # Scoring from the images or a fine-tuned model runs TF: not beside MLflow's imports, but before them.
+    checked = _InThread(_check_challenger, model_dir, thresholds, tmp, meta, bottlenecks, test, test_images, y_test,
+                        labels, prepared, root, warm, register, test_hashes,
+                        inline=not bottlenecks or meta.get("mode", "head") != "head")
     with _reaped(warm):
-        import mlflow
-        import pandas as pd
-        from mlflow import MlflowClient
-        from mlflow.models import infer_signature
-
-        from mltag import tracking as mltracking
-        from mltag.pyfunc import MltagPyfunc
-
-        uri = mltracking.setup_checked(tracking_uri)
-        client = MlflowClient()
-        run_id = mltracking.model_run(model_dir, run_id, uri)
-        _check_recorded_digest(client, model_dir, digest)
-        if labels != model_labels:
-            raise MltagError(f"the model scores labels {model_labels} but the prepared data has {labels}; train on "
-                             "this data (or register against the data it was trained on)", model_dir / "model.json")
-        if run_id is None:
-            mlflow.set_experiment(experiment)
-        tmp = _scratch(out)  # also proves --out's folder writable, before the registry is touched
         try:
-            bundle = _bundle(model_dir, thresholds, tmp / "model")
+            import mlflow
+            import pandas as pd
+            from mlflow import MlflowClient
+            from mlflow.models import infer_signature
+
+            from mltag import tracking as mltracking
+            from mltag.pyfunc import MltagPyfunc
+
+            uri = mltracking.setup_checked(tracking_uri)
+            client = MlflowClient()
+            run_id = mltracking.model_run(model_dir, run_id, uri)
+            _check_recorded_digest(client, model_dir, digest)
+            if labels != model_labels:  # after the digest: an edited folder is reported as edited
+                raise MltagError(f"the model scores labels {model_labels} but the prepared data has {labels}; train "
+                                 "on this data (or register against the data it was trained on)",
+                                 model_dir / "model.json")
+            if run_id is None:
+                mlflow.set_experiment(experiment)
+            bundle, cached, chall_scores, parity = checked.result()
             from mltag.model import InferenceModel
 
             local = InferenceModel(bundle)
@@ -528,28 +601,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             py.model = local
             signature = infer_signature(example, py.predict(None, example), params={"tta": "none"}) \
                 if example is not None else None
-            cached = _cached_test_vectors(bottlenecks, meta, [ex.path for ex in test]) if bottlenecks else None
-            if cached is not None:  # the scores evaluate measured: the head on the test images' cached vectors
-                from mltag.head import head_scores
-
-                chall_scores = head_scores(bundle, cached)
-            else:
-                chall_scores = local.scores(test_images) if test_images else np.zeros((0, len(labels)))
             chall_ap = M.average_precisions(y_test, chall_scores)
-            if tflite:
-                _, train_ex = load_prepared(prepared, "train")
-                if warm is not None:
-                    warm.wait()  # what it made (or failed to) is in the cache; what it did not, tflite_parity does
-                parity = tflite_parity(bundle, test_images, y_test, labels, [root / ex.path for ex in train_ex],
-                                       chall_scores, int8=register.int8, int8_images=register.int8_images,
-                                       max_drop=register.int8_max_drop, evaluated=cached is not None,
-                                       test_hashes=test_hashes)
-                write_json_atomic(bundle / "tflite_parity.json", parity)
-                for key, tol, what in (("fp32_max_abs_diff_vs_savedmodel", 1e-4, "the SavedModel"),
-                                       ("fp32_max_abs_diff_vs_evaluated", EVALUATED_TOLERANCE, "the evaluated scores")):
-                    if parity.get(key, 0.0) > tol:
-                        raise MltagError(f"model.tflite differs from {what} by {parity[key]:.2e} (> {tol}); "
-                                         "not registering", model_dir / "model.tflite")
             # 1. Decide before touching the registry: a failure here leaves no version behind.
             chall_map = float(np.nanmean(chall_ap))
             content = model_hash(model_dir, thresholds)
@@ -626,6 +678,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                 result.update({"version": int(mv), "promoted": promote, "reason": reason,
                                "aliases": ["challenger", "champion"] if promote else ["challenger"]})
         finally:
+            checked.join()  # never remove the scratch folder under the thread's feet
             shutil.rmtree(tmp, ignore_errors=True)
         result["config"] = config
         write_json_atomic(out, result)
