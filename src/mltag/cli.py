@@ -509,7 +509,8 @@ def entry() -> None:
     Nothing mltag writes depends on that teardown, so once every exit handler has run
     (logging's flush, MLflow's, temp folders', multiprocessing's) and stdout and stderr are
     flushed, the process ends at once. A thread still running (none should be) gets the
-    normal exit, which waits for it.
+    normal exit, which waits for it. ``python -m mltag.cli`` exits the plain way (a profiler
+    around it writes its data after the module returns).
     """
     import atexit
     import threading
@@ -527,5 +528,5 @@ def entry() -> None:
     os._exit(rc if isinstance(rc, int) else 1)
 
 
-if __name__ == "__main__":
-    entry()
+if __name__ == "__main__":  # python -m mltag.cli: the plain exit (profilers write their data after it)
+    sys.exit(main())

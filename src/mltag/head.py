@@ -414,16 +414,17 @@ def fold_gradient(loss: HeadLoss, z: np.ndarray, y: np.ndarray, own: np.ndarray)
 @one_blas_thread
 def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k: int, *, learning_rate: float,
                    epochs: int, batch_size: int, hidden_units: int, dropout: float, seed: int,
-                   loss: HeadLoss) -> list[NumpyHead]:
-    """k heads fitted side by side (``FoldHeads``) in one pass over the rows: head ``f`` learns from
-    the rows whose ``row_fold`` is not ``f`` (cross-fitting's refits), for ``epochs`` epochs, with
-    no validation.
+                   loss: HeadLoss, folds: list[int] | None = None) -> list[NumpyHead]:
+    """The heads of ``folds`` (default: all ``k``) fitted side by side (``FoldHeads``) in one pass over
+    the rows: head ``f`` learns from the rows whose ``row_fold`` is not ``f`` (cross-fitting's
+    refits), for ``epochs`` epochs, with no validation. Returns them in the order of ``folds``.
 
     Each step draws ``batch_size * k / (k - 1)`` rows, so each head gets about ``batch_size`` of
     its own rows per step, and as many steps per epoch as a refit on its folds alone. The refits
     are bound by per-step overhead and by reading the rows, not by arithmetic, so all k cost
     about what one refit cost.
     """
+    folds = list(range(k)) if folds is None else list(folds)
     rng = np.random.default_rng(seed)
     if not isinstance(x, Rows):
         x = Rows(np.asarray(x))
@@ -431,7 +432,8 @@ def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k:
         x = x[np.arange(len(x))]
     y = np.asarray(y, np.float32)
     row_fold = np.asarray(row_fold)
-    heads = FoldHeads(x.shape[1], y.shape[1], hidden_units, k, rng)
+    heads = FoldHeads(x.shape[1], y.shape[1], hidden_units, len(folds), rng)
+    mine = np.array(folds)
     adam = FlatAdam(heads.weights, learning_rate)
     heads.weights = adam.weights
     step_rows = max(int(round(batch_size * k / (k - 1))), 1)
@@ -444,10 +446,10 @@ def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k:
                 x_chunk, y_chunk, f_chunk = x[idx], y[idx], row_fold[idx]
             at = slice(i % chunk, i % chunk + step_rows)
             z, acts = heads.logits(x_chunk[at], dropout, rng)
-            grad = fold_gradient(loss, z, y_chunk[at], f_chunk[at][:, None] != np.arange(k))
+            grad = fold_gradient(loss, z, y_chunk[at], f_chunk[at][:, None] != mine)
             heads.backward(acts, grad, dropout, adam.grads)
             adam.step()
-    return [heads.head(f) for f in range(k)]
+    return [heads.head(i) for i in range(len(folds))]
 
 
 def check_converged(head: NumpyHead, history: dict, learning_rate: float) -> None:
