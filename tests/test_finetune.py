@@ -177,3 +177,8 @@ def test_the_cosine_schedule_warms_up_then_decays_to_zero_and_blocks_are_grouped
     assert {id(v) for v in flat} == {id(v) for v in net.variables_from(13)} and len(flat) == len(set(map(id, flat)))
     assert any("conv_head" in v.name for v in groups[0]) and all("blocks/15" in v.name or "conv_head" in v.name
                                                                  or "bn1" == v.name.split("/")[0] for v in groups[0])
+    # fine_tune_bn frozen: the same blocks without batch norm's scale and offset (the convolutions only)
+    frozen = [v for g in net.block_groups(13, bn_affine=False) for v in g]
+    assert frozen and {id(v) for v in frozen} < {id(v) for v in flat}
+    assert all("conv" in v.name for v in frozen) and not any("/_bn" in v.name or "bn" in v.name.split("/")[-2]
+                                                             for v in frozen)

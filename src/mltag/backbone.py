@@ -254,13 +254,15 @@ class LiteNet:
         """The trainable variables of blocks ``[k, n)`` and the head convolution."""
         return [v for group in self.block_groups(k) for v in group]
 
-    def block_groups(self, k: int) -> list[list]:
+    def block_groups(self, k: int, bn_affine: bool = True) -> list[list]:
         """``variables_from(k)`` by block, top first: the last block with the head convolution, then
-        each block below it (what layer-wise learning-rate decay scales)."""
+        each block below it (what layer-wise learning-rate decay scales). ``bn_affine`` False leaves
+        out batch norm's scale and offset (batch norm frozen too)."""
         groups = []
         for i in range(self.n_blocks - 1, k - 1, -1):
             prefixes = (f"{self.blocks[i]['prefix']}.",) + (("_conv_head.", "_bn1.") if i == self.n_blocks - 1 else ())
-            groups.append([v for key, (v, _) in self.keys.items() if key.startswith(prefixes) and v.trainable])
+            groups.append([v for key, (v, layout) in self.keys.items()
+                           if key.startswith(prefixes) and v.trainable and (bn_affine or layout != "vec")])
         return groups
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -151,6 +151,9 @@ class Train(Section):
     fine_tune_schedule: Literal["constant", "cosine"] = opt(
         "cosine", "fine_tune: learning-rate schedule: cosine (warm-up over the first epoch, then cosine decay to 0 "
         "at fine_tune_epochs) or constant")
+    fine_tune_bn: Literal["affine", "frozen"] = opt(
+        "affine", "fine_tune: batch norm in the tuned blocks: affine (its scale and offset train; the moving "
+        "statistics stay) or frozen (all of it stays)")
     mixed_precision: Literal["auto", "true", "false"] = opt("auto", "auto (float16 on a GPU), true or false")
 
 

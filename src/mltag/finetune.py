@@ -18,7 +18,7 @@ forward pass per view, not one per epoch) and fast on GPU.
   warms them up over the first epoch and decays them to 0 at ``fine_tune_epochs``.
 * Batch norm keeps its moving statistics (inference mode) in every block: batch
   statistics from small batches would be noise. Its scale and offset train in the
-  unfrozen blocks.
+  unfrozen blocks (``fine_tune_bn: affine``), or stay too (``frozen``).
 * Early stopping on validation loss (``fine_tune_patience``), best epoch restored.
 * On a GPU the unfrozen blocks run in float16 (mixed precision, fp32 master weights,
   dynamic loss scaling); on CPU in float32.
@@ -162,7 +162,7 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     head_vars = [v for pair in zip(kernels, biases) for v in pair]
     # One Adam per tuned block (top first), each at fine_tune_learning_rate x lr_decay^depth; the
     # head at ten times the top's. The schedule scales every rate, step by step.
-    groups = net.block_groups(k)
+    groups = net.block_groups(k, bn_affine=train.fine_tune_bn == "affine")
     tuned = [v for g in groups for v in g]
     base_rates = [learning_rate * train.fine_tune_lr_decay ** d for d in range(len(groups))] + \
         [learning_rate * HEAD_LR_FACTOR]

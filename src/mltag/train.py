@@ -150,7 +150,7 @@ def _fit_and_write(tracker, uri, t0, meta, resolved, labels, x_tr, x_fit, y_fit,
         model_meta["fine_tune"] = {
             "blocks": train.fine_tune_blocks, "tuned_blocks": ft["tuned_blocks"],
             "learning_rate": train.fine_tune_learning_rate, "epochs": train.fine_tune_epochs,
-            "patience": train.fine_tune_patience, "best_epoch": ft["best_epoch"],
+            "patience": train.fine_tune_patience, "best_epoch": ft["best_epoch"], "bn": train.fine_tune_bn,
             "mixed_precision": ft["mixed_precision"]}
     out = Path(out)
     with atomic_path(out) as tmp:
