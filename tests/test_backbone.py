@@ -157,11 +157,14 @@ def test_two_projects_at_once_build_a_backbone_once_in_the_per_user_cache(tmp_pa
                                text=True, check=True).stderr)
     both = "".join(outs)
     assert both.count("building built-in backbone efficientnet_lite0") == 1, both
-    assert both.count("converting backbone builtin:efficientnet_lite0 to LiteRT") == 1, both
+    assert both.count("converting backbone builtin:efficientnet_lite0 to LiteRT (once)") == 1, both
+    # and its dynamic-range form (register's int8 model) with it, once
+    assert both.count("converting backbone builtin:efficientnet_lite0 to LiteRT (dynamic range)") == 1, both
     cache = tmp_path / "xdg" / "mltag" / "backbones"
     built = [d for d in cache.iterdir() if d.name.startswith("efficientnet_lite0-")]
     assert len(built) == 1 and (built[0] / "saved_model.pb").is_file()
-    assert len(list((cache / "litert").glob("*.tflite"))) == 1
+    assert sorted(p.name.split(".", 1)[1] for p in (cache / "litert").glob("*.tflite")) == \
+        ["dynamic_range.tflite", "tflite"]
     assert not [p for p in projects if any(p.iterdir())], "nothing is written into the project folders"
     assert not [x for x in cache.rglob(".*") if x.name.endswith(".tmp")], "no temp leftovers"
 
