@@ -457,6 +457,9 @@ class Tracker:
         if _prestarted is not None and _prestarted[2] == self.uri and _prestarted[0].poll() is None:
             self._proc, self._replies, _ = _prestarted
         else:
+            if _prestarted is not None:  # for another store: let it go (end of input stops it)
+                _prestarted[0].stdin.close()
+                _prestarted[1].close()
             self._proc, self._replies = _start_helper(self.uri)
         _prestarted = None
         self.send("setup_checked", tracking_uri_)
