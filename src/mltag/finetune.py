@@ -76,8 +76,9 @@ def lr_schedule(kind: str, epochs: int, steps_per_epoch: int):
 
 
 def _frozen_bottom(name: str, k: int, image_size: int, backbone_cache, net):
-    """``uint8 pixels [B,S,S,3] -> float32 feature maps``: LiteRT lanes when no GPU is visible (the
-    bottom converted once per backbone and ``k``), else TF; LiteRT that cannot convert falls back to
+    """``uint8 pixels [B,S,S,3] -> float32 feature maps``: LiteRT when no GPU is visible (one
+    single-threaded interpreter per core, splitting each batch; the bottom converted once per
+    backbone and ``k``), else TF; LiteRT that cannot convert falls back to
     TF with one line saying why."""
     tf = import_tensorflow()
 

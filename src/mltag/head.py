@@ -84,6 +84,21 @@ def with_views(x: np.ndarray, y: np.ndarray, views: np.ndarray | None) -> tuple[
     return rows, np.concatenate([y, np.repeat(y, rows.k, axis=0)])
 
 
+def glorot(rng: np.random.Generator, fan_in: int, fan_out: int, shape: tuple) -> np.ndarray:
+    """glorot_uniform for a Dense layer ``fan_in -> fan_out``, as Keras initialises it (``shape``: that
+    layer's kernel, or several heads' kernels side by side)."""
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, shape).astype(np.float32)
+
+
+def fit_rows(x: np.ndarray | Rows) -> np.ndarray | Rows:
+    """A fit's training rows: cast to float32 once when they fit in ``FLOAT32_COPY_MAX`` (each epoch
+    then gathers float32 rows), else left as ``Rows`` to be gathered and cast 64 batches at a time."""
+    if not isinstance(x, Rows):
+        x = Rows(np.asarray(x))
+    return x[np.arange(len(x))] if x.shape[0] * x.shape[1] * 4 <= FLOAT32_COPY_MAX else x
+
+
 class NumpyHead:
     """The head's Dense layers as numpy arrays: dropout -> [Dense+ReLU -> dropout] -> Dense+sigmoid.
 
@@ -97,8 +112,7 @@ class NumpyHead:
         sizes = [dim, hidden_units, n_labels] if hidden_units > 0 else [dim, n_labels]
         self.weights: list[np.ndarray] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
-            limit = np.sqrt(6.0 / (a + b))  # glorot_uniform, as Keras initialises Dense
-            self.weights += [rng.uniform(-limit, limit, (a, b)).astype(np.float32), np.zeros(b, np.float32)]
+            self.weights += [glorot(rng, a, b, (a, b)), np.zeros(b, np.float32)]
 
     @classmethod
     def from_weights(cls, weights: list[np.ndarray]) -> NumpyHead:
@@ -281,11 +295,7 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
         validation data, ``val_loss`` and ``val_map`` per epoch.
     """
     rng = np.random.default_rng(seed)
-    if not isinstance(x_tr, Rows):
-        x_tr = Rows(np.asarray(x_tr))
-    if x_tr.shape[0] * x_tr.shape[1] * 4 <= FLOAT32_COPY_MAX:
-        x_tr = x_tr[np.arange(len(x_tr))]  # cast once: each epoch then gathers float32 rows
-    # else: gathered and cast 64 batches at a time, never the whole array
+    x_tr = fit_rows(x_tr)
     y_tr = np.asarray(y_tr, np.float32)
     head = NumpyHead(x_tr.shape[1], y_tr.shape[1], hidden_units, rng)
     has_val = x_va is not None and len(x_va) > 0
@@ -345,14 +355,10 @@ class FoldHeads:
     def __init__(self, dim: int, n_labels: int, hidden_units: int, k: int, rng: np.random.Generator):
         self.k, self.hidden, self.n_labels = k, hidden_units, n_labels
         self.units = hidden_units if hidden_units > 0 else n_labels
-
-        def glorot(a: int, b: int, shape: tuple) -> np.ndarray:  # per head, as Keras initialises Dense
-            limit = np.sqrt(6.0 / (a + b))
-            return rng.uniform(-limit, limit, shape).astype(np.float32)
-
-        self.weights = [glorot(dim, self.units, (dim, k * self.units)), np.zeros(k * self.units, np.float32)]
+        # each head's kernels initialised as its own Dense layer's
+        self.weights = [glorot(rng, dim, self.units, (dim, k * self.units)), np.zeros(k * self.units, np.float32)]
         if hidden_units > 0:
-            self.weights += [glorot(hidden_units, n_labels, (k, hidden_units, n_labels)),
+            self.weights += [glorot(rng, hidden_units, n_labels, (k, hidden_units, n_labels)),
                              np.zeros((k, n_labels), np.float32)]
 
     def logits(self, x: np.ndarray, dropout: float = 0.0, rng: np.random.Generator | None = None):
@@ -426,10 +432,7 @@ def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k:
     """
     folds = list(range(k)) if folds is None else list(folds)
     rng = np.random.default_rng(seed)
-    if not isinstance(x, Rows):
-        x = Rows(np.asarray(x))
-    if x.shape[0] * x.shape[1] * 4 <= FLOAT32_COPY_MAX:
-        x = x[np.arange(len(x))]
+    x = fit_rows(x)
     y = np.asarray(y, np.float32)
     row_fold = np.asarray(row_fold)
     heads = FoldHeads(x.shape[1], y.shape[1], hidden_units, len(folds), rng)

@@ -407,16 +407,23 @@ def _start_helper(uri: str):
     return proc, os.fdopen(r, "rb")
 
 
+def _use_helper() -> bool:
+    """Whether a step's MLflow calls go to a helper process: not where MLflow is already imported
+    here (no import left to hide), with ``MLTAG_TRACKING_HELPER=0``, or off POSIX;
+    ``MLTAG_TRACKING_HELPER=1`` asks for one even where MLflow is imported."""
+    import sys
+
+    helper = os.environ.get("MLTAG_TRACKING_HELPER", "auto")
+    return helper != "0" and os.name == "posix" and (helper == "1" or "mlflow" not in sys.modules)
+
+
 def prestart(explicit_uri: str | None) -> None:
     """Start a step's tracking helper now (the CLI does, before the step's own imports), so its
     imports begin a few tenths of a second earlier; the step's ``Tracker`` takes it over. A
     helper nobody takes over stops when this process ends. Nothing where a ``Tracker`` would be
     direct."""
-    import sys
-
     global _prestarted
-    if _prestarted is not None or os.environ.get("MLTAG_TRACKING_HELPER", "auto") == "0" or os.name != "posix" \
-            or "mlflow" in sys.modules:
+    if _prestarted is not None or not _use_helper():
         return
     uri = tracking_uri(explicit_uri)
     _prestarted = (*_start_helper(uri), uri)
@@ -438,18 +445,14 @@ class Tracker:
     alive, and never ends a run it was not told to end (a killed train's run stays RUNNING,
     for the next train to close as KILLED).
 
-    Direct (no helper) when MLflow is already imported here (tests, notebooks: no import left
-    to hide), with ``MLTAG_TRACKING_HELPER=0``, or not on POSIX; ``MLTAG_TRACKING_HELPER=1``
-    starts the helper even where MLflow is imported.
+    Direct (no helper) where ``_use_helper`` says so: MLflow already imported here (tests,
+    notebooks), ``MLTAG_TRACKING_HELPER=0``, or not on POSIX.
     """
 
     def __init__(self, tracking_uri_: str | None):
-        import sys
-
         self.uri = tracking_uri(tracking_uri_)
-        helper = os.environ.get("MLTAG_TRACKING_HELPER", "auto")  # 0: never, 1: always (tests), auto
-        self.direct = helper == "0" or os.name != "posix" or helper != "1" and "mlflow" in sys.modules
-        self._proc, self._waiting, self._failed = None, 0, None
+        self.direct = not _use_helper()
+        self._proc, self._waiting = None, 0
         if self.direct:
             setup_checked(tracking_uri_)
             return
@@ -468,14 +471,17 @@ class Tracker:
         if self.direct:
             OPS[op](*args, **kwargs)
             return
-        import pickle
-
         try:
-            pickle.dump((op, args, kwargs), self._proc.stdin)
-            self._proc.stdin.flush()
+            self._write(op, args, kwargs)
         except BrokenPipeError:
             self._helper_gone()
         self._waiting += 1
+
+    def _write(self, op: str, args: tuple, kwargs: dict) -> None:
+        import pickle
+
+        pickle.dump((op, args, kwargs), self._proc.stdin)
+        self._proc.stdin.flush()
 
     def call(self, op: str, *args, **kwargs):
         if self.direct:
@@ -537,10 +543,7 @@ class Tracker:
                 if self.direct:
                     OPS[op](*args)
                 elif self._proc is not None:
-                    import pickle
-
-                    pickle.dump((op, args, {}), self._proc.stdin)
-                    self._proc.stdin.flush()
+                    self._write(op, args, {})
             except Exception:  # noqa: BLE001 - the step's error matters more
                 log.debug("tracking: %s after a failed step did not run", op, exc_info=True)
         self._shutdown()
@@ -576,15 +579,6 @@ class Tracker:
         if not run_id and (model_dir is None or run_ref_of(model_dir) is None):
             return _NoTracker()
         return cls(tracking_uri_)
-
-    def __enter__(self) -> Tracker:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abandon()
 
 
 class _NoTracker(Tracker):

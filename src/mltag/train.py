@@ -84,93 +84,83 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         tags["mlflow.source.name"] = os.path.abspath(sys.argv[0])
     tracker.send("open_train_run", tracking.experiment, str(out), tags,
                  {k: str(v)[:500] for k, v in params.items()}, {"mltag.step": "train", "mltag.labels": ",".join(labels)})
-    try:
-        summary = _fit_and_write(tracker, uri, t0, meta, resolved, labels, x_tr, x_fit, y_fit, x_va, y_va, y_tr,
-                                 p_tr, p_va, images, out, metrics_file, history_file, train, backbone, tracking,
-                                 config, progress)
+    try:  # the run ends FINISHED, or FAILED with whatever went wrong
+        loss = HeadLoss.of(train.model_dump())
+        head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, learning_rate=train.learning_rate,
+                                      epochs=train.epochs, batch_size=train.batch_size,
+                                      hidden_units=train.hidden_units, dropout=train.dropout, patience=train.patience,
+                                      monitor=train.monitor, seed=train.seed, loss=loss, progress=progress)
+        check_converged(head, history, train.learning_rate)
+        # the run exists (or a dead store is reported) before fine-tuning's minutes and before any write
+        run_id, experiment_id = tracker.call("active_run_ids")
+        fault_point("train:fitting")
+        net, ft = None, None
+        if train.mode == "fine_tune":
+            net, head.weights, ft = _fine_tune(meta, images, p_tr, y_tr, p_va, y_va, head.weights, train, progress,
+                                               backbone.cache_dir)
+        series = {f"epoch_{k}": v for k, v in history.items()}
+        if ft is not None:
+            series.update({f"fine_tune_{k}": ft[k] for k in ("loss", "val_loss", "val_map")})
+        tracker.send("log_to_run", run_id, series=series)
+        values = history[mon]
+        best = int(np.argmin(values) if mon.endswith("loss") else np.argmax(values))
+        summary = {
+            "run_id": run_id,
+            "epochs_run": len(values),
+            "best_epoch": best + 1,
+            "train_loss": history["loss"][best],
+            "val_loss": history.get("val_loss", [None] * len(values))[best],
+            "val_map_pr_auc": history.get("val_map", [None] * len(values))[best],
+            "seconds": round(time.time() - t0, 2),
+            "mode": train.mode,
+        }
+        if ft is not None:
+            summary.update({"fine_tune_best_epoch": ft["best_epoch"], "fine_tune_epochs_run": len(ft["loss"]),
+                            "fine_tune_val_loss": ft["val_loss"][ft["best_epoch"] - 1] if ft["val_loss"] else None,
+                            "fine_tune_val_map": ft["val_map"][ft["best_epoch"] - 1] if ft["val_map"] else None,
+                            "fine_tune_seconds": ft["seconds"]})
+        tracker.send("log_to_run", run_id, metrics={f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
+        model_meta = {
+            "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
+            "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
+            "feature_dim": int(x_tr.shape[1]), "hidden_units": train.hidden_units,
+            # what calibrate needs to refit the same head on folds
+            "head": {"learning_rate": train.learning_rate, "epochs": train.epochs, "batch_size": train.batch_size,
+                     "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed,
+                     "best_epoch": best + 1, "views": int(meta.get("views", 1)), **loss.settings()},
+            # fine_tune: cached vectors no longer match the backbone; evaluate scores images end to end
+            "mode": train.mode,
+        }
+        if ft is not None:
+            model_meta["fine_tune"] = {
+                "blocks": train.fine_tune_blocks, "tuned_blocks": ft["tuned_blocks"],
+                "learning_rate": train.fine_tune_learning_rate, "epochs": train.fine_tune_epochs,
+                "patience": train.fine_tune_patience, "best_epoch": ft["best_epoch"], "bn": train.fine_tune_bn,
+                "mixed_precision": ft["mixed_precision"]}
+        out = Path(out)
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            write_model_folder(tmp, head.weights, resolved, net, model_meta, backbone.cache_dir)
+            write_labels(tmp / "labels.txt", labels)
+            _write_json(tmp / "history.json",
+                        history if ft is None else {**history,
+                                                    "fine_tune": {k: ft[k] for k in ("loss", "val_loss", "val_map")}})
+            _write_json(tmp / "config.json", config or {})
+            _write_json(tmp / "summary.json", summary)
+            mltracking.save_run_ref(tmp, run_id, experiment_id, uri, tracking.experiment)
+            digest = write_integrity(tmp)
+        tracker.send("log_to_run", run_id, tags={mltracking.MODEL_DIGEST_TAG: digest})
+        records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(values))]
+        if metrics_file:
+            write_json_atomic(metrics_file, summary)
+        if history_file:
+            write_json_atomic(history_file, records)
+        tracker.send("log_to_run", run_id, artifacts=[(str(out / "history.json"), None), (str(out / "config.json"), None)])
         tracker.send("end_run", "FINISHED")
     except BaseException:
         tracker.abandon("end_run", "FAILED")
         raise
     tracker.close()
-    return summary
-
-
-def _fit_and_write(tracker, uri, t0, meta, resolved, labels, x_tr, x_fit, y_fit, x_va, y_va, y_tr, p_tr, p_va,
-                   images, out, metrics_file, history_file, train: config.Train, backbone: config.Backbone,
-                   tracking: config.Tracking, config: dict | None, progress: bool) -> dict:
-    """train's work inside its MLflow run (opened by ``tracker``): fit, fine-tune, write the model folder."""
-    loss = HeadLoss.of(train.model_dump())
-    head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, learning_rate=train.learning_rate,
-                                  epochs=train.epochs, batch_size=train.batch_size,
-                                  hidden_units=train.hidden_units, dropout=train.dropout, patience=train.patience,
-                                  monitor=train.monitor, seed=train.seed, loss=loss, progress=progress)
-    check_converged(head, history, train.learning_rate)
-    # the run exists (or a dead store is reported) before fine-tuning's minutes and before any write
-    run_id, experiment_id = tracker.call("active_run_ids")
-    fault_point("train:fitting")
-    net, ft = None, None
-    if train.mode == "fine_tune":
-        net, head.weights, ft = _fine_tune(meta, images, p_tr, y_tr, p_va, y_va, head.weights, train, progress,
-                                           backbone.cache_dir)
-    series = {f"epoch_{k}": v for k, v in history.items()}
-    if ft is not None:
-        series.update({f"fine_tune_{k}": ft[k] for k in ("loss", "val_loss", "val_map")})
-    tracker.send("log_to_run", run_id, series=series)
-    values = history[mon]
-    best = int(np.argmin(values) if mon.endswith("loss") else np.argmax(values))
-    summary = {
-        "run_id": run_id,
-        "epochs_run": len(values),
-        "best_epoch": best + 1,
-        "train_loss": history["loss"][best],
-        "val_loss": history.get("val_loss", [None] * len(values))[best],
-        "val_map_pr_auc": history.get("val_map", [None] * len(values))[best],
-        "seconds": round(time.time() - t0, 2),
-        "mode": train.mode,
-    }
-    if ft is not None:
-        summary.update({"fine_tune_best_epoch": ft["best_epoch"], "fine_tune_epochs_run": len(ft["loss"]),
-                        "fine_tune_val_loss": ft["val_loss"][ft["best_epoch"] - 1] if ft["val_loss"] else None,
-                        "fine_tune_val_map": ft["val_map"][ft["best_epoch"] - 1] if ft["val_map"] else None,
-                        "fine_tune_seconds": ft["seconds"]})
-    tracker.send("log_to_run", run_id, metrics={f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
-    model_meta = {
-        "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
-        "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
-        "feature_dim": int(x_tr.shape[1]), "hidden_units": train.hidden_units,
-        # what calibrate needs to refit the same head on folds
-        "head": {"learning_rate": train.learning_rate, "epochs": train.epochs, "batch_size": train.batch_size,
-                 "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed,
-                 "best_epoch": best + 1, "views": int(meta.get("views", 1)), **loss.settings()},
-        # fine_tune: cached vectors no longer match the backbone; evaluate scores images end to end
-        "mode": train.mode,
-    }
-    if ft is not None:
-        model_meta["fine_tune"] = {
-            "blocks": train.fine_tune_blocks, "tuned_blocks": ft["tuned_blocks"],
-            "learning_rate": train.fine_tune_learning_rate, "epochs": train.fine_tune_epochs,
-            "patience": train.fine_tune_patience, "best_epoch": ft["best_epoch"], "bn": train.fine_tune_bn,
-            "mixed_precision": ft["mixed_precision"]}
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        write_model_folder(tmp, head.weights, resolved, net, model_meta, backbone.cache_dir)
-        write_labels(tmp / "labels.txt", labels)
-        _write_json(tmp / "history.json",
-                    history if ft is None else {**history,
-                                                "fine_tune": {k: ft[k] for k in ("loss", "val_loss", "val_map")}})
-        _write_json(tmp / "config.json", config or {})
-        _write_json(tmp / "summary.json", summary)
-        mltracking.save_run_ref(tmp, run_id, experiment_id, uri, tracking.experiment)
-        digest = write_integrity(tmp)
-    tracker.send("log_to_run", run_id, tags={mltracking.MODEL_DIGEST_TAG: digest})
-    records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(values))]
-    if metrics_file:
-        write_json_atomic(metrics_file, summary)
-    if history_file:
-        write_json_atomic(history_file, records)
-    tracker.send("log_to_run", run_id, artifacts=[(str(out / "history.json"), None), (str(out / "config.json"), None)])
     return summary
 
 
