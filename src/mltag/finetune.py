@@ -43,9 +43,12 @@ HEAD_LR_FACTOR = 10.0
 
 
 def builtin_name(handle: str) -> str:
-    from mltag.backbone import BUILTIN_SPECS
+    from mltag.backbone import BUILTIN_SPECS, MULTI_SUFFIX, base_name
 
     name = str(handle).strip().removeprefix("builtin:")
+    if str(handle).startswith("builtin:") and name.endswith(MULTI_SUFFIX) and base_name(name) in BUILTIN_SPECS:
+        raise MltagError(f"train.mode fine_tune tunes a single-scale built-in: {handle!r} runs the network at two "
+                         f"scales; set backbone.handle: builtin:{base_name(name)} (and rerun bottleneck)")
     if not str(handle).startswith("builtin:") or name not in BUILTIN_SPECS:
         raise MltagError(f"train.mode fine_tune needs a built-in backbone (backbone.handle: builtin:NAME, one of "
                          f"{', '.join(BUILTIN_SPECS)}), got {handle!r}; use train.mode head for other modules")
