@@ -13,7 +13,7 @@ Prints a table per run and the CPU flags (the last line one JSON object with ``-
 asserts nothing.
 
 Usage:
-    python benchmarks/pipeline.py --images 2000 [--json] [--keep DIR] [--warm-backbone]
+    python benchmarks/pipeline.py --images 2000 [--json] [--keep DIR] [--warm-backbone] [--set SECTION.KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.002, help="train.learning_rate of the one-key experiment")
     ap.add_argument("--warm-backbone", action="store_true", help="reuse the per-user backbone cache (no build)")
     ap.add_argument("--keep", default=None, help="make the project here and keep it (default: a temp folder)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a params.yaml value for the project (repeatable), e.g. backbone.handle=builtin:efficientnet_lite2_ms")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -97,6 +99,12 @@ def main() -> int:
         shutil.copy(REPO / f, work / f)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["demo"]["n_images"] = args.images
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if section not in params or name not in params[section]:
+            raise SystemExit(f"--set {item}: params.yaml has no key {key}")
+        params[section][name] = yaml.safe_load(value)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -115,12 +123,12 @@ def main() -> int:
                    capture_output=True)
     exp, exp_total, _ = timed_run(f"dvc exp run -S train.learning_rate={args.lr}", work, env)
     flags = cpu_flags()
-    print(f"{args.images} demo images; CPU: {flags}")
+    print(f"{args.images} demo images{''.join(f'; {x}' for x in args.set)}; CPU: {flags}")
     print(table("dvc repro (fresh project" + (", backbone cached)" if args.warm_backbone else
                                               ", backbone built and converted in the bottleneck stage)"),
                 repro, repro_total))
     print(table(f"dvc exp run -S train.learning_rate={args.lr}", exp, exp_total))
-    result = {"images": args.images, "cpu": flags, "repro": {"stages": repro, "total": repro_total},
+    result = {"images": args.images, "set": args.set, "cpu": flags, "repro": {"stages": repro, "total": repro_total},
               "exp_run": {"stages": exp, "total": exp_total}}
     bn = repro.get("bottleneck", {}).get("wall")
     if bn:

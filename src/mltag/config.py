@@ -98,8 +98,10 @@ class Prepare(Section):
 
 class Backbone(Section):
     handle: str = opt("builtin:efficientnet_lite2",
-                      "builtin:efficientnet_lite0/1/2, a TF Hub URL or a local SavedModel folder")
-    image_size: int = opt(0, "input size; 0: the built-in's own (224/240/260), 224 for other modules", ge=0)
+                      "builtin:efficientnet_lite0/1/2 (add _ms: two scales and two middle stages, 2.5x the "
+                      "bottleneck time, head mode only), a TF Hub URL or a local SavedModel folder")
+    image_size: int = opt(0, "input size; 0: the built-in's own (224/240/260; _ms 280/300/325), 224 for other "
+                          "modules", ge=0)
     cache_dir: str = opt("", "where built-in backbones are built and converted; empty: the per-user cache "
                          "($MLTAG_BACKBONE_CACHE, else $XDG_CACHE_HOME/mltag/backbones, else "
                          "~/.cache/mltag/backbones)", output=False)
