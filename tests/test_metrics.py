@@ -144,6 +144,50 @@ def test_a_label_keeps_0_5_unless_its_threshold_beats_it_out_of_fold():
     assert th["expected"]["micro_f1_gain"] > 0.2
 
 
+def _one_label_each(n, rng, labels=4, unlabelled=0.0):
+    """Every image has one label (or, with probability ``unlabelled``, none), and the model ranks it first
+    nearly always but is under-confident: its score is often under 0.5 while the others stay lower."""
+    y = np.zeros((n, labels), int)
+    y[np.arange(n), rng.integers(0, labels, n)] = 1
+    y[rng.random(n) < unlabelled] = 0
+    s = rng.uniform(0.0, 0.3, (n, labels))
+    s[y == 1] = rng.uniform(0.25, 0.9, int(y.sum()))
+    return y, s
+
+
+def test_decide_gives_an_image_with_no_label_its_top_scoring_one():
+    s = np.array([[0.2, 0.4, 0.1], [0.7, 0.2, 0.6], [0.1, 0.1, 0.3]])
+    np.testing.assert_array_equal(M.decide(s, 0.5), [[0, 0, 0], [1, 0, 1], [0, 0, 0]])
+    np.testing.assert_array_equal(M.decide(s, 0.5, 1), [[0, 1, 0], [1, 0, 1], [0, 0, 1]])
+    np.testing.assert_array_equal(M.decide(s, [0.5, 0.3, 0.5], 1), [[0, 1, 0], [1, 0, 1], [0, 0, 1]])
+    assert M.compute(np.eye(3, dtype=int)[[1, 0, 2]], s, 0.5, list("abc"), 1)["micro_f1"] == pytest.approx(6 / 7)
+
+
+def test_at_least_one_label_is_chosen_out_of_fold_and_pays_on_unseen_images():
+    from mltag.calibrate import choose_at_least_one, choose_thresholds
+
+    rng = np.random.default_rng(3)
+    names = list("abcd")
+    y, s = _one_label_each(500, rng)
+    folds = np.arange(len(y)) % 5
+    th = choose_thresholds(y, s, folds, names)
+    on, gain = choose_at_least_one(y, s, folds, th, "auto", cross_fitted=True)
+    assert on == 1 and gain > 0.02
+    t = np.array([th["thresholds"][n] for n in names])
+    y_te, s_te = _one_label_each(4000, rng)
+    assert M.compute(y_te, s_te, t, names, 1)["micro_f1"] > M.compute(y_te, s_te, t, names)["micro_f1"] + 0.02
+    assert choose_at_least_one(y, s, folds, th, "false", cross_fitted=True)[0] == 0
+    # Half the images have no label: giving them one adds false positives, so auto leaves the rule off.
+    y2, s2 = _one_label_each(500, rng, unlabelled=0.6)
+    th2 = choose_thresholds(y2, s2, folds, names)
+    on2, gain2 = choose_at_least_one(y2, s2, folds, th2, "auto", cross_fitted=True)
+    assert on2 == 0 and gain2 < 0
+    assert choose_at_least_one(y2, s2, folds, th2, "true", cross_fitted=True)[0] == 1
+    # A precision target is never traded away by auto.
+    th3 = choose_thresholds(y, s, folds, names, min_precision=0.9)
+    assert choose_at_least_one(y, s, folds, th3, "auto", cross_fitted=True)[0] == 0
+
+
 def test_shrinkage_pulls_thresholds_of_rare_labels_toward_the_global_one():
     rng = np.random.default_rng(1)
     y, s = gap_scores(300, rng, labels=3)

@@ -243,6 +243,16 @@ def test_predict_cli_local_folder(tmp_path, colour_dataset, fake_backbone, mlflo
     assert r["labels"] == [c for c, f in zip(COLOURS, truth) if f]
     p = run_cli("predict", "--json", "--tta", "mean", "--model", str(tmp_path / "model"), str(img), cwd=tmp_path)
     assert json.loads(p.stdout.strip().splitlines()[-1])["labels"] == r["labels"]
+    # calibrate's at_least_one: with every threshold out of reach an image still gets its top-scoring label
+    th = json.loads((tmp_path / "thresholds.json").read_text())
+    high = {**th, "thresholds": {c: 2.0 for c in th["thresholds"]}}
+    for min_labels, want in ((0, []), (1, [max(r["scores"], key=r["scores"].get)])):
+        (tmp_path / "model" / "thresholds.json").write_text(json.dumps({**high, "min_labels": min_labels}))
+        p = run_cli("predict", "--json", "--model", str(tmp_path / "model"), str(img), cwd=tmp_path)
+        assert json.loads(p.stdout.strip().splitlines()[-1])["labels"] == want
+        p = run_cli("predict", "--model", str(tmp_path / "model"), str(img), cwd=tmp_path)
+        assert (want[0] if want else "(no label)") in p.stdout
+    shutil.copy(tmp_path / "thresholds.json", tmp_path / "model" / "thresholds.json")
     ev = evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval-tta", tmp_path / "ev-tta.json", **sections("evaluate", bootstrap=0, tta="max"), images=colour_dataset)
     assert ev["tta"] == "max" and ev["map"] >= 0.9
     p = run_cli("predict", "--model", "models:/nope@champion", str(img), cwd=tmp_path, check=False)

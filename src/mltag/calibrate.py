@@ -81,15 +81,48 @@ def cross_validated_gain(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels
         ``(per-label F1 gain, micro F1 gain)``, each pooled over the held-out folds.
     """
     y = np.asarray(y).astype(int)
-    pred_t = np.zeros_like(y, dtype=bool)
+    pred_t = cross_fitted_decisions(y, s, folds, labels, min_positives, shrink, at_05)
+    pred_05 = s >= 0.5
+    per_label = np.array([_f1(y[:, j], pred_t[:, j]) - _f1(y[:, j], pred_05[:, j]) for j in range(y.shape[1])])
+    return per_label, _f1(y, pred_t) - _f1(y, pred_05)
+
+
+def cross_fitted_decisions(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: list[str], min_positives: int,
+                           shrink: float, at_05: tuple[str, ...] = ()) -> np.ndarray:
+    """Each image's labels at thresholds fitted on the other folds (labels in ``at_05`` at 0.5)."""
+    pred = np.zeros(np.shape(y), dtype=bool)
     for f in np.unique(folds):
         fit, held = folds != f, folds == f
         th = fit_thresholds(y[fit], s[fit], labels, None, min_positives, shrink)
         t = np.array([0.5 if n in at_05 else th["thresholds"][n] for n in labels])
-        pred_t[held] = s[held] >= t
-    pred_05 = s >= 0.5
-    per_label = np.array([_f1(y[:, j], pred_t[:, j]) - _f1(y[:, j], pred_05[:, j]) for j in range(y.shape[1])])
-    return per_label, _f1(y, pred_t) - _f1(y, pred_05)
+        pred[held] = s[held] >= t
+    return pred
+
+
+def choose_at_least_one(y: np.ndarray, s: np.ndarray, folds: np.ndarray, th: dict, setting: str,
+                        cross_fitted: bool) -> tuple[int, float]:
+    """Whether an image with no label at its thresholds gets its top-scoring one (``min_labels`` 1).
+
+    ``auto`` turns it on when it raises micro F1 on the fitting scores, judged on decisions the
+    thresholds were not fitted on where ``cross_fitted`` (thresholds fitted on the other folds,
+    0.5 kept where calibrate keeps it). The rule fits nothing, so any gain counts. ``auto`` leaves it
+    off for a precision target (it lowers precision) and for ``method: none`` (0.5 and nothing else);
+    ``true`` and ``false`` decide.
+
+    Returns:
+        ``(min_labels, micro F1 gain of the rule on the fitting scores)``.
+    """
+    y = np.asarray(y).astype(int)
+    labels = th["labels"]
+    t = np.array([th["thresholds"][n] for n in labels])
+    if cross_fitted and th["method"] == "f1" and len(th["kept_0.5"]) < len(labels):
+        pred = cross_fitted_decisions(y, s, folds, labels, th["min_positives"], th["shrink"], tuple(th["kept_0.5"]))
+    else:
+        pred = s >= t
+    gain = _f1(y, M.fill_empty(pred, s)) - _f1(y, pred) if len(y) else 0.0
+    if setting == "auto":
+        return (1 if gain > 0 and th["method"] == "f1" else 0), float(gain)
+    return (1 if setting == "true" else 0), float(gain)
 
 
 def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: list[str],
@@ -200,15 +233,20 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         th = choose_thresholds(y_fit, s_fit, folds, labels, mp, min_positives, shrink, min_gain)
     kept, expected = th["kept_0.5"], th["expected"]
     th["fitted_on"] = source
+    th["min_labels"], one_gain = choose_at_least_one(y_fit, s_fit, folds, th, calibrate.at_least_one,
+                                                     cv_folds > 1 and method != "none")
+    expected["at_least_one_micro_f1_gain"] = one_gain
     t = np.array([th["thresholds"][n] for n in labels])
     at_05 = M.compute(y_te, s_te, 0.5, labels)
-    at_cal = M.compute(y_te, s_te, t, labels)
+    at_cal = M.compute(y_te, s_te, t, labels, th["min_labels"])
     result = {
         "thresholds": th["thresholds"],
         "fallback_labels": th["fallback_labels"],
         "kept_0.5": kept,
+        "at_least_one": bool(th["min_labels"]),
         "fitted_on": source,
         "expected_micro_f1_gain": expected["micro_f1_gain"],
+        "expected_at_least_one_micro_f1_gain": one_gain,
         "test_micro_f1_gain": at_cal["micro_f1"] - at_05["micro_f1"],
         "test_at_0.5": {k: v for k, v in at_05.items() if k != "per_label"},
         "test_at_thresholds": at_cal,
@@ -223,10 +261,12 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         tracker.send("log_to_run", run_id, metrics={
             **{f"calibrated_test_{k}": v for k, v in at_cal.items() if isinstance(v, float)},
             **{f"threshold_{n}": v for n, v in th["thresholds"].items()},
-            "calibrate_expected_micro_f1_gain": expected["micro_f1_gain"]}, artifacts=[(str(out), "calibrate")])
+            "calibrate_expected_micro_f1_gain": expected["micro_f1_gain"],
+            "calibrate_at_least_one": float(th["min_labels"])}, artifacts=[(str(out), "calibrate")])
     tracker.close()
-    log.info("calibrate: thresholds %s (from %s; 0.5 kept for %s)",
-             ", ".join(f"{n}={v:.3f}" for n, v in th["thresholds"].items()), source, ", ".join(kept) or "none")
+    log.info("calibrate: thresholds %s (from %s; 0.5 kept for %s); an image with no label gets its top one: %s "
+             "(%+.4f micro F1 on the fitting scores)", ", ".join(f"{n}={v:.3f}" for n, v in th["thresholds"].items()),
+             source, ", ".join(kept) or "none", "yes" if th["min_labels"] else "no", one_gain)
     log.info("calibrate: expected micro F1 gain %+.4f; test micro F1 %.4f at 0.5 -> %.4f calibrated; "
              "macro F1 %.4f -> %.4f", expected["micro_f1_gain"], at_05["micro_f1"], at_cal["micro_f1"],
              at_05["macro_f1"], at_cal["macro_f1"])

@@ -72,8 +72,26 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
-def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str]) -> dict:
-    """All headline and per-label metrics for true flags ``y`` and scores ``s`` at ``thresholds``.
+def decide(s: np.ndarray, thresholds, min_labels: int = 0) -> np.ndarray:
+    """The labels predicted for scores ``s`` (``[N, L]``): each at or above its threshold; with ``min_labels``
+    1 (calibrate's ``at_least_one``), an image with none gets its top-scoring label."""
+    s = np.asarray(s, dtype=np.float64).reshape(len(s), -1)
+    pred = s >= np.asarray(thresholds, dtype=np.float64)
+    return fill_empty(pred, s) if min_labels > 0 else pred
+
+
+def fill_empty(pred: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``pred`` with each image that has no label given its top-scoring one (a copy)."""
+    pred = np.array(pred, dtype=bool)
+    empty = ~pred.any(axis=1)
+    if pred.shape[1] and empty.any():
+        pred[np.flatnonzero(empty), np.asarray(s)[empty].argmax(axis=1)] = True
+    return pred
+
+
+def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str], min_labels: int = 0) -> dict:
+    """All headline and per-label metrics for true flags ``y`` and scores ``s`` at ``thresholds`` (and
+    ``min_labels``, see ``decide``).
 
     numpy throughout, the values of sklearn's functions (``precision_recall_fscore_support``
     and ``f1_score`` with ``zero_division=0``, ``hamming_loss``, ``accuracy_score``,
@@ -81,7 +99,7 @@ def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str]) -> dict
     """
     y = np.asarray(y).astype(int).reshape(len(y), -1)
     s = np.asarray(s, dtype=np.float64).reshape(len(s), -1)
-    pred = (s >= np.asarray(thresholds, dtype=np.float64)).astype(int)
+    pred = decide(s, thresholds, min_labels).astype(int)
     ap = average_precisions(y, s)
     pos, hit = y > 0, pred > 0
     tp = (pos & hit).sum(axis=0)

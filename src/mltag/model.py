@@ -85,6 +85,15 @@ class InferenceModel:
             thresholds = read_thresholds(model_dir / "thresholds.json", self.labels)
         self.thresholds = np.array(
             [float((thresholds or {}).get("thresholds", {}).get(lb, 0.5)) for lb in self.labels], np.float32)
+        self.min_labels = int((thresholds or {}).get("min_labels", 0))  # calibrate's at_least_one
+
+    def chosen(self, scores: np.ndarray) -> list[list[str]]:
+        """Each score row's labels: at or above their thresholds, and with calibrate's ``at_least_one``
+        the top-scoring one where none is."""
+        from mltag.metrics import decide
+
+        return [[lb for lb, hit in zip(self.labels, row) if hit] for row in decide(scores, self.thresholds,
+                                                                                    self.min_labels)]
 
     def _locked_run(self, pixels: np.ndarray) -> np.ndarray:
         """One engine call at a time: a LiteRT interpreter is not thread-safe, and a server (``mlflow models
@@ -130,10 +139,7 @@ class InferenceModel:
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
     def predict(self, images, tta: str = "none") -> list[dict]:
-        """Per image: the labels at or above their threshold, and every label's score."""
+        """Per image: its labels (``chosen``) and every label's score."""
         s = self.scores(images, tta=tta)
-        return [
-            {"labels": [lb for lb, v, t in zip(self.labels, row, self.thresholds) if v >= t],
-             "scores": {lb: float(v) for lb, v in zip(self.labels, row)}}
-            for row in s
-        ]
+        return [{"labels": chosen, "scores": {lb: float(v) for lb, v in zip(self.labels, row)}}
+                for chosen, row in zip(self.chosen(s), s)]

@@ -154,14 +154,14 @@ def predict(model_ref: str, images: list[str], out_format: str = "text", out=Non
     folder = resolve_model(model_ref, tracking_uri)
     model = InferenceModel(folder, _thresholds_for(folder if folder.is_dir() else folder.parent))
     out = out or sys.stdout
-    labels, th = model.labels, model.thresholds
+    labels = model.labels
     writer = None
     if out_format == "csv":
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["path", "labels", "error", *(f"score_{lb}" for lb in labels)])
     ok = failed = 0
     for path, scores, err in run_batch(model, paths, progress=expanded if progress is None else progress, tta=tta):
-        chosen = [lb for lb, s, t in zip(labels, scores, th) if s >= t] if scores is not None else []
+        chosen = model.chosen([scores])[0] if scores is not None else []
         if err is None:
             ok += 1
         else:
@@ -176,7 +176,7 @@ def predict(model_ref: str, images: list[str], out_format: str = "text", out=Non
                 row["error"] = err
             out.write(json.dumps(row) + "\n")
         elif err is None:
-            lab = ", ".join(f"{lb} ({s:.2f})" for lb, s, t in zip(labels, scores, th) if s >= t) or "(no label)"
+            lab = ", ".join(f"{lb} ({s:.2f})" for lb, s in zip(labels, scores) if lb in chosen) or "(no label)"
             out.write(f"{path}: {lab}\n")
         else:
             out.write(f"{path}: error: {err}\n")

@@ -134,7 +134,8 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
     meta = read_model_meta(folder)
     labels = meta["labels"]
     th_file = folder / "thresholds.json" if (folder / "thresholds.json").is_file() else folder.parent / "thresholds.json"
-    th = read_thresholds(th_file, labels)["thresholds"] if th_file.is_file() else {}
+    th_all = read_thresholds(th_file, labels) if th_file.is_file() else {}
+    th = th_all.get("thresholds", {})
     thresholds = np.array([float(th.get(lb, 0.5)) for lb in labels])
     files = list_images(images)
     vectors, computed = vectors_for(files, meta, store, backbone_cache_dir, engine, progress)
@@ -152,8 +153,11 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["rank", "path", "uncertainty", "entropy", "margin", "novelty", "predicted",
                 *(f"score_{lb}" for lb in labels)])
+    from mltag.metrics import decide
+
+    chosen = decide(scores, thresholds, int(th_all.get("min_labels", 0)))
     for rank, (i, nov) in enumerate(zip(picks, novelty), 1):
-        predicted = " ".join(lb for lb, s, t in zip(labels, scores[i], thresholds) if s >= t)
+        predicted = " ".join(lb for lb, hit in zip(labels, chosen[i]) if hit)
         w.writerow([rank, str(files[i]), f"{u['uncertainty'][i]:.4f}", f"{u['entropy'][i]:.4f}",
                     f"{u['margin'][i]:.4f}", f"{nov:.4f}", predicted, *(f"{s:.4f}" for s in scores[i])])
     write_text_atomic(out, buf.getvalue())
