@@ -272,7 +272,7 @@ def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset
 
     def cycle(tag, lr, epochs, **gate):
         m = tmp_path / f"model-{tag}"
-        train(tmp_path / "bn", m, **sections("train", learning_rate=lr, epochs=epochs, patience=epochs, seed=1), progress=False)
+        train(tmp_path / "bn", m, **sections("train", learning_rate=lr, epochs=epochs, patience=epochs, seed=1, refit=False), progress=False)
         evaluate(m, tmp_path / "bn", tmp_path / f"eval-{tag}", tmp_path / f"ev-{tag}.json", **sections("evaluate", bootstrap=0))
         calibrate(tmp_path / f"eval-{tag}", m, tmp_path / f"th-{tag}.json", tmp_path / f"ca-{tag}.json", **sections("calibrate", cv_folds=0), bottlenecks=tmp_path / "bn")
         return register(m, tmp_path / f"th-{tag}.json", tmp_path / "prepared", tmp_path / f"rg-{tag}.json", **sections("register", model_name="gate"), **gate)
@@ -405,6 +405,41 @@ def test_augmented_views_are_bit_identical_to_the_plain_expressions_on_real_phot
             for seed in range(4):
                 assert np.array_equal(augmented_view(path, size, seed), _reference_view(path, size, seed)), \
                     (name, size, seed)
+
+
+def test_refit_ships_a_head_fitted_afresh_on_train_and_val_for_the_epochs_val_chose(tmp_path, colour_dataset,
+                                                                                  fake_backbone, mlflow_store):
+    from mltag.formats import load_split, load_views, read_head, read_model_meta
+    from mltag.head import HeadLoss, Rows, fit_head
+
+    prepare(tmp_path / "prep", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=2), progress=False)
+    kw = {"learning_rate": 0.05, "epochs": 60, "patience": 10}
+    once = train(tmp_path / "bn", tmp_path / "plain", **sections("train", refit=False, **kw), progress=False)
+    again = train(tmp_path / "bn", tmp_path / "refit", **sections("train", refit=True, **kw), progress=False)
+    assert not once["refit"] and again["refit"] and again["best_epoch"] == once["best_epoch"]
+    hp = read_model_meta(tmp_path / "refit")["head"]
+    assert hp["refit"] and not read_model_meta(tmp_path / "plain")["head"]["refit"]
+    # The shipped head is the one fit_head makes on every train and val vector (and the train images' views).
+    x_tr, y_tr, _ = load_split(tmp_path / "bn", "train")
+    x_va, y_va, _ = load_split(tmp_path / "bn", "val")
+    views = load_views(tmp_path / "bn", "train")
+    rows = Rows(np.concatenate([x_tr, x_va]), views, None, np.arange(len(x_tr)))
+    y_all = np.concatenate([y_tr, y_va, np.repeat(y_tr, views.shape[1], axis=0)])
+    want, _, _ = fit_head(rows, y_all, None, None, learning_rate=0.05, epochs=once["best_epoch"], batch_size=32,
+                          hidden_units=0, dropout=0.2, patience=0, monitor="val_loss", seed=42,
+                          loss=HeadLoss.of(hp))
+    got, plain = read_head(tmp_path / "refit"), read_head(tmp_path / "plain")
+    assert all(np.array_equal(a, b) for a, b in zip(got, want.weights))
+    assert not all(np.array_equal(a, b) for a, b in zip(got, plain))
+    # Its validation scores are not held out: evaluate says so, and calibrate will not fit thresholds on them.
+    ev = evaluate(tmp_path / "refit", tmp_path / "bn", tmp_path / "ev", tmp_path / "ev.json", **sections("evaluate", bootstrap=0))
+    assert ev["val"]["seen_in_training"] and ev["map"] >= 0.9
+    with pytest.raises(MltagError, match=r"refitted on train\+val .* set calibrate.cv_folds to 2 or more") as e:
+        calibrate(tmp_path / "ev", tmp_path / "refit", tmp_path / "th.json", tmp_path / "ca.json", **sections("calibrate", cv_folds=0), bottlenecks=tmp_path / "bn", progress=False)
+    assert "model.json" in str(e.value) and not (tmp_path / "th.json").exists()
+    ca = calibrate(tmp_path / "ev", tmp_path / "refit", tmp_path / "th.json", tmp_path / "ca.json", **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False)
+    assert "out-of-fold" in ca["fitted_on"] and (tmp_path / "th.json").is_file()
 
 
 def test_out_of_fold_scores_come_from_heads_that_never_saw_the_image(tmp_path, colour_dataset, fake_backbone,

@@ -189,7 +189,12 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the refits
     from mltag.formats import load_scores, read_model_meta
 
-    labels = read_model_meta(model_dir)["labels"]
+    model_meta = read_model_meta(model_dir)
+    labels = model_meta["labels"]
+    if (model_meta.get("head") or {}).get("refit") and method != "none" and cv_folds <= 1:
+        raise MltagError("this head was refitted on train+val (train.refit), so its validation scores are not held "
+                         "out and cannot fit thresholds: set calibrate.cv_folds to 2 or more (the default 5), or "
+                         "train.refit false", Path(model_dir) / "model.json")
     sc = load_scores(evaluation)
     s_va, y_va, s_te, y_te = sc["val_scores"], sc["val_labels"], sc["test_scores"], sc["test_labels"]
     for name, a in (("val_scores", s_va), ("test_scores", s_te)):

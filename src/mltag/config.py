@@ -127,6 +127,8 @@ class Train(Section):
     hidden_units: int = opt(0, "0: logistic head; >0: one ReLU hidden layer", ge=0)
     dropout: float = opt(0.2, "dropout rate", ge=0, lt=1)
     patience: int = opt(15, "early-stopping patience (epochs); 0: every epoch runs, the best is kept", ge=0)
+    refit: bool = opt(True, "head mode: after early stopping picks the epoch count on val, fit the shipped head "
+                            "afresh on train+val for that many epochs (calibrate then needs cv_folds >= 2)")
     monitor: Literal["val_loss", "val_map"] = opt("val_loss", "early-stopping and best-epoch metric, of the head "
                                                   "and of fine_tune")
     seed: int = opt(42, "random seed")

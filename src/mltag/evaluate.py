@@ -73,7 +73,8 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     tta = evaluate.tta
     from mltag import tracking
 
-    labels = read_model_meta(model_dir)["labels"]
+    model_meta = read_model_meta(model_dir)
+    labels = model_meta["labels"]
     tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the work
     x_va, y_va, p_va = load_split(bottlenecks, "val")
     x_te, y_te, p_te = load_split(bottlenecks, "test")
@@ -100,6 +101,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=evaluate.bootstrap, seed=evaluate.seed)
     result["baselines"] = M.baselines(y_te, y_tr, labels)
     result["val"] = {k: v for k, v in M.compute(y_va, s_va, 0.5, labels).items() if k != "per_label"}
+    result["val"]["seen_in_training"] = bool((model_meta.get("head") or {}).get("refit"))  # train.refit
     png = pr_curves_png(y_te, s_te, labels)
     # the model's run found (or a dead store reported) before anything is written
     run_id = tracker.model_run(model_dir, run_id, tracking_uri)

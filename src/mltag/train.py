@@ -22,7 +22,7 @@ from mltag.errors import MltagError
 from mltag.export import write_model_folder
 from mltag.files import atomic_path, fault_point, write_json_atomic
 from mltag.formats import load_split, load_views, read_bottleneck_meta, read_labels, write_integrity, write_labels
-from mltag.head import HeadLoss, check_converged, fit_head, with_views
+from mltag.head import HeadLoss, Rows, check_converged, fit_head, with_views
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
     labels = read_labels(Path(bottlenecks) / "labels.txt")
     x_tr, y_tr, p_tr = load_split(bottlenecks, "train")
     x_va, y_va, p_va = load_split(bottlenecks, "val")
-    x_fit, y_fit = with_views(x_tr, y_tr, load_views(bottlenecks, "train"))
+    views = load_views(bottlenecks, "train")
+    x_fit, y_fit = with_views(x_tr, y_tr, views)
     if len(x_tr) == 0:
         raise MltagError("the train split is empty", Path(bottlenecks) / "train.npz")
     resolved = bb.resolve(meta["backbone_handle"], backbone.cache_dir)
@@ -91,6 +92,16 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
                                       hidden_units=train.hidden_units, dropout=train.dropout, patience=train.patience,
                                       monitor=train.monitor, seed=train.seed, loss=loss, progress=progress)
         check_converged(head, history, train.learning_rate)
+        values = history[mon]
+        best = int(np.argmin(values) if mon.endswith("loss") else np.argmax(values))
+        refit = train.refit and train.mode == "head" and len(x_va) > 0
+        if refit:  # the same head, afresh, on train+val for the epoch count validation chose
+            rows = Rows(np.concatenate([x_tr, x_va]), views, None, np.arange(len(x_tr)))
+            y_all = np.concatenate([y_tr, y_va] + ([np.repeat(y_tr, rows.k, axis=0)] if rows.k else []))
+            head, _, _ = fit_head(rows, y_all, None, None, learning_rate=train.learning_rate, epochs=best + 1,
+                                  batch_size=train.batch_size, hidden_units=train.hidden_units, dropout=train.dropout,
+                                  patience=0, monitor=train.monitor, seed=train.seed, loss=loss)
+            check_converged(head, history, train.learning_rate)
         # the run exists (or a dead store is reported) before fine-tuning's minutes and before any write
         run_id, experiment_id = tracker.call("active_run_ids")
         fault_point("train:fitting")
@@ -102,8 +113,6 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         if ft is not None:
             series.update({f"fine_tune_{k}": ft[k] for k in ("loss", "val_loss", "val_map")})
         tracker.send("log_to_run", run_id, series=series)
-        values = history[mon]
-        best = int(np.argmin(values) if mon.endswith("loss") else np.argmax(values))
         summary = {
             "run_id": run_id,
             "epochs_run": len(values),
@@ -113,6 +122,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
             "val_map_pr_auc": history.get("val_map", [None] * len(values))[best],
             "seconds": round(time.time() - t0, 2),
             "mode": train.mode,
+            "refit": refit,
         }
         if ft is not None:
             summary.update({"fine_tune_best_epoch": ft["best_epoch"], "fine_tune_epochs_run": len(ft["loss"]),
@@ -127,7 +137,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
             # what calibrate needs to refit the same head on folds
             "head": {"learning_rate": train.learning_rate, "epochs": train.epochs, "batch_size": train.batch_size,
                      "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed,
-                     "best_epoch": best + 1, "views": int(meta.get("views", 1)), **loss.settings()},
+                     "best_epoch": best + 1, "views": int(meta.get("views", 1)), "refit": refit, **loss.settings()},
             # fine_tune: cached vectors no longer match the backbone; evaluate scores images end to end
             "mode": train.mode,
         }
