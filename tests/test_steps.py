@@ -408,7 +408,8 @@ def test_augmented_views_are_bit_identical_to_the_plain_expressions_on_real_phot
 
 
 def test_refit_ships_a_head_fitted_afresh_on_train_and_val_for_the_epochs_val_chose(tmp_path, colour_dataset,
-                                                                                  fake_backbone, mlflow_store):
+                                                                                  fake_backbone, mlflow_store,
+                                                                                  monkeypatch):
     from mltag.formats import load_split, load_views, read_head, read_model_meta
     from mltag.head import HeadLoss, Rows, fit_head
 
@@ -440,6 +441,12 @@ def test_refit_ships_a_head_fitted_afresh_on_train_and_val_for_the_epochs_val_ch
     assert "model.json" in str(e.value) and not (tmp_path / "th.json").exists()
     ca = calibrate(tmp_path / "ev", tmp_path / "refit", tmp_path / "th.json", tmp_path / "ca.json", **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False)
     assert "out-of-fold" in ca["fitted_on"] and (tmp_path / "th.json").is_file()
+    # Beside the first fit in a forked process (two cores here) or after it (one core): the same head.
+    import mltag.workers
+
+    monkeypatch.setattr(mltag.workers, "cpu_threads", lambda: 1)
+    train(tmp_path / "bn", tmp_path / "one-core", **sections("train", refit=True, **kw), progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(read_head(tmp_path / "one-core"), got))
 
 
 def test_out_of_fold_scores_come_from_heads_that_never_saw_the_image(tmp_path, colour_dataset, fake_backbone,

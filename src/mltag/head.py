@@ -285,10 +285,14 @@ def validation_metrics(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 @one_blas_thread
 def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: np.ndarray | None, *,
              learning_rate: float, epochs: int, batch_size: int, hidden_units: int, dropout: float,
-             patience: int, monitor: str, seed: int, loss: HeadLoss, progress: bool = False):
+             patience: int, monitor: str, seed: int, loss: HeadLoss, progress: bool = False,
+             gate=None, after_epoch=None):
     """Fit a fresh head; with validation data and ``patience`` > 0, stop early and keep the best epoch.
 
     The settings are train's (``train.*``) or, for calibrate's refits, the ones model.json recorded.
+    ``gate(e)``, when given, is asked before epoch ``e`` (from 1) and stops the fit when it says
+    False; ``after_epoch(e, head, improved)`` is told after each epoch (``fit_and_refit`` paces two
+    fits with them). Neither changes what an epoch computes.
 
     Returns:
         ``(NumpyHead, history dict, monitored key)``; history holds ``loss`` and, with
@@ -311,6 +315,8 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
         history.update(val_loss=[], val_map=[])
     best, best_weights, since = None, None, 0
     for epoch in range(epochs):
+        if gate is not None and not gate(epoch + 1):
+            break
         order = rng.permutation(len(x_tr))
         losses = []
         chunk = batch_size * 64  # rows gathered (and cast to float32) 64 batches at a time, not batch by batch
@@ -337,6 +343,8 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
             best, best_weights, since = value, [w.copy() for w in head.weights], 0
         else:
             since += 1
+        if after_epoch is not None:
+            after_epoch(epoch + 1, head, better)
         if progress and (epoch + 1) % max(25, epochs // 4) == 0:  # a few summary lines, not one per epoch
             shown = ", ".join(f"{k} {vals[-1]:.4f}" for k, vals in history.items())
             log.info("train: epoch %d/%d: %s", epoch + 1, epochs, shown)
@@ -344,6 +352,90 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
             break
     head.weights = best_weights if patience > 0 and best_weights is not None else [w.copy() for w in head.weights]
     return head, history, mon
+
+
+def best_epoch(history: dict, monitor: str) -> int:
+    """The epoch (from 1) a fit keeps: the first with the lowest loss or the highest mAP."""
+    values = history[monitor]
+    return int(np.argmin(values) if monitor.endswith("loss") else np.argmax(values)) + 1
+
+
+def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience: int, monitor: str,
+                  progress: bool = False, **settings):
+    """``fit_head`` on the training rows with validation, and the same head fitted afresh on ``x_all``
+    (train+val) for the epoch count the first one chose (``train.refit``).
+
+    Where there are two cores and the platform forks, the refit runs beside the first fit in a
+    forked process, never ahead of it: before its epoch ``e`` it waits until the first fit has
+    finished epoch ``e``, keeps its weights at the first fit's best epoch so far, and stops once the
+    first fit has stopped and it has reached that fit's best epoch. Its head is the one a fit of
+    that many epochs on ``x_all`` gives alone (a test checks bit for bit); else it runs after.
+
+    Returns:
+        ``(head, history, monitored key, refitted NumpyHead)``.
+    """
+    import multiprocessing as mp
+
+    from mltag.workers import cpu_threads
+
+    if cpu_threads() < 2 or "fork" not in mp.get_all_start_methods():
+        head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
+                                      progress=progress, **settings)
+        refit, _, _ = fit_head(x_all, y_all, None, None, epochs=best_epoch(history, mon), patience=0,
+                               monitor=monitor, **settings)
+        return head, history, mon, refit
+    ctx = mp.get_context("fork")
+    cond = ctx.Condition()
+    done, best, stopped = ctx.RawValue("i", 0), ctx.RawValue("i", 0), ctx.RawValue("i", 0)  # guarded by cond
+    recv, send = ctx.Pipe(duplex=False)
+
+    def refit() -> None:
+        kept = None
+
+        def gate(e: int) -> bool:
+            with cond:
+                cond.wait_for(lambda: done.value >= e or stopped.value)
+                return not (stopped.value and e > best.value)
+
+        def after(e: int, head: NumpyHead, improved: bool) -> None:
+            nonlocal kept
+            with cond:
+                if best.value == e:
+                    kept = [w.copy() for w in head.weights]
+
+        try:
+            fit_head(x_all, y_all, None, None, epochs=epochs, patience=0, monitor=monitor, gate=gate, after_epoch=after,
+                     **settings)
+            send.send(("ok", kept))
+        except Exception as e:  # noqa: BLE001 - reported by the parent as its own error
+            send.send(("error", f"{type(e).__name__}: {e}"))
+
+    def publish(e: int, head: NumpyHead, improved: bool) -> None:
+        with cond:
+            if improved:
+                best.value = e
+            done.value = e
+            cond.notify_all()
+
+    worker = ctx.Process(target=refit, daemon=True)
+    worker.start()
+    try:
+        head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
+                                      progress=progress, after_epoch=publish, **settings)
+    finally:
+        with cond:
+            stopped.value = 1
+            cond.notify_all()
+    try:
+        status, payload = recv.recv()
+    except EOFError:
+        raise MltagError(f"train.refit: the refit process ended without a head (exit code {worker.exitcode})") \
+            from None
+    finally:
+        worker.join()
+    if status != "ok" or payload is None:
+        raise MltagError(f"train.refit failed: {payload}")
+    return head, history, mon, NumpyHead.from_weights(payload)
 
 
 class FoldHeads:

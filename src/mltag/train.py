@@ -22,7 +22,7 @@ from mltag.errors import MltagError
 from mltag.export import write_model_folder
 from mltag.files import atomic_path, fault_point, write_json_atomic
 from mltag.formats import load_split, load_views, read_bottleneck_meta, read_labels, write_integrity, write_labels
-from mltag.head import HeadLoss, Rows, check_converged, fit_head, with_views
+from mltag.head import HeadLoss, Rows, best_epoch, check_converged, fit_and_refit, fit_head, with_views
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +87,22 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
                  {k: str(v)[:500] for k, v in params.items()}, {"mltag.step": "train", "mltag.labels": ",".join(labels)})
     try:  # the run ends FINISHED, or FAILED with whatever went wrong
         loss = HeadLoss.of(train.model_dump())
-        head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, learning_rate=train.learning_rate,
-                                      epochs=train.epochs, batch_size=train.batch_size,
-                                      hidden_units=train.hidden_units, dropout=train.dropout, patience=train.patience,
-                                      monitor=train.monitor, seed=train.seed, loss=loss, progress=progress)
-        check_converged(head, history, train.learning_rate)
-        values = history[mon]
-        best = int(np.argmin(values) if mon.endswith("loss") else np.argmax(values))
+        settings = {"learning_rate": train.learning_rate, "batch_size": train.batch_size,
+                    "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed, "loss": loss}
         refit = train.refit and train.mode == "head" and len(x_va) > 0
-        if refit:  # the same head, afresh, on train+val for the epoch count validation chose
+        if refit:  # the shipped head: the same one, afresh, on train+val for the epoch count validation chose
             rows = Rows(np.concatenate([x_tr, x_va]), views, None, np.arange(len(x_tr)))
             y_all = np.concatenate([y_tr, y_va] + ([np.repeat(y_tr, rows.k, axis=0)] if rows.k else []))
-            head, _, _ = fit_head(rows, y_all, None, None, learning_rate=train.learning_rate, epochs=best + 1,
-                                  batch_size=train.batch_size, hidden_units=train.hidden_units, dropout=train.dropout,
-                                  patience=0, monitor=train.monitor, seed=train.seed, loss=loss)
-            check_converged(head, history, train.learning_rate)
+            first, history, mon, head = fit_and_refit(x_fit, y_fit, x_va, y_va, rows, y_all, epochs=train.epochs,
+                                                      patience=train.patience, monitor=train.monitor,
+                                                      progress=progress, **settings)
+            check_converged(first, history, train.learning_rate)
+        else:
+            head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, epochs=train.epochs, patience=train.patience,
+                                          monitor=train.monitor, progress=progress, **settings)
+        check_converged(head, history, train.learning_rate)
+        values = history[mon]
+        best = best_epoch(history, mon) - 1
         # the run exists (or a dead store is reported) before fine-tuning's minutes and before any write
         run_id, experiment_id = tracker.call("active_run_ids")
         fault_point("train:fitting")
