@@ -372,7 +372,8 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
     that many epochs on ``x_all`` gives alone (a test checks bit for bit); else it runs after.
 
     Returns:
-        ``(head, history, monitored key, refitted NumpyHead)``.
+        ``(head, history, monitored key, refitted NumpyHead)``; the last is None when the first fit
+        never finished a finite epoch (it diverged at once).
     """
     import multiprocessing as mp
 
@@ -433,9 +434,10 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
             from None
     finally:
         worker.join()
-    if status != "ok" or payload is None:
+    if status != "ok":
         raise MltagError(f"train.refit failed: {payload}")
-    return head, history, mon, NumpyHead.from_weights(payload)
+    # None: the first fit diverged in its first epoch (check_converged says so)
+    return head, history, mon, None if payload is None else NumpyHead.from_weights(payload)
 
 
 class FoldHeads:

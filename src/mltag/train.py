@@ -96,7 +96,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
             first, history, mon, head = fit_and_refit(x_fit, y_fit, x_va, y_va, rows, y_all, epochs=train.epochs,
                                                       patience=train.patience, monitor=train.monitor,
                                                       progress=progress, **settings)
-            check_converged(first, history, train.learning_rate)
+            check_converged(first, history, train.learning_rate)  # a fit that diverged at once left no refit
         else:
             head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, epochs=train.epochs, patience=train.patience,
                                           monitor=train.monitor, progress=progress, **settings)
