@@ -176,8 +176,8 @@ class Calibrate(Section):
     shrink: float = opt(10.0, "pseudo-positives pulling each label's threshold toward the global one", ge=0)
     min_gain: float = opt(0.01, "out-of-fold F1 gain a label (and the whole set) needs to leave 0.5")
     at_least_one: Literal["auto", "true", "false"] = opt(
-        "auto", "an image with no label at its thresholds gets its top-scoring one: auto (when that raises micro F1 "
-                "out of fold; never with min_precision) | true | false")
+        "auto", "an image with no label at its thresholds gets its top-scoring one: auto when that raises micro F1 "
+                "out of fold (never with method min_precision or none)")
 
     @model_validator(mode="after")
     def _precision_target(self):
