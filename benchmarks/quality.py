@@ -115,7 +115,7 @@ def concat_bottlenecks(parts: list[Path], out: Path) -> None:
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["backbone"], r.get("image_size", 0), r["views"], r["hidden"], r["mode"], r["train"], r["calibration"]),
+        groups.setdefault((r["backbone"], r["image_size"], r["views"], r["hidden"], r["mode"], r["train"], r["calibration"]),
                           []).append(r)
     out = []
     for (b, size, v, h, mode, variant, c), rs in groups.items():

@@ -43,10 +43,10 @@ HEAD_LR_FACTOR = 10.0
 
 
 def builtin_name(handle: str) -> str:
-    from mltag.backbone import BUILTIN_SPECS, MULTI_SUFFIX, base_name
+    from mltag.backbone import BUILTIN_SPECS, base_name, is_multiscale
 
     name = str(handle).strip().removeprefix("builtin:")
-    if str(handle).startswith("builtin:") and name.endswith(MULTI_SUFFIX) and base_name(name) in BUILTIN_SPECS:
+    if str(handle).startswith("builtin:") and is_multiscale(name):
         raise MltagError(f"train.mode fine_tune tunes a single-scale built-in: {handle!r} runs the network at two "
                          f"scales; set backbone.handle: builtin:{base_name(name)} (and rerun bottleneck)")
     if not str(handle).startswith("builtin:") or name not in BUILTIN_SPECS:
