@@ -72,6 +72,14 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
+def decision_rule(th: dict | None, labels: list[str]) -> tuple[np.ndarray, int]:
+    """What ``decide`` takes from calibrate's thresholds (``thresholds.json``, or None): each label's
+    threshold (0.5 where it names none) and ``min_labels`` (0 where it has none)."""
+    th = th or {}
+    return (np.array([float(th.get("thresholds", {}).get(lb, 0.5)) for lb in labels]),
+            int(th.get("min_labels", 0)))
+
+
 def decide(s: np.ndarray, thresholds, min_labels: int = 0) -> np.ndarray:
     """The labels predicted for scores ``s`` (``[N, L]``): each at or above its threshold; with ``min_labels``
     1 (calibrate's ``at_least_one``), an image with none gets its top-scoring label."""

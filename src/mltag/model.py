@@ -21,6 +21,7 @@ from mltag.errors import MltagError
 from mltag.export import BACKBONE_DIR
 from mltag.formats import check_output_width, read_model_meta, read_thresholds
 from mltag.images import load_image
+from mltag.metrics import decide, decision_rule
 from mltag.tf_runtime import import_tensorflow
 from mltag.workers import cpu_threads, imap_ordered
 
@@ -83,15 +84,12 @@ class InferenceModel:
             self._run = lambda px: fn(images=tf.constant(np.ascontiguousarray(px)))["scores"].numpy()
         if thresholds is None and (model_dir / "thresholds.json").is_file():
             thresholds = read_thresholds(model_dir / "thresholds.json", self.labels)
-        self.thresholds = np.array(
-            [float((thresholds or {}).get("thresholds", {}).get(lb, 0.5)) for lb in self.labels], np.float32)
-        self.min_labels = int((thresholds or {}).get("min_labels", 0))  # calibrate's at_least_one
+        t, self.min_labels = decision_rule(thresholds, self.labels)  # min_labels: calibrate's at_least_one
+        self.thresholds = t.astype(np.float32)
 
     def chosen(self, scores: np.ndarray) -> list[list[str]]:
         """Each score row's labels: at or above their thresholds, and with calibrate's ``at_least_one``
         the top-scoring one where none is."""
-        from mltag.metrics import decide
-
         return [[lb for lb, hit in zip(self.labels, row) if hit] for row in decide(scores, self.thresholds,
                                                                                     self.min_labels)]
 

@@ -110,12 +110,10 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
         saved = InferenceModel(bundle, engine="tf").scores(imgs)
         out["fp32_max_abs_diff_vs_savedmodel"] = float(np.abs(fp32 - saved).max()) if len(imgs) else 0.0
     out["fp32_bytes"] = (bundle / "model.tflite").stat().st_size
-    th = read_thresholds(bundle / "thresholds.json")
-    t = np.array([float(th["thresholds"].get(lb, 0.5)) for lb in labels])
+    t, min_labels = M.decision_rule(read_thresholds(bundle / "thresholds.json"), labels)
 
     def quality(s):
-        m = M.compute(y_test, s, t, labels, int(th.get("min_labels", 0))) if len(y_test) else {"map": None,
-                                                                                                 "micro_f1": None}
+        m = M.compute(y_test, s, t, labels, min_labels) if len(y_test) else {"map": None, "micro_f1": None}
         return m["map"], m["micro_f1"]
 
     out["fp32_test_map"], out["fp32_test_micro_f1"] = quality(chall_scores)

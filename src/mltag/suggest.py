@@ -134,9 +134,9 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
     meta = read_model_meta(folder)
     labels = meta["labels"]
     th_file = folder / "thresholds.json" if (folder / "thresholds.json").is_file() else folder.parent / "thresholds.json"
-    th_all = read_thresholds(th_file, labels) if th_file.is_file() else {}
-    th = th_all.get("thresholds", {})
-    thresholds = np.array([float(th.get(lb, 0.5)) for lb in labels])
+    from mltag.metrics import decide, decision_rule
+
+    thresholds, min_labels = decision_rule(read_thresholds(th_file, labels) if th_file.is_file() else None, labels)
     files = list_images(images)
     vectors, computed = vectors_for(files, meta, store, backbone_cache_dir, engine, progress)
     if meta.get("mode", "head") == "fine_tune":  # the cached vectors are the frozen backbone's: score end to end
@@ -153,9 +153,7 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["rank", "path", "uncertainty", "entropy", "margin", "novelty", "predicted",
                 *(f"score_{lb}" for lb in labels)])
-    from mltag.metrics import decide
-
-    chosen = decide(scores, thresholds, int(th_all.get("min_labels", 0)))
+    chosen = decide(scores, thresholds, min_labels)
     for rank, (i, nov) in enumerate(zip(picks, novelty), 1):
         predicted = " ".join(lb for lb, hit in zip(labels, chosen[i]) if hit)
         w.writerow([rank, str(files[i]), f"{u['uncertainty'][i]:.4f}", f"{u['entropy'][i]:.4f}",
