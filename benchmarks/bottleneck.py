@@ -47,7 +47,7 @@ def worker(args) -> None:
     """One bottleneck step in this process; print its figures as JSON."""
     import logging
 
-    from mltag.bottleneck import bottleneck
+    from mltag.steps.bottleneck import bottleneck
 
     logging.disable(logging.WARNING)
     t = time.perf_counter()
@@ -125,9 +125,9 @@ def per_image_costs(prepared: Path, size: int, cache_dir: Path, dim: int) -> dic
     per vector (batches of 32, one pack file each, into a fresh cache as on a first run)."""
     import numpy as np
 
-    from mltag.formats import image_root_of, load_hashes
-    from mltag.lanes import decode_view
-    from mltag.store import FeatureCache
+    from mltag.data.formats import image_root_of, load_hashes
+    from mltag.data.store import FeatureCache
+    from mltag.inference.lanes import decode_view
 
     root, hashes = image_root_of(prepared), sorted(load_hashes(prepared).items())
     decode_view(root / hashes[0][0], hashes[0][1], 0, size)  # first-call set-up is not per image
@@ -165,10 +165,10 @@ def main() -> None:
     logging.disable(logging.WARNING)
     import numpy as np
 
-    from mltag.backbone import default_image_size, resolve
-    from mltag.demo import make_demo_data
-    from mltag.engine import LiteRTEngine, TFEngine, backbone_engine, tflite_path
-    from mltag.prepare import prepare
+    from mltag.backbones.builtin import default_image_size, resolve
+    from mltag.data.demo import make_demo_data
+    from mltag.inference.engine import LiteRTEngine, TFEngine, backbone_engine, tflite_path
+    from mltag.steps.prepare import prepare
     from mltag.workers import cpu_threads
 
     n = args.images

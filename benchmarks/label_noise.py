@@ -41,7 +41,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 def noisy_copy(data: Path, dest: Path, flip: float, seed: int) -> tuple[set[tuple[str, str]], int]:
     """Write the dataset with flips as ``dest/all.lst`` + labels.txt (images linked or copied); return
     the flipped (path, label) pairs and the number of pairs."""
-    from mltag.datasets import read_dataset
+    from mltag.data.datasets import read_dataset
 
     ds = read_dataset(data, "auto")
     rng = np.random.default_rng(seed)
@@ -71,7 +71,7 @@ def score(ranked: list[tuple[str, str]], flips: set, k: int) -> dict:
 
 def run(data: Path, flip: float, seed: int, backbone: str, views: int, work: Path) -> dict:
     from mltag.config import Params
-    from mltag.formats import image_root_of, load_oof
+    from mltag.data.formats import image_root_of, load_oof
     from mltag.steps import run_step
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
@@ -112,7 +112,7 @@ def run(data: Path, flip: float, seed: int, backbone: str, views: int, work: Pat
     random_rank = [universe[i] for i in rng.permutation(len(universe))]
     flagged_hits = sum(x in visible for x in ranked)
     # every flagging rule on the same out-of-fold scores (the ranking is theirs; only what is flagged differs)
-    from mltag.review import FILTERS, find_issues
+    from mltag.steps.review import FILTERS, find_issues
 
     oof = load_oof(work / "oof.npz")
     by_filter = {}

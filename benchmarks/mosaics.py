@@ -23,7 +23,7 @@ import numpy as np
 def build(data: Path, out: Path, seed: int = 0, tile: int = 160, p_square: float = 0.5) -> dict:
     from PIL import Image, ImageOps
 
-    from mltag.datasets import read_dataset
+    from mltag.data.datasets import read_dataset
 
     ds = read_dataset(data, "auto")
     rng = np.random.default_rng(seed)

@@ -34,7 +34,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 
 def cpu_flags() -> str:
-    from mltag.doctor import cpu_info
+    from mltag.tools.doctor import cpu_info
 
     c = cpu_info()
     return f"{c['model']}, {c['cores']} cores, AVX2 {c['avx2']}, AVX-512 {c['avx512']}"

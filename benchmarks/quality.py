@@ -44,11 +44,11 @@ CALIBRATIONS = {  # name -> calibrate() keywords
 def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: str, views: int, hidden: int,
             calibrations: list[str], salt: str, params, mode: str = "head", variant: str = "default",
             size: int = 0) -> list[dict]:
-    from mltag.bottleneck import bottleneck
-    from mltag.calibrate import calibrate
-    from mltag.evaluate import evaluate
-    from mltag.prepare import image_root_of, prepare
     from mltag.steps import run_step
+    from mltag.steps.bottleneck import bottleneck
+    from mltag.steps.calibrate import calibrate
+    from mltag.steps.evaluate import evaluate
+    from mltag.steps.prepare import image_root_of, prepare
 
     t0 = time.perf_counter()
     prep = work / f"prep-{salt}"
@@ -95,7 +95,7 @@ def concat_bottlenecks(parts: list[Path], out: Path) -> None:
     an experiment on cached vectors, not a servable model."""
     import numpy as np
 
-    from mltag.formats import load_split, load_views, read_bottleneck_meta, write_bottleneck_meta, write_split
+    from mltag.data.formats import load_split, load_views, read_bottleneck_meta, write_bottleneck_meta, write_split
 
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):

@@ -50,8 +50,8 @@ def projection_backbone(path: Path) -> Path:
 
 
 def write_bottlenecks(out: Path, n: int, backbone: Path, seed: int = 0) -> None:
-    from mltag.backbone import resolve
-    from mltag.images import PREPROCESSING_VERSION
+    from mltag.backbones.builtin import resolve
+    from mltag.data.images import PREPROCESSING_VERSION
 
     rng = np.random.default_rng(seed)
     dirs = rng.normal(size=(len(LABELS), DIM)).astype(np.float32)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=20, help="train.epochs (early stopping may end sooner)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from mltag.doctor import cpu_info
+    from mltag.tools.doctor import cpu_info
 
     c = cpu_info()
     result = {"cpu": f"{c['model']}, {c['cores']} cores, AVX2 {c['avx2']}, AVX-512 {c['avx512']}",

@@ -39,7 +39,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 
 def cpu_flags() -> str:
-    from mltag.doctor import cpu_info
+    from mltag.tools.doctor import cpu_info
 
     c = cpu_info()
     return f"{c['model']}, {c['cores']} cores, AVX2 {c['avx2']}, AVX-512 {c['avx512']}"
@@ -50,9 +50,9 @@ def pct(values, q) -> float:
 
 
 def litert_latency(folder: Path, pixels: np.ndarray, runs: int = 40) -> dict:
-    from mltag.engine import LiteRTEngine, convert_backbone
-    from mltag.export import compose_tflite
-    from mltag.formats import read_head
+    from mltag.data.formats import read_head
+    from mltag.inference.engine import LiteRTEngine, convert_backbone
+    from mltag.inference.export import compose_tflite
     from mltag.tf_runtime import quiet_stderr
 
     files = {"fp32": folder / "model.tflite"}
@@ -84,9 +84,9 @@ def litert_latency(folder: Path, pixels: np.ndarray, runs: int = 40) -> dict:
 def throughput(model_ref: str, folder: Path, files: list[Path], tracking_uri: str | None) -> dict:
     import io
 
-    from mltag.formats import read_model_meta
-    from mltag.predict import predict
-    from mltag.suggest import vectors_for
+    from mltag.data.formats import read_model_meta
+    from mltag.tools.predict import predict
+    from mltag.tools.suggest import vectors_for
 
     t0 = time.perf_counter()
     ok, failed = predict(model_ref, [str(f) for f in files], "csv", io.StringIO(), tracking_uri=tracking_uri,
@@ -189,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-serve", action="store_true", help="skip the mlflow models serve part")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from mltag import tracking
-    from mltag.images import load_image
-    from mltag.model import InferenceModel
-    from mltag.predict import expand_images, resolve_model
+    from mltag.data.images import load_image
+    from mltag.inference.model import InferenceModel
+    from mltag.tools.predict import expand_images, resolve_model
+    from mltag.tracking import runs as tracking
 
     folder = resolve_model(args.model, args.tracking_uri)
     found, _ = expand_images([args.images])

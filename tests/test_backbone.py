@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mltag import backbone as bb
+from mltag.backbones import builtin as bb
+from mltag.backbones.weights import load_legacy_state_dict
 from mltag.errors import MltagError
-from mltag.torch_weights import load_legacy_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_multiscale_builtin_averages_two_scales_and_pools_two_middle_stages():
 
 
 def test_fine_tune_refuses_a_multiscale_builtin_and_names_the_single_scale_one():
-    from mltag.finetune import builtin_name
+    from mltag.steps.finetune import builtin_name
 
     assert builtin_name("builtin:efficientnet_lite2") == "efficientnet_lite2"
     with pytest.raises(MltagError, match=r"two scales; set backbone.handle: builtin:efficientnet_lite2 "):
@@ -187,7 +187,7 @@ def test_two_projects_at_once_build_a_backbone_once_in_the_per_user_cache(tmp_pa
     import os
 
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
-            "from mltag.backbone import resolve\nfrom mltag.engine import backbone_engine\n"
+            "from mltag.backbones.builtin import resolve\nfrom mltag.inference.engine import backbone_engine\n"
             "b = resolve('builtin:efficientnet_lite0'); backbone_engine('litert', b, 224, '')\n"
             "print('LOCATION', b.location)\n")
     env = {k: v for k, v in os.environ.items() if k != "MLTAG_BACKBONE_CACHE"}

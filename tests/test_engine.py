@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mltag import backbone as bb
+from mltag.backbones import builtin as bb
 from mltag.config import sections
-from mltag.engine import LiteRTEngine, TFEngine, backbone_engine, tflite_path
+from mltag.inference.engine import LiteRTEngine, TFEngine, backbone_engine, tflite_path
 
 
 def real_photos(size: int) -> np.ndarray:
@@ -80,11 +80,11 @@ def test_engine_flag_is_checked(tmp_path, fake_backbone):
 @pytest.mark.slow
 def test_tflite_export_predicts_the_same_labels_on_the_demo_test_split(tmp_path, mlflow_store):
     """The built-in backbone on the demo scenes: model.tflite (LiteRT) labels = SavedModel (TF) labels."""
-    from mltag.bottleneck import bottleneck
-    from mltag.demo import make_demo_data
-    from mltag.model import InferenceModel
-    from mltag.prepare import image_root_of, load_prepared, prepare
-    from mltag.train import train
+    from mltag.data.demo import make_demo_data
+    from mltag.inference.model import InferenceModel
+    from mltag.steps.bottleneck import bottleneck
+    from mltag.steps.prepare import image_root_of, load_prepared, prepare
+    from mltag.steps.train import train
 
     make_demo_data(tmp_path / "demo", **sections("demo-data", n_images=90))
     prepare(tmp_path / "prep", **sections("prepare", input=tmp_path / "demo"), progress=False)
@@ -134,12 +134,12 @@ def test_compute_missing_caches_the_engines_vectors_and_stops_on_errors(engine, 
     be written is a clear error, not a hang or a traceback from the writer thread. With lanes
     (one single-threaded interpreter per core, as the bottleneck step runs LiteRT) each image is
     run by one lane, whichever, and the batches still come out whole and right."""
+    from mltag.data.formats import load_hashes
+    from mltag.data.images import load_image
+    from mltag.data.store import FeatureCache
     from mltag.errors import MltagError
-    from mltag.formats import load_hashes
-    from mltag.images import load_image
-    from mltag.lanes import batch_sizes, compute_missing
-    from mltag.prepare import prepare
-    from mltag.store import FeatureCache
+    from mltag.inference.lanes import batch_sizes, compute_missing
+    from mltag.steps.prepare import prepare
 
     prepare(tmp_path / "prep", **sections("prepare", input=colour_dataset), progress=False)
     resolved = bb.resolve(str(fake_backbone))
@@ -200,11 +200,11 @@ def test_an_inference_model_scores_from_many_threads_at_once_as_it_does_alone(tm
     concurrent calls must give exactly the serial scores (they failed with HTTP 400 under load before)."""
     import threading
 
-    from mltag.bottleneck import bottleneck
-    from mltag.demo import make_demo_data
-    from mltag.model import InferenceModel
-    from mltag.prepare import prepare
-    from mltag.train import train
+    from mltag.data.demo import make_demo_data
+    from mltag.inference.model import InferenceModel
+    from mltag.steps.bottleneck import bottleneck
+    from mltag.steps.prepare import prepare
+    from mltag.steps.train import train
 
     make_demo_data(tmp_path / "demo", **sections("demo-data", n_images=40))
     prepare(tmp_path / "prep", **sections("prepare", input=tmp_path / "demo"), progress=False)

@@ -17,13 +17,13 @@ import pytest
 from test_mlflow_server import free_port, start_server, stop
 
 from conftest import run_cli
-from mltag.bottleneck import bottleneck
-from mltag.calibrate import calibrate
 from mltag.config import sections
-from mltag.evaluate import evaluate
-from mltag.prepare import prepare
-from mltag.store import FeatureCache
-from mltag.train import train
+from mltag.data.store import FeatureCache
+from mltag.steps.bottleneck import bottleneck
+from mltag.steps.calibrate import calibrate
+from mltag.steps.evaluate import evaluate
+from mltag.steps.prepare import prepare
+from mltag.steps.train import train
 
 
 def _steps_until_register(tmp, dataset, backbone):
@@ -70,7 +70,7 @@ def test_register_failing_at_scoring_leaves_the_registry_unchanged(tmp_path, col
     from mlflow import MlflowClient
 
     from mltag.errors import MltagError
-    from mltag.register import register
+    from mltag.steps.register import register
 
     _steps_until_register(tmp_path, colour_dataset, fake_backbone)
     register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json", **sections("register", model_name="labels", tflite=False))
@@ -140,7 +140,7 @@ def test_server_stopped_between_train_and_register_then_restarted(tmp_path, colo
 
 def _pack_entries(path: Path) -> tuple[list[str], np.ndarray]:
     """The keys and float16 vectors of one pack file."""
-    from mltag.store import read_pack_table
+    from mltag.data.store import read_pack_table
 
     data = path.read_bytes()
     dim, table = read_pack_table(data)
@@ -150,7 +150,7 @@ def _pack_entries(path: Path) -> tuple[list[str], np.ndarray]:
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "nan", "key_table"])
 def test_damaged_cache_entries_are_recomputed_never_trusted(tmp_path, colour_dataset, fake_backbone, damage):
-    from mltag.store import pack_bytes
+    from mltag.data.store import pack_bytes
 
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     first = bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=1), progress=False)
@@ -193,7 +193,7 @@ def test_garbage_with_a_valid_header_is_caught_by_the_checksum(tmp_path):
 
 
 def test_eps_renamed_jpg_is_refused_everywhere(tmp_path):
-    from mltag.images import BadImage, load_image
+    from mltag.data.images import BadImage, load_image
 
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
     f = tmp_path / "evil.jpg"
@@ -205,8 +205,8 @@ def test_eps_renamed_jpg_is_refused_everywhere(tmp_path):
 
 
 def test_bom_and_non_utf8_label_files(tmp_path, colour_dataset):
+    from mltag.data.formats import read_labels
     from mltag.errors import MltagError
-    from mltag.formats import read_labels
 
     bom = tmp_path / "labels.txt"
     bom.write_bytes("\ufeffdesert\nsea\n".encode("utf-8"))
@@ -400,8 +400,8 @@ def test_bottleneck_reads_only_the_images_it_computes_and_checks_their_recorded_
 
     from PIL import Image
 
+    from mltag.data.formats import load_hashes
     from mltag.errors import MltagError
-    from mltag.formats import load_hashes
 
     data = tmp_path / "data"
     shutil.copytree(colour_dataset, data)
@@ -448,8 +448,8 @@ def test_a_model_from_another_tracking_store_logs_into_one_stand_in_run(tmp_path
                                                                        monkeypatch):
     from mlflow import MlflowClient
 
-    from mltag import tracking
     from mltag.errors import MltagError
+    from mltag.tracking import runs as tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'first.db'}")
     _steps_until_register(tmp_path, colour_dataset, fake_backbone)
@@ -493,9 +493,9 @@ def test_a_hand_edited_label_list_is_never_registered_or_served(tmp_path, colour
 
     from mlflow import MlflowClient
 
+    from mltag.data.formats import write_integrity
     from mltag.errors import MltagError
-    from mltag.formats import write_integrity
-    from mltag.model import InferenceModel
+    from mltag.inference.model import InferenceModel
 
     _steps_until_register(tmp_path, colour_dataset, fake_backbone)
     edited = tmp_path / "edited"
@@ -533,7 +533,7 @@ def test_a_hand_edited_label_list_is_never_registered_or_served(tmp_path, colour
 
 
 def test_mask_uri_keeps_scheme_host_and_path_only():
-    from mltag.tracking import mask_uri, scrub
+    from mltag.tracking.runs import mask_uri, scrub
 
     assert mask_uri("http://user:pw@127.0.0.1:5000/mlflow?token=abc#x") == "http://127.0.0.1:5000/mlflow"
     assert mask_uri("https://tok@[::1]:443/") == "https://[::1]:443/"
@@ -618,8 +618,8 @@ def test_a_tracking_uri_with_credentials_works_and_the_secret_goes_nowhere(tmp_p
 @pytest.mark.parametrize("value", ["--version", "--get-url", "-u/tmp/x"])
 def test_a_data_repo_or_revision_that_looks_like_an_option_is_refused(tmp_path, value):
     """Case 3: git never sees a user's value as one of its options."""
+    from mltag.data.fetch import ImageSource, fetch_dataset, resolve_version
     from mltag.errors import MltagError
-    from mltag.fetch import ImageSource, fetch_dataset, resolve_version
 
     with pytest.raises(MltagError, match="starts with '-', which git would read as an option"):
         resolve_version("d", value, "")
@@ -632,7 +632,7 @@ def test_a_data_repo_or_revision_that_looks_like_an_option_is_refused(tmp_path, 
 
 
 def test_a_data_repo_still_resolves_through_git_ls_remote(tmp_path):
-    from mltag.fetch import resolve_version
+    from mltag.data.fetch import resolve_version
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -845,7 +845,7 @@ def test_a_step_that_fails_leaves_no_tracking_helper_behind(tmp_path):
         found = []
         for proc in Path("/proc").iterdir():
             try:
-                if proc.name.isdigit() and b"mltag.tracking_helper" in (proc / "cmdline").read_bytes() and \
+                if proc.name.isdigit() and b"mltag.tracking.helper" in (proc / "cmdline").read_bytes() and \
                         os.readlink(proc / "cwd") == str(tmp_path):
                     found.append(int(proc.name))
             except OSError:

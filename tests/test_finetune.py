@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mltag.backbone import LiteNet, load_state
+from mltag.backbones.builtin import LiteNet, load_state
 from mltag.config import sections
 from mltag.errors import MltagError
 
@@ -38,9 +38,9 @@ def test_state_dict_round_trips(lite0):
 
 
 def test_fine_tune_needs_a_builtin_backbone(tmp_path, colour_dataset, fake_backbone):
-    from mltag.bottleneck import bottleneck
-    from mltag.prepare import prepare
-    from mltag.train import train
+    from mltag.steps.bottleneck import bottleneck
+    from mltag.steps.prepare import prepare
+    from mltag.steps.train import train
 
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=1), progress=False)
@@ -70,13 +70,13 @@ def _tuned_weights(model_dir) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predicts(tmp_path, colour_dataset,
                                                                                     mlflow_store):
-    from mltag.bottleneck import bottleneck
-    from mltag.calibrate import calibrate
-    from mltag.evaluate import evaluate
-    from mltag.model import InferenceModel
-    from mltag.prepare import image_root_of, prepare
-    from mltag.register import register
-    from mltag.train import train
+    from mltag.inference.model import InferenceModel
+    from mltag.steps.bottleneck import bottleneck
+    from mltag.steps.calibrate import calibrate
+    from mltag.steps.evaluate import evaluate
+    from mltag.steps.prepare import image_root_of, prepare
+    from mltag.steps.register import register
+    from mltag.steps.train import train
 
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     images = image_root_of(tmp_path / "prepared")
@@ -111,9 +111,9 @@ def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predic
 
 def test_mixed_precision_path_runs_on_cpu(colour_dataset):
     """The GPU's float16 path (loss scaling, fp32 master weights) is the same code; it must run here too."""
-    from mltag.finetune import fine_tune
-    from mltag.formats import read_lst
-    from mltag.lanes import hash_files
+    from mltag.data.formats import read_lst
+    from mltag.inference.lanes import hash_files
+    from mltag.steps.finetune import fine_tune
 
     rows = read_lst(colour_dataset / "all.lst")[:12]
     files = [colour_dataset / r.path for r in rows]
@@ -143,10 +143,10 @@ def test_the_frozen_bottom_through_litert_gives_tf_s_feature_maps(tmp_path, colo
     maps TF gives (to 1e-4); the conversion is kept in the backbone cache and reused."""
     import tensorflow as tf
 
-    from mltag.backbone import LiteNet
-    from mltag.engine import LiteRTEngine, litert_bottom
-    from mltag.formats import read_lst
-    from mltag.images import load_image
+    from mltag.backbones.builtin import LiteNet
+    from mltag.data.formats import read_lst
+    from mltag.data.images import load_image
+    from mltag.inference.engine import LiteRTEngine, litert_bottom
 
     files = [colour_dataset / r.path for r in read_lst(colour_dataset / "all.lst")[:6]]
     px = np.stack([load_image(f, 64) for f in files])
@@ -162,8 +162,8 @@ def test_the_cosine_schedule_warms_up_then_decays_to_zero_and_blocks_are_grouped
     """fine_tune_schedule cosine: linear warm-up over the first epoch, 1 at its end, 0 at the last
     step; constant: no schedule. block_groups: variables_from(k) by block, the top block (with the
     head convolution) first."""
-    from mltag.backbone import LiteNet
-    from mltag.finetune import lr_schedule
+    from mltag.backbones.builtin import LiteNet
+    from mltag.steps.finetune import lr_schedule
 
     assert lr_schedule("constant", 10, 5) is None
     f = lr_schedule("cosine", 4, 10)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mltag import metrics as M
-from mltag.calibrate import best_threshold, fit_thresholds
-from mltag.register import gate
+from mltag.steps.calibrate import best_threshold, fit_thresholds
+from mltag.steps.register import gate
 
 
 def test_metrics_match_hand_computed_values():
@@ -106,7 +106,7 @@ def gap_scores(n: int, rng, labels: int = 5, noise: float = 0.2):
 
 
 def test_cross_fitted_thresholds_do_not_overfit_where_validation_only_ones_do():
-    from mltag.calibrate import _f1, choose_thresholds
+    from mltag.steps.calibrate import _f1, choose_thresholds
 
     names = list("abcde")
     losses_val, losses_cv = [], []
@@ -131,7 +131,7 @@ def test_cross_fitted_thresholds_do_not_overfit_where_validation_only_ones_do():
 
 
 def test_a_label_keeps_0_5_unless_its_threshold_beats_it_out_of_fold():
-    from mltag.calibrate import choose_thresholds
+    from mltag.steps.calibrate import choose_thresholds
 
     rng = np.random.default_rng(0)
     y, s = gap_scores(600, rng, labels=2)
@@ -164,7 +164,7 @@ def test_decide_gives_an_image_with_no_label_its_top_scoring_one():
 
 
 def test_at_least_one_label_is_chosen_out_of_fold_and_pays_on_unseen_images():
-    from mltag.calibrate import choose_at_least_one, choose_thresholds
+    from mltag.steps.calibrate import choose_at_least_one, choose_thresholds
 
     rng = np.random.default_rng(3)
     names = list("abcd")
@@ -202,7 +202,7 @@ def test_shrinkage_pulls_thresholds_of_rare_labels_toward_the_global_one():
 def test_error_report_escapes_names_and_shows_the_worst_mistakes(tmp_path):
     from PIL import Image
 
-    from mltag.evaluate import error_report_html, pr_curves_png
+    from mltag.steps.evaluate import error_report_html, pr_curves_png
 
     y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
     s = np.array([[0.9, 0.2], [0.6, 0.8], [0.3, 0.6], [0.1, 0.7]])

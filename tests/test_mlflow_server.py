@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import COLOURS, run_cli
-from mltag.formats import read_lst
+from mltag.data.formats import read_lst
 
 pytestmark = pytest.mark.slow
 

@@ -103,7 +103,7 @@ def test_bottleneck_shards_on_the_gpu_pool_when_asked(tmp_path):
 def test_a_gpu_step_without_a_gpu_fails_at_once(tmp_path, monkeypatch):
     """MLTAG_REQUIRE_GPU=1 (set on GPU tasks) on a machine with no GPU: a clear error before any work."""
     from mltag.errors import MltagError
-    from mltag.train import train
+    from mltag.steps.train import train
 
     monkeypatch.setenv("MLTAG_REQUIRE_GPU", "1")
     with pytest.raises(MltagError, match="placed on the GPU pool but has no GPU.*allow_cpu"):
@@ -235,8 +235,8 @@ def make_dvc_data_repo(tmp_path: Path, dataset: Path) -> tuple[Path, str]:
 @pytest.mark.slow
 def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset):
     """prepare's data source: a git+DVC repo at a revision, recorded as repo@commit."""
+    from mltag.data.fetch import ImageSource, fetch_dataset, resolve_version
     from mltag.errors import MltagError
-    from mltag.fetch import ImageSource, fetch_dataset, resolve_version
 
     repo, commit = make_dvc_data_repo(tmp_path, colour_dataset)
     version = resolve_version("colours", str(repo), commit)  # what the pipeline records and fetches
@@ -287,7 +287,7 @@ def test_pipeline_reads_a_dvc_dataset_by_reference(tmp_path, colour_dataset, fak
 
 def test_a_mutable_reference_resolves_to_an_immutable_version_and_prepare_is_cached_only_on_it(tmp_path, compiled):
     """A branch resolves to its commit now; when the branch moves, the version (prepare's cache key) moves."""
-    from mltag.fetch import resolve_version
+    from mltag.data.fetch import resolve_version
 
     repo = tmp_path / "datarepo"
     repo.mkdir()
@@ -379,8 +379,8 @@ def test_which_vector_stores_count_as_shared_on_a_cluster():
 
 def test_a_bucket_dataset_resolves_to_a_manifest_and_is_read_by_reference(tmp_path, colour_dataset):
     """fsspec's local:// protocol stands in for s3:// and gs:// (the same code path: listing, get_file)."""
+    from mltag.data.fetch import ImageSource, fetch_dataset, resolve_version
     from mltag.errors import MltagError
-    from mltag.fetch import ImageSource, fetch_dataset, resolve_version
 
     uri = f"local://{colour_dataset}"
     v1 = resolve_version(uri)
@@ -544,7 +544,7 @@ def test_a_relative_path_never_reaches_a_cluster(tmp_path, arg, name):
 
 def test_the_dockerfile_bakes_every_builtin_backbone_it_is_asked_for():
     """One list of names (a build argument, all built-ins by default); no size or handle copied from params.yaml."""
-    from mltag.backbone import BUILTINS
+    from mltag.backbones.builtin import BUILTINS
 
     text = (REPO / "Dockerfile").read_text()
     arg = next(ln for ln in text.splitlines() if ln.startswith("ARG BACKBONES="))

@@ -13,10 +13,10 @@ from PIL import Image
 
 from conftest import COLOURS, colour_image, make_colour_dataset, write_lst_dataset
 from mltag.config import sections
+from mltag.data.formats import read_lst
+from mltag.data.images import BadImage, load_image
 from mltag.errors import MltagError
-from mltag.formats import read_lst
-from mltag.images import BadImage, load_image
-from mltag.prepare import detect_format, prepare
+from mltag.steps.prepare import detect_format, prepare
 
 
 def lst_rows(out: Path) -> dict[str, list[str]]:
@@ -340,7 +340,7 @@ def test_labels_json_dict_forms(tmp_path, rows_and_src):
 
 
 def test_report_html_escapes_and_lists_rejections_and_repairs():
-    from mltag.prepare import report_html
+    from mltag.steps.prepare import report_html
 
     report = {
         "source": "data/<in>", "format": "csv", "dataset_version": "v1", "labels": ["<i>a</i>", "b"],

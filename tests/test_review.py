@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import COLOURS, make_colour_dataset, run_cli, write_lst_dataset
-from mltag.bottleneck import bottleneck
-from mltag.calibrate import calibrate
 from mltag.config import sections
-from mltag.evaluate import evaluate
-from mltag.prepare import prepare
-from mltag.train import train
+from mltag.steps.bottleneck import bottleneck
+from mltag.steps.calibrate import calibrate
+from mltag.steps.evaluate import evaluate
+from mltag.steps.prepare import prepare
+from mltag.steps.train import train
 
 
 def _flip(rows, picks):
@@ -30,7 +30,7 @@ def _flip(rows, picks):
 
 @pytest.fixture
 def reviewed(tmp_path, fake_backbone, mlflow_store):
-    from mltag.review import review
+    from mltag.steps.review import review
 
     data = tmp_path / "colours"
     rows, flipped = _flip(make_colour_dataset(data, n=90), [(3, 0), (10, 1), (25, 2), (40, 0), (61, 1), (77, 2)])
@@ -47,7 +47,7 @@ def reviewed(tmp_path, fake_backbone, mlflow_store):
 def test_review_ranks_the_injected_flips_first_and_logs_to_the_models_run(reviewed):
     from mlflow import MlflowClient
 
-    from mltag.formats import load_oof
+    from mltag.data.formats import load_oof
 
     tmp, data, flipped, r = reviewed
     seen = {str(p) for p in load_oof(tmp / "oof.npz")["paths"]}
@@ -79,9 +79,9 @@ def test_review_ranks_the_injected_flips_first_and_logs_to_the_models_run(review
 
 @pytest.mark.slow
 def test_review_apply_round_trips_through_prepare_and_never_touches_the_original(reviewed):
+    from mltag.data.formats import read_lst
     from mltag.errors import MltagError
-    from mltag.formats import read_lst
-    from mltag.review import apply_review
+    from mltag.steps.review import apply_review
 
     tmp, data, flipped, _ = reviewed
     rows = list(csv.DictReader((tmp / "review" / "label_issues.csv").read_text().splitlines()))
@@ -117,8 +117,8 @@ def test_review_apply_round_trips_through_prepare_and_never_touches_the_original
 
 
 def test_review_apply_writes_a_csv_for_a_csv_or_folder_dataset(tmp_path):
-    from mltag.datasets import detect_format, read_dataset
-    from mltag.review import apply_review
+    from mltag.data.datasets import detect_format, read_dataset
+    from mltag.steps.review import apply_review
 
     root = tmp_path / "folders"
     for name in ("cat", "dog"):
@@ -145,7 +145,7 @@ def test_review_apply_writes_a_csv_for_a_csv_or_folder_dataset(tmp_path):
 
 
 def test_pick_diverse_skips_near_duplicates_of_a_pick():
-    from mltag.suggest import pick_diverse, uncertainty
+    from mltag.tools.suggest import pick_diverse, uncertainty
 
     rng = np.random.default_rng(0)
     base = rng.normal(size=(6, 16))
@@ -162,7 +162,7 @@ def test_pick_diverse_skips_near_duplicates_of_a_pick():
 
 @pytest.mark.slow
 def test_suggest_against_a_registered_model_reuses_the_vector_store(tmp_path, fake_backbone, mlflow_store):
-    from mltag.register import register
+    from mltag.steps.register import register
 
     data = tmp_path / "colours"
     write_lst_dataset(data, make_colour_dataset(data, n=60))

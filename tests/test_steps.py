@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from conftest import COLOURS, make_colour_dataset, run_cli, write_lst_dataset
-from mltag.bottleneck import bottleneck
-from mltag.calibrate import calibrate
 from mltag.config import sections
+from mltag.data.formats import read_lst
+from mltag.data.store import FeatureCache
 from mltag.errors import MltagError
-from mltag.evaluate import evaluate
-from mltag.formats import read_lst
-from mltag.prepare import prepare
-from mltag.register import register
-from mltag.store import FeatureCache
-from mltag.train import train
+from mltag.steps.bottleneck import bottleneck
+from mltag.steps.calibrate import calibrate
+from mltag.steps.evaluate import evaluate
+from mltag.steps.prepare import prepare
+from mltag.steps.register import register
+from mltag.steps.train import train
 
 
 def run_all(tmp, dataset, backbone, lr=0.05, name="colours", **reg):
@@ -295,10 +295,10 @@ def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset
 def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour_dataset, fake_backbone,
                                                                 mlflow_store):
     """Even with the mAP bar removed (margin -1), one label's AP falling is enough to refuse."""
-    from mltag.backbone import resolve
-    from mltag.engine import litert_backbone
-    from mltag.export import compose_tflite
-    from mltag.formats import read_head, write_head
+    from mltag.backbones.builtin import resolve
+    from mltag.data.formats import read_head, write_head
+    from mltag.inference.engine import litert_backbone
+    from mltag.inference.export import compose_tflite
 
     *_, first = run_all(tmp_path, colour_dataset, fake_backbone, name="onelabel")
     assert first["promoted"]
@@ -311,7 +311,7 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
     # the LiteRT file must match the head, or register refuses
     compose_tflite(litert_backbone(resolve(str(fake_backbone)), 224, ""), weights, bad / "model.tflite")
     (bad / "run.json").unlink()  # its own run
-    from mltag.formats import write_integrity
+    from mltag.data.formats import write_integrity
 
     write_integrity(bad)  # a model built by hand records its own content hash
     second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json", **sections("register", model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05), bottlenecks=tmp_path / "bn")
@@ -324,7 +324,7 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
 
 
 def test_augmented_views_are_cached_once_and_only_for_training_images(tmp_path, fake_backbone):
-    from mltag.formats import load_views
+    from mltag.data.formats import load_views
 
     root, rows = tmp_path / "data", []
     add_images(root, rows, tmp_path / "prep", n=40, seed=0)
@@ -353,7 +353,7 @@ def test_augmented_views_are_cached_once_and_only_for_training_images(tmp_path, 
 
 
 def test_views_are_deterministic_augmentations(tmp_path):
-    from mltag.images import augmented_view, load_image
+    from mltag.data.images import augmented_view, load_image
 
     img = tmp_path / "x.jpg"
     rng = np.random.default_rng(0)
@@ -370,7 +370,7 @@ def _reference_view(path, size: int, seed: int, min_area: float = 0.5) -> np.nda
     """augmented_view as first written, one plain numpy expression per step: the pixels cached views hold."""
     from PIL import Image
 
-    from mltag.images import DEFAULT_MAX_PIXELS, _open, to_rgb
+    from mltag.data.images import DEFAULT_MAX_PIXELS, _open, to_rgb
 
     rng = np.random.default_rng(seed)
     img = to_rgb(_open(path, DEFAULT_MAX_PIXELS, draft=int(np.ceil(size / np.sqrt(min_area)))))
@@ -396,7 +396,7 @@ def test_augmented_views_are_bit_identical_to_the_plain_expressions_on_real_phot
     from PIL import Image
     from skimage import data
 
-    from mltag.images import augmented_view
+    from mltag.data.images import augmented_view
 
     for name in ("chelsea", "coffee", "astronaut", "rocket"):
         path = tmp_path / f"{name}.jpg"
@@ -410,8 +410,8 @@ def test_augmented_views_are_bit_identical_to_the_plain_expressions_on_real_phot
 def test_refit_ships_a_head_fitted_afresh_on_train_and_val_for_the_epochs_val_chose(tmp_path, colour_dataset,
                                                                                   fake_backbone, mlflow_store,
                                                                                   monkeypatch):
-    from mltag.formats import load_split, load_views, read_head, read_model_meta
-    from mltag.head import HeadLoss, Rows, fit_head
+    from mltag.data.formats import load_split, load_views, read_head, read_model_meta
+    from mltag.head.fit import HeadLoss, Rows, fit_head
 
     prepare(tmp_path / "prep", **sections("prepare", input=colour_dataset), progress=False)
     bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=2), progress=False)
@@ -451,7 +451,7 @@ def test_refit_ships_a_head_fitted_afresh_on_train_and_val_for_the_epochs_val_ch
 
 def test_out_of_fold_scores_come_from_heads_that_never_saw_the_image(tmp_path, colour_dataset, fake_backbone,
                                                                   mlflow_store, monkeypatch):
-    from mltag.oof import out_of_fold_scores
+    from mltag.head.folds import out_of_fold_scores
 
     prepare(tmp_path / "prep", **sections("prepare", input=colour_dataset), progress=False)
     bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=2), progress=False)
@@ -476,8 +476,8 @@ def test_out_of_fold_scores_come_from_heads_that_never_saw_the_image(tmp_path, c
 def test_a_quantized_model_that_loses_accuracy_is_not_shipped(tmp_path, colour_dataset, fake_backbone, mlflow_store):
     """The int8 gate: calibrated on black images only, the int8 model's activation ranges miss every real
     image; dynamic range (no calibration) may still pass. Neither passing: no model_int8.tflite, and why."""
-    from mltag.formats import read_labels, verify_integrity
-    from mltag.register import _bundle, tflite_parity
+    from mltag.data.formats import read_labels, verify_integrity
+    from mltag.steps.register import _bundle, tflite_parity
 
     run_all(tmp_path, colour_dataset, fake_backbone, name="int8gate")
     bundle = _bundle(tmp_path / "model", tmp_path / "thresholds.json", tmp_path / "scratch" / "model")
@@ -485,7 +485,7 @@ def test_a_quantized_model_that_loses_accuracy_is_not_shipped(tmp_path, colour_d
     test = read_lst(tmp_path / "prepared" / "test.lst")
     images = [colour_dataset / ex.path for ex in test]
     y = np.array([ex.flags for ex in test])
-    from mltag.model import InferenceModel
+    from mltag.inference.model import InferenceModel
 
     fp32 = InferenceModel(bundle).scores(images)
     black = [np.zeros((224, 224, 3), np.uint8)] * 8
@@ -505,7 +505,7 @@ def test_the_numpy_trainer_and_the_saved_keras_head_are_one_model(hidden):
     """The numpy trainer's head (head.npz, scored in numpy by evaluate, calibrate and suggest) is the
     Keras Dense head with the same weights (what a folder from before head.npz holds, head.keras):
     the same scores to 1e-5, with or without a hidden layer."""
-    from mltag.head import HeadLoss, NumpyHead, fit_head, predict_head, to_keras
+    from mltag.head.fit import HeadLoss, NumpyHead, fit_head, predict_head, to_keras
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 24)).astype(np.float16)
@@ -525,17 +525,17 @@ def test_train_and_head_scores_need_no_tensorflow(tmp_path, colour_dataset, fake
     """train in head mode (the head fitted in numpy, model.tflite composed from the backbone's LiteRT
     file) and scoring cached vectors with its head run in a process that never imports TF; the
     composed model.tflite scores what head.npz scores on the backbone's LiteRT features."""
-    from mltag.backbone import resolve
-    from mltag.engine import LiteRTEngine, litert_backbone
-    from mltag.formats import image_root_of, read_head
-    from mltag.head import NumpyHead
-    from mltag.images import load_image
+    from mltag.backbones.builtin import resolve
+    from mltag.data.formats import image_root_of, read_head
+    from mltag.data.images import load_image
+    from mltag.head.fit import NumpyHead
+    from mltag.inference.engine import LiteRTEngine, litert_backbone
 
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
                                                                      cache_dir=tmp_path / "c", views=1), progress=False)
-    code = ("import sys, numpy as np; from mltag.config import sections; from mltag.train import train;"
-            "from mltag.formats import load_split; from mltag.head import head_scores;"
+    code = ("import sys, numpy as np; from mltag.config import sections; from mltag.steps.train import train;"
+            "from mltag.data.formats import load_split; from mltag.head.fit import head_scores;"
             "train(sys.argv[2], sys.argv[1], **sections('train', learning_rate=0.05, epochs=20), progress=False);"
             "x, y, p = load_split(sys.argv[2], 'test'); s = head_scores(sys.argv[1], x);"
             "assert s.shape == y.shape, s.shape; assert 'tensorflow' not in sys.modules, 'TF imported'; print(len(s))")
@@ -560,7 +560,7 @@ def test_train_and_head_scores_need_no_tensorflow(tmp_path, colour_dataset, fake
 def test_head_losses_have_the_gradient_of_their_value(settings):
     """Each loss's analytic gradient against central differences of its own value; ASL with no
     focusing and no clip is BCE."""
-    from mltag.head import HeadLoss
+    from mltag.head.fit import HeadLoss
 
     loss = HeadLoss.of(settings)
     rng = np.random.default_rng(0)
@@ -585,13 +585,13 @@ def test_quantized_backbone_features_are_kept_per_image_content_and_a_damaged_me
         tmp_path, colour_dataset, fake_backbone, monkeypatch):
     """register's feature memo beside a cached backbone file: each image runs once (keyed by its
     content), a later call runs only new images, and a damaged memo is read as empty."""
-    from mltag import engine
-    from mltag import register as rg
-    from mltag.backbone import resolve
-    from mltag.engine import LiteRTEngine, litert_backbone
-    from mltag.formats import read_lst
-    from mltag.images import load_image
-    from mltag.lanes import hash_files
+    from mltag.backbones.builtin import resolve
+    from mltag.data.formats import read_lst
+    from mltag.data.images import load_image
+    from mltag.inference import engine
+    from mltag.inference.engine import LiteRTEngine, litert_backbone
+    from mltag.inference.lanes import hash_files
+    from mltag.steps import register as rg
 
     lite = litert_backbone(resolve(str(fake_backbone)), 224, tmp_path / "bbcache")
     images = [colour_dataset / r.path for r in read_lst(colour_dataset / "all.lst")][:10]
@@ -623,7 +623,7 @@ def test_quantized_backbone_features_are_kept_per_image_content_and_a_damaged_me
 def test_side_by_side_fold_heads_step_as_each_head_alone_on_its_own_rows(hidden, kind):
     """FoldHeads (calibrate's k refits in one pass): head f's logits are NumpyHead's with head f's weights,
     and its gradient is the one NumpyHead.backward gives on head f's own rows alone."""
-    from mltag.head import FoldHeads, HeadLoss, fold_gradient
+    from mltag.head.fit import FoldHeads, HeadLoss, fold_gradient
 
     rng = np.random.default_rng(4)
     k, x = 3, rng.normal(size=(20, 7)).astype(np.float32)
@@ -654,7 +654,7 @@ def test_side_by_side_fold_heads_step_as_each_head_alone_on_its_own_rows(hidden,
 def test_a_fold_head_never_learns_from_its_own_fold():
     """Whatever fold 0's rows hold, head 0 comes out bit-identical (dropout and a hidden layer on);
     the other heads, which learn from them, do not."""
-    from mltag.head import HeadLoss, fit_fold_heads
+    from mltag.head.fit import HeadLoss, fit_fold_heads
 
     rng = np.random.default_rng(5)
     x = rng.normal(size=(90, 6)).astype(np.float32)
@@ -683,7 +683,7 @@ def test_the_head_backward_pass_is_the_gradient_of_its_loss(hidden, dropout):
     (a copy of the generator draws them again), through the hidden layer's ReLU and dropout."""
     import copy
 
-    from mltag.head import HeadLoss, NumpyHead
+    from mltag.head.fit import HeadLoss, NumpyHead
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(9, 7)).astype(np.float64)
@@ -721,7 +721,7 @@ def test_the_tracking_helper_logs_what_the_step_sends_and_reports_its_errors(tmp
     from mlflow import MlflowClient
 
     from mltag.errors import MltagError
-    from mltag.tracking import MODEL_DIGEST_TAG, Tracker, owner_tags
+    from mltag.tracking.runs import MODEL_DIGEST_TAG, Tracker, owner_tags
 
     monkeypatch.setenv("MLTAG_TRACKING_HELPER", "1")
     (tmp_path / "a.json").write_text("{}")

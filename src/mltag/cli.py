@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from mltag.errors import MltagError
+from mltag.logs import setup_logging
 
 # Paths each step reads and writes (defaults match dvc.yaml).
 STEP_PATHS = {
@@ -204,15 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     # tensorflow_hub still imports pkg_resources: its deprecation warning says nothing to a user of mltag.
-    # Set before any thread starts (see mltag.backbone.tensorflow_hub).
+    # Set before any thread starts (see mltag.backbones.builtin.tensorflow_hub).
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     if "-v" not in (argv or sys.argv) and "--verbose" not in (argv or sys.argv):
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     args = build_parser().parse_args(argv)
-    _setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     if args.command in ("train", "evaluate", "calibrate", "review"):  # their MLflow helper, before their imports
-        from mltag.tracking import prestart
+        from mltag.tracking.runs import prestart
 
         prestart(getattr(args, "tracking_uri", None))
     try:
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if type(e).__name__ != "MlflowException":
             raise  # a bug: the traceback matters
-        from mltag.tracking import mask_uri, scrub, tracking_uri
+        from mltag.tracking.runs import mask_uri, scrub, tracking_uri
 
         uri = tracking_uri(args.tracking_uri)
         return _user_error(f"MLflow at {mask_uri(uri)}: {scrub(str(e).splitlines()[0][:300], uri)}", args.verbose)
@@ -264,20 +265,6 @@ def _user_error(message: str, verbose: bool) -> int:
     return 2
 
 
-def _setup_logging(level: int) -> None:
-    """mltag's own messages go to stderr as plain lines; other libraries keep their defaults."""
-    logger = logging.getLogger("mltag")
-    if not any(getattr(h, "_mltag", False) for h in logger.handlers):
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(message)s"))
-        h._mltag = True
-        logger.addHandler(h)
-    logger.setLevel(level)
-    logger.propagate = False
-    if level > logging.DEBUG:  # MLflow's own INFO lines (database setup, signature checks): -v shows them
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-
 def _dispatch(args) -> int:
     cmd = args.command
     if cmd == "backbone" and not args.verbose:
@@ -294,7 +281,7 @@ def _dispatch(args) -> int:
         return _predict(args)
     elif cmd == "suggest":
         from mltag.config import load_params
-        from mltag.suggest import suggest
+        from mltag.tools.suggest import suggest
 
         params = load_params(args.params)
         r = suggest(args.model or f"models:/{params.register.model_name}@champion", args.images, args.n, args.out,
@@ -305,12 +292,12 @@ def _dispatch(args) -> int:
     elif cmd == "metrics":
         _show_metrics(args)
     elif cmd == "promote":
-        from mltag.register import promote
+        from mltag.steps.register import promote
 
         print(json.dumps(promote(args.name, args.version, args.reason, args.user, args.tracking_uri)))
     elif cmd == "doctor":
         from mltag.config import Params, load_params
-        from mltag.doctor import doctor
+        from mltag.tools.doctor import doctor
 
         try:
             params, problem = load_params(args.params), None
@@ -318,12 +305,12 @@ def _dispatch(args) -> int:
             params, problem = Params(), str(e)
         return doctor(params, args.tracking_uri, measure=not args.no_measure, params_problem=problem)
     elif cmd == "backbone":
-        from mltag.backbone import build_builtin
+        from mltag.backbones.builtin import build_builtin
 
         if args.out is None:
-            from mltag.backbone import default_image_size, resolve
+            from mltag.backbones.builtin import default_image_size, resolve
             from mltag.config import load_params
-            from mltag.engine import backbone_engine, litert_backbone
+            from mltag.inference.engine import backbone_engine, litert_backbone
 
             cache = load_params(args.params).backbone.cache_dir
             resolved = resolve(f"builtin:{args.name}", cache)
@@ -371,7 +358,7 @@ def _run_step(step: str, args, progress: bool) -> int:
         out = run_step(step, params, **rt)
         print(f"demo-data: {params.demo.n_images} images in {out}")
     elif step == "prepare":
-        from mltag.fetch import git_rev
+        from mltag.data.fetch import git_rev
 
         rt["dataset_version"] = args.dataset_version or git_rev(params.prepare.input)
         r = run_step(step, params, **rt)
@@ -394,7 +381,7 @@ def _run_step(step: str, args, progress: bool) -> int:
     elif step == "calibrate":
         run_step(step, params, **rt, model_dir=args.model, oof_out=args.oof)
     elif step == "review" and args.action == "apply":
-        from mltag.review import apply_review
+        from mltag.steps.review import apply_review
 
         if not args.accept:
             raise MltagError("review apply needs --accept FILE (the label_issues.csv rows you agree with)")
@@ -420,14 +407,14 @@ _TAKES = {"out": tuple(STEP_PATHS), "prepared": ("bottleneck", "register", "revi
 
 def _image_root(prepared) -> Path | None:
     """The image folder of a prepared dataset, or None when ``prepared`` is not one."""
-    from mltag.formats import image_root_of
+    from mltag.data.formats import image_root_of
 
     return image_root_of(prepared) if prepared and Path(prepared, "dataset.json").is_file() else None
 
 
 def _show_metrics(args) -> None:
-    from mltag.evaluate import print_table
-    from mltag.formats import read_json
+    from mltag.data.formats import read_json
+    from mltag.steps.evaluate import print_table
 
     f = Path(args.evaluate)
     if not f.is_file():
@@ -445,7 +432,7 @@ def _show_metrics(args) -> None:
 
 
 def _predict(args) -> int:
-    from mltag.predict import predict
+    from mltag.tools.predict import predict
 
     model = args.model
     if model is None:
@@ -482,7 +469,7 @@ def _pipeline(args) -> int:
         raise MltagError(f"--arg expects SECTION.KEY=VALUE, got {bad[0]!r}")
     overrides = dict(a.split("=", 1) for a in args.arg)
     if args.local:
-        from mltag.tracking import mask_uri, tracking_uri
+        from mltag.tracking.runs import mask_uri, tracking_uri
 
         print(f"pipeline: running every task on this machine (kfp.local){'' if args.verbose else '; -v shows logs'}")
         t0 = time.time()

@@ -18,7 +18,7 @@ from mltag.kubeflow.image import IMAGE
 def resolve_data(prepare: dict, defaults: dict, data_repo: str, data_rev: str, tracking_uri: str) -> str:
     """The dataset's immutable version now (repo@commit, or a manifest hash): never cached, so prepare,
     cached on this value, runs again exactly when the branch, bucket or folder has moved."""
-    from mltag.fetch import resolve_version
+    from mltag.data.fetch import resolve_version
     from mltag.kubeflow.entry import check_cluster_tracking, params_for
 
     check_cluster_tracking(tracking_uri)  # the first step: a missing tracking URI stops the run here
@@ -37,8 +37,8 @@ def prepare(prepare: dict, defaults: dict, data_repo: str, data_version: str, da
     import tempfile
     from pathlib import Path
 
-    from mltag.fetch import fetch_dataset, is_remote
-    from mltag.formats import image_root_of, write_images_ref
+    from mltag.data.fetch import fetch_dataset, is_remote
+    from mltag.data.formats import image_root_of, write_images_ref
     from mltag.kubeflow.entry import params_for
     from mltag.steps import run_step
 
@@ -159,7 +159,7 @@ def evaluate(model: Input[Model], bottlenecks: Input[Dataset], dataset: Input[Da
     import shutil
     from pathlib import Path
 
-    from mltag.formats import model_mode
+    from mltag.data.formats import model_mode
     from mltag.kubeflow.entry import check_cluster_tracking, images_for, params_for
     from mltag.steps import run_step
 

@@ -41,7 +41,7 @@ def shared_store(params: Params) -> str | None:
     a mounted PVC); None for a relative path, which on a cluster lives only as long as its pod."""
     from pathlib import Path
 
-    from mltag.fetch import is_remote
+    from mltag.data.fetch import is_remote
 
     store = params.bottleneck.cache_dir
     return store if is_remote(store) or Path(store.removeprefix("file://")).is_absolute() else None
@@ -51,8 +51,8 @@ def images_of(dataset_dir):
     """The image root of a dataset artifact: a local Path, or a ``fetch.ImageSource`` to download from."""
     from pathlib import Path
 
-    from mltag.fetch import ImageSource, is_remote
-    from mltag.formats import read_images_ref
+    from mltag.data.fetch import ImageSource, is_remote
+    from mltag.data.formats import read_images_ref
 
     ref = read_images_ref(dataset_dir)
     if ref["repo"] or is_remote(ref["root"]):
@@ -65,7 +65,7 @@ def images_for(dataset_dir, splits: dict):
     a remote source downloads just those."""
     from pathlib import Path
 
-    from mltag.formats import load_prepared
+    from mltag.data.formats import load_prepared
 
     src = images_of(dataset_dir)
     if isinstance(src, Path):

@@ -70,8 +70,8 @@ def store_mount(params: Params, local: bool = False) -> tuple[str, str] | None:
     """
     from pathlib import PurePosixPath
 
+    from mltag.data.fetch import is_remote
     from mltag.errors import MltagError
-    from mltag.fetch import is_remote
 
     store, pvc = params.bottleneck.cache_dir, params.pipeline.store_pvc
     if is_remote(store):

@@ -175,12 +175,12 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
 
     from kfp import local
 
-    from mltag import tracking
+    from mltag.tracking import runs as tracking
 
     params = params or load_params(None)
     if not data_repo and "://" not in data:
         if not Path(data).exists() and Path(data) == Path("data/demo"):
-            from mltag.demo import make_demo_data
+            from mltag.data.demo import make_demo_data
 
             make_demo_data(data, demo=params.demo)  # the built-in demo data, as `dvc repro` would make it
         data = str(Path(data).resolve())
@@ -222,7 +222,7 @@ def check_cluster_paths(params: Params, data_repo: str = "") -> None:
     """No relative path reaches a cluster: a pod would resolve it against its own empty working folder."""
     from pathlib import PurePosixPath
 
-    from mltag.fetch import is_remote
+    from mltag.data.fetch import is_remote
 
     data = params.prepare.input
     if not data_repo and not is_remote(data) and not PurePosixPath(data.removeprefix("file://")).is_absolute():

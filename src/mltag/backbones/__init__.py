@@ -1,0 +1,1 @@
+"""Backbones: the built-in EfficientNet-Lite modules, their weights, and the handle resolver."""

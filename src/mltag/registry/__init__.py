@@ -1,0 +1,1 @@
+"""The MLflow registry side: the pyfunc model that a registered version serves."""

@@ -1,0 +1,278 @@
+"""calibrate: per-label decision thresholds from validation scores."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mltag import config
+from mltag import metrics as M
+from mltag.data.formats import model_mode, write_oof, write_thresholds
+from mltag.errors import MltagError
+from mltag.files import write_json_atomic
+from mltag.head.folds import assign_folds, out_of_fold_scores
+
+log = logging.getLogger(__name__)
+
+
+def best_threshold(y: np.ndarray, s: np.ndarray, min_precision: float | None = None) -> float | None:
+    """F1-optimal threshold, or with ``min_precision`` the lowest one reaching that precision.
+
+    Returns None when no threshold qualifies.
+    """
+    p, r, t = M.precision_recall_curve(y, s)
+    p, r = p[:-1], r[:-1]
+    if min_precision is not None:
+        ok = np.where(p >= min_precision)[0]
+        return float(t[ok[0]]) if len(ok) else None
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)
+    i = int(np.argmax(f1))
+    # Midway to the next lower score keeps the same decisions on val but is less brittle.
+    lower = s[s < t[i]]
+    return float((t[i] + lower.max()) / 2) if len(lower) else float(t[i])
+
+
+def _f1(y: np.ndarray, pred: np.ndarray) -> float:
+    tp = float((pred & (y == 1)).sum())
+    denom = float(pred.sum() + (y == 1).sum())
+    return 2 * tp / denom if denom else 0.0
+
+
+def fit_thresholds(y: np.ndarray, s: np.ndarray, labels: list[str], min_precision: float | None = None,
+                   min_positives: int = 5, shrink: float = 0.0) -> dict:
+    """Per-label thresholds fitted on scores ``s``.
+
+    Labels with fewer than ``min_positives`` positives use one global threshold; the others
+    are pulled toward it by ``shrink`` pseudo-positives: ``t = (n t_label + shrink t_global) /
+    (n + shrink)``, so a threshold resting on a handful of positives moves little.
+    """
+    y = np.asarray(y).astype(int)
+    global_t = best_threshold(y.reshape(-1), s.reshape(-1), min_precision) if y.sum() else None
+    global_t = 0.5 if global_t is None else global_t
+    out, fallback = {}, []
+    for j, name in enumerate(labels):
+        t = None
+        n_pos = int(y[:, j].sum())
+        if n_pos >= min_positives and n_pos < len(y):
+            t = best_threshold(y[:, j], s[:, j], min_precision)
+        if t is None:
+            fallback.append(name)
+            t = global_t
+        elif shrink > 0:
+            t = (n_pos * t + shrink * global_t) / (n_pos + shrink)
+        out[name] = float(t)
+    return {"labels": labels, "thresholds": out, "global_threshold": float(global_t), "fallback_labels": fallback,
+            "method": "min_precision" if min_precision is not None else "f1", "min_precision": min_precision,
+            "min_positives": min_positives, "shrink": shrink}
+
+
+def cross_validated_gain(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: list[str], min_positives: int,
+                         shrink: float, at_05: tuple[str, ...] = ()) -> tuple[np.ndarray, float]:
+    """How much fitted thresholds beat 0.5 on data they were not fitted on.
+
+    Thresholds are fitted on all folds but one of the (out-of-fold) scores and applied to
+    the held-out fold, so the figure is free of the optimism of scoring a threshold on the
+    scores that chose it. Labels in ``at_05`` stay at 0.5.
+
+    Returns:
+        ``(per-label F1 gain, micro F1 gain)``, each pooled over the held-out folds.
+    """
+    y = np.asarray(y).astype(int)
+    pred_t = cross_fitted_decisions(y, s, folds, labels, min_positives, shrink, at_05)
+    pred_05 = s >= 0.5
+    per_label = np.array([_f1(y[:, j], pred_t[:, j]) - _f1(y[:, j], pred_05[:, j]) for j in range(y.shape[1])])
+    return per_label, _f1(y, pred_t) - _f1(y, pred_05)
+
+
+def cross_fitted_decisions(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: list[str], min_positives: int,
+                           shrink: float, at_05: tuple[str, ...] = ()) -> np.ndarray:
+    """Each image's labels at thresholds fitted on the other folds (labels in ``at_05`` at 0.5)."""
+    pred = np.zeros(np.shape(y), dtype=bool)
+    for f in np.unique(folds):
+        fit, held = folds != f, folds == f
+        th = fit_thresholds(y[fit], s[fit], labels, None, min_positives, shrink)
+        t = np.array([0.5 if n in at_05 else th["thresholds"][n] for n in labels])
+        pred[held] = s[held] >= t
+    return pred
+
+
+def choose_at_least_one(y: np.ndarray, s: np.ndarray, folds: np.ndarray, th: dict, setting: str,
+                        cross_fitted: bool) -> tuple[int, float]:
+    """Whether an image with no label at its thresholds gets its top-scoring one (``min_labels`` 1).
+
+    ``auto`` turns it on when it raises micro F1 on the fitting scores, judged on decisions the
+    thresholds were not fitted on where ``cross_fitted`` (thresholds fitted on the other folds,
+    0.5 kept where calibrate keeps it). The rule fits nothing, so any gain counts. ``auto`` leaves it
+    off for a precision target (it lowers precision) and for ``method: none`` (0.5 and nothing else);
+    ``true`` and ``false`` decide.
+
+    Returns:
+        ``(min_labels, micro F1 gain of the rule on the fitting scores)``.
+    """
+    y = np.asarray(y).astype(int)
+    labels = th["labels"]
+    t = np.array([th["thresholds"][n] for n in labels])
+    if cross_fitted and th["method"] == "f1" and len(th["kept_0.5"]) < len(labels):
+        pred = cross_fitted_decisions(y, s, folds, labels, th["min_positives"], th["shrink"], tuple(th["kept_0.5"]))
+    else:
+        pred = s >= t
+    gain = _f1(y, M.fill_empty(pred, s)) - _f1(y, pred) if len(y) else 0.0
+    if setting == "auto":
+        return (1 if gain > 0 and th["method"] == "f1" else 0), float(gain)
+    return (1 if setting == "true" else 0), float(gain)
+
+
+def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: list[str],
+                      min_precision: float | None = None, min_positives: int = 5, shrink: float = 10.0,
+                      min_gain: float = 0.01) -> dict:
+    """Thresholds fitted on scores ``s`` (out-of-fold ones, ideally), with the keep-0.5 rule.
+
+    For an F1 target a label leaves 0.5 only when its fitted threshold beats 0.5 by more
+    than ``min_gain`` F1 on folds it was not fitted on (``cross_validated_gain``), and the
+    thresholds that leave it must together beat 0.5 by more than ``min_gain`` micro F1. For a
+    precision target every fitted threshold is kept: reaching the precision is the point.
+
+    Returns:
+        The ``fit_thresholds`` dict plus ``kept_0.5`` and ``expected`` (the cross-validated
+        micro and per-label F1 gains over 0.5 of the thresholds shipped).
+    """
+    y = np.asarray(y).astype(int)
+    th = fit_thresholds(y, s, labels, min_precision, min_positives, shrink)
+    enough = len(y) >= 10 and len(np.unique(folds)) > 1
+    gain_l, gain_micro = cross_validated_gain(y, s, folds, labels, min_positives, shrink) if enough \
+        else (np.zeros(len(labels)), 0.0)
+    kept = []
+    if min_precision is None:
+        kept = [n for j, n in enumerate(labels) if not gain_l[j] > min_gain]
+        for name in kept:
+            th["thresholds"][name] = 0.5
+        if kept and enough:
+            _, gain_micro = cross_validated_gain(y, s, folds, labels, min_positives, shrink, tuple(kept))
+        elif kept:
+            gain_micro = 0.0
+        if gain_micro <= min_gain and len(kept) < len(labels):  # per-label gains that do not add up overall
+            kept = list(labels)
+            for name in labels:
+                th["thresholds"][name] = 0.5
+            gain_micro = 0.0
+    th["kept_0.5"] = kept
+    th["expected"] = {"micro_f1_gain": float(gain_micro),
+                      "per_label_f1_gain": {n: float(g) for n, g in zip(labels, gain_l)}}
+    return th
+
+
+def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
+              metrics_file: str | os.PathLike, *, calibrate: config.Calibrate, tracking_uri: str | None = None,
+              run_id: str | None = None, bottlenecks: str | os.PathLike | None = None, progress: bool = True,
+              config: dict | None = None, oof_out: str | os.PathLike | None = None) -> dict:
+    """Fit per-label thresholds; report test metrics at 0.5 and at the thresholds.
+
+    ``calibrate`` is the typed params section. With ``cv_folds`` > 1 (and ``bottlenecks``), thresholds come from out-of-fold scores over
+    train+val: the head is refitted ``cv_folds`` times on cached vectors, so every image is
+    scored by a head that never saw it. With ``cv_folds`` 0 they come from the validation
+    scores alone (small validation sets overfit). ``method: none`` ships 0.5 everywhere.
+
+    A label keeps 0.5 unless its fitted threshold beats 0.5 by more than ``min_gain`` F1 on
+    folds it was not fitted on, so calibration does not make a model worse on average.
+
+    Writes the thresholds JSON to ``out`` and the metrics to ``metrics_file``; with
+    ``oof_out``, every train+val image's out-of-fold scores for review (computed with
+    ``cv_folds`` folds, or 5 when thresholds do not use them).
+    """
+    from mltag.tracking import runs as tracking
+
+    method, min_precision, min_positives = calibrate.method, calibrate.min_precision, calibrate.min_positives
+    cv_folds, shrink, min_gain = calibrate.cv_folds, calibrate.shrink, calibrate.min_gain
+    tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the refits
+    from mltag.data.formats import load_scores, read_model_meta
+
+    model_meta = read_model_meta(model_dir)
+    labels = model_meta["labels"]
+    if (model_meta.get("head") or {}).get("refit") and method != "none" and cv_folds <= 1:
+        raise MltagError("this head was refitted on train+val (train.refit), so its validation scores are not held "
+                         "out and cannot fit thresholds: set calibrate.cv_folds to 2 or more (the default 5), or "
+                         "train.refit false", Path(model_dir) / "model.json")
+    sc = load_scores(evaluation)
+    s_va, y_va, s_te, y_te = sc["val_scores"], sc["val_labels"], sc["test_scores"], sc["test_labels"]
+    for name, a in (("val_scores", s_va), ("test_scores", s_te)):
+        if a.ndim != 2 or a.shape[1] != len(labels):
+            raise MltagError(f"{name} has {a.shape[-1] if a.ndim else 0} columns but the model has {len(labels)} "
+                             "labels; run evaluate again for this model", Path(evaluation) / "scores.npz")
+    mp = min_precision if method == "min_precision" else None
+    if cv_folds > 1 and method != "none" and model_mode(model_dir) == "fine_tune":
+        log.info("calibrate: fine-tuned backbone: the cached vectors do not match it, so thresholds come from "
+                 "the validation scores (no out-of-fold refits)")
+        cv_folds = 0
+    oof, oof_file = None, None
+    if oof_out is not None:
+        if bottlenecks is None:
+            raise MltagError("out-of-fold scores for review need the bottleneck folder (--bottlenecks)")
+        try:
+            oof = out_of_fold_scores(bottlenecks, model_dir, max(cv_folds, 2) if cv_folds > 1 else 5, progress)
+            oof_file = (oof_out, oof[3], oof[0], oof[1], oof[2], labels)
+        except MltagError as e:
+            if "needs at least" not in str(e) and "no head settings" not in str(e):
+                raise
+            log.warning("calibrate: no out-of-fold scores for review: %s", e)
+            oof_file = (oof_out, [], np.zeros((0, len(labels))), np.zeros((0, len(labels))), np.zeros(0), labels,
+                        str(e))
+    if cv_folds > 1 and method != "none":
+        if bottlenecks is None:
+            raise MltagError("calibrate.cv_folds > 1 needs the bottleneck folder (--bottlenecks)")
+        y_fit, s_fit, folds, _ = oof if oof is not None else out_of_fold_scores(bottlenecks, model_dir, cv_folds,
+                                                                                 progress)
+        source = f"out-of-fold scores of {len(y_fit)} train+val images ({cv_folds} folds)"
+    else:
+        y_fit, s_fit = y_va, s_va
+        folds = assign_folds(range(len(y_va)), 5)
+        source = f"scores of {len(y_va)} validation images"
+    if method == "none":
+        th = {"labels": labels, "thresholds": {n: 0.5 for n in labels}, "global_threshold": 0.5,
+              "fallback_labels": [], "method": "none", "min_precision": None, "min_positives": min_positives,
+              "shrink": shrink, "kept_0.5": list(labels),
+              "expected": {"micro_f1_gain": 0.0, "per_label_f1_gain": {n: 0.0 for n in labels}}}
+    else:
+        th = choose_thresholds(y_fit, s_fit, folds, labels, mp, min_positives, shrink, min_gain)
+    kept, expected = th["kept_0.5"], th["expected"]
+    th["fitted_on"] = source
+    th["min_labels"], one_gain = choose_at_least_one(y_fit, s_fit, folds, th, calibrate.at_least_one,
+                                                     cv_folds > 1 and method != "none")
+    expected["at_least_one_micro_f1_gain"] = one_gain
+    t = np.array([th["thresholds"][n] for n in labels])
+    at_05 = M.compute(y_te, s_te, 0.5, labels)
+    at_cal = M.compute(y_te, s_te, t, labels, th["min_labels"])
+    result = {
+        "thresholds": th["thresholds"],
+        "fallback_labels": th["fallback_labels"],
+        "kept_0.5": kept,
+        "at_least_one": bool(th["min_labels"]),
+        "fitted_on": source,
+        "expected_micro_f1_gain": expected["micro_f1_gain"],
+        "expected_at_least_one_micro_f1_gain": one_gain,
+        "test_micro_f1_gain": at_cal["micro_f1"] - at_05["micro_f1"],
+        "test_at_0.5": {k: v for k, v in at_05.items() if k != "per_label"},
+        "test_at_thresholds": at_cal,
+    }
+    th["config"] = config
+    run_id = tracker.model_run(model_dir, run_id, tracking_uri)  # found (or a dead store said) before any write
+    if oof_file is not None:
+        write_oof(*oof_file)
+    write_thresholds(out, th)
+    write_json_atomic(metrics_file, result)
+    if run_id:
+        tracker.send("log_to_run", run_id, metrics={
+            **{f"calibrated_test_{k}": v for k, v in at_cal.items() if isinstance(v, float)},
+            **{f"threshold_{n}": v for n, v in th["thresholds"].items()},
+            "calibrate_expected_micro_f1_gain": expected["micro_f1_gain"],
+            "calibrate_at_least_one": float(th["min_labels"])}, artifacts=[(str(out), "calibrate")])
+    tracker.close()
+    log.info("calibrate: thresholds %s (from %s; 0.5 kept for %s); an image with no label gets its top one: %s "
+             "(%+.4f micro F1 on the fitting scores)", ", ".join(f"{n}={v:.3f}" for n, v in th["thresholds"].items()),
+             source, ", ".join(kept) or "none", "yes" if th["min_labels"] else "no", one_gain)
+    log.info("calibrate: expected micro F1 gain %+.4f; test micro F1 %.4f at 0.5 -> %.4f calibrated; "
+             "macro F1 %.4f -> %.4f", expected["micro_f1_gain"], at_05["micro_f1"], at_cal["micro_f1"],
+             at_05["macro_f1"], at_cal["macro_f1"])
+    return result

@@ -1,0 +1,275 @@
+"""train.mode fine_tune: train the top blocks of a built-in backbone together with the head.
+
+The bottom of the network (stem and blocks ``[0, n - fine_tune_blocks)``) stays frozen, so
+its output for an image view never changes. Each training image's views (the plain one
+and ``views - 1`` augmented ones: random resized crop, flip, colour jitter, the same
+views the bottleneck step caches) go through the frozen bottom once (on CPU through LiteRT,
+the bottom converted once per backbone and block count, as the bottleneck step runs the
+backbone); the resulting
+feature maps are kept in memory as float16 and every epoch trains the unfrozen top blocks
+and the head on them. That makes fine-tuning affordable on CPU (the frozen part costs one
+forward pass per view, not one per epoch) and fast on GPU.
+
+* Warm start: the head starts from the head fitted on the cached vectors, so the first
+  gradient steps do not wreck the pretrained top blocks with a random head's errors.
+* Learning rates: ``fine_tune_learning_rate`` for the top block (and the head convolution),
+  ``fine_tune_lr_decay`` times less for each block below it (layer-wise decay; 1 by
+  default: one rate), and ten times the top's for the head; ``fine_tune_schedule: cosine``
+  warms them up over the first epoch and decays them to 0 at ``fine_tune_epochs``.
+* Batch norm keeps its moving statistics (inference mode) in every block: batch
+  statistics from small batches would be noise. Its scale and offset train in the
+  unfrozen blocks (``fine_tune_bn: affine``), or stay too (``frozen``).
+* Early stopping on validation loss (``fine_tune_patience``), best epoch restored.
+* On a GPU the unfrozen blocks run in float16 (mixed precision, fp32 master weights,
+  dynamic loss scaling); on CPU in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mltag import config
+from mltag.errors import MltagError
+from mltag.tf_runtime import import_tensorflow
+from mltag.workers import imap_ordered
+
+log = logging.getLogger(__name__)
+HEAD_LR_FACTOR = 10.0
+
+
+def builtin_name(handle: str) -> str:
+    from mltag.backbones.builtin import BUILTIN_SPECS, base_name, is_multiscale
+
+    name = str(handle).strip().removeprefix("builtin:")
+    if str(handle).startswith("builtin:") and is_multiscale(name):
+        raise MltagError(f"train.mode fine_tune tunes a single-scale built-in: {handle!r} runs the network at two "
+                         f"scales; set backbone.handle: builtin:{base_name(name)} (and rerun bottleneck)")
+    if not str(handle).startswith("builtin:") or name not in BUILTIN_SPECS:
+        raise MltagError(f"train.mode fine_tune needs a built-in backbone (backbone.handle: builtin:NAME, one of "
+                         f"{', '.join(BUILTIN_SPECS)}), got {handle!r}; use train.mode head for other modules")
+    return name
+
+
+def _pixels(paths: list[Path], shas: list[str], view: int, size: int) -> np.ndarray:
+    from mltag.inference.lanes import decode_view
+
+    return np.stack(list(imap_ordered(lambda item: decode_view(*item, view, size), list(zip(paths, shas)))))
+
+
+def lr_schedule(kind: str, epochs: int, steps_per_epoch: int):
+    """The learning-rate factor of each step (from 0), or None for a constant rate. ``cosine``: a
+    linear warm-up over the first epoch (when there are several), then a cosine decay to 0 at
+    the last step of ``epochs``."""
+    if kind == "constant":
+        return None
+    total = max(1, epochs * steps_per_epoch)
+    warm = steps_per_epoch if epochs > 1 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + np.cos(np.pi * min(1.0, (step - warm) / max(1, total - warm - 1))))
+
+    return factor
+
+
+def _frozen_bottom(name: str, k: int, image_size: int, backbone_cache, net):
+    """``uint8 pixels [B,S,S,3] -> float32 feature maps``: LiteRT when no GPU is visible (one
+    single-threaded interpreter per core, splitting each batch; the bottom converted once per
+    backbone and ``k``), else TF; LiteRT that cannot convert falls back to
+    TF with one line saying why."""
+    tf = import_tensorflow()
+
+    from mltag.inference.engine import LiteRTEngine, litert_bottom, resolve_engine
+    from mltag.workers import cpu_threads
+
+    if resolve_engine("auto") == "litert":
+        try:
+            return LiteRTEngine(litert_bottom(name, k, image_size, backbone_cache), threads=1,
+                                parallel=cpu_threads())
+        except (MltagError, ValueError, RuntimeError) as e:
+            log.warning("fine-tune: the frozen blocks run through TF: %s", e)
+    run = tf.function(lambda x: net.bottom(x, k))
+    return lambda px: run(tf.constant(px, tf.float32) / 255.0).numpy()
+
+
+def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]], y_tr: np.ndarray,
+              val_items: list[tuple[Path, str]], y_va: np.ndarray, head_weights: list[np.ndarray], *,
+              train: config.Train, views: int, progress: bool, backbone_cache: str | os.PathLike | None):
+    """Fine-tune the top ``train.fine_tune_blocks`` blocks of built-in ``handle`` and the head.
+
+    Args:
+        train_items, val_items: ``(image path, content sha256)`` per image; the sha seeds the
+            augmented views exactly as the bottleneck step does.
+        head_weights: the warm-start head (kernel, bias per Dense layer).
+        backbone_cache: where the frozen bottom's LiteRT conversion is kept (``backbone.cache_dir``).
+        train: the train section: ``fine_tune_*``, ``batch_size``, ``dropout``, ``seed``,
+            ``mixed_precision`` and ``monitor`` (the best epoch is the lowest ``val_loss`` or the
+            highest ``val_map``, as in the head's fit).
+
+    Returns:
+        ``(LiteNet with the tuned weights, head weights, history dict)``.
+    """
+    tf = import_tensorflow()
+    from tqdm import tqdm
+
+    from mltag.backbones.builtin import LiteNet
+    from mltag.head.fit import validation_metrics
+    from mltag.inference.engine import gpu_visible
+
+    blocks, epochs, patience = train.fine_tune_blocks, train.fine_tune_epochs, train.fine_tune_patience
+    learning_rate, batch_size, dropout, seed = train.fine_tune_learning_rate, train.batch_size, train.dropout, train.seed
+    name = builtin_name(handle)
+    net = LiteNet(name)
+    if not 1 <= blocks <= net.n_blocks:
+        raise MltagError(f"train.fine_tune_blocks must be 1..{net.n_blocks} for {name}, got {blocks}")
+    half = gpu_visible() if train.mixed_precision == "auto" else train.mixed_precision == "true"
+    dtype = "float16" if half else "float32"
+    k = net.n_blocks - blocks
+    tf.random.set_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    # 1. The frozen bottom, once per view: through LiteRT on CPU (one single-threaded interpreter per
+    # core, as the bottleneck step runs the backbone), through TF where TF has a GPU.
+    bottom = _frozen_bottom(name, k, image_size, backbone_cache, net)
+    n_views = len(train_items) * views + len(val_items)
+    bar = tqdm(total=n_views, desc=f"fine-tune: frozen blocks 0-{k - 1}, {views} view(s)", unit="img", leave=False,
+               disable=not progress)
+
+    def maps(items, view):
+        out = []
+        paths, shas = [p for p, _ in items], [s for _, s in items]
+        chunks = [(paths[i: i + 32], shas[i: i + 32]) for i in range(0, len(items), 32)]
+        # the next batch decodes while this one runs through the frozen blocks
+        for px in imap_ordered(lambda c: _pixels(c[0], c[1], view, image_size), chunks, workers=1, ahead=2):
+            out.append(bottom(px).astype(np.float16))
+            bar.update(len(px))
+        return np.concatenate(out) if out else None
+
+    t0 = time.perf_counter()
+    x_tr = np.concatenate([maps(train_items, v) for v in range(views)])
+    y_fit = np.tile(np.asarray(y_tr, np.float32), (views, 1))
+    x_va = maps(val_items, 0) if val_items else None
+    bar.close()
+    log.info("fine-tune: %d feature maps %s from the frozen blocks in %.0f s (%.0f MB in memory)",
+             len(x_tr) + (0 if x_va is None else len(x_va)), tuple(x_tr.shape[1:]), time.perf_counter() - t0,
+             (x_tr.nbytes + (0 if x_va is None else x_va.nbytes)) / 1e6)
+
+    # 2. Top blocks + head, two learning rates, early stopping on validation loss.
+    kernels = [tf.Variable(w, name=f"head_kernel_{i}") for i, w in enumerate(head_weights[0::2])]
+    biases = [tf.Variable(b, name=f"head_bias_{i}") for i, b in enumerate(head_weights[1::2])]
+    head_vars = [v for pair in zip(kernels, biases) for v in pair]
+    # One Adam per tuned block (top first), each at fine_tune_learning_rate x lr_decay^depth; the
+    # head at ten times the top's. The schedule scales every rate, step by step.
+    groups = net.block_groups(k, bn_affine=train.fine_tune_bn == "affine")
+    tuned = [v for g in groups for v in g]
+    base_rates = [learning_rate * train.fine_tune_lr_decay ** d for d in range(len(groups))] + \
+        [learning_rate * HEAD_LR_FACTOR]
+    opts = [tf.keras.optimizers.Adam(r) for r in base_rates]
+    for o, g in zip(opts, groups + [head_vars]):
+        o.build(g)  # optimizer slots exist before the graph is traced
+    bounds = np.cumsum([0] + [len(g) for g in groups + [head_vars]])
+    steps_per_epoch = -(-len(x_tr) // batch_size)
+    schedule = lr_schedule(train.fine_tune_schedule, epochs, steps_per_epoch)
+    scale = tf.Variable(2.0 ** 12 if half else 1.0, trainable=False, dtype=tf.float32)
+
+    def logits(x, training):
+        h = net.top(x, k, dtype)
+        for i, (w, b) in enumerate(zip(kernels, biases)):
+            if training and dropout > 0:
+                h = tf.nn.dropout(h, dropout)
+            h = tf.matmul(h, w) + b
+            if i < len(kernels) - 1:
+                h = tf.nn.relu(h)
+        return h
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, logits(x, True)))
+            scaled = loss * scale
+        all_vars = tuned + head_vars
+        grads = [tf.cast(g, tf.float32) / scale for g in tape.gradient(scaled, all_vars)]
+
+        def apply_all():
+            for o, a, b in zip(opts, bounds[:-1], bounds[1:]):
+                o.apply_gradients(zip(grads[a:b], all_vars[a:b]))
+
+        if not half:
+            apply_all()
+            return loss
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+
+        def apply():
+            apply_all()
+            return tf.constant(True)
+
+        def back_off():  # dynamic loss scaling: skip the step and halve the scale on overflow
+            scale.assign(tf.maximum(scale / 2.0, 1.0))
+            return tf.constant(False)
+
+        tf.cond(finite, apply, back_off)
+        return loss
+
+    logit_fn = tf.function(lambda x: logits(x, False))
+
+    def val_logits(x):
+        return np.concatenate([logit_fn(tf.constant(x[i: i + 64])).numpy() for i in range(0, len(x), 64)])
+
+    history: dict[str, list[float]] = {"loss": [], "val_loss": [], "val_map": []}
+    mon = train.monitor  # the head's fit and this phase pick their best epoch the same way
+    best, best_weights, since = None, None, 0
+    n_steps = epochs * len(x_tr)
+    bar = tqdm(total=n_steps, desc=f"fine-tune: blocks {k}-{net.n_blocks - 1} + head", unit="img", leave=False,
+               disable=not progress)
+    t1 = time.perf_counter()
+    for epoch in range(epochs):
+        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}")
+        order = rng.permutation(len(x_tr))
+        losses = []
+        for n, i in enumerate(range(0, len(order), batch_size)):
+            idx = order[i: i + batch_size]
+            if schedule is not None:
+                factor = schedule(epoch * steps_per_epoch + n)
+                for o, base in zip(opts, base_rates):
+                    o.learning_rate = base * factor  # the optimizer's variable: the traced step reads it
+            losses.append(float(step(tf.constant(x_tr[idx]), tf.constant(y_fit[idx]))) * len(idx))
+            bar.update(len(idx))
+        history["loss"].append(float(np.sum(losses) / len(x_tr)))
+        if x_va is not None:
+            val_loss, val_map = validation_metrics(val_logits(x_va), y_va)
+            history["val_loss"].append(val_loss)
+            history["val_map"].append(val_map)
+            value = history[mon][-1]
+        else:
+            value = history["loss"][-1]
+        if not np.isfinite(history["loss"][-1]) or not np.isfinite(value):
+            raise MltagError(f"fine-tune diverged at epoch {epoch + 1} (loss {history['loss'][-1]}); lower "
+                             "train.fine_tune_learning_rate")
+        if best is None or (value > best if mon == "val_map" and x_va is not None else value < best):
+            best, since = value, 0
+            best_weights = [v.numpy() for v in tuned + head_vars]
+        else:
+            since += 1
+        log.info("fine-tune: epoch %d/%d: loss %.4f%s (%.0f s)", epoch + 1, epochs, history["loss"][-1],
+                 f", val loss {history['val_loss'][-1]:.4f}, val mAP {history['val_map'][-1]:.4f}"
+                 if x_va is not None else "", time.perf_counter() - t1)
+        if x_va is not None and patience > 0 and since >= patience:
+            break
+    bar.close()
+    for v, w in zip(tuned + head_vars, best_weights):
+        v.assign(w)
+    if x_va is None:
+        history["best_epoch"] = int(np.argmin(history["loss"])) + 1
+    else:
+        values = history[mon]
+        history["best_epoch"] = int(np.argmax(values) if mon == "val_map" else np.argmin(values)) + 1
+    history["seconds"] = round(time.perf_counter() - t0, 1)
+    history["mixed_precision"] = half
+    history["tuned_blocks"] = list(range(k, net.n_blocks))
+    return net, [v.numpy() for v in head_vars], history

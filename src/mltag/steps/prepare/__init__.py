@@ -1,0 +1,75 @@
+"""prepare: labels and images in, canonical ``labels.txt`` + stable stratified splits out.
+
+The step is four parts, one module each: ``readers`` (five input formats in, one
+``Dataset`` out), ``checks`` (decode every image, count usable examples per label),
+``splits`` (stable stratified train/val/test) and ``report`` (JSON + HTML summary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mltag import config
+from mltag.data.datasets import FORMATS, READERS, Dataset, detect_format, read_dataset  # noqa: F401 - re-exported
+from mltag.data.formats import (  # noqa: F401 - re-exported
+    HASHES_FILE,
+    SPLITS,
+    image_root_of,
+    load_prepared,
+    write_dataset_meta,
+    write_hashes,
+    write_labels,
+    write_lst,
+)
+from mltag.errors import MltagError
+from mltag.files import atomic_path
+from mltag.steps.prepare.checks import (  # noqa: F401 - outside_root re-exported
+    check_bad_fraction,
+    check_images,
+    check_label_counts,
+    outside_root,
+    reject_unlabelled,
+)
+from mltag.steps.prepare.report import build_report, report_html
+from mltag.steps.prepare.splits import assign_splits
+
+
+def prepare(out: str | os.PathLike, *, prepare: config.Prepare, dataset_version: str | None = None,
+            progress: bool = True, config: dict | None = None) -> dict:
+    """Run the prepare step: read ``prepare.input``, validate, split and write the canonical dataset.
+
+    Writes ``labels.txt``, ``train.lst``, ``val.lst``, ``test.lst``, ``hashes.tsv`` (each image's
+    content hash, so later steps never hash the dataset again), ``dataset.json``,
+    ``report.json`` and ``report.html`` into ``out`` (all or nothing).
+
+    Returns:
+        The report dict.
+    """
+    input, val_fraction, test_fraction = prepare.input, prepare.val_fraction, prepare.test_fraction
+    ds = read_dataset(input, prepare.format)
+    if not ds.examples:
+        raise MltagError("the dataset has no images", input)
+    if prepare.no_label == "reject":
+        reject_unlabelled(ds)
+    total = len(ds.examples) + len(ds.rejected)
+    good, infos = check_images(ds, max_pixels=prepare.max_pixels, progress=progress,
+                               follow_symlinks=prepare.follow_symlinks)
+    bad = check_bad_fraction(ds, total, prepare.max_bad_fraction, input)
+    check_label_counts(ds, good, bad, sum(1 for f in (1.0, val_fraction, test_fraction) if f > 0), input)
+    split_of, repairs = assign_splits(good, infos, val_fraction, test_fraction, prepare.salt)
+    report = build_report(ds, good, infos, split_of, repairs, total, dataset_version, input)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_labels(tmp / "labels.txt", ds.labels)
+        for s in SPLITS:
+            write_lst(tmp / f"{s}.lst", sorted((ex for ex in good if split_of[ex.path] == s), key=lambda e: e.path))
+        write_hashes(tmp / HASHES_FILE, {ex.path: (infos[ex.path]["sha256"], infos[ex.path]["bytes"]) for ex in good})
+        root = os.path.relpath(ds.image_root.resolve(), out.resolve())
+        write_dataset_meta(tmp, {"image_root": root, "input_format": ds.fmt, "source": str(input),
+                                 "dataset_version": dataset_version, "labels": ds.labels, "config": config})
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (tmp / "report.html").write_text(report_html(report), encoding="utf-8")
+    return report

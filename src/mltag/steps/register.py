@@ -1,0 +1,712 @@
+"""register: log the model to MLflow, register a version, alias it ``challenger``, gate ``champion``.
+
+The gate re-scores the current champion on the current test split (never trusting old
+tags) and promotes the challenger only when its test mAP beats the champion's by more
+than ``margin`` and no label's AP drops by more than ``max_label_ap_drop``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import getpass
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from mltag import config
+from mltag import metrics as M
+from mltag.data.formats import (
+    INTEGRITY_FILE,
+    image_root_of,
+    load_hashes,
+    load_prepared,
+    read_model_meta,
+    read_thresholds,
+    verify_integrity,
+)
+from mltag.errors import MltagError
+from mltag.files import fault_point, remove_stale_leftovers, write_json_atomic
+from mltag.inference.export import BACKBONE_DIR
+
+log = logging.getLogger(__name__)
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # mltag/: a registered version carries it as code
+
+RUNTIME_PACKAGES = ("tensorflow", "tensorflow-hub", "ai-edge-litert", "pillow", "numpy", "pandas", "scikit-learn",
+                    "mlflow")
+
+
+def pip_requirements() -> list[str]:
+    reqs = []
+    for name in RUNTIME_PACKAGES:
+        try:
+            reqs.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def _bundle(model_dir: Path, thresholds_file: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    for name in (BACKBONE_DIR, "inference", "model.json", "labels.txt", "model.tflite", "head.npz", "head.keras",
+                 INTEGRITY_FILE):
+        src = model_dir / name
+        if src.exists():
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
+    shutil.copy2(thresholds_file, dest / "thresholds.json")
+    return dest
+
+
+def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, labels: list[str],
+                  train_images: list[Path], chall_scores: np.ndarray, limit: int = 32, *, int8: str,
+                  int8_images: int, max_drop: float, representative: list[np.ndarray] | None = None,
+                  evaluated: bool = False, test_hashes: list[str] | None = None) -> dict:
+    """Check ``model.tflite``; ship a quantized model only if it keeps the accuracy.
+
+    fp32: the largest score difference on (up to ``limit``) test images, a check of the file
+    itself. With ``evaluated`` (``chall_scores`` are the scores evaluate measured, from the
+    cached float16 vectors) against those, within ``EVALUATED_TOLERANCE`` (float16 rounding);
+    else against the backbone SavedModel through TF and ``head.npz``, within 1e-4.
+    Quantized (``int8``, ``register.int8``): ``full`` tries two kinds in turn, full int8 (the
+    backbone's weights and activations, calibrated on up to ``int8_images`` training images
+    decoded as the model sees them) then dynamic range (int8 weights, float activations; for a
+    backbone used as it is, converted once per backbone and kept in the backbone cache);
+    ``dynamic_range`` tries only the latter; ``none`` neither. The head stays float32. With
+    ``test_hashes`` (the test images' SHA-256) a once-per-backbone quantized backbone's features
+    of each test image are also kept (``memo_features``), so the next register on the same
+    images and backbone scores the quantized model from them. The
+    first whose test mAP and micro F1 (at the calibrated thresholds) stay within ``max_drop``
+    of fp32 is added to the bundle as ``model_int8.tflite``; if neither does, none is, and the
+    result says why. ``representative`` replaces the calibration images (a test's deliberately
+    bad set).
+    """
+    import tempfile
+
+    from mltag.data.formats import read_thresholds, write_integrity
+    from mltag.data.images import load_image
+    from mltag.head.fit import load_head
+    from mltag.inference.engine import LiteRTEngine
+    from mltag.inference.export import compose_tflite
+    from mltag.inference.model import InferenceModel
+    from mltag.workers import cpu_threads
+
+    out: dict = {"images": min(limit, len(test_images))}
+    if not (bundle / "model.tflite").is_file():
+        return {"error": "no model.tflite in the model folder"}
+    if not (bundle / BACKBONE_DIR).is_dir():
+        return {"error": "a model folder from an older mltag (no backbone/); retrain it to register LiteRT files"}
+    imgs = test_images[:limit]
+    lite = InferenceModel(bundle / "model.tflite")
+    fp32 = lite.scores(imgs)
+    if evaluated:
+        out["fp32_max_abs_diff_vs_evaluated"] = float(np.abs(fp32 - chall_scores[:limit]).max()) if len(imgs) else 0.0
+    else:
+        saved = InferenceModel(bundle, engine="tf").scores(imgs)
+        out["fp32_max_abs_diff_vs_savedmodel"] = float(np.abs(fp32 - saved).max()) if len(imgs) else 0.0
+    out["fp32_bytes"] = (bundle / "model.tflite").stat().st_size
+    t, min_labels = M.decision_rule(read_thresholds(bundle / "thresholds.json"), labels)
+
+    def quality(s):
+        m = M.compute(y_test, s, t, labels, min_labels) if len(y_test) else {"map": None, "micro_f1": None}
+        return m["map"], m["micro_f1"]
+
+    out["fp32_test_map"], out["fp32_test_micro_f1"] = quality(chall_scores)
+    kinds = {"full": ("int8", "dynamic_range"), "dynamic_range": ("dynamic_range",), "none": ()}[int8]
+    rep = None
+    if "int8" in kinds:
+        rep = representative if representative is not None else \
+            [load_image(p, lite.image_size) for p in train_images[:int8_images]]
+        out["int8_calibration_images"] = len(rep)
+    pixels = None
+    chosen = None
+    head = load_head(bundle, labels)
+    with tempfile.TemporaryDirectory(dir=bundle.parent) as scratch:
+        for kind in kinds:
+            f = Path(scratch) / f"{kind}.tflite"
+            try:
+                backbone_file, cached = _quantized_backbone(bundle, kind, rep, Path(scratch))
+                compose_tflite(backbone_file, head.weights, f)
+            except MltagError as e:
+                out[f"{kind}_error"] = str(e)
+                continue
+            if cached and test_hashes is not None and test_images:
+                # The backbone is converted once per backbone: so are its features of each image. The
+                # file itself must score what its backbone's features give through the head.
+                features = memo_features(backbone_file, test_images, test_hashes, lite.image_size)
+                s = head.predict(features)
+                check = LiteRTEngine(f)(np.stack([load_image(p, lite.image_size) for p in test_images[:4]]))
+                out[f"{kind}_file_max_abs_diff"] = float(np.abs(check - s[:4]).max())
+                if out[f"{kind}_file_max_abs_diff"] > 1e-4:
+                    raise MltagError(f"the {kind} model file differs from its backbone's features through the "
+                                     f"head by {out[f'{kind}_file_max_abs_diff']:.2e}; not registering", bundle)
+            elif test_images:
+                if pixels is None:
+                    pixels = np.stack([load_image(p, lite.image_size) for p in test_images])
+                # one single-threaded interpreter per core: dynamic range's hybrid kernels scale badly across
+                # one interpreter's threads (51 against 40 img/s, Lite2 on 2 cores)
+                s = LiteRTEngine(f, threads=1, parallel=cpu_threads())(pixels)
+            else:
+                s = np.zeros((0, len(labels)), np.float32)
+            q_map, q_f1 = quality(s)
+            out[f"{kind}_test_map"], out[f"{kind}_test_micro_f1"] = q_map, q_f1
+            out[f"{kind}_max_abs_diff_vs_fp32"] = float(np.abs(s - chall_scores).max()) if len(s) else 0.0
+            out[f"{kind}_bytes"] = f.stat().st_size
+            drops = [a - b for a, b in ((out["fp32_test_map"], q_map), (out["fp32_test_micro_f1"], q_f1))
+                     if a is not None and b is not None]
+            if chosen is None and all(d <= max_drop for d in drops):
+                chosen = kind
+                os.replace(f, bundle / "model_int8.tflite")
+    out["int8_kind"] = chosen
+    out["int8_shipped"] = chosen is not None
+    if chosen is None and not kinds:
+        (bundle / "model_int8.tflite").unlink(missing_ok=True)
+        out["int8_reason"] = "not tried (register.int8: none)"
+    elif chosen is None:
+        (bundle / "model_int8.tflite").unlink(missing_ok=True)
+        tried = ", ".join(f"{k}: mAP {out.get(f'{k}_test_map', float('nan')):.4f}, micro F1 "
+                          f"{out.get(f'{k}_test_micro_f1', float('nan')):.4f}"
+                          for k in ("int8", "dynamic_range") if f"{k}_test_map" in out and out[f"{k}_test_map"] is not None)
+        out["int8_reason"] = (f"not shipped: no quantized model stays within {max_drop} of fp32 (mAP "
+                              f"{out['fp32_test_map']:.4f}, micro F1 {out['fp32_test_micro_f1']:.4f}); "
+                              f"{tried or 'both conversions failed'}")
+    else:
+        out["int8_reason"] = (f"shipped {chosen}: test mAP {out[f'{chosen}_test_map']:.4f} and micro F1 "
+                              f"{out[f'{chosen}_test_micro_f1']:.4f} within {max_drop} of fp32")
+        out["shipped_bytes"] = out[f"{chosen}_bytes"]
+    write_integrity(bundle)  # the bundle's content now includes (or not) model_int8.tflite
+    return out
+
+
+EVALUATED_TOLERANCE = 2e-3  # model.tflite against evaluate's scores: cached vectors are float16 (5e-4 seen)
+
+
+def _quantized_backbone(bundle: Path, kind: str, representative: list[np.ndarray] | None,
+                        scratch: Path) -> tuple[Path, bool]:
+    """The quantized backbone's ``.tflite`` and whether it is the once-per-backbone cached one: dynamic
+    range of a backbone used as it is (head mode) is converted once and kept in the backbone cache;
+    full int8 (calibrated on this data) and a fine-tuned backbone are converted here, each time."""
+    from mltag.inference.engine import convert_backbone, litert_backbone
+    from mltag.tf_runtime import quiet_stderr
+
+    meta = read_model_meta(bundle, verify=False)
+    size = int(meta["image_size"])
+    if kind == "dynamic_range" and meta.get("mode", "head") == "head":
+        return litert_backbone(_folder_backbone(bundle, meta), size, "", kind="dynamic_range"), True
+    lite = scratch / f"{kind}.backbone.tflite"
+    with quiet_stderr():
+        convert_backbone(str(bundle / BACKBONE_DIR), size, lite, dynamic_range=kind == "dynamic_range",
+                         representative=representative if kind == "int8" else None)
+    return lite, False
+
+
+def _folder_backbone(folder: Path, meta: dict):
+    """A model folder's ``backbone/``, named as the backbone it is a copy of (what keys its conversions)."""
+    from mltag.backbones.builtin import Backbone
+
+    return Backbone(meta["backbone_handle"], str(folder / BACKBONE_DIR), meta["backbone_id"])
+
+
+def _memo_file(backbone_file: Path) -> Path:
+    """Where ``memo_features`` keeps a cached backbone file's features."""
+    return backbone_file.with_name(backbone_file.name + ".features.npz")
+
+
+MEMO_CHUNK = 256  # images decoded and run at once
+
+
+def memo_features(backbone_file: Path, images: list[Path], hashes: list[str], image_size: int) -> np.ndarray:
+    """Features of ``images`` through a cached backbone ``.tflite``, kept beside it in
+    ``<file>.features.npz`` keyed by image content (SHA-256), so each image runs once per backbone.
+
+    A damaged memo is read as empty (and rewritten); the update holds a lock and merges what
+    another process added meanwhile, and is written atomically."""
+    from mltag.data.images import load_image
+    from mltag.files import atomic_path, lock_file_for, locked
+    from mltag.inference.engine import LiteRTEngine
+    from mltag.workers import cpu_threads, imap_ordered
+
+    memo = _memo_file(backbone_file)
+
+    def read() -> dict[str, np.ndarray]:
+        try:
+            with np.load(memo) as z:
+                keys, values = z["sha"], z["features"]
+            if values.ndim != 2 or len(keys) != len(values) or not np.isfinite(values).all():
+                raise ValueError("damaged")
+            return dict(zip(keys.tolist(), values))
+        except FileNotFoundError:
+            return {}
+        except Exception as e:  # noqa: BLE001 - a damaged memo only costs its recomputation
+            log.warning("register: %s is damaged (%s); computing its features again", memo, type(e).__name__)
+            return {}
+
+    known = read()
+    missing = [i for i, h in enumerate(hashes) if h not in known]
+    if missing:
+        engine = LiteRTEngine(backbone_file, threads=1, parallel=cpu_threads())
+        new = {}
+        for at in range(0, len(missing), MEMO_CHUNK):
+            idx = missing[at: at + MEMO_CHUNK]
+            pixels = np.stack(list(imap_ordered(lambda i: load_image(images[i], image_size), idx)))
+            for i, f in zip(idx, engine(pixels)):
+                if np.isfinite(f).all():
+                    new[hashes[i]] = f
+        with locked(lock_file_for(f"{memo}.update"), f"the feature memo {memo}"):
+            merged = {**read(), **new}
+            with atomic_path(memo) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, sha=np.array(list(merged)), features=np.stack(list(merged.values())))
+        known = {**known, **merged}
+    if any(h not in known for h in hashes):  # a non-finite feature: run those images, never store them
+        return LiteRTEngine(backbone_file)(np.stack([load_image(p, image_size) for p in images]))
+    return np.stack([known[h] for h in hashes]).astype(np.float32)
+
+
+def _score_pyfunc(model, images: list[Path], labels: list[str]) -> np.ndarray:
+    import pandas as pd
+
+    df = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images]})
+    res = model.predict(df)
+    cols = [f"score_{lb}" for lb in labels]
+    missing = [c for c in cols if c not in res.columns]
+    if missing:
+        raise MltagError(f"champion does not score the same labels (missing {', '.join(missing)})")
+    return res[cols].to_numpy(np.float64)
+
+
+def model_hash(model_dir: Path, thresholds: Path) -> str:
+    """SHA-256 over the model folder's files (names and bytes) and the thresholds: the version's identity."""
+    import hashlib
+
+    from mltag.files import sha256_file
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        if f.name in ("run.json", "config.json", "summary.json"):
+            continue  # run bookkeeping, not the model
+        h.update(f"{f.relative_to(model_dir).as_posix()}:{sha256_file(f)}\n".encode())
+    h.update(f"thresholds:{sha256_file(thresholds)}".encode())
+    return h.hexdigest()
+
+
+def _version_with_hash(client, model_name: str, content: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return None
+    found = [v for v in versions if (v.tags or {}).get("mltag.content_hash") == content]
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _alias(client, model_name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def gate(challenger_ap: np.ndarray, champion_ap: np.ndarray, labels: list[str], margin: float,
+         max_label_ap_drop: float) -> tuple[bool, str]:
+    """Decide promotion from per-label APs on the same test split; return (promote, reason)."""
+    ch, cp = float(np.nanmean(challenger_ap)), float(np.nanmean(champion_ap))
+    drops = {n: float(b - a) for n, a, b in zip(labels, challenger_ap, champion_ap) if np.isfinite(a) and np.isfinite(b)}
+    worst = max(drops, key=drops.get) if drops else None
+    if worst is not None and drops[worst] > max_label_ap_drop:
+        return False, (f"label {worst!r} AP drops {drops[worst]:.4f} (> max_label_ap_drop {max_label_ap_drop}) "
+                       f"vs the champion")
+    if ch <= cp + margin:
+        return False, f"test mAP {ch:.4f} does not beat the champion's {cp:.4f} by more than margin {margin}"
+    return True, f"test mAP {ch:.4f} beats the champion's {cp:.4f} by more than margin {margin}"
+
+
+def _scores_from_vectors(meta: dict, backbone_id, image_size) -> bool:
+    """Whether a model (its model.json) scores vectors of this backbone and size with its head alone:
+    a head-mode model on that very backbone and size."""
+    return meta.get("mode", "head") == "head" and meta.get("backbone_id") == backbone_id \
+        and int(meta.get("image_size", 0)) == int(image_size)
+
+
+def _cached_test_vectors(bottlenecks, meta: dict, test_paths: list[str]) -> np.ndarray | None:
+    """The test split's cached vectors, when they are what the model's own backbone gives (head mode,
+    the same backbone and size; ``meta``: its model.json) and list the same images as the prepared
+    test split; else None."""
+    from mltag.data.formats import load_split, read_bottleneck_meta
+
+    bmeta = read_bottleneck_meta(bottlenecks)
+    if not _scores_from_vectors(meta, bmeta["backbone_id"], bmeta["image_size"]):
+        return None
+    x, _, paths = load_split(bottlenecks, "test")
+    if [str(p) for p in paths] != [str(p) for p in test_paths]:
+        log.info("register: the bottlenecks' test split differs from the prepared one; scoring the images")
+        return None
+    return x
+
+
+def _champion_head_scores(client, model_name: str, version, meta: dict, labels: list[str], cached: np.ndarray,
+                          scratch: Path) -> np.ndarray | None:
+    """The champion's scores from its own head on the cached test vectors, when it is a head-mode model on
+    the same backbone and size (the vectors are exactly what its backbone gives); else None. Only its
+    ``model.json`` and ``head.npz`` are downloaded."""
+    import mlflow
+
+    from mltag.data.formats import read_handoff
+    from mltag.head.fit import load_head
+
+    try:
+        source = client.get_model_version_download_uri(model_name, str(version))
+        folder = scratch / "champion"
+        folder.mkdir()
+        for name in ("model.json", "head.npz"):
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/artifacts/model/{name}",
+                                                dst_path=str(folder))
+    except Exception as e:  # noqa: BLE001 - an older champion's layout, or a store that cannot: score its images
+        log.debug("register: champion head not downloadable (%s); scoring its images", e)
+        return None
+    champ = read_handoff(folder / "model.json", "the champion's model.json", "train")
+    if not _scores_from_vectors(champ, meta.get("backbone_id"), meta["image_size"]) or champ.get("labels") != labels:
+        return None
+    head = load_head(folder, labels)
+    return None if head is None else head.predict(cached)
+
+
+_WARM_CODE = ("import json, sys; from pathlib import Path; from mltag.steps.register import warm_quantized_backbone;"
+              "a = json.loads(sys.argv[1]); warm_quantized_backbone(Path(a['model']), a['images'], a['hashes'])")
+
+
+@contextlib.contextmanager
+def _reaped(proc):
+    """Never leave the background conversion behind: stop it if register ends first."""
+    try:
+        yield
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _warm_quantized_backbone(model_dir: Path, meta: dict, register: config.Register, test_images: list[Path],
+                             test_hashes: list[str] | None):
+    """Start converting the dynamic-range backbone (and its features of the test images) in a process of
+    its own, when the backbone cache lacks them: TF's import and the converter run on one core, beside
+    register's own MLflow start-up and checks on the other. Returns the process, or None."""
+    import subprocess
+    import sys
+
+    from mltag.inference.engine import tflite_path
+
+    if not register.tflite or register.int8 == "none" or "tensorflow" in sys.modules:
+        return None  # nothing to convert, or TF is loaded here already: convert in this process
+    if meta.get("mode", "head") != "head" or not (model_dir / BACKBONE_DIR).is_dir():
+        return None
+    path = tflite_path(_folder_backbone(model_dir, meta), int(meta["image_size"]), "", "dynamic_range")
+    if path.with_suffix(".failed").is_file() or (path.is_file() and (
+            test_hashes is None or _memo_has(path, test_hashes))):
+        return None
+    args = {"model": str(model_dir), "images": [str(p) for p in test_images], "hashes": test_hashes}
+    return subprocess.Popen([sys.executable, "-c", _WARM_CODE, json.dumps(args)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def warm_quantized_backbone(model_dir: Path, images: list[str], hashes: list[str] | None) -> None:
+    """The background half of ``_warm_quantized_backbone``: the cached dynamic-range backbone, then its
+    features of ``images``. A failure here is left for register itself to meet and report."""
+    from mltag.inference.engine import litert_backbone
+
+    meta = read_model_meta(model_dir, verify=False)
+    path = litert_backbone(_folder_backbone(model_dir, meta), int(meta["image_size"]), "", kind="dynamic_range")
+    if hashes is not None:
+        memo_features(path, [Path(p) for p in images], hashes, int(meta["image_size"]))
+
+
+def _memo_has(backbone_file: Path, hashes: list[str]) -> bool:
+    try:
+        with np.load(_memo_file(backbone_file)) as z:
+            return set(hashes) <= set(z["sha"].tolist())
+    except Exception:  # noqa: BLE001 - missing or damaged: not there
+        return False
+
+
+SCRATCH = "mltag-register"
+
+
+class _InThread:
+    """``fn(*args)`` in a thread started now (``inline``: run here, now); ``result()`` waits and returns
+    it or raises what it raised."""
+
+    def __init__(self, fn, *args, inline: bool = False):
+        import threading
+
+        self._value, self._error = None, None
+
+        def run():
+            try:
+                self._value = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to result()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"mltag-{fn.__name__}", daemon=True)
+        self._thread.start()
+        if inline:
+            self._thread.join()  # its error, if any, is raised by result()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _check_challenger(model_dir: Path, thresholds: Path, tmp: Path, meta: dict, bottlenecks, test, test_images,
+                      y_test: np.ndarray, labels: list[str], prepared, root: Path, warm, register: config.Register,
+                      test_hashes) -> tuple[Path, np.ndarray | None, np.ndarray, dict | None]:
+    """What register decides on, without MLflow: the bundle (model folder + thresholds) in ``tmp``, the
+    challenger's test scores (the cached vectors' when they match, as evaluate scored them; else from
+    the images) and, with ``register.tflite``, the LiteRT parity table (raising when model.tflite
+    differs from what was evaluated)."""
+    bundle = _bundle(model_dir, thresholds, tmp / "model")
+    cached = _cached_test_vectors(bottlenecks, meta, [ex.path for ex in test]) if bottlenecks else None
+    if cached is not None:  # the scores evaluate measured: the head on the test images' cached vectors
+        from mltag.head.fit import head_scores
+
+        chall_scores = head_scores(bundle, cached)
+    else:
+        from mltag.inference.model import InferenceModel
+
+        chall_scores = InferenceModel(bundle).scores(test_images) if test_images else np.zeros((0, len(labels)))
+    parity = None
+    if register.tflite:
+        _, train_ex = load_prepared(prepared, "train")
+        if warm is not None:
+            warm.wait()  # what it made (or failed to) is in the cache; what it did not, tflite_parity does
+        parity = tflite_parity(bundle, test_images, y_test, labels, [root / ex.path for ex in train_ex],
+                               chall_scores, int8=register.int8, int8_images=register.int8_images,
+                               max_drop=register.int8_max_drop, evaluated=cached is not None,
+                               test_hashes=test_hashes)
+        write_json_atomic(bundle / "tflite_parity.json", parity)
+        for key, tol, what in (("fp32_max_abs_diff_vs_savedmodel", 1e-4, "the SavedModel"),
+                               ("fp32_max_abs_diff_vs_evaluated", EVALUATED_TOLERANCE, "the evaluated scores")):
+            if parity.get(key, 0.0) > tol:
+                raise MltagError(f"model.tflite differs from {what} by {parity[key]:.2e} (> {tol}); "
+                                 "not registering", model_dir / "model.tflite")
+    return bundle, cached, chall_scores, parity
+
+
+def _scratch(out: Path) -> Path:
+    """register's scratch folder, beside ``out``: writing there proves ``out`` writable before the
+    registry is touched, and what a killed register left there is removed (once its process is gone)."""
+    if out.is_dir():
+        raise MltagError("--out is a folder; give a file name for register's decision (JSON)", out)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise MltagError("--out is not writable; nothing was registered", out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_leftovers(out.parent, SCRATCH)
+        return Path(tempfile.mkdtemp(prefix=f".{SCRATCH}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise MltagError(f"cannot write register's output here ({e.strerror or e}); nothing was registered",
+                         out.parent) from None
+
+
+def _check_recorded_digest(client, model_dir: Path, digest: str) -> None:
+    """The folder's content hash must be the one train tagged its run with, when that run is in this store."""
+    from mltag.tracking import runs as tracking
+
+    ref = tracking.run_ref_of(model_dir)
+    if not ref or not tracking._run_exists(client, ref["run_id"]):
+        return
+    recorded = client.get_run(ref["run_id"]).data.tags.get(tracking.MODEL_DIGEST_TAG)
+    if recorded and recorded != digest:
+        raise MltagError(f"this model folder's content hash differs from the one train recorded in MLflow run "
+                         f"{ref['run_id']} ({recorded[:12]}...): the folder was changed after training; not "
+                         "registering", model_dir)
+
+
+def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepared: str | os.PathLike,
+             out: str | os.PathLike, *, register: config.Register, tracking: config.Tracking,
+             images: str | os.PathLike | None = None, tracking_uri: str | None = None, run_id: str | None = None,
+             config: dict | None = None, bottlenecks: str | os.PathLike | None = None) -> dict:
+    """Log, register and (maybe) promote the model; write the decision to ``out``.
+
+    With ``bottlenecks`` (the folder the model was trained on), a model that uses its backbone
+    as it is (head mode) is scored on the test split from the cached vectors, as evaluate
+    scored it, and so is a champion with the same backbone (its own head on the same
+    vectors); otherwise both are scored end to end from the images.
+
+    ``register`` and ``tracking`` are the typed params sections. With ``register.tflite`` the registered version also carries ``model.tflite`` (fp32) and
+    ``model_int8.tflite`` with ``tflite_parity.json`` (fp32 vs SavedModel, int8 vs fp32).
+    """
+    model_name, margin, max_label_ap_drop = register.model_name, register.margin, register.max_label_ap_drop
+    tflite, experiment = register.tflite, tracking.experiment
+    model_dir, thresholds, out = Path(model_dir), Path(thresholds), Path(out)
+    digest = verify_integrity(model_dir)  # a hand-edited model folder never reaches the registry
+    meta = read_model_meta(model_dir, verify=False)
+    model_labels = meta["labels"]
+    read_thresholds(thresholds, model_labels)
+    labels, test = load_prepared(prepared, "test")
+    root = Path(images) if images else image_root_of(prepared)
+    test_images = [root / ex.path for ex in test]
+    y_test = np.array([ex.flags for ex in test], dtype=int).reshape(len(test), len(labels))
+    known = load_hashes(prepared) or {}  # the images' content, as prepare hashed it
+    test_hashes = [known.get(ex.path) for ex in test]
+    test_hashes = test_hashes if all(test_hashes) else None
+    tmp = _scratch(out)  # also proves --out's folder writable, before the registry is touched
+    warm = _warm_quantized_backbone(model_dir, meta, register, test_images, test_hashes)
+    # The challenger scored and its LiteRT files checked in a thread while MLflow imports here (LiteRT
+    # and image decoding let go of the GIL, an import mostly holds it).
+    from mltag.data import images
+    from mltag.inference import model  # noqa: F401 - here, not in two threads at once
+    # Scoring from the images or a fine-tuned model runs TF: not beside MLflow's imports, but before them.
+    checked = _InThread(_check_challenger, model_dir, thresholds, tmp, meta, bottlenecks, test, test_images, y_test,
+                        labels, prepared, root, warm, register, test_hashes,
+                        inline=not bottlenecks or meta.get("mode", "head") != "head")
+    with _reaped(warm):
+        try:
+            import mlflow
+            import pandas as pd
+            from mlflow import MlflowClient
+            from mlflow.models import infer_signature
+
+            from mltag.registry.pyfunc import MltagPyfunc
+            from mltag.tracking import runs as mltracking
+
+            uri = mltracking.setup_checked(tracking_uri)
+            client = MlflowClient()
+            run_id = mltracking.model_run(model_dir, run_id, uri)
+            _check_recorded_digest(client, model_dir, digest)
+            if labels != model_labels:  # after the digest: an edited folder is reported as edited
+                raise MltagError(f"the model scores labels {model_labels} but the prepared data has {labels}; train "
+                                 "on this data (or register against the data it was trained on)",
+                                 model_dir / "model.json")
+            if run_id is None:
+                mlflow.set_experiment(experiment)
+            bundle, cached, chall_scores, parity = checked.result()
+            from mltag.inference.model import InferenceModel
+
+            local = InferenceModel(bundle)
+            example = pd.DataFrame({"image": [base64.b64encode(test_images[0].read_bytes()).decode()]}) if test_images \
+                else None
+            py = MltagPyfunc()
+            py.model = local
+            signature = infer_signature(example, py.predict(None, example), params={"tta": "none"}) \
+                if example is not None else None
+            chall_ap = M.average_precisions(y_test, chall_scores)
+            # 1. Decide before touching the registry: a failure here leaves no version behind.
+            chall_map = float(np.nanmean(chall_ap))
+            content = model_hash(model_dir, thresholds)
+            existing = _version_with_hash(client, model_name, content)
+            champ = _alias(client, model_name, "champion")
+            result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": mltracking.mask_uri(uri),
+                      "champion_version": None, "champion_test_map": None, "content_hash": content,
+                      "scored_from": "cached vectors" if cached is not None else "images", "champion_scored_from": None}
+            if champ is None:
+                promote, reason = True, "no champion yet"
+            elif existing is not None and str(champ.version) == str(existing.version):
+                promote, reason = True, "already the champion (same model content)"
+            else:
+                champ_scores = _champion_head_scores(client, model_name, champ.version, meta, labels, cached,
+                                                     tmp) if cached is not None else None
+                result["champion_scored_from"] = "cached vectors" if champ_scores is not None else "images"
+                if champ_scores is None:
+                    champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
+                    champ_scores = _score_pyfunc(champ_model, test_images, labels)
+                champ_ap = M.average_precisions(y_test, champ_scores)
+                result["champion_version"] = int(champ.version)
+                result["champion_test_map"] = float(np.nanmean(champ_ap))
+                promote, reason = gate(chall_ap, champ_ap, labels, margin, max_label_ap_drop)
+            tags = {"mltag.content_hash": content, "mltag.test_map": f"{chall_map:.6f}", "mltag.labels": ",".join(labels),
+                    "mltag.gate": ("promoted: " if promote else "kept: ") + reason}
+            if tflite:
+                tags["mltag.int8"] = str(parity.get("int8_reason") or parity.get("error", ""))[:500]
+            fault_point("register:decided")
+            with mlflow.start_run(run_id=run_id) as run:
+                result["run_id"] = run.info.run_id
+                # 2. One version per model content: a rerun (after a crash, or of the same folder) reuses it.
+                if existing is None:
+                    info = mlflow.pyfunc.log_model(
+                        name="model", python_model=str(PACKAGE_DIR / "registry" / "pyfunc_model.py"),
+                        artifacts={"model": str(bundle)},
+                        code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
+                        pip_requirements=pip_requirements())
+                    fault_point("register:logged")
+                    with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Successfully registered..." lines
+                        mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)  # tags in one call
+                else:
+                    mv = str(existing.version)
+                    for k, v in tags.items():
+                        client.set_model_version_tag(model_name, mv, k, v)
+                    log.info("register: this model content is already version %s; reusing it", mv)
+                fault_point("register:created")
+                # 3. Aliases move only after the decision is recorded on the version.
+                try:
+                    client.set_registered_model_alias(model_name, "challenger", mv)
+                    fault_point("register:challenger")
+                    if promote:
+                        now = _alias(client, model_name, "champion")
+                        now_v, scored_v = (str(now.version) if now else None), (str(champ.version) if champ else None)
+                        if now_v != scored_v and now_v != mv:
+                            promote = False  # another register moved it while we scored: compare again next time
+                            reason = (f"the champion moved to version {now_v} while this register was comparing with "
+                                      f"version {scored_v}; rerun register to compare with it")
+                            client.set_model_version_tag(model_name, mv, "mltag.gate", f"kept: {reason}")
+                        else:
+                            client.set_registered_model_alias(model_name, "champion", mv)
+                            fault_point("register:champion")
+                except Exception as e:
+                    client.set_model_version_tag(model_name, mv, "mltag.register_error", f"{type(e).__name__}: {e}"[:500])
+                    raise
+                mlflow.log_metrics({"registered_test_map": chall_map})
+                if tflite and "fp32_bytes" in parity:
+                    mlflow.log_metrics({f"tflite_{k}": v for k, v in parity.items()
+                                        if isinstance(v, float) and k != "images"})
+                mlflow.set_tag("mltag.registered_version", mv)
+                if config:
+                    mlflow.log_dict(config, "register/config.json")
+                if tflite:
+                    result["tflite"] = parity
+                result.update({"version": int(mv), "promoted": promote, "reason": reason,
+                               "aliases": ["challenger", "champion"] if promote else ["challenger"]})
+        finally:
+            checked.join()  # never remove the scratch folder under the thread's feet
+            shutil.rmtree(tmp, ignore_errors=True)
+        result["config"] = config
+        write_json_atomic(out, result)
+        verdict = "promoted to champion" if promote else "kept as challenger"
+        log.debug("register: %s version %s %s: %s", model_name, result["version"], verdict, reason)  # the CLI prints it
+        return result
+
+
+def promote(model_name: str, version: int | str, reason: str, user: str | None = None,
+            tracking_uri: str | None = None) -> dict:
+    """Move ``champion`` to ``version`` by hand, recording who and why in tags."""
+    from mlflow import MlflowClient
+
+    from mltag.tracking import runs as tracking
+
+    tracking.setup_checked(tracking_uri)
+    client = MlflowClient()
+    try:
+        client.get_model_version(model_name, str(version))
+    except Exception:  # noqa: BLE001
+        raise MltagError(f"model {model_name!r} has no version {version}") from None
+    user = user or os.environ.get("USER") or getpass.getuser()
+    client.set_registered_model_alias(model_name, "champion", str(version))
+    client.set_model_version_tag(model_name, str(version), "mltag.promoted_by", user)
+    client.set_model_version_tag(model_name, str(version), "mltag.promoted_reason", reason)
+    client.set_model_version_tag(model_name, str(version), "mltag.gate", f"manual promotion by {user}: {reason}")
+    result = {"model_name": model_name, "champion": int(version), "by": user, "reason": reason}
+    log.info("promote: %s", json.dumps(result))
+    return result

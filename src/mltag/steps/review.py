@@ -1,0 +1,212 @@
+"""review: likely label errors from calibrate's out-of-fold scores, and the way back to a corrected label file.
+
+Every train and val image has a score per label from a head that never saw it (calibrate's
+k refits). cleanlab's multi-label confident learning flags the (image, label) pairs whose
+given label disagrees with those scores more than each label's own noise level explains
+(``review.filter_by``, per-label thresholds: the mean score of the images given the label),
+and ranks them by self-confidence: the out-of-fold probability of the given label. The
+confidence that the given label is wrong is one minus that.
+
+``apply_review`` takes the rows a person accepted and writes a corrected copy of the
+dataset's label file beside the original, never touching the original.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mltag import config
+from mltag.data.formats import image_root_of, load_oof
+from mltag.errors import MltagError
+from mltag.files import atomic_path, csv_rows, read_user_text, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+HEADER = ("path", "label", "given", "suggested", "score", "confidence")
+FILTERS = config.choices("review", "filter_by")
+
+
+def find_issues(y: np.ndarray, scores: np.ndarray, filter_by: str):
+    """Flagged (image, label) pairs and every pair's confidence that its given label is wrong.
+
+    Returns:
+        ``(mask [N, K] bool, confidence [N, K], per-label noise rate [K])``.
+    """
+    import warnings
+
+    from cleanlab.multilabel_classification.filter import find_multilabel_issues_per_class
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores_per_class
+
+    y = np.asarray(y, dtype=int)
+    scores = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+    k = y.shape[1]
+    mask = np.zeros(y.shape, bool)
+    # One binary problem per label: cleanlab needs both classes present in it to estimate its noise.
+    usable = [j for j in range(k) if 0 < y[:, j].sum() < len(y)]
+    if usable:
+        sub_y = y[:, usable]
+        given = [list(np.flatnonzero(row)) for row in sub_y]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cleanlab warns about small classes; the report says what it found
+            found = np.asarray(find_multilabel_issues_per_class(given, scores[:, usable], filter_by=filter_by))
+            quality = get_label_quality_scores_per_class(given, scores[:, usable])
+        mask[:, usable] = found.reshape(len(y), len(usable))
+    else:
+        quality = np.zeros((len(y), 0))
+    confidence = np.abs(y - scores)  # 1 - self-confidence: the out-of-fold probability of the other label
+    if usable:
+        confidence[:, usable] = 1.0 - quality
+    noise = mask.mean(axis=0) if len(y) else np.zeros(k)
+    return mask, confidence, noise
+
+
+def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | os.PathLike,
+           prepared: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
+           model_dir: str | os.PathLike | None = None, *, review: config.Review,
+           tracking_uri: str | None = None, run_id: str | None = None, config: dict | None = None,
+           progress: bool = True) -> dict:
+    """Rank likely label errors; write ``label_issues.csv``, ``review.html`` and the metrics.
+
+    Args:
+        oof: calibrate's ``oof_scores.npz``.
+        out: the report folder (``label_issues.csv``, ``review.html``).
+        prepared: the prepared dataset (its image root, for thumbnails and links); ``images``
+            overrides the image root.
+        model_dir: the model whose MLflow run the metrics are logged into, when it has one.
+        review: the typed params section: ``filter_by`` (cleanlab's rule for flagging pairs) and
+            ``thumbnails`` (the most likely errors shown per label in ``review.html``).
+    """
+    from mltag.reports.html import render, thumbnail
+    from mltag.tracking import runs as tracking
+
+    filter_by, thumbnails = review.filter_by, review.thumbnails
+    data = load_oof(oof)
+    names, paths, y, s = data["label_names"], [str(p) for p in data["paths"]], data["labels"], data["scores"]
+    tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the work
+    root = Path(images) if images else image_root_of(prepared) if prepared else None
+    if len(paths):
+        mask, confidence, noise = find_issues(y, s, filter_by)
+    else:
+        log.warning("review: no out-of-fold scores (%s); nothing to rank", data["reason"] or "none computed")
+        mask, confidence, noise = np.zeros(y.shape, bool), np.zeros(y.shape), np.zeros(len(names))
+    rows = [(paths[i], names[j], int(y[i, j]), 1 - int(y[i, j]), float(s[i, j]), float(confidence[i, j]))
+            for i, j in zip(*np.nonzero(mask))]
+    rows.sort(key=lambda r: (-r[5], r[0], r[1]))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(HEADER)
+    w.writerows((p, lb, g, sg, f"{sc:.6f}", f"{c:.6f}") for p, lb, g, sg, sc, c in rows)
+    per_label = {n: {"issues": int(mask[:, j].sum()),
+                     "missing": int((mask[:, j] & (y[:, j] == 0)).sum()),  # given 0, likely 1
+                     "wrong": int((mask[:, j] & (y[:, j] == 1)).sum()),  # given 1, likely 0
+                     "positives": int(y[:, j].sum()), "noise_rate": float(noise[j])}
+                 for j, n in enumerate(names)}
+    result = {"images": len(paths), "pairs": int(y.size), "issues": len(rows),
+              "issue_rate": len(rows) / y.size if y.size else 0.0, "filter_by": filter_by,
+              "per_label": per_label, "reason": data["reason"]}
+    groups = []
+    for n in names:
+        mine = [r for r in rows if r[1] == n][:thumbnails]
+        groups.append({"name": n, "count": per_label[n]["issues"], "noise": per_label[n]["noise_rate"], "shown": [
+            {"path": p, "given": g, "suggested": sg, "score": sc, "confidence": c,
+             "thumb": thumbnail(root / p) if root else None,
+             "href": Path(os.path.relpath(root / p, Path(out).absolute())).as_posix() if root else None}
+            for p, _, g, sg, sc, c in mine]})
+    run_id = tracker.model_run(model_dir, run_id, tracking_uri)  # found (or a dead store said) before any write
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "label_issues.csv").write_text(buf.getvalue(), encoding="utf-8")
+        (tmp / "review.html").write_text(render("review.html.j2", r=result, groups=groups), encoding="utf-8")
+    write_json_atomic(metrics_file, {**result, "config": config})
+    if run_id:
+        tracker.send("log_to_run", run_id, metrics={
+            "review_issues": float(len(rows)), "review_issue_rate": result["issue_rate"],
+            **{f"review_noise_rate_{n}": v["noise_rate"] for n, v in per_label.items()}}, artifacts=[
+            (str(Path(out) / "label_issues.csv"), "review"), (str(Path(out) / "review.html"), "review"),
+            (str(metrics_file), "review")])
+    tracker.close()
+    log.info("review: %d likely label error(s) in %d (image, label) pairs of %d images; most confident first in "
+             "%s/label_issues.csv, thumbnails in %s/review.html", len(rows), y.size, len(paths), out, out)
+    return result
+
+
+# --------------------------------------------------------------------------- the way back
+
+
+def read_accepted(path: str | os.PathLike) -> list[dict]:
+    """The accepted rows of a ``label_issues.csv`` (the rows a person kept), each checked."""
+    path = Path(path)
+    text = read_user_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None or tuple(h.strip() for h in header) != HEADER:
+        raise MltagError(f"expected the header {','.join(HEADER)} (a label_issues.csv from mltag review)", path, 1)
+    out = []
+    for line, row in csv_rows(reader, len(HEADER), path):
+        rec = dict(zip(HEADER, (x.strip() for x in row)))
+        if rec["given"] not in ("0", "1") or rec["suggested"] not in ("0", "1"):
+            raise MltagError("given and suggested must be 0 or 1", path, line)
+        rec["given"], rec["suggested"], rec["line"] = int(rec["given"]), int(rec["suggested"]), line
+        out.append(rec)
+    return out
+
+
+def reviewed_name(label_file: Path) -> Path:
+    """Where the corrected copy of ``label_file`` goes: beside it, ``<stem>.reviewed<suffix>``."""
+    return label_file.with_name(f"{label_file.stem}.reviewed{label_file.suffix}")
+
+
+def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: str,
+                 out: str | os.PathLike | None = None) -> Path:
+    """Write the dataset's labels with the accepted changes applied, beside the original; return the file.
+
+    An ``.lst`` dataset gets ``<name>.reviewed.lst`` next to its list (the same labels.txt
+    applies), a CSV dataset ``<name>.reviewed.csv``; the other formats (folders, labels.json,
+    image_list) a Kaggle-style ``reviewed.csv`` in the dataset folder. Folder inputs never
+    read these copies, so the original dataset reads as before; point ``prepare.input`` at
+    the copy to train on it (``dvc repro`` then versions the fix).
+    """
+    from mltag.data.datasets import read_dataset
+
+    accepted = Path(accepted)
+    rows = read_accepted(accepted)
+    ds = read_dataset(dataset, fmt)
+    index = {ex.path: i for i, ex in enumerate(ds.examples)}
+    flags = [list(ex.flags) for ex in ds.examples]
+    for r in rows:
+        if r["path"] not in index:
+            raise MltagError(f"image {r['path']!r} is not in the dataset {dataset}", accepted, r["line"])
+        if r["label"] not in ds.labels:
+            raise MltagError(f"unknown label {r['label']!r} (known: {', '.join(ds.labels)})", accepted, r["line"])
+        i, j = index[r["path"]], ds.labels.index(r["label"])
+        if flags[i][j] != r["given"]:
+            raise MltagError(f"{r['path']} has {r['label']}={flags[i][j]} in the dataset now, not {r['given']} (fixed "
+                             "already, or a file from another dataset?)", accepted, r["line"])
+        flags[i][j] = r["suggested"]
+    changed = sum(list(ex.flags) != f for ex, f in zip(ds.examples, flags))
+    source = Path(ds.examples[0].source.rpartition(":")[0]) if ds.examples else Path(dataset)
+    if ds.fmt == "lst":
+        target = Path(out) if out else reviewed_name(source)
+        text = "".join("\t".join([str(i), *map(str, f), ex.path]) + "\n" for i, (ex, f) in enumerate(zip(ds.examples,
+                                                                                                        flags)))
+    else:
+        target = Path(out) if out else reviewed_name(source) if ds.fmt == "csv" else ds.image_root / "reviewed.csv"
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "labels"])
+        w.writerows([ex.path, " ".join(n for n, v in zip(ds.labels, f) if v)] for ex, f in zip(ds.examples, flags))
+        text = buf.getvalue()
+    if target.resolve() == source.resolve():
+        raise MltagError("the corrected file would replace the original; give another --out", target)
+    if ds.fmt != "lst" and not (target.parent / "labels.txt").is_file() and target.parent == ds.image_root:
+        log.info("review apply: labels come from the CSV's rows; a label left with no image would disappear")
+    write_text_atomic(target, text)
+    log.info("review apply: %d change(s) to %d image(s) from %s written to %s (the original is untouched)",
+             len(rows), changed, accepted, target)
+    return target

@@ -1,0 +1,197 @@
+"""train: a sigmoid head on cached bottleneck vectors (``mltag.head.fit``), optionally the backbone's
+top blocks too (``mltag.steps.finetune``), saved with the end-to-end model (``mltag.inference.export``).
+
+In head mode nothing here imports TensorFlow: the head is fitted in numpy and the end-to-end
+LiteRT file is the backbone's (converted by the bottleneck step) with the head appended."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mltag import config
+from mltag.backbones import builtin as bb
+from mltag.data.formats import load_split, load_views, read_bottleneck_meta, read_labels, write_integrity, write_labels
+from mltag.errors import MltagError
+from mltag.files import atomic_path, fault_point, write_json_atomic
+from mltag.head.fit import HeadLoss, Rows, best_epoch, check_converged, fit_and_refit, fit_head, with_views
+from mltag.inference.export import write_model_folder
+from mltag.tracking import runs as mltracking
+
+log = logging.getLogger(__name__)
+
+
+def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: config.Train, backbone: config.Backbone,
+          tracking: config.Tracking, tracking_uri: str | None = None, config: dict | None = None,
+          recipe: dict | None = None, progress: bool = True, metrics_file: str | os.PathLike | None = None,
+          history_file: str | os.PathLike | None = None, images: str | os.PathLike | None = None) -> dict:
+    """Train the head, save it with the end-to-end model, and open the MLflow run.
+
+    Args:
+        train, backbone, tracking: the typed params sections. ``train.mode`` ``fine_tune`` also
+            tunes the top ``train.fine_tune_blocks`` blocks of the built-in backbone, from the
+            images under ``images`` (see ``mltag.steps.finetune``). ``backbone`` is the backbone the
+            caller expects: the model always uses the bottlenecks' own, and a mismatch is logged.
+        config: the output-changing values, saved in the model folder (``config.json``).
+        recipe: every section's values, logged as the MLflow run's params (default: ``config``).
+        metrics_file: also write the summary here (DVC metrics).
+        history_file: also write per-epoch losses here, one record per epoch (DVC plots).
+
+    Returns:
+        Summary dict with the run id and best validation figures.
+    """
+    from mltag.inference.engine import require_gpu
+
+    require_gpu("train")
+    meta = read_bottleneck_meta(bottlenecks)
+    for key, want in (("backbone_handle", backbone.handle), ("image_size", backbone.image_size)):
+        if want and str(meta.get(key)) != str(want):  # train follows the bottlenecks; say so once
+            log.warning("train: the bottlenecks in %s were computed with %s %r, not backbone.%s %r; training on "
+                        "them (rerun the bottleneck step for %r)", bottlenecks, key, meta.get(key),
+                        key.replace("backbone_", ""), want, want)
+    if train.mode == "fine_tune":
+        from mltag.steps.finetune import builtin_name
+
+        builtin_name(meta["backbone_handle"])  # fail before any work
+        if images is None or not Path(images).is_dir():
+            raise MltagError("train.mode fine_tune reads the images: pass the prepared folder (--prepared)", images)
+    labels = read_labels(Path(bottlenecks) / "labels.txt")
+    x_tr, y_tr, p_tr = load_split(bottlenecks, "train")
+    x_va, y_va, p_va = load_split(bottlenecks, "val")
+    views = load_views(bottlenecks, "train")
+    x_fit, y_fit = with_views(x_tr, y_tr, views)
+    if len(x_tr) == 0:
+        raise MltagError("the train split is empty", Path(bottlenecks) / "train.npz")
+    resolved = bb.resolve(meta["backbone_handle"], backbone.cache_dir)
+    if resolved.backbone_id != meta["backbone_id"]:
+        raise MltagError(f"backbone changed since the bottleneck step ({meta['backbone_id']} -> "
+                         f"{resolved.backbone_id}); rerun bottleneck")
+
+    # MLflow opens in a helper process while the head fits (mltag.tracking.runs.Tracker)
+    tracker = mltracking.Tracker(tracking_uri)
+    uri = tracker.uri
+    t0 = time.time()
+    params = mltracking.flatten(recipe or config or {})
+    params.update({"train.backbone_id": resolved.backbone_id, "train.n_labels": len(labels),
+                   "train.n_train": len(x_tr), "train.n_train_vectors": len(x_fit), "train.n_val": len(x_va)})
+    tags = mltracking.owner_tags(out)
+    if not tracker.direct:  # the run's source is this command, not the helper process
+        tags["mlflow.source.name"] = os.path.abspath(sys.argv[0])
+    tracker.send("open_train_run", tracking.experiment, str(out), tags,
+                 {k: str(v)[:500] for k, v in params.items()}, {"mltag.step": "train", "mltag.labels": ",".join(labels)})
+    try:  # the run ends FINISHED, or FAILED with whatever went wrong
+        loss = HeadLoss.of(train.model_dump())
+        settings = {"learning_rate": train.learning_rate, "batch_size": train.batch_size,
+                    "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed, "loss": loss}
+        refit = train.refit and train.mode == "head" and len(x_va) > 0
+        if refit:  # the shipped head: the same one, afresh, on train+val for the epoch count validation chose
+            rows = Rows(np.concatenate([x_tr, x_va]), views, None, np.arange(len(x_tr)))
+            y_all = np.concatenate([y_tr, y_va] + ([np.repeat(y_tr, rows.k, axis=0)] if rows.k else []))
+            first, history, mon, head = fit_and_refit(x_fit, y_fit, x_va, y_va, rows, y_all, epochs=train.epochs,
+                                                      patience=train.patience, monitor=train.monitor,
+                                                      progress=progress, **settings)
+            check_converged(first, history, train.learning_rate)  # a fit that diverged at once left no refit
+        else:
+            head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, epochs=train.epochs, patience=train.patience,
+                                          monitor=train.monitor, progress=progress, **settings)
+        check_converged(head, history, train.learning_rate)
+        values = history[mon]
+        best = best_epoch(history, mon) - 1
+        # the run exists (or a dead store is reported) before fine-tuning's minutes and before any write
+        run_id, experiment_id = tracker.call("active_run_ids")
+        fault_point("train:fitting")
+        net, ft = None, None
+        if train.mode == "fine_tune":
+            net, head.weights, ft = _fine_tune(meta, images, p_tr, y_tr, p_va, y_va, head.weights, train, progress,
+                                               backbone.cache_dir)
+        series = {f"epoch_{k}": v for k, v in history.items()}
+        if ft is not None:
+            series.update({f"fine_tune_{k}": ft[k] for k in ("loss", "val_loss", "val_map")})
+        tracker.send("log_to_run", run_id, series=series)
+        summary = {
+            "run_id": run_id,
+            "epochs_run": len(values),
+            "best_epoch": best + 1,
+            "train_loss": history["loss"][best],
+            "val_loss": history.get("val_loss", [None] * len(values))[best],
+            "val_map_pr_auc": history.get("val_map", [None] * len(values))[best],
+            "seconds": round(time.time() - t0, 2),
+            "mode": train.mode,
+            "refit": refit,
+        }
+        if ft is not None:
+            summary.update({"fine_tune_best_epoch": ft["best_epoch"], "fine_tune_epochs_run": len(ft["loss"]),
+                            "fine_tune_val_loss": ft["val_loss"][ft["best_epoch"] - 1] if ft["val_loss"] else None,
+                            "fine_tune_val_map": ft["val_map"][ft["best_epoch"] - 1] if ft["val_map"] else None,
+                            "fine_tune_seconds": ft["seconds"]})
+        tracker.send("log_to_run", run_id, metrics={f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
+        model_meta = {
+            "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
+            "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
+            "feature_dim": int(x_tr.shape[1]), "hidden_units": train.hidden_units,
+            # what calibrate needs to refit the same head on folds
+            "head": {"learning_rate": train.learning_rate, "epochs": train.epochs, "batch_size": train.batch_size,
+                     "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed,
+                     "best_epoch": best + 1, "views": int(meta.get("views", 1)), "refit": refit, **loss.settings()},
+            # fine_tune: cached vectors no longer match the backbone; evaluate scores images end to end
+            "mode": train.mode,
+        }
+        if ft is not None:
+            model_meta["fine_tune"] = {
+                "blocks": train.fine_tune_blocks, "tuned_blocks": ft["tuned_blocks"],
+                "learning_rate": train.fine_tune_learning_rate, "epochs": train.fine_tune_epochs,
+                "patience": train.fine_tune_patience, "best_epoch": ft["best_epoch"], "bn": train.fine_tune_bn,
+                "mixed_precision": ft["mixed_precision"]}
+        out = Path(out)
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            write_model_folder(tmp, head.weights, resolved, net, model_meta, backbone.cache_dir)
+            write_labels(tmp / "labels.txt", labels)
+            _write_json(tmp / "history.json",
+                        history if ft is None else {**history,
+                                                    "fine_tune": {k: ft[k] for k in ("loss", "val_loss", "val_map")}})
+            _write_json(tmp / "config.json", config or {})
+            _write_json(tmp / "summary.json", summary)
+            mltracking.save_run_ref(tmp, run_id, experiment_id, uri, tracking.experiment)
+            digest = write_integrity(tmp)
+        tracker.send("log_to_run", run_id, tags={mltracking.MODEL_DIGEST_TAG: digest})
+        records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(values))]
+        if metrics_file:
+            write_json_atomic(metrics_file, summary)
+        if history_file:
+            write_json_atomic(history_file, records)
+        tracker.send("log_to_run", run_id, artifacts=[(str(out / "history.json"), None), (str(out / "config.json"), None)])
+        tracker.send("end_run", "FINISHED")
+    except BaseException:
+        tracker.abandon("end_run", "FAILED")
+        raise
+    tracker.close()
+    return summary
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _fine_tune(meta: dict, images, p_tr, y_tr, p_va, y_va, head_weights, train: config.Train, progress: bool,
+               backbone_cache):
+    """Run ``finetune.fine_tune`` on the train and val images (paths as listed in the bottleneck folder)."""
+    from mltag.inference.lanes import hash_files
+    from mltag.steps.finetune import fine_tune
+
+    items = {}
+    for split, paths in (("train", p_tr), ("val", p_va)):
+        files = [Path(images) / str(p) for p in paths]
+        for f in files:
+            if not f.is_file():
+                raise MltagError("image not found (train.mode fine_tune reads the images)", f)
+        items[split] = list(zip(files, hash_files(files)))
+    return fine_tune(meta["backbone_handle"], int(meta["image_size"]), items["train"], y_tr, items["val"], y_va,
+                     head_weights, train=train, views=int(meta.get("views", 1)), progress=progress,
+                     backbone_cache=backbone_cache)

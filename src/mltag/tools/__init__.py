@@ -1,0 +1,1 @@
+"""The commands around the pipeline: predict, suggest, doctor."""

@@ -1,0 +1,184 @@
+"""``mltag predict``: label images in bulk with a local or registered model.
+
+Images come from files, folders (searched recursively), globs or list files, in any mix.
+A registered model (``models:/NAME@alias``, ``runs:/...``) is downloaded once and run like a
+local folder. Each image is decoded once, in a thread pool, a bounded window ahead of the
+engine; with LiteRT the engine is one single-threaded interpreter per core (lanes), each
+taking the next decoded image, as the bottleneck step runs the backbone. An unreadable
+image gets its reason in its own output row; the others are predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import sys
+import threading
+from pathlib import Path
+
+from mltag.errors import MltagError
+from mltag.workers import cpu_threads, imap_ordered
+
+
+def expand_images(specs: list[str]) -> tuple[list[str], bool]:
+    """Files, folders (recursive), globs and ``.txt``/``.lst`` list files -> image paths, in the order given.
+
+    Returns the paths and whether a folder or glob was expanded (then a progress bar helps).
+    A missing file stays in the list: its row says so.
+    """
+    from mltag.data.images import IMAGE_EXTENSIONS
+    from mltag.files import read_user_text
+
+    out, expanded = [], False
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            expanded = True
+            out += [str(f) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                    and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+        elif p.is_file() and p.suffix.lower() in (".txt", ".list"):
+            expanded = True
+            for line in read_user_text(p).splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    f = Path(line.strip())
+                    out.append(str(f if f.is_absolute() else p.parent / f))
+        elif not p.exists() and any(c in spec for c in "*?["):
+            expanded = True
+            found = sorted(glob.glob(spec, recursive=True))
+            if not found:
+                raise MltagError("no file matches this pattern", spec)
+            out += found
+        else:
+            out.append(spec)
+    if not out:
+        raise MltagError("no images to predict (the folders given hold none)")
+    return out, expanded
+
+
+def resolve_model(model: str, tracking_uri: str | None = None) -> Path:
+    """A local model folder (or ``.tflite`` inside one) as is; a ``models:/`` or ``runs:/`` URI downloaded once."""
+    p = Path(model)
+    if (p.is_dir() and (p / "model.json").is_file()) or (p.suffix == ".tflite" and p.is_file()):
+        return p
+    from mltag.tracking.runs import local_model
+
+    return local_model(model, tracking_uri)
+
+
+def _thresholds_for(folder: Path) -> dict | None:
+    """A model folder's thresholds: its own thresholds.json, else the one beside it (``dvc repro``'s layout)."""
+    from mltag.data.formats import read_thresholds
+
+    t = folder.parent / "thresholds.json"
+    if not (folder / "thresholds.json").is_file() and t.is_file():
+        return read_thresholds(t)
+    return None
+
+
+def run_batch(model, paths: list[str], progress: bool = False, tta: str = "none"):
+    """Yield ``(path, scores or None, error or None)`` in input order; decoding pipelined, LiteRT in lanes."""
+    from tqdm import tqdm
+
+    from mltag.data.images import BadImage, load_image
+
+    def decode(path):
+        try:
+            return load_image(path, model.image_size), None
+        except BadImage as e:
+            return None, str(e)
+
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, mininterval=1.0, file=sys.stderr)
+    if tta != "none":  # ten views per image: the batch path, one image at a time
+        for path in paths:
+            try:
+                yield path, model.scores([path], tta=tta)[0], None
+            except BadImage as e:
+                yield path, None, str(e)
+            bar.update(1)
+        bar.close()
+        return
+    lanes = model.lanes()
+    window = 4 * len(lanes) + 4
+    decoded = imap_ordered(decode, paths, cpu_threads(), ahead=window)
+    results: dict[int, tuple] = {}
+    lock, ready = threading.Lock(), threading.Condition()
+    todo = iter(enumerate(decoded))
+    errors: list[BaseException] = []
+
+    def lane(run):
+        try:
+            while True:
+                with lock:
+                    nxt = next(todo, None)
+                if nxt is None:
+                    return
+                i, (px, err) = nxt
+                out = (None, err) if px is None else (run(px[None])[0], None)
+                with ready:
+                    results[i] = out
+                    ready.notify_all()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            with ready:
+                errors.append(e)
+                ready.notify_all()
+
+    threads = [threading.Thread(target=lane, args=(run,), daemon=True) for run in lanes]
+    for t in threads:
+        t.start()
+    try:
+        for i, path in enumerate(paths):
+            with ready:
+                while i not in results and not errors:
+                    ready.wait()
+                if errors:
+                    raise errors[0]
+                scores, err = results.pop(i)
+            bar.update(1)
+            yield path, scores, err
+    finally:
+        decoded.close()
+        for t in threads:
+            t.join(timeout=60)
+        bar.close()
+
+
+def predict(model_ref: str, images: list[str], out_format: str = "text", out=None, tta: str = "none",
+            tracking_uri: str | None = None, progress: bool | None = None) -> tuple[int, int]:
+    """Predict every image; write one row per image to ``out`` (default stdout). Returns ``(ok, failed)``."""
+    from mltag.inference.model import InferenceModel
+
+    if out_format not in ("text", "csv", "jsonl"):
+        raise MltagError(f"--format must be text, csv or jsonl, got {out_format!r}")
+    paths, expanded = expand_images(images)
+    folder = resolve_model(model_ref, tracking_uri)
+    model = InferenceModel(folder, _thresholds_for(folder if folder.is_dir() else folder.parent))
+    out = out or sys.stdout
+    labels = model.labels
+    writer = None
+    if out_format == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "labels", "error", *(f"score_{lb}" for lb in labels)])
+    ok = failed = 0
+    for path, scores, err in run_batch(model, paths, progress=expanded if progress is None else progress, tta=tta):
+        chosen = model.chosen([scores])[0] if scores is not None else []
+        if err is None:
+            ok += 1
+        else:
+            failed += 1
+        if out_format == "csv":
+            writer.writerow([path, " ".join(chosen), err or "",
+                             *([f"{s:.6f}" for s in scores] if scores is not None else [""] * len(labels))])
+        elif out_format == "jsonl":
+            row = {"image": path, "labels": chosen,
+                   "scores": {lb: float(s) for lb, s in zip(labels, scores)} if scores is not None else None}
+            if err is not None:
+                row["error"] = err
+            out.write(json.dumps(row) + "\n")
+        elif err is None:
+            lab = ", ".join(f"{lb} ({s:.2f})" for lb, s in zip(labels, scores) if lb in chosen) or "(no label)"
+            out.write(f"{path}: {lab}\n")
+        else:
+            out.write(f"{path}: error: {err}\n")
+    out.flush()
+    return ok, failed

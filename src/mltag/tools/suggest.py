@@ -1,0 +1,164 @@
+"""``mltag suggest``: which unlabelled images to label next (active learning).
+
+Each image gets the model's scores and a feature vector from the vector store (cached by
+content, so a second call on the same folder computes nothing). Images are ranked by
+uncertainty (the mean binary entropy over labels, and how close the nearest score is to its
+label's threshold), then picked greedily for diversity: each next pick maximises its
+uncertainty times its distance to the nearest image already picked (k-center greedy on the
+vectors), so a hundred near-duplicates of one hard photo do not fill the list.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mltag.errors import MltagError
+from mltag.files import write_text_atomic
+from mltag.workers import cpu_threads
+
+log = logging.getLogger(__name__)
+
+
+def list_images(spec: str) -> list[Path]:
+    """A folder (searched recursively), a glob pattern, or a text file listing one image per line."""
+    from mltag.data.images import IMAGE_EXTENSIONS
+
+    p = Path(spec)
+    if p.is_dir():
+        found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    elif p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS:
+        from mltag.files import read_user_text
+
+        found = []
+        for n, line in enumerate(read_user_text(p).splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                f = (p.parent / line.strip()) if not Path(line.strip()).is_absolute() else Path(line.strip())
+                if not f.is_file():
+                    raise MltagError(f"image not found: {f}", p, n)
+                found.append(f)
+    else:
+        found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+    if not found:
+        raise MltagError("no images found (give a folder, a glob such as 'new/*.jpg', or a file listing images)",
+                         spec)
+    return found
+
+
+def vectors_for(files: list[Path], meta: dict, store: str, backbone_cache_dir: str = "", engine: str = "auto",
+                progress: bool = True) -> tuple[np.ndarray, int]:
+    """The plain-view vectors of ``files`` from the vector store, computing the missing ones into it.
+
+    Returns ``(vectors float32 [N, D], how many were computed)``.
+    """
+    from mltag.backbones import builtin as bb
+    from mltag.data.store import FeatureCache
+    from mltag.inference.engine import backbone_engine
+    from mltag.inference.lanes import compute_missing, hash_files
+
+    resolved = bb.resolve(meta["backbone_handle"], backbone_cache_dir)
+    if resolved.backbone_id != meta.get("backbone_id"):
+        raise MltagError(f"the model's backbone {meta.get('backbone_id')} is not the one {meta['backbone_handle']} "
+                         f"resolves to here ({resolved.backbone_id})")
+    size = int(meta["image_size"])
+    cache = FeatureCache(store, resolved.backbone_id, size)
+    shas = hash_files(files)
+    keys = [cache.key(sha, 0) for sha in shas]
+    got = {k: v for k in dict.fromkeys(keys) if (v := cache.get(k)) is not None}
+    todo, seen = [], set(got)
+    for key, f, sha in zip(keys, files, shas):
+        if key not in seen:
+            seen.add(key)
+            todo.append((key, str(f), str(f), sha, 0))
+    computed = 0
+    if todo:
+        with cache.lock(".lock"):
+            cache.clean_leftovers()
+            computed = compute_missing(todo, cache, None, size, 32, progress, keep=got,
+                                       make_engine=lambda: backbone_engine(engine, resolved, size, backbone_cache_dir,
+                                                                           lanes=cpu_threads() > 1))
+    return np.stack([np.asarray(got[k], np.float32) for k in keys]), computed
+
+
+def uncertainty(scores: np.ndarray, thresholds: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image: mean binary entropy over labels (bits, 0-1), the smallest distance of a score to its
+    label's threshold, and the two combined (``0.5 * entropy + 0.5 * closeness``, 0-1)."""
+    s = np.clip(np.asarray(scores, np.float64), 1e-7, 1 - 1e-7)
+    entropy = np.mean(-(s * np.log2(s) + (1 - s) * np.log2(1 - s)), axis=1)
+    margin = np.min(np.abs(s - thresholds[None, :]), axis=1)
+    closeness = 1.0 - np.minimum(1.0, margin / 0.5)
+    return {"entropy": entropy, "margin": margin, "uncertainty": 0.5 * entropy + 0.5 * closeness}
+
+
+def pick_diverse(u: np.ndarray, vectors: np.ndarray, n: int, pool: int = 5) -> tuple[list[int], np.ndarray]:
+    """``n`` indices: the most uncertain first, then each maximising uncertainty x distance to the
+    nearest pick (k-center greedy over the ``pool * n`` most uncertain). Returns the picks and each
+    pick's distance to the picks before it (normalised to the largest such distance; 1 for the first)."""
+    n = min(n, len(u))
+    if n == 0:
+        return [], np.zeros(0)
+    cand = np.argsort(-u, kind="stable")[: max(n, pool * n)]
+    v = vectors[cand] / np.maximum(np.linalg.norm(vectors[cand], axis=1, keepdims=True), 1e-12)
+    nearest = np.full(len(cand), np.inf)
+    picks, dist = [0], [np.inf]
+    nearest = np.minimum(nearest, np.linalg.norm(v - v[0], axis=1))
+    for _ in range(n - 1):
+        gain = u[cand] * nearest
+        gain[picks] = -1.0
+        j = int(np.argmax(gain))
+        picks.append(j)
+        dist.append(nearest[j])
+        nearest = np.minimum(nearest, np.linalg.norm(v - v[j], axis=1))
+    d = np.asarray(dist, np.float64)
+    finite = d[np.isfinite(d)]
+    d = np.where(np.isfinite(d), d / (finite.max() if finite.size and finite.max() > 0 else 1.0), 1.0)
+    return [int(cand[j]) for j in picks], d
+
+
+def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: str, backbone_cache_dir: str = "",
+            engine: str = "auto", tracking_uri: str | None = None, progress: bool = True) -> dict:
+    """Rank unlabelled ``images`` for labelling with ``model``; write the top ``n`` to ``out`` (CSV)."""
+    from mltag.data.formats import read_model_meta, read_thresholds
+    from mltag.tracking import runs as tracking
+
+    if n < 1:
+        raise MltagError(f"--n must be at least 1, got {n}")
+    folder = tracking.local_model(model, tracking_uri)
+    meta = read_model_meta(folder)
+    labels = meta["labels"]
+    th_file = folder / "thresholds.json" if (folder / "thresholds.json").is_file() else folder.parent / "thresholds.json"
+    from mltag.metrics import decide, decision_rule
+
+    thresholds, min_labels = decision_rule(read_thresholds(th_file, labels) if th_file.is_file() else None, labels)
+    files = list_images(images)
+    vectors, computed = vectors_for(files, meta, store, backbone_cache_dir, engine, progress)
+    if meta.get("mode", "head") == "fine_tune":  # the cached vectors are the frozen backbone's: score end to end
+        from mltag.inference.model import InferenceModel
+
+        scores = InferenceModel(folder).scores(files)
+    else:
+        from mltag.head.fit import head_scores
+
+        scores = head_scores(folder, vectors)
+    u = uncertainty(scores, thresholds)
+    picks, novelty = pick_diverse(u["uncertainty"], vectors, n)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["rank", "path", "uncertainty", "entropy", "margin", "novelty", "predicted",
+                *(f"score_{lb}" for lb in labels)])
+    chosen = decide(scores, thresholds, min_labels)
+    for rank, (i, nov) in enumerate(zip(picks, novelty), 1):
+        predicted = " ".join(lb for lb, hit in zip(labels, chosen[i]) if hit)
+        w.writerow([rank, str(files[i]), f"{u['uncertainty'][i]:.4f}", f"{u['entropy'][i]:.4f}",
+                    f"{u['margin'][i]:.4f}", f"{nov:.4f}", predicted, *(f"{s:.4f}" for s in scores[i])])
+    write_text_atomic(out, buf.getvalue())
+    log.debug("suggest: %d of %d images ranked for labelling in %s (%d vectors computed, %d from the vector store)",
+             len(picks), len(files), out, computed, len(files) - computed)
+    return {"images": len(files), "suggested": len(picks), "computed": computed, "model": str(folder)}

@@ -1,0 +1,1 @@
+"""MLflow tracking: URI rules, run references, the model download cache and the helper process."""

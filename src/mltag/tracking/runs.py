@@ -1,0 +1,597 @@
+"""MLflow plumbing: where tracking goes, and the run that train opens and later steps join."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """``explicit`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db`` (the embedded default)."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+_registry_set_here: str | None = None
+
+# MLflow's own defaults retry a dead server for minutes (7 retries, backoff, 120 s timeout)
+# before it says anything. mltag checks the server first and keeps MLflow's retries short;
+# set these variables yourself to override.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+PROBE_TIMEOUT_S = 5.0
+
+
+def mask_uri(uri: str) -> str:
+    """A tracking URI fit to print, log, tag or write: scheme, host, port and path only.
+
+    A user name, password, token in the query or a fragment is dropped, so nothing mltag
+    prints or stores holds a credential (``http://user:pw@h:5000/x?token=t`` -> ``http://h:5000/x``).
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable URI>"
+    if not parts.scheme or parts.scheme in ("file", "sqlite") and "@" not in parts.netloc:
+        return uri.split("?", 1)[0]
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def scrub(text: str, uri: str) -> str:
+    """``text`` with every credential of ``uri`` (user, password, query) replaced by ``***``."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return text
+    from urllib.parse import parse_qsl
+
+    secrets = [parts.password, parts.username, parts.query, parts.fragment]
+    secrets += [v for _, v in parse_qsl(parts.query)]
+    secrets += [unquote(x) for x in secrets if x]
+    if parts.username is not None or parts.query:
+        text = text.replace(uri, mask_uri(uri)).replace(uri.rstrip("/"), mask_uri(uri))
+    for secret in sorted({x for x in secrets if x}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail within about ``timeout`` seconds when an http(s) tracking server does not answer.
+
+    The probe goes through MLflow's own HTTP client and credentials (the URI's user and
+    password, ``MLFLOW_TRACKING_TOKEN``...), so every URI MLflow accepts is accepted here.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    from mltag.errors import MltagError
+
+    try:
+        http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, backoff_factor=0,
+                     timeout=timeout, raise_on_status=False)
+    except Exception as e:  # noqa: BLE001 - connection errors come wrapped in many types
+        reason = scrub(_root_cause(e), uri)
+        raise MltagError(f"MLflow tracking server {mask_uri(uri)} does not answer ({reason}). Start it or point "
+                         "MLFLOW_TRACKING_URI (or --tracking-uri) at a live one; nothing computed so far is "
+                         "lost, and rerunning this step alone finishes the job") from None
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error's type and first line: 'ConnectionRefusedError: ...', not a retry summary."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    msg = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def setup_checked(explicit: str | None = None) -> str:
+    """``setup`` plus a short reachability check of an http(s) server, for steps that must reach it."""
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    uri = setup(explicit)
+    check_reachable(uri)
+    return uri
+
+
+def setup(explicit: str | None = None) -> str:
+    """Point mlflow at the tracking store; called by steps, never at import time."""
+    import mlflow
+
+    global _registry_set_here
+    uri = tracking_uri(explicit)
+    if mask_uri(uri) != uri.split("?", 1)[0] or "?" in uri:
+        # MLflow prints "View run ... at: <URI>" after each run, credentials and all: not with these.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    mlflow.set_tracking_uri(uri)
+    # mlflow.set_registry_uri also exports MLFLOW_REGISTRY_URI (for subprocesses), so a value we set
+    # for an earlier store must not be mistaken for the user's choice by a later call in this process.
+    env = os.environ.get("MLFLOW_REGISTRY_URI")
+    if env and env != _registry_set_here:
+        return uri  # the user's own registry
+    if uri.startswith("sqlite:"):
+        mlflow.set_registry_uri(uri)
+        _registry_set_here = uri
+    elif _registry_set_here:
+        from mlflow.tracking._model_registry import utils as registry_utils
+
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+        registry_utils._registry_uri = None  # a server's registry is its tracking URI
+        _registry_set_here = None
+    return uri
+
+
+def save_run_ref(folder: str | os.PathLike, run_id: str, experiment_id: str, uri: str,
+                 experiment: str = "mltag") -> None:
+    from mltag.data.formats import write_run_ref
+
+    write_run_ref(folder, {"run_id": run_id, "experiment_id": experiment_id, "experiment": experiment,
+                           "tracking_uri": mask_uri(uri)})
+
+
+def run_ref_of(model_dir: str | os.PathLike) -> dict | None:
+    """What train recorded about its MLflow run in the model folder, or None."""
+    from mltag.data.formats import read_run_ref
+
+    return read_run_ref(model_dir)
+
+
+def run_id_of(model_dir: str | os.PathLike) -> str | None:
+    ref = run_ref_of(model_dir)
+    return ref["run_id"] if ref else None
+
+
+MODEL_RUN_TAG = "mltag.model_run_id"
+MODEL_DIGEST_TAG = "mltag.model_digest"  # the content hash of the model folder train wrote
+
+
+def model_run(model_dir: str | os.PathLike, run_id: str | None, uri: str) -> str | None:
+    """The MLflow run that evaluate, calibrate and register log into, in the store at ``uri``.
+
+    An explicit ``run_id`` (Kubeflow passes train's) must exist there: if not, the error
+    names the run and the store. Otherwise the model folder's ``run.json`` names train's
+    run; when this store does not hold it (the model came from the DVC run cache, ``dvc
+    pull`` or a ``dvc exp run --temp`` workspace, trained against another store), the
+    steps share one stand-in run here, tagged with train's run id, found again by that
+    tag. None when the model has no run at all.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mltag.errors import MltagError
+
+    client = MlflowClient()
+    if run_id:
+        if not _run_exists(client, run_id):
+            raise MltagError(
+                f"MLflow run {run_id} does not exist in the tracking store {mask_uri(uri)}. The step that created it "
+                "(train) logged to another store: give every step the same tracking URI (the tracking_uri "
+                "pipeline parameter or the mlflow-tracking secret on Kubeflow; MLFLOW_TRACKING_URI locally)")
+        return run_id
+    ref = run_ref_of(model_dir)
+    if ref is None:
+        return None
+    if _run_exists(client, ref["run_id"]):
+        return ref["run_id"]
+    found = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                               filter_string=f"tags.`{MODEL_RUN_TAG}` = '{ref['run_id']}'")
+    if found:
+        return found[0].info.run_id
+    exp = mlflow.set_experiment(ref.get("experiment") or "mltag")
+    run = client.create_run(exp.experiment_id, run_name=f"model-of-{ref['run_id'][:8]}", tags={
+        MODEL_RUN_TAG: ref["run_id"], "mltag.trained_in": mask_uri(ref.get("tracking_uri", ""))})
+    client.set_terminated(run.info.run_id)
+    log.warning("train's MLflow run %s is not in %s (this model was trained against %s, or restored from a "
+                "DVC cache); logging into run %s instead, tagged %s", ref["run_id"], mask_uri(uri),
+                mask_uri(ref.get("tracking_uri", "another store")), run.info.run_id, MODEL_RUN_TAG)
+    return run.info.run_id
+
+
+OWNER_TAGS = ("mltag.host", "mltag.pid", "mltag.out")
+
+
+def owner_tags(out: str | os.PathLike) -> dict[str, str]:
+    """Tags that say which process on which machine writes which model folder (to find its run if it dies)."""
+    import socket
+
+    return {"mltag.host": socket.gethostname(), "mltag.pid": str(os.getpid()), "mltag.out": str(Path(out).absolute())}
+
+
+def close_stale_runs(experiment_id: str, out: str | os.PathLike, pid: int | None = None) -> list[str]:
+    """End as KILLED the RUNNING runs of this model folder whose process on this machine is gone.
+
+    A train killed with kill -9 cannot end its own run; the next train of the same model
+    folder does, with a note, so the MLflow UI never shows a run that runs forever.
+    Runs of other machines are left alone: this one cannot tell whether they are alive.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mltag.files import _pid_alive
+
+    mine = owner_tags(out)
+    found = mlflow.search_runs([experiment_id], output_format="list", max_results=200,
+                               filter_string=f"attributes.status = 'RUNNING' and tags.`mltag.host` = '{mine['mltag.host']}'")
+    closed = []
+    client = MlflowClient()
+    for run in found:
+        tags = run.data.tags
+        if tags.get("mltag.out") != mine["mltag.out"] or not tags.get("mltag.pid", "").isdigit():
+            continue
+        if _pid_alive(int(tags["mltag.pid"])):
+            continue
+        client.set_tag(run.info.run_id, "mltag.note", f"ended as KILLED by a later train (pid {pid or os.getpid()}): its "
+                       f"process {tags['mltag.pid']} on {mine['mltag.host']} was gone")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+        log.warning("train: MLflow run %s was left RUNNING by a process that is gone (pid %s); ended it as KILLED",
+                    run.info.run_id, tags["mltag.pid"])
+    return closed
+
+
+def join_model_run(model_dir: str | os.PathLike, run_id: str | None, tracking_uri: str | None) -> str | None:
+    """For steps that log only when the model has a run (evaluate, calibrate): ``model_run`` in the
+    checked store, or None without touching MLflow when there is no run to join."""
+    if not run_id and run_ref_of(model_dir) is None:
+        return None
+    return model_run(model_dir, run_id, setup_checked(tracking_uri))
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise
+    return True
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def local_model(model: str, explicit_uri: str | None = None) -> Path:
+    """A local model folder for ``model``: a folder as is, a ``models:/`` or ``runs:/`` URI downloaded once
+    (shared by predict and suggest)."""
+    from mltag.errors import MltagError
+
+    p = Path(model)
+    if p.is_dir() and (p / "model.json").is_file():
+        return p
+    if "://" not in model and not model.startswith(("models:/", "runs:/")):
+        raise MltagError("not a model folder (no model.json) nor a models:/ or runs:/ URI", model)
+    import hashlib
+    import tempfile
+
+    import mlflow
+
+    setup_checked(explicit_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per model, not per file
+    asked = model
+    try:
+        # An alias moves, and a store recreated at the same place numbers its versions again: key the
+        # download by the version's run and creation time, not by the URI.
+        identity = model
+        if model.startswith("models:/"):
+            client = mlflow.MlflowClient()
+            name, _, rest = model.removeprefix("models:/").partition("@")
+            if rest:
+                mv = client.get_model_version_by_alias(name, rest)
+            else:
+                name, _, version = name.partition("/")
+                mv = client.get_model_version(name, version)
+            model = f"models:/{mv.name}/{mv.version}"
+            identity = f"{model}|{mv.run_id}|{mv.creation_timestamp}"
+        key = hashlib.sha256(f"{mask_uri(tracking_uri(explicit_uri))}|{identity}".encode())
+        dest = Path(tempfile.gettempdir()) / "mltag-models" / key.hexdigest()[:20]
+        if not (dest / "done").is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(dest))
+            (dest / "done").write_text("")
+    except MltagError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MLflow raises many kinds for a missing model
+        raise MltagError(f"cannot load model {asked}: {str(e).splitlines()[0][:300]}") from None
+    found = [f.parent for f in dest.rglob("model.json")]
+    if not found:
+        raise MltagError(f"{model} holds no mltag model folder (no model.json among its artifacts)")
+    return found[0]
+
+
+# --------------------------------------------------------------------------- a step's MLflow, beside its work
+#
+# ``import mlflow`` and opening its store take about 2 s of a step's start (1.1 s of imports, 1.0 s
+# of SQLAlchemy and MLflow's store), and evaluate, calibrate and review do a few seconds of work
+# at most. A ``Tracker`` makes the step's MLflow calls in a helper process started first, so the
+# imports run on the core the step leaves idle. The calls are the functions in ``OPS`` below,
+# with plain arguments and results; they run in order, in the helper or (``direct``) here.
+
+def open_train_run(experiment: str, out: str, tags: dict, params: dict, step_tags: dict) -> tuple[str, str]:
+    """train's run: the experiment set, this folder's stale runs closed, a new run started (and left
+    active, as ``mlflow.start_run`` leaves it) with its params and tags. Returns its ids."""
+    import mlflow
+
+    exp = mlflow.set_experiment(experiment)
+    close_stale_runs(exp.experiment_id, out, pid=int(tags["mltag.pid"]))
+    run = mlflow.start_run(tags=tags)
+    mlflow.log_params(params)
+    mlflow.set_tags(step_tags)
+    return run.info.run_id, run.info.experiment_id
+
+
+def log_to_run(run_id: str, metrics: dict | None = None, tags: dict | None = None,
+               artifacts: list[tuple[str, str | None]] = (), series: dict[str, list[float]] | None = None) -> None:
+    """Log into ``run_id`` (the active run, or resumed for the call as ``mlflow.start_run(run_id=...)``):
+    metrics, tags, artifacts ``(file, artifact folder)`` and per-step ``series`` (one request per
+    1000 values)."""
+    import contextlib
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    active = mlflow.active_run()
+    with contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
+        if series:
+            import time
+
+            now = int(time.time() * 1000)
+            values = [Metric(k, v, now, i) for k, vs in series.items() for i, v in enumerate(vs)]
+            for i in range(0, len(values), 1000):
+                mlflow.MlflowClient().log_batch(run_id, metrics=values[i: i + 1000])
+        if metrics:
+            mlflow.log_metrics(metrics)
+        if tags:
+            mlflow.set_tags(tags)
+        for path, folder in artifacts:
+            mlflow.log_artifact(path, folder)
+
+
+def active_run_ids() -> tuple[str, str]:
+    """The active run's id and its experiment's (the run ``open_train_run`` started)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id, run.info.experiment_id
+
+
+def end_run(status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.end_run(status)
+
+
+OPS = {f.__name__: f for f in (setup_checked, join_model_run, open_train_run, active_run_ids, log_to_run, end_run)}
+
+
+_prestarted = None  # (process, replies, uri): a helper the CLI started before the step's own imports
+
+
+def _start_helper(uri: str):
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    level = logging.getLogger("mltag").getEffectiveLevel()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mltag.tracking.helper", str(w), str(level), uri],
+                                stdin=subprocess.PIPE, pass_fds=(w,))
+    finally:
+        os.close(w)
+    return proc, os.fdopen(r, "rb")
+
+
+def _use_helper() -> bool:
+    """Whether a step's MLflow calls go to a helper process: not where MLflow is already imported
+    here (no import left to hide), with ``MLTAG_TRACKING_HELPER=0``, or off POSIX;
+    ``MLTAG_TRACKING_HELPER=1`` asks for one even where MLflow is imported."""
+    import sys
+
+    helper = os.environ.get("MLTAG_TRACKING_HELPER", "auto")
+    return helper != "0" and os.name == "posix" and (helper == "1" or "mlflow" not in sys.modules)
+
+
+def prestart(explicit_uri: str | None) -> None:
+    """Start a step's tracking helper now (the CLI does, before the step's own imports), so its
+    imports begin a few tenths of a second earlier; the step's ``Tracker`` takes it over. A
+    helper nobody takes over stops when this process ends. Nothing where a ``Tracker`` would be
+    direct."""
+    global _prestarted
+    if _prestarted is not None or not _use_helper():
+        return
+    uri = tracking_uri(explicit_uri)
+    _prestarted = (*_start_helper(uri), uri)
+
+
+class TrackingHelperError(Exception):
+    """An MLflow call failed in the helper process (the message carries its type and text)."""
+
+
+class Tracker:
+    """One step's MLflow calls, made in a helper process that imports MLflow and opens the store
+    while the step works (or in this process: ``direct``).
+
+    ``send`` queues a call and returns at once; ``call`` returns its result after every call
+    before it has run. A failed call raises at the next ``call`` or at ``close``, as the error
+    it raised in the helper (an ``MltagError`` stays one). The store is checked first (as
+    ``setup_checked``), so a dead server is reported at the step's first ``call``: steps make
+    it before they write their outputs. The helper runs each call only while this process is
+    alive, and never ends a run it was not told to end (a killed train's run stays RUNNING,
+    for the next train to close as KILLED).
+
+    Direct (no helper) where ``_use_helper`` says so: MLflow already imported here (tests,
+    notebooks), ``MLTAG_TRACKING_HELPER=0``, or not on POSIX.
+    """
+
+    def __init__(self, tracking_uri_: str | None):
+        self.uri = tracking_uri(tracking_uri_)
+        self.direct = not _use_helper()
+        self._proc, self._waiting = None, 0
+        if self.direct:
+            setup_checked(tracking_uri_)
+            return
+        global _prestarted
+        if _prestarted is not None and _prestarted[2] == self.uri and _prestarted[0].poll() is None:
+            self._proc, self._replies, _ = _prestarted
+        else:
+            if _prestarted is not None:  # for another store: let it go (end of input stops it)
+                _prestarted[0].stdin.close()
+                _prestarted[1].close()
+            self._proc, self._replies = _start_helper(self.uri)
+        _prestarted = None
+        self.send("setup_checked", tracking_uri_)
+
+    def send(self, op: str, *args, **kwargs) -> None:
+        if self.direct:
+            OPS[op](*args, **kwargs)
+            return
+        try:
+            self._write(op, args, kwargs)
+        except BrokenPipeError:
+            self._helper_gone()
+        self._waiting += 1
+
+    def _write(self, op: str, args: tuple, kwargs: dict) -> None:
+        import pickle
+
+        pickle.dump((op, args, kwargs), self._proc.stdin)
+        self._proc.stdin.flush()
+
+    def call(self, op: str, *args, **kwargs):
+        if self.direct:
+            return OPS[op](*args, **kwargs)
+        self.send(op, *args, **kwargs)
+        value = None
+        while self._waiting:
+            value = self._reply()
+        return value
+
+    def _reply(self):
+        import pickle
+
+        try:
+            kind, *rest = pickle.load(self._replies)
+        except (EOFError, pickle.UnpicklingError):
+            self._helper_gone()
+        self._waiting -= 1
+        if kind == "ok":
+            return rest[0]
+        self._raise(*rest)
+
+    def _raise(self, kind: str, type_name: str, message: str, path, line) -> None:
+        from mltag.errors import MltagError
+
+        if kind == "mltag":
+            err = MltagError(message)
+            err.path, err.line = path, line
+            raise err
+        if kind == "mlflow":  # as the CLI reports an MlflowException raised in its own process
+            first = message.splitlines()[0][:300] if message else type_name
+            raise MltagError(f"MLflow at {mask_uri(self.uri)}: {scrub(first, self.uri)}")
+        raise TrackingHelperError(f"{type_name}: {message}")
+
+    def _helper_gone(self):
+        from mltag.errors import MltagError
+
+        code = self._proc.wait()
+        raise MltagError(f"the MLflow helper process exited (status {code}) before the step's tracking was done; "
+                         "its error is above. Rerun the step; set MLTAG_TRACKING_HELPER=0 to log from the step's "
+                         "own process")
+
+    def close(self) -> None:
+        """Wait for every call sent; raise the first that failed."""
+        if self.direct or self._proc is None:
+            return
+        try:
+            while self._waiting:
+                self._reply()
+        finally:
+            self._shutdown()
+
+    def abandon(self, op: str | None = None, *args) -> None:
+        """The step failed: send ``op`` (a train's FAILED end) if the helper still listens, let it run
+        what was sent, and let it go without reading its replies (the step's own error is the one
+        to report). Direct: run ``op`` here, its own failure not hiding the step's."""
+        if op is not None:
+            try:
+                if self.direct:
+                    OPS[op](*args)
+                elif self._proc is not None:
+                    self._write(op, args, {})
+            except Exception:  # noqa: BLE001 - the step's error matters more
+                log.debug("tracking: %s after a failed step did not run", op, exc_info=True)
+        self._shutdown()
+
+    def _shutdown(self, timeout: float = 60.0) -> None:
+        import subprocess
+
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._replies.close()
+
+    def model_run(self, model_dir: str | os.PathLike, run_id: str | None, tracking_uri_: str | None) -> str | None:
+        """``join_model_run`` through this tracker, once: a second call returns the first's answer."""
+        if not hasattr(self, "_model_run"):
+            self._model_run = self.call("join_model_run", model_dir, run_id, tracking_uri_)
+        return self._model_run
+
+    @classmethod
+    def for_model(cls, model_dir: str | os.PathLike, run_id: str | None, tracking_uri_: str | None) -> Tracker:
+        """For steps that log only when the model has a run (evaluate, calibrate, review): a tracker
+        whose first ``call`` should be ``join_model_run``; one that does nothing when there is no
+        run to join (no MLflow at all)."""
+        if not run_id and (model_dir is None or run_ref_of(model_dir) is None):
+            return _NoTracker()
+        return cls(tracking_uri_)
+
+
+class _NoTracker(Tracker):
+    """A tracker with no run to log into: every call returns None, nothing is started."""
+
+    def __init__(self):
+        self.direct, self._proc, self._waiting = True, None, 0
+
+    def abandon(self, op: str | None = None, *args) -> None:
+        return None
+
+    def send(self, op: str, *args, **kwargs) -> None:
+        return None
+
+    def call(self, op: str, *args, **kwargs):
+        return None
