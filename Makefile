@@ -5,8 +5,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install demo test test-fast lint compile docs lock clean
+.PHONY: install demo test test-fast test-integration test-e2e lint compile docs docs-serve lock clean
 
 # Exact versions from the lock file (the same one the Docker image uses), then mltag itself.
 $(VENV)/.installed: pyproject.toml requirements-dev.lock
@@ -23,25 +24,40 @@ demo: install
 	mltag metrics
 	mltag predict data/demo/images/00001.jpg data/demo/images/00002.jpg data/demo/images/00003.jpg
 
+# Every tier: unit (seconds, no processes), integration (steps in process), e2e (dvc, mlflow server,
+# kfp.local, kill -9). Every test is independent of order, with its own project.
 test: install
-	$(BIN)/ruff check src components pipeline tests
+	$(BIN)/ruff check src components pipeline tests benchmarks
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/pytest -q -ra
+	$(BIN)/mkdocs build --strict --quiet
+	$(BIN)/pytest -q -ra tests
 
+# The unit tier alone: under a minute.
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q tests/unit
+
+test-integration: install
+	$(BIN)/pytest -q tests/integration
+
+test-e2e: install
+	$(BIN)/pytest -q tests/e2e
 
 lint: install
-	$(BIN)/ruff check src components pipeline tests
+	$(BIN)/ruff check src components pipeline tests benchmarks
 	$(BIN)/hadolint Dockerfile
 
 compile: install
 	mltag pipeline compile
 
-# The generated docs: params.yaml's JSON Schema and the README's parameter reference (tests check both).
+# The docs site (docs/, MkDocs Material) with its generated parts: params.yaml's JSON Schema and the
+# parameter reference in docs/configuration.md (tests check both). --strict: a broken link fails.
 docs: install
 	mltag params schema > docs/params.schema.json
-	mltag params reference --write README.md
+	mltag params reference --write docs/configuration.md
+	$(BIN)/mkdocs build --strict
+
+docs-serve: install
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 # Re-resolve the lock files after changing pyproject.toml (needs network access to PyPI).
 lock: install
@@ -52,4 +68,4 @@ lock: install
 		--python-platform x86_64-unknown-linux-gnu --no-header --annotation-style line -o requirements-dev.lock
 
 clean:
-	rm -rf data models reports metrics plots mlflow.db mlruns mlartifacts .mltag-cache
+	rm -rf data models reports metrics plots mlflow.db mlruns mlartifacts .mltag-cache site

@@ -1,5 +1,18 @@
-"""Benchmark: the steps after bottleneck at scale, on synthetic vectors: seconds and peak memory per step.
+"""Benchmark: the pipeline at scale: the whole ``dvc repro`` on N real image files (``--real``), or the steps
+after bottleneck on synthetic vectors (``--sizes``): seconds, CPU seconds and peak memory per step.
 
+``--real N[,N...]``: for each N, a fresh project (this checkout's dvc.yaml and params.yaml, a fresh git
+and DVC repo, vector store and MLflow store) with N demo images drawn as files before the clock starts
+(they stand for a user's photos), then a plain ``dvc repro``. Each stage's wall seconds (DVC's own
+bookkeeping included), CPU seconds and peak RSS (the largest of the ``mltag`` process's VmHWM and its
+children's, recorded by ``mltag`` itself with ``MLTAG_TIMINGS``), then the disk used by the vector
+store, the DVC cache, ``mlflow.db`` and the reports. Then ``--add`` more images (default 1,000) and
+a second ``dvc repro``: how many vectors it computed, and its stages. The backbone is built once, before
+the first size (its own figure). Defaults: Lite0, 1 view (``--set`` changes any params.yaml key).
+The last line is one JSON object: ``{"cpu": ..., "stages": {STAGE: {"N": {"seconds": s, "cpu_seconds": c,
+"peak_rss_mb": m}}}, "disk_mb": {"N": {...}}, "add": {"N": {...}}}``.
+
+``--sizes``:
 For each size, a bottleneck folder of synthetic vectors is written in the real format
 (dimension 1280 like Lite0/Lite2, 5 labels, splits 70/15/15, 4 views per training image:
 the plain one and 3 augmented, float16 as the store keeps them): each label a direction,
@@ -12,6 +25,7 @@ export its end-to-end model as it always does.
 The last line is one JSON object: ``{"cpu": ..., "steps": {STEP: {"SIZE": {"seconds": s, "peak_rss_mb": m}}}}``.
 
 Usage:
+    python benchmarks/scale.py --real 10000,30000,100000 [--add 1000] [--set SECTION.KEY=VALUE] [--json]
     python benchmarks/scale.py --sizes 10000,100000,300000 [--epochs 20] [--json]
 """
 
@@ -105,12 +119,167 @@ def run_measured(args: list[str], cwd: Path, env: dict) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_mb": round(int(peak.read_text()) / 1024, 0)}
 
 
+REPO = Path(__file__).resolve().parents[1]
+REAL_DEFAULTS = {"backbone.handle": "builtin:efficientnet_lite0", "bottleneck.views": 1}
+
+
+def cpu_flags() -> str:
+    from mltag.tools.doctor import cpu_info
+
+    c = cpu_info()
+    return f"{c['model']}, {c['cores']} cores, AVX2 {c['avx2']}, AVX-512 {c['avx512']}"
+
+
+def _sh(cmd: str, cwd: Path, env: dict) -> str:
+    p = subprocess.run(cmd, cwd=cwd, env=env, shell=True, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd} failed in {cwd}:\n{(p.stdout + p.stderr)[-4000:]}")
+    return p.stdout
+
+
+def timed_repro(cwd: Path, env: dict, log) -> tuple[dict, float]:
+    """``dvc repro``, streamed: each stage's wall seconds (from DVC's start of it to its start of the next),
+    and the CPU seconds and peak RSS that ``mltag`` recorded for it."""
+    import re
+
+    timings = cwd / ".timings.jsonl"
+    timings.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    p = subprocess.Popen("dvc repro", cwd=cwd, env={**env, "MLTAG_TIMINGS": str(timings)}, shell=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    marks, tail = [], []
+    for line in p.stdout:
+        tail = (tail + [line])[-200:]
+        m = re.search(r"Running stage '([\w-]+)'", line)
+        if m:
+            marks.append((m.group(1), time.perf_counter()))
+            log(f"  stage {m.group(1)} at {time.perf_counter() - t0:.0f} s")
+    if p.wait() != 0:
+        raise SystemExit("dvc repro failed:\n" + "".join(tail)[-6000:])
+    total = time.perf_counter() - t0
+    recs = [json.loads(x) for x in timings.read_text().splitlines()] if timings.is_file() else []
+    ends = [t for _, t in marks[1:]] + [t0 + total]
+    stages = {}
+    for (name, start), end in zip(marks, ends):
+        mine = [r for r in recs if r["command"] == name]
+        stages[name] = {"seconds": round(end - start, 1), "cpu_seconds": round(sum(r["cpu"] for r in mine), 1),
+                        "peak_rss_mb": max((r.get("peak_rss_mb", 0) for r in mine), default=0)}
+    return stages, round(total, 1)
+
+
+def du_mb(path: Path) -> float:
+    if path.is_file():
+        return round(path.stat().st_size / 2**20, 1)
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1) if path.exists() else 0.0
+
+
+def real(sizes: list[int], add: int, settings: dict, keep: str | None, log) -> dict:
+    import shutil
+
+    import yaml
+
+    result = {"cpu": cpu_flags(), "set": settings, "stages": {}, "disk_mb": {}, "totals": {}, "add": {}}
+    base = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="mltag-scale-real-"))
+    base.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLTAG_BACKBONE_CACHE": str(base / ".backbones"), "GIT_AUTHOR_NAME": "bench",
+           "GIT_AUTHOR_EMAIL": "bench@example.com", "GIT_COMMITTER_NAME": "bench",
+           "GIT_COMMITTER_EMAIL": "bench@example.com"}
+    t0 = time.perf_counter()
+    _sh(f"mltag -q backbone build {settings['backbone.handle'].removeprefix('builtin:')}", base, env)
+    result["backbone_build_seconds"] = round(time.perf_counter() - t0, 1)
+    for n in sizes:
+        work = base / f"real{n}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        for f in ("dvc.yaml", "params.yaml", ".gitignore"):
+            shutil.copy(REPO / f, work / f)
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        for key, value in {**settings, "demo.n_images": n}.items():
+            section, _, name = key.partition(".")
+            if section not in params or name not in params[section]:
+                raise SystemExit(f"--set {key}: params.yaml has no such key")
+            params[section][name] = value
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        wenv = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+        _sh("git init -q && dvc init -q && dvc config core.analytics false && git add -A && git commit -qm init",
+            work, wenv)
+        log(f"scale: drawing {n} images")
+        _sh("dvc repro -q demo-data && git add -A && git commit -qm data", work, wenv)
+        log(f"scale: dvc repro on {n} images")
+        stages, total = timed_repro(work, wenv, log)
+        stages.pop("demo-data", None)
+        for stage, r in stages.items():
+            result["stages"].setdefault(stage, {})[str(n)] = r
+            log(f"scale: {n} images, {stage}: {r['seconds']} s, CPU {r['cpu_seconds']} s, peak {r['peak_rss_mb']:.0f} MB")
+        result["totals"][str(n)] = total
+        bn = json.loads((work / "metrics" / "bottleneck.json").read_text())
+        result["disk_mb"][str(n)] = {
+            "images": du_mb(work / "data" / "demo"), "vector_store": du_mb(work / params["bottleneck"]["cache_dir"]),
+            "dvc_cache": du_mb(work / ".dvc" / "cache"), "mlflow_db": du_mb(work / "mlflow.db"),
+            "reports": du_mb(work / "reports"), "largest_html_mb": max(
+                (du_mb(f) for f in (work / "reports").rglob("*.html")), default=0.0)}
+        result.setdefault("computed", {})[str(n)] = bn.get("computed")
+        if add:
+            _sh("git add -A && git commit -qm run", work, wenv)
+            params["demo"]["n_images"] = n + add
+            (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            _sh("dvc repro -q demo-data", work, wenv)
+            log(f"scale: dvc repro after adding {add} images")
+            again, again_total = timed_repro(work, wenv, log)
+            again.pop("demo-data", None)
+            bn = json.loads((work / "metrics" / "bottleneck.json").read_text())
+            result["add"][str(n)] = {"images": add, "computed": bn.get("computed"), "cached": bn.get("cached"),
+                                     "total_seconds": again_total, "stages": again}
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(base, ignore_errors=True)
+    return result
+
+
+def real_table(r: dict) -> str:
+    sizes = sorted({n for s in r["stages"].values() for n in s}, key=int)
+    rows = [f"CPU: {r['cpu']}; {r['set']}; backbone built in {r['backbone_build_seconds']} s (once)",
+            "stage".ljust(12) + "".join(f"{n + ' imgs: s / CPU s / peak MB':>38}" for n in sizes)]
+    for stage, per in r["stages"].items():
+        rows.append(stage.ljust(12) + "".join(
+            f"{per[n]['seconds']:>14.1f} / {per[n]['cpu_seconds']:>8.1f} / {per[n]['peak_rss_mb']:>8.0f}"
+            if n in per else " " * 38 for n in sizes))
+    rows.append("total".ljust(12) + "".join(f"{r['totals'][n]:>14.1f}" + " " * 24 for n in sizes))
+    for n in sizes:
+        rows.append(f"disk at {n}: {r['disk_mb'][n]}")
+        if n in r["add"]:
+            a = r["add"][n]
+            rows.append(f"+{a['images']} images at {n}: {a['computed']} vectors computed, {a['cached']} cached, "
+                        f"{a['total_seconds']} s")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="10000,100000,300000")
+    ap.add_argument("--real", default=None, metavar="N[,N...]", help="the whole dvc repro on N real image files")
+    ap.add_argument("--add", type=int, default=1000, help="--real: images added before a second dvc repro (0: none)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="--real: a params.yaml value (repeatable); defaults: Lite0, 1 view")
+    ap.add_argument("--keep", default=None, help="--real: make the projects here and keep them")
+    ap.add_argument("--sizes", default="10000,100000,300000", help="synthetic vectors: the steps after bottleneck")
     ap.add_argument("--epochs", type=int, default=20, help="train.epochs (early stopping may end sooner)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.real:
+        import yaml
+
+        settings = dict(REAL_DEFAULTS)
+        for item in args.set:
+            key, _, value = item.partition("=")
+            settings[key] = yaml.safe_load(value)
+        r = real([int(s) for s in args.real.split(",")], args.add, settings, args.keep,
+                 lambda m: print(m, file=sys.stderr, flush=True))
+        print(real_table(r))
+        if args.json:
+            print(json.dumps(r))
+        return 0
     from mltag.tools.doctor import cpu_info
 
     c = cpu_info()

@@ -143,11 +143,11 @@ def test_json_schema_of_params_yaml_is_committed_and_current():
 def test_readme_parameter_reference_is_generated_from_the_config():
     from mltag.config import reference_markdown
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "configuration.md").read_text()
     begin, end = "<!-- params-reference:begin -->\n", "<!-- params-reference:end -->"
     assert begin in text and end in text
     assert text.split(begin)[1].split(end)[0].strip() == reference_markdown().strip(), \
-        "run: mltag params reference (and paste it between the markers)"
+        "run: make docs (mltag params reference --write docs/configuration.md)"
 
 
 def test_pipeline_and_components_take_every_section_and_key(tmp_path):

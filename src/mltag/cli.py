@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import errno
 import logging
 import os
 import sys
@@ -132,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa = sub.add_parser("params", help="params.yaml tools: its JSON Schema, its reference table, a check")
     pas = pa.add_subparsers(dest="params_command", required=True)
     pas.add_parser("schema", help="print the JSON Schema of params.yaml (for editors: docs/params.schema.json)")
-    prf = pas.add_parser("reference", help="print the parameter reference (Markdown, as in the README)")
-    prf.add_argument("--write", metavar="README", default=None,
+    prf = pas.add_parser("reference", help="print the parameter reference (Markdown, as in docs/configuration.md)")
+    prf.add_argument("--write", metavar="FILE", default=None,
                      help="replace the reference between the params-reference markers of this file instead")
     pck = pas.add_parser("check", help="check a params file: every key known, every value valid")
     pck.add_argument("file", nargs="?", default="params.yaml")
@@ -221,10 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     except MltagError as e:
         return _user_error(str(e), args.verbose)
     except OSError as e:  # a user path: permission, read-only, disk full, not found
+        hint = _OS_HINTS.get(e.errno)
+        if hint is None:
+            raise  # not about a path the user gave (E2BIG, EBADF...): a bug, and its traceback matters
         where = f"{e.filename}: " if e.filename else ""
-        return _user_error(f"{where}{e.strerror or e} (check the path, its permissions and free space)", args.verbose)
+        return _user_error(f"{where}{e.strerror or e} ({hint})", args.verbose)
     except Exception as e:
-        if type(e).__name__ != "MlflowException":
+        if not any(c.__name__ == "MlflowException" for c in type(e).__mro__):  # subclasses too (RestException)
             raise  # a bug: the traceback matters
         from mltag.tracking.runs import mask_uri, scrub, tracking_uri
 
@@ -237,6 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         _record_timing(args if "args" in locals() else None, t0, cpu0)
 
 
+_OS_HINTS = {  # the errors a user's path can cause, and what to check
+    errno.ENOENT: "check the path", errno.ENOTDIR: "check the path", errno.EISDIR: "check the path",
+    errno.ENAMETOOLONG: "check the path", errno.ELOOP: "check the path's symlinks",
+    errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
+    errno.EROFS: "the file system is read-only", errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+    errno.EEXIST: "check the path", errno.EXDEV: "check the path", errno.EIO: "check the disk",
+}
+
+
 def _cpu_seconds() -> float:
     import resource
 
@@ -244,13 +257,26 @@ def _cpu_seconds() -> float:
                for f in ("ru_utime", "ru_stime"))
 
 
+def _peak_rss_mb() -> float:
+    """The larger of this process's own peak (VmHWM) and its largest child's (a helper, a forked refit)."""
+    import resource
+
+    own = 0
+    try:
+        with open("/proc/self/status") as f:
+            own = next((int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")), 0)
+    except OSError:
+        pass
+    return round(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024, 1)
+
+
 def _record_timing(args, t0: float, cpu0: float) -> None:
-    """With ``MLTAG_TIMINGS=FILE``, append this command's wall and CPU seconds (benchmarks/pipeline.py)."""
+    """With ``MLTAG_TIMINGS=FILE``, append this command's wall and CPU seconds and peak RSS (benchmarks/)."""
     path = os.environ.get("MLTAG_TIMINGS")
     if not path or args is None:
         return
     rec = {"command": args.command, "wall": round(time.perf_counter() - t0, 2),
-           "cpu": round(_cpu_seconds() - cpu0, 2), "pid": os.getpid()}
+           "cpu": round(_cpu_seconds() - cpu0, 2), "pid": os.getpid(), "peak_rss_mb": _peak_rss_mb()}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
 

@@ -2,7 +2,7 @@
 
 The sections are pydantic models. params.yaml, the CLI flags (``mltag <step> --section.key``
 or ``--key``), the step functions' section arguments, dvc.yaml's per-stage ``params:``, the
-JSON Schema of params.yaml (``mltag params schema``), the README's parameter reference
+JSON Schema of params.yaml (``mltag params schema``), the docs' parameter reference (docs/configuration.md)
 (``mltag params reference``) and the Kubeflow pipeline's parameters (one dict per section)
 all come from these classes; ``tests/test_config.py`` fails when one of those views
 drifts. No step module holds a default or a list of allowed values of its own.
@@ -85,7 +85,7 @@ class Demo(Section):
 
 
 class Prepare(Section):
-    input: str = opt("data/demo", "your dataset folder or file (see README: formats)")
+    input: str = opt("data/demo", "your dataset folder or file (see docs/data.md: formats)")
     format: Literal["auto", "lst", "labels_json", "image_list", "folders", "csv"] = opt("auto", "input format")
     val_fraction: float = opt(0.15, "validation fraction", ge=0, lt=1)
     test_fraction: float = opt(0.15, "test fraction", ge=0, lt=1)
@@ -424,7 +424,7 @@ def json_schema() -> dict:
 
 
 def reference_markdown() -> str:
-    """The README's parameter reference: one table per section, generated from these classes."""
+    """The parameter reference (docs/configuration.md): one table per section, generated from these classes."""
     lines = []
     for section in SECTIONS:
         lines += [f"**{section}**", "", "| key | default | changes output | what it does |", "|---|---|---|---|"]
@@ -441,7 +441,7 @@ REFERENCE_MARKERS = ("<!-- params-reference:begin -->\n", "<!-- params-reference
 
 
 def write_reference(path: str | os.PathLike) -> None:
-    """Replace the parameter reference between the markers of ``path`` (the README) with a fresh one."""
+    """Replace the parameter reference between the markers of ``path`` with a fresh one (docs/configuration.md)."""
     from mltag.files import write_text_atomic
 
     text = Path(path).read_text(encoding="utf-8")

@@ -124,7 +124,6 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
         rep = representative if representative is not None else \
             [load_image(p, lite.image_size) for p in train_images[:int8_images]]
         out["int8_calibration_images"] = len(rep)
-    pixels = None
     chosen = None
     head = load_head(bundle, labels)
     with tempfile.TemporaryDirectory(dir=bundle.parent) as scratch:
@@ -147,11 +146,10 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
                     raise MltagError(f"the {kind} model file differs from its backbone's features through the "
                                      f"head by {out[f'{kind}_file_max_abs_diff']:.2e}; not registering", bundle)
             elif test_images:
-                if pixels is None:
-                    pixels = np.stack([load_image(p, lite.image_size) for p in test_images])
                 # one single-threaded interpreter per core: dynamic range's hybrid kernels scale badly across
                 # one interpreter's threads (51 against 40 img/s, Lite2 on 2 cores)
-                s = LiteRTEngine(f, threads=1, parallel=cpu_threads())(pixels)
+                s = _scores_in_chunks(LiteRTEngine(f, threads=1, parallel=cpu_threads()), test_images,
+                                      lite.image_size)
             else:
                 s = np.zeros((0, len(labels)), np.float32)
             q_map, q_f1 = quality(s)
@@ -221,6 +219,17 @@ def _memo_file(backbone_file: Path) -> Path:
 MEMO_CHUNK = 256  # images decoded and run at once
 
 
+def _scores_in_chunks(engine, images: list[Path], image_size: int) -> np.ndarray:
+    """``engine`` over ``images``, ``MEMO_CHUNK`` decoded at a time: memory stays flat at any test size
+    (100,000 images at 260 px would be 20 GB of pixels at once)."""
+    from mltag.data.images import load_image
+    from mltag.workers import imap_ordered
+
+    out = [engine(np.stack(list(imap_ordered(lambda p: load_image(p, image_size), images[at: at + MEMO_CHUNK]))))
+           for at in range(0, len(images), MEMO_CHUNK)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def memo_features(backbone_file: Path, images: list[Path], hashes: list[str], image_size: int) -> np.ndarray:
     """Features of ``images`` through a cached backbone ``.tflite``, kept beside it in
     ``<file>.features.npz`` keyed by image content (SHA-256), so each image runs once per backbone.
@@ -265,20 +274,23 @@ def memo_features(backbone_file: Path, images: list[Path], hashes: list[str], im
                     np.savez(fh, sha=np.array(list(merged)), features=np.stack(list(merged.values())))
         known = {**known, **merged}
     if any(h not in known for h in hashes):  # a non-finite feature: run those images, never store them
-        return LiteRTEngine(backbone_file)(np.stack([load_image(p, image_size) for p in images]))
+        return _scores_in_chunks(LiteRTEngine(backbone_file), images, image_size)
     return np.stack([known[h] for h in hashes]).astype(np.float32)
 
 
 def _score_pyfunc(model, images: list[Path], labels: list[str]) -> np.ndarray:
     import pandas as pd
 
-    df = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images]})
-    res = model.predict(df)
     cols = [f"score_{lb}" for lb in labels]
-    missing = [c for c in cols if c not in res.columns]
-    if missing:
-        raise MltagError(f"champion does not score the same labels (missing {', '.join(missing)})")
-    return res[cols].to_numpy(np.float64)
+    out = []
+    for at in range(0, len(images), MEMO_CHUNK):  # base64 of every test image at once grows with the data
+        df = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images[at: at + MEMO_CHUNK]]})
+        res = model.predict(df)
+        missing = [c for c in cols if c not in res.columns]
+        if missing:
+            raise MltagError(f"champion does not score the same labels (missing {', '.join(missing)})")
+        out.append(res[cols].to_numpy(np.float64))
+    return np.concatenate(out) if out else np.zeros((0, len(labels)))
 
 
 def model_hash(model_dir: Path, thresholds: Path) -> str:
@@ -380,8 +392,11 @@ def _champion_head_scores(client, model_name: str, version, meta: dict, labels: 
     return None if head is None else head.predict(cached)
 
 
-_WARM_CODE = ("import json, sys; from pathlib import Path; from mltag.steps.register import warm_quantized_backbone;"
-              "a = json.loads(sys.argv[1]); warm_quantized_backbone(Path(a['model']), a['images'], a['hashes'])")
+# The image list comes through stdin, never argv: one argument is capped at 128 KiB (about 1,000 test
+# images), and the list grows with the data. The child reads it first, before its own imports.
+_WARM_CODE = ("import json, sys; a = json.load(sys.stdin); from pathlib import Path;"
+              "from mltag.steps.register import warm_quantized_backbone;"
+              "warm_quantized_backbone(Path(a['model']), a['images'], a['hashes'])")
 
 
 @contextlib.contextmanager
@@ -400,7 +415,6 @@ def _warm_quantized_backbone(model_dir: Path, meta: dict, register: config.Regis
     """Start converting the dynamic-range backbone (and its features of the test images) in a process of
     its own, when the backbone cache lacks them: TF's import and the converter run on one core, beside
     register's own MLflow start-up and checks on the other. Returns the process, or None."""
-    import subprocess
     import sys
 
     from mltag.inference.engine import tflite_path
@@ -413,9 +427,34 @@ def _warm_quantized_backbone(model_dir: Path, meta: dict, register: config.Regis
     if path.with_suffix(".failed").is_file() or (path.is_file() and (
             test_hashes is None or _memo_has(path, test_hashes))):
         return None
+    return start_warm(model_dir, test_images, test_hashes)
+
+
+def start_warm(model_dir: Path, test_images: list[Path], test_hashes: list[str] | None, stderr=None):
+    """``warm_quantized_backbone`` in a process of its own, the image list through its stdin."""
+    import subprocess
+    import sys
+
     args = {"model": str(model_dir), "images": [str(p) for p in test_images], "hashes": test_hashes}
-    return subprocess.Popen([sys.executable, "-c", _WARM_CODE, json.dumps(args)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", _WARM_CODE], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
+    _feed(proc, json.dumps(args).encode())
+    return proc
+
+
+def _feed(proc, data: bytes) -> None:
+    """Write ``data`` to ``proc``'s stdin and close it, in a thread: a list of 100,000 paths is larger
+    than a pipe holds, and register goes on meanwhile. A child that died early is register's to meet."""
+    import threading
+
+    def write():
+        try:
+            with proc.stdin:
+                proc.stdin.write(data)
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    threading.Thread(target=write, name="mltag-warm-feed", daemon=True).start()
 
 
 def warm_quantized_backbone(model_dir: Path, images: list[str], hashes: list[str] | None) -> None:
