@@ -542,6 +542,9 @@ def test_mask_uri_keeps_scheme_host_and_path_only():
     uri = "http://alice:p%40ss@h:1/x?token=abc"
     assert scrub(f"GET {uri}/health failed for alice with p@ss and abc", uri) == \
         "GET http://h:1/x/health failed for *** with *** and ***"
+    short = "http://u:Secr3tPw@127.0.0.1:5200"
+    assert scrub("ConnectionRefusedError: runs/update for u: Could not find u:Secr3tPw@127.0.0.1 (Secr3tPw)", short) \
+        == "ConnectionRefusedError: runs/update for ***: Could not find ***@127.0.0.1 (***)"
 
 
 @pytest.mark.slow
@@ -852,7 +855,31 @@ def test_a_step_that_fails_leaves_no_tracking_helper_behind(tmp_path):
                 continue
         return found
 
-    deadline = time.time() + 30
+    deadline = time.time() + 3  # it dies with the step (PR_SET_PDEATHSIG), not after importing MLflow
     while helpers_here() and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert not helpers_here()
+
+
+def test_the_tracking_password_is_on_no_command_line_and_the_helper_dies_with_a_killed_step(tmp_path):
+    """`ps` shows every local user each process's argv: the helper gets the URI through its environment.
+    kill -9 of the step ends its helper at once, even while the helper is still importing MLflow."""
+    code = ("import sys, time; from mltag.tracking import runs; runs.prestart(sys.argv[1]);"
+            "print(runs._prestarted[0].pid, flush=True); time.sleep(60)")
+    step = subprocess.Popen([sys.executable, "-c", code, "http://u:Secr3tPw@127.0.0.1:9"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "MLTAG_TRACKING_HELPER": "1"})
+    try:
+        helper = int(step.stdout.readline())
+        deadline = time.time() + 10
+        while b"mltag.tracking.helper" not in (args := Path(f"/proc/{helper}/cmdline").read_bytes()) \
+                and time.time() < deadline:  # between fork and exec it still shows the step's own argv
+            time.sleep(0.01)
+        assert b"mltag.tracking.helper" in args and b"Secr3tPw" not in args and b"127.0.0.1" not in args
+    finally:
+        step.kill()  # the step's own argv held the URI only because this test put it there
+        step.wait()
+    deadline = time.time() + 3
+    while Path(f"/proc/{helper}").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{helper}").exists() or b"zombie" in Path(f"/proc/{helper}/status").read_bytes().lower() \
+        or "Z" in Path(f"/proc/{helper}/stat").read_text().split()[2]

@@ -203,8 +203,11 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
         old_stdout, sys.stdout = sys.stdout, lines
         root_logger.addHandler(hit)
         root_logger.setLevel(min(level or logging.WARNING, logging.INFO))
+        # The URI (it may hold a password) reaches the local tasks through their environment: a pipeline
+        # argument is recorded by KFP, in the run's spec and its logs.
+        old_uri, os.environ["MLFLOW_TRACKING_URI"] = os.environ.get("MLFLOW_TRACKING_URI"), uri
         try:
-            result = fn(**arguments(params, data, data_repo, data_rev, uri, overrides))
+            result = fn(**arguments(params, data, data_repo, data_rev, None, overrides))
         except RuntimeError as e:
             sys.stdout = old_stdout
             if not verbose:
@@ -215,6 +218,10 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
             sys.stdout = old_stdout
             root_logger.removeHandler(hit)
             root_logger.setLevel(level)
+            if old_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = old_uri
     return result, lines.rows
 
 

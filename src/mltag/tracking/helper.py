@@ -1,6 +1,8 @@
 """The helper process of ``mltag.tracking.runs.Tracker``: runs a step's MLflow calls, in order.
 
-Started as ``python -m mltag.tracking.helper REPLY_FD LOG_LEVEL TRACKING_URI``. Reads pickled ``(op, args,
+Started as ``python -m mltag.tracking.helper REPLY_FD LOG_LEVEL``, the tracking URI in the environment
+(``MLTAG_HELPER_TRACKING_URI``: it may hold a password, and argv is public). Dies with the step that
+started it (``PR_SET_PDEATHSIG``), so a step that fails at once or is killed leaves no helper. Reads pickled ``(op, args,
 kwargs)`` from stdin, writes a pickled reply per call to ``REPLY_FD`` (stdout and stderr stay
 the step's). Stops at end of input, or before a call once the step that started it is gone,
 and leaves with ``os._exit``: MLflow's exit hook would end an active run as FINISHED, and a
@@ -12,6 +14,19 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the step that started it ends, however it ends (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the line above: nobody to serve
+        os._exit(0)
 
 
 def serve(reply_fd: int, level: int, uri: str) -> None:
@@ -61,4 +76,5 @@ def serve(reply_fd: int, level: int, uri: str) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    _die_with_parent(int(os.environ.get("MLTAG_HELPER_PARENT", os.getppid())))
+    serve(int(sys.argv[1]), int(sys.argv[2]), os.environ.pop("MLTAG_HELPER_TRACKING_URI", ""))

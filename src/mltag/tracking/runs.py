@@ -50,22 +50,26 @@ def mask_uri(uri: str) -> str:
 
 
 def scrub(text: str, uri: str) -> str:
-    """``text`` with every credential of ``uri`` (user, password, query) replaced by ``***``."""
-    from urllib.parse import unquote, urlsplit
+    """``text`` with the credentials of ``uri`` replaced by ``***``: the URI itself becomes its masked
+    form, a ``user:password@`` part anywhere goes, and so does a user name, password or query token
+    standing as a word of its own. Never inside a word: with the user ``u``, ``ConnectionRefusedError``
+    stays as it is."""
+    import re
+    from urllib.parse import parse_qsl, unquote, urlsplit
 
     try:
         parts = urlsplit(uri)
     except ValueError:
         return text
-    from urllib.parse import parse_qsl
-
-    secrets = [parts.password, parts.username, parts.query, parts.fragment]
-    secrets += [v for _, v in parse_qsl(parts.query)]
-    secrets += [unquote(x) for x in secrets if x]
-    if parts.username is not None or parts.query:
+    if parts.username is not None or parts.query or parts.fragment:
         text = text.replace(uri, mask_uri(uri)).replace(uri.rstrip("/"), mask_uri(uri))
+    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
+    for whole in sorted({userinfo, unquote(userinfo)} - {""}, key=len, reverse=True):
+        text = text.replace(f"{whole}@", "***@")
+    secrets = [parts.password, parts.username, parts.query, parts.fragment, *(v for _, v in parse_qsl(parts.query))]
+    secrets += [unquote(x) for x in secrets if x]
     for secret in sorted({x for x in secrets if x}, key=len, reverse=True):
-        text = text.replace(secret, "***")
+        text = re.sub(rf"(?<![A-Za-z0-9_]){re.escape(secret)}(?![A-Za-z0-9_])", "***", text)
     return text
 
 
@@ -393,15 +397,21 @@ OPS = {f.__name__: f for f in (setup_checked, join_model_run, open_train_run, ac
 _prestarted = None  # (process, replies, uri): a helper the CLI started before the step's own imports
 
 
+HELPER_URI_ENV = "MLTAG_HELPER_TRACKING_URI"
+HELPER_PARENT_ENV = "MLTAG_HELPER_PARENT"
+
+
 def _start_helper(uri: str):
     import subprocess
     import sys
 
     r, w = os.pipe()
     level = logging.getLogger("mltag").getEffectiveLevel()
+    # The URI may carry a password: through the environment (readable only by this user), never argv (`ps`).
+    env = {**os.environ, HELPER_URI_ENV: uri, HELPER_PARENT_ENV: str(os.getpid())}
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "mltag.tracking.helper", str(w), str(level), uri],
-                                stdin=subprocess.PIPE, pass_fds=(w,))
+        proc = subprocess.Popen([sys.executable, "-m", "mltag.tracking.helper", str(w), str(level)],
+                                stdin=subprocess.PIPE, pass_fds=(w,), env=env)
     finally:
         os.close(w)
     return proc, os.fdopen(r, "rb")
