@@ -35,7 +35,8 @@ def stages_run(out: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def first_run(tmp_path_factory):
+    """One project after its first `dvc repro` (a minute of work), built once for the module."""
     d = tmp_path_factory.mktemp("proj")
     for f in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(REPO / f, d / f)
@@ -56,6 +57,16 @@ def project(tmp_path_factory):
     out = sh("dvc repro", d, env)
     sh("git add -A && git commit -qm 'first run'", d, env)  # metrics and dvc.lock, as a user would
     return d, env, out
+
+
+@pytest.fixture
+def project(first_run, tmp_path):
+    """Each test's own copy of the first run's project (git, DVC cache, vector store, mlflow.db): what one
+    test changes no other test sees, whatever their order."""
+    src, env, out = first_run
+    d = tmp_path / "proj"
+    shutil.copytree(src, d, symlinks=True)
+    return d, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}"}, out
 
 
 def test_repro_registers_a_predicting_champion(project):

@@ -313,7 +313,7 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
     history: dict[str, list[float]] = {"loss": []}
     if has_val:
         history.update(val_loss=[], val_map=[])
-    best, best_weights, since = None, None, 0
+    stopper, best_weights = EarlyStopping(mon, patience), None
     for epoch in range(epochs):
         if gate is not None and not gate(epoch + 1):
             break
@@ -337,21 +337,42 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
             val_loss, val_map = validation_metrics(zv, y_va)
             history["val_loss"].append(val_loss)
             history["val_map"].append(val_map)
-        value = history[mon][-1]
-        better = best is None or (value < best if mon.endswith("loss") else value > best)
+        better = stopper.update(history[mon][-1], epoch + 1)
         if better:
-            best, best_weights, since = value, [w.copy() for w in head.weights], 0
-        else:
-            since += 1
+            best_weights = [w.copy() for w in head.weights]
         if after_epoch is not None:
             after_epoch(epoch + 1, head, better)
         if progress and (epoch + 1) % max(25, epochs // 4) == 0:  # a few summary lines, not one per epoch
             shown = ", ".join(f"{k} {vals[-1]:.4f}" for k, vals in history.items())
             log.info("train: epoch %d/%d: %s", epoch + 1, epochs, shown)
-        if patience > 0 and since >= patience:
+        if stopper.stop:
             break
     head.weights = best_weights if patience > 0 and best_weights is not None else [w.copy() for w in head.weights]
     return head, history, mon
+
+
+class EarlyStopping:
+    """The one early-stopping rule (the head's fits and fine-tuning): the monitored value of each epoch,
+    lower is better for a loss and higher for mAP; stop after ``patience`` epochs without a better one
+    (never with ``patience`` 0). ``best_epoch`` is the first epoch that reached the best value."""
+
+    def __init__(self, monitor: str, patience: int):
+        self.monitor, self.patience = monitor, patience
+        self.best: float | None = None
+        self.since = self.best_epoch = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record ``epoch``'s value; whether it is the best so far."""
+        better = self.best is None or (value < self.best if self.monitor.endswith("loss") else value > self.best)
+        if better:
+            self.best, self.since, self.best_epoch = value, 0, epoch
+        else:
+            self.since += 1
+        return better
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.since >= self.patience
 
 
 def best_epoch(history: dict, monitor: str) -> int:

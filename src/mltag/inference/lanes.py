@@ -7,6 +7,7 @@ import hashlib
 import logging
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -166,62 +167,94 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
 
 
 def _run_in_lanes(items, lanes: list, finish) -> None:
-    """Run decoded ``(batch, pixels)`` items image by image, one thread per lane.
+    """Run decoded ``(batch, pixels)`` items image by image in lanes (``in_lanes``), and call
+    ``finish(batch, vectors)`` as soon as a batch's last image is done.
 
-    Each lane takes the next image whichever batch it is in, so no lane waits for another,
-    and ``finish(batch, vectors)`` runs (under the lanes' lock) as soon as a batch's last
-    image is done. Against one interpreter with a thread per core fed by the same decode
-    pool, the step with Lite0 went from 264 to 282 images/s on the demo scenes (medians of
-    12 interleaved fresh-process pairs, faster in 10) and from 242 to 276 on real flower
-    photos (6 pairs), and the process used less CPU: the threads of one interpreter spin at
-    the end of every layer while a decode holds the core one of them needs.
+    Each lane takes the next image whichever batch it is in, so no lane waits for another.
+    Against one interpreter with a thread per core fed by the same decode pool, the step with
+    Lite0 went from 264 to 282 images/s on the demo scenes (medians of 12 interleaved
+    fresh-process pairs, faster in 10) and from 242 to 276 on real flower photos (6 pairs), and
+    the process used less CPU: the threads of one interpreter spin at the end of every layer
+    while a decode holds the core one of them needs.
     """
-    lock, stop, errors = threading.Lock(), threading.Event(), []
-    pending: dict[int, list] = {}  # batch index -> [its vectors so far, images left, the batch]
+    batches = []
 
     def images():
-        """Each image as (its batch's index, its place there, its pixels); advanced under the lock."""
-        for index, (batch, pixels) in enumerate(items):  # waits for the decode; the other lanes would too
+        for batch, pixels in items:  # waits for the decode; the other lanes would too
             fault_point("bottleneck:batch")
-            pending[index] = [[None] * len(batch), len(batch), batch]
+            batches.append(batch)
             for j in range(len(batch)):
-                yield index, j, pixels[j: j + 1]
+                yield pixels[j: j + 1]
 
-    ordered = images()
+    vectors = []
+    for vector in in_lanes(images(), lanes, lambda run, pixels: run(pixels)[0]):
+        vectors.append(vector)
+        if len(vectors) == len(batches[0]):
+            finish(batches.pop(0), np.stack(vectors))
+            vectors = []
+
+
+def in_lanes(items: Iterable, lanes: list[Callable], work: Callable, ahead: int | None = None) -> Iterator:
+    """``work(run, item)`` for each item, yielded in input order, each item taken by whichever lane
+    (one thread per runner ``run`` of ``lanes``) is free: the one scheduler of the bottleneck step and
+    of predict.
+
+    ``items`` is advanced under a lock (it may wait for a decode). At most ``ahead`` results (default
+    four per lane) wait for the caller, so memory stays flat when the caller is slower than the
+    lanes. A lane's error is raised here; closing the generator (Ctrl-C, an error in the caller)
+    stops every lane after its current item.
+    """
+    ahead = ahead or 4 * len(lanes)
+    todo = enumerate(items)
+    lock, ready, stop = threading.Lock(), threading.Condition(), threading.Event()
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+    taken = [0]  # the next index the caller takes
 
     def lane(run):
         try:
-            while True:
+            while not stop.is_set():
                 with lock:
-                    item = None if stop.is_set() else next(ordered, None)
-                if item is None:
+                    nxt = next(todo, None)
+                if nxt is None:
                     return
-                index, j, pixels = item
-                vector = run(pixels)[0]  # releases the GIL: the lanes run side by side
-                with lock:
-                    entry = pending[index]
-                    entry[0][j] = vector
-                    entry[1] -= 1
-                    if entry[1] == 0:
-                        del pending[index]
-                        finish(entry[2], np.stack(entry[0]))
+                i, item = nxt
+                with ready:
+                    while i - taken[0] >= ahead and not stop.is_set():
+                        ready.wait(0.5)
+                out = work(run, item)  # releases the GIL: the lanes run side by side
+                with ready:
+                    results[i] = out
+                    ready.notify_all()
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-            errors.append(e)
+            with ready:
+                errors.append(e)
+                ready.notify_all()
             stop.set()
 
-    threads = [threading.Thread(target=lane, args=(run,), name=f"mltag-lane{i}", daemon=True)
-               for i, run in enumerate(lanes)]
-    for t in threads:
-        t.start()
+    threads = [threading.Thread(target=lane, args=(run,), name=f"mltag-lane{n}", daemon=True)
+               for n, run in enumerate(lanes)]
+    for th in threads:
+        th.start()
     try:
-        for t in threads:
-            t.join()
-    finally:  # Ctrl-C here: each lane stops after its current image
+        while True:
+            with ready:
+                while taken[0] not in results and not errors and any(th.is_alive() for th in threads):
+                    ready.wait(0.5)
+                if errors:
+                    raise errors[0]
+                if taken[0] not in results:
+                    return  # every lane has ended: no item is left
+                out = results.pop(taken[0])
+                taken[0] += 1
+                ready.notify_all()
+            yield out
+    finally:
         stop.set()
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
+        with ready:
+            ready.notify_all()
+        for th in threads:
+            th.join()
 
 
 def hash_files(paths: list[Path], workers: int | None = None) -> list[str]:

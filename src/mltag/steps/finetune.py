@@ -119,7 +119,7 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     from tqdm import tqdm
 
     from mltag.backbones.builtin import LiteNet
-    from mltag.head.fit import validation_metrics
+    from mltag.head.fit import EarlyStopping, validation_metrics
     from mltag.inference.engine import gpu_visible
 
     blocks, epochs, patience = train.fine_tune_blocks, train.fine_tune_epochs, train.fine_tune_patience
@@ -222,8 +222,9 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
         return np.concatenate([logit_fn(tf.constant(x[i: i + 64])).numpy() for i in range(0, len(x), 64)])
 
     history: dict[str, list[float]] = {"loss": [], "val_loss": [], "val_map": []}
-    mon = train.monitor  # the head's fit and this phase pick their best epoch the same way
-    best, best_weights, since = None, None, 0
+    # the head's fit and this phase pick their best epoch the same way; without validation, the train loss
+    mon = train.monitor if x_va is not None else "loss"
+    stopper, best_weights = EarlyStopping(mon, patience if x_va is not None else 0), None
     n_steps = epochs * len(x_tr)
     bar = tqdm(total=n_steps, desc=f"fine-tune: blocks {k}-{net.n_blocks - 1} + head", unit="img", leave=False,
                disable=not progress)
@@ -245,30 +246,21 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
             val_loss, val_map = validation_metrics(val_logits(x_va), y_va)
             history["val_loss"].append(val_loss)
             history["val_map"].append(val_map)
-            value = history[mon][-1]
-        else:
-            value = history["loss"][-1]
+        value = history[mon][-1]
         if not np.isfinite(history["loss"][-1]) or not np.isfinite(value):
             raise MltagError(f"fine-tune diverged at epoch {epoch + 1} (loss {history['loss'][-1]}); lower "
                              "train.fine_tune_learning_rate")
-        if best is None or (value > best if mon == "val_map" and x_va is not None else value < best):
-            best, since = value, 0
+        if stopper.update(value, epoch + 1):
             best_weights = [v.numpy() for v in tuned + head_vars]
-        else:
-            since += 1
         log.info("fine-tune: epoch %d/%d: loss %.4f%s (%.0f s)", epoch + 1, epochs, history["loss"][-1],
                  f", val loss {history['val_loss'][-1]:.4f}, val mAP {history['val_map'][-1]:.4f}"
                  if x_va is not None else "", time.perf_counter() - t1)
-        if x_va is not None and patience > 0 and since >= patience:
+        if stopper.stop:
             break
     bar.close()
     for v, w in zip(tuned + head_vars, best_weights):
         v.assign(w)
-    if x_va is None:
-        history["best_epoch"] = int(np.argmin(history["loss"])) + 1
-    else:
-        values = history[mon]
-        history["best_epoch"] = int(np.argmax(values) if mon == "val_map" else np.argmin(values)) + 1
+    history["best_epoch"] = stopper.best_epoch
     history["seconds"] = round(time.perf_counter() - t0, 1)
     history["mixed_precision"] = half
     history["tuned_blocks"] = list(range(k, net.n_blocks))

@@ -14,7 +14,6 @@ import csv
 import glob
 import json
 import sys
-import threading
 from pathlib import Path
 
 from mltag.errors import MltagError
@@ -98,48 +97,18 @@ def run_batch(model, paths: list[str], progress: bool = False, tta: str = "none"
             bar.update(1)
         bar.close()
         return
+    from mltag.inference.lanes import in_lanes
+
     lanes = model.lanes()
-    window = 4 * len(lanes) + 4
-    decoded = imap_ordered(decode, paths, cpu_threads(), ahead=window)
-    results: dict[int, tuple] = {}
-    lock, ready = threading.Lock(), threading.Condition()
-    todo = iter(enumerate(decoded))
-    errors: list[BaseException] = []
-
-    def lane(run):
-        try:
-            while True:
-                with lock:
-                    nxt = next(todo, None)
-                if nxt is None:
-                    return
-                i, (px, err) = nxt
-                out = (None, err) if px is None else (run(px[None])[0], None)
-                with ready:
-                    results[i] = out
-                    ready.notify_all()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-            with ready:
-                errors.append(e)
-                ready.notify_all()
-
-    threads = [threading.Thread(target=lane, args=(run,), daemon=True) for run in lanes]
-    for t in threads:
-        t.start()
+    decoded = imap_ordered(decode, paths, cpu_threads(), ahead=4 * len(lanes) + 4)
+    results = in_lanes(decoded, lanes, lambda run, d: d if d[0] is None else (run(d[0][None])[0], None))
     try:
-        for i, path in enumerate(paths):
-            with ready:
-                while i not in results and not errors:
-                    ready.wait()
-                if errors:
-                    raise errors[0]
-                scores, err = results.pop(i)
+        for path, (scores, err) in zip(paths, results):
             bar.update(1)
             yield path, scores, err
     finally:
+        results.close()  # stops the lanes after their current image
         decoded.close()
-        for t in threads:
-            t.join(timeout=60)
         bar.close()
 
 

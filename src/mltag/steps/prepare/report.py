@@ -72,4 +72,8 @@ def cooccurrence_png(labels: list[str], co: np.ndarray) -> bytes:
 def report_html(report: dict) -> str:
     """The report as one self-contained HTML page with a co-occurrence heatmap."""
     png = cooccurrence_png(report["labels"], np.array(report["cooccurrence"]))
-    return render("data_report.html.j2", r=report, splits=SPLITS, cooccurrence_png=data_uri(png))
+    return render("data_report.html.j2", r=report, splits=SPLITS, cooccurrence_png=data_uri(png),
+                  max_rows=HTML_MAX_ROWS)
+
+
+HTML_MAX_ROWS = 500  # rows of a list in the page (rejected files, repairs): a million-image set stays a small page
