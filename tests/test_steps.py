@@ -751,3 +751,26 @@ def test_the_tracking_helper_logs_what_the_step_sends_and_reports_its_errors(tmp
     failed_id, _ = tracker.call("active_run_ids")
     tracker.abandon("end_run", "FAILED")
     assert MlflowClient().get_run(failed_id).info.status == "FAILED"
+
+
+def test_another_label_set_registers_under_its_own_name_and_a_shared_name_is_refused_before_any_version(
+        tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    """By default a model is named after its dataset's folder, so the demo's champion and your photos' never
+    meet; a name given by hand that another label set already holds is refused, naming the fix."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from mltag.errors import MltagError
+
+    *_, first = run_all(tmp_path / "a", colour_dataset, fake_backbone, name="")
+    assert first["model_name"] == "mltag-colours" and first["promoted"]
+    other = tmp_path / "tints"
+    shutil.copytree(colour_dataset, other)
+    (other / "labels.txt").write_text("ruby\nlime\nnavy\n")
+    *_, second = run_all(tmp_path / "b", other, fake_backbone, name="")
+    assert second["model_name"] == "mltag-tints" and second["promoted"]
+    with pytest.raises(MltagError, match=r"scores other labels \(red, green, blue\), not ruby, lime, navy: a "
+                                         r"different label set is a different model. Set register.model_name"):
+        run_all(tmp_path / "c", other, fake_backbone, name="mltag-colours")
+    assert len(MlflowClient().search_model_versions("name='mltag-colours'")) == 1

@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     anywhere.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     anywhere.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = _Subparsers(p.add_subparsers(dest="command", required=True), anywhere)
+    _add_steps(sub)
+    _add_tools(sub)
+    _add_project_commands(sub)
+    return p
+
+
+def _add_steps(sub) -> None:
+    """One subcommand per step: its paths, and a flag per params key of its sections."""
     for step in STEP_PATHS:
         sp = sub.add_parser(step, help=f"run the {step} step")
         sp.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
@@ -108,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--shard-index", type=int, default=None,
                             help="compute only this shard (of bottleneck.num_shards) into the cache")
             sp.add_argument("--extra-cache", action="append", default=[], help="read-only feature cache (gather)")
+
+
+def _add_tools(sub) -> None:
+    """predict, suggest, metrics, promote, doctor."""
     pr = sub.add_parser("predict", help="label images with a registered or local model")
     pr.add_argument("images", nargs="+", help="image files, folders (recursive), globs ('new/*.jpg') or .txt files "
                                               "listing images")
@@ -130,14 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--n", type=int, default=100, help="how many to suggest (default 100)")
     sg.add_argument("--out", default="suggest.csv", help="CSV, most worth labelling first (default suggest.csv)")
     sg.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
-    pa = sub.add_parser("params", help="params.yaml tools: its JSON Schema, its reference table, a check")
-    pas = pa.add_subparsers(dest="params_command", required=True)
-    pas.add_parser("schema", help="print the JSON Schema of params.yaml (for editors: docs/params.schema.json)")
-    prf = pas.add_parser("reference", help="print the parameter reference (Markdown, as in docs/configuration.md)")
-    prf.add_argument("--write", metavar="FILE", default=None,
-                     help="replace the reference between the params-reference markers of this file instead")
-    pck = pas.add_parser("check", help="check a params file: every key known, every value valid")
-    pck.add_argument("file", nargs="?", default="params.yaml")
     ms = sub.add_parser("metrics", help="print the last run's metrics table and registry decision")
     ms.add_argument("--evaluate", default="metrics/evaluate.json")
     ms.add_argument("--calibrate", default="metrics/calibrate.json")
@@ -151,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
                                        "speed, GPU, tracking server, vector store, output folders, DVC")
     dr.add_argument("--no-measure", action="store_true", help="skip the 16-image forward-rate measurement")
     dr.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
+
+
+def _add_project_commands(sub) -> None:
+    """params, backbone and pipeline tools."""
+    pa = sub.add_parser("params", help="params.yaml tools: its JSON Schema, its reference table, a check")
+    pas = pa.add_subparsers(dest="params_command", required=True)
+    pas.add_parser("schema", help="print the JSON Schema of params.yaml (for editors: docs/params.schema.json)")
+    prf = pas.add_parser("reference", help="print the parameter reference (Markdown, as in docs/configuration.md)")
+    prf.add_argument("--write", metavar="FILE", default=None,
+                     help="replace the reference between the params-reference markers of this file instead")
+    pck = pas.add_parser("check", help="check a params file: every key known, every value valid")
+    pck.add_argument("file", nargs="?", default="params.yaml")
     bb = sub.add_parser("backbone", help="backbone tools")
     bbs = bb.add_subparsers(dest="backbone_command", required=True)
     bd = bbs.add_parser("build", help="build a built-in backbone into a SavedModel folder")
@@ -180,7 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr2.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
     pr2.add_argument("--arg", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="pipeline parameter override, e.g. train.epochs=50")
-    return p
 
 
 class _Subparsers:
@@ -306,11 +321,11 @@ def _dispatch(args) -> int:
     if cmd == "predict":
         return _predict(args)
     elif cmd == "suggest":
-        from mltag.config import load_params
+        from mltag.config import load_params, model_name
         from mltag.tools.suggest import suggest
 
         params = load_params(args.params)
-        r = suggest(args.model or f"models:/{params.register.model_name}@champion", args.images, args.n, args.out,
+        r = suggest(args.model or f"models:/{model_name(params)}@champion", args.images, args.n, args.out,
                     store=params.bottleneck.cache_dir, backbone_cache_dir=params.backbone.cache_dir,
                     engine=params.bottleneck.engine, tracking_uri=args.tracking_uri, progress=not args.quiet)
         print(f"suggest: the {r['suggested']} of {r['images']} images most worth labelling are in {args.out} "
@@ -462,9 +477,9 @@ def _predict(args) -> int:
 
     model = args.model
     if model is None:
-        from mltag.config import load_params
+        from mltag.config import load_params, model_name
 
-        model = f"models:/{load_params(args.params).register.model_name}@champion"
+        model = f"models:/{model_name(load_params(args.params))}@champion"
     fmt = "jsonl" if args.json else args.format
     if args.out:
         from mltag.files import atomic_path

@@ -199,7 +199,8 @@ class Tracking(Section):
 
 
 class Register(Section):
-    model_name: str = opt("mltag", "registered model name")
+    model_name: str = opt("", "registered model name; empty: mltag-<the dataset's folder name> (mltag-demo for the "
+                          "demo), so that datasets with other labels never share a model")
     margin: float = opt(0.0, "the challenger's test mAP must beat the champion's by more than this")
     max_label_ap_drop: float = opt(0.05, "largest per-label AP drop allowed against the champion", ge=0)
     tflite: bool = opt(True, "also register model.tflite, and a quantized model_int8.tflite when it keeps the "
@@ -450,3 +451,24 @@ def write_reference(path: str | os.PathLike) -> None:
         raise MltagError(f"no {begin.strip()} ... {end} markers", path)
     head, rest = text.split(begin, 1)
     write_text_atomic(path, head + begin + reference_markdown() + end + rest.split(end, 1)[1])
+
+
+LABEL_FILE_SUFFIXES = (".csv", ".lst", ".json", ".txt", ".tsv")
+
+
+def derived_model_name(source: str) -> str:
+    """The registered model name for a dataset when ``register.model_name`` is empty: ``mltag-`` and the
+    dataset's folder name (a label file's folder), lower case, so the demo and your photos never share a
+    model: ``data/demo`` -> ``mltag-demo``, ``datasets/photos/labels.csv`` -> ``mltag-photos``."""
+    import re
+    from pathlib import PurePosixPath
+
+    path = PurePosixPath(str(source).split("://", 1)[-1].rstrip("/") or "data")
+    name = path.parent.name if path.suffix.lower() in LABEL_FILE_SUFFIXES else path.name
+    return "mltag-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "data")
+
+
+def model_name(params: Params) -> str:
+    """The registered model name that ``params`` gives: ``register.model_name``, else derived from
+    ``prepare.input`` (what predict, suggest and metrics use by default, as register does)."""
+    return params.register.model_name or derived_model_name(params.prepare.input)

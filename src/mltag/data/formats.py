@@ -225,6 +225,17 @@ def image_root_of(prepared: str | os.PathLike) -> Path:
     return (prepared / meta["image_root"]).resolve()
 
 
+def dataset_source(prepared: str | os.PathLike) -> str:
+    """What prepare read (``prepare.input`` as given), from ``dataset.json``."""
+    f = Path(prepared) / "dataset.json"
+    if not f.is_file():
+        raise MltagError("not a prepared dataset folder (dataset.json missing); run prepare first", prepared)
+    source = read_handoff(f, "dataset.json", "prepare").get("source")
+    if not isinstance(source, str):
+        raise MltagError("dataset.json is damaged (no source); run prepare again", f)
+    return source
+
+
 def write_dataset_meta(prepared: str | os.PathLike, meta: dict) -> None:
     """prepare's ``dataset.json``: where the images are (``image_root``, relative), the labels and counts."""
     write_handoff(Path(prepared) / "dataset.json", meta)

@@ -85,30 +85,7 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
     from tqdm import tqdm
 
     workers = workers or cpu_threads()
-    writes: queue.Queue = queue.Queue(maxsize=4)
-    write_error: list[BaseException] = []
-
-    def writer():
-        last = False
-        while not last and (item := writes.get()) is not None:
-            keys, feats = list(item[0]), [item[1]]
-            while len(keys) < PACK_MAX:  # batches that queued up meanwhile go into the same pack
-                try:
-                    more = writes.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    last = True
-                    break
-                keys += more[0]
-                feats.append(more[1])
-            if write_error:
-                continue  # keep taking batches so the engine never blocks on a full queue
-            try:
-                cache.put_many(keys, np.concatenate(feats))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                write_error.append(e)
-            fault_point("bottleneck:written")  # a kill here leaves some packs written, the rest not
+    writes = _PackWriter(cache)
 
     def decode_batch(batch):
         out = np.empty((len(batch), image_size, image_size, 3), np.uint8)
@@ -130,14 +107,10 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
         keys = [jb[0] for jb in batch]
         if keep is not None:
             keep.update(zip(keys, feats))
-        writes.put((keys, feats))
-        if write_error:
-            raise write_error[0]
+        writes.put(keys, feats)
         done += len(batch)
         bar.update(len(batch))
 
-    wt = threading.Thread(target=writer, name="mltag-cache-writer", daemon=True)
-    wt.start()
     bar = tqdm(total=len(jobs), desc="bottleneck", unit="img", disable=not progress, mininterval=1.0)
     # One task per batch keeps the per-image thread overhead small; a few batches in flight
     # keep the engine fed while memory stays flat.
@@ -158,12 +131,57 @@ def compute_missing(jobs: list[tuple[str, str, str, str, int]], cache: FeatureCa
                 finish(batch, engine(pixels))
     finally:
         decoded.close()  # cancels what is queued, waits for what runs
-        writes.put(None)
-        wt.join()
+        writes.close()
         bar.close()
-    if write_error:
-        raise write_error[0]
+    writes.check()
     return done
+
+
+class _PackWriter:
+    """A thread that stores computed vectors in the vector store, the batches that queued up behind one
+    going into the same pack (up to ``PACK_MAX`` vectors). A failed write is raised at the next ``put``
+    or at ``check``; the thread keeps taking batches meanwhile, so the engine never blocks on a full queue."""
+
+    def __init__(self, cache: FeatureCache):
+        self.cache, self.errors = cache, []
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.thread = threading.Thread(target=self._run, name="mltag-cache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, keys: list[str], feats: np.ndarray) -> None:
+        self.queue.put((keys, feats))
+        self.check()
+
+    def check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self.queue.put(None)
+        self.thread.join()
+
+    def _run(self) -> None:
+        last = False
+        while not last and (item := self.queue.get()) is not None:
+            keys, feats = list(item[0]), [item[1]]
+            while len(keys) < PACK_MAX:  # batches that queued up meanwhile go into the same pack
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    last = True
+                    break
+                keys += more[0]
+                feats.append(more[1])
+            if self.errors:
+                continue
+            try:
+                self.cache.put_many(keys, np.concatenate(feats))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the computing thread
+                self.errors.append(e)
+            fault_point("bottleneck:written")  # a kill here leaves some packs written, the rest not
 
 
 def _run_in_lanes(items, lanes: list, finish) -> None:

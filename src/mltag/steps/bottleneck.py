@@ -61,7 +61,8 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
         Both merged into one dict.
     """
     from mltag.backbones import builtin as bb
-    from mltag.inference.engine import backbone_engine, require_gpu
+    from mltag.data.fetch import ImageSource
+    from mltag.inference.engine import require_gpu
 
     require_gpu("bottleneck")
     num_shards, views, handle = bottleneck.num_shards, bottleneck.views, backbone.handle
@@ -69,80 +70,21 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
         raise MltagError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     image_size = backbone.image_size or bb.default_image_size(handle)
     resolved = bb.resolve(handle, backbone.cache_dir)
-    from mltag.data.fetch import ImageSource
-
     source = images if isinstance(images, ImageSource) else None  # a bucket or DVC repo, read by reference
     root = source.scratch if source else Path(images) if images else image_root_of(prepared)
     cache = FeatureCache(bottleneck.cache_dir, resolved.backbone_id, image_size, extra_caches)
     splits = {}
     for s in SPLITS:
-        labels, exs = load_prepared(prepared, s)
-        splits[s] = exs
+        labels, splits[s] = load_prepared(prepared, s)
     t0 = time.time()
-    train_paths = {ex.path for ex in splits["train"]}
     all_ex = sorted({ex.path: ex for s in SPLITS for ex in splits[s]}.values(), key=lambda e: e.path)
     files = [root / ex.path for ex in all_ex]
-    recorded = load_hashes(prepared)
-    if recorded is not None and all(ex.path in recorded for ex in all_ex):
-        # prepare hashed every image once: no image is read here unless its vector is computed
-        # (and then its hash is checked against the record, see decode_view).
-        shas = [recorded[ex.path] for ex in all_ex]
-    else:
-        if source:
-            source.localize([ex.path for ex in all_ex])
-        for ex, p in zip(all_ex, files):
-            if not p.is_file():
-                raise MltagError(f"image not found: {p}", ex.source)
-        shas = hash_files(files)
-    keys: dict[str, list[str]] = {}
-    loaded: dict[str, np.ndarray] = {}
-
-    def uncached(jobs: list) -> list:
-        """The jobs whose vector the cache lacks; the others' vectors are kept for the split files."""
-        missing = []
-        for job in jobs:
-            vec = cache.get(job[0])
-            if vec is None:
-                missing.append(job)
-            elif num_shards == 1:
-                loaded[job[0]] = vec  # read once: the split files below need it again
-        return missing
-
-    todo, seen = [], set()
-    for ex, p, sha in zip(all_ex, files, shas):
-        n_views = views if ex.path in train_paths else 1
-        keys[ex.path] = [cache.key(sha, v) for v in range(n_views)]
-        for v, key in enumerate(keys[ex.path]):
-            if key in seen or (num_shards > 1 and int(key[:8], 16) % num_shards != shard_index):
-                continue
-            seen.add(key)
-            todo.append((key, str(p), ex.source, sha, v))
-    todo = uncached(todo)
-    used_engine, computed, seconds = None, 0, 0.0
-    if todo:
-        # One run computes into a cache at a time (per shard): a second run waits, then finds
-        # the first run's vectors instead of computing them again.
-        with cache.lock(".lock" if num_shards == 1 else f".lock-shard{shard_index}-of-{num_shards}") as waited:
-            if waited:  # the other run's packs are new since the first look
-                cache.refresh()
-                todo = uncached(todo)
-            cache.clean_leftovers()
-            if todo:
-                if source:  # only the images whose vectors are computed travel
-                    source.localize([Path(job[1]).relative_to(root).as_posix() for job in todo])
-                made = []
-
-                def make_engine():
-                    made.append(backbone_engine(bottleneck.engine, resolved, image_size, backbone.cache_dir,
-                                                lanes=True))
-                    return made[0]
-
-                t_compute = time.time()
-                # The split files below need the computed vectors too: kept, not read back.
-                computed = compute_missing(todo, cache, None, image_size, bottleneck.batch_size, progress,
-                                           make_engine=make_engine, keep=loaded if num_shards == 1 else None)
-                seconds = time.time() - t_compute
-                used_engine = made[0].name if made else None
+    shas = _image_hashes(prepared, all_ex, files, source)
+    train_paths = {ex.path for ex in splits["train"]}
+    keys, todo, seen = _plan(all_ex, files, shas, train_paths, views, cache, num_shards, shard_index)
+    loaded: dict[str, np.ndarray] = {}  # vectors read or computed once: the split files below need them again
+    computed, seconds, used_engine = _compute(todo, cache, loaded if num_shards == 1 else None, root, source,
+                                              resolved, image_size, bottleneck, backbone, shard_index, progress)
     # bottleneck.json (a DVC output) holds only what the vectors depend on, so a rerun on
     # unchanged data leaves the output byte-identical; run statistics go to ``metrics``.
     summary = {
@@ -167,27 +109,7 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         if num_shards == 1:
-            dim = None
-
-            def vector(ex, key):
-                v = loaded.pop(key, None)
-                v = cache.get(key) if v is None else v
-                if v is None:
-                    raise MltagError(f"no cached vector for {ex.path} (was a shard missing?)", ex.source)
-                return v
-
-            for s in SPLITS:
-                exs = splits[s]
-                vecs = [vector(ex, keys[ex.path][0]) for ex in exs]
-                dim = dim or (vecs[0].shape[-1] if vecs else None)
-                feats = np.stack(vecs) if vecs else np.zeros((0, dim or 0), np.float16)
-                flags = np.array([ex.flags for ex in exs], np.uint8).reshape(len(exs), len(labels))
-                extra = None
-                if s == "train" and views > 1:
-                    extra = np.stack([np.stack([vector(ex, k) for k in keys[ex.path][1:]]) for ex in exs]) \
-                        if exs else np.zeros((0, views - 1, dim or 0), np.float16)
-                write_split(tmp, s, feats, flags, [ex.path for ex in exs], extra)
-            summary["feature_dim"] = int(dim or 0)
+            summary["feature_dim"] = _write_splits(tmp, splits, labels, keys, loaded, cache, views)
             write_labels(tmp / "labels.txt", labels)
         write_bottleneck_meta(tmp, summary)
     if metrics:
@@ -198,3 +120,106 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
     if cache.rejected:
         log.warning("bottleneck: %d damaged cache entries were recomputed", cache.rejected)
     return summary
+
+
+def _image_hashes(prepared, all_ex: list, files: list[Path], source) -> list[str]:
+    """Each image's SHA-256: as prepare recorded it (then no image is read here unless its vector is
+    computed, and its hash is checked against the record, see ``decode_view``), else read now."""
+    recorded = load_hashes(prepared)
+    if recorded is not None and all(ex.path in recorded for ex in all_ex):
+        return [recorded[ex.path] for ex in all_ex]
+    if source:
+        source.localize([ex.path for ex in all_ex])
+    for ex, p in zip(all_ex, files):
+        if not p.is_file():
+            raise MltagError(f"image not found: {p}", ex.source)
+    return hash_files(files)
+
+
+def _plan(all_ex: list, files: list[Path], shas: list[str], train_paths: set, views: int, cache,
+          num_shards: int, shard_index: int) -> tuple[dict[str, list[str]], list[tuple], set[str]]:
+    """Each image's cache keys (its plain view, and for a training image its augmented ones), this shard's
+    jobs ``(key, path, source, sha, view)`` and their keys. A key's shard is fixed by the key, so it stays
+    when images are added."""
+    keys: dict[str, list[str]] = {}
+    todo, seen = [], set()
+    for ex, p, sha in zip(all_ex, files, shas):
+        n_views = views if ex.path in train_paths else 1
+        keys[ex.path] = [cache.key(sha, v) for v in range(n_views)]
+        for v, key in enumerate(keys[ex.path]):
+            if key in seen or (num_shards > 1 and int(key[:8], 16) % num_shards != shard_index):
+                continue
+            seen.add(key)
+            todo.append((key, str(p), ex.source, sha, v))
+    return keys, todo, seen
+
+
+def _uncached(jobs: list, cache, loaded: dict | None) -> list:
+    """The jobs whose vector the cache lacks; the others' vectors go to ``loaded`` (when given)."""
+    missing = []
+    for job in jobs:
+        vec = cache.get(job[0])
+        if vec is None:
+            missing.append(job)
+        elif loaded is not None:
+            loaded[job[0]] = vec
+    return missing
+
+
+def _compute(todo: list, cache, loaded: dict | None, root: Path, source, resolved, image_size: int,
+             bottleneck: config.Bottleneck, backbone: config.Backbone, shard_index: int,
+             progress: bool) -> tuple[int, float, str | None]:
+    """Compute the vectors the cache lacks. Returns ``(computed, seconds computing, engine name)``."""
+    from mltag.inference.engine import backbone_engine
+
+    todo = _uncached(todo, cache, loaded)
+    if not todo:
+        return 0, 0.0, None
+    num_shards = bottleneck.num_shards
+    # One run computes into a cache at a time (per shard): a second run waits, then finds
+    # the first run's vectors instead of computing them again.
+    with cache.lock(".lock" if num_shards == 1 else f".lock-shard{shard_index}-of-{num_shards}") as waited:
+        if waited:  # the other run's packs are new since the first look
+            cache.refresh()
+            todo = _uncached(todo, cache, loaded)
+        cache.clean_leftovers()
+        if not todo:
+            return 0, 0.0, None
+        if source:  # only the images whose vectors are computed travel
+            source.localize([Path(job[1]).relative_to(root).as_posix() for job in todo])
+        made = []
+
+        def make_engine():
+            made.append(backbone_engine(bottleneck.engine, resolved, image_size, backbone.cache_dir, lanes=True))
+            return made[0]
+
+        t_compute = time.time()
+        # The split files need the computed vectors too: kept, not read back.
+        computed = compute_missing(todo, cache, None, image_size, bottleneck.batch_size, progress,
+                                   make_engine=make_engine, keep=loaded)
+        return computed, time.time() - t_compute, made[0].name if made else None
+
+
+def _write_splits(tmp: Path, splits: dict, labels: list[str], keys: dict, loaded: dict, cache, views: int) -> int:
+    """The split files from the vectors (``loaded`` first, then the cache). Returns the vector size."""
+    dim = None
+
+    def vector(ex, key):
+        v = loaded.pop(key, None)
+        v = cache.get(key) if v is None else v
+        if v is None:
+            raise MltagError(f"no cached vector for {ex.path} (was a shard missing?)", ex.source)
+        return v
+
+    for s in SPLITS:
+        exs = splits[s]
+        vecs = [vector(ex, keys[ex.path][0]) for ex in exs]
+        dim = dim or (vecs[0].shape[-1] if vecs else None)
+        feats = np.stack(vecs) if vecs else np.zeros((0, dim or 0), np.float16)
+        flags = np.array([ex.flags for ex in exs], np.uint8).reshape(len(exs), len(labels))
+        extra = None
+        if s == "train" and views > 1:
+            extra = np.stack([np.stack([vector(ex, k) for k in keys[ex.path][1:]]) for ex in exs]) \
+                if exs else np.zeros((0, views - 1, dim or 0), np.float16)
+        write_split(tmp, s, feats, flags, [ex.path for ex in exs], extra)
+    return int(dim or 0)

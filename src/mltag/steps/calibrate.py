@@ -164,6 +164,35 @@ def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: l
     return th
 
 
+def _oof_for_review(oof_out, bottlenecks, model_dir, cv_folds: int, labels: list[str], progress: bool):
+    """Every train+val image's out-of-fold scores, for review (``oof_out``): computed with ``cv_folds`` folds,
+    or 5 when thresholds do not use them. A dataset too small for folds gets an empty file that says why.
+
+    Returns:
+        ``(out_of_fold_scores' result or None, the arguments of write_oof or None)``.
+    """
+    if oof_out is None:
+        return None, None
+    if bottlenecks is None:
+        raise MltagError("out-of-fold scores for review need the bottleneck folder (--bottlenecks)")
+    try:
+        oof = out_of_fold_scores(bottlenecks, model_dir, max(cv_folds, 2) if cv_folds > 1 else 5, progress)
+        return oof, (oof_out, oof[3], oof[0], oof[1], oof[2], labels)
+    except MltagError as e:
+        if "needs at least" not in str(e) and "no head settings" not in str(e):
+            raise
+        log.warning("calibrate: no out-of-fold scores for review: %s", e)
+        return None, (oof_out, [], np.zeros((0, len(labels))), np.zeros((0, len(labels))), np.zeros(0), labels, str(e))
+
+
+def _untuned(labels: list[str], min_positives: int, shrink: float) -> dict:
+    """``method: none``: 0.5 for every label, in the same shape as fitted thresholds."""
+    return {"labels": labels, "thresholds": {n: 0.5 for n in labels}, "global_threshold": 0.5,
+            "fallback_labels": [], "method": "none", "min_precision": None, "min_positives": min_positives,
+            "shrink": shrink, "kept_0.5": list(labels),
+            "expected": {"micro_f1_gain": 0.0, "per_label_f1_gain": {n: 0.0 for n in labels}}}
+
+
 def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
               metrics_file: str | os.PathLike, *, calibrate: config.Calibrate, tracking_uri: str | None = None,
               run_id: str | None = None, bottlenecks: str | os.PathLike | None = None, progress: bool = True,
@@ -206,19 +235,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         log.info("calibrate: fine-tuned backbone: the cached vectors do not match it, so thresholds come from "
                  "the validation scores (no out-of-fold refits)")
         cv_folds = 0
-    oof, oof_file = None, None
-    if oof_out is not None:
-        if bottlenecks is None:
-            raise MltagError("out-of-fold scores for review need the bottleneck folder (--bottlenecks)")
-        try:
-            oof = out_of_fold_scores(bottlenecks, model_dir, max(cv_folds, 2) if cv_folds > 1 else 5, progress)
-            oof_file = (oof_out, oof[3], oof[0], oof[1], oof[2], labels)
-        except MltagError as e:
-            if "needs at least" not in str(e) and "no head settings" not in str(e):
-                raise
-            log.warning("calibrate: no out-of-fold scores for review: %s", e)
-            oof_file = (oof_out, [], np.zeros((0, len(labels))), np.zeros((0, len(labels))), np.zeros(0), labels,
-                        str(e))
+    oof, oof_file = _oof_for_review(oof_out, bottlenecks, model_dir, cv_folds, labels, progress)
     if cv_folds > 1 and method != "none":
         if bottlenecks is None:
             raise MltagError("calibrate.cv_folds > 1 needs the bottleneck folder (--bottlenecks)")
@@ -229,13 +246,8 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         y_fit, s_fit = y_va, s_va
         folds = assign_folds(range(len(y_va)), 5)
         source = f"scores of {len(y_va)} validation images"
-    if method == "none":
-        th = {"labels": labels, "thresholds": {n: 0.5 for n in labels}, "global_threshold": 0.5,
-              "fallback_labels": [], "method": "none", "min_precision": None, "min_positives": min_positives,
-              "shrink": shrink, "kept_0.5": list(labels),
-              "expected": {"micro_f1_gain": 0.0, "per_label_f1_gain": {n: 0.0 for n in labels}}}
-    else:
-        th = choose_thresholds(y_fit, s_fit, folds, labels, mp, min_positives, shrink, min_gain)
+    th = _untuned(labels, min_positives, shrink) if method == "none" else \
+        choose_thresholds(y_fit, s_fit, folds, labels, mp, min_positives, shrink, min_gain)
     kept, expected = th["kept_0.5"], th["expected"]
     th["fitted_on"] = source
     th["min_labels"], one_gain = choose_at_least_one(y_fit, s_fit, folds, th, calibrate.at_least_one,

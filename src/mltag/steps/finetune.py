@@ -116,26 +116,37 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
         ``(LiteNet with the tuned weights, head weights, history dict)``.
     """
     tf = import_tensorflow()
-    from tqdm import tqdm
-
     from mltag.backbones.builtin import LiteNet
-    from mltag.head.fit import EarlyStopping, validation_metrics
     from mltag.inference.engine import gpu_visible
 
-    blocks, epochs, patience = train.fine_tune_blocks, train.fine_tune_epochs, train.fine_tune_patience
-    learning_rate, batch_size, dropout, seed = train.fine_tune_learning_rate, train.batch_size, train.dropout, train.seed
+    blocks = train.fine_tune_blocks
     name = builtin_name(handle)
     net = LiteNet(name)
     if not 1 <= blocks <= net.n_blocks:
         raise MltagError(f"train.fine_tune_blocks must be 1..{net.n_blocks} for {name}, got {blocks}")
     half = gpu_visible() if train.mixed_precision == "auto" else train.mixed_precision == "true"
-    dtype = "float16" if half else "float32"
     k = net.n_blocks - blocks
-    tf.random.set_seed(seed)
-    rng = np.random.default_rng(seed)
-
+    tf.random.set_seed(train.seed)
+    t0 = time.perf_counter()
     # 1. The frozen bottom, once per view: through LiteRT on CPU (one single-threaded interpreter per
     # core, as the bottleneck step runs the backbone), through TF where TF has a GPU.
+    x_tr, y_fit, x_va = _frozen_features(name, net, k, image_size, backbone_cache, train_items, y_tr, val_items, views,
+                                         progress)
+    # 2. Top blocks + head, a learning rate per block, early stopping as the head's fit stops.
+    top = _TopTrainer(tf, net, k, half, head_weights, train, len(x_tr))
+    history = top.fit(x_tr, y_fit, x_va, y_va, train, np.random.default_rng(train.seed), progress)
+    history["seconds"] = round(time.perf_counter() - t0, 1)
+    history["mixed_precision"] = half
+    history["tuned_blocks"] = list(range(k, net.n_blocks))
+    return net, [v.numpy() for v in top.head_vars], history
+
+
+def _frozen_features(name: str, net, k: int, image_size: int, backbone_cache, train_items, y_tr, val_items,
+                     views: int, progress: bool):
+    """The feature maps of the frozen blocks 0..k-1: every training image in each of its ``views``, and the
+    validation images plain. Returns ``(x_train, y_train tiled per view, x_val or None)``."""
+    from tqdm import tqdm
+
     bottom = _frozen_bottom(name, k, image_size, backbone_cache, net)
     n_views = len(train_items) * views + len(val_items)
     bar = tqdm(total=n_views, desc=f"fine-tune: frozen blocks 0-{k - 1}, {views} view(s)", unit="img", leave=False,
@@ -159,48 +170,59 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     log.info("fine-tune: %d feature maps %s from the frozen blocks in %.0f s (%.0f MB in memory)",
              len(x_tr) + (0 if x_va is None else len(x_va)), tuple(x_tr.shape[1:]), time.perf_counter() - t0,
              (x_tr.nbytes + (0 if x_va is None else x_va.nbytes)) / 1e6)
+    return x_tr, y_fit, x_va
 
-    # 2. Top blocks + head, two learning rates, early stopping on validation loss.
-    kernels = [tf.Variable(w, name=f"head_kernel_{i}") for i, w in enumerate(head_weights[0::2])]
-    biases = [tf.Variable(b, name=f"head_bias_{i}") for i, b in enumerate(head_weights[1::2])]
-    head_vars = [v for pair in zip(kernels, biases) for v in pair]
-    # One Adam per tuned block (top first), each at fine_tune_learning_rate x lr_decay^depth; the
-    # head at ten times the top's. The schedule scales every rate, step by step.
-    groups = net.block_groups(k, bn_affine=train.fine_tune_bn == "affine")
-    tuned = [v for g in groups for v in g]
-    base_rates = [learning_rate * train.fine_tune_lr_decay ** d for d in range(len(groups))] + \
-        [learning_rate * HEAD_LR_FACTOR]
-    opts = [tf.keras.optimizers.Adam(r) for r in base_rates]
-    for o, g in zip(opts, groups + [head_vars]):
-        o.build(g)  # optimizer slots exist before the graph is traced
-    bounds = np.cumsum([0] + [len(g) for g in groups + [head_vars]])
-    steps_per_epoch = -(-len(x_tr) // batch_size)
-    schedule = lr_schedule(train.fine_tune_schedule, epochs, steps_per_epoch)
-    scale = tf.Variable(2.0 ** 12 if half else 1.0, trainable=False, dtype=tf.float32)
 
-    def logits(x, training):
-        h = net.top(x, k, dtype)
-        for i, (w, b) in enumerate(zip(kernels, biases)):
-            if training and dropout > 0:
-                h = tf.nn.dropout(h, dropout)
+class _TopTrainer:
+    """The tuned top blocks (from block ``k``) and the head: one Adam per tuned block (top first), each at
+    ``fine_tune_learning_rate x lr_decay^depth``, the head at ten times the top's; the schedule scales every
+    rate, step by step; with ``half``, float16 compute with dynamic loss scaling."""
+
+    def __init__(self, tf, net, k: int, half: bool, head_weights: list[np.ndarray], train: config.Train, n_rows: int):
+        self.tf, self.net, self.k, self.half = tf, net, k, half
+        self.dtype = "float16" if half else "float32"
+        self.dropout = train.dropout
+        self.kernels = [tf.Variable(w, name=f"head_kernel_{i}") for i, w in enumerate(head_weights[0::2])]
+        self.biases = [tf.Variable(b, name=f"head_bias_{i}") for i, b in enumerate(head_weights[1::2])]
+        self.head_vars = [v for pair in zip(self.kernels, self.biases) for v in pair]
+        groups = net.block_groups(k, bn_affine=train.fine_tune_bn == "affine")
+        self.tuned = [v for g in groups for v in g]
+        lr = train.fine_tune_learning_rate
+        self.base_rates = [lr * train.fine_tune_lr_decay ** d for d in range(len(groups))] + [lr * HEAD_LR_FACTOR]
+        self.opts = [tf.keras.optimizers.Adam(r) for r in self.base_rates]
+        for o, g in zip(self.opts, groups + [self.head_vars]):
+            o.build(g)  # optimizer slots exist before the graph is traced
+        self.bounds = np.cumsum([0] + [len(g) for g in groups + [self.head_vars]])
+        self.steps_per_epoch = -(-n_rows // train.batch_size)
+        self.schedule = lr_schedule(train.fine_tune_schedule, train.fine_tune_epochs, self.steps_per_epoch)
+        self.scale = tf.Variable(2.0 ** 12 if half else 1.0, trainable=False, dtype=tf.float32)
+        self.step = tf.function(self._step)
+        self.logit_fn = tf.function(lambda x: self.logits(x, False))
+
+    def logits(self, x, training: bool):
+        tf = self.tf
+        h = self.net.top(x, self.k, self.dtype)
+        for i, (w, b) in enumerate(zip(self.kernels, self.biases)):
+            if training and self.dropout > 0:
+                h = tf.nn.dropout(h, self.dropout)
             h = tf.matmul(h, w) + b
-            if i < len(kernels) - 1:
+            if i < len(self.kernels) - 1:
                 h = tf.nn.relu(h)
         return h
 
-    @tf.function
-    def step(x, y):
+    def _step(self, x, y):
+        tf = self.tf
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, logits(x, True)))
-            scaled = loss * scale
-        all_vars = tuned + head_vars
-        grads = [tf.cast(g, tf.float32) / scale for g in tape.gradient(scaled, all_vars)]
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, self.logits(x, True)))
+            scaled = loss * self.scale
+        all_vars = self.tuned + self.head_vars
+        grads = [tf.cast(g, tf.float32) / self.scale for g in tape.gradient(scaled, all_vars)]
 
         def apply_all():
-            for o, a, b in zip(opts, bounds[:-1], bounds[1:]):
+            for o, a, b in zip(self.opts, self.bounds[:-1], self.bounds[1:]):
                 o.apply_gradients(zip(grads[a:b], all_vars[a:b]))
 
-        if not half:
+        if not self.half:
             apply_all()
             return loss
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
@@ -210,58 +232,60 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
             return tf.constant(True)
 
         def back_off():  # dynamic loss scaling: skip the step and halve the scale on overflow
-            scale.assign(tf.maximum(scale / 2.0, 1.0))
+            self.scale.assign(tf.maximum(self.scale / 2.0, 1.0))
             return tf.constant(False)
 
         tf.cond(finite, apply, back_off)
         return loss
 
-    logit_fn = tf.function(lambda x: logits(x, False))
+    def val_logits(self, x):
+        return np.concatenate([self.logit_fn(self.tf.constant(x[i: i + 64])).numpy() for i in range(0, len(x), 64)])
 
-    def val_logits(x):
-        return np.concatenate([logit_fn(tf.constant(x[i: i + 64])).numpy() for i in range(0, len(x), 64)])
+    def fit(self, x_tr, y_fit, x_va, y_va, train: config.Train, rng, progress: bool) -> dict:
+        """The epochs, stopped early as the head's fit stops; the best epoch's weights restored."""
+        from tqdm import tqdm
 
-    history: dict[str, list[float]] = {"loss": [], "val_loss": [], "val_map": []}
-    # the head's fit and this phase pick their best epoch the same way; without validation, the train loss
-    mon = train.monitor if x_va is not None else "loss"
-    stopper, best_weights = EarlyStopping(mon, patience if x_va is not None else 0), None
-    n_steps = epochs * len(x_tr)
-    bar = tqdm(total=n_steps, desc=f"fine-tune: blocks {k}-{net.n_blocks - 1} + head", unit="img", leave=False,
-               disable=not progress)
-    t1 = time.perf_counter()
-    for epoch in range(epochs):
-        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}")
-        order = rng.permutation(len(x_tr))
-        losses = []
-        for n, i in enumerate(range(0, len(order), batch_size)):
-            idx = order[i: i + batch_size]
-            if schedule is not None:
-                factor = schedule(epoch * steps_per_epoch + n)
-                for o, base in zip(opts, base_rates):
-                    o.learning_rate = base * factor  # the optimizer's variable: the traced step reads it
-            losses.append(float(step(tf.constant(x_tr[idx]), tf.constant(y_fit[idx]))) * len(idx))
-            bar.update(len(idx))
-        history["loss"].append(float(np.sum(losses) / len(x_tr)))
-        if x_va is not None:
-            val_loss, val_map = validation_metrics(val_logits(x_va), y_va)
-            history["val_loss"].append(val_loss)
-            history["val_map"].append(val_map)
-        value = history[mon][-1]
-        if not np.isfinite(history["loss"][-1]) or not np.isfinite(value):
-            raise MltagError(f"fine-tune diverged at epoch {epoch + 1} (loss {history['loss'][-1]}); lower "
-                             "train.fine_tune_learning_rate")
-        if stopper.update(value, epoch + 1):
-            best_weights = [v.numpy() for v in tuned + head_vars]
-        log.info("fine-tune: epoch %d/%d: loss %.4f%s (%.0f s)", epoch + 1, epochs, history["loss"][-1],
-                 f", val loss {history['val_loss'][-1]:.4f}, val mAP {history['val_map'][-1]:.4f}"
-                 if x_va is not None else "", time.perf_counter() - t1)
-        if stopper.stop:
-            break
-    bar.close()
-    for v, w in zip(tuned + head_vars, best_weights):
-        v.assign(w)
-    history["best_epoch"] = stopper.best_epoch
-    history["seconds"] = round(time.perf_counter() - t0, 1)
-    history["mixed_precision"] = half
-    history["tuned_blocks"] = list(range(k, net.n_blocks))
-    return net, [v.numpy() for v in head_vars], history
+        from mltag.head.fit import EarlyStopping, validation_metrics
+
+        tf, epochs, batch_size = self.tf, train.fine_tune_epochs, train.batch_size
+        history: dict[str, list[float]] = {"loss": [], "val_loss": [], "val_map": []}
+        # the head's fit and this phase pick their best epoch the same way; without validation, the train loss
+        mon = train.monitor if x_va is not None else "loss"
+        stopper = EarlyStopping(mon, train.fine_tune_patience if x_va is not None else 0)
+        best_weights = None
+        bar = tqdm(total=epochs * len(x_tr), desc=f"fine-tune: blocks {self.k}-{self.net.n_blocks - 1} + head",
+                   unit="img", leave=False, disable=not progress)
+        t1 = time.perf_counter()
+        for epoch in range(epochs):
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}")
+            order = rng.permutation(len(x_tr))
+            losses = []
+            for n, i in enumerate(range(0, len(order), batch_size)):
+                idx = order[i: i + batch_size]
+                if self.schedule is not None:
+                    factor = self.schedule(epoch * self.steps_per_epoch + n)
+                    for o, base in zip(self.opts, self.base_rates):
+                        o.learning_rate = base * factor  # the optimizer's variable: the traced step reads it
+                losses.append(float(self.step(tf.constant(x_tr[idx]), tf.constant(y_fit[idx]))) * len(idx))
+                bar.update(len(idx))
+            history["loss"].append(float(np.sum(losses) / len(x_tr)))
+            if x_va is not None:
+                val_loss, val_map = validation_metrics(self.val_logits(x_va), y_va)
+                history["val_loss"].append(val_loss)
+                history["val_map"].append(val_map)
+            value = history[mon][-1]
+            if not np.isfinite(history["loss"][-1]) or not np.isfinite(value):
+                raise MltagError(f"fine-tune diverged at epoch {epoch + 1} (loss {history['loss'][-1]}); lower "
+                                 "train.fine_tune_learning_rate")
+            if stopper.update(value, epoch + 1):
+                best_weights = [v.numpy() for v in self.tuned + self.head_vars]
+            log.info("fine-tune: epoch %d/%d: loss %.4f%s (%.0f s)", epoch + 1, epochs, history["loss"][-1],
+                     f", val loss {history['val_loss'][-1]:.4f}, val mAP {history['val_map'][-1]:.4f}"
+                     if x_va is not None else "", time.perf_counter() - t1)
+            if stopper.stop:
+                break
+        bar.close()
+        for v, w in zip(self.tuned + self.head_vars, best_weights):
+            v.assign(w)
+        history["best_epoch"] = stopper.best_epoch
+        return history

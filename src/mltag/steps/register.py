@@ -23,8 +23,10 @@ import numpy as np
 
 from mltag import config
 from mltag import metrics as M
+from mltag.config import derived_model_name
 from mltag.data.formats import (
     INTEGRITY_FILE,
+    dataset_source,
     image_root_of,
     load_hashes,
     load_prepared,
@@ -92,10 +94,8 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
     from mltag.data.formats import read_thresholds, write_integrity
     from mltag.data.images import load_image
     from mltag.head.fit import load_head
-    from mltag.inference.engine import LiteRTEngine
     from mltag.inference.export import compose_tflite
     from mltag.inference.model import InferenceModel
-    from mltag.workers import cpu_threads
 
     out: dict = {"images": min(limit, len(test_images))}
     if not (bundle / "model.tflite").is_file():
@@ -135,23 +135,8 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
             except MltagError as e:
                 out[f"{kind}_error"] = str(e)
                 continue
-            if cached and test_hashes is not None and test_images:
-                # The backbone is converted once per backbone: so are its features of each image. The
-                # file itself must score what its backbone's features give through the head.
-                features = memo_features(backbone_file, test_images, test_hashes, lite.image_size)
-                s = head.predict(features)
-                check = LiteRTEngine(f)(np.stack([load_image(p, lite.image_size) for p in test_images[:4]]))
-                out[f"{kind}_file_max_abs_diff"] = float(np.abs(check - s[:4]).max())
-                if out[f"{kind}_file_max_abs_diff"] > 1e-4:
-                    raise MltagError(f"the {kind} model file differs from its backbone's features through the "
-                                     f"head by {out[f'{kind}_file_max_abs_diff']:.2e}; not registering", bundle)
-            elif test_images:
-                # one single-threaded interpreter per core: dynamic range's hybrid kernels scale badly across
-                # one interpreter's threads (51 against 40 img/s, Lite2 on 2 cores)
-                s = _scores_in_chunks(LiteRTEngine(f, threads=1, parallel=cpu_threads()), test_images,
-                                      lite.image_size)
-            else:
-                s = np.zeros((0, len(labels)), np.float32)
+            s = _quantized_scores(f, backbone_file, cached, head, bundle, kind, test_images, test_hashes,
+                                  lite.image_size, len(labels), out)
             q_map, q_f1 = quality(s)
             out[f"{kind}_test_map"], out[f"{kind}_test_micro_f1"] = q_map, q_f1
             out[f"{kind}_max_abs_diff_vs_fp32"] = float(np.abs(s - chall_scores).max()) if len(s) else 0.0
@@ -163,23 +148,52 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
                 os.replace(f, bundle / "model_int8.tflite")
     out["int8_kind"] = chosen
     out["int8_shipped"] = chosen is not None
-    if chosen is None and not kinds:
+    if chosen is None:
         (bundle / "model_int8.tflite").unlink(missing_ok=True)
-        out["int8_reason"] = "not tried (register.int8: none)"
-    elif chosen is None:
-        (bundle / "model_int8.tflite").unlink(missing_ok=True)
-        tried = ", ".join(f"{k}: mAP {out.get(f'{k}_test_map', float('nan')):.4f}, micro F1 "
-                          f"{out.get(f'{k}_test_micro_f1', float('nan')):.4f}"
-                          for k in ("int8", "dynamic_range") if f"{k}_test_map" in out and out[f"{k}_test_map"] is not None)
-        out["int8_reason"] = (f"not shipped: no quantized model stays within {max_drop} of fp32 (mAP "
-                              f"{out['fp32_test_map']:.4f}, micro F1 {out['fp32_test_micro_f1']:.4f}); "
-                              f"{tried or 'both conversions failed'}")
-    else:
-        out["int8_reason"] = (f"shipped {chosen}: test mAP {out[f'{chosen}_test_map']:.4f} and micro F1 "
-                              f"{out[f'{chosen}_test_micro_f1']:.4f} within {max_drop} of fp32")
+    out["int8_reason"] = _int8_reason(out, bool(kinds), chosen, max_drop)
+    if chosen is not None:
         out["shipped_bytes"] = out[f"{chosen}_bytes"]
     write_integrity(bundle)  # the bundle's content now includes (or not) model_int8.tflite
     return out
+
+
+def _quantized_scores(f: Path, backbone_file: Path, cached: bool, head, bundle: Path, kind: str,
+                      test_images: list[Path], test_hashes: list[str] | None, image_size: int, n_labels: int,
+                      out: dict) -> np.ndarray:
+    """The quantized model file ``f``'s scores of the test images. A once-per-backbone quantized backbone's
+    features of each image are kept (``memo_features``), and the file must score what they give through
+    the head; otherwise the file runs on the images, a chunk at a time."""
+    from mltag.data.images import load_image
+    from mltag.inference.engine import LiteRTEngine
+    from mltag.workers import cpu_threads
+
+    if not test_images:
+        return np.zeros((0, n_labels), np.float32)
+    if cached and test_hashes is not None:
+        s = head.predict(memo_features(backbone_file, test_images, test_hashes, image_size))
+        check = LiteRTEngine(f)(np.stack([load_image(p, image_size) for p in test_images[:4]]))
+        out[f"{kind}_file_max_abs_diff"] = float(np.abs(check - s[:4]).max())
+        if out[f"{kind}_file_max_abs_diff"] > 1e-4:
+            raise MltagError(f"the {kind} model file differs from its backbone's features through the "
+                             f"head by {out[f'{kind}_file_max_abs_diff']:.2e}; not registering", bundle)
+        return s
+    # one single-threaded interpreter per core: dynamic range's hybrid kernels scale badly across
+    # one interpreter's threads (51 against 40 img/s, Lite2 on 2 cores)
+    return _scores_in_chunks(LiteRTEngine(f, threads=1, parallel=cpu_threads()), test_images, image_size)
+
+
+def _int8_reason(out: dict, tried: bool, chosen: str | None, max_drop: float) -> str:
+    """One sentence: which quantized model ships, or why none does."""
+    if chosen is not None:
+        return (f"shipped {chosen}: test mAP {out[f'{chosen}_test_map']:.4f} and micro F1 "
+                f"{out[f'{chosen}_test_micro_f1']:.4f} within {max_drop} of fp32")
+    if not tried:
+        return "not tried (register.int8: none)"
+    tried_kinds = ", ".join(f"{k}: mAP {out.get(f'{k}_test_map', float('nan')):.4f}, micro F1 "
+                            f"{out.get(f'{k}_test_micro_f1', float('nan')):.4f}"
+                            for k in ("int8", "dynamic_range") if f"{k}_test_map" in out and out[f"{k}_test_map"] is not None)
+    return (f"not shipped: no quantized model stays within {max_drop} of fp32 (mAP {out['fp32_test_map']:.4f}, "
+            f"micro F1 {out['fp32_test_micro_f1']:.4f}); {tried_kinds or 'both conversions failed'}")
 
 
 EVALUATED_TOLERANCE = 2e-3  # model.tflite against evaluate's scores: cached vectors are float16 (5e-4 seen)
@@ -588,20 +602,15 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     ``register`` and ``tracking`` are the typed params sections. With ``register.tflite`` the registered version also carries ``model.tflite`` (fp32) and
     ``model_int8.tflite`` with ``tflite_parity.json`` (fp32 vs SavedModel, int8 vs fp32).
     """
-    model_name, margin, max_label_ap_drop = register.model_name, register.margin, register.max_label_ap_drop
+    model_name = register.model_name or derived_model_name(dataset_source(prepared))
+    register = register.model_copy(update={"model_name": model_name})
     tflite, experiment = register.tflite, tracking.experiment
     model_dir, thresholds, out = Path(model_dir), Path(thresholds), Path(out)
     digest = verify_integrity(model_dir)  # a hand-edited model folder never reaches the registry
     meta = read_model_meta(model_dir, verify=False)
     model_labels = meta["labels"]
     read_thresholds(thresholds, model_labels)
-    labels, test = load_prepared(prepared, "test")
-    root = Path(images) if images else image_root_of(prepared)
-    test_images = [root / ex.path for ex in test]
-    y_test = np.array([ex.flags for ex in test], dtype=int).reshape(len(test), len(labels))
-    known = load_hashes(prepared) or {}  # the images' content, as prepare hashed it
-    test_hashes = [known.get(ex.path) for ex in test]
-    test_hashes = test_hashes if all(test_hashes) else None
+    labels, test, root, test_images, y_test, test_hashes = _test_split(prepared, images)
     tmp = _scratch(out)  # also proves --out's folder writable, before the registry is touched
     warm = _warm_quantized_backbone(model_dir, meta, register, test_images, test_hashes)
     # The challenger scored and its LiteRT files checked in a thread while MLflow imports here (LiteRT
@@ -615,11 +624,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     with _reaped(warm):
         try:
             import mlflow
-            import pandas as pd
             from mlflow import MlflowClient
-            from mlflow.models import infer_signature
 
-            from mltag.registry.pyfunc import MltagPyfunc
             from mltag.tracking import runs as mltracking
 
             uri = mltracking.setup_checked(tracking_uri)
@@ -633,15 +639,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             if run_id is None:
                 mlflow.set_experiment(experiment)
             bundle, cached, chall_scores, parity = checked.result()
-            from mltag.inference.model import InferenceModel
-
-            local = InferenceModel(bundle)
-            example = pd.DataFrame({"image": [base64.b64encode(test_images[0].read_bytes()).decode()]}) if test_images \
-                else None
-            py = MltagPyfunc()
-            py.model = local
-            signature = infer_signature(example, py.predict(None, example), params={"tta": "none"}) \
-                if example is not None else None
+            signature, example = _signature(bundle, test_images)
             chall_ap = M.average_precisions(y_test, chall_scores)
             # 1. Decide before touching the registry: a failure here leaves no version behind.
             chall_map = float(np.nanmean(chall_ap))
@@ -651,21 +649,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": mltracking.mask_uri(uri),
                       "champion_version": None, "champion_test_map": None, "content_hash": content,
                       "scored_from": "cached vectors" if cached is not None else "images", "champion_scored_from": None}
-            if champ is None:
-                promote, reason = True, "no champion yet"
-            elif existing is not None and str(champ.version) == str(existing.version):
-                promote, reason = True, "already the champion (same model content)"
-            else:
-                champ_scores = _champion_head_scores(client, model_name, champ.version, meta, labels, cached,
-                                                     tmp) if cached is not None else None
-                result["champion_scored_from"] = "cached vectors" if champ_scores is not None else "images"
-                if champ_scores is None:
-                    champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
-                    champ_scores = _score_pyfunc(champ_model, test_images, labels)
-                champ_ap = M.average_precisions(y_test, champ_scores)
-                result["champion_version"] = int(champ.version)
-                result["champion_test_map"] = float(np.nanmean(champ_ap))
-                promote, reason = gate(chall_ap, champ_ap, labels, margin, max_label_ap_drop)
+            promote, reason = _decide(client, register, champ, existing, chall_ap, y_test, meta, labels, cached,
+                                      test_images, tmp, result)
             tags = {"mltag.content_hash": content, "mltag.test_map": f"{chall_map:.6f}", "mltag.labels": ",".join(labels),
                     "mltag.gate": ("promoted: " if promote else "kept: ") + reason}
             if tflite:
@@ -673,40 +658,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             fault_point("register:decided")
             with mlflow.start_run(run_id=run_id) as run:
                 result["run_id"] = run.info.run_id
-                # 2. One version per model content: a rerun (after a crash, or of the same folder) reuses it.
-                if existing is None:
-                    info = mlflow.pyfunc.log_model(
-                        name="model", python_model=str(PACKAGE_DIR / "registry" / "pyfunc_model.py"),
-                        artifacts={"model": str(bundle)},
-                        code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
-                        pip_requirements=pip_requirements())
-                    fault_point("register:logged")
-                    with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Successfully registered..." lines
-                        mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)  # tags in one call
-                else:
-                    mv = str(existing.version)
-                    for k, v in tags.items():
-                        client.set_model_version_tag(model_name, mv, k, v)
-                    log.info("register: this model content is already version %s; reusing it", mv)
-                fault_point("register:created")
-                # 3. Aliases move only after the decision is recorded on the version.
-                try:
-                    client.set_registered_model_alias(model_name, "challenger", mv)
-                    fault_point("register:challenger")
-                    if promote:
-                        now = _alias(client, model_name, "champion")
-                        now_v, scored_v = (str(now.version) if now else None), (str(champ.version) if champ else None)
-                        if now_v != scored_v and now_v != mv:
-                            promote = False  # another register moved it while we scored: compare again next time
-                            reason = (f"the champion moved to version {now_v} while this register was comparing with "
-                                      f"version {scored_v}; rerun register to compare with it")
-                            client.set_model_version_tag(model_name, mv, "mltag.gate", f"kept: {reason}")
-                        else:
-                            client.set_registered_model_alias(model_name, "champion", mv)
-                            fault_point("register:champion")
-                except Exception as e:
-                    client.set_model_version_tag(model_name, mv, "mltag.register_error", f"{type(e).__name__}: {e}"[:500])
-                    raise
+                mv = _version(client, model_name, existing, tags, bundle, signature, example)
+                promote, reason = _move_aliases(client, model_name, mv, champ, promote, reason)
                 mlflow.log_metrics({"registered_test_map": chall_map})
                 if tflite and "fp32_bytes" in parity:
                     mlflow.log_metrics({f"tflite_{k}": v for k, v in parity.items()
@@ -726,6 +679,110 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
         verdict = "promoted to champion" if promote else "kept as challenger"
         log.debug("register: %s version %s %s: %s", model_name, result["version"], verdict, reason)  # the CLI prints it
         return result
+
+
+def _test_split(prepared, images):
+    """The test split: labels, examples, image root, image paths, the 0/1 matrix, and each image's
+    SHA-256 as prepare recorded it (None when some are missing)."""
+    labels, test = load_prepared(prepared, "test")
+    root = Path(images) if images else image_root_of(prepared)
+    test_images = [root / ex.path for ex in test]
+    y_test = np.array([ex.flags for ex in test], dtype=int).reshape(len(test), len(labels))
+    known = load_hashes(prepared) or {}
+    test_hashes = [known.get(ex.path) for ex in test]
+    return labels, test, root, test_images, y_test, test_hashes if all(test_hashes) else None
+
+
+def _signature(bundle: Path, test_images: list[Path]):
+    """The version's signature and input example: one test image as base64, and what the model returns."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from mltag.inference.model import InferenceModel
+    from mltag.registry.pyfunc import MltagPyfunc
+
+    if not test_images:
+        return None, None
+    example = pd.DataFrame({"image": [base64.b64encode(test_images[0].read_bytes()).decode()]})
+    py = MltagPyfunc()
+    py.model = InferenceModel(bundle)
+    return infer_signature(example, py.predict(None, example), params={"tta": "none"}), example
+
+
+def _decide(client, register: config.Register, champ, existing, chall_ap: np.ndarray, y_test: np.ndarray,
+            meta: dict, labels: list[str], cached, test_images: list[Path], tmp: Path, result: dict) -> tuple[bool, str]:
+    """The gate: whether the challenger replaces the champion, and why. Records the champion's figures
+    in ``result``. The champion is scored on the same test images: from the cached vectors when it
+    shares the challenger's backbone, else end to end through its registered pyfunc."""
+    import mlflow
+
+    model_name = register.model_name
+    if champ is None:
+        return True, "no champion yet"
+    theirs = (champ.tags or {}).get("mltag.labels")
+    if theirs is not None and theirs != ",".join(labels):
+        raise MltagError(f"the champion of registered model {model_name!r} (version {champ.version}) scores other "
+                         f"labels ({theirs.replace(',', ', ')}), not {', '.join(labels)}: a different label set is a "
+                         "different model. Set register.model_name in params.yaml to a new name (or leave it empty to "
+                         "name the model after the dataset's folder) and rerun: only register runs again")
+    if existing is not None and str(champ.version) == str(existing.version):
+        return True, "already the champion (same model content)"
+    champ_scores = _champion_head_scores(client, model_name, champ.version, meta, labels, cached,
+                                         tmp) if cached is not None else None
+    result["champion_scored_from"] = "cached vectors" if champ_scores is not None else "images"
+    if champ_scores is None:
+        champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
+        champ_scores = _score_pyfunc(champ_model, test_images, labels)
+    champ_ap = M.average_precisions(y_test, champ_scores)
+    result["champion_version"] = int(champ.version)
+    result["champion_test_map"] = float(np.nanmean(champ_ap))
+    return gate(chall_ap, champ_ap, labels, register.margin, register.max_label_ap_drop)
+
+
+def _version(client, model_name: str, existing, tags: dict, bundle: Path, signature, example) -> str:
+    """The registered version of this model content: a new one (logged in the active run, its tags set in
+    the same call), or the one a crashed or repeated register made already."""
+    import mlflow
+
+    if existing is not None:  # one version per model content
+        mv = str(existing.version)
+        for k, v in tags.items():
+            client.set_model_version_tag(model_name, mv, k, v)
+        log.info("register: this model content is already version %s; reusing it", mv)
+        fault_point("register:created")
+        return mv
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=str(PACKAGE_DIR / "registry" / "pyfunc_model.py"),
+        artifacts={"model": str(bundle)},
+        code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
+        pip_requirements=pip_requirements())
+    fault_point("register:logged")
+    with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Successfully registered..." lines
+        mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
+    fault_point("register:created")
+    return mv
+
+
+def _move_aliases(client, model_name: str, mv: str, champ, promote: bool, reason: str) -> tuple[bool, str]:
+    """``challenger`` to ``mv``, then ``champion`` when promoted, only after the decision is recorded on the
+    version. A champion that another register moved meanwhile is left where it is."""
+    try:
+        client.set_registered_model_alias(model_name, "challenger", mv)
+        fault_point("register:challenger")
+        if promote:
+            now = _alias(client, model_name, "champion")
+            now_v, scored_v = (str(now.version) if now else None), (str(champ.version) if champ else None)
+            if now_v != scored_v and now_v != mv:
+                reason = (f"the champion moved to version {now_v} while this register was comparing with "
+                          f"version {scored_v}; rerun register to compare with it")
+                client.set_model_version_tag(model_name, mv, "mltag.gate", f"kept: {reason}")
+                return False, reason  # compare again next time
+            client.set_registered_model_alias(model_name, "champion", mv)
+            fault_point("register:champion")
+    except Exception as e:
+        client.set_model_version_tag(model_name, mv, "mltag.register_error", f"{type(e).__name__}: {e}"[:500])
+        raise
+    return promote, reason
 
 
 def promote(model_name: str, version: int | str, reason: str, user: str | None = None,

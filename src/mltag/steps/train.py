@@ -50,17 +50,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
 
     require_gpu("train")
     meta = read_bottleneck_meta(bottlenecks)
-    for key, want in (("backbone_handle", backbone.handle), ("image_size", backbone.image_size)):
-        if want and str(meta.get(key)) != str(want):  # train follows the bottlenecks; say so once
-            log.warning("train: the bottlenecks in %s were computed with %s %r, not backbone.%s %r; training on "
-                        "them (rerun the bottleneck step for %r)", bottlenecks, key, meta.get(key),
-                        key.replace("backbone_", ""), want, want)
-    if train.mode == "fine_tune":
-        from mltag.steps.finetune import builtin_name
-
-        builtin_name(meta["backbone_handle"])  # fail before any work
-        if images is None or not Path(images).is_dir():
-            raise MltagError("train.mode fine_tune reads the images: pass the prepared folder (--prepared)", images)
+    _check_inputs(bottlenecks, meta, train, backbone, images)
     labels = read_labels(Path(bottlenecks) / "labels.txt")
     x_tr, y_tr, p_tr = load_split(bottlenecks, "train")
     x_va, y_va, p_va = load_split(bottlenecks, "val")
@@ -75,7 +65,6 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
 
     # MLflow opens in a helper process while the head fits (mltag.tracking.runs.Tracker)
     tracker = mltracking.Tracker(tracking_uri)
-    uri = tracker.uri
     t0 = time.time()
     params = mltracking.flatten(recipe or config or {})
     params.update({"train.backbone_id": resolved.backbone_id, "train.n_labels": len(labels),
@@ -87,21 +76,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
                  {k: str(v)[:500] for k, v in params.items()}, {"mltag.step": "train", "mltag.labels": ",".join(labels)})
     try:  # the run ends FINISHED, or FAILED with whatever went wrong
         loss = HeadLoss.of(train.model_dump())
-        settings = {"learning_rate": train.learning_rate, "batch_size": train.batch_size,
-                    "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed, "loss": loss}
-        refit = train.refit and train.mode == "head" and len(x_va) > 0
-        if refit:  # the shipped head: the same one, afresh, on train+val for the epoch count validation chose
-            rows = Rows(np.concatenate([x_tr, x_va]), views, None, np.arange(len(x_tr)))
-            y_all = np.concatenate([y_tr, y_va] + ([np.repeat(y_tr, rows.k, axis=0)] if rows.k else []))
-            first, history, mon, head = fit_and_refit(x_fit, y_fit, x_va, y_va, rows, y_all, epochs=train.epochs,
-                                                      patience=train.patience, monitor=train.monitor,
-                                                      progress=progress, **settings)
-            check_converged(first, history, train.learning_rate)  # a fit that diverged at once left no refit
-        else:
-            head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, epochs=train.epochs, patience=train.patience,
-                                          monitor=train.monitor, progress=progress, **settings)
-        check_converged(head, history, train.learning_rate)
-        values = history[mon]
+        head, history, mon, refit = _fit(train, loss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress)
         best = best_epoch(history, mon) - 1
         # the run exists (or a dead store is reported) before fine-tuning's minutes and before any write
         run_id, experiment_id = tracker.call("active_run_ids")
@@ -114,40 +89,9 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         if ft is not None:
             series.update({f"fine_tune_{k}": ft[k] for k in ("loss", "val_loss", "val_map")})
         tracker.send("log_to_run", run_id, series=series)
-        summary = {
-            "run_id": run_id,
-            "epochs_run": len(values),
-            "best_epoch": best + 1,
-            "train_loss": history["loss"][best],
-            "val_loss": history.get("val_loss", [None] * len(values))[best],
-            "val_map_pr_auc": history.get("val_map", [None] * len(values))[best],
-            "seconds": round(time.time() - t0, 2),
-            "mode": train.mode,
-            "refit": refit,
-        }
-        if ft is not None:
-            summary.update({"fine_tune_best_epoch": ft["best_epoch"], "fine_tune_epochs_run": len(ft["loss"]),
-                            "fine_tune_val_loss": ft["val_loss"][ft["best_epoch"] - 1] if ft["val_loss"] else None,
-                            "fine_tune_val_map": ft["val_map"][ft["best_epoch"] - 1] if ft["val_map"] else None,
-                            "fine_tune_seconds": ft["seconds"]})
+        summary = _summary(run_id, history, mon, best, time.time() - t0, train.mode, refit, ft)
         tracker.send("log_to_run", run_id, metrics={f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
-        model_meta = {
-            "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
-            "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
-            "feature_dim": int(x_tr.shape[1]), "hidden_units": train.hidden_units,
-            # what calibrate needs to refit the same head on folds
-            "head": {"learning_rate": train.learning_rate, "epochs": train.epochs, "batch_size": train.batch_size,
-                     "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed,
-                     "best_epoch": best + 1, "views": int(meta.get("views", 1)), "refit": refit, **loss.settings()},
-            # fine_tune: cached vectors no longer match the backbone; evaluate scores images end to end
-            "mode": train.mode,
-        }
-        if ft is not None:
-            model_meta["fine_tune"] = {
-                "blocks": train.fine_tune_blocks, "tuned_blocks": ft["tuned_blocks"],
-                "learning_rate": train.fine_tune_learning_rate, "epochs": train.fine_tune_epochs,
-                "patience": train.fine_tune_patience, "best_epoch": ft["best_epoch"], "bn": train.fine_tune_bn,
-                "mixed_precision": ft["mixed_precision"]}
+        model_meta = _model_meta(labels, meta, resolved, int(x_tr.shape[1]), train, loss, best, refit, ft)
         out = Path(out)
         with atomic_path(out) as tmp:
             tmp.mkdir(parents=True)
@@ -158,14 +102,14 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
                                                     "fine_tune": {k: ft[k] for k in ("loss", "val_loss", "val_map")}})
             _write_json(tmp / "config.json", config or {})
             _write_json(tmp / "summary.json", summary)
-            mltracking.save_run_ref(tmp, run_id, experiment_id, uri, tracking.experiment)
+            mltracking.save_run_ref(tmp, run_id, experiment_id, tracker.uri, tracking.experiment)
             digest = write_integrity(tmp)
         tracker.send("log_to_run", run_id, tags={mltracking.MODEL_DIGEST_TAG: digest})
-        records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(values))]
         if metrics_file:
             write_json_atomic(metrics_file, summary)
         if history_file:
-            write_json_atomic(history_file, records)
+            write_json_atomic(history_file, [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}}
+                                             for i in range(len(history[mon]))])
         tracker.send("log_to_run", run_id, artifacts=[(str(out / "history.json"), None), (str(out / "config.json"), None)])
         tracker.send("end_run", "FINISHED")
     except BaseException:
@@ -173,6 +117,92 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         raise
     tracker.close()
     return summary
+
+
+def _check_inputs(bottlenecks, meta: dict, train: config.Train, backbone: config.Backbone, images) -> None:
+    """Say once when the bottlenecks were made with another backbone than asked; fail fine-tuning's
+    missing inputs before any work."""
+    for key, want in (("backbone_handle", backbone.handle), ("image_size", backbone.image_size)):
+        if want and str(meta.get(key)) != str(want):  # train follows the bottlenecks; say so once
+            log.warning("train: the bottlenecks in %s were computed with %s %r, not backbone.%s %r; training on "
+                        "them (rerun the bottleneck step for %r)", bottlenecks, key, meta.get(key),
+                        key.replace("backbone_", ""), want, want)
+    if train.mode == "fine_tune":
+        from mltag.steps.finetune import builtin_name
+
+        builtin_name(meta["backbone_handle"])
+        if images is None or not Path(images).is_dir():
+            raise MltagError("train.mode fine_tune reads the images: pass the prepared folder (--prepared)", images)
+
+
+def _fit(train: config.Train, loss: HeadLoss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress: bool):
+    """The head on the cached vectors. With ``train.refit`` (head mode, validation data), the shipped head
+    is the same one fitted afresh on train+val for the epoch count validation chose.
+
+    Returns:
+        ``(head, history, monitored key, whether it was refitted)``.
+    """
+    settings = {"learning_rate": train.learning_rate, "batch_size": train.batch_size,
+                "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed, "loss": loss}
+    refit = train.refit and train.mode == "head" and len(x_va) > 0
+    if refit:
+        rows = Rows(np.concatenate([x_tr, x_va]), views, None, np.arange(len(x_tr)))
+        y_all = np.concatenate([y_tr, y_va] + ([np.repeat(y_tr, rows.k, axis=0)] if rows.k else []))
+        first, history, mon, head = fit_and_refit(x_fit, y_fit, x_va, y_va, rows, y_all, epochs=train.epochs,
+                                                  patience=train.patience, monitor=train.monitor,
+                                                  progress=progress, **settings)
+        check_converged(first, history, train.learning_rate)  # a fit that diverged at once left no refit
+    else:
+        head, history, mon = fit_head(x_fit, y_fit, x_va, y_va, epochs=train.epochs, patience=train.patience,
+                                      monitor=train.monitor, progress=progress, **settings)
+    check_converged(head, history, train.learning_rate)
+    return head, history, mon, refit
+
+
+def _summary(run_id: str, history: dict, mon: str, best: int, seconds: float, mode: str, refit: bool,
+             ft: dict | None) -> dict:
+    """train's summary (``summary.json``, DVC metrics): the best epoch's figures, and fine-tuning's."""
+    n = len(history[mon])
+    summary = {
+        "run_id": run_id,
+        "epochs_run": n,
+        "best_epoch": best + 1,
+        "train_loss": history["loss"][best],
+        "val_loss": history.get("val_loss", [None] * n)[best],
+        "val_map_pr_auc": history.get("val_map", [None] * n)[best],
+        "seconds": round(seconds, 2),
+        "mode": mode,
+        "refit": refit,
+    }
+    if ft is not None:
+        summary.update({"fine_tune_best_epoch": ft["best_epoch"], "fine_tune_epochs_run": len(ft["loss"]),
+                        "fine_tune_val_loss": ft["val_loss"][ft["best_epoch"] - 1] if ft["val_loss"] else None,
+                        "fine_tune_val_map": ft["val_map"][ft["best_epoch"] - 1] if ft["val_map"] else None,
+                        "fine_tune_seconds": ft["seconds"]})
+    return summary
+
+
+def _model_meta(labels: list[str], meta: dict, resolved, feature_dim: int, train: config.Train, loss: HeadLoss,
+                best: int, refit: bool, ft: dict | None) -> dict:
+    """``model.json``: what every loader of the model folder needs, and what calibrate refits on folds."""
+    model_meta = {
+        "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
+        "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
+        "feature_dim": feature_dim, "hidden_units": train.hidden_units,
+        # what calibrate needs to refit the same head on folds
+        "head": {"learning_rate": train.learning_rate, "epochs": train.epochs, "batch_size": train.batch_size,
+                 "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed,
+                 "best_epoch": best + 1, "views": int(meta.get("views", 1)), "refit": refit, **loss.settings()},
+        # fine_tune: cached vectors no longer match the backbone; evaluate scores images end to end
+        "mode": train.mode,
+    }
+    if ft is not None:
+        model_meta["fine_tune"] = {
+            "blocks": train.fine_tune_blocks, "tuned_blocks": ft["tuned_blocks"],
+            "learning_rate": train.fine_tune_learning_rate, "epochs": train.fine_tune_epochs,
+            "patience": train.fine_tune_patience, "best_epoch": ft["best_epoch"], "bn": train.fine_tune_bn,
+            "mixed_precision": ft["mixed_precision"]}
+    return model_meta
 
 
 def _write_json(path: Path, obj) -> None:
