@@ -152,7 +152,7 @@ def _exp_rows(node, out=None) -> list[dict]:
 def test_exp_run_fine_tune_and_compare_both_modes(project):
     """`dvc exp run -S train.mode=fine_tune` reruns train and after; `dvc exp show` lists both modes."""
     d, env, _ = project
-    sh("git add -A && git commit -qm 'head baseline'", d, env)
+    sh("git add -A && git commit -qm 'head baseline' --allow-empty", d, env)
     out = sh("dvc exp run -n tuned -S train.mode=fine_tune -S train.fine_tune_epochs=2", d, env)
     # review reruns only if the out-of-fold scores changed: they come from head refits on the cached
     # vectors, which fine-tuning the backbone leaves as they were
