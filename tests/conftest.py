@@ -130,3 +130,35 @@ def run_cli(*args, cwd=None, env=None, check=True, timeout=900) -> subprocess.Co
     if check and p.returncode != 0:
         raise AssertionError(f"mltag {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[str, list]:
+    """The Kubeflow pipeline compiled from the committed params.yaml: its text and its YAML documents."""
+    import yaml
+
+    from mltag.config import load_params
+    from mltag.kubeflow.run import compile_pipeline
+
+    out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
+    env_image = os.environ.pop("MLTAG_IMAGE", None)
+    try:
+        compile_pipeline(out, load_params(REPO / "params.yaml"), allow_dirty=True)
+    finally:
+        if env_image is not None:
+            os.environ["MLTAG_IMAGE"] = env_image
+    text = out.read_text()
+    return text, list(yaml.safe_load_all(text))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_starts_no_process(request, monkeypatch):
+    """The unit tier starts no process: a test there that does belongs in tests/integration or tests/e2e."""
+    if "unit" not in request.node.path.relative_to(REPO / "tests").parts[:1]:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a unit test starts no process (subprocess, fork): move it to tests/integration")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(os, "fork", refuse)

@@ -53,3 +53,28 @@ def test_an_empty_input_yields_nothing():
     from mltag.inference.lanes import in_lanes
 
     assert list(in_lanes(iter([]), [None, None], lambda run, item: item)) == []
+
+
+def test_imap_ordered_starts_its_window_at_the_call_and_keeps_order():
+    """compute_missing loads the engine after the call: the first decodes must already be running."""
+    import threading
+
+    from mltag.workers import imap_ordered
+
+    started = threading.Semaphore(0)
+
+    def work(x):
+        started.release()
+        return x * x
+
+    it = imap_ordered(work, range(10), workers=2, ahead=3)
+    assert all(started.acquire(timeout=10) for _ in range(3))  # before any next()
+    assert list(it) == [x * x for x in range(10)]
+
+    def fails(x):
+        if x == 4:
+            raise ValueError("item 4")
+        return x
+
+    with pytest.raises(ValueError, match="item 4"):
+        list(imap_ordered(fails, range(10), workers=2, ahead=3))

@@ -14,7 +14,6 @@ import pytest
 from conftest import COLOURS, make_colour_dataset, run_cli, write_lst_dataset
 from mltag.config import sections
 from mltag.data.formats import read_lst
-from mltag.data.store import FeatureCache
 from mltag.errors import MltagError
 from mltag.steps.bottleneck import bottleneck
 from mltag.steps.calibrate import calibrate
@@ -105,82 +104,10 @@ def test_bottleneck_cache_computes_only_new_images(tmp_path, fake_backbone):
     assert third["computed"] == 44
 
 
-def test_cache_writes_a_batch_as_one_pack_atomically_and_trusts_only_what_checks_out(tmp_path):
-    cache = FeatureCache(tmp_path, "bb", 224)
-    keys = [cache.key(c * 64) for c in "abc"]
-    vecs = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
-    cache.put_many(keys, vecs)
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert [p.suffix for p in files] == [".pack"]  # one file for the batch, no temp file left
-    assert cache.get(keys[1]).dtype == np.float16
-    fresh = FeatureCache(tmp_path, "bb", 224)  # another process: reads the packs' key tables
-    for k, v in zip(keys, vecs):
-        np.testing.assert_array_equal(fresh.get(k), v.astype(np.float16))
-    assert fresh.get(cache.key("d" * 64)) is None and fresh.rejected == 0
-    fresh.put(cache.key("d" * 64), np.full(4, 0.5))  # written after the index was read: found at once
-    np.testing.assert_array_equal(fresh.get(cache.key("d" * 64)), np.full(4, 0.5, np.float16))
-    (added,) = set((tmp_path / "packs").iterdir()) - {files[0]}
-    added.unlink()  # the checks below are about the first pack alone
-    # A pack cut short (e.g. a copy that stopped) loses the entries past the cut, and only those.
-    data = files[0].read_bytes()
-    files[0].write_bytes(data[:-3])
-    cut = FeatureCache(tmp_path, "bb", 224)
-    assert [cut.get(k) is not None for k in keys] == [True, True, False] and cut.rejected == 1
-    # A damaged key table is never read as other keys: the whole pack is a miss, counted once.
-    files[0].write_bytes(data[:30] + bytes([data[30] ^ 1]) + data[31:])
-    bad = FeatureCache(tmp_path, "bb", 224)
-    assert [bad.get(k) for k in keys] == [None] * 3 and bad.rejected == 1
-    # A run holding the lock removes it: its entries are misses anyway, and are recomputed.
-    assert bad.clean_leftovers() == 1 and not any((tmp_path / "packs").iterdir())
 
 
-def test_a_bucket_vector_store_is_read_pack_by_pack_not_vector_by_vector(monkeypatch):
-    import fsspec
-
-    store = f"memory://mltag-packs-{os.getpid()}"
-    cache = FeatureCache(store, "bb", 32)
-    keys = [cache.key(f"{i:064x}") for i in range(100)]
-    vecs = np.random.default_rng(0).random((100, 8)).astype(np.float32)
-    for i in range(0, 100, 25):
-        cache.put_many(keys[i: i + 25], vecs[i: i + 25])
-    fs = fsspec.filesystem("memory")
-    whole, real = [], fs.cat_file
-
-    def counting(path, start=None, end=None, **kw):
-        if start is None and end is None:
-            whole.append(path)
-        return real(path, start=start, end=end, **kw)
-
-    monkeypatch.setattr(fs, "cat_file", counting)
-    fresh = FeatureCache(store, "bb", 32)  # another run: lists the packs, reads their key tables
-    got = np.stack([fresh.get(k) for k in keys])
-    np.testing.assert_array_equal(got, vecs.astype(np.float16))
-    assert len(whole) == len(set(whole)) == 4  # one request per pack, however many vectors it holds
 
 
-def test_imap_ordered_starts_its_window_at_the_call_and_keeps_order():
-    """compute_missing loads the engine after the call: the first decodes must already be running."""
-    import threading
-
-    from mltag.workers import imap_ordered
-
-    started = threading.Semaphore(0)
-
-    def work(x):
-        started.release()
-        return x * x
-
-    it = imap_ordered(work, range(10), workers=2, ahead=3)
-    assert all(started.acquire(timeout=10) for _ in range(3))  # before any next()
-    assert list(it) == [x * x for x in range(10)]
-
-    def fails(x):
-        if x == 4:
-            raise ValueError("item 4")
-        return x
-
-    with pytest.raises(ValueError, match="item 4"):
-        list(imap_ordered(fails, range(10), workers=2, ahead=3))
 
 
 def test_sharded_bottleneck_then_gather(tmp_path, colour_dataset, fake_backbone):
@@ -352,59 +279,10 @@ def test_augmented_views_are_cached_once_and_only_for_training_images(tmp_path, 
     assert more["computed"] == 6 + 2 * new_train
 
 
-def test_views_are_deterministic_augmentations(tmp_path):
-    from mltag.data.images import augmented_view, load_image
-
-    img = tmp_path / "x.jpg"
-    rng = np.random.default_rng(0)
-    from PIL import Image
-
-    Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(img, quality=95)
-    a, b, c = augmented_view(img, 64, 1), augmented_view(img, 64, 1), augmented_view(img, 64, 2)
-    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert not np.array_equal(a, load_image(img, 64))
 
 
-def _reference_view(path, size: int, seed: int, min_area: float = 0.5) -> np.ndarray:
-    """augmented_view as first written, one plain numpy expression per step: the pixels cached views hold."""
-    from PIL import Image
-
-    from mltag.data.images import DEFAULT_MAX_PIXELS, _open, to_rgb
-
-    rng = np.random.default_rng(seed)
-    img = to_rgb(_open(path, DEFAULT_MAX_PIXELS, draft=int(np.ceil(size / np.sqrt(min_area)))))
-    w, h = img.size
-    area = w * h * rng.uniform(min_area, 1.0)
-    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    cw, ch = int(round(min(w, np.sqrt(area * aspect)))), int(round(min(h, np.sqrt(area / aspect))))
-    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    img = img.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
-    if rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    a = np.asarray(img, dtype=np.float32)
-    b, c, s = rng.uniform(0.85, 1.15, 3)
-    grey = a @ np.array([0.299, 0.587, 0.114], np.float32)
-    a = grey[..., None] + s * (a - grey[..., None])
-    a = a.mean() + c * (a - a.mean())
-    a = a * b
-    return np.clip(a + 0.5, 0, 255).astype(np.uint8)
 
 
-def test_augmented_views_are_bit_identical_to_the_plain_expressions_on_real_photos(tmp_path):
-    """The in-place colour jitter must not change a single pixel: cached views are keyed without it."""
-    from PIL import Image
-    from skimage import data
-
-    from mltag.data.images import augmented_view
-
-    for name in ("chelsea", "coffee", "astronaut", "rocket"):
-        path = tmp_path / f"{name}.jpg"
-        Image.fromarray(getattr(data, name)()).convert("RGB").save(path, quality=90)
-        for size in (224, 260):
-            for seed in range(4):
-                assert np.array_equal(augmented_view(path, size, seed), _reference_view(path, size, seed)), \
-                    (name, size, seed)
 
 
 def test_refit_ships_a_head_fitted_afresh_on_train_and_val_for_the_epochs_val_chose(tmp_path, colour_dataset,
@@ -551,34 +429,6 @@ def test_train_and_head_scores_need_no_tensorflow(tmp_path, colour_dataset, fake
                                NumpyHead.from_weights(read_head(model)).predict(features), atol=1e-6)
 
 
-@pytest.mark.parametrize("settings", [
-    {"loss": "bce"}, {"loss": "bce", "label_smoothing": 0.1},
-    {"loss": "asl", "asl_gamma_neg": 4.0, "asl_gamma_pos": 0.0, "asl_clip": 0.05},
-    {"loss": "asl", "asl_gamma_neg": 2.0, "asl_gamma_pos": 2.0, "asl_clip": 0.0},  # focal
-    {"loss": "asl", "asl_gamma_neg": 0.0, "asl_gamma_pos": 0.0, "asl_clip": 0.0},  # = BCE
-])
-def test_head_losses_have_the_gradient_of_their_value(settings):
-    """Each loss's analytic gradient against central differences of its own value; ASL with no
-    focusing and no clip is BCE."""
-    from mltag.head.fit import HeadLoss
-
-    loss = HeadLoss.of(settings)
-    rng = np.random.default_rng(0)
-    z = rng.normal(0, 2, (6, 4)).astype(np.float64)
-    y = (rng.random((6, 4)) < 0.4).astype(np.float32)
-    _, grad = loss(z, y)
-    eps = 1e-5
-    numeric = np.zeros_like(z)
-    for i in np.ndindex(z.shape):
-        hi, lo = z.copy(), z.copy()
-        hi[i] += eps
-        lo[i] -= eps
-        numeric[i] = (loss(hi, y)[0] - loss(lo, y)[0]) / (2 * eps)
-    np.testing.assert_allclose(grad, numeric, atol=2e-5, rtol=1e-3)
-    if settings.get("asl_gamma_neg") == 0.0 and settings["loss"] == "asl":
-        bce_value, bce_grad = HeadLoss.of({})(z.astype(np.float32), y)
-        assert abs(loss(z, y)[0] - bce_value) < 1e-5
-        np.testing.assert_allclose(grad, bce_grad, atol=1e-6)
 
 
 def test_quantized_backbone_features_are_kept_per_image_content_and_a_damaged_memo_is_recomputed(
@@ -619,98 +469,10 @@ def test_quantized_backbone_features_are_kept_per_image_content_and_a_damaged_me
     np.testing.assert_allclose(again, direct, atol=1e-6)
 
 
-@pytest.mark.parametrize("hidden,kind", [(0, "bce"), (5, "bce"), (5, "asl")])
-def test_side_by_side_fold_heads_step_as_each_head_alone_on_its_own_rows(hidden, kind):
-    """FoldHeads (calibrate's k refits in one pass): head f's logits are NumpyHead's with head f's weights,
-    and its gradient is the one NumpyHead.backward gives on head f's own rows alone."""
-    from mltag.head.fit import FoldHeads, HeadLoss, fold_gradient
-
-    rng = np.random.default_rng(4)
-    k, x = 3, rng.normal(size=(20, 7)).astype(np.float32)
-    y = (rng.random((20, 4)) < 0.4).astype(np.float32)
-    folds = np.arange(20) % k
-    heads = FoldHeads(7, 4, hidden, k, rng)
-    heads.weights = [w + rng.normal(scale=0.1, size=w.shape).astype(np.float32) for w in heads.weights]
-    loss = HeadLoss.of({"loss": kind, "asl_gamma_neg": 4.0, "asl_clip": 0.05, "label_smoothing": 0.1})
-    z, acts = heads.logits(x)
-    own = folds[:, None] != np.arange(k)
-    grads = [np.zeros_like(w) for w in heads.weights]
-    heads.backward(acts, fold_gradient(loss, z, y, own), 0.0, grads)
-    units = hidden or 4
-    for f in range(k):
-        head = heads.head(f)
-        zf, af = head.logits(x)
-        np.testing.assert_allclose(z[:, f], zf, atol=1e-5)
-        mine = folds != f
-        zf, af = head.logits(x[mine])
-        alone = [np.zeros_like(w) for w in head.weights]
-        head.backward(af, loss(zf, y[mine])[1], 0.0, alone)
-        cols = slice(f * units, (f + 1) * units)
-        side = [grads[0][:, cols], grads[1][cols]] + ([grads[2][f], grads[3][f]] if hidden else [])
-        for a, b in zip(side, alone):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_a_fold_head_never_learns_from_its_own_fold():
-    """Whatever fold 0's rows hold, head 0 comes out bit-identical (dropout and a hidden layer on);
-    the other heads, which learn from them, do not."""
-    from mltag.head.fit import HeadLoss, fit_fold_heads
-
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(90, 6)).astype(np.float32)
-    y = (x[:, :3] > 0).astype(np.float32)
-    folds = rng.integers(0, 3, 90)
-    kw = dict(learning_rate=0.01, epochs=5, batch_size=8, hidden_units=4, dropout=0.2, seed=3,
-              loss=HeadLoss.of({}))
-    first = fit_fold_heads(x, y, folds, 3, **kw)
-    x2, y2 = x.copy(), y.copy()
-    x2[folds == 0] = rng.normal(size=x2[folds == 0].shape) * 5
-    y2[folds == 0] = 1 - y2[folds == 0]
-    second = fit_fold_heads(x2, y2, folds, 3, **kw)
-    assert all(np.array_equal(a, b) for a, b in zip(first[0].weights, second[0].weights))
-    assert not np.array_equal(first[1].weights[0], second[1].weights[0])
-    # and they learn: each head ranks its own held-out fold well
-    from mltag import metrics as M
-
-    long = fit_fold_heads(x, y, folds, 3, **{**kw, "epochs": 60})
-    for f, head in enumerate(long):
-        assert np.nanmean(M.average_precisions(y[folds == f], head.predict(x[folds == f]))) > 0.9
 
 
-@pytest.mark.parametrize("hidden,dropout", [(0, 0.0), (0, 0.3), (6, 0.0), (6, 0.3)])
-def test_the_head_backward_pass_is_the_gradient_of_its_loss(hidden, dropout):
-    """NumpyHead.backward against central differences of the loss, with the same dropout masks
-    (a copy of the generator draws them again), through the hidden layer's ReLU and dropout."""
-    import copy
-
-    from mltag.head.fit import HeadLoss, NumpyHead
-
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(9, 7)).astype(np.float64)
-    y = (rng.random((9, 3)) < 0.4).astype(np.float64)
-    head = NumpyHead(7, 3, hidden, rng)
-    head.weights = [w.astype(np.float64) for w in head.weights]
-    masks = np.random.default_rng(11)
-    loss = HeadLoss.of({})
-
-    def value():
-        z, _ = head.logits(x, dropout, copy.deepcopy(masks))
-        return loss(z.astype(np.float64), y)[0]
-
-    z, acts = head.logits(x, dropout, copy.deepcopy(masks))
-    _, g = loss(z.astype(np.float64), y)
-    grads = [np.zeros_like(w) for w in head.weights]
-    head.backward(acts, g.astype(np.float64), dropout, grads)
-    eps = 1e-6
-    for w, gw in zip(head.weights, grads):
-        for idx in list(np.ndindex(w.shape))[:12]:
-            keep = w[idx]
-            w[idx] = keep + eps
-            up = value()
-            w[idx] = keep - eps
-            down = value()
-            w[idx] = keep
-            assert gw[idx] == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-7), (idx, hidden, dropout)
 
 
 def test_the_tracking_helper_logs_what_the_step_sends_and_reports_its_errors(tmp_path, mlflow_store, monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import subprocess
 import sys
 import textwrap
@@ -13,22 +12,20 @@ import pytest
 from PIL import Image
 
 from mltag.backbones import builtin as bb
-from mltag.backbones.weights import load_legacy_state_dict
 from mltag.errors import MltagError
 
 
 @pytest.fixture(scope="module")
+import pickle
+import pytest
+from mltag.backbones import builtin as bb
+from mltag.backbones.weights import load_legacy_state_dict
+from mltag.errors import MltagError
+
 def built():
     return Path(bb.resolve("builtin:efficientnet_lite0").location)  # built once per test session (conftest)
 
 
-def test_state_dict_layout():
-    state = bb.load_state("efficientnet_lite0")
-    assert len(state) == 296
-    assert state["_conv_stem.weight"].shape == (32, 3, 3, 3)
-    assert state["_fc.weight"].shape == (1000, 1280)
-    assert sum(1 for k in state if k.endswith("_depthwise_conv.weight")) == 16
-    assert len(bb.lite_blocks("efficientnet_lite0")) == 16
 
 
 @pytest.mark.slow
@@ -57,16 +54,6 @@ def test_imagenet_top5_on_real_photos(name, built, tmp_path):
     assert top5[0] == "espresso"
 
 
-def test_larger_variants_scale_width_and_depth_but_not_stem_or_head():
-    b0, b1, b2 = (bb.lite_blocks(n) for n in bb.BUILTIN_SPECS)
-    assert (len(b0), len(b1), len(b2)) == (16, 21, 21)
-    # Lite2 widens every stage by 1.1 (rounded to 8): 16->16, 24->24, 40->48, 80->88, 112->120, 192->208, 320->352.
-    assert sorted({b[4] for b in b2}) == [16, 24, 48, 88, 120, 208, 352]
-    assert b0[0][3] == b1[0][3] == b2[0][3] == 32  # the stem stays at 32 channels
-    for name in bb.BUILTIN_SPECS:
-        state = bb.load_state(name)
-        assert state["_conv_head.weight"].shape[0] == 1280
-        assert sum(1 for k in state if k.endswith("_depthwise_conv.weight")) == len(bb.lite_blocks(name))
 
 
 def _imagenet_top5(state: dict, final: np.ndarray) -> list[str]:
@@ -107,12 +94,6 @@ def test_multiscale_builtin_averages_two_scales_and_pools_two_middle_stages():
         assert wanted & set(_imagenet_top5(state, feats[:, :1280])), photo
 
 
-def test_fine_tune_refuses_a_multiscale_builtin_and_names_the_single_scale_one():
-    from mltag.steps.finetune import builtin_name
-
-    assert builtin_name("builtin:efficientnet_lite2") == "efficientnet_lite2"
-    with pytest.raises(MltagError, match=r"two scales; set backbone.handle: builtin:efficientnet_lite2 "):
-        builtin_name("builtin:efficientnet_lite2_ms")
 
 
 @pytest.mark.slow
@@ -146,37 +127,10 @@ def test_resolver_kinds(tmp_path, built, fake_backbone):
         bb.resolve("builtin:efficientnet_lite0", tmp_path / "cache", build=False)
 
 
-def test_unreachable_url_says_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "hubcache"))
-    # 127.0.0.1:9 refuses connections at once, like an offline machine.
-    with pytest.raises(MltagError, match="offline"):
-        bb.resolve("http://127.0.0.1:9/google/imagenet/mobilenet_v2_100_224/feature_vector/5")
 
 
-class Evil:
-    def __reduce__(self):
-        return (print, ("pwned",))
 
 
-def test_restricted_unpickler_refuses_code(tmp_path):
-    f = tmp_path / "evil.pth"
-    with open(f, "wb") as fh:
-        pickle.dump(0x1950A86A20F9469CFC6C, fh)
-        pickle.dump(1001, fh)
-        pickle.dump({}, fh)
-        pickle.dump(Evil(), fh)
-    with pytest.raises(MltagError, match="refusing to load builtins.print"):
-        load_legacy_state_dict(f)
-    # the very first pickle (where the magic number belongs) is read by the restricted unpickler too
-    first = tmp_path / "evil-first.pth"
-    with open(first, "wb") as fh:
-        pickle.dump(Evil(), fh)
-    with pytest.raises(MltagError, match="refusing to load builtins.print"):
-        load_legacy_state_dict(first)
-    g = tmp_path / "junk.pth"
-    g.write_bytes(b"not a pickle")
-    with pytest.raises(MltagError, match="not a legacy torch state dict"):
-        load_legacy_state_dict(g)
 
 
 @pytest.mark.slow
@@ -215,13 +169,8 @@ def test_two_projects_at_once_build_a_backbone_once_in_the_per_user_cache(tmp_pa
     assert not [x for x in cache.rglob(".*") if x.name.endswith(".tmp")], "no temp leftovers"
 
 
-def test_the_backbone_cache_follows_the_setting_then_the_environment_then_xdg(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLTAG_BACKBONE_CACHE", str(tmp_path / "env"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert bb.cache_root(tmp_path / "mine") == tmp_path / "mine"
-    assert bb.cache_root("") == tmp_path / "env"
-    monkeypatch.delenv("MLTAG_BACKBONE_CACHE")
-    assert bb.cache_root("") == tmp_path / "xdg" / "mltag" / "backbones"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert bb.cache_root(None) == tmp_path / "home" / ".cache" / "mltag" / "backbones"
+def test_unreachable_url_says_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "hubcache"))
+    # 127.0.0.1:9 refuses connections at once, like an offline machine.
+    with pytest.raises(MltagError, match="offline"):
+        bb.resolve("http://127.0.0.1:9/google/imagenet/mobilenet_v2_100_224/feature_vector/5")

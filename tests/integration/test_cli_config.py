@@ -1,0 +1,53 @@
+"""The config through real processes: flags over params.yaml, and the wheel installed elsewhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+
+
+def test_flags_override_params_and_the_resolved_config_is_saved_with_the_output(tmp_path, colour_dataset):
+    (tmp_path / "params.yaml").write_text(f"prepare:\n  input: {colour_dataset}\n  salt: from-file\n")
+    run_cli("prepare", "--out", str(tmp_path / "p"), "--val-fraction", "0.2", "--prepare.test_fraction", "0.25",
+            cwd=tmp_path)
+    saved = json.loads((tmp_path / "p" / "dataset.json").read_text())["config"]["prepare"]
+    assert (saved["val_fraction"], saved["test_fraction"], saved["salt"]) == (0.2, 0.25, "from-file")
+    p = run_cli("prepare", "--out", str(tmp_path / "q"), "--val-fraction", "lots", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "prepare.val_fraction: must be a number, got 'lots'" in p.stderr
+
+
+@pytest.mark.slow
+def test_wheel_installs_without_generic_packages_and_compiles_from_anywhere(tmp_path):
+    """pip install . ships mltag only, and `mltag pipeline compile --params` needs no checkout."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+                    str(REPO)], check=True, capture_output=True)
+    wheel = next(wheels.glob("mltag-*.whl"))
+    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith((".dist-info", ".data"))} == {"mltag"}
+    target = tmp_path / "target"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    (tmp_path / "my-params.yaml").write_text("train:\n  epochs: 7\nbottleneck:\n  num_shards: 3\n")
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    code = ("import sys, mltag; assert mltag.__file__.startswith(sys.argv[1]), mltag.__file__;"
+            "from mltag.cli import main; sys.exit(main(sys.argv[2:]))")
+    p = subprocess.run([sys.executable, "-c", code, str(target), "pipeline", "compile", "--params",
+                        str(tmp_path / "my-params.yaml"), "--out", "compiled.yaml"], cwd=work, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    spec, _ = yaml.safe_load_all((work / "compiled.yaml").read_text())
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["train"]["defaultValue"]["epochs"] == 7 and inputs["bottleneck"]["defaultValue"]["num_shards"] == 3
+    assert not (target / "pipeline").exists() and not (target / "components").exists()
+    assert Path(work / "compiled.yaml").is_file()
