@@ -16,12 +16,6 @@ from mltag.errors import MltagError
 
 
 @pytest.fixture(scope="module")
-import pickle
-import pytest
-from mltag.backbones import builtin as bb
-from mltag.backbones.weights import load_legacy_state_dict
-from mltag.errors import MltagError
-
 def built():
     return Path(bb.resolve("builtin:efficientnet_lite0").location)  # built once per test session (conftest)
 
