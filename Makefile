@@ -30,7 +30,7 @@ test: install
 	$(BIN)/ruff check src components pipeline tests benchmarks
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/mkdocs build --strict --quiet
-	$(BIN)/pytest -q -ra tests
+	$(BIN)/pytest -q -ra -n 2 --dist loadfile tests
 
 # The unit tier alone: under a minute.
 test-fast: install

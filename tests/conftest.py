@@ -24,14 +24,16 @@ def pytest_configure(config):
     every process they start (not the real ~/.cache, which a test run must not depend on or fill)."""
     import tempfile
 
-    os.environ["MLTAG_BACKBONE_CACHE"] = tempfile.mkdtemp(prefix="mltag-test-backbones-")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # a worker (pytest -n) shares its controller's cache
+        os.environ["MLTAG_BACKBONE_CACHE"] = tempfile.mkdtemp(prefix="mltag-test-backbones-")
     os.environ.pop("XDG_CACHE_HOME", None)
 
 
 def pytest_unconfigure(config):
     import shutil
 
-    shutil.rmtree(os.environ.get("MLTAG_BACKBONE_CACHE", "/nonexistent"), ignore_errors=True)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(os.environ.get("MLTAG_BACKBONE_CACHE", "/nonexistent"), ignore_errors=True)
 
 
 REPO = Path(__file__).resolve().parents[1]
