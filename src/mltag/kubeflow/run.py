@@ -169,6 +169,7 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
     Returns:
         ``(pipeline outputs, [(task, status, seconds, computed|cached), ...])``.
     """
+    import builtins
     import logging
     import sys
     import warnings
@@ -201,6 +202,7 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
         for message, category in LOCAL_NOISE:
             warnings.filterwarnings("ignore", message=message, category=category)
         old_stdout, sys.stdout = sys.stdout, lines
+        old_print = builtins.print  # kfp.local swaps print while a task runs, and can leave it swapped
         root_logger.addHandler(hit)
         root_logger.setLevel(min(level or logging.WARNING, logging.INFO))
         # The URI (it may hold a password) reaches the local tasks through their environment: a pipeline
@@ -215,7 +217,7 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
             raise MltagError(f"the local pipeline run failed: {tracking.scrub(str(e), uri)}"
                              + ("" if verbose else " (the task's log is above; -v shows every task's)")) from None
         finally:
-            sys.stdout = old_stdout
+            sys.stdout, builtins.print = old_stdout, old_print
             root_logger.removeHandler(hit)
             root_logger.setLevel(level)
             if old_uri is None:
