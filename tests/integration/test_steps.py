@@ -189,10 +189,13 @@ def test_predict_cli_local_folder(tmp_path, colour_dataset, fake_backbone, mlflo
 
 
 @pytest.mark.slow
-def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+def test_register_gate_refuses_worse_and_accepts_better(tmp_path, fake_backbone, mlflow_store):
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    # 240 images: a test split of about 36, enough for the paired gate to be sure of a real difference
+    colour_dataset = tmp_path / "colours"
+    write_lst_dataset(colour_dataset, make_colour_dataset(colour_dataset, n=240))
     # A weak champion first (tiny learning rate, few epochs), then a strong challenger.
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=1), progress=False)
@@ -211,7 +214,7 @@ def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset
     assert strong["champion_test_map"] == pytest.approx(weak["challenger_test_map"], abs=1e-6)
     worse = cycle("worse", 1e-4, 2)
     assert not worse["promoted"]
-    assert "does not beat" in worse["reason"] or "drops" in worse["reason"]
+    assert "not better with 95% confidence" in worse["reason"] or "worse by more than" in worse["reason"]
     assert str(client.get_model_version_by_alias("gate", "champion").version) == str(strong["version"])
     assert str(client.get_model_version_by_alias("gate", "challenger").version) == str(worse["version"])
     tags = client.get_model_version("gate", str(worse["version"])).tags
@@ -244,7 +247,9 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
     second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json", **sections("register", model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05), bottlenecks=tmp_path / "bn")
     assert (second["scored_from"], second["champion_scored_from"]) == ("cached vectors", "cached vectors")
     assert not second["promoted"]
-    assert second["reason"].startswith("label 'blue' AP drops")
+    assert second["reason"].startswith("label 'blue' AP -") and \
+        "worse by more than max_label_ap_drop 0.05 with 95% confidence" in second["reason"], second["reason"]
+    assert second["comparison"]["d_ap"]["blue"][2] < -0.05
     from mlflow import MlflowClient
 
     assert str(MlflowClient().get_model_version_by_alias("onelabel", "champion").version) == str(first["version"])
@@ -536,3 +541,18 @@ def test_another_label_set_registers_under_its_own_name_and_a_shared_name_is_ref
                                          r"different label set is a different model. Set register.model_name"):
         run_all(tmp_path / "c", other, fake_backbone, name="mltag-colours")
     assert len(MlflowClient().search_model_versions("name='mltag-colours'")) == 1
+
+
+def test_a_retrain_that_changes_only_the_seed_is_not_promoted(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    """The same data and recipe with another seed differs by noise only: the paired gate keeps the champion,
+    and says so with the difference and its interval."""
+    *_, first = run_all(tmp_path, colour_dataset, fake_backbone, name="seeds")
+    assert first["promoted"]
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150, patience=30, seed=7), progress=False)
+    evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev2.json", **sections("evaluate", bootstrap=0))
+    calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th2.json", tmp_path / "ca2.json", **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False)
+    second = register(tmp_path / "model", tmp_path / "th2.json", tmp_path / "prepared", tmp_path / "rg2.json", **sections("register", model_name="seeds", tflite=False), bottlenecks=tmp_path / "bn")
+    assert not second["promoted"], second["reason"]
+    assert "not better with 95% confidence" in second["reason"] and second["reason"].startswith("ΔmAP ")
+    d = second["comparison"]["d_map"]
+    assert d[1] <= 0.0 <= d[2] or d[1] <= 0.0
