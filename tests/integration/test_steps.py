@@ -30,6 +30,7 @@ def run_all(tmp, dataset, backbone, lr=0.05, name="colours", **reg):
     ev = evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "metrics" / "evaluate.json", **sections("evaluate", bootstrap=50))
     ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json", **sections("calibrate"), bottlenecks=tmp / "bn", progress=False)
     reg.setdefault("bottlenecks", tmp / "bn")  # as dvc.yaml runs it: the test split scored from the cached vectors
+    reg.setdefault("card", tmp / "reports" / "model_card.md")
     rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "metrics" / "register.json", **sections("register", model_name=name, int8="full"), **reg)
     return bn, tr, ev, ca, rg
 
@@ -556,3 +557,44 @@ def test_a_retrain_that_changes_only_the_seed_is_not_promoted(tmp_path, colour_d
     assert "not better with 95% confidence" in second["reason"] and second["reason"].startswith("ΔmAP ")
     d = second["comparison"]["d_map"]
     assert d[1] <= 0.0 <= d[2] or d[1] <= 0.0
+
+
+def test_every_version_gets_a_model_card_with_every_section_in_markdown_and_html(tmp_path, colour_dataset,
+                                                                                  fake_backbone, mlflow_store):
+    from html.parser import HTMLParser
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    *_, rg = run_all(tmp_path, colour_dataset, fake_backbone, name="carded")
+    md = (tmp_path / "reports" / "model_card.md").read_text()
+    sections = ["Model", "Intended use", "Data", "Training recipe", "Test metrics", "How it decides", "LiteRT and int8",
+                "Promotion", "Label review", "Known limits"]
+    assert [ln[3:] for ln in md.splitlines() if ln.startswith("## ")] == sections
+    assert f"Registered model `carded`, version {rg['version']}" in md and "| red |" in md
+    assert "Promoted to champion: no champion yet" in md and "mAP " in md and "[" in md
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.h2, self.tags = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in ("meta", "br", "img", "hr", "link"):  # void elements have no end tag
+                self.tags.append(tag)
+
+        def handle_data(self, data):
+            if self.tags and self.tags[-1] == "h2":
+                self.h2.append(data)
+
+        def handle_endtag(self, tag):
+            assert self.tags.pop() == tag
+
+    page = Collect()
+    page.feed((tmp_path / "reports" / "model_card.html").read_text())
+    assert page.h2 == sections and page.tags == []  # every tag closed
+    run = rg["run_id"]
+    logged = {a.path for a in MlflowClient().list_artifacts(run, "model_card")}
+    assert logged == {"model_card/model_card.md", "model_card/model_card.html"}
+    assert mlflow.artifacts.load_text(f"runs:/{run}/model_card/model_card.md") == md
+    assert MlflowClient().get_model_version("carded", str(rg["version"])).description.startswith("Promoted: no champion")

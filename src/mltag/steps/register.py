@@ -598,8 +598,10 @@ def _check_recorded_digest(client, model_dir: Path, digest: str) -> None:
 def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepared: str | os.PathLike,
              out: str | os.PathLike, *, register: config.Register, tracking: config.Tracking,
              images: str | os.PathLike | None = None, tracking_uri: str | None = None, run_id: str | None = None,
-             config: dict | None = None, bottlenecks: str | os.PathLike | None = None) -> dict:
-    """Log, register and (maybe) promote the model; write the decision to ``out``.
+             config: dict | None = None, bottlenecks: str | os.PathLike | None = None,
+             card: str | os.PathLike | None = None) -> dict:
+    """Log, register and (maybe) promote the model; write the decision to ``out``, and the version's model
+    card (logged with its run) to ``card`` (Markdown, and HTML beside it) when given.
 
     With ``bottlenecks`` (the folder the model was trained on), a model that uses its backbone
     as it is (head mode) is scored on the test split from the cached vectors, as evaluate
@@ -680,6 +682,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                     result["tflite"] = parity
                 result.update({"version": int(mv), "promoted": promote, "reason": reason,
                                "aliases": ["challenger", "champion"] if promote else ["challenger"]})
+                _model_card(client, result, meta, prepared, labels, y_test, chall_scores, thresholds,
+                            parity if tflite else None, register, card)
         finally:
             checked.join()  # never remove the scratch folder under the thread's feet
             shutil.rmtree(tmp, ignore_errors=True)
@@ -716,6 +720,34 @@ def _signature(bundle: Path, test_images: list[Path]):
     py = MltagPyfunc()
     py.model = InferenceModel(bundle)
     return infer_signature(example, py.predict(None, example), params={"tta": "none"}), example
+
+
+def _model_card(client, result: dict, meta: dict, prepared, labels: list[str], y_test: np.ndarray,
+                scores: np.ndarray, thresholds: Path, parity: dict | None, register: config.Register, card) -> None:
+    """The version's model card: logged with its run (``model_card/``), its decision as the version's
+    description, and written to ``card`` when given."""
+    import mlflow
+
+    from mltag.data.formats import read_handoff
+    from mltag.registry.card import card_sections, to_html, to_markdown, write_card
+
+    splits = {s: load_prepared(prepared, s)[1] for s in ("train", "val", "test")}
+    counts = {lb: {s: int(sum(ex.flags[j] for ex in exs)) for s, exs in splits.items()} for j, lb in enumerate(labels)}
+    sections = card_sections(
+        model_name=result["model_name"], version=result["version"], run_id=result.get("run_id"),
+        content_hash=result["content_hash"], meta=meta,
+        dataset=read_handoff(Path(prepared) / "dataset.json", "dataset.json", "prepare"),
+        split_sizes={s: len(exs) for s, exs in splits.items()}, label_counts=counts, labels=labels, y_test=y_test,
+        scores=scores, thresholds=read_thresholds(thresholds, labels), parity=parity, decision=result,
+        bootstrap=register.bootstrap)
+    title = f"Model card: {result['model_name']} version {result['version']}"
+    mlflow.log_text(to_markdown(title, sections), "model_card/model_card.md")
+    mlflow.log_text(to_html(title, sections), "model_card/model_card.html")
+    client.update_model_version(result["model_name"], str(result["version"]),
+                                description=f"{'Promoted' if result['promoted'] else 'Kept'}: {result['reason']}. "
+                                            "Model card: the run's model_card/model_card.md")
+    if card:
+        write_card(card, title, sections)
 
 
 def _decide(client, register: config.Register, champ, existing, chall: tuple, y_test: np.ndarray,
