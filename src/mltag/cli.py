@@ -30,7 +30,7 @@ STEP_PATHS = {
                   ("--oof", "reports/calibrate/oof_scores.npz")],
     "register": [("--model", "models/train"), ("--thresholds", "models/thresholds.json"),
                  ("--prepared", "data/prepared"), ("--out", "metrics/register.json"), ("--images", None),
-                 ("--bottlenecks", None)],
+                 ("--bottlenecks", None), ("--card", "reports/model_card.md")],
     "review": [("--oof", "reports/calibrate/oof_scores.npz"), ("--prepared", "data/prepared"), ("--model", "models/train"),
                ("--out", "reports/review"), ("--metrics", "metrics/review.json"), ("--images", None)],
 }
@@ -442,6 +442,7 @@ def _run_step(step: str, args, progress: bool) -> int:
 
 # The path flags handed to each step function under the same keyword.
 _TAKES = {"out": tuple(STEP_PATHS), "prepared": ("bottleneck", "register", "review"), "oof": ("review",),
+          "card": ("register",),
           "bottlenecks": ("train", "evaluate", "calibrate", "register"), "metrics": ("bottleneck",),
           "evaluation": ("calibrate",), "thresholds": ("register",)}
 

@@ -201,6 +201,12 @@ class Tracking(Section):
 class Register(Section):
     model_name: str = opt("", "registered model name; empty: mltag-<the dataset's folder name> (mltag-demo for the "
                           "demo), so that datasets with other labels never share a model")
+    gate: Literal["paired", "point"] = opt(
+        "paired", "how the challenger is compared with the champion on the same test images: paired (a paired "
+        "bootstrap: promote only when better with register.confidence) or point (the two mAPs as numbers)")
+    confidence: float = opt(0.95, "gate paired: how sure the challenger must be better (and a label worse by more "
+                            "than max_label_ap_drop, to refuse it)", ge=0.5, lt=1)
+    bootstrap: int = opt(1000, "gate paired: resamples of the test images", ge=100)
     margin: float = opt(0.0, "the challenger's test mAP must beat the champion's by more than this")
     max_label_ap_drop: float = opt(0.05, "largest per-label AP drop allowed against the champion", ge=0)
     tflite: bool = opt(True, "also register model.tflite, and a quantized model_int8.tflite when it keeps the "

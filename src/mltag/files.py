@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import hashlib
 import json
 import logging
@@ -115,15 +116,54 @@ def locked(lock_path: str | os.PathLike, what: str, timeout: float = -1):
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
 
+# A folder holding one of these is an output mltag wrote (prepare, bottleneck, train, evaluate, review, a
+# built backbone), which a new run may replace; any other folder is the user's and is never replaced.
+OUTPUT_MARKERS = ("dataset.json", "bottleneck.json", "model.json", "scores.npz", "label_issues.csv", "saved_model.pb")
+
+
+def replaceable(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Path:
+    """The path an output is written to: ``dest``, or the file a symlink points to (written through).
+
+    Refused with the reason, before any work: a device, pipe or socket; a folder that is not empty and
+    holds no mltag output (``OUTPUT_MARKERS``, or only entries matching the ``also`` patterns), such as a
+    dataset given as ``--out``. A file output over a folder (or the reverse) is refused at the swap.
+    """
+    import stat
+
+    dest = Path(dest)
+    if dest.is_symlink():
+        dest = Path(os.path.realpath(dest))
+    try:
+        mode = dest.stat().st_mode
+    except FileNotFoundError:
+        return dest
+    except OSError as e:
+        raise MltagError(f"cannot write here: {e.strerror or e}", dest) from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file"
+        raise MltagError(f"is {kind}: an output must be a file or a folder path (nothing was written)", dest)
+    if stat.S_ISDIR(mode):
+        entries = [e.name for e in os.scandir(dest)]
+        ours = any(m in entries for m in OUTPUT_MARKERS) or (
+            also and all(any(fnmatch.fnmatch(e, pat) for pat in also) for e in entries))
+        if entries and not ours:
+            shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise MltagError(f"is a folder that mltag did not write ({len(entries)} entries: {shown}); an output "
+                             "replaces its path whole, so give a new or empty folder (nothing was touched)", dest)
+    return dest
+
+
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; move it into place only on success.
 
     Works for files and directories: a reader never sees a half-written ``dest``. The swap
     holds a lock per ``dest``, so two runs writing the same output one after the other
-    leave one complete output, and it removes stale leftovers of killed runs.
+    leave one complete output, and it removes stale leftovers of killed runs. What ``dest`` may
+    replace is ``replaceable``'s rule: never the user's folder, a device or a pipe.
     """
-    dest = Path(dest)
+    dest = replaceable(dest, also)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent))
@@ -141,6 +181,10 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
                                  "the previous output is untouched", dest) from None
             raise
         with locked(lock_file_for(dest), str(dest)):
+            if dest.is_dir() != target.is_dir() and dest.exists():
+                kind = "a folder" if dest.is_dir() else "a file"
+                raise MltagError(f"is {kind}, and this output is {'a folder' if target.is_dir() else 'a file'}: "
+                                 "give another path (nothing was replaced)", dest)
             if dest.is_dir() and not dest.is_symlink():
                 old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
                 os.replace(dest, old)

@@ -30,6 +30,7 @@ def run_all(tmp, dataset, backbone, lr=0.05, name="colours", **reg):
     ev = evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "metrics" / "evaluate.json", **sections("evaluate", bootstrap=50))
     ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json", **sections("calibrate"), bottlenecks=tmp / "bn", progress=False)
     reg.setdefault("bottlenecks", tmp / "bn")  # as dvc.yaml runs it: the test split scored from the cached vectors
+    reg.setdefault("card", tmp / "reports" / "model_card.md")
     rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "metrics" / "register.json", **sections("register", model_name=name, int8="full"), **reg)
     return bn, tr, ev, ca, rg
 
@@ -189,10 +190,13 @@ def test_predict_cli_local_folder(tmp_path, colour_dataset, fake_backbone, mlflo
 
 
 @pytest.mark.slow
-def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+def test_register_gate_refuses_worse_and_accepts_better(tmp_path, fake_backbone, mlflow_store):
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    # 240 images: a test split of about 36, enough for the paired gate to be sure of a real difference
+    colour_dataset = tmp_path / "colours"
+    write_lst_dataset(colour_dataset, make_colour_dataset(colour_dataset, n=240))
     # A weak champion first (tiny learning rate, few epochs), then a strong challenger.
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=1), progress=False)
@@ -211,7 +215,7 @@ def test_register_gate_refuses_worse_and_accepts_better(tmp_path, colour_dataset
     assert strong["champion_test_map"] == pytest.approx(weak["challenger_test_map"], abs=1e-6)
     worse = cycle("worse", 1e-4, 2)
     assert not worse["promoted"]
-    assert "does not beat" in worse["reason"] or "drops" in worse["reason"]
+    assert "not better with 95% confidence" in worse["reason"] or "worse by more than" in worse["reason"]
     assert str(client.get_model_version_by_alias("gate", "champion").version) == str(strong["version"])
     assert str(client.get_model_version_by_alias("gate", "challenger").version) == str(worse["version"])
     tags = client.get_model_version("gate", str(worse["version"])).tags
@@ -244,7 +248,9 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
     second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json", **sections("register", model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05), bottlenecks=tmp_path / "bn")
     assert (second["scored_from"], second["champion_scored_from"]) == ("cached vectors", "cached vectors")
     assert not second["promoted"]
-    assert second["reason"].startswith("label 'blue' AP drops")
+    assert second["reason"].startswith("label 'blue' AP -") and \
+        "worse by more than max_label_ap_drop 0.05 with 95% confidence" in second["reason"], second["reason"]
+    assert second["comparison"]["d_ap"]["blue"][2] < -0.05
     from mlflow import MlflowClient
 
     assert str(MlflowClient().get_model_version_by_alias("onelabel", "champion").version) == str(first["version"])
@@ -536,3 +542,59 @@ def test_another_label_set_registers_under_its_own_name_and_a_shared_name_is_ref
                                          r"different label set is a different model. Set register.model_name"):
         run_all(tmp_path / "c", other, fake_backbone, name="mltag-colours")
     assert len(MlflowClient().search_model_versions("name='mltag-colours'")) == 1
+
+
+def test_a_retrain_that_changes_only_the_seed_is_not_promoted(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    """The same data and recipe with another seed differs by noise only: the paired gate keeps the champion,
+    and says so with the difference and its interval."""
+    *_, first = run_all(tmp_path, colour_dataset, fake_backbone, name="seeds")
+    assert first["promoted"]
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150, patience=30, seed=7), progress=False)
+    evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev2.json", **sections("evaluate", bootstrap=0))
+    calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th2.json", tmp_path / "ca2.json", **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False)
+    second = register(tmp_path / "model", tmp_path / "th2.json", tmp_path / "prepared", tmp_path / "rg2.json", **sections("register", model_name="seeds", tflite=False), bottlenecks=tmp_path / "bn")
+    assert not second["promoted"], second["reason"]
+    assert "not better with 95% confidence" in second["reason"] and second["reason"].startswith("ΔmAP ")
+    d = second["comparison"]["d_map"]
+    assert d[1] <= 0.0 <= d[2] or d[1] <= 0.0
+
+
+def test_every_version_gets_a_model_card_with_every_section_in_markdown_and_html(tmp_path, colour_dataset,
+                                                                                  fake_backbone, mlflow_store):
+    from html.parser import HTMLParser
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    *_, rg = run_all(tmp_path, colour_dataset, fake_backbone, name="carded")
+    md = (tmp_path / "reports" / "model_card.md").read_text()
+    sections = ["Model", "Intended use", "Data", "Training recipe", "Test metrics", "How it decides", "LiteRT and int8",
+                "Promotion", "Label review", "Known limits"]
+    assert [ln[3:] for ln in md.splitlines() if ln.startswith("## ")] == sections
+    assert f"Registered model `carded`, version {rg['version']}" in md and "| red |" in md
+    assert "Promoted to champion: no champion yet" in md and "mAP " in md and "[" in md
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.h2, self.tags = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in ("meta", "br", "img", "hr", "link"):  # void elements have no end tag
+                self.tags.append(tag)
+
+        def handle_data(self, data):
+            if self.tags and self.tags[-1] == "h2":
+                self.h2.append(data)
+
+        def handle_endtag(self, tag):
+            assert self.tags.pop() == tag
+
+    page = Collect()
+    page.feed((tmp_path / "reports" / "model_card.html").read_text())
+    assert page.h2 == sections and page.tags == []  # every tag closed
+    run = rg["run_id"]
+    logged = {a.path for a in MlflowClient().list_artifacts(run, "model_card")}
+    assert logged == {"model_card/model_card.md", "model_card/model_card.html"}
+    assert mlflow.artifacts.load_text(f"runs:/{run}/model_card/model_card.md") == md
+    assert MlflowClient().get_model_version("carded", str(rg["version"])).description.startswith("Promoted: no champion")

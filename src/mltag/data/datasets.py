@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from mltag import config
-from mltag.data.formats import Example, read_labels, read_lst
+from mltag.data.formats import Example, check_label_name, read_labels, read_lst
 from mltag.data.images import IMAGE_EXTENSIONS
 from mltag.errors import MltagError
 from mltag.files import csv_rows, read_user_text
@@ -346,4 +346,7 @@ def read_dataset(src: str | os.PathLike, fmt: str) -> Dataset:
         raise MltagError(f"unknown format {fmt!r}; choose from auto, {', '.join(FORMATS)}")
     if not src.exists():
         raise MltagError("input not found", src)
-    return READERS[fmt](src)
+    ds = READERS[fmt](src)
+    for name in ds.labels:  # a label file's names are checked line by line as it is read; these too
+        check_label_name(name, src)
+    return ds

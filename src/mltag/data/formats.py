@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,21 @@ SPLITS = ("train", "val", "test")
 
 
 # --------------------------------------------------------------------------- labels and .lst
+
+
+# A label name becomes a file name (a PR-curve CSV) and part of MLflow metric names: letters (any script),
+# digits, '_', '-', '.', ':' and spaces, starting with a letter or digit. MLflow refuses '<', '&', '"'...
+LABEL_NAME = re.compile(r"^\w[\w .:-]{0,199}$")
+
+
+def check_label_name(name: str, path=None, line: int | None = None) -> None:
+    """Refuse a label name that could become a path or that MLflow refuses, naming where it is and a fix."""
+    if LABEL_NAME.match(name) and not name.endswith((" ", ".")):
+        return
+    fix = re.sub(r"[^\w .:-]+", "_", name).strip("_ .:-")[:200] or "label"
+    raise MltagError(f"label name {name!r} cannot be used: a label becomes a file name and an MLflow metric "
+                     "name, so it holds only letters, digits, '_', '-', '.', ':' and spaces (at most 200), starting "
+                     f"with a letter or digit; rename it, for example to {fix!r}", path, line)
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
@@ -58,6 +74,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     for name, line in zip(names, lines):
         if not name:
             raise MltagError("empty label name", path, line)
+        check_label_name(name, path, line)
         if name in seen:
             raise MltagError(f"duplicate label {name!r} (first on line {seen[name]})", path, line)
         seen[name] = line
@@ -524,12 +541,22 @@ def read_thresholds(path: str | os.PathLike, labels: list[str] | None = None) ->
     if not isinstance(t, dict):
         raise MltagError("thresholds file is damaged (no 'thresholds' object); run calibrate again", path)
     for name, v in t.items():
-        if not isinstance(v, (int, float)) or not np.isfinite(v):
-            raise MltagError(f"thresholds file is damaged: label {name!r} has threshold {v!r}", path)
+        # a score is in [0, 1]: a threshold outside it silences (or always fires) its label
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise MltagError(f"thresholds file is damaged: label {name!r} has threshold {v!r} (a threshold is a "
+                             "number in [0, 1]); run calibrate again", path)
+    g = th.get("global_threshold", 0.5)
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
+        raise MltagError(f"thresholds file is damaged: global_threshold is {g!r} (a number in [0, 1]); run "
+                         "calibrate again", path)
     if labels is not None:
         unknown = sorted(set(t) - set(labels))
         if unknown:
             raise MltagError(f"thresholds name label(s) the model does not score: {', '.join(unknown)}", path)
+        missing = [n for n in labels if n not in t]
+        if missing:
+            raise MltagError(f"thresholds miss label(s) the model scores: {', '.join(missing)}; run calibrate "
+                             "again", path)
     return th
 
 

@@ -25,6 +25,9 @@ STEP_FUNCTIONS = {
 }
 
 
+OUTPUT_ARGS = ("out", "metrics", "metrics_file", "history_file", "oof_out", "card")
+
+
 def step_function(step: str) -> Callable:
     module, name = STEP_FUNCTIONS[step].split(":")
     return getattr(importlib.import_module(module), name)
@@ -38,6 +41,11 @@ def run_step(step: str, params: Params, **runtime):
     every section as ``recipe``: its MLflow run is the model's, and records the whole recipe.
     """
     fn = step_function(step)
+    from mltag.files import replaceable
+
+    for key in OUTPUT_ARGS:  # refused before any work, not after it (the write itself checks again)
+        if runtime.get(key):
+            replaceable(runtime[key])
     kwargs = {**step_sections(step, params), **runtime}
     accepted = inspect.signature(fn).parameters
     if "config" in accepted:

@@ -117,7 +117,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         (tmp / "report.html").write_text(
             error_report_html(y_te, s_te, np.full(len(labels), 0.5), labels, p_te, root, result, png),
             encoding="utf-8")
-    with atomic_path(plots or out / "pr") as tmp:
+    with atomic_path(plots or out / "pr", also=("*.csv",)) as tmp:  # a CSV per label
         tmp.mkdir(parents=True)
         for j, name in enumerate(labels):
             rows = ["precision,recall,threshold"]

@@ -292,11 +292,12 @@ def memo_features(backbone_file: Path, images: list[Path], hashes: list[str], im
     return np.stack([known[h] for h in hashes]).astype(np.float32)
 
 
-def _score_pyfunc(model, images: list[Path], labels: list[str]) -> np.ndarray:
+def _score_pyfunc(model, images: list[Path], labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A registered pyfunc's scores of ``images`` and the labels it chose (at its own thresholds), as 0/1."""
     import pandas as pd
 
     cols = [f"score_{lb}" for lb in labels]
-    out = []
+    out, chosen = [], []
     for at in range(0, len(images), MEMO_CHUNK):  # base64 of every test image at once grows with the data
         df = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images[at: at + MEMO_CHUNK]]})
         res = model.predict(df)
@@ -304,7 +305,9 @@ def _score_pyfunc(model, images: list[Path], labels: list[str]) -> np.ndarray:
         if missing:
             raise MltagError(f"champion does not score the same labels (missing {', '.join(missing)})")
         out.append(res[cols].to_numpy(np.float64))
-    return np.concatenate(out) if out else np.zeros((0, len(labels)))
+        chosen += [set(str(v).split(",")) if v else set() for v in res["labels"]]
+    pred = np.array([[lb in c for lb in labels] for c in chosen], dtype=int).reshape(len(chosen), len(labels))
+    return (np.concatenate(out) if out else np.zeros((0, len(labels)))), pred
 
 
 def model_hash(model_dir: Path, thresholds: Path) -> str:
@@ -380,10 +383,10 @@ def _cached_test_vectors(bottlenecks, meta: dict, test_paths: list[str]) -> np.n
 
 
 def _champion_head_scores(client, model_name: str, version, meta: dict, labels: list[str], cached: np.ndarray,
-                          scratch: Path) -> np.ndarray | None:
-    """The champion's scores from its own head on the cached test vectors, when it is a head-mode model on
-    the same backbone and size (the vectors are exactly what its backbone gives); else None. Only its
-    ``model.json`` and ``head.npz`` are downloaded."""
+                          scratch: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The champion's scores from its own head on the cached test vectors, and the labels it chooses at its
+    own thresholds, when it is a head-mode model on the same backbone and size (the vectors are exactly what
+    its backbone gives); else None. Only its ``model.json``, ``head.npz`` and thresholds are downloaded."""
     import mlflow
 
     from mltag.data.formats import read_handoff
@@ -393,7 +396,7 @@ def _champion_head_scores(client, model_name: str, version, meta: dict, labels: 
         source = client.get_model_version_download_uri(model_name, str(version))
         folder = scratch / "champion"
         folder.mkdir()
-        for name in ("model.json", "head.npz"):
+        for name in ("model.json", "head.npz", "thresholds.json"):
             mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/artifacts/model/{name}",
                                                 dst_path=str(folder))
     except Exception as e:  # noqa: BLE001 - an older champion's layout, or a store that cannot: score its images
@@ -403,7 +406,11 @@ def _champion_head_scores(client, model_name: str, version, meta: dict, labels: 
     if not _scores_from_vectors(champ, meta.get("backbone_id"), meta["image_size"]) or champ.get("labels") != labels:
         return None
     head = load_head(folder, labels)
-    return None if head is None else head.predict(cached)
+    if head is None:
+        return None
+    scores = head.predict(cached)
+    t, min_labels = M.decision_rule(read_thresholds(folder / "thresholds.json", labels), labels)
+    return scores, M.decide(scores, t, min_labels)
 
 
 # The image list comes through stdin, never argv: one argument is capped at 128 KiB (about 1,000 test
@@ -591,8 +598,10 @@ def _check_recorded_digest(client, model_dir: Path, digest: str) -> None:
 def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepared: str | os.PathLike,
              out: str | os.PathLike, *, register: config.Register, tracking: config.Tracking,
              images: str | os.PathLike | None = None, tracking_uri: str | None = None, run_id: str | None = None,
-             config: dict | None = None, bottlenecks: str | os.PathLike | None = None) -> dict:
-    """Log, register and (maybe) promote the model; write the decision to ``out``.
+             config: dict | None = None, bottlenecks: str | os.PathLike | None = None,
+             card: str | os.PathLike | None = None) -> dict:
+    """Log, register and (maybe) promote the model; write the decision to ``out``, and the version's model
+    card (logged with its run) to ``card`` (Markdown, and HTML beside it) when given.
 
     With ``bottlenecks`` (the folder the model was trained on), a model that uses its backbone
     as it is (head mode) is scored on the test split from the cached vectors, as evaluate
@@ -649,7 +658,9 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": mltracking.mask_uri(uri),
                       "champion_version": None, "champion_test_map": None, "content_hash": content,
                       "scored_from": "cached vectors" if cached is not None else "images", "champion_scored_from": None}
-            promote, reason = _decide(client, register, champ, existing, chall_ap, y_test, meta, labels, cached,
+            th, min_labels = M.decision_rule(read_thresholds(thresholds, labels), labels)
+            chall = (chall_scores, M.decide(chall_scores, th, min_labels))
+            promote, reason = _decide(client, register, champ, existing, chall, y_test, meta, labels, cached,
                                       test_images, tmp, result)
             tags = {"mltag.content_hash": content, "mltag.test_map": f"{chall_map:.6f}", "mltag.labels": ",".join(labels),
                     "mltag.gate": ("promoted: " if promote else "kept: ") + reason}
@@ -671,6 +682,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                     result["tflite"] = parity
                 result.update({"version": int(mv), "promoted": promote, "reason": reason,
                                "aliases": ["challenger", "champion"] if promote else ["challenger"]})
+                _model_card(client, result, meta, prepared, labels, y_test, chall_scores, thresholds,
+                            parity if tflite else None, register, card)
         finally:
             checked.join()  # never remove the scratch folder under the thread's feet
             shutil.rmtree(tmp, ignore_errors=True)
@@ -709,11 +722,40 @@ def _signature(bundle: Path, test_images: list[Path]):
     return infer_signature(example, py.predict(None, example), params={"tta": "none"}), example
 
 
-def _decide(client, register: config.Register, champ, existing, chall_ap: np.ndarray, y_test: np.ndarray,
+def _model_card(client, result: dict, meta: dict, prepared, labels: list[str], y_test: np.ndarray,
+                scores: np.ndarray, thresholds: Path, parity: dict | None, register: config.Register, card) -> None:
+    """The version's model card: logged with its run (``model_card/``), its decision as the version's
+    description, and written to ``card`` when given."""
+    import mlflow
+
+    from mltag.data.formats import read_handoff
+    from mltag.registry.card import card_sections, to_html, to_markdown, write_card
+
+    splits = {s: load_prepared(prepared, s)[1] for s in ("train", "val", "test")}
+    counts = {lb: {s: int(sum(ex.flags[j] for ex in exs)) for s, exs in splits.items()} for j, lb in enumerate(labels)}
+    sections = card_sections(
+        model_name=result["model_name"], version=result["version"], run_id=result.get("run_id"),
+        content_hash=result["content_hash"], meta=meta,
+        dataset=read_handoff(Path(prepared) / "dataset.json", "dataset.json", "prepare"),
+        split_sizes={s: len(exs) for s, exs in splits.items()}, label_counts=counts, labels=labels, y_test=y_test,
+        scores=scores, thresholds=read_thresholds(thresholds, labels), parity=parity, decision=result,
+        bootstrap=register.bootstrap)
+    title = f"Model card: {result['model_name']} version {result['version']}"
+    mlflow.log_text(to_markdown(title, sections), "model_card/model_card.md")
+    mlflow.log_text(to_html(title, sections), "model_card/model_card.html")
+    client.update_model_version(result["model_name"], str(result["version"]),
+                                description=f"{'Promoted' if result['promoted'] else 'Kept'}: {result['reason']}. "
+                                            "Model card: the run's model_card/model_card.md")
+    if card:
+        write_card(card, title, sections)
+
+
+def _decide(client, register: config.Register, champ, existing, chall: tuple, y_test: np.ndarray,
             meta: dict, labels: list[str], cached, test_images: list[Path], tmp: Path, result: dict) -> tuple[bool, str]:
-    """The gate: whether the challenger replaces the champion, and why. Records the champion's figures
-    in ``result``. The champion is scored on the same test images: from the cached vectors when it
-    shares the challenger's backbone, else end to end through its registered pyfunc."""
+    """The gate: whether the challenger replaces the champion, and why, in one sentence. ``chall`` is the
+    challenger's scores and 0/1 decisions on the test images. The champion is scored on the same images:
+    from the cached vectors when it shares the challenger's backbone, else end to end through its
+    registered pyfunc. Records the champion's figures and the comparison in ``result``."""
     import mlflow
 
     model_name = register.model_name
@@ -727,16 +769,45 @@ def _decide(client, register: config.Register, champ, existing, chall_ap: np.nda
                          "name the model after the dataset's folder) and rerun: only register runs again")
     if existing is not None and str(champ.version) == str(existing.version):
         return True, "already the champion (same model content)"
-    champ_scores = _champion_head_scores(client, model_name, champ.version, meta, labels, cached,
-                                         tmp) if cached is not None else None
-    result["champion_scored_from"] = "cached vectors" if champ_scores is not None else "images"
-    if champ_scores is None:
-        champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
-        champ_scores = _score_pyfunc(champ_model, test_images, labels)
-    champ_ap = M.average_precisions(y_test, champ_scores)
+    champion = _champion_head_scores(client, model_name, champ.version, meta, labels, cached,
+                                     tmp) if cached is not None else None
+    result["champion_scored_from"] = "cached vectors" if champion is not None else "images"
+    if champion is None:
+        champion = _score_pyfunc(mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}"), test_images, labels)
+    champ_ap = M.average_precisions(y_test, champion[0])
     result["champion_version"] = int(champ.version)
     result["champion_test_map"] = float(np.nanmean(champ_ap))
-    return gate(chall_ap, champ_ap, labels, register.margin, register.max_label_ap_drop)
+    if register.gate == "point":
+        return gate(M.average_precisions(y_test, chall[0]), champ_ap, labels, register.margin,
+                    register.max_label_ap_drop)
+    paired = M.paired_bootstrap(y_test, chall[0], champion[0], chall[1], champion[1], n=register.bootstrap,
+                                level=register.confidence)
+    result["comparison"] = {"rule": "paired", "confidence": register.confidence, "n_resamples": register.bootstrap,
+                            "d_map": paired["map"], "d_micro_f1": paired["micro_f1"],
+                            "d_ap": dict(zip(labels, paired["per_label"]))}
+    return paired_gate(paired, labels, register.confidence, register.margin, register.max_label_ap_drop)
+
+
+def _fmt(d: list[float] | None) -> str:
+    return "n/a" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+
+
+def paired_gate(paired: dict, labels: list[str], confidence: float, margin: float,
+                max_label_ap_drop: float) -> tuple[bool, str]:
+    """Promote when the challenger is better with ``confidence``: the lower end of ΔmAP's interval (a paired
+    bootstrap on the same test images) is above ``margin``; and refuse when a label is worse by more than
+    ``max_label_ap_drop`` with that confidence (the upper end of its ΔAP interval below ``-max_label_ap_drop``).
+    A difference inside the noise promotes nothing. Returns ``(promote, the sentence that says why)``."""
+    level = f"{confidence:.0%} confidence"
+    worse = [(lb, d) for lb, d in zip(labels, paired["per_label"]) if d is not None and d[2] < -max_label_ap_drop]
+    if worse:
+        lb, d = min(worse, key=lambda x: x[1][0])
+        return False, (f"label {lb!r} AP {_fmt(d)}: worse by more than max_label_ap_drop {max_label_ap_drop} "
+                       f"with {level}")
+    figures = f"ΔmAP {_fmt(paired['map'])}" + (f", Δmicro F1 {_fmt(paired['micro_f1'])}" if paired["micro_f1"] else "")
+    if paired["map"] is None or paired["map"][1] <= margin:
+        return False, f"{figures}: not better" + (f" by more than margin {margin}" if margin else "") + f" with {level}"
+    return True, f"{figures}: better" + (f" by more than margin {margin}" if margin else "") + f" with {level}"
 
 
 def _version(client, model_name: str, existing, tags: dict, bundle: Path, signature, example) -> str:
