@@ -135,10 +135,8 @@ def replaceable(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Path:
         dest = Path(os.path.realpath(dest))
     try:
         mode = dest.stat().st_mode
-    except FileNotFoundError:
+    except OSError:  # not there (or not reachable): the write itself says what is wrong, in the step's words
         return dest
-    except OSError as e:
-        raise MltagError(f"cannot write here: {e.strerror or e}", dest) from None
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
             "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file"

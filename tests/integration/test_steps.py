@@ -173,8 +173,9 @@ def test_predict_cli_local_folder(tmp_path, colour_dataset, fake_backbone, mlflo
     assert json.loads(p.stdout.strip().splitlines()[-1])["labels"] == r["labels"]
     # calibrate's at_least_one: with every threshold out of reach an image still gets its top-scoring label
     th = json.loads((tmp_path / "thresholds.json").read_text())
-    high = {**th, "thresholds": {c: 2.0 for c in th["thresholds"]}}
-    for min_labels, want in ((0, []), (1, [max(r["scores"], key=r["scores"].get)])):
+    high = {**th, "thresholds": {c: 1.0 for c in th["thresholds"]}}  # the top of a score's range
+    reached = [c for c in COLOURS if r["scores"][c] >= 1.0]  # a score saturated to exactly 1.0 in float32
+    for min_labels, want in ((0, reached), (1, reached or [max(r["scores"], key=r["scores"].get)])):
         (tmp_path / "model" / "thresholds.json").write_text(json.dumps({**high, "min_labels": min_labels}))
         p = run_cli("predict", "--json", "--model", str(tmp_path / "model"), str(img), cwd=tmp_path)
         assert json.loads(p.stdout.strip().splitlines()[-1])["labels"] == want
