@@ -8,6 +8,20 @@ import os
 from typing import Callable, Iterable, Iterator
 
 
+def die_with_parent(parent: int) -> None:
+    """In a child process: be killed when ``parent`` ends, however it ends (kill -9, OOM), so no helper or
+    forked worker outlives the step that started it (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def cpu_threads() -> int:
     """CPUs this process may run on."""
     try:

@@ -398,7 +398,7 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
     """
     import multiprocessing as mp
 
-    from mltag.workers import cpu_threads
+    from mltag.workers import cpu_threads, die_with_parent
 
     if cpu_threads() < 2 or "fork" not in mp.get_all_start_methods():
         head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
@@ -411,7 +411,11 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
     done, best, stopped = ctx.RawValue("i", 0), ctx.RawValue("i", 0), ctx.RawValue("i", 0)  # guarded by cond
     recv, send = ctx.Pipe(duplex=False)
 
+    parent = os.getpid()
+
     def refit() -> None:
+        die_with_parent(parent)  # a killed train takes its refit with it
+        recv.close()
         kept = None
 
         def gate(e: int) -> bool:
@@ -441,6 +445,7 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
 
     worker = ctx.Process(target=refit, daemon=True)
     worker.start()
+    send.close()  # the child holds the only send end: if it dies, recv() below ends instead of waiting forever
     try:
         head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
                                       progress=progress, after_epoch=publish, **settings)
@@ -451,14 +456,25 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
     try:
         status, payload = recv.recv()
     except EOFError:
-        raise MltagError(f"train.refit: the refit process ended without a head (exit code {worker.exitcode})") \
-            from None
+        worker.join()
+        raise MltagError(f"train.refit: the refit process died without a head (exit code {worker.exitcode}: "
+                         f"{_death(worker.exitcode)}); rerun train, or set train.refit false") from None
     finally:
         worker.join()
     if status != "ok":
         raise MltagError(f"train.refit failed: {payload}")
     # None: the first fit diverged in its first epoch (check_converged says so)
     return head, history, mon, None if payload is None else NumpyHead.from_weights(payload)
+
+
+def _death(exitcode: int | None) -> str:
+    """What a child's exit code says: killed by a signal (the OOM killer sends SIGKILL), or exited."""
+    import signal
+
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        return f"killed by {name}" + (", perhaps the out-of-memory killer" if name == "SIGKILL" else "")
+    return "exited"
 
 
 class FoldHeads:

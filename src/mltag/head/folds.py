@@ -103,7 +103,11 @@ def _map_groups(groups: list[list[int]]) -> list[list]:
         return [_fit_group(i, g) for i, g in enumerate(groups)]
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
+    from mltag.workers import die_with_parent
+
+    # the worker dies with this process, however it ends: a killed calibrate leaves no fold group behind
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         later = [pool.submit(_fit_group, i, g) for i, g in enumerate(groups) if i > 0]
         first = _fit_group(0, groups[0])
         return [first] + [f.result() for f in later]

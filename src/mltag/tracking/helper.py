@@ -16,19 +16,6 @@ import pickle
 import sys
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this process when the step that started it ends, however it ends (Linux)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # it ended before the line above: nobody to serve
-        os._exit(0)
-
-
 def serve(reply_fd: int, level: int, uri: str) -> None:
     import logging
 
@@ -76,5 +63,7 @@ def serve(reply_fd: int, level: int, uri: str) -> None:
 
 
 if __name__ == "__main__":
-    _die_with_parent(int(os.environ.get("MLTAG_HELPER_PARENT", os.getppid())))
+    from mltag.workers import die_with_parent
+
+    die_with_parent(int(os.environ.get("MLTAG_HELPER_PARENT", os.getppid())))
     serve(int(sys.argv[1]), int(sys.argv[2]), os.environ.pop("MLTAG_HELPER_TRACKING_URI", ""))
