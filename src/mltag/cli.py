@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from mltag.errors import MltagError
+from mltag.errors import MltagError, Terminated
 from mltag.logs import setup_logging
 
 # Paths each step reads and writes (defaults match dvc.yaml).
@@ -252,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mltag: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
+    except Terminated:
+        print("mltag: terminated (SIGTERM); the step stopped, its MLflow run ended as KILLED, and nothing "
+              "half-written was left behind", file=sys.stderr)
+        return 143
     finally:
         _record_timing(args if "args" in locals() else None, t0, cpu0)
 
@@ -530,6 +534,17 @@ def _pipeline(args) -> int:
     return 0
 
 
+def on_sigterm() -> None:
+    """SIGTERM (a pod stopped, ``kill``) unwinds the step like Ctrl-C: its run ends as KILLED, exit 143."""
+    import signal
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def entry() -> None:
     """The ``mltag`` command: ``main``, then a quick exit.
 
@@ -544,6 +559,7 @@ def entry() -> None:
     import atexit
     import threading
 
+    on_sigterm()
     rc = main()
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()) \
             or not hasattr(atexit, "_run_exitfuncs"):
@@ -558,4 +574,5 @@ def entry() -> None:
 
 
 if __name__ == "__main__":  # python -m mltag.cli: the plain exit (profilers write their data after it)
+    on_sigterm()
     sys.exit(main())

@@ -15,3 +15,8 @@ class MltagError(Exception):
         super().__init__(where + message)
         self.path = None if path is None else str(path)
         self.line = line
+
+
+class Terminated(BaseException):
+    """SIGTERM (Kubernetes stopping a pod, ``kill``): unwinds like Ctrl-C, so runs end as KILLED and nothing
+    half-written is left; the CLI exits 143."""

@@ -436,12 +436,30 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
         except Exception as e:  # noqa: BLE001 - reported by the parent as its own error
             send.send(("error", f"{type(e).__name__}: {e}"))
 
+    def died():
+        """The refit ended before the first fit: its own error when it sent one, else how it died."""
+        worker.join()
+        try:
+            if recv.poll():
+                raise MltagError(f"train.refit failed: {recv.recv()[1]}")
+        except EOFError:  # it sent nothing: it was killed
+            pass
+        raise MltagError(f"train.refit: the refit process died (exit code {worker.exitcode}: "
+                         f"{_death(worker.exitcode)}); rerun train, or set train.refit false")
+
     def publish(e: int, head: NumpyHead, improved: bool) -> None:
-        with cond:
+        while not cond.acquire(timeout=0.5):  # a refit killed while holding the lock never releases it
+            if not worker.is_alive():
+                died()
+        try:
+            if not worker.is_alive():
+                died()
             if improved:
                 best.value = e
             done.value = e
             cond.notify_all()
+        finally:
+            cond.release()
 
     worker = ctx.Process(target=refit, daemon=True)
     worker.start()
@@ -450,9 +468,10 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
         head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
                                       progress=progress, after_epoch=publish, **settings)
     finally:
-        with cond:
+        if cond.acquire(timeout=5):
             stopped.value = 1
             cond.notify_all()
+            cond.release()
     try:
         status, payload = recv.recv()
     except EOFError:

@@ -18,7 +18,7 @@ import numpy as np
 from mltag import config
 from mltag.backbones import builtin as bb
 from mltag.data.formats import load_split, load_views, read_bottleneck_meta, read_labels, write_integrity, write_labels
-from mltag.errors import MltagError
+from mltag.errors import MltagError, Terminated
 from mltag.files import atomic_path, fault_point, write_json_atomic
 from mltag.head.fit import HeadLoss, Rows, best_epoch, check_converged, fit_and_refit, fit_head, with_views
 from mltag.inference.export import write_model_folder
@@ -112,8 +112,8 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
                                              for i in range(len(history[mon]))])
         tracker.send("log_to_run", run_id, artifacts=[(str(out / "history.json"), None), (str(out / "config.json"), None)])
         tracker.send("end_run", "FINISHED")
-    except BaseException:
-        tracker.abandon("end_run", "FAILED")
+    except BaseException as e:  # stopped (Ctrl-C, SIGTERM): KILLED, as MLflow names a run ended from outside
+        tracker.abandon("end_run", "KILLED" if isinstance(e, (KeyboardInterrupt, Terminated)) else "FAILED")
         raise
     tracker.close()
     return summary

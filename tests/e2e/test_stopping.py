@@ -1,0 +1,91 @@
+"""A step stopped from outside: SIGTERM (a pod stopped) ends its run as KILLED and says so; kill -9 leaves no
+helper or forked child behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mltag.config import sections
+from mltag.steps.bottleneck import bottleneck
+from mltag.steps.prepare import prepare
+
+pytestmark = pytest.mark.slow
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def start_train(tmp_path: Path, out: str) -> subprocess.Popen:
+    """A train that runs for minutes (one row per batch, thousands of epochs) with its refit beside it."""
+    args = ["train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / out), "--epochs", "20000",
+            "--patience", "20000", "--batch-size", "1", "--learning-rate", "0.0001"]
+    return subprocess.Popen([sys.executable, "-m", "mltag.cli", *args], cwd=tmp_path, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_children(p: subprocess.Popen, n: int) -> set[int]:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        kids = children(p.pid)
+        if len(kids) >= n:
+            time.sleep(0.5)
+            return children(p.pid)
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.1)
+    raise AssertionError(f"train started {len(children(p.pid))} children, not {n}")
+
+
+def test_sigterm_ends_the_run_as_killed_and_kill_9_leaves_no_child(tmp_path, colour_dataset, fake_backbone,
+                                                                    mlflow_store):
+    from mlflow import MlflowClient
+
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
+               cache_dir=tmp_path / "cache", views=1), progress=False)
+    client = MlflowClient()
+
+    p = start_train(tmp_path, "model")
+    kids = wait_for_children(p, 2)  # the MLflow helper and the refit
+    deadline = time.time() + 60  # the run is open once the helper has imported MLflow
+    while time.time() < deadline and not client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], "attributes.status = 'RUNNING'"):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err, err[-2000:]
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"
+    time.sleep(1)
+    assert not [k for k in kids if alive(k)]
+
+    p = start_train(tmp_path, "model2")
+    kids = wait_for_children(p, 2)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    deadline = time.time() + 5
+    while time.time() < deadline and [k for k in kids if alive(k)]:
+        time.sleep(0.1)
+    assert not [k for k in kids if alive(k)], "a helper or the refit outlived its killed train"
