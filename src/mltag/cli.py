@@ -176,7 +176,10 @@ def _add_project_commands(sub) -> None:
     pl = sub.add_parser("pipeline", help="the Kubeflow pipeline")
     pls = pl.add_subparsers(dest="pipeline_command", required=True)
     pc = pls.add_parser("compile", help="write the compiled pipeline YAML")
-    pc.add_argument("--out", default="pipeline/pipeline.yaml")
+    pc.add_argument("--out", default=None, help="default: pipeline/pipeline.yaml (pipeline/batch_predict.yaml with "
+                                                "--batch-predict)")
+    pc.add_argument("--batch-predict", action="store_true",
+                    help="the batch-prediction pipeline: a list of images sharded across tasks, one predictions file")
     pc.add_argument("--allow-dirty", action="store_true",
                     help="compile even though mltag's source has uncommitted changes (the image tag names the source)")
     pc.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
@@ -196,6 +199,12 @@ def _add_project_commands(sub) -> None:
     pr2.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
     pr2.add_argument("--arg", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="pipeline parameter override, e.g. train.epochs=50")
+    pr2.add_argument("--batch-predict", action="store_true",
+                     help="--local: run the batch-prediction pipeline on --images with --model, in --shards tasks")
+    pr2.add_argument("--images", default=None, help="--batch-predict: a folder, glob or list file of images")
+    pr2.add_argument("--model", default=None, help="--batch-predict: models:/NAME@champion (default, NAME from "
+                                                    "params) or a model folder")
+    pr2.add_argument("--shards", type=int, default=4, help="--batch-predict: prediction tasks (default 4)")
 
 
 class _Subparsers:
@@ -506,9 +515,27 @@ def _pipeline(args) -> int:
     from mltag.kubeflow import run as prun
 
     params = load_params(args.params)
+    if args.pipeline_command == "compile" and args.batch_predict:
+        out = prun.compile_batch_pipeline(args.out or prun.BATCH_COMPILED, params.pipeline.parallelism,
+                                          allow_dirty=args.allow_dirty)
+        print(f"pipeline: batch prediction compiled to {out}")
+        return 0
     if args.pipeline_command == "compile":
-        prun.compile_pipeline(args.out, params, allow_dirty=args.allow_dirty)
-        print(f"pipeline: compiled to {args.out}")
+        prun.compile_pipeline(args.out or prun.COMPILED, params, allow_dirty=args.allow_dirty)
+        print(f"pipeline: compiled to {args.out or prun.COMPILED}")
+        return 0
+    if args.batch_predict:
+        from mltag.config import model_name
+
+        if not args.local:
+            raise MltagError("--batch-predict runs with --local here; on a cluster, compile it (mltag pipeline "
+                             "compile --batch-predict) and submit pipeline/batch_predict.yaml")
+        if not args.images:
+            raise MltagError("--batch-predict needs --images (a folder, glob or list file)")
+        t0 = time.time()
+        out = prun.run_batch_local(args.images, args.model or f"models:/{model_name(params)}@champion", args.shards,
+                                   args.pipeline_root, args.tracking_uri)
+        print(f"pipeline: batch prediction in {args.shards} shard(s) in {time.time() - t0:.0f} s: {out}")
         return 0
     bad = [a for a in args.arg if "=" not in a]
     if bad:

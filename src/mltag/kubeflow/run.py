@@ -266,3 +266,52 @@ def submit(host: str, experiment: str = "mltag", data: str = "", data_repo: str 
         raise MltagError(f"cannot submit to {host}: {type(e).__name__}: {str(e)[:300]}") from None
     logging.getLogger(__name__).info("pipeline: submitted run %s to %s (experiment %s)", run.run_id, host, experiment)
     return run
+
+
+BATCH_COMPILED = "pipeline/batch_predict.yaml"
+
+
+def compile_batch_pipeline(out: str | os.PathLike = BATCH_COMPILED, parallelism: int = 4,
+                           allow_dirty: bool = False) -> Path:
+    """Compile the batch-prediction pipeline (``mltag.kubeflow.batch``), tagged like the main one."""
+    from kfp import compiler
+
+    from mltag.files import atomic_path
+    from mltag.kubeflow.batch import build_batch_pipeline
+    from mltag.kubeflow.image import check_clean_source
+
+    check_clean_source(allow_dirty)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        compiler.Compiler().compile(build_batch_pipeline(parallelism), str(tmp))
+    return out
+
+
+def run_batch_local(images: str, model: str, shards: int = 4, pipeline_root: str | None = None,
+                    tracking_uri: str | None = None) -> Path:
+    """The batch-prediction pipeline on this machine (kfp.local): returns the gathered predictions CSV."""
+    import builtins
+
+    from kfp import local
+
+    from mltag.kubeflow.batch import build_batch_pipeline
+    from mltag.tracking import runs as tracking
+
+    root = str(Path(pipeline_root or "local_outputs").resolve())
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root)
+    uri = tracking.tracking_uri(tracking_uri)
+    old_uri, os.environ["MLFLOW_TRACKING_URI"] = os.environ.get("MLFLOW_TRACKING_URI"), uri  # never a parameter
+    old_print = builtins.print
+    try:
+        images = str(Path(images).resolve()) if "://" not in images else images
+        model = str(Path(model).resolve()) if Path(model).exists() else model
+        gathered = build_batch_pipeline(parallelism=1)(images=images, model=model, shards=shards)
+    except RuntimeError as e:
+        raise MltagError(f"the local batch-prediction run failed: {tracking.scrub(str(e), uri)}") from None
+    finally:
+        builtins.print = old_print
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+    return Path(gathered.path) / "predictions.csv"

@@ -113,13 +113,14 @@ def run_batch(model, paths: list[str], progress: bool = False, tta: str = "none"
 
 
 def predict(model_ref: str, images: list[str], out_format: str = "text", out=None, tta: str = "none",
-            tracking_uri: str | None = None, progress: bool | None = None) -> tuple[int, int]:
-    """Predict every image; write one row per image to ``out`` (default stdout). Returns ``(ok, failed)``."""
+            tracking_uri: str | None = None, progress: bool | None = None, expand: bool = True) -> tuple[int, int]:
+    """Predict every image; write one row per image to ``out`` (default stdout), as it goes. Returns
+    ``(ok, failed)``. ``expand`` False: ``images`` are image paths already (a batch pipeline's shard)."""
     from mltag.inference.model import InferenceModel
 
     if out_format not in ("text", "csv", "jsonl"):
         raise MltagError(f"--format must be text, csv or jsonl, got {out_format!r}")
-    paths, expanded = expand_images(images)
+    paths, expanded = expand_images(images) if expand else (list(images), False)
     folder = resolve_model(model_ref, tracking_uri)
     model = InferenceModel(folder, _thresholds_for(folder if folder.is_dir() else folder.parent))
     out = out or sys.stdout

@@ -1,0 +1,46 @@
+"""Batch prediction as a Kubeflow pipeline of its own, run through kfp.local: 2,000 images in 4 shards,
+gathered into one predictions file in the list's order, the same rows as `mltag predict`."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+
+from conftest import colour_image
+from mltag.config import sections
+from mltag.steps.bottleneck import bottleneck
+from mltag.steps.prepare import prepare
+from mltag.steps.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_batch_prediction_shards_2000_images_over_4_tasks_into_one_file_in_order(tmp_path, colour_dataset,
+                                                                                 fake_backbone, mlflow_store):
+    from mltag.kubeflow.batch import shard_slice
+    from mltag.kubeflow.run import run_batch_local
+    from mltag.tools.predict import predict
+
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
+               cache_dir=tmp_path / "cache", views=1), progress=False)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150), progress=False)
+    new = tmp_path / "new"
+    new.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(2000):
+        colour_image(tuple(int(x) for x in rng.random(3) < 0.5), rng).save(new / f"{i:05d}.jpg", quality=90)
+
+    out = run_batch_local(str(new), str(tmp_path / "model"), shards=4, pipeline_root=str(tmp_path / "kfp"))
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [str(new / f"{i:05d}.jpg") for i in range(2000)]
+    assert not any(r["error"] for r in rows)
+    parts = sorted(p for p in (tmp_path / "kfp").rglob("predict-shard*/predictions/predictions.csv"))
+    assert len(parts) == 4 and sum(1 for p in parts for _ in p.open()) == 2000 + 4  # a header each
+    one = io.StringIO()
+    predict(str(tmp_path / "model"), [str(new)], out_format="csv", out=one, progress=False)
+    assert [r["labels"] for r in csv.DictReader(io.StringIO(one.getvalue()))] == [r["labels"] for r in rows]
+    assert [len(range(2000)[shard_slice(2000, 4, k)]) for k in range(4)] == [500, 500, 500, 500]
