@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_batch_prediction_shards_2000_images_over_4_tasks_into_one_file_in_order(tmp_path, colour_dataset,
                                                                                  fake_backbone, mlflow_store):
-    from mltag.kubeflow.batch import shard_slice
+    from mltag.kubeflow.entry import shard_slice
     from mltag.kubeflow.run import run_batch_local
     from mltag.tools.predict import predict
 

@@ -41,7 +41,7 @@ def predict_shard(listing: Input[Dataset], shard_index: int, shards: int, model:
     """Predict one contiguous slice of the list into this task's CSV (rows in the list's order)."""
     from pathlib import Path
 
-    from mltag.kubeflow.batch import shard_slice
+    from mltag.kubeflow.entry import shard_slice
     from mltag.tools.predict import predict
 
     paths = Path(listing.path, "images.txt").read_text(encoding="utf-8").splitlines()
@@ -73,11 +73,6 @@ def gather_predictions(parts: Input[List[Dataset]], predictions: Output[Dataset]
                     dest.write(line)
                     rows += 1
     predictions.metadata["images"] = rows
-
-
-def shard_slice(n: int, shards: int, index: int) -> slice:
-    """Shard ``index``'s contiguous part of ``n`` items: sizes differ by at most one, in order."""
-    return slice(n * index // shards, n * (index + 1) // shards)
 
 
 def build_batch_pipeline(parallelism: int = 4):

@@ -117,3 +117,9 @@ def require_shared_store(params: Params) -> None:
             f"pipeline.collect_shards false needs a vector store every pod sees, but bottleneck.cache_dir is "
             f"{params.bottleneck.cache_dir!r}: set it to an fsspec URI (s3://..., gs://...) or an absolute "
             "path on a volume mounted in every bottleneck pod")
+
+
+def shard_slice(n: int, shards: int, index: int) -> slice:
+    """Shard ``index``'s contiguous part of ``n`` items (batch prediction): sizes differ by at most one, and
+    the shards in order are the items in order."""
+    return slice(n * index // shards, n * (index + 1) // shards)

@@ -314,4 +314,4 @@ def run_batch_local(images: str, model: str, shards: int = 4, pipeline_root: str
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_uri
-    return Path(gathered.path) / "predictions.csv"
+    return Path(getattr(gathered, "output", gathered).path) / "predictions.csv"  # the pipeline task's one output
