@@ -26,6 +26,7 @@ The last line is one JSON object: ``{"cpu": ..., "steps": {STEP: {"SIZE": {"seco
 
 Usage:
     python benchmarks/scale.py --real 10000,30000,100000 [--add 1000] [--set SECTION.KEY=VALUE] [--json]
+    python benchmarks/scale.py --kfp 10000 [--shards 4] [--add 500] [--json]
     python benchmarks/scale.py --sizes 10000,100000,300000 [--epochs 20] [--json]
 """
 
@@ -238,6 +239,41 @@ def real(sizes: list[int], add: int, settings: dict, keep: str | None, log) -> d
     return result
 
 
+def kfp_scale(n: int, shards: int, add: int, log) -> dict:
+    """The whole Kubeflow pipeline through kfp.local on ``n`` demo images with ``shards`` bottleneck shards
+    sharing one vector store, then again after adding ``add`` images: each task's seconds, and what each
+    shard and the gather computed."""
+    import shutil
+
+    from mltag.config import Demo, load_params
+    from mltag.data.demo import make_demo_data
+    from mltag.kubeflow.run import run_local
+
+    base = Path(tempfile.mkdtemp(prefix="mltag-scale-kfp-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
+    data = base / "photos"
+    overrides = {"bottleneck.num_shards": str(shards), "bottleneck.cache_dir": str(base / "store"),
+                 "backbone.handle": "builtin:efficientnet_lite0", "bottleneck.views": "1",
+                 "register.model_name": "scale-kfp"}
+    result = {"cpu": cpu_flags(), "images": n, "shards": shards, "runs": []}
+    try:
+        for run, count in (("first", n), ("added", n + add)):
+            log(f"scale: kfp.local, {count} images, {shards} shards")
+            make_demo_data(data, demo=Demo(n_images=count))
+            t0 = time.perf_counter()
+            _, rows = run_local(data=str(data), pipeline_root=str(base / run), params=load_params(REPO / "params.yaml"),
+                                overrides=overrides)
+            stats = {str(f): json.loads(f.read_text()) for f in (base / run).rglob("stats.json")}
+            result["runs"].append({
+                "run": run, "images": count, "seconds": round(time.perf_counter() - t0, 1),
+                "tasks": [{"task": r[0], "status": r[1], "seconds": round(r[2], 1)} for r in rows],
+                "shards_computed": sorted(v["computed"] for k, v in stats.items() if "bottleneck-shard" in k),
+                "gather_computed": sum(v["computed"] for k, v in stats.items() if "bottleneck-shard" not in k)})
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return result
+
+
 def real_table(r: dict) -> str:
     sizes = sorted({n for s in r["stages"].values() for n in s}, key=int)
     rows = [f"CPU: {r['cpu']}; {r['set']}; backbone built in {r['backbone_build_seconds']} s (once)",
@@ -263,10 +299,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="--real: a params.yaml value (repeatable); defaults: Lite0, 1 view")
     ap.add_argument("--keep", default=None, help="--real: make the projects here and keep them")
+    ap.add_argument("--kfp", type=int, default=None, metavar="N",
+                    help="the Kubeflow pipeline through kfp.local on N images, sharded, then with --add more")
+    ap.add_argument("--shards", type=int, default=4, help="--kfp: bottleneck.num_shards")
     ap.add_argument("--sizes", default="10000,100000,300000", help="synthetic vectors: the steps after bottleneck")
     ap.add_argument("--epochs", type=int, default=20, help="train.epochs (early stopping may end sooner)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.kfp:
+        r = kfp_scale(args.kfp, args.shards, args.add, lambda m: print(m, file=sys.stderr, flush=True))
+        for run in r["runs"]:
+            print(f"{run['run']}: {run['images']} images in {run['seconds']} s; shards computed {run['shards_computed']}, "
+                  f"gather computed {run['gather_computed']}")
+        print(json.dumps(r) if args.json else "")
+        return 0
     if args.real:
         import yaml
 
