@@ -86,7 +86,7 @@ def throughput(model_ref: str, folder: Path, files: list[Path], tracking_uri: st
 
     from mltag.data.formats import read_model_meta
     from mltag.tools.predict import predict
-    from mltag.tools.suggest import vectors_for
+    from mltag.inference.vectors import vectors_for
 
     t0 = time.perf_counter()
     ok, failed = predict(model_ref, [str(f) for f in files], "csv", io.StringIO(), tracking_uri=tracking_uri,

@@ -142,6 +142,16 @@ def _add_tools(sub) -> None:
     sg.add_argument("--n", type=int, default=100, help="how many to suggest (default 100)")
     sg.add_argument("--out", default="suggest.csv", help="CSV, most worth labelling first (default suggest.csv)")
     sg.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
+    dft = sub.add_parser("drift", help="do new images still look like the training images? exit 3 when not")
+    dft.add_argument("images", nargs="+", help="image files, folders (recursive), globs or .txt files listing images")
+    dft.add_argument("--model", default=None, help="models:/NAME@champion (default, NAME from params) or a model folder")
+    dft.add_argument("--bottlenecks", default="data/bottlenecks", help="the model's bottleneck folder: its training "
+                                                                       "vectors and test split (default data/bottlenecks)")
+    dft.add_argument("--out", default="reports/drift", help="drift.json and drift.html here (default reports/drift)")
+    dft.add_argument("--alpha", type=float, default=0.01, help="significance of each test (default 0.01)")
+    dft.add_argument("--permutations", type=int, default=500, help="permutations of the vector test (default 500)")
+    dft.add_argument("--max-images", type=int, default=1000, help="vectors compared per side (default 1000)")
+    dft.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
     ms = sub.add_parser("metrics", help="print the last run's metrics table and registry decision")
     ms.add_argument("--evaluate", default="metrics/evaluate.json")
     ms.add_argument("--calibrate", default="metrics/calibrate.json")
@@ -333,6 +343,21 @@ def _dispatch(args) -> int:
         return _run_step(cmd, args, progress)
     if cmd == "predict":
         return _predict(args)
+    if cmd == "drift":
+        from mltag.config import load_params, model_name
+        from mltag.tools.drift import drift
+
+        params = load_params(args.params)
+        r = drift(args.model or f"models:/{model_name(params)}@champion", args.images, args.out,
+                  bottlenecks=args.bottlenecks, store=params.bottleneck.cache_dir,
+                  backbone_cache_dir=params.backbone.cache_dir, engine=params.bottleneck.engine, alpha=args.alpha,
+                  permutations=args.permutations, max_images=args.max_images, tracking_uri=args.tracking_uri,
+                  progress=not args.quiet)
+        v = r["vectors"]
+        shifted = [s["label"] for s in r["label_shifts"] or [] if s["shifted"]]
+        print(f"drift: {'FOUND' if r['drift'] else 'none found'}: vectors MMD p={v['p_value']:.4f} (domain AUC "
+              f"{v['auc']:.3f}); labels shifted: {', '.join(shifted) or 'none'}; report in {args.out}/drift.html")
+        return 3 if r["drift"] else 0
     elif cmd == "suggest":
         from mltag.config import load_params, model_name
         from mltag.tools.suggest import suggest

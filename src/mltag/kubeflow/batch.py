@@ -23,7 +23,7 @@ def list_images(images: str, shards: int, listing: Output[Dataset]) -> List[int]
     return the shard numbers to fan out over."""
     from pathlib import Path
 
-    from mltag.tools.predict import expand_images
+    from mltag.data.listing import expand_images
 
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
