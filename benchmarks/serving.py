@@ -85,8 +85,8 @@ def throughput(model_ref: str, folder: Path, files: list[Path], tracking_uri: st
     import io
 
     from mltag.data.formats import read_model_meta
-    from mltag.tools.predict import predict
     from mltag.inference.vectors import vectors_for
+    from mltag.tools.predict import predict
 
     t0 = time.perf_counter()
     ok, failed = predict(model_ref, [str(f) for f in files], "csv", io.StringIO(), tracking_uri=tracking_uri,
