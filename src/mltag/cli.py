@@ -190,6 +190,8 @@ def _add_project_commands(sub) -> None:
                                                 "--batch-predict)")
     pc.add_argument("--batch-predict", action="store_true",
                     help="the batch-prediction pipeline: a list of images sharded across tasks, one predictions file")
+    pc.add_argument("--drift", action="store_true", help="the drift pipeline: one `mltag drift` task, for a "
+                                                          "recurring run over a folder or bucket prefix")
     pc.add_argument("--allow-dirty", action="store_true",
                     help="compile even though mltag's source has uncommitted changes (the image tag names the source)")
     pc.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
@@ -544,6 +546,10 @@ def _pipeline(args) -> int:
         out = prun.compile_batch_pipeline(args.out or prun.BATCH_COMPILED, params.pipeline.parallelism,
                                           allow_dirty=args.allow_dirty)
         print(f"pipeline: batch prediction compiled to {out}")
+        return 0
+    if args.pipeline_command == "compile" and args.drift:
+        out = prun.compile_drift_pipeline(args.out or prun.DRIFT_COMPILED, allow_dirty=args.allow_dirty)
+        print(f"pipeline: drift check compiled to {out}")
         return 0
     if args.pipeline_command == "compile":
         prun.compile_pipeline(args.out or prun.COMPILED, params, allow_dirty=args.allow_dirty)

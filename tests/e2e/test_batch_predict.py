@@ -44,3 +44,26 @@ def test_batch_prediction_shards_2000_images_over_4_tasks_into_one_file_in_order
     predict(str(tmp_path / "model"), [str(new)], out_format="csv", out=one, progress=False)
     assert [r["labels"] for r in csv.DictReader(io.StringIO(one.getvalue()))] == [r["labels"] for r in rows]
     assert [len(range(2000)[shard_slice(2000, 4, k)]) for k in range(4)] == [500, 500, 500, 500]
+
+
+def test_the_drift_pipeline_runs_mltag_drift_as_one_task_and_returns_whether_it_found_drift(
+        tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    from kfp import local
+    from PIL import Image, ImageEnhance
+
+    from mltag.kubeflow.batch import build_drift_pipeline
+
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
+               cache_dir=tmp_path / "store", views=1), progress=False)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150), progress=False)
+    dark = tmp_path / "dark"
+    dark.mkdir()
+    for f in sorted((colour_dataset / "images").iterdir()):
+        ImageEnhance.Brightness(Image.open(f)).enhance(0.3).save(dark / f.name, quality=90)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    task = build_drift_pipeline()(images=str(dark), model=str(tmp_path / "model"), bottlenecks=str(tmp_path / "bn"),
+                                  store=str(tmp_path / "store"))
+    assert task.output is True
+    (page,) = list((tmp_path / "kfp").rglob("report"))
+    assert "Drift: found" in page.read_text()

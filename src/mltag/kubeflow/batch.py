@@ -1,4 +1,4 @@
-"""Batch prediction as a Kubeflow pipeline of its own: a list of images split into shards, each shard
+"""Batch prediction and drift checks as Kubeflow pipelines of their own. Batch prediction: a list of images split into shards, each shard
 predicted by its own task (a ParallelFor), the shards' rows gathered into one predictions file.
 
 The image list travels as a file artifact (never as a parameter or an argument: it grows with the data);
@@ -10,7 +10,7 @@ import annotations`` here: KFP reads the components' annotations as types.)
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 
 from mltag.kubeflow.image import IMAGE
 
@@ -88,3 +88,37 @@ def build_batch_pipeline(parallelism: int = 4):
         return gather_predictions(parts=dsl.Collected(part.outputs["predictions"])).outputs["predictions"]
 
     return batch_predict
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def drift_check(images: str, model: str, bottlenecks: str, store: str, alpha: float, tracking_uri: str,
+                report: Output[HTML], metrics: Output[Metrics]) -> bool:
+    """``mltag drift`` on ``images`` (a folder or bucket prefix every pod sees): the report as an HTML
+    artifact, its figures as metrics; returns whether drift was found (a later task can branch on it)."""
+    import shutil
+    from pathlib import Path
+
+    from mltag.tools.drift import drift
+
+    out = Path(report.path).parent / "drift"
+    r = drift(model, [images], out, bottlenecks=bottlenecks, store=store, alpha=alpha,
+              tracking_uri=tracking_uri or None, progress=False)
+    shutil.copy(out / "drift.html", report.path)
+    for key in ("p_value", "auc", "mmd2"):
+        metrics.log_metric(f"drift_{key}", float(r["vectors"][key]))
+    metrics.log_metric("drift_found", float(r["drift"]))
+    return bool(r["drift"])
+
+
+def build_drift_pipeline():
+    """A one-task pipeline for a recurring run: ``images`` (the folder or prefix new photos land in),
+    ``model``, ``bottlenecks`` (the model's bottleneck folder) and ``store`` (the vector store), all as
+    every pod sees them."""
+
+    @dsl.pipeline(name="mltag-drift", description="Do new images still look like the training images?")
+    def drift_pipeline(images: str, model: str, bottlenecks: str, store: str, alpha: float = 0.01,
+                       tracking_uri: str = "") -> bool:
+        return drift_check(images=images, model=model, bottlenecks=bottlenecks, store=store, alpha=alpha,
+                           tracking_uri=tracking_uri).outputs["Output"]
+
+    return drift_pipeline

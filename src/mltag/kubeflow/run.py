@@ -287,6 +287,24 @@ def compile_batch_pipeline(out: str | os.PathLike = BATCH_COMPILED, parallelism:
     return out
 
 
+DRIFT_COMPILED = "pipeline/drift.yaml"
+
+
+def compile_drift_pipeline(out: str | os.PathLike = DRIFT_COMPILED, allow_dirty: bool = False) -> Path:
+    """Compile the drift pipeline (``mltag.kubeflow.batch``): one task, for a recurring run."""
+    from kfp import compiler
+
+    from mltag.files import atomic_path
+    from mltag.kubeflow.batch import build_drift_pipeline
+    from mltag.kubeflow.image import check_clean_source
+
+    check_clean_source(allow_dirty)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        compiler.Compiler().compile(build_drift_pipeline(), str(tmp))
+    return out
+
+
 def run_batch_local(images: str, model: str, shards: int = 4, pipeline_root: str | None = None,
                     tracking_uri: str | None = None) -> Path:
     """The batch-prediction pipeline on this machine (kfp.local): returns the gathered predictions CSV."""
