@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml requirements-dev.lock
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.lock
 	$(BIN)/pip install --quiet --no-deps -e .
+	@# The browser tests drive Debian's Chromium (Playwright's own browser download cannot be reached).
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		apt-get install -y -qq chromium >/dev/null; } || echo "make: chromium is missing: apt-get install chromium (the browser tests need it)"
 	touch $@
 
 install: $(VENV)/.installed

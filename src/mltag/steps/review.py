@@ -14,7 +14,9 @@ dataset's label file beside the original, never touching the original.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -110,19 +112,30 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
     result = {"images": len(paths), "pairs": int(y.size), "issues": len(rows),
               "issue_rate": len(rows) / y.size if y.size else 0.0, "filter_by": filter_by,
               "per_label": per_label, "reason": data["reason"]}
-    groups = []
+    groups, items = [], []
+    row_of = {p: i for i, p in enumerate(paths)}
     for n in names:
         mine = [r for r in rows if r[1] == n][:thumbnails]
-        groups.append({"name": n, "count": per_label[n]["issues"], "noise": per_label[n]["noise_rate"], "shown": [
-            {"path": p, "given": g, "suggested": sg, "score": sc, "confidence": c,
-             "thumb": thumbnail(root / p) if root else None,
-             "href": Path(os.path.relpath(root / p, Path(out).absolute())).as_posix() if root else None}
-            for p, _, g, sg, sc, c in mine]})
+        shown = []
+        for p, _, g, sg, sc, c in mine:
+            i = row_of[p]
+            e = {"id": len(items), "path": p, "label": n, "given": g, "suggested": sg, "score": round(sc, 6),
+                 "confidence": round(c, 6), "thumb": thumbnail(root / p, 320) if root else None,
+                 "href": Path(os.path.relpath(root / p, Path(out).absolute())).as_posix() if root else None,
+                 "labels": [names[j] for j in range(len(names)) if y[i, j]],
+                 "scores": {names[j]: round(float(s[i, j]), 4) for j in range(len(names))}}
+            items.append(e)
+            shown.append(e)
+        groups.append({"name": n, "count": per_label[n]["issues"], "noise": per_label[n]["noise_rate"],
+                       "shown": shown})
     run_id = tracker.model_run(model_dir, run_id, tracking_uri)  # found (or a dead store said) before any write
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "label_issues.csv").write_text(buf.getvalue(), encoding="utf-8")
-        (tmp / "review.html").write_text(render("review.html.j2", r=result, groups=groups), encoding="utf-8")
+        (tmp / "review.html").write_text(render("review.html.j2", r=result, groups=groups, header=HEADER,
+                                                 items_json=_script_json(items),
+                                                 page_id=hashlib.sha256(buf.getvalue().encode()).hexdigest()[:16]),
+                                          encoding="utf-8")
     write_json_atomic(metrics_file, {**result, "config": config})
     if run_id:
         tracker.send("log_to_run", run_id, metrics={
@@ -160,6 +173,12 @@ def read_accepted(path: str | os.PathLike) -> list[dict]:
 def reviewed_name(label_file: Path) -> Path:
     """Where the corrected copy of ``label_file`` goes: beside it, ``<stem>.reviewed<suffix>``."""
     return label_file.with_name(f"{label_file.stem}.reviewed{label_file.suffix}")
+
+
+def _script_json(obj) -> str:
+    """JSON to embed in a ``<script type="application/json">``: ``<``, ``>`` and ``&`` escaped, so no value
+    (an image path, a label) can close the element or open another."""
+    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: str,

@@ -1,0 +1,112 @@
+"""The review page as a working review tool, in a real browser (Debian's Chromium driven by Playwright):
+keyboard decisions, progress, filters, decisions kept across a reload, and an export that `mltag review
+apply --accept` reads."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import COLOURS, make_colour_dataset, run_cli, write_lst_dataset
+from mltag.config import sections
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            raise AssertionError("chromium is missing: make install puts it there (apt-get install chromium)")
+        pytest.skip("no chromium on this machine (make install installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def make_review(tmp_path):
+    """A dataset whose out-of-fold scores contradict 6 of its labels, and its review."""
+    from mltag.data.formats import write_oof
+    from mltag.steps.review import review
+
+    data = tmp_path / "colours"
+    rows = make_colour_dataset(data, n=60)
+    write_lst_dataset(data, rows)
+    y = np.array([f for _, f in rows], np.uint8)
+    rng = np.random.default_rng(0)
+    s = np.clip(np.where(y == 1, 0.9, 0.1) + rng.normal(0, 0.03, y.shape), 0.01, 0.99)
+    flips = [(3, 0), (8, 1), (15, 2), (22, 0), (31, 1), (40, 2)]
+    for i, j in flips:
+        s[i, j] = 0.02 if y[i, j] else 0.98
+    write_oof(tmp_path / "oof.npz", [p for p, _ in rows], y, s, np.arange(len(y)) % 5, COLOURS)
+    review(tmp_path / "oof.npz", tmp_path / "review", tmp_path / "review.json", images=data,
+           **sections("review"), progress=False)
+    return data, tmp_path / "review" / "review.html"
+
+
+def test_review_by_keyboard_survives_a_reload_and_exports_what_review_apply_reads(tmp_path, browser):
+    data, page_file = make_review(tmp_path)
+    issues = list(csv.DictReader((tmp_path / "review" / "label_issues.csv").open()))
+    assert len(issues) >= 6
+    ctx = browser.new_context(accept_downloads=True)
+    page = ctx.new_page()
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(("file:", "data:", "blob:")) else None)
+    page.goto(page_file.as_uri())
+    n = len(issues) if len(issues) <= 24 * 3 else None
+    assert page.locator("#progress").inner_text() == f"0 of {n} reviewed"
+    first = page.locator("#t-path").inner_text()
+    assert first.startswith(f"1 / {n}: ") and page.locator("#t-img").get_attribute("alt").startswith(first[len(f'1 / {n}: '):])
+    page.keyboard.press("a")  # accept the first, reject the second, skip the third, accept the fourth
+    page.keyboard.press("r")
+    page.keyboard.press("s")
+    page.keyboard.press("a")
+    assert page.locator("#progress").inner_text() == f"4 of {n} reviewed"
+    page.keyboard.press("ArrowLeft")
+    assert page.locator("#t-path").inner_text().startswith(f"4 / {n}: ")
+    assert page.locator("#t-state").inner_text() == "(accepted)"
+
+    page.reload()  # decisions are kept
+    assert page.locator("#progress").inner_text() == f"4 of {n} reviewed"
+    assert page.locator("figure.accepted").count() == 2 and page.locator("figure.rejected").count() == 1
+
+    page.select_option("#f-label", "green")  # a filter narrows what is shown
+    green = sum(1 for r in issues if r["label"] == "green")
+    assert page.locator("#t-path").inner_text().startswith(f"1 / {green}: ")
+    page.select_option("#f-label", "")
+
+    with page.expect_download() as dl:
+        page.click("#export")
+    exported = tmp_path / "accepted.csv"
+    dl.value.save_as(exported)
+    got = list(csv.DictReader(exported.open()))
+    in_page = [r for lb in COLOURS for r in issues if r["label"] == lb]  # by label, most likely first
+    assert [(r["path"], r["label"]) for r in got] == [(r["path"], r["label"]) for r in (in_page[0], in_page[3])]
+    assert [r["given"] for r in got] == [in_page[0]["given"], in_page[3]["given"]]
+    assert exported.read_text().splitlines()[0] == "path,label,given,suggested,score,confidence"
+    assert not outside, f"the page loaded {outside}"
+
+    p = run_cli("review", "apply", "--accept", str(exported), "--input", str(data), "--format", "lst", cwd=tmp_path)
+    assert "corrected labels in" in p.stdout
+    fixed = (data / "all.reviewed.lst").read_text()
+    assert fixed != (data / "all.lst").read_text()
+    ctx.close()
+
+
+def test_the_page_works_by_keyboard_alone_and_every_image_has_alt_text(tmp_path, browser):
+    _, page_file = make_review(tmp_path)
+    page = browser.new_page()
+    page.goto(page_file.as_uri())
+    alts = page.eval_on_selector_all("img", "els => els.map(e => e.getAttribute('alt'))")
+    assert alts and all(a and ("given" in a) for a in alts if a is not None), alts
+    page.focus("#b-accept")  # Tab order reaches the buttons; Enter presses them
+    page.keyboard.press("Enter")
+    assert page.locator("#progress").inner_text().startswith("1 of ")
