@@ -31,6 +31,8 @@ from mltag.errors import MltagError
 def opt(default, help: str, *, output: bool = True, **bounds):
     """A config key: its default, one line of help, whether it changes the step's output, and
     its bounds (``ge``, ``gt``, ``le``, ``lt``). Allowed values of a choice are its ``Literal`` type."""
+    if isinstance(default, float) and not isinstance(default, bool):
+        bounds.setdefault("allow_inf_nan", False)  # .inf or .nan in params.yaml is an error, not a setting
     return Field(default, description=help, json_schema_extra={"changes_output": output}, **bounds)
 
 
@@ -94,6 +96,13 @@ class Prepare(Section):
     max_pixels: int = opt(40_000_000, "decompression-bomb cap", ge=1)
     salt: str = opt("mltag", "split hash salt: changing it reshuffles every split")
     follow_symlinks: bool = opt(False, "accept images that are symlinks to files outside the image root")
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(f"prepare.val_fraction + prepare.test_fraction must leave at least 10% of the images "
+                             f"to train on, got {self.val_fraction} + {self.test_fraction}")
+        return self
 
 
 class Backbone(Section):
@@ -355,6 +364,12 @@ def build_section(section: str, values: dict, where: str, base: Section | None =
 
 def params_from_dict(data: dict, where: str, base: Params | None = None) -> Params:
     """Params from nested ``{section: {key: value}}``; sections of other tools are ignored."""
+    import difflib
+
+    for s in data:
+        near = difflib.get_close_matches(str(s), list(SECTIONS), n=1, cutoff=0.75) if s not in SECTIONS else []
+        if near:  # another tool's section keeps its own name; a misspelled one of ours would be ignored
+            raise MltagError(f"{where}: unknown section {s!r} (did you mean {near[0]!r}?); its keys would be ignored")
     p = base or Params()
     update = {s: build_section(s, v, where, getattr(p, s)) for s, v in data.items() if s in SECTIONS}
     return p.model_copy(update=update)

@@ -51,6 +51,8 @@ class Dataset:
 def _check_rel(rel: str, root: Path, source: str) -> str:
     """Normalise a relative image path; refuse absolute paths and ones escaping the root."""
     path, _, line = source.rpartition(":")
+    if any(c in rel for c in "\t\n\r"):  # the prepared .lst is tab- and line-separated
+        raise MltagError(f"image path {rel!r} holds a tab or a line break; rename the file", path, int(line))
     rel = rel.strip().replace("\\", "/")
     if not rel:
         raise MltagError("empty image path", path, int(line))

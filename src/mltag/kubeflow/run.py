@@ -31,10 +31,18 @@ def compile_pipeline(out: str | os.PathLike = COMPILED, params: Params | None = 
     from mltag.kubeflow.image import check_clean_source
 
     check_clean_source(allow_dirty)
-    out = Path(out)
+    out = _yaml_path(out)
     with atomic_path(out) as tmp:
         compiler.Compiler().compile(build_pipeline(params or load_params(None)), str(tmp))
         tmp.write_text(_stable_header(tmp.read_text(encoding="utf-8")), encoding="utf-8")
+    return out
+
+
+def _yaml_path(out: str | os.PathLike) -> Path:
+    """A compiled pipeline's file: KFP writes YAML only to a name ending in .yaml or .yml."""
+    out = Path(out)
+    if out.suffix not in (".yaml", ".yml") or out.is_dir():
+        raise MltagError("a compiled pipeline is a YAML file: give a name ending in .yaml (e.g. pipeline.yaml)", out)
     return out
 
 
@@ -281,7 +289,7 @@ def compile_batch_pipeline(out: str | os.PathLike = BATCH_COMPILED, parallelism:
     from mltag.kubeflow.image import check_clean_source
 
     check_clean_source(allow_dirty)
-    out = Path(out)
+    out = _yaml_path(out)
     with atomic_path(out) as tmp:
         compiler.Compiler().compile(build_batch_pipeline(parallelism), str(tmp))
     return out
@@ -299,7 +307,7 @@ def compile_drift_pipeline(out: str | os.PathLike = DRIFT_COMPILED, allow_dirty:
     from mltag.kubeflow.image import check_clean_source
 
     check_clean_source(allow_dirty)
-    out = Path(out)
+    out = _yaml_path(out)
     with atomic_path(out) as tmp:
         compiler.Compiler().compile(build_drift_pipeline(), str(tmp))
     return out

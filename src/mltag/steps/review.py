@@ -160,13 +160,23 @@ def read_accepted(path: str | os.PathLike) -> list[dict]:
     header = next(reader, None)
     if header is None or tuple(h.strip() for h in header) != HEADER:
         raise MltagError(f"expected the header {','.join(HEADER)} (a label_issues.csv from mltag review)", path, 1)
-    out = []
+    out, seen = [], {}
     for line, row in csv_rows(reader, len(HEADER), path):
         rec = dict(zip(HEADER, (x.strip() for x in row)))
         if rec["given"] not in ("0", "1") or rec["suggested"] not in ("0", "1"):
             raise MltagError("given and suggested must be 0 or 1", path, line)
+        if rec["given"] == rec["suggested"]:
+            raise MltagError(f"the row changes nothing (given and suggested are both {rec['given']}); delete it",
+                             path, line)
+        pair = (rec["path"], rec["label"])
+        if pair in seen:
+            raise MltagError(f"{rec['path']} {rec['label']} is listed twice (first on line {seen[pair]}); keep one "
+                             "row", path, line)
+        seen[pair] = line
         rec["given"], rec["suggested"], rec["line"] = int(rec["given"]), int(rec["suggested"]), line
         out.append(rec)
+    if not out:
+        raise MltagError("no accepted rows: keep the label_issues.csv rows you agree with", path)
     return out
 
 
@@ -223,6 +233,11 @@ def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: s
         text = buf.getvalue()
     if target.resolve() == source.resolve():
         raise MltagError("the corrected file would replace the original; give another --out", target)
+    protected = {source.resolve(), *(f.resolve() for f in (ds.image_root / n for n in (
+        "labels.txt", "labels.json", "classes.txt", "all.lst", "image_list", "image_label")) if f.exists())}
+    if target.resolve() in protected:
+        raise MltagError("the corrected file would replace one of the dataset's own files (its labels or list); "
+                         "give another --to (the default writes a .reviewed copy beside the original)", target)
     if ds.fmt != "lst" and not (target.parent / "labels.txt").is_file() and target.parent == ds.image_root:
         log.info("review apply: labels come from the CSV's rows; a label left with no image would disappear")
     write_text_atomic(target, text)

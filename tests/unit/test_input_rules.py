@@ -1,0 +1,58 @@
+"""Settings and hand-made files that would be silently ignored or half-used are refused, naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from mltag.errors import MltagError
+
+
+def test_a_misspelled_section_is_refused_and_another_tools_section_is_left_alone():
+    from mltag.config import params_from_dict
+
+    with pytest.raises(MltagError, match="unknown section 'trian' \\(did you mean 'train'\\?\\)"):
+        params_from_dict({"trian": {"epochs": 3}}, "params.yaml")
+    assert params_from_dict({"my_tool": {"x": 1}, "train": {"epochs": 3}}, "params.yaml").train.epochs == 3
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("train", {"learning_rate": float("inf")}, "train.learning_rate: must be a finite number"),
+    ("train", {"learning_rate": float("nan")}, "train.learning_rate: must be a finite number"),
+    ("prepare", {"val_fraction": 0.6, "test_fraction": 0.6}, "must leave at least 10% of the images to train on"),
+])
+def test_infinite_rates_and_fractions_that_leave_nothing_to_train_on_are_refused(section, values, message):
+    from mltag.config import params_from_dict
+
+    with pytest.raises(MltagError, match=message):
+        params_from_dict({section: values}, "params.yaml")
+
+
+def test_a_pipeline_is_compiled_only_to_a_yaml_name(tmp_path):
+    from mltag.kubeflow.run import compile_pipeline
+
+    with pytest.raises(MltagError, match="a compiled pipeline is a YAML file"):
+        compile_pipeline(tmp_path, allow_dirty=True)
+    with pytest.raises(MltagError, match="a compiled pipeline is a YAML file"):
+        compile_pipeline(tmp_path / "pipeline.json", allow_dirty=True)
+
+
+def test_a_csv_image_path_with_a_tab_or_line_break_is_refused_with_its_line(tmp_path):
+    from mltag.data.datasets import read_dataset
+
+    (tmp_path / "labels.csv").write_text('path,labels\na.jpg,sea\n"b\tc.jpg",sea\n')
+    with pytest.raises(MltagError, match="labels.csv:3: image path 'b\\\\tc.jpg' holds a tab or a line break"):
+        read_dataset(tmp_path / "labels.csv", "csv")
+
+
+@pytest.mark.parametrize("rows, message", [
+    (["images/a.jpg,sea,1,1,0.5,0.9"], ":2: the row changes nothing"),
+    (["images/a.jpg,sea,1,0,0.5,0.9", "images/a.jpg,sea,1,0,0.5,0.9"], ":3: images/a.jpg sea is listed twice \\(first on line 2\\)"),
+    ([], "no accepted rows"),
+])
+def test_accepted_rows_that_change_nothing_or_repeat_are_refused(tmp_path, rows, message):
+    from mltag.steps.review import read_accepted
+
+    f = tmp_path / "accepted.csv"
+    f.write_text("path,label,given,suggested,score,confidence\n" + "".join(r + "\n" for r in rows))
+    with pytest.raises(MltagError, match=message):
+        read_accepted(f)
