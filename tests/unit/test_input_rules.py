@@ -56,3 +56,32 @@ def test_accepted_rows_that_change_nothing_or_repeat_are_refused(tmp_path, rows,
     f.write_text("path,label,given,suggested,score,confidence\n" + "".join(r + "\n" for r in rows))
     with pytest.raises(MltagError, match=message):
         read_accepted(f)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"image_size": 100000}, "'image_size' must be an integer from 16 to 2048, got 100000"),
+    ({"image_size": "224"}, "'image_size' must be an integer from 16 to 2048"),
+])
+def test_a_model_json_size_is_bounded(tmp_path, edit, message):
+    import json
+
+    from mltag.data.formats import read_model_meta
+
+    (tmp_path / "model.json").write_text(json.dumps({"format": 2, "labels": ["a", "b"], "image_size": 224, **edit}))
+    with pytest.raises(MltagError, match=message):
+        read_model_meta(tmp_path, verify=False)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"views": None}, "views: None"), ({"feature_dim": "x"}, "feature_dim: 'x'"), ({"image_size": 0}, "image_size: 0"),
+])
+def test_a_damaged_bottleneck_json_is_a_clear_error(tmp_path, edit, message):
+    import json
+
+    from mltag.data.formats import read_bottleneck_meta
+
+    meta = {"format": 2, "backbone_handle": "h", "backbone_id": "i", "image_size": 224, "preprocessing": "p",
+            "views": 1, "feature_dim": 1280, **edit}
+    (tmp_path / "bottleneck.json").write_text(json.dumps(meta))
+    with pytest.raises(MltagError, match=f"bottleneck.json is damaged \\({message}\\)"):
+        read_bottleneck_meta(tmp_path)

@@ -332,7 +332,22 @@ def read_bottleneck_meta(bottlenecks: str | os.PathLike) -> dict:
     missing = [k for k in ("backbone_handle", "backbone_id", "image_size", "preprocessing") if k not in meta]
     if missing:
         raise MltagError(f"bottleneck.json is damaged (no {', '.join(missing)}); rerun the bottleneck step", f)
+    bad = [k for k, ok in (("image_size", _sized(meta["image_size"])),
+                           ("views", isinstance(meta.get("views", 1), int) and 1 <= meta.get("views", 1) <= 64),
+                           ("feature_dim", meta.get("feature_dim") is None or (
+                               isinstance(meta["feature_dim"], int) and 0 <= meta["feature_dim"] <= 1 << 16)),
+                           ("images", meta.get("images") is None or isinstance(meta["images"], int))) if not ok]
+    if bad:
+        raise MltagError(f"bottleneck.json is damaged ({', '.join(f'{k}: {meta.get(k)!r}' for k in bad)}); rerun the "
+                         "bottleneck step", f)
     return meta
+
+
+MIN_SIZE, MAX_SIZE = 16, 2048  # pixels a side: anything else read from a file is damage, not a setting
+
+
+def _sized(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and MIN_SIZE <= v <= MAX_SIZE
 
 
 # --------------------------------------------------------------------------- evaluate's output
@@ -481,8 +496,9 @@ def read_model_meta(model_dir: str | os.PathLike, verify: bool = True) -> dict:
         raise MltagError("model.json is damaged: 'labels' must be a non-empty list of label names", f)
     if len(set(labels)) != len(labels):
         raise MltagError("model.json lists a label twice", f)
-    if not isinstance(meta.get("image_size"), int) or meta["image_size"] <= 0:
-        raise MltagError("model.json is damaged: 'image_size' must be a positive integer", f)
+    if not _sized(meta.get("image_size")):
+        raise MltagError(f"model.json is damaged: 'image_size' must be an integer from {MIN_SIZE} to {MAX_SIZE}, "
+                         f"got {meta.get('image_size')!r}", f)
     txt = model_dir / "labels.txt"
     if txt.is_file() and read_labels(txt) != labels:
         raise MltagError("model.json's labels differ from labels.txt in the same folder (an edited model); "
@@ -525,6 +541,8 @@ def load_oof(path: str | os.PathLike) -> dict:
     n, k = len(out["paths"]), len(out["label_names"])
     if out["scores"].shape != (n, k) or out["labels"].shape != (n, k) or out["folds"].shape != (n,):
         raise MltagError("out-of-fold scores are damaged (their shapes do not match); run calibrate again", path)
+    if n and (out["scores"].min() < 0 or out["scores"].max() > 1):
+        raise MltagError("out-of-fold scores are damaged (a score outside [0, 1]); run calibrate again", path)
     return out
 
 
