@@ -56,7 +56,10 @@ def find_issues(y: np.ndarray, scores: np.ndarray, filter_by: str):
         given = [list(np.flatnonzero(row)) for row in sub_y]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # cleanlab warns about small classes; the report says what it found
-            found = np.asarray(find_multilabel_issues_per_class(given, scores[:, usable], filter_by=filter_by))
+            # n_jobs=1: cleanlab's pool forks this process, and a fork of a process with threads (the MLflow
+            # helper's pipes, a thread pool) can hang on a lock held at the fork; the work is small anyway
+            found = np.asarray(find_multilabel_issues_per_class(given, scores[:, usable], filter_by=filter_by,
+                                                                n_jobs=1))
             quality = get_label_quality_scores_per_class(given, scores[:, usable])
         mask[:, usable] = found.reshape(len(y), len(usable))
     else:
