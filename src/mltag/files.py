@@ -44,6 +44,9 @@ def _leftover_pid(name: str, stem: str | None) -> int | None:
     return int(m.group(1) or m.group(2)) if m else None
 
 
+_CLEANED: set[tuple[str, str | None]] = set()
+
+
 def remove_stale_leftovers(folder: str | os.PathLike, stem: str | None = None) -> int:
     """Remove what killed runs left in ``folder``: temp files and folders, swapped-out old outputs.
 
@@ -52,6 +55,12 @@ def remove_stale_leftovers(folder: str | os.PathLike, stem: str | None = None) -
     many were removed.
     """
     removed = 0
+    # What is stale is older than this process, so one look per folder (and output name) is enough: a
+    # folder of 100,000 files written one by one would otherwise be listed 100,000 times.
+    seen = (os.path.abspath(folder), stem)
+    if seen in _CLEANED:
+        return 0
+    _CLEANED.add(seen)
     try:
         entries = list(os.scandir(folder))
     except OSError:

@@ -16,7 +16,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from mltag import config
 from mltag.data.formats import Example, write_labels, write_lst
-from mltag.files import atomic_path
 
 DEMO_LABELS = ["desert", "mountains", "sea", "sunset", "trees"]
 
@@ -110,28 +109,45 @@ def draw_scene(flags: tuple[int, ...], rng: np.random.Generator) -> Image.Image:
     return img
 
 
+DRAW_VERSION = 1  # bump when draw_scene changes what it draws
+
+
 def make_demo_data(out: str | os.PathLike, *, demo: config.Demo) -> Path:
     """Write ``demo.n_images`` scenes plus ``labels.txt`` and ``all.lst`` under ``out``.
 
-    Files whose bytes would not change are left untouched, so DVC and the bottleneck cache see
-    only the new ones when ``n_images`` grows.
+    Image ``i`` depends only on ``(seed, i)``: a folder that ``.demo.json`` says was drawn with the same
+    seed keeps its images and only the new ones are drawn; otherwise files whose bytes would not change
+    are left untouched. Either way DVC and the bottleneck cache see only the new ones when
+    ``n_images`` grows. Each image is written to a temp name and renamed: no lock per file.
     """
+    import json
+
     n_images, seed = demo.n_images, demo.seed
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    manifest = out / ".demo.json"
+    try:
+        before = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    except ValueError:
+        before = {}
+    same = before.get("seed") == seed and before.get("draw") == DRAW_VERSION
+    manifest.unlink(missing_ok=True)  # rewritten once every image is there
     examples = []
     for i in range(n_images):
         rng = np.random.default_rng([seed, i])
         flags = _labels_for(rng)
         rel = f"images/{i:05d}.jpg"
         target = out / rel
-        img = draw_scene(flags, rng)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=int(rng.integers(55, 96)))
-        if not target.is_file() or target.read_bytes() != buf.getvalue():
-            with atomic_path(target) as tmp:
-                tmp.write_bytes(buf.getvalue())
         examples.append(Example(rel, flags))
+        if same and i < before.get("n_images", 0) and target.is_file():
+            continue
+        buf = io.BytesIO()
+        draw_scene(flags, rng).save(buf, "JPEG", quality=int(rng.integers(55, 96)))
+        if not target.is_file() or target.read_bytes() != buf.getvalue():
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(buf.getvalue())
+            os.replace(tmp, target)
     write_labels(out / "labels.txt", DEMO_LABELS)
     write_lst(out / "all.lst", examples)
+    manifest.write_text(json.dumps({"seed": seed, "n_images": n_images, "draw": DRAW_VERSION}) + "\n")
     return out
