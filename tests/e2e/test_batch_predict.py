@@ -18,16 +18,21 @@ from mltag.steps.train import train
 pytestmark = pytest.mark.slow
 
 
+def trained(tmp_path, dataset, backbone) -> None:
+    """A model in tmp_path/model, its bottlenecks in tmp_path/bn and their vector store in tmp_path/store."""
+    prepare(tmp_path / "prepared", **sections("prepare", input=dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(backbone),
+               cache_dir=tmp_path / "store", views=1), progress=False)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150), progress=False)
+
+
 def test_batch_prediction_shards_2000_images_over_4_tasks_into_one_file_in_order(tmp_path, colour_dataset,
                                                                                  fake_backbone, mlflow_store):
     from mltag.kubeflow.entry import shard_slice
     from mltag.kubeflow.run import run_batch_local
     from mltag.tools.predict import predict
 
-    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
-    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
-               cache_dir=tmp_path / "cache", views=1), progress=False)
-    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150), progress=False)
+    trained(tmp_path, colour_dataset, fake_backbone)
     new = tmp_path / "new"
     new.mkdir()
     rng = np.random.default_rng(5)
@@ -53,10 +58,7 @@ def test_the_drift_pipeline_runs_mltag_drift_as_one_task_and_returns_whether_it_
 
     from mltag.kubeflow.batch import build_drift_pipeline
 
-    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
-    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
-               cache_dir=tmp_path / "store", views=1), progress=False)
-    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150), progress=False)
+    trained(tmp_path, colour_dataset, fake_backbone)
     dark = tmp_path / "dark"
     dark.mkdir()
     for f in sorted((colour_dataset / "images").iterdir()):
