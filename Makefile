@@ -28,12 +28,13 @@ demo: install
 	mltag predict data/demo/images/00001.jpg data/demo/images/00002.jpg data/demo/images/00003.jpg
 
 # Every tier: unit (seconds, no processes), integration (steps in process), e2e (dvc, mlflow server,
-# kfp.local, kill -9). Every test is independent of order, with its own project.
+# kfp.local, kill -9). Every test is independent of order, with its own project. One process: forks (the refit,
+# cleanlab's pool) inside pytest-xdist workers, which hold threads of their own, hung twice.
 test: install
 	$(BIN)/ruff check src components pipeline tests benchmarks
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/mkdocs build --strict --quiet
-	$(BIN)/pytest -q -ra -n 2 --dist loadfile tests
+	$(BIN)/pytest -q -ra tests
 
 # The unit tier alone: under a minute.
 test-fast: install
