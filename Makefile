@@ -28,13 +28,16 @@ demo: install
 	mltag predict data/demo/images/00001.jpg data/demo/images/00002.jpg data/demo/images/00003.jpg
 
 # Every tier: unit (seconds, no processes), integration (steps in process), e2e (dvc, mlflow server,
-# kfp.local, kill -9). Every test is independent of order, with its own project. One process: forks (the refit,
-# cleanlab's pool) inside pytest-xdist workers, which hold threads of their own, hung twice.
+# kfp.local, kill -9). Every test is independent of order, with its own project. Each tier in a process of its
+# own, the fast ones first: in one process, an integration test (TF and LiteRT threads) hung once after the e2e
+# tier had run there (kfp.local, Playwright); under pytest-xdist a forked child in a worker hung twice.
 test: install
 	$(BIN)/ruff check src components pipeline tests benchmarks
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/mkdocs build --strict --quiet
-	$(BIN)/pytest -q -ra tests
+	$(BIN)/pytest -q -ra tests/unit
+	$(BIN)/pytest -q -ra tests/integration
+	$(BIN)/pytest -q -ra tests/e2e
 
 # The unit tier alone: under a minute.
 test-fast: install
