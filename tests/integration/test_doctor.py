@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import time
 
-from test_mlflow_server import free_port
-
-from conftest import run_cli
+from conftest import free_port, run_cli
 
 
 def _project(tmp_path, fake_backbone, store):
