@@ -7,7 +7,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install demo test test-fast test-integration test-e2e lint compile docs docs-serve lock clean
+.PHONY: install browser demo test test-fast test-integration test-e2e lint compile docs docs-serve lock clean
 
 # Exact versions from the lock file (the same one the Docker image uses), then mltag itself.
 $(VENV)/.installed: pyproject.toml requirements-dev.lock
@@ -15,12 +15,15 @@ $(VENV)/.installed: pyproject.toml requirements-dev.lock
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.lock
 	$(BIN)/pip install --quiet --no-deps -e .
-	@# The browser tests drive Debian's Chromium (Playwright's own browser download cannot be reached).
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-		apt-get install -y -qq chromium >/dev/null; } || echo "make: chromium is missing: apt-get install chromium (the browser tests need it)"
 	touch $@
 
 install: $(VENV)/.installed
+
+# The browser tests drive Debian's Chromium (Playwright's own browser download cannot be reached). Only the
+# tests need it, so `make demo` does not wait for it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		apt-get install -y -qq chromium >/dev/null; } || echo "make: chromium is missing: apt-get install chromium (the browser tests need it)"
 
 demo: install
 	dvc repro -q
@@ -31,7 +34,7 @@ demo: install
 # kfp.local, kill -9). Every test is independent of order, with its own project. Each tier in a process of its
 # own, the fast ones first: in one process, an integration test (TF and LiteRT threads) hung once after the e2e
 # tier had run there (kfp.local, Playwright); under pytest-xdist a forked child in a worker hung twice.
-test: install
+test: install browser
 	$(BIN)/ruff check src components pipeline tests benchmarks
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/mkdocs build --strict --quiet
@@ -46,7 +49,7 @@ test-fast: install
 test-integration: install
 	$(BIN)/pytest -q tests/integration
 
-test-e2e: install
+test-e2e: install browser
 	$(BIN)/pytest -q tests/e2e
 
 lint: install

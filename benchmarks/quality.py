@@ -10,7 +10,10 @@ so a backbone's vectors are computed once for all repeats. Prints figures; asser
 Usage:
     python benchmarks/quality.py --data ../shared/devsets/flowers [--repeats 5] [--json]
         [--backbones lite0,lite1,lite2,lite0+lite2] [--sizes 0,300] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
-        [--modes head,fine_tune] [--train "loss=bce;loss=asl;monitor=val_map"]
+        [--modes head,fine_tune] [--train "loss=bce;loss=asl;monitor=val_map"] [--tta none,mean]
+
+The first configuration of the grid is the baseline: every other one is also compared with it split by
+split (``paired``: the mean difference in mAP and calibrated micro F1, and how many splits went up).
 
 ``--train`` compares train settings: configurations separated by ``;``, each a ``,``-separated
 list of ``key=value`` train keys (``default`` for params.yaml's own).
@@ -43,7 +46,7 @@ CALIBRATIONS = {  # name -> calibrate() keywords
 
 def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: str, views: int, hidden: int,
             calibrations: list[str], salt: str, params, mode: str = "head", variant: str = "default",
-            size: int = 0) -> list[dict]:
+            size: int = 0, tta: str = "none") -> list[dict]:
     from mltag.steps import run_step
     from mltag.steps.bottleneck import bottleneck
     from mltag.steps.calibrate import calibrate
@@ -57,6 +60,7 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     overrides = dict(kv.split("=", 1) for kv in variant.split(",")) if variant != "default" else {}
     px = f"-s{size}" if size else ""  # backbone.image_size 0: the built-in's own
     tag = f"{backbone}{px}-v{views}-h{hidden}-{mode}-{salt}-" + "".join(c if c.isalnum() else "_" for c in variant)
+    ev_tag = tag + (f"-tta{tta}" if tta != "none" else "")
     bn = work / f"bn-{backbone}{px}-v{views}-{salt}"
     t_bn = time.perf_counter()
     parts = backbone.split("+")  # "lite0+lite2": both backbones' vectors, concatenated (an experiment)
@@ -67,17 +71,20 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     bn_seconds = time.perf_counter() - t_bn
     p = params.replace("train", hidden_units=hidden, mode=mode, **overrides).replace(
         "backbone", cache_dir=str(backbones_dir), handle=f"builtin:efficientnet_{parts[-1]}", image_size=size)
-    run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep))
+    if not (work / f"model-{tag}").is_dir():  # the same model for every --tta value
+        run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep))
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
-        evaluate(work / f"model-{tag}", bn, work / f"ev-{tag}", work / f"ev-{tag}.json", image_root_of(prep), **sections("evaluate", bootstrap=100))
+        evaluate(work / f"model-{tag}", bn, work / f"ev-{ev_tag}", work / f"ev-{ev_tag}.json", image_root_of(prep),
+                 **sections("evaluate", bootstrap=100, tta=tta))
     base_seconds = time.perf_counter() - t0
     rows = []
     for cal in calibrations:
         t1 = time.perf_counter()
-        r = calibrate(work / f"ev-{tag}", work / f"model-{tag}", work / f"th-{tag}-{cal}.json", work / f"cal-{tag}-{cal}.json", **sections("calibrate", **CALIBRATIONS[cal]), bottlenecks=bn, progress=False)
+        r = calibrate(work / f"ev-{ev_tag}", work / f"model-{tag}", work / f"th-{ev_tag}-{cal}.json", work / f"cal-{ev_tag}-{cal}.json", **sections("calibrate", **CALIBRATIONS[cal]), bottlenecks=bn, progress=False)
         a05, acal = r["test_at_0.5"], r["test_at_thresholds"]
         rows.append({
             "backbone": backbone, "image_size": size, "views": views, "hidden": hidden, "mode": mode, "train": variant, "calibration": cal,
+            "tta": tta,
             "salt": salt,
             "map": acal["map"], "micro_f1@0.5": a05["micro_f1"], "macro_f1@0.5": a05["macro_f1"],
             "micro_f1_cal": acal["micro_f1"], "macro_f1_cal": acal["macro_f1"],
@@ -112,17 +119,39 @@ def concat_bottlenecks(parts: list[Path], out: Path) -> None:
     (out / "labels.txt").write_bytes((parts[-1] / "labels.txt").read_bytes())
 
 
+KEY = ("backbone", "image_size", "views", "hidden", "mode", "train", "tta", "calibration")
+
+
+def paired(rows: list[dict]) -> list[dict]:
+    """Each configuration against the first (the baseline), split by split: mean differences and splits up."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in KEY), {})[r["salt"]] = r
+    base_key, *others = list(groups)
+    out = []
+    for key in others:
+        common = [s for s in groups[key] if s in groups[base_key]]
+        if not common:
+            continue
+        d_map = [groups[key][s]["map"] - groups[base_key][s]["map"] for s in common]
+        d_f1 = [groups[key][s]["micro_f1_cal"] - groups[base_key][s]["micro_f1_cal"] for s in common]
+        out.append({**dict(zip(KEY, key)), "splits": len(common), "d_map": round(statistics.fmean(d_map), 4),
+                    "d_micro_f1_cal": round(statistics.fmean(d_f1), 4), "map_up": sum(d > 0 for d in d_map),
+                    "f1_up": sum(d > 0 for d in d_f1), "f1_down": sum(d < 0 for d in d_f1)})
+    return out
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["backbone"], r["image_size"], r["views"], r["hidden"], r["mode"], r["train"], r["calibration"]),
-                          []).append(r)
+        groups.setdefault(tuple(r[k] for k in KEY), []).append(r)
     out = []
-    for (b, size, v, h, mode, variant, c), rs in groups.items():
+    for (b, size, v, h, mode, variant, tta, c), rs in groups.items():
         def mean(k, rs=rs):
             return statistics.fmean(r[k] for r in rs)
 
-        out.append({"backbone": b, "image_size": size, "views": v, "hidden": h, "mode": mode, "train": variant, "calibration": c,
+        out.append({"backbone": b, "image_size": size, "views": v, "hidden": h, "mode": mode, "train": variant, "tta": tta,
+                    "calibration": c,
                     "splits": len(rs),
                     **{k: round(mean(k), 4) for k in ("map", "micro_f1@0.5", "micro_f1_cal", "macro_f1@0.5",
                                                       "macro_f1_cal", "label_accuracy_cal", "expected_gain")},
@@ -143,6 +172,7 @@ def main() -> None:
     ap.add_argument("--modes", default="head", help="train.mode values: head, fine_tune or both")
     ap.add_argument("--train", default="default", help="train settings to compare: 'k=v,k=v;k=v' ('default': "
                                                         "params.yaml's)")
+    ap.add_argument("--tta", default="none", help="evaluate.tta values: none, mean, max")
     ap.add_argument("--repeats", type=int, default=5, help="splits (prepare salts) per configuration")
     ap.add_argument("--work", default=None, help="keep the work folder here (default: a temp folder)")
     ap.add_argument("--backbone-cache", default=".mltag-cache/backbones")
@@ -164,14 +194,16 @@ def main() -> None:
                 for hidden in (int(h) for h in args.hidden.split(",")):
                     for mode in args.modes.split(","):
                         for variant in args.train.split(";"):
-                            for i in range(args.repeats):
-                                rows += run_one(data, work, work / "cache", Path(args.backbone_cache).resolve(),
-                                                backbone, views, hidden, args.calibration.split(","), f"quality{i}",
-                                                params, mode, variant, size)
-                                print(f"  done {backbone} size={size} views={views} hidden={hidden} {mode} {variant} split {i}",
-                                      file=sys.stderr, flush=True)
+                            for tta in args.tta.split(","):
+                                for i in range(args.repeats):
+                                    rows += run_one(data, work, work / "cache", Path(args.backbone_cache).resolve(),
+                                                    backbone, views, hidden, args.calibration.split(","), f"quality{i}",
+                                                    params, mode, variant, size, tta)
+                                    print(f"  done {backbone} size={size} views={views} hidden={hidden} {mode} {variant} "
+                                          f"tta={tta} split {i}", file=sys.stderr, flush=True)
     table = summarise(rows)
-    cols = [("backbone", 9, "s"), ("image_size", 6, "d"), ("views", 6, "d"), ("hidden", 7, "d"), ("mode", 10, "s"), ("train", 34, "s"),
+    cols = [("backbone", 12, "s"), ("image_size", 6, "d"), ("views", 6, "d"), ("hidden", 7, "d"), ("mode", 10, "s"), ("train", 34, "s"),
+            ("tta", 5, "s"),
             ("calibration", 12, "s"),
             ("map", 7, ".3f"), ("micro_f1@0.5", 13, ".3f"), ("micro_f1_cal", 13, ".3f"), ("micro_f1_cal_std", 9, ".3f"),
             ("macro_f1@0.5", 13, ".3f"), ("macro_f1_cal", 13, ".3f"), ("label_accuracy_cal", 10, ".3f"),
@@ -181,8 +213,15 @@ def main() -> None:
     print("".join(f"{heads.get(c, c):>{w}}" for c, w, _ in cols))
     for r in table:
         print("".join(f"{r[c]:>{w}{f}}" for c, w, f in cols))
+    pairs = paired(rows)
+    if pairs:
+        print("\nagainst the first configuration, split by split (d_: mean difference; up: splits that gained)")
+        for r in pairs:
+            print(f"  {r['backbone']} views={r['views']} {r['mode']} {r['train']} tta={r['tta']} {r['calibration']}: "
+                  f"mAP {r['d_map']:+.4f} ({r['map_up']}/{r['splits']} up), micro F1 cal. {r['d_micro_f1_cal']:+.4f} "
+                  f"({r['f1_up']} up, {r['f1_down']} down)")
     if args.json:
-        print(json.dumps({"data": str(data), "repeats": args.repeats, "table": table, "runs": rows}))
+        print(json.dumps({"data": str(data), "repeats": args.repeats, "table": table, "paired": pairs, "runs": rows}))
 
 
 if __name__ == "__main__":

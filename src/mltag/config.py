@@ -106,9 +106,9 @@ class Prepare(Section):
 
 
 class Backbone(Section):
-    handle: str = opt("builtin:efficientnet_lite2",
-                      "builtin:efficientnet_lite0/1/2 (add _ms: two scales and two middle stages, 2.5x the "
-                      "bottleneck time, head mode only), a TF Hub URL or a local SavedModel folder")
+    handle: str = opt("builtin:efficientnet_lite2_ms",
+                      "builtin:efficientnet_lite0/1/2, each also with _ms (two scales and two middle stages: "
+                      "about 2.5x the single-scale bottleneck time), a TF Hub URL or a local SavedModel folder")
     image_size: int = opt(0, "input size; 0: the built-in's own (224/240/260; _ms 280/300/325), 224 for other "
                           "modules", ge=0)
     cache_dir: str = opt("", "where built-in backbones are built and converted; empty: the per-user cache "
@@ -150,6 +150,10 @@ class Train(Section):
                           ge=0, lt=1)
     label_smoothing: float = opt(0.0, "the head's targets pulled toward 0.5 by this much (0.1: 0.05 and 0.95)",
                                  ge=0, lt=1)
+    label_trust: float = opt(0.0, "head: each training target moves this far toward the out-of-fold score of "
+                             "5 heads fitted on the train split's other folds, so labels those heads confidently "
+                             "contradict weigh less (0: every label trusted; val and test keep their labels)",
+                             ge=0, le=1)
     mode: Literal["head", "fine_tune"] = opt(
         "head", "head (on cached vectors) or fine_tune (also the backbone's top blocks, from the images)")
     fine_tune_blocks: int = opt(2, "fine_tune: top blocks trained (the rest stays frozen); built-in backbones only",

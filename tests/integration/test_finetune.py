@@ -132,3 +132,55 @@ def test_the_frozen_bottom_through_litert_gives_tf_s_feature_maps(tmp_path, colo
     np.testing.assert_allclose(lite, ref, atol=1e-4)
 
 
+
+
+@pytest.mark.parametrize("k", [0, 12, 15])
+def test_the_two_scale_vector_splits_at_any_block(k):
+    """``_ms`` fine-tuning: the frozen half (both scales' maps at block k and the middle stages below it) and the
+    tuned half give exactly the vector ``multiscale`` gives, wherever the split falls against the middle stages."""
+    import tensorflow as tf
+
+    from mltag.backbones.builtin import MID_WEIGHT
+    from mltag.steps.finetune import _frozen_bottom, _TopTrainer
+
+    net = LiteNet("efficientnet_lite0")
+    assert net.mid_stages() == [10, 14]  # k 12 splits between them, 15 is above both, 0 below both
+    px = np.random.default_rng(0).integers(0, 256, (3, 80, 80, 3), dtype=np.uint8)
+    frozen = _frozen_bottom("efficientnet_lite0_ms", k, 80, "", net)(px)
+    assert len(frozen) == 3 and frozen[2].shape == (3, sum(int(net.blocks[e]["project"][0].shape[-1])
+                                                           for e in net.mid_stages() if e < k))
+    top = _TopTrainer.__new__(_TopTrainer)
+    top.tf, top.net, top.k, top.dtype = tf, net, k, "float32"
+    got = top.features(tuple(tf.constant(a) for a in frozen)).numpy()
+    want = net.multiscale(tf.constant(px, tf.float32) / 255.0).numpy()
+    assert got.shape == want.shape == (3, 1280 + 112 + 192) and MID_WEIGHT < 1
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fine_tunes_a_two_scale_builtin_and_ships_its_vector(colour_dataset):
+    """``backbone.handle: builtin:..._ms`` fine-tunes (the top blocks at both scales) and the tuned weights
+    are written as the ``_ms`` module, whose vectors the tuned head was fitted on."""
+    import tensorflow as tf
+
+    from mltag.backbones.builtin import build_lite_module
+    from mltag.data.formats import read_lst
+    from mltag.inference.lanes import hash_files
+    from mltag.steps.finetune import builtin_name, fine_tune
+
+    assert builtin_name("builtin:efficientnet_lite0_ms") == "efficientnet_lite0_ms"
+    rows = read_lst(colour_dataset / "all.lst")[:10]
+    files = [colour_dataset / r.path for r in rows]
+    items = list(zip(files, hash_files(files)))
+    y = np.array([r.flags for r in rows], np.float32)
+    head = [np.zeros((1584, 3), np.float32), np.zeros(3, np.float32)]
+    cfg = sections("train", fine_tune_blocks=3, fine_tune_epochs=2, fine_tune_learning_rate=1e-3,
+                   fine_tune_patience=0)["train"]
+    net, head_after, hist = fine_tune("builtin:efficientnet_lite0_ms", 64, items[:7], y[:7], items[7:], y[7:], head,
+                                      train=cfg, views=1, progress=False, backbone_cache="")
+    assert hist["tuned_blocks"] == [13, 14, 15] and all(np.isfinite(hist["loss"]))
+    assert net.export_name == "efficientnet_lite0_ms" and head_after[0].shape == (1584, 3)
+    moved = [not np.array_equal(net.state_dict()[k], v) for k, v in load_state("efficientnet_lite0").items()]
+    assert any(moved) and not all(moved)
+    module = build_lite_module(net.export_name, net.state_dict())
+    x = tf.constant(np.random.default_rng(1).random((2, 64, 64, 3)), tf.float32)
+    np.testing.assert_allclose(module(x).numpy(), net.multiscale(x).numpy(), rtol=1e-5, atol=1e-5)

@@ -38,12 +38,13 @@ def test_larger_variants_scale_width_and_depth_but_not_stem_or_head():
         assert sum(1 for k in state if k.endswith("_depthwise_conv.weight")) == len(bb.lite_blocks(name))
 
 
-def test_fine_tune_refuses_a_multiscale_builtin_and_names_the_single_scale_one():
+def test_fine_tune_takes_every_builtin_and_refuses_other_modules():
     from mltag.steps.finetune import builtin_name
 
     assert builtin_name("builtin:efficientnet_lite2") == "efficientnet_lite2"
-    with pytest.raises(MltagError, match=r"two scales; set backbone.handle: builtin:efficientnet_lite2 "):
-        builtin_name("builtin:efficientnet_lite2_ms")
+    assert builtin_name("builtin:efficientnet_lite2_ms") == "efficientnet_lite2_ms"
+    with pytest.raises(MltagError, match=r"needs a built-in backbone .*efficientnet_lite0_ms.*got 'builtin:lite9'"):
+        builtin_name("builtin:lite9")
 
 
 

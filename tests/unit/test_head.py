@@ -128,3 +128,30 @@ def test_the_head_backward_pass_is_the_gradient_of_its_loss(hidden, dropout):
             down = value()
             w[idx] = keep
             assert gw[idx] == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-7), (idx, hidden, dropout)
+
+
+def test_label_trust_moves_flipped_training_labels_toward_the_truth_and_keeps_the_rest():
+    """``train.label_trust``: out-of-fold heads on the train split contradict the flipped labels of a
+    separable task, so those targets move toward the truth; clean targets barely move; the result is
+    the same for the same seed (the folds hash the paths)."""
+    from mltag.config import sections
+    from mltag.head.fit import HeadLoss, with_views
+    from mltag.steps.train import _trusted_targets
+
+    rng = np.random.default_rng(3)
+    truth = (rng.random((300, 3)) < 0.4).astype(np.float32)
+    x = (truth @ rng.normal(0, 1, (3, 16)) * 2 + rng.normal(0, 0.3, (300, 16))).astype(np.float32)
+    given = truth.copy()
+    flipped = rng.random(truth.shape) < 0.05
+    given[flipped] = 1 - given[flipped]
+    cfg = sections("train", label_trust=0.5, epochs=40, patience=5)["train"]
+    settings = {"learning_rate": 0.01, "batch_size": 32, "hidden_units": 0, "dropout": 0.0, "seed": 1,
+                "loss": HeadLoss.of({})}
+    x_fit, _ = with_views(x[:240], given[:240], None)
+    paths = [f"img/{i}.jpg" for i in range(240)]
+    soft = _trusted_targets(cfg, settings, x_fit, x[:240], given[:240], x[240:], truth[240:], paths, False)
+    moved = np.abs(soft - given[:240])
+    assert soft.shape == (240, 3) and soft.min() >= 0 and soft.max() <= 1
+    assert moved[flipped[:240]].mean() > 0.35 and moved[~flipped[:240]].mean() < 0.1
+    np.testing.assert_array_equal(soft, _trusted_targets(cfg, settings, x_fit, x[:240], given[:240], x[240:],
+                                                         truth[240:], paths, False))

@@ -117,7 +117,7 @@ def test_dag_shape_parallelfor_and_no_cache_on_register(compiled):
     assert tasks["train"]["cachingOptions"]["enableCache"] is True
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["train"]["defaultValue"]["learning_rate"] == 0.001  # from params.yaml
-    assert params["backbone"]["defaultValue"]["handle"] == "builtin:efficientnet_lite2"
+    assert params["backbone"]["defaultValue"]["handle"] == "builtin:efficientnet_lite2_ms"
 
 
 def test_without_collected_the_gather_waits_for_the_loop_and_needs_a_shared_store(tmp_path):

@@ -275,17 +275,44 @@ class LiteNet:
         ends = [i for i in range(self.n_blocks - 1) if out[i] != out[i + 1]]
         return ends[-2:]
 
+    def bottom_levels(self, images, k: int, dtype="float32"):
+        """The frozen half of ``levels`` up to block ``k``: ``(feature map after block k-1, [pooled
+        outputs of the mid_stages() that end below k])``."""
+        tf = import_tensorflow()
+
+        x, mids, first = self.bottom(images, 0, dtype), [], 0
+        for end in (e for e in self.mid_stages() if e < k):
+            x = self._blocks(x, first, end + 1, dtype)
+            mids.append(tf.cast(tf.reduce_mean(x, axis=[1, 2]), tf.float32))
+            first = end + 1
+        return self._blocks(x, first, k, dtype), mids
+
+    def top_levels(self, x, k: int, dtype="float32"):
+        """The other half, from block ``k``: ``(final features, [pooled outputs of the mid_stages() that end
+        at or above k])``. ``top_levels(*bottom_levels(images, k)[:1], k)`` with the bottom's mids is
+        ``levels`` for every ``k``."""
+        tf = import_tensorflow()
+
+        x, mids, first = tf.cast(x, dtype), [], k
+        for end in (e for e in self.mid_stages() if e >= k):
+            x = self._blocks(x, first, end + 1, dtype)
+            mids.append(tf.cast(tf.reduce_mean(x, axis=[1, 2]), tf.float32))
+            first = end + 1
+        return self.top(x, first, dtype), mids
+
     def levels(self, images):
         """``[final features, MID_WEIGHT x the pooled outputs of mid_stages()]`` at the images' own size."""
         tf = import_tensorflow()
 
-        x, mids, first = self.bottom(images, 0), [], 0
-        for end in self.mid_stages():
-            x = self._blocks(x, first, end + 1, "float32")
-            mids.append(tf.reduce_mean(x, axis=[1, 2]))
-            first = end + 1
-        final = self.top(x, first)
-        return tf.concat([final] + [MID_WEIGHT * m for m in mids], axis=1)
+        x, low = self.bottom_levels(images, 0)
+        final, high = self.top_levels(x, 0)
+        return tf.concat([final] + [MID_WEIGHT * m for m in low + high], axis=1)
+
+    def small_size(self, hw):
+        """The second scale's size for images of size ``hw``: 1/MULTI_SCALE of it, rounded."""
+        tf = import_tensorflow()
+
+        return tf.cast(tf.round(tf.cast(hw, tf.float32) / MULTI_SCALE), tf.int32)
 
     def multiscale(self, images):
         """The ``_ms`` feature vector: ``levels`` of the images and of the images resized (bilinear) to
@@ -294,8 +321,7 @@ class LiteNet:
 
         images = tf.cast(images, tf.float32)
         hw = images.shape[1:3] if images.shape[1:3].is_fully_defined() else tf.shape(images)[1:3]
-        small = tf.cast(tf.round(tf.cast(hw, tf.float32) / MULTI_SCALE), tf.int32)
-        return 0.5 * (self.levels(images) + self.levels(tf.image.resize(images, small, "bilinear")))
+        return 0.5 * (self.levels(images) + self.levels(tf.image.resize(images, self.small_size(hw), "bilinear")))
 
     def variables_from(self, k: int) -> list:
         """The trainable variables of blocks ``[k, n)`` and the head convolution."""

@@ -52,7 +52,7 @@ def write_model_folder(folder: Path, head_weights: list[np.ndarray], backbone, t
             from mltag.backbones.builtin import build_builtin
             from mltag.inference.engine import convert_backbone
 
-            build_builtin(tuned_net.name, folder / BACKBONE_DIR, tuned_net.state_dict())
+            build_builtin(getattr(tuned_net, "export_name", tuned_net.name), folder / BACKBONE_DIR, tuned_net.state_dict())
             scratch = folder / ".backbone.tflite"
             convert_backbone(str(folder / BACKBONE_DIR), size, scratch)
             compose_tflite(scratch, head_weights, folder / "model.tflite")

@@ -43,15 +43,13 @@ HEAD_LR_FACTOR = 10.0
 
 
 def builtin_name(handle: str) -> str:
-    from mltag.backbones.builtin import BUILTIN_SPECS, base_name, is_multiscale
+    """The built-in a ``builtin:NAME`` handle names (single-scale or ``_ms``); anything else is refused."""
+    from mltag.backbones.builtin import BUILTINS
 
     name = str(handle).strip().removeprefix("builtin:")
-    if str(handle).startswith("builtin:") and is_multiscale(name):
-        raise MltagError(f"train.mode fine_tune tunes a single-scale built-in: {handle!r} runs the network at two "
-                         f"scales; set backbone.handle: builtin:{base_name(name)} (and rerun bottleneck)")
-    if not str(handle).startswith("builtin:") or name not in BUILTIN_SPECS:
+    if not str(handle).startswith("builtin:") or name not in BUILTINS:
         raise MltagError(f"train.mode fine_tune needs a built-in backbone (backbone.handle: builtin:NAME, one of "
-                         f"{', '.join(BUILTIN_SPECS)}), got {handle!r}; use train.mode head for other modules")
+                         f"{', '.join(BUILTINS)}), got {handle!r}; use train.mode head for other modules")
     return name
 
 
@@ -79,23 +77,36 @@ def lr_schedule(kind: str, epochs: int, steps_per_epoch: int):
 
 
 def _frozen_bottom(name: str, k: int, image_size: int, backbone_cache, net):
-    """``uint8 pixels [B,S,S,3] -> float32 feature maps``: LiteRT when no GPU is visible (one
-    single-threaded interpreter per core, splitting each batch; the bottom converted once per
-    backbone and ``k``), else TF; LiteRT that cannot convert falls back to
-    TF with one line saying why."""
+    """``uint8 pixels [B,S,S,3] -> tuple of float arrays``: what the frozen blocks ``[0, k)`` hand the tuned
+    ones. A single-scale built-in: ``(feature maps,)``, through LiteRT when no GPU is visible (one
+    single-threaded interpreter per core, splitting each batch; the bottom converted once per backbone
+    and ``k``), else TF; LiteRT that cannot convert falls back to TF with one line saying why. An ``_ms``
+    built-in: ``(maps at the input size, maps at the second scale, MID_WEIGHT x the two scales' mean
+    pooled middle stages below k)``, through TF."""
     tf = import_tensorflow()
 
+    from mltag.backbones.builtin import MID_WEIGHT, is_multiscale
     from mltag.inference.engine import LiteRTEngine, litert_bottom, resolve_engine
     from mltag.workers import cpu_threads
 
+    if is_multiscale(name):
+        def two_scales(x):
+            small = tf.image.resize(x, net.small_size(tf.shape(x)[1:3]), "bilinear")
+            (big_map, big_mids), (small_map, small_mids) = net.bottom_levels(x, k), net.bottom_levels(small, k)
+            mids = [MID_WEIGHT * 0.5 * (a + b) for a, b in zip(big_mids, small_mids)]
+            return big_map, small_map, tf.concat(mids, axis=1) if mids else tf.zeros([tf.shape(x)[0], 0])
+
+        run_ms = tf.function(two_scales)
+        return lambda px: tuple(t.numpy() for t in run_ms(tf.constant(px, tf.float32) / 255.0))
     if resolve_engine("auto") == "litert":
         try:
-            return LiteRTEngine(litert_bottom(name, k, image_size, backbone_cache), threads=1,
-                                parallel=cpu_threads())
+            engine = LiteRTEngine(litert_bottom(name, k, image_size, backbone_cache), threads=1,
+                                  parallel=cpu_threads())
+            return lambda px: (engine(px),)
         except (MltagError, ValueError, RuntimeError) as e:
             log.warning("fine-tune: the frozen blocks run through TF: %s", e)
     run = tf.function(lambda x: net.bottom(x, k))
-    return lambda px: run(tf.constant(px, tf.float32) / 255.0).numpy()
+    return lambda px: (run(tf.constant(px, tf.float32) / 255.0).numpy(),)
 
 
 def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]], y_tr: np.ndarray,
@@ -116,12 +127,13 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
         ``(LiteNet with the tuned weights, head weights, history dict)``.
     """
     tf = import_tensorflow()
-    from mltag.backbones.builtin import LiteNet
+    from mltag.backbones.builtin import LiteNet, base_name
     from mltag.inference.engine import gpu_visible
 
     blocks = train.fine_tune_blocks
     name = builtin_name(handle)
-    net = LiteNet(name)
+    net = LiteNet(base_name(name))
+    net.export_name = name  # the tuned weights are written as this built-in (``_ms``: the two-scale vector)
     if not 1 <= blocks <= net.n_blocks:
         raise MltagError(f"train.fine_tune_blocks must be 1..{net.n_blocks} for {name}, got {blocks}")
     half = gpu_visible() if train.mixed_precision == "auto" else train.mixed_precision == "true"
@@ -133,7 +145,7 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     x_tr, y_fit, x_va = _frozen_features(name, net, k, image_size, backbone_cache, train_items, y_tr, val_items, views,
                                          progress)
     # 2. Top blocks + head, a learning rate per block, early stopping as the head's fit stops.
-    top = _TopTrainer(tf, net, k, half, head_weights, train, len(x_tr))
+    top = _TopTrainer(tf, net, k, half, head_weights, train, len(x_tr[0]))
     history = top.fit(x_tr, y_fit, x_va, y_va, train, np.random.default_rng(train.seed), progress)
     history["seconds"] = round(time.perf_counter() - t0, 1)
     history["mixed_precision"] = half
@@ -158,19 +170,25 @@ def _frozen_features(name: str, net, k: int, image_size: int, backbone_cache, tr
         chunks = [(paths[i: i + 32], shas[i: i + 32]) for i in range(0, len(items), 32)]
         # the next batch decodes while this one runs through the frozen blocks
         for px in imap_ordered(lambda c: _pixels(c[0], c[1], view, image_size), chunks, workers=1, ahead=2):
-            out.append(bottom(px).astype(np.float16))
+            out.append(tuple(a.astype(np.float16) for a in bottom(px)))
             bar.update(len(px))
-        return np.concatenate(out) if out else None
+        return tuple(np.concatenate(parts) for parts in zip(*out)) if out else None
 
     t0 = time.perf_counter()
-    x_tr = np.concatenate([maps(train_items, v) for v in range(views)])
+    per_view = [maps(train_items, v) for v in range(views)]
+    x_tr = tuple(np.concatenate(parts) for parts in zip(*per_view))
     y_fit = np.tile(np.asarray(y_tr, np.float32), (views, 1))
     x_va = maps(val_items, 0) if val_items else None
     bar.close()
+    held = sum(a.nbytes for a in x_tr + (x_va or ()))
     log.info("fine-tune: %d feature maps %s from the frozen blocks in %.0f s (%.0f MB in memory)",
-             len(x_tr) + (0 if x_va is None else len(x_va)), tuple(x_tr.shape[1:]), time.perf_counter() - t0,
-             (x_tr.nbytes + (0 if x_va is None else x_va.nbytes)) / 1e6)
+             len(x_tr[0]) + (0 if x_va is None else len(x_va[0])), tuple(x_tr[0].shape[1:]),
+             time.perf_counter() - t0, held / 1e6)
     return x_tr, y_fit, x_va
+
+
+def _take(x: tuple, idx) -> tuple:
+    return tuple(a[idx] for a in x)
 
 
 class _TopTrainer:
@@ -199,9 +217,20 @@ class _TopTrainer:
         self.step = tf.function(self._step)
         self.logit_fn = tf.function(lambda x: self.logits(x, False))
 
+    def features(self, x):
+        """The backbone's feature vectors from the frozen blocks' output ``x`` (see ``_frozen_bottom``)."""
+        tf = self.tf
+        if len(x) == 1:
+            return self.net.top(x[0], self.k, self.dtype)
+        from mltag.backbones.builtin import MID_WEIGHT
+
+        (f1, m1), (f2, m2) = self.net.top_levels(x[0], self.k, self.dtype), self.net.top_levels(x[1], self.k, self.dtype)
+        tuned = [MID_WEIGHT * 0.5 * (a + b) for a, b in zip(m1, m2)]
+        return tf.concat([0.5 * (f1 + f2), tf.cast(x[2], tf.float32)] + tuned, axis=1)
+
     def logits(self, x, training: bool):
         tf = self.tf
-        h = self.net.top(x, self.k, self.dtype)
+        h = self.features(x)  # float32, as the head's weights
         for i, (w, b) in enumerate(zip(self.kernels, self.biases)):
             if training and self.dropout > 0:
                 h = tf.nn.dropout(h, self.dropout)
@@ -239,7 +268,11 @@ class _TopTrainer:
         return loss
 
     def val_logits(self, x):
-        return np.concatenate([self.logit_fn(self.tf.constant(x[i: i + 64])).numpy() for i in range(0, len(x), 64)])
+        n = len(x[0])
+        return np.concatenate([self.logit_fn(self._const(_take(x, slice(i, i + 64)))).numpy() for i in range(0, n, 64)])
+
+    def _const(self, x: tuple) -> tuple:
+        return tuple(self.tf.constant(a) for a in x)
 
     def fit(self, x_tr, y_fit, x_va, y_va, train: config.Train, rng, progress: bool) -> dict:
         """The epochs, stopped early as the head's fit stops; the best epoch's weights restored."""
@@ -253,12 +286,13 @@ class _TopTrainer:
         mon = train.monitor if x_va is not None else "loss"
         stopper = EarlyStopping(mon, train.fine_tune_patience if x_va is not None else 0)
         best_weights = None
-        bar = tqdm(total=epochs * len(x_tr), desc=f"fine-tune: blocks {self.k}-{self.net.n_blocks - 1} + head",
+        n_rows = len(x_tr[0])
+        bar = tqdm(total=epochs * n_rows, desc=f"fine-tune: blocks {self.k}-{self.net.n_blocks - 1} + head",
                    unit="img", leave=False, disable=not progress)
         t1 = time.perf_counter()
         for epoch in range(epochs):
             bar.set_postfix(epoch=f"{epoch + 1}/{epochs}")
-            order = rng.permutation(len(x_tr))
+            order = rng.permutation(n_rows)
             losses = []
             for n, i in enumerate(range(0, len(order), batch_size)):
                 idx = order[i: i + batch_size]
@@ -266,9 +300,9 @@ class _TopTrainer:
                     factor = self.schedule(epoch * self.steps_per_epoch + n)
                     for o, base in zip(self.opts, self.base_rates):
                         o.learning_rate = base * factor  # the optimizer's variable: the traced step reads it
-                losses.append(float(self.step(tf.constant(x_tr[idx]), tf.constant(y_fit[idx]))) * len(idx))
+                losses.append(float(self.step(self._const(_take(x_tr, idx)), tf.constant(y_fit[idx]))) * len(idx))
                 bar.update(len(idx))
-            history["loss"].append(float(np.sum(losses) / len(x_tr)))
+            history["loss"].append(float(np.sum(losses) / n_rows))
             if x_va is not None:
                 val_loss, val_map = validation_metrics(self.val_logits(x_va), y_va)
                 history["val_loss"].append(val_loss)

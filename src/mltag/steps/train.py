@@ -76,7 +76,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
                  {k: str(v)[:500] for k, v in params.items()}, {"mltag.step": "train", "mltag.labels": ",".join(labels)})
     try:  # the run ends FINISHED, or FAILED with whatever went wrong
         loss = HeadLoss.of(train.model_dump())
-        head, history, mon, refit = _fit(train, loss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress)
+        head, history, mon, refit = _fit(train, loss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress, p_tr)
         best = best_epoch(history, mon) - 1
         # the run exists (or a dead store is reported) before fine-tuning's minutes and before any write
         run_id, experiment_id = tracker.call("active_run_ids")
@@ -135,7 +135,8 @@ def _check_inputs(bottlenecks, meta: dict, train: config.Train, backbone: config
             raise MltagError("train.mode fine_tune reads the images: pass the prepared folder (--prepared)", images)
 
 
-def _fit(train: config.Train, loss: HeadLoss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress: bool):
+def _fit(train: config.Train, loss: HeadLoss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress: bool,
+         paths=None):
     """The head on the cached vectors. With ``train.refit`` (head mode, validation data), the shipped head
     is the same one fitted afresh on train+val for the epoch count validation chose.
 
@@ -144,6 +145,9 @@ def _fit(train: config.Train, loss: HeadLoss, x_fit, y_fit, x_tr, y_tr, x_va, y_
     """
     settings = {"learning_rate": train.learning_rate, "batch_size": train.batch_size,
                 "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed, "loss": loss}
+    if train.label_trust > 0 and len(x_tr) >= 2 * TRUST_FOLDS:
+        y_tr = _trusted_targets(train, settings, x_fit, x_tr, y_tr, x_va, y_va, paths, progress)
+        y_fit = np.concatenate([y_tr] + ([np.repeat(y_tr, x_fit.k, axis=0)] if x_fit.k else []))
     refit = train.refit and train.mode == "head" and len(x_va) > 0
     if refit:
         rows = Rows(np.concatenate([x_tr, x_va]), views, None, np.arange(len(x_tr)))
@@ -157,6 +161,37 @@ def _fit(train: config.Train, loss: HeadLoss, x_fit, y_fit, x_tr, y_tr, x_va, y_
                                       monitor=train.monitor, progress=progress, **settings)
     check_converged(head, history, train.learning_rate)
     return head, history, mon, refit
+
+
+TRUST_FOLDS = 5
+
+
+def _trusted_targets(train: config.Train, settings: dict, x_fit, x_tr, y_tr, x_va, y_va, paths,
+                     progress: bool) -> np.ndarray:
+    """``train.label_trust``: the training targets moved toward out-of-fold scores. A first fit on the train
+    split (stopped on val) sets the epoch count; TRUST_FOLDS heads, each fitted on the other folds of the train
+    split only (folds by image path, an image's views in its fold), score the images they never saw; each
+    target becomes ``y + label_trust * (score - y)``. Val and test are never touched."""
+    from mltag.head.fit import fit_fold_heads
+    from mltag.head.folds import assign_folds
+
+    _, history, mon = fit_head(x_fit, np.concatenate([y_tr] + ([np.repeat(y_tr, x_fit.k, axis=0)] if x_fit.k else [])),
+                               x_va, y_va, epochs=train.epochs, patience=train.patience, monitor=train.monitor,
+                               progress=False, **settings)
+    epochs = best_epoch(history, mon)
+    names = [str(p) for p in paths] if paths is not None else [str(i) for i in range(len(x_tr))]
+    folds = assign_folds(names, TRUST_FOLDS)
+    row_fold = np.concatenate([folds] + ([np.repeat(folds, x_fit.k)] if x_fit.k else []))
+    y_rows = np.concatenate([y_tr] + ([np.repeat(y_tr, x_fit.k, axis=0)] if x_fit.k else []))
+    heads = fit_fold_heads(x_fit, y_rows, row_fold, TRUST_FOLDS, epochs=epochs, **{**settings, "seed": train.seed + 1})
+    scores = np.zeros(y_tr.shape, np.float32)
+    for f, head in enumerate(heads):
+        scores[folds == f] = head.predict(np.asarray(x_tr[folds == f], np.float32))
+    y_tr = np.asarray(y_tr, np.float32)
+    moved = np.abs(scores - y_tr) > 0.5
+    log.info("train: label_trust %.2f: %d of %d training labels contradicted out of fold (%d epochs, %d heads)",
+             train.label_trust, int(moved.sum()), y_tr.size, epochs, TRUST_FOLDS)
+    return (y_tr + train.label_trust * (scores - y_tr)).astype(np.float32)
 
 
 def _summary(run_id: str, history: dict, mon: str, best: int, seconds: float, mode: str, refit: bool,
