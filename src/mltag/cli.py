@@ -369,7 +369,7 @@ def _dispatch(args) -> int:
                     store=params.bottleneck.cache_dir, backbone_cache_dir=params.backbone.cache_dir,
                     engine=params.bottleneck.engine, tracking_uri=args.tracking_uri, progress=not args.quiet)
         print(f"suggest: the {r['suggested']} of {r['images']} images most worth labelling are in {args.out} "
-              f"({r['computed']} vectors computed)")
+              f"({r['computed']} vectors computed); label them in {r['page']}")
     elif cmd == "metrics":
         _show_metrics(args)
     elif cmd == "promote":

@@ -110,3 +110,72 @@ def test_the_page_works_by_keyboard_alone_and_every_image_has_alt_text(tmp_path,
     page.focus("#b-accept")  # Tab order reaches the buttons; Enter presses them
     page.keyboard.press("Enter")
     assert page.locator("#progress").inner_text().startswith("1 of ")
+
+
+def test_label_suggested_images_by_keyboard_then_prepare_reads_the_export(tmp_path, browser, fake_backbone):
+    """suggest's labelling page: label toggles pre-filled with the model's labels, 5 images labelled by keyboard
+    (number keys toggle, Enter is done), kept across a reload, exported as the CSV prepare reads."""
+    from mltag.data.datasets import read_dataset
+    from mltag.steps.bottleneck import bottleneck
+    from mltag.steps.prepare import prepare
+    from mltag.steps.train import train
+    from mltag.tools.suggest import suggest
+
+    data = tmp_path / "colours"
+    write_lst_dataset(data, make_colour_dataset(data, n=60))
+    prepare(tmp_path / "prepared", **sections("prepare", input=data), progress=False)
+    store = tmp_path / "store"
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
+                                                                  cache_dir=store, views=1), progress=False)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150, patience=30),
+          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+    new = tmp_path / "unlabelled"
+    make_colour_dataset(new, n=12, seed=5, start=500)
+    (new / "all.lst").unlink(missing_ok=True)
+    r = suggest(str(tmp_path / "model"), str(new), 8, tmp_path / "suggest.csv", store=str(store), progress=False)
+    page_file = tmp_path / "suggest.html"
+    assert r["page"] == str(page_file) and page_file.is_file()
+    picked = [row["path"] for row in csv.DictReader((tmp_path / "suggest.csv").open())]
+    predicted = [row["predicted"].split() for row in csv.DictReader((tmp_path / "suggest.csv").open())]
+
+    ctx = browser.new_context(accept_downloads=True)
+    page = ctx.new_page()
+    outside = []
+    page.on("request", lambda q: outside.append(q.url) if not q.url.startswith(("file:", "data:", "blob:")) else None)
+    page.goto(page_file.as_uri())
+    assert page.locator("#progress").inner_text() == "0 of 8 labelled"
+    checked = page.eval_on_selector_all("#toggles input", "els => els.filter(e => e.checked).map(e => e.dataset.label)")
+    assert checked == predicted[0]  # pre-filled with the model's labels at its thresholds
+    alts = page.eval_on_selector_all("img", "els => els.map(e => e.getAttribute('alt'))")
+    assert all(a and os.path.basename(a.split(":")[0]) for a in alts), alts
+    # the labels each of the first 5 images should end with, set from the pre-filled ones by number keys
+    wanted = [["red"], ["green", "blue"], [], ["red", "green", "blue"], ["blue"]]
+    for i, want in enumerate(wanted):
+        have = set(page.eval_on_selector_all("#toggles input", "els => els.filter(e => e.checked).map(e => e.dataset.label)"))
+        for j, lb in enumerate(COLOURS):
+            if (lb in have) != (lb in want):
+                page.keyboard.press(str(j + 1))
+        page.keyboard.press("Enter")
+    assert page.locator("#progress").inner_text() == "5 of 8 labelled"
+    page.reload()  # choices are kept
+    assert page.locator("#progress").inner_text() == "5 of 8 labelled"
+    assert page.locator("figure.done").count() == 5
+    page.keyboard.press("ArrowLeft")
+    assert page.locator("#t-path").inner_text().startswith("5 / 8: ") and page.locator("#t-state").inner_text() == "(done)"
+    with page.expect_download() as dl:
+        page.click("#export")
+    exported = new / "labels.csv"
+    dl.value.save_as(exported)
+    assert not outside, f"the page loaded {outside}"
+    ctx.close()
+
+    rows = list(csv.DictReader(exported.open()))
+    assert [os.path.join(new, row["path"]) for row in rows] == [os.path.abspath(p) for p in picked[:5]]
+    assert [row["labels"].split() for row in rows] == wanted
+    ds = read_dataset(exported, "csv")  # prepare reads the export as it is
+    assert ds.fmt == "csv" and ds.labels == sorted(COLOURS)  # no labels.txt beside it: the names, sorted
+    got = {e.path: {lb for lb, f in zip(ds.labels, e.flags) if f} for e in ds.examples}
+    assert got == {row["path"]: set(row["labels"].split()) for row in rows}
+    prepare(tmp_path / "prepared-new", **sections("prepare", input=exported, val_fraction=0.0, test_fraction=0.0),
+            progress=False)
+    assert len((tmp_path / "prepared-new" / "train.lst").read_text().splitlines()) == 5

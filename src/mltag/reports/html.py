@@ -27,6 +27,14 @@ def render(template: str, **context) -> str:
     return _environment().get_template(template).render(**context)
 
 
+def script_json(obj) -> str:
+    """JSON to embed in a ``<script type="application/json">``: ``<``, ``>`` and ``&`` escaped, so no value
+    (an image path, a label) can close the element or open another."""
+    import json
+
+    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 

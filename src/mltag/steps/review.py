@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 import os
 from pathlib import Path
@@ -87,7 +86,7 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
         review: the typed params section: ``filter_by`` (cleanlab's rule for flagging pairs) and
             ``thumbnails`` (the most likely errors shown per label in ``review.html``).
     """
-    from mltag.reports.html import render, thumbnail
+    from mltag.reports.html import render, script_json, thumbnail
     from mltag.tracking import runs as tracking
 
     filter_by, thumbnails = review.filter_by, review.thumbnails
@@ -136,7 +135,7 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
         tmp.mkdir(parents=True)
         (tmp / "label_issues.csv").write_text(buf.getvalue(), encoding="utf-8")
         (tmp / "review.html").write_text(render("review.html.j2", r=result, groups=groups, header=HEADER,
-                                                 items_json=_script_json(items),
+                                                 items_json=script_json(items),
                                                  page_id=hashlib.sha256(buf.getvalue().encode()).hexdigest()[:16]),
                                           encoding="utf-8")
     write_json_atomic(metrics_file, {**result, "config": config})
@@ -186,12 +185,6 @@ def read_accepted(path: str | os.PathLike) -> list[dict]:
 def reviewed_name(label_file: Path) -> Path:
     """Where the corrected copy of ``label_file`` goes: beside it, ``<stem>.reviewed<suffix>``."""
     return label_file.with_name(f"{label_file.stem}.reviewed{label_file.suffix}")
-
-
-def _script_json(obj) -> str:
-    """JSON to embed in a ``<script type="application/json">``: ``<``, ``>`` and ``&`` escaped, so no value
-    (an image path, a label) can close the element or open another."""
-    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: str,

@@ -6,14 +6,21 @@ uncertainty (the mean binary entropy over labels, and how close the nearest scor
 label's threshold), then picked greedily for diversity: each next pick maximises its
 uncertainty times its distance to the nearest image already picked (k-center greedy on the
 vectors), so a hundred near-duplicates of one hard photo do not fill the list.
+
+Beside the CSV it writes a labelling page (``suggest.html`` for ``--out suggest.csv``): each pick with
+label toggles pre-filled with the model's labels at its thresholds, keyboard-driven, kept across
+reloads, exporting a ``path,labels`` CSV that prepare reads (its ``csv`` format).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -96,6 +103,40 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
         w.writerow([rank, str(files[i]), f"{u['uncertainty'][i]:.4f}", f"{u['entropy'][i]:.4f}",
                     f"{u['margin'][i]:.4f}", f"{nov:.4f}", predicted, *(f"{s:.4f}" for s in scores[i])])
     write_text_atomic(out, buf.getvalue())
+    page = label_page_path(out)
+    write_text_atomic(page, label_page([files[i] for i in picks], labels, scores[picks], chosen[picks], images,
+                                       str(Path(out).resolve())))
     log.debug("suggest: %d of %d images ranked for labelling in %s (%d vectors computed, %d from the vector store)",
              len(picks), len(files), out, computed, len(files) - computed)
-    return {"images": len(files), "suggested": len(picks), "computed": computed, "model": str(folder)}
+    return {"images": len(files), "suggested": len(picks), "computed": computed, "model": str(folder),
+            "page": str(page)}
+
+
+def label_page_path(out: str | os.PathLike) -> Path:
+    """Where the labelling page goes: beside the CSV, ``.html`` for its suffix."""
+    out = Path(out)
+    return out.with_suffix(".html") if out.suffix.lower() != ".html" else out.with_name(out.name + ".page.html")
+
+
+def image_root(images: str, files: list[Path]) -> Path:
+    """The folder the export's paths are relative to: ``--images`` when it is a folder, else the
+    deepest folder holding every image."""
+    if Path(images).is_dir():
+        return Path(images).resolve()
+    return Path(os.path.commonpath([str(Path(f).resolve().parent) for f in files])) if files else Path.cwd()
+
+
+def label_page(files: list[Path], labels: list[str], scores: np.ndarray, chosen: np.ndarray, images: str,
+               page_key: str) -> str:
+    """The labelling page (``reports/templates/label.html.j2``): one self-contained file, thumbnails inline."""
+    from mltag.reports.html import render, script_json, thumbnail
+
+    root = image_root(images, files)
+    items = []
+    for i, (f, s, hit) in enumerate(zip(files, scores, chosen)):
+        items.append({"id": i, "path": str(f), "rel": Path(f).resolve().relative_to(root).as_posix(),
+                      "thumb": thumbnail(Path(f), 320), "predicted": [lb for lb, h in zip(labels, hit) if h],
+                      "scores": {lb: round(float(v), 4) for lb, v in zip(labels, s)}})
+    page_id = hashlib.sha256(json.dumps([page_key] + [e["rel"] for e in items]).encode()).hexdigest()[:16]
+    return render("label.html.j2", items=items, labels=labels, root=str(root), page_id=page_id,
+                  items_json=script_json(items))
