@@ -150,7 +150,7 @@ def test_label_suggested_images_by_keyboard_then_prepare_reads_the_export(tmp_pa
     assert all(a and os.path.basename(a.split(":")[0]) for a in alts), alts
     # the labels each of the first 5 images should end with, set from the pre-filled ones by number keys
     wanted = [["red"], ["green", "blue"], [], ["red", "green", "blue"], ["blue"]]
-    for i, want in enumerate(wanted):
+    for want in wanted:
         have = set(page.eval_on_selector_all("#toggles input", "els => els.filter(e => e.checked).map(e => e.dataset.label)"))
         for j, lb in enumerate(COLOURS):
             if (lb in have) != (lb in want):
