@@ -134,6 +134,9 @@ def _add_tools(sub) -> None:
 
     pr.add_argument("--tta", choices=choices("evaluate", "tta"), default="none",
                     help="test-time augmentation: combine 10 crops/mirrors by mean or max")
+    pr.add_argument("--explain", default=None, metavar="DIR",
+                    help="also write an occlusion-saliency overlay PNG per image and chosen label into DIR "
+                         "(26 forward passes per image)")
     sg = sub.add_parser("suggest", help="rank unlabelled images for labelling (uncertainty, then diversity)")
     sg.add_argument("--model", default=None, help="models:/NAME@champion (default, NAME from params), runs:/... or "
                                                   "a local model folder")
@@ -527,10 +530,10 @@ def _predict(args) -> int:
 
         with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
             ok, failed = predict(model, args.images, fmt, fh, args.tta, args.tracking_uri,
-                                 progress=None if not args.quiet else False)
+                                 progress=None if not args.quiet else False, explain=args.explain)
     else:
         ok, failed = predict(model, args.images, fmt, None, args.tta, args.tracking_uri,
-                             progress=None if not args.quiet else False)
+                             progress=None if not args.quiet else False, explain=args.explain)
     if failed:
         print(f"mltag: {failed} of {ok + failed} images could not be read (their rows say why); the others are "
               "labelled", file=sys.stderr)

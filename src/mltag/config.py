@@ -178,6 +178,8 @@ class Evaluate(Section):
     bootstrap: int = opt(1000, "bootstrap resamples for 95% confidence intervals", ge=0)
     seed: int = opt(0, "bootstrap seed")
     tta: Literal["none", "mean", "max"] = opt("none", "test-time augmentation (10 crops/mirrors), end to end")
+    saliency: bool = opt(True, "report.html: an occlusion-saliency overlay (where the model looked) on every image of "
+                         "the worst-error gallery (26 forward passes each, up to 8 images per label)")
 
 
 class Calibrate(Section):
@@ -204,6 +206,8 @@ class Review(Section):
                        "predicted_neq_given"] = opt("prune_by_noise_rate",
                                                     "cleanlab's rule for flagging an (image, label) pair")
     thumbnails: int = opt(24, "review.html: the most likely errors shown per label", ge=0)
+    saliency: int = opt(8, "review.html: the most likely errors per label that get an occlusion-saliency overlay "
+                        "(26 forward passes each; 0: none)", ge=0)
 
 
 class Tracking(Section):

@@ -209,6 +209,11 @@ def write_text_atomic(dest: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_json_atomic(dest: str | os.PathLike, obj) -> None:
     write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 

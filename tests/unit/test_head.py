@@ -155,3 +155,23 @@ def test_label_trust_moves_flipped_training_labels_toward_the_truth_and_keeps_th
     assert moved[flipped[:240]].mean() > 0.35 and moved[~flipped[:240]].mean() < 0.1
     np.testing.assert_array_equal(soft, _trusted_targets(cfg, settings, x_fit, x[:240], given[:240], x[240:],
                                                          truth[240:], paths, False))
+
+
+def test_occlusion_saliency_finds_what_a_score_depends_on():
+    """A scorer that reads only the top-left quarter's red: its saliency lies in and next to that quarter, and
+    a label no occlusion changes has an empty map."""
+    from mltag.inference.explain import mass_in, occlusion_batch, overlay_png, saliency_maps
+
+    px = np.full((60, 60, 3), 127, np.uint8)
+    px[5:25, 5:25] = (230, 20, 20)
+
+    def run(batch):
+        red = batch[:, :30, :30, 0].astype(np.float32).mean(axis=(1, 2)) / 255.0
+        return np.stack([red, np.full(len(batch), 0.5, np.float32)], axis=1)
+
+    batch, windows = occlusion_batch(px)
+    assert len(batch) == len(windows) + 1 == 26 and (batch[0] == px).all()
+    scores, maps = saliency_maps(run, px)
+    assert maps.shape == (2, 60, 60) and maps[1].max() == 0 and abs(scores[1] - 0.5) < 1e-6
+    assert mass_in(maps[0], slice(0, 30), slice(0, 30)) > 0.7 and maps[0][40:, 40:].max() == 0
+    assert overlay_png(px, maps[0], 40)[:8] == b"\x89PNG\r\n\x1a\n"

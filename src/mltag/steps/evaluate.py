@@ -39,13 +39,18 @@ def pr_curves_png(y: np.ndarray, s: np.ndarray, labels: list[str], title: str = 
 
 
 def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, metrics: dict, pr_png: bytes,
-                      worst: int = 4) -> str:
-    """HTML: headline table, PR curves, each label's confusion and its worst false positives/negatives."""
+                      worst: int = 4, explainer=None) -> str:
+    """HTML: headline table, PR curves, each label's confusion and its worst false positives/negatives
+    (with ``explainer``, an ``inference.explain.Explainer``, each with its saliency overlay for that label)."""
     thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (len(labels),))
     pred = s >= thresholds
 
+    def overlay(i, j):
+        png = explainer.overlay(image_root / str(paths[i]), j, 96) if explainer and image_root else None
+        return data_uri(png) if png else None
+
     def shown(idx, j):
-        return [{"path": str(paths[i]), "score": float(s[i, j]),
+        return [{"path": str(paths[i]), "score": float(s[i, j]), "label": labels[j], "overlay": overlay(i, j),
                  "thumb": thumbnail(image_root / str(paths[i])) if image_root else None} for i in idx]
 
     rows = []
@@ -56,7 +61,7 @@ def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, 
         fn = fn[np.argsort(s[fn, j])][:worst]
         rows.append({"name": name, "metrics": metrics["per_label"][name], "threshold": float(thresholds[j]),
                      "worst": [("worst false positives", shown(fp, j)), ("worst false negatives", shown(fn, j))]})
-    return render("evaluation.html.j2", m=metrics, rows=rows, pr_png=data_uri(pr_png))
+    return render("evaluation.html.j2", m=metrics, rows=rows, pr_png=data_uri(pr_png), saliency=explainer is not None)
 
 
 def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: str | os.PathLike,
@@ -93,6 +98,12 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         from mltag.inference.model import InferenceModel
 
         model = InferenceModel(model_dir)
+    explainer = None
+    if evaluate.saliency and images is not None:
+        from mltag.inference.explain import Explainer
+        from mltag.inference.model import InferenceModel
+
+        explainer = Explainer(model if fine_tuned or tta != "none" else InferenceModel(model_dir))
     s_va = model.scores([Path(images) / str(p) for p in p_va]) if fine_tuned else head_scores(model_dir, x_va)
     s_te = model.scores([Path(images) / str(p) for p in p_te], tta=tta) if fine_tuned or tta != "none" \
         else head_scores(model_dir, x_te)
@@ -115,7 +126,8 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
         root = Path(images) if images else None
         (tmp / "report.html").write_text(
-            error_report_html(y_te, s_te, np.full(len(labels), 0.5), labels, p_te, root, result, png),
+            error_report_html(y_te, s_te, np.full(len(labels), 0.5), labels, p_te, root, result, png,
+                              explainer=explainer),
             encoding="utf-8")
     with atomic_path(plots or out / "pr", also=("*.csv",)) as tmp:  # a CSV per label
         tmp.mkdir(parents=True)

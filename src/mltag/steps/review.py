@@ -86,7 +86,7 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
         review: the typed params section: ``filter_by`` (cleanlab's rule for flagging pairs) and
             ``thumbnails`` (the most likely errors shown per label in ``review.html``).
     """
-    from mltag.reports.html import render, script_json, thumbnail
+    from mltag.reports.html import data_uri, render, script_json, thumbnail
     from mltag.tracking import runs as tracking
 
     filter_by, thumbnails = review.filter_by, review.thumbnails
@@ -116,13 +116,16 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
               "per_label": per_label, "reason": data["reason"]}
     groups, items = [], []
     row_of = {p: i for i, p in enumerate(paths)}
+    explainer = _explainer(model_dir, root, review.saliency, names)
     for n in names:
         mine = [r for r in rows if r[1] == n][:thumbnails]
         shown = []
-        for p, _, g, sg, sc, c in mine:
+        for rank, (p, _, g, sg, sc, c) in enumerate(mine):
             i = row_of[p]
+            png = explainer.overlay(root / p, names.index(n), 320) if explainer and rank < review.saliency else None
             e = {"id": len(items), "path": p, "label": n, "given": g, "suggested": sg, "score": round(sc, 6),
                  "confidence": round(c, 6), "thumb": thumbnail(root / p, 320) if root else None,
+                 "overlay": data_uri(png) if png else None,
                  "href": Path(os.path.relpath(root / p, Path(out).absolute())).as_posix() if root else None,
                  "labels": [names[j] for j in range(len(names)) if y[i, j]],
                  "scores": {names[j]: round(float(s[i, j]), 4) for j in range(len(names))}}
@@ -185,6 +188,22 @@ def read_accepted(path: str | os.PathLike) -> list[dict]:
 def reviewed_name(label_file: Path) -> Path:
     """Where the corrected copy of ``label_file`` goes: beside it, ``<stem>.reviewed<suffix>``."""
     return label_file.with_name(f"{label_file.stem}.reviewed{label_file.suffix}")
+
+
+def _explainer(model_dir, root, n: int, names: list[str]):
+    """The saliency maps' explainer for review.html: the model's own, when there is a model folder, an image
+    root and ``review.saliency`` > 0, and the model scores the same labels; else None (no overlays)."""
+    if not n or model_dir is None or root is None or not (Path(model_dir) / "model.json").is_file():
+        return None
+    from mltag.inference.explain import Explainer
+    from mltag.inference.model import InferenceModel
+
+    model = InferenceModel(model_dir)
+    if list(model.labels) != list(names):
+        log.warning("review: the model in %s scores other labels than the out-of-fold scores; no saliency overlays",
+                    model_dir)
+        return None
+    return Explainer(model)
 
 
 def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: str,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,9 +79,12 @@ def run_batch(model, paths: list[str], progress: bool = False, tta: str = "none"
 
 
 def predict(model_ref: str, images: list[str], out_format: str = "text", out=None, tta: str = "none",
-            tracking_uri: str | None = None, progress: bool | None = None, expand: bool = True) -> tuple[int, int]:
+            tracking_uri: str | None = None, progress: bool | None = None, expand: bool = True,
+            explain: str | os.PathLike | None = None) -> tuple[int, int]:
     """Predict every image; write one row per image to ``out`` (default stdout), as it goes. Returns
-    ``(ok, failed)``. ``expand`` False: ``images`` are image paths already (a batch pipeline's shard)."""
+    ``(ok, failed)``. ``expand`` False: ``images`` are image paths already (a batch pipeline's shard).
+    ``explain``: also write an occlusion-saliency overlay PNG per image and chosen label into this folder
+    (``<n>-<image name>.<label>.png``; ``mltag.inference.explain``)."""
     from mltag.inference.model import InferenceModel
 
     if out_format not in ("text", "csv", "jsonl"):
@@ -90,6 +94,14 @@ def predict(model_ref: str, images: list[str], out_format: str = "text", out=Non
     model = InferenceModel(folder, _thresholds_for(folder if folder.is_dir() else folder.parent))
     out = out or sys.stdout
     labels = model.labels
+    explainer = None
+    if explain is not None:
+        from mltag.inference.explain import Explainer
+
+        if Path(explain).exists() and not Path(explain).is_dir():
+            raise MltagError("--explain names a folder for the overlay PNGs; this is a file", explain)
+        Path(explain).mkdir(parents=True, exist_ok=True)
+        explainer = Explainer(model)
     writer = None
     if out_format == "csv":
         writer = csv.writer(out, lineterminator="\n")
@@ -97,6 +109,8 @@ def predict(model_ref: str, images: list[str], out_format: str = "text", out=Non
     ok = failed = 0
     for path, scores, err in run_batch(model, paths, progress=expanded if progress is None else progress, tta=tta):
         chosen = model.chosen([scores])[0] if scores is not None else []
+        if explainer is not None and err is None and chosen:
+            explainer.write_overlays(path, [labels.index(lb) for lb in chosen], explain, f"{ok + failed + 1:05d}-{Path(path).stem}")
         if err is None:
             ok += 1
         else:
