@@ -75,7 +75,7 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
         run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep))
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
         evaluate(work / f"model-{tag}", bn, work / f"ev-{ev_tag}", work / f"ev-{ev_tag}.json", image_root_of(prep),
-                 **sections("evaluate", bootstrap=100, tta=tta))
+                 **sections("evaluate", bootstrap=100, tta=tta, saliency=False))
     base_seconds = time.perf_counter() - t0
     rows = []
     for cal in calibrations:
