@@ -151,3 +151,40 @@ def test_suggest_against_a_registered_model_reuses_the_vector_store(tmp_path, fa
     assert (tmp_path / "s.csv").read_text().splitlines() == ["rank,path,uncertainty,entropy,margin,novelty,"
                                                               "predicted,score_red,score_green,score_blue"] + \
         [ln for ln in (tmp_path / "s.csv").read_text().splitlines()[1:]]
+
+
+@pytest.mark.slow
+def test_a_champion_whose_files_were_deleted_is_named_with_what_to_do(tmp_path, fake_backbone, mlflow_store,
+                                                                      monkeypatch):
+    """Registered models download into the per-user model cache under a lock; a version whose artifacts are gone
+    is named, with the way out, and leaves no partial download behind."""
+    import shutil
+    from urllib.parse import urlparse
+
+    from mlflow import MlflowClient
+
+    from mltag.errors import MltagError
+    from mltag.steps.register import register
+    from mltag.tracking.runs import local_model, models_cache
+
+    monkeypatch.setenv("MLTAG_MODEL_CACHE", str(tmp_path / "model-cache"))
+    data = tmp_path / "colours"
+    write_lst_dataset(data, make_colour_dataset(data, n=48))
+    prepare(tmp_path / "prepared", **sections("prepare", input=data), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "store", views=1), progress=False)
+    for seed in (1, 2):
+        train(tmp_path / "bn", tmp_path / f"model{seed}", **sections("train", learning_rate=0.05, epochs=60, seed=seed), progress=False)
+        evaluate(tmp_path / f"model{seed}", tmp_path / "bn", tmp_path / f"eval{seed}", tmp_path / f"ev{seed}.json", **sections("evaluate", bootstrap=10))
+        calibrate(tmp_path / f"eval{seed}", tmp_path / f"model{seed}", tmp_path / f"th{seed}.json", tmp_path / f"ca{seed}.json", **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False)
+    register(tmp_path / "model1", tmp_path / "th1.json", tmp_path / "prepared", tmp_path / "rg1.json", **sections("register", model_name="gone", tflite=False))
+    assert (local_model("models:/gone@champion") / "model.json").is_file()
+    assert models_cache() == tmp_path / "model-cache" and len(list(models_cache().iterdir())) >= 1
+    shutil.rmtree(models_cache())
+
+    uri = MlflowClient().get_model_version_download_uri("gone", "1")
+    shutil.rmtree(urlparse(uri).path if uri.startswith("file:") else uri)
+    with pytest.raises(MltagError, match=r"version 1 of gone.*artifacts are missing or unreadable.*mltag promote gone"):
+        local_model("models:/gone@champion")
+    with pytest.raises(MltagError, match=r"'gone' \(version 1, run .*missing or unreadable.*promote another version"):
+        register(tmp_path / "model2", tmp_path / "th2.json", tmp_path / "prepared", tmp_path / "rg2.json", **sections("register", model_name="gone", tflite=False))
+    assert not [p for p in models_cache().iterdir() if p.name.endswith(".partial")]

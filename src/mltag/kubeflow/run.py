@@ -265,13 +265,15 @@ def submit(host: str, experiment: str = "mltag", data: str = "", data_repo: str 
     run_params = effective_params(params, data or None, overrides)
     check_cluster_paths(run_params, data_repo)  # before anything reaches the host
     args = arguments(params, data or None, data_repo, data_rev, tracking_uri, overrides)
-    compiled = compile_pipeline(Path(os.environ.get("TMPDIR", "/tmp")) / "mltag-pipeline.yaml", run_params,
-                                allow_dirty=allow_dirty)
-    try:
-        client = kfp.Client(host=host)
-        run = client.create_run_from_pipeline_package(str(compiled), arguments=args, experiment_name=experiment)
-    except Exception as e:  # noqa: BLE001 - connection and auth errors come in many types
-        raise MltagError(f"cannot submit to {host}: {type(e).__name__}: {str(e)[:300]}") from None
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mltag-submit-") as tmp:  # private, removed after the upload
+        compiled = compile_pipeline(Path(tmp) / "pipeline.yaml", run_params, allow_dirty=allow_dirty)
+        try:
+            client = kfp.Client(host=host)
+            run = client.create_run_from_pipeline_package(str(compiled), arguments=args, experiment_name=experiment)
+        except Exception as e:  # noqa: BLE001 - connection and auth errors come in many types
+            raise MltagError(f"cannot submit to {host}: {type(e).__name__}: {str(e)[:300]}") from None
     logging.getLogger(__name__).info("pipeline: submitted run %s to %s (experiment %s)", run.run_id, host, experiment)
     return run
 

@@ -773,7 +773,15 @@ def _decide(client, register: config.Register, champ, existing, chall: tuple, y_
                                      tmp) if cached is not None else None
     result["champion_scored_from"] = "cached vectors" if champion is not None else "images"
     if champion is None:
-        champion = _score_pyfunc(mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}"), test_images, labels)
+        try:
+            champ_model = mlflow.pyfunc.load_model(f"models:/{model_name}/{champ.version}")
+        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds for files that are gone
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise MltagError(f"the champion of {model_name!r} (version {champ.version}, run {champ.run_id}) cannot be "
+                             f"loaded to compare with: its artifacts are missing or unreadable ({first}); promote "
+                             f"another version (mltag promote {model_name} VERSION) or delete the alias "
+                             "'champion', then rerun register") from None
+        champion = _score_pyfunc(champ_model, test_images, labels)
     champ_ap = M.average_precisions(y_test, champion[0])
     result["champion_version"] = int(champ.version)
     result["champion_test_map"] = float(np.nanmean(champ_ap))

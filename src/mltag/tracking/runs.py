@@ -281,6 +281,52 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def models_cache() -> Path:
+    """Where registered models are downloaded: ``$MLTAG_MODEL_CACHE``, else the per-user cache
+    (``$XDG_CACHE_HOME/mltag/models`` or ``~/.cache/mltag/models``), private to the user."""
+    if os.environ.get("MLTAG_MODEL_CACHE"):
+        root = Path(os.environ["MLTAG_MODEL_CACHE"]).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "mltag" / "models"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return root
+
+
+def _unloadable(asked: str, version, why: str):
+    from mltag.errors import MltagError
+
+    return MltagError(f"cannot load {asked} (version {version.version} of {version.name}, run {version.run_id}): its "
+                      f"artifacts are missing or unreadable ({why}); promote another version (mltag promote "
+                      f"{version.name} VERSION) or register a new one")
+
+
+def _download(model: str, dest: Path) -> Path:
+    """``model``'s artifacts in ``dest``, downloaded once: under a lock (two predicts wait for one download),
+    into a partial folder renamed into place when whole, so a failed or killed download leaves nothing."""
+    import shutil
+
+    import mlflow
+
+    from mltag.files import lock_file_for, locked
+
+    if (dest / "done").is_file():
+        return dest
+    with locked(lock_file_for(dest), f"the download of {model}"):
+        if not (dest / "done").is_file():
+            part = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir(parents=True)
+            try:
+                mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(part))
+                (part / "done").write_text("")
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(part, dest)
+            finally:
+                shutil.rmtree(part, ignore_errors=True)
+    return dest
+
+
 def local_model(model: str, explicit_uri: str | None = None) -> Path:
     """A local model folder for ``model``: a folder as is, a ``models:/`` or ``runs:/`` URI downloaded once
     (shared by predict and suggest)."""
@@ -292,13 +338,12 @@ def local_model(model: str, explicit_uri: str | None = None) -> Path:
     if "://" not in model and not model.startswith(("models:/", "runs:/")):
         raise MltagError("not a model folder (no model.json) nor a models:/ or runs:/ URI", model)
     import hashlib
-    import tempfile
 
     import mlflow
 
     setup_checked(explicit_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per model, not per file
-    asked = model
+    asked, version = model, None
     try:
         # An alias moves, and a store recreated at the same place numbers its versions again: key the
         # download by the version's run and creation time, not by the URI.
@@ -309,21 +354,25 @@ def local_model(model: str, explicit_uri: str | None = None) -> Path:
             if rest:
                 mv = client.get_model_version_by_alias(name, rest)
             else:
-                name, _, version = name.partition("/")
-                mv = client.get_model_version(name, version)
-            model = f"models:/{mv.name}/{mv.version}"
+                name, _, number = name.partition("/")
+                mv = client.get_model_version(name, number)
+            model, version = f"models:/{mv.name}/{mv.version}", mv
             identity = f"{model}|{mv.run_id}|{mv.creation_timestamp}"
         key = hashlib.sha256(f"{mask_uri(tracking_uri(explicit_uri))}|{identity}".encode())
-        dest = Path(tempfile.gettempdir()) / "mltag-models" / key.hexdigest()[:20]
-        if not (dest / "done").is_file():
-            dest.mkdir(parents=True, exist_ok=True)
-            mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(dest))
-            (dest / "done").write_text("")
+        dest = _download(model, models_cache() / key.hexdigest()[:20])
     except MltagError:
         raise
     except Exception as e:  # noqa: BLE001 - MLflow raises many kinds for a missing model
-        raise MltagError(f"cannot load model {asked}: {str(e).splitlines()[0][:300]}") from None
+        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        if version is not None:  # the registry names it, but its files are gone or unreadable
+            raise _unloadable(asked, version, first) from None
+        raise MltagError(f"cannot load model {asked}: {first}") from None
     found = [f.parent for f in dest.rglob("model.json")]
+    if not found and version is not None:
+        import shutil
+
+        shutil.rmtree(dest, ignore_errors=True)  # nothing usable came: try again next time
+        raise _unloadable(asked, version, "no model.json among them")
     if not found:
         raise MltagError(f"{model} holds no mltag model folder (no model.json among its artifacts)")
     return found[0]
