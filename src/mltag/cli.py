@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except MltagError as e:
         return _user_error(str(e), args.verbose)
     except OSError as e:  # a user path: permission, read-only, disk full, not found
+        e = _first_copy_error(e)
         hint = _OS_HINTS.get(e.errno)
         if hint is None:
             raise  # not about a path the user gave (E2BIG, EBADF...): a bug, and its traceback matters
@@ -282,6 +283,20 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     finally:
         _record_timing(args if "args" in locals() else None, t0, cpu0)
+
+
+def _first_copy_error(e: OSError) -> OSError:
+    """``shutil.copytree`` gathers every file's error into one ``shutil.Error`` (a list, no errno): the first
+    one, as the ``OSError`` it was, so a full disk under ``--out`` reads as one line like any other."""
+    import shutil
+
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        src, dst, why = (list(e.args[0][0]) + ["", "", ""])[:3]
+        for code, name in ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+                           (errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied")):
+            if name in str(why):
+                return OSError(code, f"{name} (copying {len(e.args[0])} file(s), the first {src})", dst)
+    return e
 
 
 _OS_HINTS = {  # the errors a user's path can cause, and what to check

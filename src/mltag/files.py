@@ -34,14 +34,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _leftover_pid(name: str, stem: str | None) -> int | None:
-    """The PID in a leftover: ``.{stem}.{pid}[.<random>].tmp`` or ``.{stem}.old-{pid}``; else None.
+def _host_id() -> str:
+    """This machine's boot, as 8 hex digits: the host name and the kernel's boot id. A PID means something
+    only on the machine (and boot) that issued it; on a volume shared by pods on several nodes (a PVC), a
+    leftover named by another node's PID must not be judged by this node's process table."""
+    import hashlib
+    import socket
 
-    With ``stem`` None, any name of that shape matches.
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{boot}".encode()).hexdigest()[:8]
+
+
+HOST_ID = _host_id()
+FOREIGN_STALE_SECONDS = 24 * 3600  # another machine's leftover: removed only when untouched this long
+
+
+def process_token() -> str:
+    """What temp and swapped-out names carry: ``{pid}@{host id}``."""
+    return f"{os.getpid()}@{HOST_ID}"
+
+
+def _leftover_pid(name: str, stem: str | None) -> tuple[int, str | None] | None:
+    """The PID (and host id, when named) in a leftover: ``.{stem}.{pid}[@{host}][.<random>].tmp`` or
+    ``.{stem}.old-{pid}[@{host}]``; else None. With ``stem`` None, any name of that shape matches.
     """
     st = re.escape(stem) if stem is not None else r".+?"
-    m = re.fullmatch(rf"\.{st}\.(?:(\d+)(?:\.[^/]*)?\.tmp|old-(\d+))", name)
-    return int(m.group(1) or m.group(2)) if m else None
+    m = re.fullmatch(rf"\.{st}\.(?:(\d+)(?:@([0-9a-f]{{8}}))?(?:\.[^/]*)?\.tmp|old-(\d+)(?:@([0-9a-f]{{8}}))?)", name)
+    if not m:
+        return None
+    return int(m.group(1) or m.group(3)), m.group(2) or m.group(4)
 
 
 _CLEANED: set[tuple[str, str | None]] = set()
@@ -51,7 +75,8 @@ def remove_stale_leftovers(folder: str | os.PathLike, stem: str | None = None) -
     """Remove what killed runs left in ``folder``: temp files and folders, swapped-out old outputs.
 
     Only leftovers of ``stem`` (an output's name) when given, else any. A leftover is stale
-    when the process that made it is gone and it is older than this process. Returns how
+    when the process that made it is gone and it is older than this process; one made on another
+    machine (a shared volume) when it has not been touched for ``FOREIGN_STALE_SECONDS``. Returns how
     many were removed.
     """
     removed = 0
@@ -68,11 +93,16 @@ def remove_stale_leftovers(folder: str | os.PathLike, stem: str | None = None) -
     for e in entries:
         if not e.name.startswith("."):
             continue
-        pid = _leftover_pid(e.name, stem)
-        if pid is None or _pid_alive(pid):
+        found = _leftover_pid(e.name, stem)
+        if found is None:
+            continue
+        pid, host = found
+        foreign = host is not None and host != HOST_ID
+        if not foreign and _pid_alive(pid):
             continue
         try:
-            if e.stat(follow_symlinks=False).st_mtime >= _PROCESS_START:
+            mtime = e.stat(follow_symlinks=False).st_mtime
+            if mtime >= _PROCESS_START or (foreign and time.time() - mtime < FOREIGN_STALE_SECONDS):
                 continue
             if e.is_dir(follow_symlinks=False):
                 shutil.rmtree(e.path)
@@ -173,7 +203,7 @@ def atomic_path(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Iterator
     dest = replaceable(dest, also)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{process_token()}.", suffix=".tmp", dir=dest.parent))
     except OSError as e:
         raise MltagError(f"cannot write here: {e.strerror or e}", dest.parent) from None
     target = tmp / dest.name
@@ -193,7 +223,7 @@ def atomic_path(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Iterator
                 raise MltagError(f"is {kind}, and this output is {'a folder' if target.is_dir() else 'a file'}: "
                                  "give another path (nothing was replaced)", dest)
             if dest.is_dir() and not dest.is_symlink():
-                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                old = dest.with_name(f".{dest.name}.old-{process_token()}")
                 os.replace(dest, old)
                 os.replace(target, dest)
                 shutil.rmtree(old, ignore_errors=True)

@@ -10,10 +10,15 @@ from typing import Callable, Iterable, Iterator
 
 def die_with_parent(parent: int) -> None:
     """In a child process: be killed when ``parent`` ends, however it ends (kill -9, OOM), so no helper or
-    forked worker outlives the step that started it (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing)."""
+    forked worker outlives the step that started it (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing).
+
+    Ctrl-C reaches the whole foreground process group; the step answers it with one line and ends, and its
+    children end with it. So a child ignores SIGINT, instead of printing a ``KeyboardInterrupt`` traceback of
+    its own after the step's clean line."""
     import ctypes
     import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -37,12 +37,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_train(tmp_path: Path, out: str) -> subprocess.Popen:
-    """A train that runs for minutes (one row per batch, thousands of epochs) with its refit beside it."""
+def start_train(tmp_path: Path, out: str, group: bool = False) -> subprocess.Popen:
+    """A train that runs for minutes (one row per batch, thousands of epochs) with its refit beside it;
+    ``group``: in a process group of its own, as a shell runs a foreground job (Ctrl-C reaches all of it)."""
     args = ["train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / out), "--epochs", "20000",
             "--patience", "20000", "--batch-size", "1", "--learning-rate", "0.0001"]
     return subprocess.Popen([sys.executable, "-m", "mltag.cli", *args], cwd=tmp_path, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=group)
 
 
 def wait_for_children(p: subprocess.Popen, n: int) -> set[int]:
@@ -89,3 +90,21 @@ def test_sigterm_ends_the_run_as_killed_and_kill_9_leaves_no_child(tmp_path, col
     while time.time() < deadline and [k for k in kids if alive(k)]:
         time.sleep(0.1)
     assert not [k for k in kids if alive(k)], "a helper or the refit outlived its killed train"
+
+
+def test_ctrl_c_ends_train_with_one_line_and_no_child_traceback(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    """Ctrl-C reaches the step, its MLflow helper and its refit at once (the terminal's process group): the step
+    says one line, the children say nothing, and none outlives it."""
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
+               cache_dir=tmp_path / "cache", views=1), progress=False)
+    p = start_train(tmp_path, "model", group=True)
+    kids = wait_for_children(p, 2)
+    time.sleep(2)  # the helper is importing MLflow or serving, the refit fitting
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert len([ln for ln in err.splitlines() if ln.strip()]) <= 3, err[-2000:]
+    time.sleep(1)
+    assert not [k for k in kids if alive(k)]

@@ -126,3 +126,45 @@ def test_an_edited_threshold_outside_0_1_or_a_missing_label_is_refused(tmp_path,
     f.write_text(json.dumps(th))
     with pytest.raises(MltagError, match=message):
         read_thresholds(f, ["red", "green", "blue"])
+
+
+def test_a_full_disk_during_a_folder_copy_reads_as_one_line():
+    """shutil.copytree gathers each file's error into a list (no errno): the CLI turns it back into the first
+    OSError, so the documented 'free some space' line is what a user sees, not 1,600 characters of tuples."""
+    import errno
+    import shutil
+
+    from mltag.cli import _OS_HINTS, _first_copy_error
+
+    many = shutil.Error([(f"/cache/bb/variables/v{i}", f"/out/model/backbone/variables/v{i}",
+                          "[Errno 28] No space left on device") for i in range(40)])
+    e = _first_copy_error(many)
+    assert e.errno == errno.ENOSPC and _OS_HINTS[e.errno] == "free some space"
+    assert e.filename == "/out/model/backbone/variables/v0" and "40 file(s)" in e.strerror and len(str(e)) < 200
+    other = shutil.Error([("a", "b", "something else")])
+    assert _first_copy_error(other) is other
+
+
+def test_leftovers_of_another_machine_on_a_shared_volume_are_judged_by_age_not_by_pid(tmp_path, monkeypatch):
+    """Temp names carry pid@host: a dead local PID's leftover goes at once; another node's (a PVC shared by pods)
+    is never judged by this node's process table, and goes only when untouched for FOREIGN_STALE_SECONDS."""
+    import os
+    import time
+
+    from mltag import files
+
+    monkeypatch.setattr(files, "_CLEANED", set())
+    dead = 2 ** 22 + 7  # above pid_max's default: no live process has it
+    other = "0123abcd" if files.HOST_ID != "0123abcd" else "fedc3210"
+    mine = tmp_path / f".bn.{dead}@{files.HOST_ID}.x1.tmp"
+    theirs_new = tmp_path / f".bn.{dead}@{other}.x2.tmp"
+    theirs_old = tmp_path / f".bn.old-{dead}@{other}"
+    legacy = tmp_path / f".bn.{dead}.x3.tmp"  # named before host ids: judged by PID as before
+    for p in (mine, theirs_new, theirs_old, legacy):
+        p.mkdir()
+    hour_ago, two_days_ago = time.time() - 3600, time.time() - 2 * 86400
+    for p, t in ((mine, hour_ago), (theirs_new, hour_ago), (theirs_old, two_days_ago), (legacy, hour_ago)):
+        os.utime(p, (t, t))
+    assert files.process_token() == f"{os.getpid()}@{files.HOST_ID}"
+    assert files.remove_stale_leftovers(tmp_path, "bn") == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [theirs_new.name]

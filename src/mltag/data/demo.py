@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from mltag import config
 from mltag.data.formats import Example, write_labels, write_lst
+from mltag.files import process_token
 
 DEMO_LABELS = ["desert", "mountains", "sea", "sunset", "trees"]
 
@@ -144,7 +145,7 @@ def make_demo_data(out: str | os.PathLike, *, demo: config.Demo) -> Path:
         buf = io.BytesIO()
         draw_scene(flags, rng).save(buf, "JPEG", quality=int(rng.integers(55, 96)))
         if not target.is_file() or target.read_bytes() != buf.getvalue():
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp = target.with_name(f".{target.name}.{process_token()}.tmp")
             tmp.write_bytes(buf.getvalue())
             os.replace(tmp, target)
     write_labels(out / "labels.txt", DEMO_LABELS)

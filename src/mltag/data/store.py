@@ -27,7 +27,7 @@ from mltag.data.fetch import is_remote
 from mltag.data.formats import SPLITS, image_root_of, load_hashes, load_prepared, load_split, load_views, write_labels  # noqa: F401
 from mltag.data.images import PREPROCESSING_VERSION
 from mltag.errors import MltagError
-from mltag.files import locked, remove_stale_leftovers
+from mltag.files import locked, process_token, remove_stale_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class FeatureCache:
                 except OSError as e:
                     raise MltagError(f"cannot write the feature cache: {e.strerror or e}", folder) from None
                 self._dir_made = True
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            tmp = folder / f".{name}.{process_token()}.tmp"
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)

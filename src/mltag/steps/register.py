@@ -35,7 +35,7 @@ from mltag.data.formats import (
     verify_integrity,
 )
 from mltag.errors import MltagError
-from mltag.files import fault_point, remove_stale_leftovers, write_json_atomic
+from mltag.files import fault_point, process_token, remove_stale_leftovers, write_json_atomic
 from mltag.inference.export import BACKBONE_DIR
 
 log = logging.getLogger(__name__)
@@ -575,7 +575,7 @@ def _scratch(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_leftovers(out.parent, SCRATCH)
-        return Path(tempfile.mkdtemp(prefix=f".{SCRATCH}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{SCRATCH}.{process_token()}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise MltagError(f"cannot write register's output here ({e.strerror or e}); nothing was registered",
                          out.parent) from None

@@ -92,8 +92,9 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     except Exception as e:  # noqa: BLE001 - connection errors come wrapped in many types
         reason = scrub(_root_cause(e), uri)
         raise MltagError(f"MLflow tracking server {mask_uri(uri)} does not answer ({reason}). Start it or point "
-                         "MLFLOW_TRACKING_URI (or --tracking-uri) at a live one; nothing computed so far is "
-                         "lost, and rerunning this step alone finishes the job") from None
+                         "MLFLOW_TRACKING_URI (or --tracking-uri) at a live one, then rerun this step: its inputs "
+                         "are intact and the earlier steps' outputs (and cached vectors) are kept, so only this "
+                         "step's own work is repeated") from None
 
 
 def _root_cause(e: BaseException) -> str:
