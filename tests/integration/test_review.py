@@ -188,3 +188,41 @@ def test_a_champion_whose_files_were_deleted_is_named_with_what_to_do(tmp_path, 
     with pytest.raises(MltagError, match=r"'gone' \(version 1, run .*missing or unreadable.*promote another version"):
         register(tmp_path / "model2", tmp_path / "th2.json", tmp_path / "prepared", tmp_path / "rg2.json", **sections("register", model_name="gone", tflite=False))
     assert not [p for p in models_cache().iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_reordered_label_list_is_refused_everywhere_even_with_its_integrity_rewritten(reviewed):
+    """Case 8 and 9 of the fault list: labels.txt and model.json reordered and integrity.json rewritten with the
+    project's own write_integrity make a self-consistent folder whose names are wrong. The head keeps the names it
+    was trained with, so predict, evaluate and calibrate refuse it; review refuses reordered out-of-fold names."""
+    import shutil
+
+    import numpy as np
+
+    from mltag.data.formats import load_oof, write_integrity, write_oof
+    from mltag.errors import MltagError
+    from mltag.inference.model import InferenceModel
+    from mltag.steps.review import review
+
+    tmp, data, _, _ = reviewed
+    edited = tmp / "edited"
+    shutil.copytree(tmp / "model", edited)
+    meta = json.loads((edited / "model.json").read_text())
+    meta["labels"] = meta["labels"][::-1]
+    (edited / "model.json").write_text(json.dumps(meta))
+    (edited / "labels.txt").write_text("\n".join(meta["labels"]) + "\n")
+    write_integrity(edited)
+    with pytest.raises(MltagError, match="same labels in another order"):
+        InferenceModel(edited)
+    with pytest.raises(MltagError, match="same labels in another order"):
+        evaluate(edited, tmp / "bn", tmp / "eval-edited", tmp / "ev-edited.json", **sections("evaluate", bootstrap=10))
+    with pytest.raises(MltagError, match="same labels in another order"):
+        calibrate(tmp / "eval", edited, tmp / "th-e.json", tmp / "ca-e.json", **sections("calibrate"),
+                  bottlenecks=tmp / "bn", progress=False)
+
+    o = load_oof(tmp / "oof.npz")
+    write_oof(tmp / "oof-rev.npz", o["paths"], o["labels"][:, ::-1], o["scores"][:, ::-1], o["folds"],
+              list(o["label_names"])[::-1])
+    with pytest.raises(MltagError, match="out-of-fold scores lists the same labels in another order"):
+        review(tmp / "oof-rev.npz", tmp / "review2", tmp / "rv2.json", **sections("review"), prepared=tmp / "prepared",
+               model_dir=tmp / "model")
+    assert not (tmp / "review2").exists() and np.array_equal(load_oof(tmp / "oof.npz")["scores"], o["scores"])

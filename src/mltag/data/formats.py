@@ -386,9 +386,38 @@ def write_model_meta(model_dir: str | os.PathLike, meta: dict) -> None:
 HEAD_FILE = "head.npz"
 
 
-def write_head(model_dir: str | os.PathLike, weights: list[np.ndarray]) -> None:
-    """The head's Dense weights, arrays only (``w0, b0[, w1, b1]``): what scoring cached vectors loads."""
-    np.savez(Path(model_dir) / HEAD_FILE, **{f"w{i}": np.asarray(w, np.float32) for i, w in enumerate(weights)})
+def write_head(model_dir: str | os.PathLike, weights: list[np.ndarray], labels: list[str] | None = None) -> None:
+    """The head's Dense weights (``w0, b0[, w1, b1]``): what scoring cached vectors loads; and the label names
+    of its output columns, in order (``labels``), so a model folder whose label list was reordered or renamed
+    afterwards is caught (``check_same_labels``)."""
+    arrays = {f"w{i}": np.asarray(w, np.float32) for i, w in enumerate(weights)}
+    if labels is not None:
+        arrays["labels"] = np.array([str(x) for x in labels])
+    np.savez(Path(model_dir) / HEAD_FILE, **arrays)
+
+
+def check_same_labels(want: list[str], got, where: str | os.PathLike, what: str, fix: str) -> None:
+    """``got`` (label names from another file, in its order) must be ``want`` exactly: the same names in the same
+    order, since columns are matched by position. Else a clear error naming the file."""
+    got = [str(x) for x in got]
+    if list(want) == got:
+        return
+    if sorted(want) == sorted(got):
+        raise MltagError(f"{what} lists the same labels in another order ({', '.join(got[:6])}"
+                         f"{', ...' if len(got) > 6 else ''} against {', '.join(list(want)[:6])}"
+                         f"{', ...' if len(want) > 6 else ''}): columns are matched by position, so the names would "
+                         f"be wrong; {fix}", where)
+    raise MltagError(f"{what} names other labels ({', '.join(got[:6])}{', ...' if len(got) > 6 else ''}) than "
+                     f"{', '.join(list(want)[:6])}{', ...' if len(want) > 6 else ''}; {fix}", where)
+
+
+def read_head_labels(model_dir: str | os.PathLike) -> list[str] | None:
+    """The label names ``head.npz`` was written with, or None (no head, or one written before they were kept)."""
+    f = Path(model_dir) / HEAD_FILE
+    if not f.is_file():
+        return None
+    with open_npz(f, "head weights", "train") as z:
+        return [str(x) for x in z["labels"]] if "labels" in z.files else None
 
 
 def read_head(model_dir: str | os.PathLike) -> list[np.ndarray] | None:
@@ -397,7 +426,7 @@ def read_head(model_dir: str | os.PathLike) -> list[np.ndarray] | None:
     if not f.is_file():
         return None
     with open_npz(f, "head weights", "train") as z:
-        weights = [z[f"w{i}"] for i in range(len(z.files))]
+        weights = [z[f"w{i}"] for i in range(sum(1 for k in z.files if re.fullmatch(r"w\d+", k)))]
     if len(weights) not in (2, 4) or any(w.ndim != (2 if i % 2 == 0 else 1) for i, w in enumerate(weights)):
         raise MltagError("head weights are damaged (expected w0, b0[, w1, b1]); run train again", f)
     check_finite(np.concatenate([w.ravel() for w in weights]), f, "head weights", "run train again")

@@ -647,6 +647,17 @@ def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarra
     return head.predict(features)
 
 
+def check_head_labels(folder: str | os.PathLike, labels: list[str]) -> None:
+    """The model's label list (model.json) against the names its head was trained with (head.npz)."""
+    from mltag.data.formats import HEAD_FILE, check_same_labels, read_head_labels
+
+    trained = read_head_labels(folder)
+    if trained is not None:
+        check_same_labels(trained, labels, Path(folder) / "model.json", "model.json",
+                          f"the head in {HEAD_FILE} was trained on {', '.join(trained[:6])}"
+                          f"{', ...' if len(trained) > 6 else ''}: the folder was edited; restore it or train again")
+
+
 def load_head(folder: str | os.PathLike, labels: list[str]) -> NumpyHead | None:
     """A folder's ``head.npz`` as a ``NumpyHead``, its output width checked against ``labels``; None
     for a folder from before ``head.npz``."""
@@ -656,6 +667,7 @@ def load_head(folder: str | os.PathLike, labels: list[str]) -> NumpyHead | None:
     if weights is None:
         return None
     check_output_width(labels, weights[-1].shape[0], Path(folder) / HEAD_FILE)
+    check_head_labels(folder, labels)
     return NumpyHead.from_weights(weights)
 
 

@@ -39,7 +39,7 @@ def write_model_folder(folder: Path, head_weights: list[np.ndarray], backbone, t
     """
     from mltag.data.formats import write_head, write_model_meta
 
-    write_head(folder, head_weights)
+    write_head(folder, head_weights, meta.get("labels"))
     size = int(meta["image_size"])
     try:
         if tuned_net is None:

@@ -58,6 +58,9 @@ class InferenceModel:
             engine = "litert"
         self.meta = read_model_meta(model_dir)  # the content hash and the label list, checked
         self.labels: list[str] = self.meta["labels"]
+        from mltag.head.fit import check_head_labels
+
+        check_head_labels(model_dir, self.labels)  # a reordered label list would name every score wrongly
         self.image_size: int = int(self.meta["image_size"])
         if tflite is None and (model_dir / "model.tflite").is_file() and engine != "tf" \
                 and resolve_engine(engine) == "litert":

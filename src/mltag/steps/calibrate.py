@@ -230,6 +230,11 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         if a.ndim != 2 or a.shape[1] != len(labels):
             raise MltagError(f"{name} has {a.shape[-1] if a.ndim else 0} columns but the model has {len(labels)} "
                              "labels; run evaluate again for this model", Path(evaluation) / "scores.npz")
+    if bottlenecks is not None:
+        from mltag.data.formats import check_same_labels, read_labels
+
+        check_same_labels(read_labels(Path(bottlenecks) / "labels.txt"), labels, Path(model_dir) / "model.json",
+                          "the model", "calibrate the model trained on these bottlenecks (or restore its folder)")
     mp = min_precision if method == "min_precision" else None
     if cv_folds > 1 and method != "none" and model_mode(model_dir) == "fine_tune":
         log.info("calibrate: fine-tuned backbone: the cached vectors do not match it, so thresholds come from "

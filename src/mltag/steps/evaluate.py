@@ -11,7 +11,7 @@ import numpy as np
 
 from mltag import config
 from mltag import metrics as M
-from mltag.data.formats import load_split, model_mode, read_model_meta, write_scores
+from mltag.data.formats import check_same_labels, load_split, model_mode, read_labels, read_model_meta, write_scores
 from mltag.errors import MltagError
 from mltag.files import atomic_path, write_json_atomic
 from mltag.head.fit import head_scores
@@ -87,6 +87,8 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     if y_te.shape[1] != len(labels):
         raise MltagError(f"the model scores {len(labels)} labels but the bottlenecks hold {y_te.shape[1]}; "
                          "train the model on these bottlenecks", Path(model_dir) / "model.json")
+    check_same_labels(read_labels(Path(bottlenecks) / "labels.txt"), labels, Path(model_dir) / "model.json",
+                      "the model", "train the model on these bottlenecks (or restore its folder)")
     fine_tuned = model_mode(model_dir) == "fine_tune"
     if fine_tuned or tta != "none":
         tracker.model_run(model_dir, run_id, tracking_uri)  # minutes of scoring ahead: a dead store said first

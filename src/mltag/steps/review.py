@@ -94,6 +94,7 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
     names, paths, y, s = data["label_names"], [str(p) for p in data["paths"]], data["labels"], data["scores"]
     tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the work
     root = Path(images) if images else image_root_of(prepared) if prepared else None
+    _check_oof_labels(oof, names, prepared, model_dir)
     if len(paths):
         mask, confidence, noise = find_issues(y, s, filter_by)
     else:
@@ -188,6 +189,17 @@ def read_accepted(path: str | os.PathLike) -> list[dict]:
 def reviewed_name(label_file: Path) -> Path:
     """Where the corrected copy of ``label_file`` goes: beside it, ``<stem>.reviewed<suffix>``."""
     return label_file.with_name(f"{label_file.stem}.reviewed{label_file.suffix}")
+
+
+def _check_oof_labels(oof, names: list[str], prepared, model_dir) -> None:
+    """The out-of-fold scores' label names against the prepared dataset's and the model's, in order."""
+    from mltag.data.formats import check_same_labels, read_labels, read_model_meta
+
+    fix = "run calibrate again for this model (it writes the out-of-fold scores)"
+    if prepared is not None and (Path(prepared) / "labels.txt").is_file():
+        check_same_labels(read_labels(Path(prepared) / "labels.txt"), names, oof, "the out-of-fold scores", fix)
+    if model_dir is not None and (Path(model_dir) / "model.json").is_file():
+        check_same_labels(read_model_meta(model_dir)["labels"], names, oof, "the out-of-fold scores", fix)
 
 
 def _explainer(model_dir, root, n: int, names: list[str]):
