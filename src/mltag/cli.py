@@ -387,7 +387,8 @@ def _dispatch(args) -> int:
                     store=params.bottleneck.cache_dir, backbone_cache_dir=params.backbone.cache_dir,
                     engine=params.bottleneck.engine, tracking_uri=args.tracking_uri, progress=not args.quiet)
         print(f"suggest: the {r['suggested']} of {r['images']} images most worth labelling are in {args.out} "
-              f"({r['computed']} vectors computed); label them in {r['page']}")
+              f"({r['computed']} vectors computed); label them in {r['page']}"
+              + (f"; {len(r['unreadable'])} unreadable image(s) left out" if r["unreadable"] else ""))
     elif cmd == "metrics":
         _show_metrics(args)
     elif cmd == "promote":

@@ -13,6 +13,7 @@ class MltagError(Exception):
         if path is not None:
             where = f"{path}:{line}: " if line is not None else f"{path}: "
         super().__init__(where + message)
+        self.message = message  # without its place
         self.path = None if path is None else str(path)
         self.line = line
 

@@ -137,15 +137,18 @@ def test_suggest_against_a_registered_model_reuses_the_vector_store(tmp_path, fa
     new = tmp_path / "unlabelled"
     make_colour_dataset(new, n=12, seed=5, start=500)
     (new / "images" / "dup.jpg").write_bytes((new / "images" / "0500.jpg").read_bytes())
+    (new / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")  # left out, not fatal
     (tmp_path / "params.yaml").write_text(f"bottleneck:\n  cache_dir: {store}\n")
     args = ("suggest", "--model", "models:/active@champion", "--images", str(new), "--n", "5", "--out",
             str(tmp_path / "s.csv"))
     first = run_cli(*args, cwd=tmp_path)
     assert "(12 vectors computed)" in first.stdout, first.stdout  # 13 files, one a byte-copy of another
+    assert "1 unreadable image(s) left out" in first.stdout and "broken.jpg" in first.stderr
+    assert first.stderr.count("broken.jpg") == 1, first.stderr
     rows = list(csv.DictReader((tmp_path / "s.csv").read_text().splitlines()))
     assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5"]
     assert set(rows[0]) >= {"path", "uncertainty", "entropy", "margin", "novelty", "predicted", "score_red"}
-    assert all(Path(r["path"]).is_file() for r in rows)
+    assert all(Path(r["path"]).is_file() for r in rows) and not any("broken" in r["path"] for r in rows)
     second = run_cli(*args, cwd=tmp_path)
     assert "(0 vectors computed)" in second.stdout, second.stdout
     assert (tmp_path / "s.csv").read_text().splitlines() == ["rank,path,uncertainty,entropy,margin,novelty,"

@@ -85,3 +85,33 @@ def test_a_damaged_bottleneck_json_is_a_clear_error(tmp_path, edit, message):
     (tmp_path / "bottleneck.json").write_text(json.dumps(meta))
     with pytest.raises(MltagError, match=f"bottleneck.json is damaged \\({message}\\)"):
         read_bottleneck_meta(tmp_path)
+
+
+def test_a_cut_or_mixed_bottleneck_file_and_a_damaged_dataset_json_read_as_damage(tmp_path):
+    """Fault cases 11 and 12: train.npz's vectors cut to 100 columns, or its label columns not those of labels.txt,
+    and dataset.json's labels not a list: the damaged-file message naming the file, not a traceback later."""
+    import json
+
+    import numpy as np
+
+    from mltag.data.formats import image_root_of, load_split, write_split
+    from mltag.errors import MltagError
+
+    bn = tmp_path / "bn"
+    bn.mkdir()
+    (bn / "labels.txt").write_text("a\nb\nc\n")
+    (bn / "bottleneck.json").write_text(json.dumps({"format": 2, "feature_dim": 1280}))
+    write_split(bn, "train", np.zeros((4, 100), np.float16), np.zeros((4, 3), np.uint8), ["x.jpg"] * 4, None)
+    with pytest.raises(MltagError, match=r"train.npz.*damaged \(vectors of 100 values, but bottleneck.json says 1280\)"):
+        load_split(bn, "train")
+    write_split(bn, "train", np.zeros((4, 1280), np.float16), np.zeros((4, 2), np.uint8), ["x.jpg"] * 4, None)
+    with pytest.raises(MltagError, match=r"damaged \(2 label columns, but labels.txt names 3\)"):
+        load_split(bn, "train")
+    write_split(bn, "train", np.zeros((4, 1280), np.float16), np.zeros((4, 3), np.uint8), ["x.jpg"] * 4, None)
+    assert load_split(bn, "train")[0].shape == (4, 1280)
+
+    prep = tmp_path / "prepared"
+    prep.mkdir()
+    (prep / "dataset.json").write_text(json.dumps({"format": 1, "image_root": "..", "labels": "abc"}))
+    with pytest.raises(MltagError, match=r"dataset.json.*damaged \(labels: 'abc', not a list of names\)"):
+        image_root_of(prep)

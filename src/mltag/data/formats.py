@@ -239,6 +239,10 @@ def image_root_of(prepared: str | os.PathLike) -> Path:
     meta = read_handoff(f, "dataset.json", "prepare")
     if not isinstance(meta.get("image_root"), str):
         raise MltagError("dataset.json is damaged (no image_root); run prepare again", f)
+    labels = meta.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise MltagError(f"dataset.json is damaged (labels: {str(labels)[:60]!r}, not a list of names); run prepare "
+                         "again", f)
     return (prepared / meta["image_root"]).resolve()
 
 
@@ -310,8 +314,29 @@ def load_split(bottlenecks: str | os.PathLike, split: str) -> tuple[np.ndarray, 
     f = Path(bottlenecks) / f"{split}.npz"
     with open_npz(f, "bottleneck file", "the bottleneck step", ("features", "labels", "paths")) as z:
         x, y, p = z["features"], z["labels"], z["paths"]
+    _check_split_shapes(bottlenecks, f, x, y, p)
     check_finite(x, f, f"{split} vectors", "rerun the bottleneck step (its cache never keeps such vectors)")
     return x, y, p
+
+
+def _check_split_shapes(bottlenecks, f: Path, x: np.ndarray, y: np.ndarray, p: np.ndarray) -> None:
+    """A split file's arrays agree with each other and with ``bottleneck.json`` (its vector length) and
+    ``labels.txt`` (its label columns): a cut or mixed file is damage, said as such."""
+    problems = []
+    if x.ndim != 2 or y.ndim != 2 or p.ndim != 1 or not len(x) == len(y) == len(p):
+        problems.append(f"features {x.shape}, labels {y.shape}, paths {p.shape} do not agree")
+    meta_file = Path(bottlenecks) / "bottleneck.json"
+    if not problems and meta_file.is_file():
+        dim = read_handoff(meta_file, "bottleneck output", "the bottleneck step").get("feature_dim")
+        if isinstance(dim, int) and dim and x.shape[1] != dim:
+            problems.append(f"vectors of {x.shape[1]} values, but bottleneck.json says {dim}")
+    labels_file = Path(bottlenecks) / "labels.txt"
+    if not problems and labels_file.is_file():
+        n = len(read_labels(labels_file))
+        if y.shape[1] != n:
+            problems.append(f"{y.shape[1]} label columns, but labels.txt names {n}")
+    if problems:
+        raise MltagError(f"bottleneck file is damaged ({problems[0]}); rerun the bottleneck step", f)
 
 
 def load_views(bottlenecks: str | os.PathLike, split: str = "train") -> np.ndarray | None:

@@ -33,15 +33,15 @@ def decode_view(path, sha: str, view: int, image_size: int, source: str | None =
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise MltagError(f"image not found: {path}", source) from None
+        raise MltagError("image not found" if str(source) == str(path) else f"image not found: {path}", source) from None
     if hashlib.sha256(data).hexdigest() != sha:
         raise MltagError(f"{path} changed since prepare hashed it; run prepare again", source)
     try:
         if view == 0:
             return load_image(data, image_size)
         return augmented_view(data, image_size, view_seed(sha, view))
-    except BadImage as e:
-        raise MltagError(f"{path}: {e}", source) from None
+    except BadImage as e:  # the path once: as the error's place when that is the image itself
+        raise MltagError(str(e) if str(source) == str(path) else f"{path}: {e}", source) from None
 
 
 def _decode(job, image_size: int) -> np.ndarray:

@@ -39,8 +39,11 @@ def list_images(spec: str) -> list[Path]:
 
 
 def vectors_for(files: list[Path], meta: dict, store: str, backbone_cache_dir: str = "", engine: str = "auto",
-                progress: bool = True) -> tuple[np.ndarray, int]:
+                progress: bool = True, skip_bad: dict | None = None) -> tuple[np.ndarray, int]:
     """The plain-view vectors of ``files`` from the vector store, computing the missing ones into it.
+
+    ``skip_bad``: a dict that receives ``{path: why}`` for each image that cannot be read, which is then
+    left out (its row too); without it, such an image fails the call.
 
     Returns ``(vectors float32 [N, D], how many were computed)``.
     """
@@ -63,11 +66,25 @@ def vectors_for(files: list[Path], meta: dict, store: str, backbone_cache_dir: s
         if key not in seen:
             seen.add(key)
             todo.append((key, str(f), str(f), sha, 0))
-    computed = 0
-    if todo:
-        with cache.lock(".lock"):
-            cache.clean_leftovers()
-            computed = compute_missing(todo, cache, None, size, 32, progress, keep=got,
-                                       make_engine=lambda: backbone_engine(engine, resolved, size, backbone_cache_dir,
-                                                                           lanes=cpu_threads() > 1))
-    return np.stack([np.asarray(got[k], np.float32) for k in keys]), computed
+    from_store = len(got)
+    bad: dict[str, str] = {}
+    while todo:
+        try:
+            with cache.lock(".lock"):
+                cache.clean_leftovers()
+                compute_missing(todo, cache, None, size, 32, progress, keep=got,
+                                            make_engine=lambda: backbone_engine(engine, resolved, size,
+                                                                                backbone_cache_dir,
+                                                                                lanes=cpu_threads() > 1))
+            break
+        except MltagError as e:  # an unreadable image: with skip_bad, leave it out and go on with the rest
+            where = str(e.path) if e.path is not None else None
+            if skip_bad is None or where not in {t[1] for t in todo}:
+                raise
+            bad[where] = e.message
+            todo = [t for t in todo if t[1] != where and t[0] not in got]
+    computed = len(got) - from_store  # a failed pass keeps what it computed (in the store and in ``got``)
+    if skip_bad is not None:
+        skip_bad.update(bad)
+    rows = [np.asarray(got[k], np.float32) for k, f in zip(keys, files) if str(f) not in bad]
+    return (np.stack(rows) if rows else np.zeros((0, 0), np.float32)), computed

@@ -82,7 +82,14 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
 
     thresholds, min_labels = decision_rule(read_thresholds(th_file, labels) if th_file.is_file() else None, labels)
     files = list_images(images)
-    vectors, computed = vectors_for(files, meta, store, backbone_cache_dir, engine, progress)
+    bad: dict[str, str] = {}  # an unreadable image is left out with a warning, as predict labels the others
+    vectors, computed = vectors_for(files, meta, store, backbone_cache_dir, engine, progress, skip_bad=bad)
+    if bad:
+        files = [f for f in files if str(f) not in bad]
+        first = next(iter(bad.items()))
+        log.warning("suggest: %d unreadable image(s) left out, the first %s (%s)", len(bad), first[0], first[1])
+        if not files:
+            raise MltagError(f"no readable image among {len(bad)} (the first: {first[0]}: {first[1]})", images)
     if meta.get("mode", "head") == "fine_tune":  # the cached vectors are the frozen backbone's: score end to end
         from mltag.inference.model import InferenceModel
 
@@ -109,7 +116,7 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
     log.debug("suggest: %d of %d images ranked for labelling in %s (%d vectors computed, %d from the vector store)",
              len(picks), len(files), out, computed, len(files) - computed)
     return {"images": len(files), "suggested": len(picks), "computed": computed, "model": str(folder),
-            "page": str(page)}
+            "page": str(page), "unreadable": sorted(bad)}
 
 
 def label_page_path(out: str | os.PathLike) -> Path:
