@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -130,5 +131,15 @@ def test_steps_against_server_then_serve(tmp_path, colour_dataset, fake_backbone
         for r, p in zip(rows, preds):
             assert p["labels"].split(",") == [c for c, f in zip(COLOURS, r.flags) if f]
             assert 0.0 <= p["score_red"] <= 1.0
+        # a bad row: HTTP 400 naming the row, and no server stack trace in the answer
+        body["dataframe_split"]["data"].insert(2, [base64.b64encode(b"\xff\xd8 not a JPEG").decode()])
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(req, timeout=60)
+        assert answer.value.code == 400
+        err = json.loads(answer.value.read())
+        assert "Error: row 2: unreadable image: not an image" in err["message"] and "stack_trace" not in err, err
+        assert "Traceback" not in json.dumps(err)
     finally:
         stop(serve)

@@ -7,6 +7,15 @@ import mlflow.pyfunc
 import pandas as pd
 
 
+def bad_request(message: str) -> Exception:
+    """An error the scoring server answers with HTTP 400 and this message alone: an ``MlflowException``
+    (anything else, it answers with the server's stack trace)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 def decode_images(column) -> list[bytes]:
     out = []
     for i, v in enumerate(column):
@@ -16,8 +25,20 @@ def decode_images(column) -> list[bytes]:
         try:
             out.append(base64.b64decode(str(v), validate=True))
         except (binascii.Error, ValueError):
-            raise ValueError(f"row {i}: column 'image' must hold base64-encoded image bytes") from None
+            raise bad_request(f"row {i}: column 'image' must hold base64-encoded image bytes") from None
     return out
+
+
+def first_bad_row(images: list[bytes], size: int) -> tuple[int, str] | None:
+    """The first row whose image cannot be decoded, and why (only when a batch failed: decoding is the cost)."""
+    from mltag.data.images import BadImage, load_image
+
+    for i, data in enumerate(images):
+        try:
+            load_image(data, size)
+        except BadImage as e:
+            return i, str(e)
+    return None
 
 
 class MltagPyfunc(mlflow.pyfunc.PythonModel):
@@ -35,12 +56,13 @@ class MltagPyfunc(mlflow.pyfunc.PythonModel):
         from mltag.data.images import BadImage
 
         if "image" not in model_input.columns:
-            raise ValueError("input needs a column 'image' with base64-encoded image bytes")
+            raise bad_request("input needs a column 'image' with base64-encoded image bytes")
         images = decode_images(model_input["image"])
         try:
             results = self.model.predict(images, tta=str((params or {}).get("tta", "none")))
-        except BadImage as e:
-            raise ValueError(f"unreadable image: {e}") from None
+        except BadImage as e:  # name the row: a batch of 64 images says which one
+            bad = first_bad_row(images, self.model.image_size)
+            raise bad_request(f"row {bad[0]}: unreadable image: {bad[1]}" if bad else f"unreadable image: {e}") from None
         rows = []
         for r in results:
             row = {"labels": ",".join(r["labels"])}
