@@ -90,6 +90,47 @@ def test_multiscale_builtin_averages_two_scales_and_pools_two_middle_stages():
 
 
 
+def test_two_builtins_side_by_side_are_one_module_one_handle(tmp_path, colour_dataset):
+    """``builtin:A+B``: one module whose vector is A's and B's side by side, each part at its own size (the
+    smaller resized inside the module); it resolves, caches and converts to LiteRT like any built-in, and a
+    model trained on it predicts end to end. Malformed joins are refused naming what is allowed."""
+    import tensorflow as tf
+
+    from mltag.errors import MltagError
+
+    name = "efficientnet_lite0+efficientnet_lite0_ms"
+    assert bb.parts(name) == ["efficientnet_lite0", "efficientnet_lite0_ms"]
+    assert bb.default_image_size(f"builtin:{name}") == 280
+    assert bb.builtin_id(name) == bb.builtin_id("efficientnet_lite0") + "+" + bb.builtin_id("efficientnet_lite0_ms")
+    for bad in ("efficientnet_lite0+efficientnet_lite0", "efficientnet_lite0+lite9", "a+b+c+d"):
+        with pytest.raises(MltagError, match="joined by '\\+'"):
+            bb.parts(bad)
+    module = bb.build_lite_module(name)
+    x = tf.constant(np.random.default_rng(0).random((2, 280, 280, 3)), tf.float32)
+    got = module.__call__(x).numpy()
+    plain = bb.build_lite_module("efficientnet_lite0").__call__(tf.image.resize(x, (224, 224), "bilinear")).numpy()
+    multi = bb.build_lite_module("efficientnet_lite0_ms").__call__(x).numpy()
+    assert got.shape == (2, 1280 + 1584)
+    np.testing.assert_allclose(got, np.concatenate([plain, multi], axis=1), atol=1e-5)
+
+    from mltag.config import sections
+    from mltag.inference.model import InferenceModel
+    from mltag.steps.bottleneck import bottleneck
+    from mltag.steps.prepare import image_root_of, prepare
+    from mltag.steps.train import train
+
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    s = bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=f"builtin:{name}",
+                   cache_dir=tmp_path / "store", views=1, image_size=96), progress=False)
+    assert s["feature_dim"] == 2864 and s["engine"] == "litert", s
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", epochs=30),
+          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+    model = InferenceModel(tmp_path / "model")
+    assert model.engine == "litert" and (tmp_path / "model" / "model.tflite").is_file()
+    first = sorted((image_root_of(tmp_path / "prepared") / "images").iterdir())[0]
+    assert model.scores([first]).shape == (1, 3)
+
+
 @pytest.mark.slow
 def test_fresh_process_hub_load_and_keras_layer(built):
     code = textwrap.dedent(f"""

@@ -113,14 +113,36 @@ def lite_blocks(name: str = "efficientnet_lite0") -> list[tuple[int, int, int, i
     return blocks
 
 
-def default_image_size(handle: str) -> int:
-    """The native input size of a built-in handle (``_ms``: 1.25x it, the larger of its two scales); 224 for
-    anything else."""
-    name = str(handle).strip().removeprefix("builtin:")
-    spec = BUILTIN_SPECS.get(base_name(name))
-    if spec is None:
-        return IMAGE_SIZE
+# ``builtin:A+B`` (``builtin:efficientnet_lite0_ms+efficientnet_lite2_ms``): two built-ins side by side as
+# one module, their vectors concatenated. The module takes images at the larger part's size and resizes
+# them (bilinear, inside the module) to each smaller part's own.
+JOIN = "+"
+
+
+def parts(name: str) -> list[str]:
+    """The built-ins a name is made of: itself, or each part of ``A+B`` (each checked, at most 3, no repeats)."""
+    names = name.split(JOIN)
+    bad = [n for n in names if n not in BUILTINS]
+    if bad or len(names) > 3 or len(set(names)) != len(names):
+        why = f"unknown built-in backbone {bad[0]!r}" if bad else "two or three different built-ins joined by '+'"
+        raise MltagError(f"{why} in {name!r}; available: {', '.join(BUILTINS)}, or up to three of them joined by "
+                         "'+' (their vectors side by side)")
+    return names
+
+
+def _native_size(name: str) -> int:
+    spec = BUILTIN_SPECS[base_name(name)]
     return round(spec.image_size * MULTI_SCALE) if is_multiscale(name) else spec.image_size
+
+
+def default_image_size(handle: str) -> int:
+    """The native input size of a built-in handle (``_ms``: 1.25x it, the larger of its two scales; ``A+B``:
+    the larger part's); 224 for anything else."""
+    name = str(handle).strip().removeprefix("builtin:")
+    names = name.split(JOIN)
+    if not all(n in BUILTINS for n in names):
+        return IMAGE_SIZE
+    return max(_native_size(n) for n in names)
 
 
 def _spec(name: str) -> LiteSpec:
@@ -357,16 +379,33 @@ def build_lite_module(name: str, state: dict[str, np.ndarray] | None = None):
     """
     tf = import_tensorflow()
 
-    net = LiteNet(base_name(name), state)
-    multi = is_multiscale(name)
+    names = parts(name)
+    if len(names) > 1 and state is not None:
+        raise MltagError(f"{name!r} joins several built-ins; only a single built-in takes tuned weights")
+    nets = [LiteNet(base_name(n), state) for n in names]
+    sizes = [_native_size(n) for n in names]
+    biggest = max(sizes)
+
+    def one(net, n, images):
+        return net.multiscale(images) if is_multiscale(n) else net(images)
 
     def forward(images, training=False):
         del training  # batch norm is frozen either way
-        return net.multiscale(images) if multi else net(images)
+        if len(nets) == 1:
+            return one(nets[0], names[0], images)
+        hw = tf.shape(images)[1:3]
+        out = []
+        for net, n, size in zip(nets, names, sizes):
+            x = images
+            if size != biggest:  # this part at its own size, relative to what the module was given
+                x = tf.image.resize(images, tf.cast(tf.round(tf.cast(hw, tf.float32) * (size / biggest)), tf.int32),
+                                    "bilinear")
+            out.append(one(net, n, x))
+        return tf.concat(out, axis=1)
 
     root = tf.train.Checkpoint()
-    root.variables = net.variables
-    root.trainable_variables = [v for v in net.variables if v.trainable]
+    root.variables = [v for net in nets for v in net.variables]
+    root.trainable_variables = [v for v in root.variables if v.trainable]
     root.regularization_losses = []
     call = tf.function(forward)
     spec = tf.TensorSpec([None, None, None, 3], tf.float32)
@@ -383,7 +422,7 @@ def build_builtin(name: str, out: str | os.PathLike, state: dict[str, np.ndarray
     """
     tf = import_tensorflow()
 
-    _spec(name)
+    parts(name)
     out = Path(out)
     module = build_lite_module(name, state)
     spec = tf.TensorSpec([None, None, None, 3], tf.float32)
@@ -398,6 +437,9 @@ def build_builtin(name: str, out: str | os.PathLike, state: dict[str, np.ndarray
 def builtin_id(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
+    names = parts(name)
+    if len(names) > 1:
+        return JOIN.join(builtin_id(n) for n in names)
     try:
         weights = version(_spec(name).package)
     except PackageNotFoundError:
@@ -451,7 +493,7 @@ def resolve(handle: str, cache_dir: str | os.PathLike | None = "", build: bool =
     handle = str(handle).strip()
     if handle.startswith("builtin:"):
         name = handle.split(":", 1)[1]
-        _spec(name)
+        parts(name)
         bid = builtin_id(name)
         tag = hashlib.sha256(bid.encode()).hexdigest()[:10]
         target = cache_root(cache_dir) / f"{name}-{tag}"
