@@ -9,12 +9,14 @@ so a backbone's vectors are computed once for all repeats. Prints figures; asser
 
 Usage:
     python benchmarks/quality.py --data ../shared/devsets/flowers [--repeats 5] [--json]
-        [--backbones lite0,lite1,lite2,lite0+lite2] [--sizes 0,300] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
+        [--backbones lite0,lite1,lite2,lite0_ms+lite2_ms,lite0&lite2] [--sizes 0,300] [--views 1,4] [--hidden 0] [--calibration none,val,cv]
         [--modes head,fine_tune] [--train "loss=bce;loss=asl;monitor=val_map"] [--tta none,mean]
 
 The first configuration of the grid is the baseline: every other one is also compared with it split by
 split (``paired``: the mean difference in mAP and calibrated micro F1, and how many splits went up).
 
+``A+B`` is the shipped handle ``builtin:efficientnet_A+efficientnet_B`` (one module); ``A&B`` concatenates the two
+backbones' bottleneck folders here instead (the experiment that came first; its models have no model.tflite).
 ``--train`` compares train settings: configurations separated by ``;``, each a ``,``-separated
 list of ``key=value`` train keys (``default`` for params.yaml's own).
 """
@@ -63,14 +65,18 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     ev_tag = tag + (f"-tta{tta}" if tta != "none" else "")
     bn = work / f"bn-{backbone}{px}-v{views}-{salt}"
     t_bn = time.perf_counter()
-    parts = backbone.split("+")  # "lite0+lite2": both backbones' vectors, concatenated (an experiment)
-    for part in parts:
-        s = bottleneck(prep, work / f"bn-{part}{px}-v{views}-{salt}", **sections("bottleneck", handle=f"builtin:efficientnet_{part}", cache_dir=cache, backbone_cache_dir=backbones_dir, views=views, image_size=size), progress=False)
-    if len(parts) > 1:
+    if "&" in backbone:  # "lite0&lite2": both backbones' vectors, concatenated here (an experiment, no model.tflite)
+        parts = backbone.split("&")
+        for part in parts:
+            s = bottleneck(prep, work / f"bn-{part}{px}-v{views}-{salt}", **sections("bottleneck", handle=f"builtin:efficientnet_{part}", cache_dir=cache, backbone_cache_dir=backbones_dir, views=views, image_size=size), progress=False)
         concat_bottlenecks([work / f"bn-{part}{px}-v{views}-{salt}" for part in parts], bn)
+        handle = f"builtin:efficientnet_{parts[-1]}"
+    else:  # "lite0_ms+lite2_ms" is the shipped handle builtin:efficientnet_lite0_ms+efficientnet_lite2_ms
+        handle = "builtin:" + "+".join(f"efficientnet_{part}" for part in backbone.split("+"))
+        s = bottleneck(prep, bn, **sections("bottleneck", handle=handle, cache_dir=cache, backbone_cache_dir=backbones_dir, views=views, image_size=size), progress=False)
     bn_seconds = time.perf_counter() - t_bn
     p = params.replace("train", hidden_units=hidden, mode=mode, **overrides).replace(
-        "backbone", cache_dir=str(backbones_dir), handle=f"builtin:efficientnet_{parts[-1]}", image_size=size)
+        "backbone", cache_dir=str(backbones_dir), handle=handle, image_size=size)
     if not (work / f"model-{tag}").is_dir():  # the same model for every --tta value
         run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep))
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
