@@ -208,7 +208,7 @@ class Review(Section):
                        "predicted_neq_given"] = opt("prune_by_noise_rate",
                                                     "cleanlab's rule for flagging an (image, label) pair")
     thumbnails: int = opt(24, "review.html: the most likely errors shown per label", ge=0)
-    saliency: int = opt(8, "review.html: the most likely errors per label that get an occlusion-saliency overlay "
+    saliency: int = opt(4, "review.html: the most likely errors per label that get an occlusion-saliency overlay "
                         "(26 forward passes each; 0: none)", ge=0)
 
 
