@@ -183,4 +183,4 @@ def test_fine_tunes_a_two_scale_builtin_and_ships_its_vector(colour_dataset):
     assert any(moved) and not all(moved)
     module = build_lite_module(net.export_name, net.state_dict())
     x = tf.constant(np.random.default_rng(1).random((2, 64, 64, 3)), tf.float32)
-    np.testing.assert_allclose(module(x).numpy(), net.multiscale(x).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(module.__call__(x).numpy(), net.multiscale(x).numpy(), rtol=1e-5, atol=1e-5)
