@@ -84,16 +84,21 @@ def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predic
     assert set(out[0]["scores"]) == {"red", "green", "blue"}
 
 
-def test_mixed_precision_path_runs_on_cpu(colour_dataset):
-    """The GPU's float16 path (loss scaling, fp32 master weights) is the same code; it must run here too."""
+def _items(dataset, n: int):
+    """The first ``n`` images of a dataset as fine_tune takes them: ``(path, content sha256)``, and their labels."""
     from mltag.data.formats import read_lst
     from mltag.inference.lanes import hash_files
+
+    rows = read_lst(dataset / "all.lst")[:n]
+    files = [dataset / r.path for r in rows]
+    return list(zip(files, hash_files(files))), np.array([r.flags for r in rows], np.float32)
+
+
+def test_mixed_precision_path_runs_on_cpu(colour_dataset):
+    """The GPU's float16 path (loss scaling, fp32 master weights) is the same code; it must run here too."""
     from mltag.steps.finetune import fine_tune
 
-    rows = read_lst(colour_dataset / "all.lst")[:12]
-    files = [colour_dataset / r.path for r in rows]
-    items = list(zip(files, hash_files(files)))
-    y = np.array([r.flags for r in rows], np.float32)
+    items, y = _items(colour_dataset, 12)
     head = [np.zeros((1280, 3), np.float32), np.zeros(3, np.float32)]
     cfg = sections("train", fine_tune_blocks=1, fine_tune_epochs=2, fine_tune_learning_rate=1e-3,
                    fine_tune_patience=0, mixed_precision="true")["train"]
@@ -163,15 +168,10 @@ def test_fine_tunes_a_two_scale_builtin_and_ships_its_vector(colour_dataset):
     import tensorflow as tf
 
     from mltag.backbones.builtin import build_lite_module
-    from mltag.data.formats import read_lst
-    from mltag.inference.lanes import hash_files
     from mltag.steps.finetune import builtin_name, fine_tune
 
     assert builtin_name("builtin:efficientnet_lite0_ms") == "efficientnet_lite0_ms"
-    rows = read_lst(colour_dataset / "all.lst")[:10]
-    files = [colour_dataset / r.path for r in rows]
-    items = list(zip(files, hash_files(files)))
-    y = np.array([r.flags for r in rows], np.float32)
+    items, y = _items(colour_dataset, 10)
     head = [np.zeros((1584, 3), np.float32), np.zeros(3, np.float32)]
     cfg = sections("train", fine_tune_blocks=3, fine_tune_epochs=2, fine_tune_learning_rate=1e-3,
                    fine_tune_patience=0)["train"]
