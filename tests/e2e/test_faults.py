@@ -452,12 +452,13 @@ def test_a_hand_edited_label_list_is_never_registered_or_served(tmp_path, colour
         p = run_cli(*cmd, cwd=tmp_path, check=False)
         assert p.returncode == 2 and "content hash" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
         assert str(image) + ":" not in p.stdout
-    # Someone who also rewrites the recorded hash: the output width still refuses a cut list, and
-    # register still refuses the folder, as train's run holds the hash it recorded.
+    # Someone who also rewrites the recorded hash: the head keeps the names it was trained with, so predict and
+    # serving still refuse a cut or reordered list, and register still refuses the folder, as train's run holds
+    # the hash it recorded.
     write_integrity(edited)
-    if edit == "cut":
-        with pytest.raises(MltagError, match="outputs 3 scores but model.json lists 2 labels"):
-            InferenceModel(edited)
+    with pytest.raises(MltagError, match="names other labels \\(red, green\\) than red, green, blue" if edit == "cut"
+                       else "lists the same labels in another order"):
+        InferenceModel(edited)
     p = run_cli("register", "--model", str(edited), "--thresholds", str(tmp_path / "th.json"), "--prepared",
                 str(tmp_path / "prepared"), "--out", str(tmp_path / "rg.json"), "--model-name", "tampered", "--tflite",
                 "false", cwd=tmp_path, check=False)
