@@ -37,7 +37,7 @@ def serve(reply_fd: int, level: int, uri: str) -> None:
     while True:
         try:
             op, args, kwargs = pickle.load(commands)
-        except EOFError:
+        except Exception:  # noqa: BLE001 - EOF, or a message cut off by the step's death: nothing more to do
             break
         if os.getppid() != parent:
             break  # the step died: nothing more in its name
@@ -66,4 +66,9 @@ if __name__ == "__main__":
     from mltag.workers import die_with_parent
 
     die_with_parent(int(os.environ.get("MLTAG_HELPER_PARENT", os.getppid())))
-    serve(int(sys.argv[1]), int(sys.argv[2]), os.environ.pop("MLTAG_HELPER_TRACKING_URI", ""))
+    try:
+        serve(int(sys.argv[1]), int(sys.argv[2]), os.environ.pop("MLTAG_HELPER_TRACKING_URI", ""))
+    finally:
+        # Never through the interpreter's exit: MLflow's atexit hook would end a run the step left open as
+        # FINISHED, where the step's own end (KILLED, FAILED) or none at all is the truth.
+        os._exit(0)
