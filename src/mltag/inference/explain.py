@@ -77,13 +77,24 @@ def overlay_png(pixels: np.ndarray, saliency: np.ndarray, size: int = 160) -> by
 class Explainer:
     """Occlusion maps for images of one model (an ``InferenceModel``), label by label."""
 
+    KEEP = 8  # images whose maps are kept: a photo in two labels' galleries is occluded once
+
     def __init__(self, model, cells: int = CELLS):
         self.model, self.cells = model, cells
+        self._kept: dict[str, tuple] = {}
 
     def maps(self, image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(pixels [S,S,3], scores [L], maps [L,S,S])`` of one image (a path or encoded bytes)."""
+        """``(pixels [S,S,3], scores [L], maps [L,S,S])`` of one image (a path or encoded bytes); every
+        label's map comes from the same forward passes, so a path asked again is not scored again."""
+        key = str(image) if isinstance(image, (str, os.PathLike)) else None
+        if key is not None and key in self._kept:
+            return self._kept[key]
         px = self.model.pixels([image])[0]
         scores, maps = saliency_maps(self.model._locked_run, px, self.cells)
+        if key is not None:
+            if len(self._kept) >= self.KEEP:
+                self._kept.pop(next(iter(self._kept)))
+            self._kept[key] = (px, scores, maps)
         return px, scores, maps
 
     def overlay(self, image, label: int, size: int = 160) -> bytes | None:
