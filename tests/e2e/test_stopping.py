@@ -38,10 +38,11 @@ def alive(pid: int) -> bool:
 
 
 def start_train(tmp_path: Path, out: str, group: bool = False) -> subprocess.Popen:
-    """A train that runs for minutes (one row per batch, thousands of epochs) with its refit beside it;
+    """A train that runs for hours (one row per batch, millions of epochs: a fast machine fits 20,000 in 30 s) with
+    its refit beside it;
     ``group``: in a process group of its own, as a shell runs a foreground job (Ctrl-C reaches all of it)."""
-    args = ["train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / out), "--epochs", "20000",
-            "--patience", "20000", "--batch-size", "1", "--learning-rate", "0.0001"]
+    args = ["train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / out), "--epochs", "5000000",
+            "--patience", "5000000", "--batch-size", "1", "--learning-rate", "0.0001"]
     return subprocess.Popen([sys.executable, "-m", "mltag.cli", *args], cwd=tmp_path, stderr=subprocess.PIPE,
                             text=True, start_new_session=group)
 
@@ -73,6 +74,7 @@ def test_sigterm_ends_the_run_as_killed_and_kill_9_leaves_no_child(tmp_path, col
     while time.time() < deadline and not client.search_runs(
             [e.experiment_id for e in client.search_experiments()], "attributes.status = 'RUNNING'"):
         time.sleep(0.2)
+    assert p.poll() is None and time.time() < deadline, "train's run never showed as RUNNING"
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 143, err[-2000:]

@@ -467,19 +467,25 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
     try:
         head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
                                       progress=progress, after_epoch=publish, **settings)
-    finally:
         if cond.acquire(timeout=5):
             stopped.value = 1
             cond.notify_all()
             cond.release()
-    try:
-        status, payload = recv.recv()
-    except EOFError:
-        worker.join()
-        raise MltagError(f"train.refit: the refit process died without a head (exit code {worker.exitcode}: "
-                         f"{_death(worker.exitcode)}); rerun train, or set train.refit false") from None
+        try:
+            status, payload = recv.recv()
+        except EOFError:
+            worker.join()
+            raise MltagError(f"train.refit: the refit process died without a head (exit code {worker.exitcode}: "
+                             f"{_death(worker.exitcode)}); rerun train, or set train.refit false") from None
+    except BaseException:
+        # The first fit failed or was stopped (Ctrl-C, SIGTERM): the refit's head is not wanted. End it now, not
+        # after it catches up: it holds inherited pipe ends (the MLflow helper's input) that keep others waiting.
+        if worker.is_alive():
+            worker.kill()
+        raise
     finally:
         worker.join()
+        recv.close()
     if status != "ok":
         raise MltagError(f"train.refit failed: {payload}")
     # None: the first fit diverged in its first epoch (check_converged says so)

@@ -109,5 +109,11 @@ def _map_groups(groups: list[list[int]]) -> list[list]:
     with ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=die_with_parent,
                              initargs=(os.getpid(),)) as pool:
         later = [pool.submit(_fit_group, i, g) for i, g in enumerate(groups) if i > 0]
-        first = _fit_group(0, groups[0])
-        return [first] + [f.result() for f in later]
+        try:
+            first = _fit_group(0, groups[0])
+            return [first] + [f.result() for f in later]
+        except BaseException:  # failed or stopped (Ctrl-C, SIGTERM): end the other group now, not when it is done
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise

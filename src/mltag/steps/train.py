@@ -72,9 +72,9 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
     tags = mltracking.owner_tags(out)
     if not tracker.direct:  # the run's source is this command, not the helper process
         tags["mlflow.source.name"] = os.path.abspath(sys.argv[0])
-    tracker.send("open_train_run", tracking.experiment, str(out), tags,
-                 {k: str(v)[:500] for k, v in params.items()}, {"mltag.step": "train", "mltag.labels": ",".join(labels)})
-    try:  # the run ends FINISHED, or FAILED with whatever went wrong
+    try:  # the run ends FINISHED, or FAILED with whatever went wrong (KILLED when stopped, even while it opens)
+        tracker.send("open_train_run", tracking.experiment, str(out), tags, {k: str(v)[:500] for k, v in params.items()},
+                     {"mltag.step": "train", "mltag.labels": ",".join(labels)})
         loss = HeadLoss.of(train.model_dump())
         head, history, mon, refit = _fit(train, loss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress, p_tr)
         best = best_epoch(history, mon) - 1
