@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print("mltag: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
     except Terminated:
-        print("mltag: terminated (SIGTERM); the step stopped, its MLflow run ended as KILLED, and nothing "
-              "half-written was left behind", file=sys.stderr)
+        print("mltag: terminated (SIGTERM); the step stopped, a run it still had open ended as KILLED, and "
+              "nothing half-written was left behind", file=sys.stderr)
         return 143
     finally:
         _record_timing(args if "args" in locals() else None, t0, cpu0)
