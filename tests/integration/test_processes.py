@@ -14,9 +14,11 @@ import pytest
 from mltag.errors import MltagError
 
 
-def test_a_refit_child_that_is_killed_fails_train_within_seconds_saying_what_died():
-    """The OOM killer or a segfault ends the forked refit: train stops at its next epoch with a message,
-    instead of waiting forever on a pipe whose send end it held itself."""
+@pytest.mark.parametrize("after", [0.02, 0.3, 1.0])
+def test_a_refit_child_that_is_killed_fails_train_within_seconds_saying_what_died(after):
+    """The OOM killer or a segfault ends the forked refit, whether it is fitting or waiting for the first fit:
+    train stops at its next epoch with a message, instead of waiting forever on a pipe whose send end it held
+    itself, or (as once, with a shared condition) on a lock the dead child held."""
     from mltag.head.fit import HeadLoss, fit_and_refit
     from mltag.workers import cpu_threads
 
@@ -31,7 +33,7 @@ def test_a_refit_child_that_is_killed_fails_train_within_seconds_saying_what_die
         deadline = time.time() + 30
         while time.time() < deadline and not killed:
             for child in multiprocessing.active_children():
-                time.sleep(0.3)  # let it run a few epochs
+                time.sleep(after)  # let it run a few epochs
                 os.kill(child.pid, signal.SIGKILL)
                 killed.append(child.pid)
                 return

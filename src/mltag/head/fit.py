@@ -407,27 +407,34 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
                                monitor=monitor, **settings)
         return head, history, mon, refit
     ctx = mp.get_context("fork")
-    cond = ctx.Condition()
-    done, best, stopped = ctx.RawValue("i", 0), ctx.RawValue("i", 0), ctx.RawValue("i", 0)  # guarded by cond
+    # Two one-way pipes, no shared lock: a child killed mid-wait (the OOM killer) cannot leave a lock or a
+    # condition's counters behind for the parent to block on. The parent tells the refit each finished epoch
+    # ("epoch", e, improved) and at the end ("stop", best); the refit sends back its head.
+    ctl_recv, ctl_send = ctx.Pipe(duplex=False)
     recv, send = ctx.Pipe(duplex=False)
-
     parent = os.getpid()
 
     def refit() -> None:
         die_with_parent(parent)  # a killed train takes its refit with it
         recv.close()
-        kept = None
+        ctl_send.close()
+        kept, done, best, stopped = None, 0, 0, False
 
         def gate(e: int) -> bool:
-            with cond:
-                cond.wait_for(lambda: done.value >= e or stopped.value)
-                return not (stopped.value and e > best.value)
+            nonlocal done, best, stopped
+            while done < e and not stopped:
+                msg = ctl_recv.recv()  # EOFError: the parent is gone; the child ends with it
+                if msg[0] == "stop":
+                    stopped, best = True, msg[1]
+                else:
+                    done = msg[1]
+                    best = msg[1] if msg[2] else best
+            return not (stopped and e > best)
 
         def after(e: int, head: NumpyHead, improved: bool) -> None:
             nonlocal kept
-            with cond:
-                if best.value == e:
-                    kept = [w.copy() for w in head.weights]
+            if best == e:  # the first fit's best so far (it has finished epoch e: the gate waited for it)
+                kept = [w.copy() for w in head.weights]
 
         try:
             fit_head(x_all, y_all, None, None, epochs=epochs, patience=0, monitor=monitor, gate=gate, after_epoch=after,
@@ -447,30 +454,31 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
         raise MltagError(f"train.refit: the refit process died (exit code {worker.exitcode}: "
                          f"{_death(worker.exitcode)}); rerun train, or set train.refit false")
 
+    best_so_far = 0
+
     def publish(e: int, head: NumpyHead, improved: bool) -> None:
-        while not cond.acquire(timeout=0.5):  # a refit killed while holding the lock never releases it
-            if not worker.is_alive():
-                died()
+        nonlocal best_so_far
+        best_so_far = e if improved else best_so_far
+        if not worker.is_alive():  # it cannot have finished: it never runs an epoch the first fit has not
+            died()
         try:
-            if not worker.is_alive():
-                died()
-            if improved:
-                best.value = e
-            done.value = e
-            cond.notify_all()
-        finally:
-            cond.release()
+            ctl_send.send(("epoch", e, improved))
+        except OSError:  # BrokenPipeError: the refit is gone
+            died()
 
     worker = ctx.Process(target=refit, daemon=True)
     worker.start()
-    send.close()  # the child holds the only send end: if it dies, recv() below ends instead of waiting forever
+    # The child holds the only other ends: if it dies, the parent's send fails and recv() ends, never waiting forever
+    send.close()
+    ctl_recv.close()
     try:
         head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
                                       progress=progress, after_epoch=publish, **settings)
-        if cond.acquire(timeout=5):
-            stopped.value = 1
-            cond.notify_all()
-            cond.release()
+        try:  # the refit may have ended already (its last epoch was the first fit's last): recv() says how
+            ctl_send.send(("stop", best_so_far))
+        except OSError:
+            pass
+        ctl_send.close()
         try:
             status, payload = recv.recv()
         except EOFError:
@@ -486,6 +494,7 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
     finally:
         worker.join()
         recv.close()
+        ctl_send.close()
     if status != "ok":
         raise MltagError(f"train.refit failed: {payload}")
     # None: the first fit diverged in its first epoch (check_converged says so)
