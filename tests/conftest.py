@@ -102,6 +102,9 @@ def mlflow_store(tmp_path, monkeypatch):
     import mlflow
 
     monkeypatch.chdir(tmp_path)
+    # An earlier test that ran a step in-process without this fixture left mlflow's process-wide URI on its own
+    # store: this test's MlflowClient() would read that one while its subprocesses log to this one.
+    reset_mlflow_uris()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield uri

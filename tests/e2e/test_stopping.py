@@ -66,7 +66,7 @@ def test_sigterm_ends_the_run_as_killed_and_kill_9_leaves_no_child(tmp_path, col
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
                cache_dir=tmp_path / "cache", views=1), progress=False)
-    client = MlflowClient()
+    client = MlflowClient(mlflow_store)  # the store train logs to, whatever an earlier test left process-wide
 
     p = start_train(tmp_path, "model")
     kids = wait_for_children(p, 2)  # the MLflow helper and the refit
