@@ -37,14 +37,30 @@ def alive(pid: int) -> bool:
         return False
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_train_left():
+    """A failed assertion must not leave an hours-long train running (it would slow every later test)."""
+    yield
+    while _started:
+        p = _started.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def start_train(tmp_path: Path, out: str, group: bool = False) -> subprocess.Popen:
     """A train that runs for hours (one row per batch, millions of epochs: a fast machine fits 20,000 in 30 s) with
     its refit beside it;
     ``group``: in a process group of its own, as a shell runs a foreground job (Ctrl-C reaches all of it)."""
     args = ["train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / out), "--epochs", "5000000",
             "--patience", "5000000", "--batch-size", "1", "--learning-rate", "0.0001"]
-    return subprocess.Popen([sys.executable, "-m", "mltag.cli", *args], cwd=tmp_path, stderr=subprocess.PIPE,
-                            text=True, start_new_session=group)
+    p = subprocess.Popen([sys.executable, "-m", "mltag.cli", *args], cwd=tmp_path, stderr=subprocess.PIPE,
+                         text=True, start_new_session=group)
+    _started.append(p)
+    return p
 
 
 def wait_for_children(p: subprocess.Popen, n: int) -> set[int]:
