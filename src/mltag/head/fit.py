@@ -459,11 +459,9 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
     def publish(e: int, head: NumpyHead, improved: bool) -> None:
         nonlocal best_so_far
         best_so_far = e if improved else best_so_far
-        if not worker.is_alive():  # it cannot have finished: it never runs an epoch the first fit has not
-            died()
         try:
             ctl_send.send(("epoch", e, improved))
-        except OSError:  # BrokenPipeError: the refit is gone
+        except OSError:  # BrokenPipeError: the refit is gone (it cannot have finished: it never runs ahead)
             died()
 
     worker = ctx.Process(target=refit, daemon=True)
@@ -478,7 +476,6 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
             ctl_send.send(("stop", best_so_far))
         except OSError:
             pass
-        ctl_send.close()
         try:
             status, payload = recv.recv()
         except EOFError:

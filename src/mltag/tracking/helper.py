@@ -57,9 +57,6 @@ def serve(reply_fd: int, level: int, uri: str) -> None:
             replies.flush()
         except BrokenPipeError:
             break
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
@@ -71,4 +68,9 @@ if __name__ == "__main__":
     finally:
         # Never through the interpreter's exit: MLflow's atexit hook would end a run the step left open as
         # FINISHED, where the step's own end (KILLED, FAILED) or none at all is the truth.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing left to say
+                pass
         os._exit(0)
