@@ -252,10 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
-    if args.command in ("train", "evaluate", "calibrate", "review"):  # their MLflow helper, before their imports
-        from mltag.tracking.runs import prestart
-
-        prestart(getattr(args, "tracking_uri", None))
     try:
         return _dispatch(args)
     except MltagError as e:
@@ -623,31 +619,9 @@ def on_sigterm() -> None:
 
 
 def entry() -> None:
-    """The ``mltag`` command: ``main``, then a quick exit.
-
-    A step leaves hundreds of thousands of objects (MLflow, SQLAlchemy, pandas, TF) that
-    the interpreter would tear down one by one on its way out: 0.7-0.9 s of a 3-4 s register.
-    Nothing mltag writes depends on that teardown, so once every exit handler has run
-    (logging's flush, MLflow's, temp folders', multiprocessing's) and stdout and stderr are
-    flushed, the process ends at once. A thread still running (none should be) gets the
-    normal exit, which waits for it. ``python -m mltag.cli`` exits the plain way (a profiler
-    around it writes its data after the module returns).
-    """
-    import atexit
-    import threading
-
+    """The ``mltag`` command: ``main``, exiting through the interpreter (MLflow's and logging's exit hooks run)."""
     on_sigterm()
-    rc = main()
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()) \
-            or not hasattr(atexit, "_run_exitfuncs"):
-        sys.exit(rc)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing left to say
-            pass
-    os._exit(rc if isinstance(rc, int) else 1)
+    sys.exit(main())
 
 
 if __name__ == "__main__":  # python -m mltag.cli: the plain exit (profilers write their data after it)

@@ -482,9 +482,9 @@ def test_quantized_backbone_features_are_kept_per_image_content_and_a_damaged_me
 
 
 
-def test_the_tracking_helper_logs_what_the_step_sends_and_reports_its_errors(tmp_path, mlflow_store, monkeypatch):
-    """Tracker in its helper process (as every CLI step runs it): a train-like run opened, logged and
-    ended there, owned by this process; a missing run comes back as the MltagError it raised."""
+def test_the_tracker_logs_what_the_step_sends_and_reports_its_errors(tmp_path, mlflow_store):
+    """Tracker, in the step's own process: a train-like run opened, logged and ended, owned by this
+    process; a missing run is the MltagError it raised; a failed step's run ends FAILED."""
     import os
 
     from mlflow import MlflowClient
@@ -492,10 +492,9 @@ def test_the_tracking_helper_logs_what_the_step_sends_and_reports_its_errors(tmp
     from mltag.errors import MltagError
     from mltag.tracking.runs import MODEL_DIGEST_TAG, Tracker, owner_tags
 
-    monkeypatch.setenv("MLTAG_TRACKING_HELPER", "1")
     (tmp_path / "a.json").write_text("{}")
     tracker = Tracker(None)
-    assert not tracker.direct and tracker.uri == mlflow_store
+    assert tracker.uri == mlflow_store
     tracker.send("open_train_run", "helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {"train.seed": "1"},
                  {"mltag.step": "train"})
     run_id, exp_id = tracker.call("active_run_ids")
@@ -514,7 +513,7 @@ def test_the_tracking_helper_logs_what_the_step_sends_and_reports_its_errors(tmp
     with pytest.raises(MltagError, match="MLflow run 0123456789abcdef does not exist in the tracking store"):
         tracker.call("join_model_run", tmp_path, "0123456789abcdef", None)
     tracker.close()
-    # a step that fails ends its train run FAILED through the helper
+    # a step that fails ends its train run FAILED
     tracker = Tracker(None)
     tracker.send("open_train_run", "helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {}, {})
     failed_id, _ = tracker.call("active_run_ids")

@@ -386,44 +386,51 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
     """``fit_head`` on the training rows with validation, and the same head fitted afresh on ``x_all``
     (train+val) for the epoch count the first one chose (``train.refit``).
 
-    Where there are two cores and the platform forks, the refit runs beside the first fit in a
-    forked process, never ahead of it: before its epoch ``e`` it waits until the first fit has
-    finished epoch ``e``, keeps its weights at the first fit's best epoch so far, and stops once the
-    first fit has stopped and it has reached that fit's best epoch. Its head is the one a fit of
-    that many epochs on ``x_all`` gives alone (a test checks bit for bit); else it runs after.
+    Where there are two cores the refit runs beside the first fit in a thread of this process (numpy
+    releases the GIL in its array work), never ahead of it: before its epoch ``e`` it waits until the
+    first fit has finished epoch ``e``, keeps its weights at the first fit's best epoch so far, and stops
+    once the first fit has stopped and it has reached that fit's best epoch. Its head is the one a fit of
+    that many epochs on ``x_all`` gives alone (a test checks bit for bit); on one core it runs after.
 
     Returns:
         ``(head, history, monitored key, refitted NumpyHead)``; the last is None when the first fit
         never finished a finite epoch (it diverged at once).
     """
-    import multiprocessing as mp
+    from threadpoolctl import threadpool_limits
 
-    from mltag.workers import cpu_threads, die_with_parent
+    from mltag.workers import cpu_threads
 
-    if cpu_threads() < 2 or "fork" not in mp.get_all_start_methods():
+    if cpu_threads() < 2:
         head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
                                       progress=progress, **settings)
         refit, _, _ = fit_head(x_all, y_all, None, None, epochs=best_epoch(history, mon), patience=0,
                                monitor=monitor, **settings)
         return head, history, mon, refit
-    ctx = mp.get_context("fork")
-    # Two one-way pipes, no shared lock: a child killed mid-wait (the OOM killer) cannot leave a lock or a
-    # condition's counters behind for the parent to block on. The parent tells the refit each finished epoch
-    # ("epoch", e, improved) and at the end ("stop", best); the refit sends back its head.
-    ctl_recv, ctl_send = ctx.Pipe(duplex=False)
-    recv, send = ctx.Pipe(duplex=False)
-    parent = os.getpid()
+    # One BLAS thread for the whole of both fits: the fits' own limits, entered and left by two threads at
+    # different times, would otherwise restore each other's settings out of order.
+    with threadpool_limits(1, user_api="blas"):
+        return _fit_beside_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, epochs=epochs, patience=patience,
+                                 monitor=monitor, progress=progress, **settings)
+
+
+def _fit_beside_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience: int, monitor: str,
+                      progress: bool, **settings):
+    """``fit_and_refit`` with the refit in a thread, paced by a queue: the first fit puts ``("epoch", e,
+    improved)`` after each epoch and ``("stop", best)`` at its end (best 0 when it failed or was stopped:
+    the refit then ends at its next epoch)."""
+    import queue
+    import threading
+
+    ctl: queue.Queue = queue.Queue()
+    outcome: dict = {}
 
     def refit() -> None:
-        die_with_parent(parent)  # a killed train takes its refit with it
-        recv.close()
-        ctl_send.close()
         kept, done, best, stopped = None, 0, 0, False
 
         def gate(e: int) -> bool:
             nonlocal done, best, stopped
             while done < e and not stopped:
-                msg = ctl_recv.recv()  # EOFError: the parent is gone; the child ends with it
+                msg = ctl.get()
                 if msg[0] == "stop":
                     stopped, best = True, msg[1]
                 else:
@@ -437,75 +444,36 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
                 kept = [w.copy() for w in head.weights]
 
         try:
-            fit_head(x_all, y_all, None, None, epochs=epochs, patience=0, monitor=monitor, gate=gate, after_epoch=after,
-                     **settings)
-            send.send(("ok", kept))
-        except Exception as e:  # noqa: BLE001 - reported by the parent as its own error
-            send.send(("error", f"{type(e).__name__}: {e}"))
-
-    def died():
-        """The refit ended before the first fit: its own error when it sent one, else how it died."""
-        worker.join()
-        try:
-            if recv.poll():
-                raise MltagError(f"train.refit failed: {recv.recv()[1]}")
-        except EOFError:  # it sent nothing: it was killed
-            pass
-        raise MltagError(f"train.refit: the refit process died (exit code {worker.exitcode}: "
-                         f"{_death(worker.exitcode)}); rerun train, or set train.refit false")
+            fit_head(x_all, y_all, None, None, epochs=epochs, patience=0, monitor=monitor, gate=gate,
+                     after_epoch=after, **settings)
+            outcome["weights"] = kept
+        except Exception as e:  # noqa: BLE001 - reported by the first fit's thread as train's own error
+            outcome["error"] = f"{type(e).__name__}: {e}"
 
     best_so_far = 0
 
     def publish(e: int, head: NumpyHead, improved: bool) -> None:
         nonlocal best_so_far
         best_so_far = e if improved else best_so_far
-        try:
-            ctl_send.send(("epoch", e, improved))
-        except OSError:  # BrokenPipeError: the refit is gone (it cannot have finished: it never runs ahead)
-            died()
+        ctl.put(("epoch", e, improved))
+        if "error" in outcome:
+            raise MltagError(f"train.refit failed: {outcome['error']}")
 
-    worker = ctx.Process(target=refit, daemon=True)
+    worker = threading.Thread(target=refit, name="mltag-refit", daemon=True)
     worker.start()
-    # The child holds the only other ends: if it dies, the parent's send fails and recv() ends, never waiting forever
-    send.close()
-    ctl_recv.close()
+    finished = False
     try:
         head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
                                       progress=progress, after_epoch=publish, **settings)
-        try:  # the refit may have ended already (its last epoch was the first fit's last): recv() says how
-            ctl_send.send(("stop", best_so_far))
-        except OSError:
-            pass
-        try:
-            status, payload = recv.recv()
-        except EOFError:
-            worker.join()
-            raise MltagError(f"train.refit: the refit process died without a head (exit code {worker.exitcode}: "
-                             f"{_death(worker.exitcode)}); rerun train, or set train.refit false") from None
-    except BaseException:
-        # The first fit failed or was stopped (Ctrl-C, SIGTERM): the refit's head is not wanted. End it now, not
-        # after it catches up: it holds inherited pipe ends (the MLflow helper's input) that keep others waiting.
-        if worker.is_alive():
-            worker.kill()
-        raise
-    finally:
+        finished = True
+    finally:  # failed or stopped (Ctrl-C, SIGTERM): the refit ends at its next epoch, not after catching up
+        ctl.put(("stop", best_so_far if finished else 0))
         worker.join()
-        recv.close()
-        ctl_send.close()
-    if status != "ok":
-        raise MltagError(f"train.refit failed: {payload}")
+    if "error" in outcome:
+        raise MltagError(f"train.refit failed: {outcome['error']}")
     # None: the first fit diverged in its first epoch (check_converged says so)
-    return head, history, mon, None if payload is None else NumpyHead.from_weights(payload)
-
-
-def _death(exitcode: int | None) -> str:
-    """What a child's exit code says: killed by a signal (the OOM killer sends SIGKILL), or exited."""
-    import signal
-
-    if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
-        return f"killed by {name}" + (", perhaps the out-of-memory killer" if name == "SIGKILL" else "")
-    return "exited"
+    weights = outcome.get("weights")
+    return head, history, mon, None if weights is None else NumpyHead.from_weights(weights)
 
 
 class FoldHeads:
@@ -582,7 +550,7 @@ def fold_gradient(loss: HeadLoss, z: np.ndarray, y: np.ndarray, own: np.ndarray)
 @one_blas_thread
 def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k: int, *, learning_rate: float,
                    epochs: int, batch_size: int, hidden_units: int, dropout: float, seed: int,
-                   loss: HeadLoss, folds: list[int] | None = None) -> list[NumpyHead]:
+                   loss: HeadLoss, folds: list[int] | None = None, stop=None) -> list[NumpyHead]:
     """The heads of ``folds`` (default: all ``k``) fitted side by side (``FoldHeads``) in one pass over
     the rows: head ``f`` learns from the rows whose ``row_fold`` is not ``f`` (cross-fitting's
     refits), for ``epochs`` epochs, with no validation. Returns them in the order of ``folds``.
@@ -590,7 +558,7 @@ def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k:
     Each step draws ``batch_size * k / (k - 1)`` rows, so each head gets about ``batch_size`` of
     its own rows per step, and as many steps per epoch as a refit on its folds alone. The refits
     are bound by per-step overhead and by reading the rows, not by arithmetic, so all k cost
-    about what one refit cost.
+    about what one refit cost. ``stop`` (a ``threading.Event``), once set, ends the fit at the next epoch.
     """
     folds = list(range(k)) if folds is None else list(folds)
     rng = np.random.default_rng(seed)
@@ -604,6 +572,8 @@ def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k:
     step_rows = max(int(round(batch_size * k / (k - 1))), 1)
     chunk = step_rows * 64
     for _ in range(epochs):
+        if stop is not None and stop.is_set():
+            break  # the caller failed or was stopped: these heads are not wanted
         order = rng.permutation(len(x))
         for i in range(0, len(order), step_rows):
             if i % chunk == 0:

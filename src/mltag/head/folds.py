@@ -58,16 +58,11 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
     if rows.k:
         row_fold = np.concatenate([folds, np.repeat(folds[: len(y_tr)], rows.k)])
         y_rows = np.concatenate([y, np.repeat(y_tr, rows.k, axis=0)])
-    global _FOLD_DATA
-    _FOLD_DATA = (rows, y_rows, row_fold, k, hp)
     groups = fold_groups(k)
     scores = np.zeros(y.shape, np.float32)
-    try:
-        for group, heads in zip(groups, _map_groups(groups)):
-            for f, head in zip(group, heads):
-                scores[folds == f] = head.predict(x[folds == f])
-    finally:
-        _FOLD_DATA = None
+    for group, heads in zip(groups, _map_groups(groups, (rows, y_rows, row_fold, k, hp))):
+        for f, head in zip(group, heads):
+            scores[folds == f] = head.predict(x[folds == f])
     if progress:
         log.debug("calibrate: %d heads refitted side by side, in %d groups", k, len(groups))
     return y, scores, folds, paths
@@ -80,40 +75,35 @@ def fold_groups(k: int) -> list[list[int]]:
     return [g for g in (list(range(half)), list(range(half, k))) if g]
 
 
-_FOLD_DATA = None  # what the groups read: set before the worker process forks, so nothing is pickled
-
-
-def _fit_group(i: int, group: list[int]) -> list:
+def _fit_group(i: int, group: list[int], data: tuple, stop=None) -> list:
     from mltag.head.fit import HeadLoss, fit_fold_heads
 
-    rows, y_rows, row_fold, k, hp = _FOLD_DATA
+    rows, y_rows, row_fold, k, hp = data
     return fit_fold_heads(rows, y_rows, row_fold, k, learning_rate=hp["learning_rate"], epochs=int(hp["best_epoch"]),
                           batch_size=hp["batch_size"], hidden_units=hp["hidden_units"], dropout=hp["dropout"],
-                          seed=int(hp["seed"]) + i, loss=HeadLoss.of(hp), folds=group)
+                          seed=int(hp["seed"]) + i, loss=HeadLoss.of(hp), folds=group, stop=stop)
 
 
-def _map_groups(groups: list[list[int]]) -> list[list]:
-    """Each group's heads: the second group in a forked process while this one fits the first, where
-    the platform forks and there are two cores; else one after the other (the same heads)."""
-    import multiprocessing as mp
+def _map_groups(groups: list[list[int]], data: tuple) -> list[list]:
+    """Each group's heads: the later groups in a thread of this process while this thread fits the first
+    (numpy releases the GIL in its array work), where there are two cores; else one after the other (the
+    same heads). A failed or stopped first group (Ctrl-C, SIGTERM) ends the others at their next epoch."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
 
     from mltag.workers import cpu_threads
 
-    if len(groups) < 2 or cpu_threads() < 2 or "fork" not in mp.get_all_start_methods():
-        return [_fit_group(i, g) for i, g in enumerate(groups)]
-    from concurrent.futures import ProcessPoolExecutor
-
-    from mltag.workers import die_with_parent
-
-    # the worker dies with this process, however it ends: a killed calibrate leaves no fold group behind
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=die_with_parent,
-                             initargs=(os.getpid(),)) as pool:
-        later = [pool.submit(_fit_group, i, g) for i, g in enumerate(groups) if i > 0]
+    if len(groups) < 2 or cpu_threads() < 2:
+        return [_fit_group(i, g, data) for i, g in enumerate(groups)]
+    stop = threading.Event()
+    # one BLAS thread for both groups, set once here (see mltag.head.fit.fit_and_refit)
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(1, thread_name_prefix="mltag-folds") as pool:
+        later = [pool.submit(_fit_group, i, g, data, stop) for i, g in enumerate(groups) if i > 0]
         try:
-            first = _fit_group(0, groups[0])
+            first = _fit_group(0, groups[0], data)
             return [first] + [f.result() for f in later]
-        except BaseException:  # failed or stopped (Ctrl-C, SIGTERM): end the other group now, not when it is done
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.kill()
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException:
+            stop.set()
             raise

@@ -325,13 +325,31 @@ def model_hash(model_dir: Path, thresholds: Path) -> str:
     return h.hexdigest()
 
 
+def _registry_error(e: Exception, what: str) -> MltagError:
+    """A registry read that failed for any reason but "does not exist": one line naming the store, never absent."""
+    from mltag.tracking import runs as tracking
+
+    uri = tracking.tracking_uri()
+    first = tracking.scrub(str(e).splitlines()[0][:300] if str(e) else type(e).__name__, uri)
+    return MltagError(f"the MLflow registry at {tracking.mask_uri(uri)} failed to answer {what} ({first}); nothing was "
+                      "registered and no alias moved. Rerun register once the server answers")
+
+
+def _absent(e: Exception) -> bool:
+    """Whether an MLflow error means "there is no such thing" (and only that)."""
+    return getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 def _version_with_hash(client, model_name: str, content: str):
+    """The oldest version of ``model_name`` with this content hash, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
         versions = client.search_model_versions(f"name='{model_name}'")
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if _absent(e):
+            return None
+        raise _registry_error(e, f"the search for versions of {model_name!r}") from None
     found = [v for v in versions if (v.tags or {}).get("mltag.content_hash") == content]
     return min(found, key=lambda v: int(v.version)) if found else None
 
@@ -341,8 +359,12 @@ def _alias(client, model_name: str, alias: str):
 
     try:
         return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        # MLflow answers an alias nobody set with INVALID_PARAMETER_VALUE, "Registered model alias X not found."
+        if _absent(e) or getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE" and \
+                f"alias {alias} not found" in str(e):
+            return None
+        raise _registry_error(e, f"which version of {model_name!r} is {alias!r}") from None
 
 
 def gate(challenger_ap: np.ndarray, champion_ap: np.ndarray, labels: list[str], margin: float,
@@ -413,125 +435,11 @@ def _champion_head_scores(client, model_name: str, version, meta: dict, labels: 
     return scores, M.decide(scores, t, min_labels)
 
 
-# The image list comes through stdin, never argv: one argument is capped at 128 KiB (about 1,000 test
-# images), and the list grows with the data. The child reads it first, before its own imports.
-_WARM_CODE = ("import json, sys; a = json.load(sys.stdin); from pathlib import Path;"
-              "from mltag.steps.register import warm_quantized_backbone;"
-              "warm_quantized_backbone(Path(a['model']), a['images'], a['hashes'])")
-
-
-@contextlib.contextmanager
-def _reaped(proc):
-    """Never leave the background conversion behind: stop it if register ends first."""
-    try:
-        yield
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _warm_quantized_backbone(model_dir: Path, meta: dict, register: config.Register, test_images: list[Path],
-                             test_hashes: list[str] | None):
-    """Start converting the dynamic-range backbone (and its features of the test images) in a process of
-    its own, when the backbone cache lacks them: TF's import and the converter run on one core, beside
-    register's own MLflow start-up and checks on the other. Returns the process, or None."""
-    import sys
-
-    from mltag.inference.engine import tflite_path
-
-    if not register.tflite or register.int8 == "none" or "tensorflow" in sys.modules:
-        return None  # nothing to convert, or TF is loaded here already: convert in this process
-    if meta.get("mode", "head") != "head" or not (model_dir / BACKBONE_DIR).is_dir():
-        return None
-    path = tflite_path(_folder_backbone(model_dir, meta), int(meta["image_size"]), "", "dynamic_range")
-    if path.with_suffix(".failed").is_file() or (path.is_file() and (
-            test_hashes is None or _memo_has(path, test_hashes))):
-        return None
-    return start_warm(model_dir, test_images, test_hashes)
-
-
-def start_warm(model_dir: Path, test_images: list[Path], test_hashes: list[str] | None, stderr=None):
-    """``warm_quantized_backbone`` in a process of its own, the image list through its stdin."""
-    import subprocess
-    import sys
-
-    args = {"model": str(model_dir), "images": [str(p) for p in test_images], "hashes": test_hashes}
-    proc = subprocess.Popen([sys.executable, "-c", _WARM_CODE], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
-    _feed(proc, json.dumps(args).encode())
-    return proc
-
-
-def _feed(proc, data: bytes) -> None:
-    """Write ``data`` to ``proc``'s stdin and close it, in a thread: a list of 100,000 paths is larger
-    than a pipe holds, and register goes on meanwhile. A child that died early is register's to meet."""
-    import threading
-
-    def write():
-        try:
-            with proc.stdin:
-                proc.stdin.write(data)
-        except (BrokenPipeError, ValueError, OSError):
-            pass
-
-    threading.Thread(target=write, name="mltag-warm-feed", daemon=True).start()
-
-
-def warm_quantized_backbone(model_dir: Path, images: list[str], hashes: list[str] | None) -> None:
-    """The background half of ``_warm_quantized_backbone``: the cached dynamic-range backbone, then its
-    features of ``images``. A failure here is left for register itself to meet and report."""
-    from mltag.inference.engine import litert_backbone
-
-    meta = read_model_meta(model_dir, verify=False)
-    path = litert_backbone(_folder_backbone(model_dir, meta), int(meta["image_size"]), "", kind="dynamic_range")
-    if hashes is not None:
-        memo_features(path, [Path(p) for p in images], hashes, int(meta["image_size"]))
-
-
-def _memo_has(backbone_file: Path, hashes: list[str]) -> bool:
-    try:
-        with np.load(_memo_file(backbone_file)) as z:
-            return set(hashes) <= set(z["sha"].tolist())
-    except Exception:  # noqa: BLE001 - missing or damaged: not there
-        return False
-
-
 SCRATCH = "mltag-register"
 
 
-class _InThread:
-    """``fn(*args)`` in a thread started now (``inline``: run here, now); ``result()`` waits and returns
-    it or raises what it raised."""
-
-    def __init__(self, fn, *args, inline: bool = False):
-        import threading
-
-        self._value, self._error = None, None
-
-        def run():
-            try:
-                self._value = fn(*args)
-            except BaseException as e:  # noqa: BLE001 - handed to result()
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name=f"mltag-{fn.__name__}", daemon=True)
-        self._thread.start()
-        if inline:
-            self._thread.join()  # its error, if any, is raised by result()
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 def _check_challenger(model_dir: Path, thresholds: Path, tmp: Path, meta: dict, bottlenecks, test, test_images,
-                      y_test: np.ndarray, labels: list[str], prepared, root: Path, warm, register: config.Register,
+                      y_test: np.ndarray, labels: list[str], prepared, root: Path, register: config.Register,
                       test_hashes) -> tuple[Path, np.ndarray | None, np.ndarray, dict | None]:
     """What register decides on, without MLflow: the bundle (model folder + thresholds) in ``tmp``, the
     challenger's test scores (the cached vectors' when they match, as evaluate scored them; else from
@@ -550,8 +458,6 @@ def _check_challenger(model_dir: Path, thresholds: Path, tmp: Path, meta: dict, 
     parity = None
     if register.tflite:
         _, train_ex = load_prepared(prepared, "train")
-        if warm is not None:
-            warm.wait()  # what it made (or failed to) is in the cache; what it did not, tflite_parity does
         parity = tflite_parity(bundle, test_images, y_test, labels, [root / ex.path for ex in train_ex],
                                chall_scores, int8=register.int8, int8_images=register.int8_images,
                                max_drop=register.int8_max_drop, evaluated=cached is not None,
@@ -621,77 +527,68 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     read_thresholds(thresholds, model_labels)
     labels, test, root, test_images, y_test, test_hashes = _test_split(prepared, images)
     tmp = _scratch(out)  # also proves --out's folder writable, before the registry is touched
-    warm = _warm_quantized_backbone(model_dir, meta, register, test_images, test_hashes)
-    # The challenger scored and its LiteRT files checked in a thread while MLflow imports here (LiteRT
-    # and image decoding let go of the GIL, an import mostly holds it).
-    from mltag.data import images
-    from mltag.inference import model  # noqa: F401 - here, not in two threads at once
-    # Scoring from the images or a fine-tuned model runs TF: not beside MLflow's imports, but before them.
-    checked = _InThread(_check_challenger, model_dir, thresholds, tmp, meta, bottlenecks, test, test_images, y_test,
-                        labels, prepared, root, warm, register, test_hashes,
-                        inline=not bottlenecks or meta.get("mode", "head") != "head")
-    with _reaped(warm):
-        try:
-            import mlflow
-            from mlflow import MlflowClient
+    try:
+        bundle, cached, chall_scores, parity = _check_challenger(
+            model_dir, thresholds, tmp, meta, bottlenecks, test, test_images, y_test, labels, prepared, root,
+            register, test_hashes)
+        import mlflow
+        from mlflow import MlflowClient
 
-            from mltag.tracking import runs as mltracking
+        from mltag.tracking import runs as mltracking
 
-            uri = mltracking.setup_checked(tracking_uri)
-            client = MlflowClient()
-            run_id = mltracking.model_run(model_dir, run_id, uri)
-            _check_recorded_digest(client, model_dir, digest)
-            if labels != model_labels:  # after the digest: an edited folder is reported as edited
-                raise MltagError(f"the model scores labels {model_labels} but the prepared data has {labels}; train "
-                                 "on this data (or register against the data it was trained on)",
-                                 model_dir / "model.json")
-            if run_id is None:
-                mlflow.set_experiment(experiment)
-            bundle, cached, chall_scores, parity = checked.result()
-            signature, example = _signature(bundle, test_images)
-            chall_ap = M.average_precisions(y_test, chall_scores)
-            # 1. Decide before touching the registry: a failure here leaves no version behind.
-            chall_map = float(np.nanmean(chall_ap))
-            content = model_hash(model_dir, thresholds)
-            existing = _version_with_hash(client, model_name, content)
-            champ = _alias(client, model_name, "champion")
-            result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": mltracking.mask_uri(uri),
-                      "champion_version": None, "champion_test_map": None, "content_hash": content,
-                      "scored_from": "cached vectors" if cached is not None else "images", "champion_scored_from": None}
-            th, min_labels = M.decision_rule(read_thresholds(thresholds, labels), labels)
-            chall = (chall_scores, M.decide(chall_scores, th, min_labels))
-            promote, reason = _decide(client, register, champ, existing, chall, y_test, meta, labels, cached,
-                                      test_images, tmp, result)
-            tags = {"mltag.content_hash": content, "mltag.test_map": f"{chall_map:.6f}", "mltag.labels": ",".join(labels),
-                    "mltag.gate": ("promoted: " if promote else "kept: ") + reason}
+        uri = mltracking.setup_checked(tracking_uri)
+        client = MlflowClient()
+        run_id = mltracking.model_run(model_dir, run_id, uri)
+        _check_recorded_digest(client, model_dir, digest)
+        if labels != model_labels:  # after the digest: an edited folder is reported as edited
+            raise MltagError(f"the model scores labels {model_labels} but the prepared data has {labels}; train "
+                             "on this data (or register against the data it was trained on)",
+                             model_dir / "model.json")
+        if run_id is None:
+            mlflow.set_experiment(experiment)
+        signature, example = _signature(bundle, test_images)
+        chall_ap = M.average_precisions(y_test, chall_scores)
+        # 1. Decide before touching the registry: a failure here leaves no version behind.
+        chall_map = float(np.nanmean(chall_ap))
+        content = model_hash(model_dir, thresholds)
+        existing = _version_with_hash(client, model_name, content)
+        champ = _alias(client, model_name, "champion")
+        result = {"model_name": model_name, "challenger_test_map": chall_map, "tracking_uri": mltracking.mask_uri(uri),
+                  "champion_version": None, "champion_test_map": None, "content_hash": content,
+                  "scored_from": "cached vectors" if cached is not None else "images", "champion_scored_from": None}
+        th, min_labels = M.decision_rule(read_thresholds(thresholds, labels), labels)
+        chall = (chall_scores, M.decide(chall_scores, th, min_labels))
+        promote, reason = _decide(client, register, champ, existing, chall, y_test, meta, labels, cached,
+                                  test_images, tmp, result)
+        tags = {"mltag.content_hash": content, "mltag.test_map": f"{chall_map:.6f}", "mltag.labels": ",".join(labels),
+                "mltag.gate": ("promoted: " if promote else "kept: ") + reason}
+        if tflite:
+            tags["mltag.int8"] = str(parity.get("int8_reason") or parity.get("error", ""))[:500]
+        fault_point("register:decided")
+        with mlflow.start_run(run_id=run_id) as run:
+            result["run_id"] = run.info.run_id
+            mv = _version(client, model_name, existing, tags, bundle, signature, example)
+            promote, reason = _move_aliases(client, model_name, mv, champ, promote, reason)
+            mlflow.log_metrics({"registered_test_map": chall_map})
+            if tflite and "fp32_bytes" in parity:
+                mlflow.log_metrics({f"tflite_{k}": v for k, v in parity.items()
+                                    if isinstance(v, float) and k != "images"})
+            mlflow.set_tag("mltag.registered_version", mv)
+            if config:
+                mlflow.log_dict(config, "register/config.json")
             if tflite:
-                tags["mltag.int8"] = str(parity.get("int8_reason") or parity.get("error", ""))[:500]
-            fault_point("register:decided")
-            with mlflow.start_run(run_id=run_id) as run:
-                result["run_id"] = run.info.run_id
-                mv = _version(client, model_name, existing, tags, bundle, signature, example)
-                promote, reason = _move_aliases(client, model_name, mv, champ, promote, reason)
-                mlflow.log_metrics({"registered_test_map": chall_map})
-                if tflite and "fp32_bytes" in parity:
-                    mlflow.log_metrics({f"tflite_{k}": v for k, v in parity.items()
-                                        if isinstance(v, float) and k != "images"})
-                mlflow.set_tag("mltag.registered_version", mv)
-                if config:
-                    mlflow.log_dict(config, "register/config.json")
-                if tflite:
-                    result["tflite"] = parity
-                result.update({"version": int(mv), "promoted": promote, "reason": reason,
-                               "aliases": ["challenger", "champion"] if promote else ["challenger"]})
-                _model_card(client, result, meta, prepared, labels, y_test, chall_scores, thresholds,
-                            parity if tflite else None, register, card)
-        finally:
-            checked.join()  # never remove the scratch folder under the thread's feet
-            shutil.rmtree(tmp, ignore_errors=True)
-        result["config"] = config
-        write_json_atomic(out, result)
-        verdict = "promoted to champion" if promote else "kept as challenger"
-        log.debug("register: %s version %s %s: %s", model_name, result["version"], verdict, reason)  # the CLI prints it
-        return result
+                result["tflite"] = parity
+            result.update({"version": int(mv), "promoted": promote, "reason": reason,
+                           "aliases": ["challenger", "champion"] if promote else ["challenger"]})
+            _model_card(client, result, meta, prepared, labels, y_test, chall_scores, thresholds,
+                        parity if tflite else None, register, card)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["config"] = config
+    write_json_atomic(out, result)
+    verdict = "promoted to champion" if promote else "kept as challenger"
+    log.debug("register: %s version %s %s: %s", model_name, result["version"], verdict, reason)  # the CLI prints it
+    return result
 
 
 def _test_split(prepared, images):
@@ -839,7 +736,24 @@ def _version(client, model_name: str, existing, tags: dict, bundle: Path, signat
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Successfully registered..." lines
         mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
     fault_point("register:created")
-    return mv
+    return _keep_oldest(client, model_name, mv, tags["mltag.content_hash"])
+
+
+def _keep_oldest(client, model_name: str, mv: str, content: str) -> str:
+    """One version per model content, whatever raced: two registers of one folder at once, or a create that
+    MLflow's client retried after it had succeeded. The oldest version with this content is kept; ``mv``,
+    when newer, is deleted. Every racer keeps the same one and deletes only its own."""
+    oldest = _version_with_hash(client, model_name, content)
+    if oldest is None or str(oldest.version) == mv:
+        return mv
+    try:
+        client.delete_model_version(model_name, mv)
+    except Exception as e:  # noqa: BLE001 - said, and marked, below: the oldest is the one used either way
+        log.warning("register: version %s duplicates version %s (same content) and could not be deleted (%s)",
+                    mv, oldest.version, type(e).__name__)
+        client.set_model_version_tag(model_name, mv, "mltag.duplicate_of", str(oldest.version))
+    log.info("register: this model content is already version %s (made meanwhile); keeping it", oldest.version)
+    return str(oldest.version)
 
 
 def _move_aliases(client, model_name: str, mv: str, champ, promote: bool, reason: str) -> tuple[bool, str]:
@@ -878,10 +792,15 @@ def promote(model_name: str, version: int | str, reason: str, user: str | None =
     except Exception:  # noqa: BLE001
         raise MltagError(f"model {model_name!r} has no version {version}") from None
     user = user or os.environ.get("USER") or getpass.getuser()
-    client.set_registered_model_alias(model_name, "champion", str(version))
-    client.set_model_version_tag(model_name, str(version), "mltag.promoted_by", user)
-    client.set_model_version_tag(model_name, str(version), "mltag.promoted_reason", reason)
-    client.set_model_version_tag(model_name, str(version), "mltag.gate", f"manual promotion by {user}: {reason}")
+    from mlflow.exceptions import MlflowException
+
+    try:  # who and why first, the alias last: a failure leaves champion where it was
+        client.set_model_version_tag(model_name, str(version), "mltag.promoted_by", user)
+        client.set_model_version_tag(model_name, str(version), "mltag.promoted_reason", reason)
+        client.set_model_version_tag(model_name, str(version), "mltag.gate", f"manual promotion by {user}: {reason}")
+        client.set_registered_model_alias(model_name, "champion", str(version))
+    except MlflowException as e:
+        raise _registry_error(e, f"the promotion of {model_name!r} version {version}") from None
     result = {"model_name": model_name, "champion": int(version), "by": user, "reason": reason}
     log.info("promote: %s", json.dumps(result))
     return result

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -63,15 +62,12 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         raise MltagError(f"backbone changed since the bottleneck step ({meta['backbone_id']} -> "
                          f"{resolved.backbone_id}); rerun bottleneck")
 
-    # MLflow opens in a helper process while the head fits (mltag.tracking.runs.Tracker)
     tracker = mltracking.Tracker(tracking_uri)
     t0 = time.time()
     params = mltracking.flatten(recipe or config or {})
     params.update({"train.backbone_id": resolved.backbone_id, "train.n_labels": len(labels),
                    "train.n_train": len(x_tr), "train.n_train_vectors": len(x_fit), "train.n_val": len(x_va)})
     tags = mltracking.owner_tags(out)
-    if not tracker.direct:  # the run's source is this command, not the helper process
-        tags["mlflow.source.name"] = os.path.abspath(sys.argv[0])
     try:  # the run ends FINISHED, or FAILED with whatever went wrong (KILLED when stopped, even while it opens)
         tracker.send("open_train_run", tracking.experiment, str(out), tags, {k: str(v)[:500] for k, v in params.items()},
                      {"mltag.step": "train", "mltag.labels": ",".join(labels)})

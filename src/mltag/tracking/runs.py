@@ -379,13 +379,10 @@ def local_model(model: str, explicit_uri: str | None = None) -> Path:
     return found[0]
 
 
-# --------------------------------------------------------------------------- a step's MLflow, beside its work
+# --------------------------------------------------------------------------- a step's MLflow calls
 #
-# ``import mlflow`` and opening its store take about 2 s of a step's start (1.1 s of imports, 1.0 s
-# of SQLAlchemy and MLflow's store), and evaluate, calibrate and review do a few seconds of work
-# at most. A ``Tracker`` makes the step's MLflow calls in a helper process started first, so the
-# imports run on the core the step leaves idle. The calls are the functions in ``OPS`` below,
-# with plain arguments and results; they run in order, in the helper or (``direct``) here.
+# The calls a step makes, as plain functions with plain arguments, run in the step's own process
+# through a ``Tracker`` (one place that reports a dead store and ends a failed train's run).
 
 def open_train_run(experiment: str, out: str, tags: dict, params: dict, step_tags: dict) -> tuple[str, str]:
     """train's run: the experiment set, this folder's stale runs closed, a new run started (and left
@@ -444,186 +441,44 @@ def end_run(status: str = "FINISHED") -> None:
 OPS = {f.__name__: f for f in (setup_checked, join_model_run, open_train_run, active_run_ids, log_to_run, end_run)}
 
 
-_prestarted = None  # (process, replies, uri): a helper the CLI started before the step's own imports
-
-
-HELPER_URI_ENV = "MLTAG_HELPER_TRACKING_URI"
-HELPER_PARENT_ENV = "MLTAG_HELPER_PARENT"
-
-
-def _start_helper(uri: str):
-    import subprocess
-    import sys
-
-    r, w = os.pipe()
-    level = logging.getLogger("mltag").getEffectiveLevel()
-    # The URI may carry a password: through the environment (readable only by this user), never argv (`ps`).
-    env = {**os.environ, HELPER_URI_ENV: uri, HELPER_PARENT_ENV: str(os.getpid())}
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "mltag.tracking.helper", str(w), str(level)],
-                                stdin=subprocess.PIPE, pass_fds=(w,), env=env)
-    finally:
-        os.close(w)
-    return proc, os.fdopen(r, "rb")
-
-
-def _use_helper() -> bool:
-    """Whether a step's MLflow calls go to a helper process: not where MLflow is already imported
-    here (no import left to hide), with ``MLTAG_TRACKING_HELPER=0``, or off POSIX;
-    ``MLTAG_TRACKING_HELPER=1`` asks for one even where MLflow is imported."""
-    import sys
-
-    helper = os.environ.get("MLTAG_TRACKING_HELPER", "auto")
-    return helper != "0" and os.name == "posix" and (helper == "1" or "mlflow" not in sys.modules)
-
-
-def prestart(explicit_uri: str | None) -> None:
-    """Start a step's tracking helper now (the CLI does, before the step's own imports), so its
-    imports begin a few tenths of a second earlier; the step's ``Tracker`` takes it over. A
-    helper nobody takes over stops when this process ends. Nothing where a ``Tracker`` would be
-    direct."""
-    global _prestarted
-    if _prestarted is not None or not _use_helper():
-        return
-    uri = tracking_uri(explicit_uri)
-    _prestarted = (*_start_helper(uri), uri)
-
-
-class TrackingHelperError(Exception):
-    """An MLflow call failed in the helper process (the message carries its type and text)."""
-
-
 class Tracker:
-    """One step's MLflow calls, made in a helper process that imports MLflow and opens the store
-    while the step works (or in this process: ``direct``).
+    """One step's MLflow calls, in the step's own process.
 
-    ``send`` queues a call and returns at once; ``call`` returns its result after every call
-    before it has run. A failed call raises at the next ``call`` or at ``close``, as the error
-    it raised in the helper (an ``MltagError`` stays one). The store is checked first (as
-    ``setup_checked``), so a dead server is reported at the step's first ``call``: steps make
-    it before they write their outputs. The helper runs each call only while this process is
-    alive, and never ends a run it was not told to end (a killed train's run stays RUNNING,
-    for the next train to close as KILLED).
-
-    Direct (no helper) where ``_use_helper`` says so: MLflow already imported here (tests,
-    notebooks), ``MLTAG_TRACKING_HELPER=0``, or not on POSIX.
+    The store is checked first (as ``setup_checked``), so a dead server is reported when the
+    tracker is made: steps make it before they write their outputs. ``send`` and ``call`` run a
+    call in ``OPS`` now (``send`` drops the result); an ``MlflowException`` becomes one
+    ``MltagError`` line naming the (masked) store. ``abandon`` ends a failed step's run with the
+    status it is given (FAILED, KILLED) and never hides the step's own error.
     """
 
     def __init__(self, tracking_uri_: str | None):
         self.uri = tracking_uri(tracking_uri_)
-        self.direct = not _use_helper()
-        self._proc, self._waiting = None, 0
-        if self.direct:
-            setup_checked(tracking_uri_)
-            return
-        global _prestarted
-        if _prestarted is not None and _prestarted[2] == self.uri and _prestarted[0].poll() is None:
-            self._proc, self._replies, _ = _prestarted
-        else:
-            if _prestarted is not None:  # for another store: let it go (end of input stops it)
-                _prestarted[0].stdin.close()
-                _prestarted[1].close()
-            self._proc, self._replies = _start_helper(self.uri)
-        _prestarted = None
-        self.send("setup_checked", tracking_uri_)
+        setup_checked(tracking_uri_)
 
     def send(self, op: str, *args, **kwargs) -> None:
-        if self.direct:
-            OPS[op](*args, **kwargs)
-            return
-        try:
-            self._write(op, args, kwargs)
-        except BrokenPipeError:
-            self._helper_gone()
-        self._waiting += 1
-
-    def _write(self, op: str, args: tuple, kwargs: dict) -> None:
-        import pickle
-
-        pickle.dump((op, args, kwargs), self._proc.stdin)
-        self._proc.stdin.flush()
+        self.call(op, *args, **kwargs)
 
     def call(self, op: str, *args, **kwargs):
-        if self.direct:
-            return OPS[op](*args, **kwargs)
-        self.send(op, *args, **kwargs)
-        value = None
-        while self._waiting:
-            value = self._reply()
-        return value
+        from mlflow.exceptions import MlflowException
 
-    def _reply(self):
-        import pickle
+        from mltag.errors import MltagError
 
         try:
-            kind, *rest = pickle.load(self._replies)
-        except (EOFError, pickle.UnpicklingError):
-            self._helper_gone()
-        self._waiting -= 1
-        if kind == "ok":
-            return rest[0]
-        self._raise(*rest)
-
-    def _raise(self, kind: str, type_name: str, message: str, path, line) -> None:
-        from mltag.errors import MltagError
-
-        if kind == "mltag":
-            err = MltagError(message)
-            err.path, err.line = path, line
-            raise err
-        if kind == "mlflow":  # as the CLI reports an MlflowException raised in its own process
-            first = message.splitlines()[0][:300] if message else type_name
-            raise MltagError(f"MLflow at {mask_uri(self.uri)}: {scrub(first, self.uri)}")
-        raise TrackingHelperError(f"{type_name}: {message}")
-
-    def _helper_gone(self):
-        from mltag.errors import MltagError
-
-        code = self._proc.wait()
-        raise MltagError(f"the MLflow helper process exited (status {code}) before the step's tracking was done; "
-                         "its error is above. Rerun the step; set MLTAG_TRACKING_HELPER=0 to log from the step's "
-                         "own process")
+            return OPS[op](*args, **kwargs)
+        except MlflowException as e:
+            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise MltagError(f"MLflow at {mask_uri(self.uri)}: {scrub(first, self.uri)}") from None
 
     def close(self) -> None:
-        """Wait for every call sent; raise the first that failed."""
-        if self.direct or self._proc is None:
-            return
-        try:
-            while self._waiting:
-                self._reply()
-        finally:
-            self._shutdown()
+        """Nothing left to wait for: every call ran when it was made."""
 
     def abandon(self, op: str | None = None, *args) -> None:
-        """The step failed: send ``op`` (a train's FAILED end) if the helper still listens, let it run
-        what was sent, and let it go without reading its replies (the step's own error is the one
-        to report). Direct: run ``op`` here, its own failure not hiding the step's."""
+        """The step failed: run ``op`` (a train's FAILED or KILLED end), its own failure not hiding the step's."""
         if op is not None:
             try:
-                if self.direct:
-                    OPS[op](*args)
-                elif self._proc is not None:
-                    self._write(op, args, {})
+                OPS[op](*args)
             except Exception:  # noqa: BLE001 - the step's error matters more
                 log.debug("tracking: %s after a failed step did not run", op, exc_info=True)
-        self._shutdown()
-
-    def _shutdown(self, timeout: float = 60.0) -> None:
-        import subprocess
-
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        self._replies.close()
 
     def model_run(self, model_dir: str | os.PathLike, run_id: str | None, tracking_uri_: str | None) -> str | None:
         """``join_model_run`` through this tracker, once: a second call returns the first's answer."""
@@ -645,12 +500,9 @@ class _NoTracker(Tracker):
     """A tracker with no run to log into: every call returns None, nothing is started."""
 
     def __init__(self):
-        self.direct, self._proc, self._waiting = True, None, 0
+        self.uri = None
 
     def abandon(self, op: str | None = None, *args) -> None:
-        return None
-
-    def send(self, op: str, *args, **kwargs) -> None:
         return None
 
     def call(self, op: str, *args, **kwargs):
