@@ -106,7 +106,7 @@ def run(data: Path, flip: float, seed: int, backbone: str, views: int, work: Pat
     with open(work / "review" / "label_issues.csv", newline="", encoding="utf-8") as fh:
         ranked = [(row["path"], row["label"]) for row in csv.DictReader(fh)]
     k = len(visible)
-    labels = json.loads((work / "rv.json").read_text())["per_label"]
+    labels = r["per_label"]
     universe = [(path, lb) for path in sorted(seen) for lb in labels]
     rng = np.random.default_rng(seed + 1)
     random_rank = [universe[i] for i in rng.permutation(len(universe))]

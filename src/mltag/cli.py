@@ -27,9 +27,10 @@ STEP_PATHS = {
                  ("--out", "reports/evaluate"), ("--metrics", "metrics/evaluate.json"), ("--plots", None)],
     "calibrate": [("--evaluation", "reports/evaluate"), ("--model", "models/train"), ("--bottlenecks", "data/bottlenecks"),
                   ("--out", "models/thresholds.json"), ("--metrics", "metrics/calibrate.json"),
-                  ("--oof", "reports/calibrate/oof_scores.npz")],
+                  ("--oof", "reports/calibrate/oof_scores.npz"), ("--report", "reports/calibrate/details.json")],
     "register": [("--model", "models/train"), ("--thresholds", "models/thresholds.json"),
-                 ("--prepared", "data/prepared"), ("--out", "metrics/register.json"), ("--images", None),
+                 ("--prepared", "data/prepared"), ("--out", "reports/register.json"),
+                 ("--metrics", "metrics/register.json"), ("--images", None),
                  ("--bottlenecks", None), ("--card", "reports/model_card.md")],
     "review": [("--oof", "reports/calibrate/oof_scores.npz"), ("--prepared", "data/prepared"), ("--model", "models/train"),
                ("--out", "reports/review"), ("--metrics", "metrics/review.json"), ("--images", None)],
@@ -156,9 +157,9 @@ def _add_tools(sub) -> None:
     dft.add_argument("--max-images", type=int, default=1000, help="vectors compared per side (default 1000)")
     dft.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: ./params.yaml)")
     ms = sub.add_parser("metrics", help="print the last run's metrics table and registry decision")
-    ms.add_argument("--evaluate", default="metrics/evaluate.json")
-    ms.add_argument("--calibrate", default="metrics/calibrate.json")
-    ms.add_argument("--register", default="metrics/register.json")
+    ms.add_argument("--evaluate", default="reports/evaluate/details.json", help="evaluate's details.json")
+    ms.add_argument("--calibrate", default="reports/calibrate/details.json", help="calibrate's --report")
+    ms.add_argument("--register", default="reports/register.json", help="register's --out")
     pm = sub.add_parser("promote", help="make VERSION the champion by hand, recording who and why")
     pm.add_argument("name")
     pm.add_argument("version")
@@ -444,7 +445,7 @@ def _run_step(step: str, args, progress: bool) -> int:
 
     params = _resolve(args, step)
     rt = {k: getattr(args, k) for k in _TAKES if step in _TAKES[k]}
-    if step in ("train", "evaluate", "calibrate", "review"):
+    if step in ("train", "evaluate", "calibrate", "register", "review"):
         rt["metrics_file"] = args.metrics
     if step in ("train", "evaluate", "calibrate", "register", "review"):
         rt["tracking_uri"] = args.tracking_uri
@@ -466,7 +467,9 @@ def _run_step(step: str, args, progress: bool) -> int:
             params = params.replace("bottleneck", num_shards=1)
         run_step(step, params, **rt)
     elif step == "train":
-        s = run_step(step, params, **rt, history_file=args.history, images=_image_root(args.prepared))
+        root = _image_root(args.prepared)
+        s = run_step(step, params, **rt, history_file=args.history, images=root,
+                     dataset=dataset_source(args.prepared) if root else None)
         ft = (f"; fine-tune best epoch {s['fine_tune_best_epoch']}/{s['fine_tune_epochs_run']}, val loss "
               f"{s['fine_tune_val_loss']:.4f}" if s.get("fine_tune_val_loss") is not None else "")
         val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"
@@ -488,8 +491,11 @@ def _run_step(step: str, args, progress: bool) -> int:
         run_step(step, params, **rt, model_dir=args.model, images=args.images)  # its log line says what it found
     elif step == "register":
         r = run_step(step, params, **rt, model_dir=args.model, images=args.images)
-        verdict = "promoted to champion" if r["promoted"] else "kept as challenger"
-        print(f"register: {r['model_name']} version {r['version']} {verdict}: {r['reason']}")
+        if r["version"] is None:
+            print(f"register: {r['model_name']}: {r['reason']}")
+        else:
+            verdict = "promoted to champion" if r["promoted"] else "kept as challenger"
+            print(f"register: {r['model_name']} version {r['version']} {verdict}: {r['reason']}")
         if r.get("tflite", {}).get("int8_reason"):
             print(f"register: model_int8.tflite {r['tflite']['int8_reason']}")
     return 0
@@ -497,9 +503,15 @@ def _run_step(step: str, args, progress: bool) -> int:
 
 # The path flags handed to each step function under the same keyword.
 _TAKES = {"out": tuple(STEP_PATHS), "prepared": ("bottleneck", "register", "review"), "oof": ("review",),
-          "card": ("register",),
+          "card": ("register",), "report": ("calibrate",),
           "bottlenecks": ("train", "evaluate", "calibrate", "register"), "metrics": ("bottleneck",),
           "evaluation": ("calibrate",), "thresholds": ("register",)}
+
+
+def dataset_source(prepared) -> str:
+    from mltag.data.formats import dataset_source as source
+
+    return source(prepared)
 
 
 def _image_root(prepared) -> Path | None:

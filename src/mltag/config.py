@@ -213,8 +213,9 @@ class Review(Section):
 
 
 class Tracking(Section):
-    experiment: str = opt("mltag", "MLflow experiment of the training runs (where the run is filed, not what "
-                          "it computes)", output=False)
+    experiment: str = opt("", "MLflow experiment of the training runs (where the run is filed, not what it "
+                          "computes); empty: one per dataset, named as its registered model (mltag-demo, "
+                          "mltag-<your dataset's folder>)", output=False)
 
 
 class Register(Section):
@@ -237,6 +238,10 @@ class Register(Section):
     int8_images: int = opt(300, "register.int8 full: training images that calibrate the activation ranges", ge=1)
     int8_max_drop: float = opt(0.01, "largest test mAP or micro F1 drop against fp32 that a quantized model may "
                                "have and still ship", ge=0)
+    experiments: Literal["decide", "register"] = opt(
+        "decide", "under `dvc exp run`: decide (run the gate and write the decision, but create no registry version "
+        "and move no alias: exploring never touches what users rely on; `dvc exp apply` then `dvc repro -f -s "
+        "register` registers the one you chose) or register (every experiment becomes a version, as `dvc repro`)")
 
 
 class Pipeline(Section):

@@ -76,7 +76,7 @@ def test_the_data_versioning_page_runs_from_the_demo_to_your_own_photos(tmp_path
     assert "registry: mltag-demo version 1" in out
     add_photos(clone / "datasets" / "photos", 0, 60, seed=1)
     out = run_block("first-version", blocks, clone, env)
-    reg = json.loads((clone / "metrics" / "register.json").read_text())
+    reg = json.loads((clone / "reports" / "register.json").read_text())
     assert reg["model_name"] == "mltag-photos" and reg["promoted"], reg
     rows = list(csv.DictReader((clone / "predictions.csv").open()))
     assert len(rows) == 60 and not any(r["error"] for r in rows)

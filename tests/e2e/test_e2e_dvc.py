@@ -76,14 +76,14 @@ def test_repro_registers_a_predicting_champion(project):
     assert sorted(ran[6:]) == ["register", "review"], ran  # both need calibrate; review never gates register
     issues = (d / "reports" / "review" / "label_issues.csv").read_text().splitlines()
     assert issues[0] == "path,label,given,suggested,score,confidence"
-    assert json.loads((d / "metrics" / "review.json").read_text())["images"] > 0
+    assert json.loads((d / "reports" / "review" / "details.json").read_text())["images"] > 0
     # no third-party warning or chatter lines (pkg_resources, KFP, MLflow's "Successfully registered")
     noise = [ln for ln in out.splitlines() if re.search(r"Warning|warn\(|deprecat|Successfully registered|Created "
                                                         r"version|View run", ln)]
     assert not noise, noise
     ev = json.loads((d / "metrics" / "evaluate.json").read_text())
     assert ev["map"] >= 0.9, ev["map"]
-    reg = json.loads((d / "metrics" / "register.json").read_text())
+    reg = json.loads((d / "reports" / "register.json").read_text())
     assert reg["promoted"] and "champion" in reg["aliases"]
     lst = (d / "data" / "demo" / "all.lst").read_text().splitlines()
     labels = (d / "data" / "demo" / "labels.txt").read_text().split()

@@ -62,7 +62,8 @@ def test_review_ranks_the_injected_flips_first_and_logs_to_the_models_run(review
     for x in rows:
         assert x["path"] in seen and x["suggested"] == str(1 - int(x["given"]))
         assert abs(float(x["score"]) - float(x["given"])) > 0.5 or float(x["confidence"]) > 0.5
-    m = json.loads((tmp / "rv.json").read_text())
+    assert json.loads((tmp / "rv.json").read_text()) == {"issues": r["issues"], "issue_rate": r["issue_rate"]}
+    m = json.loads((tmp / "review" / "details.json").read_text())
     assert m["issues"] == len(rows) == r["issues"] and set(m["per_label"]) == set(COLOURS)
     assert all(0.0 <= v["noise_rate"] <= 1.0 for v in m["per_label"].values())
     html = (tmp / "review" / "review.html").read_text()

@@ -28,10 +28,10 @@ def run_all(tmp, dataset, backbone, lr=0.05, name="colours", **reg):
     bn = bottleneck(tmp / "prepared", tmp / "bn", **sections("bottleneck", handle=str(backbone), cache_dir=tmp / "cache", views=1), progress=False)
     tr = train(tmp / "bn", tmp / "model", **sections("train", learning_rate=lr, epochs=150, patience=30), progress=False, config={"train": {"learning_rate": lr}})
     ev = evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "metrics" / "evaluate.json", **sections("evaluate", bootstrap=50))
-    ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json", **sections("calibrate"), bottlenecks=tmp / "bn", progress=False)
+    ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json", **sections("calibrate"), bottlenecks=tmp / "bn", progress=False, report=tmp / "calibrate.json")
     reg.setdefault("bottlenecks", tmp / "bn")  # as dvc.yaml runs it: the test split scored from the cached vectors
     reg.setdefault("card", tmp / "reports" / "model_card.md")
-    rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "metrics" / "register.json", **sections("register", model_name=name, int8="full"), **reg)
+    rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "register.json", **sections("register", model_name=name, int8="full"), metrics_file=tmp / "metrics" / "register.json", **reg)
     return bn, tr, ev, ca, rg
 
 
@@ -58,10 +58,20 @@ def test_six_steps_on_tiny_data(tmp_path, colour_dataset, fake_backbone, mlflow_
     assert par["int8_shipped"] and par["int8_kind"] == "int8", par
     assert par["fp32_test_map"] - par["int8_test_map"] <= 0.01 and par["int8_bytes"] > 0
     assert par["int8_calibration_images"] == len(read_lst(tmp_path / "prepared" / "train.lst"))  # all: < 300
-    m = tmp_path / "metrics"
-    shown = run_cli("metrics", "--evaluate", str(m / "evaluate.json"), "--calibrate", str(m / "calibrate.json"),
-                    "--register", str(m / "register.json")).stdout
+    shown = run_cli("metrics", "--evaluate", str(tmp_path / "eval" / "details.json"), "--calibrate",
+                    str(tmp_path / "calibrate.json"), "--register", str(tmp_path / "register.json")).stdout
     assert f"{ev['map']:.3f}" in shown and "registry: colours version 1 -> challenger, champion" in shown
+    # The DVC metrics files hold the headline figures only; the details are in the reports.
+    m = tmp_path / "metrics"
+    assert json.loads((m / "evaluate.json").read_text()) == {
+        "map": ev["map"], "map_ci_low": lo, "map_ci_high": hi, "micro_f1": ev["micro_f1"], "macro_f1": ev["macro_f1"]}
+    assert set(json.loads((m / "calibrate.json").read_text())) == {"micro_f1", "macro_f1", "micro_f1_at_0.5",
+                                                                   "labels_tuned"}
+    assert json.loads((m / "register.json").read_text()) == {"version": 1, "gate_passed": 1, "promoted": 1,
+                                                             "challenger_test_map": rg["challenger_test_map"],
+                                                             "champion_test_map": None}
+    assert json.loads((tmp_path / "eval" / "details.json").read_text())["per_label"].keys() == set(COLOURS)
+    assert (tmp_path / "eval" / "train_history.png").read_bytes()[:4] == b"\x89PNG"
     client = MlflowClient()
     mv = client.get_model_version_by_alias("colours", "champion")
     assert str(mv.version) == "1" and mv.run_id == tr["run_id"]

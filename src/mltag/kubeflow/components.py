@@ -142,8 +142,13 @@ def train(bottlenecks: Input[Dataset], dataset: Input[Dataset], train: dict, bac
     params = params_for("train", {"train": train, "backbone": backbone, "tracking": tracking}, defaults)
     check_fixed_mode(params, defaults)
     images = images_for(dataset.path, {"train": None, "val": None}) if params.train.mode == "fine_tune" else None
+    from pathlib import Path
+
+    from mltag.data.formats import dataset_source
+
+    source = dataset_source(dataset.path) if (Path(dataset.path) / "dataset.json").is_file() else None
     s = run_step("train", params, bottlenecks=bottlenecks.path, out=model.path, tracking_uri=tracking_uri or None,
-                 progress=False, images=images)
+                 progress=False, images=images, dataset=source)
     for k in ("val_loss", "train_loss", "best_epoch", "fine_tune_val_loss", "fine_tune_best_epoch"):
         if s.get(k) is not None:
             metrics.log_metric(k, s[k])
@@ -192,7 +197,8 @@ def calibrate(evaluation: Input[Dataset], model: Input[Model], bottlenecks: Inpu
     out = Path(thresholds.path)
     r = run_step("calibrate", params, evaluation=evaluation.path, model_dir=model.path, out=out / "thresholds.json",
                  metrics_file=out / "metrics.json", tracking_uri=tracking_uri or None, run_id=run_id,
-                 bottlenecks=bottlenecks.path, progress=False, oof_out=out / "oof_scores.npz")
+                 bottlenecks=bottlenecks.path, progress=False, oof_out=out / "oof_scores.npz",
+                 report=out / "details.json")
     for k, v in r["test_at_thresholds"].items():
         if isinstance(v, float):
             metrics.log_metric(f"calibrated_{k}", v)

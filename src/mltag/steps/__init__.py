@@ -25,7 +25,7 @@ STEP_FUNCTIONS = {
 }
 
 
-OUTPUT_ARGS = ("out", "metrics", "metrics_file", "history_file", "oof_out", "card")
+OUTPUT_ARGS = ("out", "metrics", "metrics_file", "history_file", "oof_out", "card", "report")
 
 
 def step_function(step: str) -> Callable:

@@ -112,8 +112,8 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
             summary["feature_dim"] = _write_splits(tmp, splits, labels, keys, loaded, cache, views)
             write_labels(tmp / "labels.txt", labels)
         write_bottleneck_meta(tmp, summary)
-    if metrics:
-        write_json_atomic(metrics, stats)
+    if metrics:  # the headline: how many vectors this run computed (the rest is in the returned summary)
+        write_json_atomic(metrics, {"computed": stats["computed"], "cached": stats["cached"]})
     summary.update(stats)
     rate = f", {stats['images_per_second']} vectors/s ({used_engine})" if stats["images_per_second"] else ""
     log.info("bottleneck: %d computed, %d from cache%s", computed, stats["cached"], rate)

@@ -196,7 +196,8 @@ def _untuned(labels: list[str], min_positives: int, shrink: float) -> dict:
 def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
               metrics_file: str | os.PathLike, *, calibrate: config.Calibrate, tracking_uri: str | None = None,
               run_id: str | None = None, bottlenecks: str | os.PathLike | None = None, progress: bool = True,
-              config: dict | None = None, oof_out: str | os.PathLike | None = None) -> dict:
+              config: dict | None = None, oof_out: str | os.PathLike | None = None,
+              report: str | os.PathLike | None = None) -> dict:
     """Fit per-label thresholds; report test metrics at 0.5 and at the thresholds.
 
     ``calibrate`` is the typed params section. With ``cv_folds`` > 1 (and ``bottlenecks``), thresholds come from out-of-fold scores over
@@ -207,7 +208,9 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     A label keeps 0.5 unless its fitted threshold beats 0.5 by more than ``min_gain`` F1 on
     folds it was not fitted on, so calibration does not make a model worse on average.
 
-    Writes the thresholds JSON to ``out`` and the metrics to ``metrics_file``; with
+    Writes the thresholds JSON to ``out``, the headline figures to ``metrics_file`` (calibrated micro and
+    macro F1 on test, micro F1 at 0.5, how many labels left 0.5) and, with ``report``, every figure
+    (per label, both decision rules) there; with
     ``oof_out``, every train+val image's out-of-fold scores for review (computed with
     ``cv_folds`` folds, or 5 when thresholds do not use them).
     """
@@ -278,7 +281,11 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     if oof_file is not None:
         write_oof(*oof_file)
     write_thresholds(out, th)
-    write_json_atomic(metrics_file, result)
+    if report is not None:
+        write_json_atomic(report, result)
+    write_json_atomic(metrics_file, {
+        "micro_f1": at_cal["micro_f1"], "macro_f1": at_cal["macro_f1"], "micro_f1_at_0.5": at_05["micro_f1"],
+        "labels_tuned": len(labels) - len(kept)})
     if run_id:
         tracker.send("log_to_run", run_id, metrics={
             **{f"calibrated_test_{k}": v for k, v in at_cal.items() if isinstance(v, float)},

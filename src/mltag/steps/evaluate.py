@@ -38,6 +38,26 @@ def pr_curves_png(y: np.ndarray, s: np.ndarray, labels: list[str], title: str = 
     return figure_png(fig, dpi=100)
 
 
+def history_png(history: dict) -> bytes | None:
+    """train's loss per epoch (the model folder's ``history.json``) as a picture: what ``dvc plots show``
+    draws from ``plots/train_history.json``, but readable offline (DVC's charts load their library from the
+    web). None when the history has no loss."""
+    loss = history.get("loss") if isinstance(history, dict) else None
+    if not loss:
+        return None
+    fig, ax = new_axes((6, 4))
+    epochs = range(1, len(loss) + 1)
+    for key, label in (("loss", "train loss"), ("val_loss", "validation loss")):
+        if history.get(key):
+            ax.plot(epochs, history[key], label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("head training")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return figure_png(fig, dpi=100)
+
+
 def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, metrics: dict, pr_png: bytes,
                       worst: int = 4, explainer=None) -> str:
     """HTML: headline table, PR curves, each label's confusion and its worst false positives/negatives
@@ -70,8 +90,10 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
              run_id: str | None = None, config: dict | None = None) -> dict:
     """Score val and test with the trained head; write metrics, PR curves, scores and a report.
 
-    ``out`` receives ``scores.npz`` (for calibrate), ``pr_curves.png`` and ``report.html``;
-    ``metrics_file`` the metrics JSON; ``plots`` (default ``out/pr``) one ``<label>.csv``
+    ``out`` receives ``scores.npz`` (for calibrate), ``pr_curves.png``, ``train_history.png`` (train's loss
+    per epoch), ``report.html`` and
+    ``details.json`` (every figure: per label, intervals, baselines); ``metrics_file`` the headline
+    figures (``headline``: what ``dvc exp show`` puts in its columns); ``plots`` (default ``out/pr``) one ``<label>.csv``
     PR curve per label for ``dvc plots``. ``evaluate.tta`` (``mean``/``max``) scores the test
     images end to end over ten augmented views instead of the cached vectors.
     """
@@ -102,10 +124,11 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         model = InferenceModel(model_dir)
     explainer = None
     if evaluate.saliency and images is not None:
-        from mltag.inference.explain import Explainer
+        from mltag.inference.explain import Explainer, explainer_for
         from mltag.inference.model import InferenceModel
 
-        explainer = Explainer(model if fine_tuned or tta != "none" else InferenceModel(model_dir))
+        explainer = Explainer(model) if fine_tuned or tta != "none" else \
+            explainer_for(model_dir, InferenceModel(model_dir))
     s_va = model.scores([Path(images) / str(p) for p in p_va]) if fine_tuned else head_scores(model_dir, x_va)
     s_te = model.scores([Path(images) / str(p) for p in p_te], tta=tta) if fine_tuned or tta != "none" \
         else head_scores(model_dir, x_te)
@@ -125,6 +148,10 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         write_scores(tmp / "scores.npz", val_scores=s_va, val_labels=y_va, val_paths=p_va,
                      test_scores=s_te, test_labels=y_te, test_paths=p_te)
         (tmp / "pr_curves.png").write_bytes(png)
+        curve = history_png(_history(model_dir))
+        if curve is not None:
+            (tmp / "train_history.png").write_bytes(curve)
+        write_json_atomic(tmp / "details.json", result)
         (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
         root = Path(images) if images else None
         (tmp / "report.html").write_text(
@@ -139,20 +166,37 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
                 p, r, t = M.precision_recall_curve(y_te[:, j], s_te[:, j])
                 rows += [f"{a:.5f},{b:.5f},{c:.5f}" for a, b, c in zip(p[:-1], r[:-1], t)]
             (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    write_json_atomic(metrics_file, result)
+    write_json_atomic(metrics_file, headline(result))
     if run_id:
         flat = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
         flat.update({f"test_ap_{n}": m["ap"] for n, m in result["per_label"].items() if m["ap"] is not None})
         if result["ci95"].get("map"):
             flat["test_map_ci_low"], flat["test_map_ci_high"] = result["ci95"]["map"]
         tracker.send("log_to_run", run_id, metrics=flat, artifacts=[
-            (str(f), "evaluate") for f in (out / "pr_curves.png", out / "report.html", metrics_file,
+            (str(f), "evaluate") for f in (out / "pr_curves.png", out / "report.html", out / "details.json",
                                            out / "config.json")])
     tracker.close()
     ci = result["ci95"].get("map")
     log.info("evaluate: test mAP %.3f%s, micro F1 %.3f, macro F1 %.3f (at 0.5); report in %s/report.html",
              result["map"], f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "", result["micro_f1"], result["macro_f1"], out)
     return result
+
+
+def _history(model_dir) -> dict:
+    """The model folder's ``history.json`` (train's per-epoch figures), or {} when it has none."""
+    f = Path(model_dir) / "history.json"
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def headline(result: dict) -> dict:
+    """evaluate's few figures for ``dvc exp show`` and ``dvc metrics diff``: test mAP with its interval, micro
+    and macro F1 at 0.5. The rest is in ``details.json``."""
+    ci = (result.get("ci95") or {}).get("map") or [None, None]
+    return {"map": result["map"], "map_ci_low": ci[0], "map_ci_high": ci[1], "micro_f1": result["micro_f1"],
+            "macro_f1": result["macro_f1"]}
 
 
 def print_table(result: dict, labels: list[str]) -> None:

@@ -505,8 +505,9 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
              out: str | os.PathLike, *, register: config.Register, tracking: config.Tracking,
              images: str | os.PathLike | None = None, tracking_uri: str | None = None, run_id: str | None = None,
              config: dict | None = None, bottlenecks: str | os.PathLike | None = None,
-             card: str | os.PathLike | None = None) -> dict:
-    """Log, register and (maybe) promote the model; write the decision to ``out``, and the version's model
+             card: str | os.PathLike | None = None, metrics_file: str | os.PathLike | None = None) -> dict:
+    """Log, register and (maybe) promote the model; write the decision to ``out``, its headline figures to
+    ``metrics_file`` (the version, whether it was promoted, both test mAPs) when given, and the version's model
     card (logged with its run) to ``card`` (Markdown, and HTML beside it) when given.
 
     With ``bottlenecks`` (the folder the model was trained on), a model that uses its backbone
@@ -519,7 +520,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     """
     model_name = register.model_name or derived_model_name(dataset_source(prepared))
     register = register.model_copy(update={"model_name": model_name})
-    tflite, experiment = register.tflite, tracking.experiment
+    tflite = register.tflite
+    experiment = tracking.experiment or derived_model_name(dataset_source(prepared))  # as train names it
     model_dir, thresholds, out = Path(model_dir), Path(thresholds), Path(out)
     digest = verify_integrity(model_dir)  # a hand-edited model folder never reaches the registry
     meta = read_model_meta(model_dir, verify=False)
@@ -546,7 +548,6 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                              model_dir / "model.json")
         if run_id is None:
             mlflow.set_experiment(experiment)
-        signature, example = _signature(bundle, test_images)
         chall_ap = M.average_precisions(y_test, chall_scores)
         # 1. Decide before touching the registry: a failure here leaves no version behind.
         chall_map = float(np.nanmean(chall_ap))
@@ -565,8 +566,22 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
         if tflite:
             tags["mltag.int8"] = str(parity.get("int8_reason") or parity.get("error", ""))[:500]
         fault_point("register:decided")
+        result["gate_passed"] = promote
+        dvc_exp = os.environ.get("DVC_EXP_NAME") if register.experiments == "decide" else None
         with mlflow.start_run(run_id=run_id) as run:
             result["run_id"] = run.info.run_id
+            if dvc_exp:  # an exploratory `dvc exp run`: the decision, and nothing in the registry
+                reason = (f"DVC experiment {dvc_exp}: not registered (register.experiments: decide); the gate "
+                          f"{'would promote' if promote else 'would keep'} it: {reason}")
+                result.update({"version": None, "promoted": False, "reason": reason, "aliases": []})
+                if tflite:
+                    result["tflite"] = parity
+                mlflow.set_tag("mltag.gate", reason[:5000])
+                mlflow.log_metrics({"gate_passed": float(promote)})
+                _model_card(client, result, meta, prepared, labels, y_test, chall_scores, thresholds,
+                            parity if tflite else None, register, card)
+                return _finish(result, config, out, metrics_file, False, reason)
+            signature, example = _signature(bundle, test_images)
             mv = _version(client, model_name, existing, tags, bundle, signature, example)
             promote, reason = _move_aliases(client, model_name, mv, champ, promote, reason)
             mlflow.log_metrics({"registered_test_map": chall_map})
@@ -584,10 +599,20 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
                         parity if tflite else None, register, card)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return _finish(result, config, out, metrics_file, promote, reason)
+
+
+def _finish(result: dict, config: dict | None, out: Path, metrics_file, promote: bool, reason: str) -> dict:
+    """The decision written to ``out`` whole, and its headline to ``metrics_file`` (what ``dvc exp show`` shows)."""
     result["config"] = config
     write_json_atomic(out, result)
+    if metrics_file is not None:
+        write_json_atomic(metrics_file, {"version": result["version"], "gate_passed": int(result["gate_passed"]),
+                                         "promoted": int(result["promoted"]),
+                                         "challenger_test_map": result["challenger_test_map"],
+                                         "champion_test_map": result["champion_test_map"]})
     verdict = "promoted to champion" if promote else "kept as challenger"
-    log.debug("register: %s version %s %s: %s", model_name, result["version"], verdict, reason)  # the CLI prints it
+    log.debug("register: %s version %s %s: %s", result["model_name"], result["version"], verdict, reason)
     return result
 
 
@@ -637,12 +662,14 @@ def _model_card(client, result: dict, meta: dict, prepared, labels: list[str], y
         split_sizes={s: len(exs) for s, exs in splits.items()}, label_counts=counts, labels=labels, y_test=y_test,
         scores=scores, thresholds=read_thresholds(thresholds, labels), parity=parity, decision=result,
         bootstrap=register.bootstrap)
-    title = f"Model card: {result['model_name']} version {result['version']}"
+    title = f"Model card: {result['model_name']} " + (f"version {result['version']}" if result["version"] is not None
+                                                      else "(not registered: a DVC experiment)")
     mlflow.log_text(to_markdown(title, sections), "model_card/model_card.md")
     mlflow.log_text(to_html(title, sections), "model_card/model_card.html")
-    client.update_model_version(result["model_name"], str(result["version"]),
-                                description=f"{'Promoted' if result['promoted'] else 'Kept'}: {result['reason']}. "
-                                            "Model card: the run's model_card/model_card.md")
+    if result["version"] is not None:
+        client.update_model_version(result["model_name"], str(result["version"]),
+                                        description=f"{'Promoted' if result['promoted'] else 'Kept'}: {result['reason']}. "
+                                                "Model card: the run's model_card/model_card.md")
     if card:
         write_card(card, title, sections)
 

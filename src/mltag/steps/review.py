@@ -142,13 +142,14 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
                                                  items_json=script_json(items),
                                                  page_id=hashlib.sha256(buf.getvalue().encode()).hexdigest()[:16]),
                                           encoding="utf-8")
-    write_json_atomic(metrics_file, {**result, "config": config})
+    write_json_atomic(Path(out) / "details.json", {**result, "config": config})
+    write_json_atomic(metrics_file, {"issues": result["issues"], "issue_rate": result["issue_rate"]})
     if run_id:
         tracker.send("log_to_run", run_id, metrics={
             "review_issues": float(len(rows)), "review_issue_rate": result["issue_rate"],
             **{f"review_noise_rate_{n}": v["noise_rate"] for n, v in per_label.items()}}, artifacts=[
             (str(Path(out) / "label_issues.csv"), "review"), (str(Path(out) / "review.html"), "review"),
-            (str(metrics_file), "review")])
+            (str(Path(out) / "details.json"), "review")])
     tracker.close()
     log.info("review: %d likely label error(s) in %d (image, label) pairs of %d images; most confident first in "
              "%s/label_issues.csv, thumbnails in %s/review.html", len(rows), y.size, len(paths), out, out)
@@ -207,7 +208,7 @@ def _explainer(model_dir, root, n: int, names: list[str]):
     root and ``review.saliency`` > 0, and the model scores the same labels; else None (no overlays)."""
     if not n or model_dir is None or root is None or not (Path(model_dir) / "model.json").is_file():
         return None
-    from mltag.inference.explain import Explainer
+    from mltag.inference.explain import explainer_for
     from mltag.inference.model import InferenceModel
 
     model = InferenceModel(model_dir)
@@ -215,7 +216,7 @@ def _explainer(model_dir, root, n: int, names: list[str]):
         log.warning("review: the model in %s scores other labels than the out-of-fold scores; no saliency overlays",
                     model_dir)
         return None
-    return Explainer(model)
+    return explainer_for(model_dir, model)
 
 
 def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: str,

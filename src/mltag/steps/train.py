@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: config.Train, backbone: config.Backbone,
           tracking: config.Tracking, tracking_uri: str | None = None, config: dict | None = None,
           recipe: dict | None = None, progress: bool = True, metrics_file: str | os.PathLike | None = None,
-          history_file: str | os.PathLike | None = None, images: str | os.PathLike | None = None) -> dict:
+          history_file: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
+          dataset: str | None = None) -> dict:
     """Train the head, save it with the end-to-end model, and open the MLflow run.
 
     Args:
@@ -39,8 +40,10 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
             caller expects: the model always uses the bottlenecks' own, and a mismatch is logged.
         config: the output-changing values, saved in the model folder (``config.json``).
         recipe: every section's values, logged as the MLflow run's params (default: ``config``).
-        metrics_file: also write the summary here (DVC metrics).
+        metrics_file: also write the summary's headline figures here (DVC metrics).
         history_file: also write per-epoch losses here, one record per epoch (DVC plots).
+        dataset: what prepare read (``prepare.input``): names the MLflow experiment (when
+            ``tracking.experiment`` is empty) and the run (``mltag.tracking.runs.run_identity``).
 
     Returns:
         Summary dict with the run id and best validation figures.
@@ -67,10 +70,11 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
     params = mltracking.flatten(recipe or config or {})
     params.update({"train.backbone_id": resolved.backbone_id, "train.n_labels": len(labels),
                    "train.n_train": len(x_tr), "train.n_train_vectors": len(x_fit), "train.n_val": len(x_va)})
-    tags = mltracking.owner_tags(out)
+    experiment, _, identity = mltracking.run_identity(dataset, tracking.experiment)
+    tags = {**mltracking.owner_tags(out), **identity}
     try:  # the run ends FINISHED, or FAILED with whatever went wrong (KILLED when stopped, even while it opens)
-        tracker.send("open_train_run", tracking.experiment, str(out), tags, {k: str(v)[:500] for k, v in params.items()},
-                     {"mltag.step": "train", "mltag.labels": ",".join(labels)})
+        tracker.send("open_train_run", experiment, str(out), tags, {k: str(v)[:500] for k, v in params.items()},
+                     {"mltag.labels": ",".join(labels)})
         loss = HeadLoss.of(train.model_dump())
         head, history, mon, refit = _fit(train, loss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress, p_tr)
         best = best_epoch(history, mon) - 1
@@ -98,11 +102,11 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
                                                     "fine_tune": {k: ft[k] for k in ("loss", "val_loss", "val_map")}})
             _write_json(tmp / "config.json", config or {})
             _write_json(tmp / "summary.json", summary)
-            mltracking.save_run_ref(tmp, run_id, experiment_id, tracker.uri, tracking.experiment)
+            mltracking.save_run_ref(tmp, run_id, experiment_id, tracker.uri, experiment)
             digest = write_integrity(tmp)
         tracker.send("log_to_run", run_id, tags={mltracking.MODEL_DIGEST_TAG: digest})
-        if metrics_file:
-            write_json_atomic(metrics_file, summary)
+        if metrics_file:  # the headline; summary.json in the model folder has the rest (run id, seconds...)
+            write_json_atomic(metrics_file, {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
         if history_file:
             write_json_atomic(history_file, [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}}
                                              for i in range(len(history[mon]))])
@@ -188,6 +192,9 @@ def _trusted_targets(train: config.Train, settings: dict, x_fit, x_tr, y_tr, x_v
     log.info("train: label_trust %.2f: %d of %d training labels contradicted out of fold (%d epochs, %d heads)",
              train.label_trust, int(moved.sum()), y_tr.size, epochs, TRUST_FOLDS)
     return (y_tr + train.label_trust * (scores - y_tr)).astype(np.float32)
+
+
+HEADLINE = ("best_epoch", "train_loss", "val_loss", "val_map_pr_auc", "fine_tune_val_loss", "fine_tune_val_map")
 
 
 def _summary(run_id: str, history: dict, mon: str, best: int, seconds: float, mode: str, refit: bool,

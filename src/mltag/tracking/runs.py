@@ -219,6 +219,34 @@ def owner_tags(out: str | os.PathLike) -> dict[str, str]:
     return {"mltag.host": socket.gethostname(), "mltag.pid": str(os.getpid()), "mltag.out": str(Path(out).absolute())}
 
 
+def run_identity(dataset: str | None, experiment: str = "") -> tuple[str, str, dict[str, str]]:
+    """train's run as a person finds it in the MLflow UI: ``(experiment, run name, tags)``.
+
+    The experiment is ``experiment`` (``tracking.experiment``) or, when that is empty, one per dataset
+    named as its registered model (``mltag-demo``, ``mltag-photos``), so the demo's runs and yours never
+    mix. The run is named after the dataset and the DVC experiment (``dvc exp run`` sets
+    ``DVC_EXP_NAME``) or else the project's commit: ``photos/mucid-kine``, ``photos@1a2b3c4``. Tags:
+    ``mltag.dataset`` (what prepare read), ``mltag.dvc_experiment`` and ``mltag.git_commit`` (the
+    project's commit; under ``dvc exp run``, the experiment's baseline commit).
+    """
+    from mltag.config import derived_model_name
+    from mltag.data.fetch import git_rev
+
+    named = derived_model_name(dataset) if dataset else "mltag"
+    exp = os.environ.get("DVC_EXP_NAME") or None
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or git_rev(".")
+    short = named.removeprefix("mltag-") if dataset else "mltag"
+    name = f"{short}/{exp}" if exp else f"{short}@{commit[:7]}" if commit else short
+    tags = {"mlflow.runName": name, "mltag.step": "train"}
+    if dataset:
+        tags["mltag.dataset"] = mask_uri(dataset)[:500]
+    if exp:
+        tags["mltag.dvc_experiment"] = exp
+    if commit:
+        tags["mltag.git_commit"] = commit
+    return experiment or named, name, tags
+
+
 def close_stale_runs(experiment_id: str, out: str | os.PathLike, pid: int | None = None) -> list[str]:
     """End as KILLED the RUNNING runs of this model folder whose process on this machine is gone.
 
