@@ -389,7 +389,7 @@ def _dispatch(args) -> int:
     elif cmd == "metrics":
         _show_metrics(args)
     elif cmd == "promote":
-        from mltag.steps.register import promote
+        from mltag.registry.versions import promote
 
         print(json.dumps(promote(args.name, args.version, args.reason, args.user, args.tracking_uri)))
     elif cmd == "doctor":

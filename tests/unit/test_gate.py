@@ -18,7 +18,7 @@ def _model(y, rng, noise):
 
 def test_two_models_of_the_same_quality_are_not_told_apart():
     from mltag.metrics import paired_bootstrap
-    from mltag.steps.register import paired_gate
+    from mltag.registry.gate import paired_gate
 
     y, rng = _task()
     a, b = _model(y, rng, 0.35), _model(y, rng, 0.35)
@@ -30,7 +30,7 @@ def test_two_models_of_the_same_quality_are_not_told_apart():
 
 def test_a_clearly_better_model_is_promoted_with_its_interval():
     from mltag.metrics import paired_bootstrap
-    from mltag.steps.register import paired_gate
+    from mltag.registry.gate import paired_gate
 
     y, rng = _task()
     good, weak = _model(y, rng, 0.1), _model(y, rng, 0.6)
@@ -40,7 +40,7 @@ def test_a_clearly_better_model_is_promoted_with_its_interval():
 
 def test_a_model_much_worse_on_one_label_is_refused_naming_it_even_when_better_on_average():
     from mltag.metrics import paired_bootstrap
-    from mltag.steps.register import paired_gate
+    from mltag.registry.gate import paired_gate
 
     y, rng = _task(k=4)
     champ = _model(y, rng, 0.5)

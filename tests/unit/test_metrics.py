@@ -7,7 +7,7 @@ import pytest
 
 from mltag import metrics as M
 from mltag.steps.calibrate import best_threshold, fit_thresholds
-from mltag.steps.register import gate
+from mltag.registry.gate import gate
 
 
 def test_metrics_match_hand_computed_values():

@@ -133,3 +133,32 @@ def write_card(path: str | Path, title: str, sections) -> tuple[Path, Path]:
     write_text_atomic(md, to_markdown(title, sections))
     write_text_atomic(page, to_html(title, sections))
     return md, page
+
+
+def log_card(client, result: dict, meta: dict, prepared, labels: list[str], y_test: np.ndarray,
+                scores: np.ndarray, thresholds: Path, parity: dict | None, register, card) -> None:
+    """The version's model card: logged with its run (``model_card/``), its decision as the version's
+    description, and written to ``card`` when given."""
+    import mlflow
+
+    from mltag.data.formats import load_prepared, read_handoff, read_thresholds
+
+    splits = {s: load_prepared(prepared, s)[1] for s in ("train", "val", "test")}
+    counts = {lb: {s: int(sum(ex.flags[j] for ex in exs)) for s, exs in splits.items()} for j, lb in enumerate(labels)}
+    sections = card_sections(
+        model_name=result["model_name"], version=result["version"], run_id=result.get("run_id"),
+        content_hash=result["content_hash"], meta=meta,
+        dataset=read_handoff(Path(prepared) / "dataset.json", "dataset.json", "prepare"),
+        split_sizes={s: len(exs) for s, exs in splits.items()}, label_counts=counts, labels=labels, y_test=y_test,
+        scores=scores, thresholds=read_thresholds(thresholds, labels), parity=parity, decision=result,
+        bootstrap=register.bootstrap)
+    title = f"Model card: {result['model_name']} " + (f"version {result['version']}" if result["version"] is not None
+                                                      else "(not registered: a DVC experiment)")
+    mlflow.log_text(to_markdown(title, sections), "model_card/model_card.md")
+    mlflow.log_text(to_html(title, sections), "model_card/model_card.html")
+    if result["version"] is not None:
+        client.update_model_version(result["model_name"], str(result["version"]),
+                                        description=f"{'Promoted' if result['promoted'] else 'Kept'}: {result['reason']}. "
+                                                "Model card: the run's model_card/model_card.md")
+    if card:
+        write_card(card, title, sections)
