@@ -51,7 +51,8 @@ def test_a_stopped_first_fit_ends_its_refit_at_once_and_a_stopped_fold_group_its
     """Ctrl-C or SIGTERM in the first fit (or in calibrate's first fold group): the thread working beside it
     ends at its next epoch, not after catching up."""
     from mltag.head import folds
-    from mltag.head.fit import HeadLoss, fit_and_refit
+    from mltag.head.fit import fit_and_refit
+    from mltag.head.model import HeadLoss
     from mltag.workers import cpu_threads
 
     if cpu_threads() < 2:
@@ -87,7 +88,8 @@ def test_the_threaded_refit_and_fold_groups_give_what_one_thread_gives(monkeypat
     """The heads do not depend on whether the refit and the second fold group ran beside the first."""
     from mltag import workers
     from mltag.head import folds
-    from mltag.head.fit import HeadLoss, fit_and_refit
+    from mltag.head.fit import fit_and_refit
+    from mltag.head.model import HeadLoss
 
     x, y = _data()
     kw = dict(epochs=30, patience=5, monitor="val_loss", learning_rate=0.003, batch_size=64, hidden_units=16,

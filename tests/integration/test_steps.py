@@ -306,7 +306,8 @@ def test_refit_ships_a_head_fitted_afresh_on_train_and_val_for_the_epochs_val_ch
                                                                                   fake_backbone, mlflow_store,
                                                                                   monkeypatch):
     from mltag.data.formats import load_split, load_views, read_head, read_model_meta
-    from mltag.head.fit import HeadLoss, Rows, fit_head
+    from mltag.head.fit import fit_head
+    from mltag.head.model import HeadLoss, Rows
 
     prepare(tmp_path / "prep", **sections("prepare", input=colour_dataset), progress=False)
     bottleneck(tmp_path / "prep", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "c", views=2), progress=False)
@@ -401,7 +402,9 @@ def test_the_numpy_trainer_and_the_saved_keras_head_are_one_model(hidden):
     """The numpy trainer's head (head.npz, scored in numpy by evaluate, calibrate and suggest) is the
     Keras Dense head with the same weights (what a folder from before head.npz holds, head.keras):
     the same scores to 1e-5, with or without a hidden layer."""
-    from mltag.head.fit import HeadLoss, NumpyHead, fit_head, predict_head, to_keras
+    from mltag.head.fit import fit_head
+    from mltag.head.model import HeadLoss, NumpyHead
+    from mltag.head.saved import predict_head, to_keras
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 24)).astype(np.float16)
@@ -424,7 +427,7 @@ def test_train_and_head_scores_need_no_tensorflow(tmp_path, colour_dataset, fake
     from mltag.backbones.builtin import resolve
     from mltag.data.formats import image_root_of, read_head
     from mltag.data.images import load_image
-    from mltag.head.fit import NumpyHead
+    from mltag.head.model import NumpyHead
     from mltag.inference.engine import LiteRTEngine, litert_backbone
 
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
@@ -457,9 +460,9 @@ def test_quantized_backbone_features_are_kept_per_image_content_and_a_damaged_me
     from mltag.data.formats import read_lst
     from mltag.data.images import load_image
     from mltag.inference import engine
+    from mltag.inference import quantized as rg
     from mltag.inference.engine import LiteRTEngine, litert_backbone
     from mltag.inference.lanes import hash_files
-    from mltag.inference import quantized as rg
 
     lite = litert_backbone(resolve(str(fake_backbone)), 224, tmp_path / "bbcache")
     images = [colour_dataset / r.path for r in read_lst(colour_dataset / "all.lst")][:10]

@@ -15,7 +15,7 @@ import pytest
 def test_head_losses_have_the_gradient_of_their_value(settings):
     """Each loss's analytic gradient against central differences of its own value; ASL with no
     focusing and no clip is BCE."""
-    from mltag.head.fit import HeadLoss
+    from mltag.head.model import HeadLoss
 
     loss = HeadLoss.of(settings)
     rng = np.random.default_rng(0)
@@ -40,7 +40,8 @@ def test_head_losses_have_the_gradient_of_their_value(settings):
 def test_side_by_side_fold_heads_step_as_each_head_alone_on_its_own_rows(hidden, kind):
     """FoldHeads (calibrate's k refits in one pass): head f's logits are NumpyHead's with head f's weights,
     and its gradient is the one NumpyHead.backward gives on head f's own rows alone."""
-    from mltag.head.fit import FoldHeads, HeadLoss, fold_gradient
+    from mltag.head.fit import fold_gradient
+    from mltag.head.model import FoldHeads, HeadLoss
 
     rng = np.random.default_rng(4)
     k, x = 3, rng.normal(size=(20, 7)).astype(np.float32)
@@ -71,7 +72,8 @@ def test_side_by_side_fold_heads_step_as_each_head_alone_on_its_own_rows(hidden,
 def test_a_fold_head_never_learns_from_its_own_fold():
     """Whatever fold 0's rows hold, head 0 comes out bit-identical (dropout and a hidden layer on);
     the other heads, which learn from them, do not."""
-    from mltag.head.fit import HeadLoss, fit_fold_heads
+    from mltag.head.fit import fit_fold_heads
+    from mltag.head.model import HeadLoss
 
     rng = np.random.default_rng(5)
     x = rng.normal(size=(90, 6)).astype(np.float32)
@@ -100,7 +102,7 @@ def test_the_head_backward_pass_is_the_gradient_of_its_loss(hidden, dropout):
     (a copy of the generator draws them again), through the hidden layer's ReLU and dropout."""
     import copy
 
-    from mltag.head.fit import HeadLoss, NumpyHead
+    from mltag.head.model import HeadLoss, NumpyHead
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(9, 7)).astype(np.float64)
@@ -135,7 +137,7 @@ def test_label_trust_moves_flipped_training_labels_toward_the_truth_and_keeps_th
     separable task, so those targets move toward the truth; clean targets barely move; the result is
     the same for the same seed (the folds hash the paths)."""
     from mltag.config import sections
-    from mltag.head.fit import HeadLoss, with_views
+    from mltag.head.model import HeadLoss, with_views
     from mltag.steps.train import _trusted_targets
 
     rng = np.random.default_rng(3)

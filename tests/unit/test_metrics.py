@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mltag import metrics as M
-from mltag.steps.calibrate import best_threshold, fit_thresholds
 from mltag.registry.gate import gate
+from mltag.steps.calibrate import best_threshold, fit_thresholds
 
 
 def test_metrics_match_hand_computed_values():

@@ -1,8 +1,8 @@
-"""The head: its numpy trainer (fit) and scoring (and the Keras model of folders from before head.npz).
+"""Fitting the head (``mltag.head.model``): mini-batch Adam with Keras' defaults, dropout, early stopping;
+train's refit on train+val beside the first fit; calibrate's fold heads side by side.
 
-One model, one implementation: ``NumpyHead`` trains it (mini-batch Adam, Keras' defaults,
-dropout, early stopping), and its weights are what ``head.npz`` and the end-to-end
-``model.tflite`` hold. Steps that only score cached vectors (evaluate, calibrate's refits,
+One model, one implementation: its weights are what ``head.npz`` and the end-to-end ``model.tflite``
+hold (``mltag.head.saved``). Steps that only score cached vectors (evaluate, calibrate's refits,
 suggest) run it in numpy and never import TensorFlow.
 """
 
@@ -10,164 +10,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from mltag.data.formats import check_output_width, read_model_meta
 from mltag.errors import MltagError
-from mltag.tf_runtime import import_tensorflow
+from mltag.head.model import FlatAdam, FoldHeads, HeadLoss, NumpyHead, Rows, bce, fit_rows
 
 log = logging.getLogger("mltag.steps.train")
-
-# Training rows up to this size (float32 bytes) are cast once per fit; larger sets (hundreds of
-# thousands of images with their views) stay float16 and are cast a chunk at a time.
-FLOAT32_COPY_MAX = 512 << 20
-
-
-def build_head(dim: int, n_labels: int, hidden_units: int, dropout: float):
-    import_tensorflow()  # keras' TF backend: without its start-up noise
-    import keras
-
-    inputs = keras.Input((dim,), name="features")
-    x = inputs
-    if dropout > 0:
-        x = keras.layers.Dropout(dropout)(x)
-    if hidden_units > 0:
-        x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
-        if dropout > 0:
-            x = keras.layers.Dropout(dropout)(x)
-    outputs = keras.layers.Dense(n_labels, activation="sigmoid", name="scores")(x)
-    return keras.Model(inputs, outputs, name="mltag_head")
-
-
-class Rows:
-    """Training rows without copying them: ``plain[plain_idx]`` then every view of ``views[view_idx]``.
-
-    Indexing with an array of row numbers returns those rows as float32, so a fit holds the
-    stored float16 vectors once and casts one batch at a time (at 300k images with 4 views,
-    2.2 GB instead of the 8.6 GB that float32 copies and a concatenation took).
-    """
-
-    def __init__(self, plain: np.ndarray, views: np.ndarray | None = None, plain_idx: np.ndarray | None = None,
-                 view_idx: np.ndarray | None = None):
-        self.plain, self.views = plain, views if views is not None and views.shape[1] else None
-        self.plain_idx = np.arange(len(plain)) if plain_idx is None else np.asarray(plain_idx)
-        k = self.views.shape[1] if self.views is not None else 0
-        self.k = k
-        self.view_idx = (np.arange(len(self.views)) if view_idx is None else np.asarray(view_idx)) if k else \
-            np.zeros(0, int)
-        self.n_plain = len(self.plain_idx)
-        self.shape = (self.n_plain + len(self.view_idx) * k, plain.shape[1])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, idx) -> np.ndarray:
-        idx = np.atleast_1d(np.asarray(idx))
-        out = np.empty((len(idx), self.shape[1]), np.float32)
-        p = idx < self.n_plain
-        out[p] = self.plain[self.plain_idx[idx[p]]]
-        if not p.all():
-            j = idx[~p] - self.n_plain
-            out[~p] = self.views[self.view_idx[j // self.k], j % self.k]
-        return out
-
-
-def with_views(x: np.ndarray, y: np.ndarray, views: np.ndarray | None) -> tuple[Rows, np.ndarray]:
-    """Plain vectors plus every augmented view (as ``Rows``, no copy), labels repeated to match."""
-    rows = Rows(x, views)
-    if rows.k == 0:
-        return rows, y
-    return rows, np.concatenate([y, np.repeat(y, rows.k, axis=0)])
-
-
-def glorot(rng: np.random.Generator, fan_in: int, fan_out: int, shape: tuple) -> np.ndarray:
-    """glorot_uniform for a Dense layer ``fan_in -> fan_out``, as Keras initialises it (``shape``: that
-    layer's kernel, or several heads' kernels side by side)."""
-    limit = np.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-limit, limit, shape).astype(np.float32)
-
-
-def fit_rows(x: np.ndarray | Rows) -> np.ndarray | Rows:
-    """A fit's training rows: cast to float32 once when they fit in ``FLOAT32_COPY_MAX`` (each epoch
-    then gathers float32 rows), else left as ``Rows`` to be gathered and cast 64 batches at a time."""
-    if not isinstance(x, Rows):
-        x = Rows(np.asarray(x))
-    return x[np.arange(len(x))] if x.shape[0] * x.shape[1] * 4 <= FLOAT32_COPY_MAX else x
-
-
-class NumpyHead:
-    """The head's Dense layers as numpy arrays: dropout -> [Dense+ReLU -> dropout] -> Dense+sigmoid.
-
-    Training it in numpy (mini-batch Adam, Keras' defaults) is the same algorithm as
-    ``keras.Model.fit`` on this head but several times faster on CPU: a step is a few small
-    matmuls, where Keras spends 1.5-3 ms of graph dispatch per step. That makes the k-fold
-    refits of cross-fitted calibration cheap.
-    """
-
-    def __init__(self, dim: int, n_labels: int, hidden_units: int, rng: np.random.Generator):
-        sizes = [dim, hidden_units, n_labels] if hidden_units > 0 else [dim, n_labels]
-        self.weights: list[np.ndarray] = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            self.weights += [glorot(rng, a, b, (a, b)), np.zeros(b, np.float32)]
-
-    @classmethod
-    def from_weights(cls, weights: list[np.ndarray]) -> NumpyHead:
-        head = cls.__new__(cls)
-        head.weights = [np.asarray(w, np.float32) for w in weights]
-        return head
-
-    def logits(self, x: np.ndarray, dropout: float = 0.0, rng: np.random.Generator | None = None):
-        """Output logits and what backprop (``backward``) needs: each layer's input with dropout's
-        zeros but not its 1/(1-p) scale (applied to the layer's product instead: the same value,
-        1/300 of the multiplications)."""
-        acts = []
-        h = x
-        n_layers = len(self.weights) // 2
-        scale = np.float32(1.0 / (1.0 - dropout)) if dropout > 0 and rng is not None else None
-        for i in range(n_layers):
-            if scale is not None:
-                h = h * dropout_mask(rng, h.shape, dropout)
-            acts.append(h)
-            z = h @ self.weights[2 * i]
-            if scale is not None:
-                z *= scale
-            z += self.weights[2 * i + 1]
-            h = np.maximum(z, 0.0) if i < n_layers - 1 else z
-        return h, acts
-
-    def backward(self, acts: list[np.ndarray], grad: np.ndarray, dropout: float, out: list[np.ndarray]) -> None:
-        """The loss's gradient with respect to every weight, into ``out`` (arrays shaped like the
-        weights), from ``logits``' activations (with dropout) and the gradient at the logits."""
-        scale = np.float32(1.0 / (1.0 - dropout)) if dropout > 0 else None
-        for layer in range(len(self.weights) // 2 - 1, -1, -1):
-            a = acts[layer]  # the layer's input, dropout's zeros in, its scale not
-            np.matmul(a.T, grad, out=out[2 * layer])
-            if scale is not None:
-                out[2 * layer] *= scale
-            np.sum(grad, axis=0, out=out[2 * layer + 1])
-            if layer > 0:
-                grad = grad @ self.weights[2 * layer].T
-                # through dropout (its zeros stay zero in a; its scale) and the ReLU
-                grad *= (a > 0) * scale if scale is not None else (a > 0)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty((len(x), self.weights[-1].shape[0]), np.float32)
-        for i in range(0, len(x), 4096):
-            z, _ = self.logits(np.asarray(x[i: i + 4096], np.float32))
-            out[i: i + 4096] = 1.0 / (1.0 + np.exp(-z))
-        return out
-
-
-def dropout_mask(rng: np.random.Generator, shape: tuple, rate: float) -> np.ndarray:
-    """Keep-mask of dropout at ``rate`` (True = kept): one 16-bit draw per value, four per raw 64-bit
-    output of the generator (a third of the time of ``rng.random``; the rate is exact to 2e-5)."""
-    n = int(np.prod(shape))
-    raw = rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n]
-    return (raw >= np.uint16(min(round(rate * 65536), 65535))).reshape(shape)
 
 
 def one_blas_thread(fit):
@@ -185,101 +34,12 @@ def one_blas_thread(fit):
     return wrapper
 
 
-class FlatAdam:
-    """Adam (``keras.optimizers.Adam``'s defaults) on one flat vector: ``weights`` and ``grads`` are
-    views into it shaped like the arrays given, so a step is one set of array operations, not one
-    per weight array."""
-
-    B1, B2, EPS = 0.9, 0.999, 1e-7
-
-    def __init__(self, weights: list[np.ndarray], learning_rate: float):
-        self.flat = np.concatenate([w.ravel() for w in weights]).astype(np.float32)
-        self.grad = np.zeros_like(self.flat)
-        self.weights, self.grads, at = [], [], 0
-        for w in weights:
-            self.weights.append(self.flat[at: at + w.size].reshape(w.shape))
-            self.grads.append(self.grad[at: at + w.size].reshape(w.shape))
-            at += w.size
-        self.m, self.v, self.upd = np.zeros_like(self.flat), np.zeros_like(self.flat), np.empty_like(self.flat)
-        self.learning_rate, self.t = learning_rate, 0
-
-    def step(self) -> None:
-        """Apply ``grads`` (filled in by the caller) to ``weights``."""
-        b1, b2, upd = self.B1, self.B2, self.upd
-        self.t += 1
-        lr_t = self.learning_rate * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        self.m -= self.grad  # m = b1*m + (1-b1)*g, in place: b1*(m-g) + g
-        self.m *= b1
-        self.m += self.grad
-        np.square(self.grad, out=upd)  # v = b2*v + (1-b2)*g^2, likewise
-        self.v -= upd
-        self.v *= b2
-        self.v += upd
-        np.sqrt(self.v, out=upd)
-        upd += self.EPS
-        np.divide(self.m, upd, out=upd)
-        upd *= np.float32(lr_t)
-        self.flat -= upd
-
-
-@dataclass(frozen=True)
-class HeadLoss:
-    """The head's training loss: ``bce`` (binary cross-entropy) or ``asl`` (asymmetric loss,
-    Ridnik et al. 2021: positives weighted by ``(1-p)^gamma_pos``, negatives shifted down by
-    ``clip`` then weighted by ``p^gamma_neg``; ``gamma_pos = gamma_neg = 2, clip = 0`` is the
-    focal loss), on targets smoothed toward 0.5 by ``smoothing``. Validation always reports BCE."""
-
-    kind: str
-    gamma_pos: float
-    gamma_neg: float
-    clip: float
-    smoothing: float
-
-    @classmethod
-    def of(cls, settings: dict) -> HeadLoss:
-        """From ``train.*`` keys (or model.json's head settings; a model from before losses: BCE)."""
-        return cls(settings.get("loss", "bce"), float(settings.get("asl_gamma_pos", 0.0)),
-                   float(settings.get("asl_gamma_neg", 0.0)), float(settings.get("asl_clip", 0.0)),
-                   float(settings.get("label_smoothing", 0.0)))
-
-    def settings(self) -> dict:
-        return {"loss": self.kind, "asl_gamma_pos": self.gamma_pos, "asl_gamma_neg": self.gamma_neg,
-                "asl_clip": self.clip, "label_smoothing": self.smoothing}
-
-    def __call__(self, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """The mean loss of logits ``z`` against 0/1 targets ``y``, and its gradient with respect to ``z``."""
-        if self.smoothing:
-            y = y * np.float32(1.0 - self.smoothing) + np.float32(self.smoothing / 2)
-        if self.kind == "bce":
-            return _bce(z, y), (1.0 / (1.0 + np.exp(-z)) - y) / np.float32(y.size)
-        z64, y64 = z.astype(np.float64), y.astype(np.float64)
-        p = 1.0 / (1.0 + np.exp(-z64))
-        log_p = -np.logaddexp(0.0, -z64)
-        gp, gn, clip = self.gamma_pos, self.gamma_neg, self.clip
-        pm = np.maximum(p - clip, 0.0)
-        log_1m = -np.logaddexp(0.0, z64) if clip == 0 else np.log1p(-pm)
-        pos = (1.0 - p) ** gp
-        neg = pm ** gn
-        loss = -(y64 * pos * log_p + (1.0 - y64) * neg * log_1m)
-        d_pos = gp * p * (1.0 - p) ** gp * log_p - (1.0 - p) ** (gp + 1.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            d_neg_pm = np.where(pm > 0, -gn * pm ** (gn - 1.0) * log_1m if gn else 0.0, 0.0) + neg / (1.0 - pm)
-        d_neg = np.where(p > clip, d_neg_pm * p * (1.0 - p), 0.0)
-        grad = (y64 * d_pos + (1.0 - y64) * d_neg) / y.size
-        return float(loss.mean()), grad.astype(np.float32)
-
-
-def _bce(z: np.ndarray, y: np.ndarray) -> float:
-    """Keras' binary cross-entropy (mean over labels and images), computed stably from logits."""
-    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
-
-
 def validation_metrics(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Binary cross-entropy and mAP of validation logits ``z`` (what early stopping watches)."""
     from mltag import metrics as M
 
     ap = M.average_precisions(np.asarray(y), 1.0 / (1.0 + np.exp(-z)))
-    return _bce(z, np.asarray(y, np.float32)), float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
+    return bce(z, np.asarray(y, np.float32)), float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
 
 
 @one_blas_thread
@@ -476,68 +236,6 @@ def _fit_beside_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, pati
     return head, history, mon, None if weights is None else NumpyHead.from_weights(weights)
 
 
-class FoldHeads:
-    """k heads of one shape side by side, for cross-fitting's refits: the first layer is one matrix
-    ``dim x k*units`` (then, with hidden units, one ``hidden x labels`` matrix per head), so one
-    step of all k costs about what one head's step costs. Logits are ``(rows, k, labels)``.
-    Inputs share one dropout mask (each head still sees plain dropout); hidden units do not."""
-
-    def __init__(self, dim: int, n_labels: int, hidden_units: int, k: int, rng: np.random.Generator):
-        self.k, self.hidden, self.n_labels = k, hidden_units, n_labels
-        self.units = hidden_units if hidden_units > 0 else n_labels
-        # each head's kernels initialised as its own Dense layer's
-        self.weights = [glorot(rng, dim, self.units, (dim, k * self.units)), np.zeros(k * self.units, np.float32)]
-        if hidden_units > 0:
-            self.weights += [glorot(rng, hidden_units, n_labels, (k, hidden_units, n_labels)),
-                             np.zeros((k, n_labels), np.float32)]
-
-    def logits(self, x: np.ndarray, dropout: float = 0.0, rng: np.random.Generator | None = None):
-        """``(rows, k, labels)`` logits and what ``backward`` needs (as ``NumpyHead.logits``)."""
-        w, k = self.weights, self.k
-        scale = np.float32(1.0 / (1.0 - dropout)) if dropout > 0 and rng is not None else None
-        h0 = x * dropout_mask(rng, x.shape, dropout) if scale is not None else x
-        z1 = h0 @ w[0]
-        if scale is not None:
-            z1 *= scale
-        z1 += w[1]
-        if not self.hidden:
-            return z1.reshape(len(x), k, self.n_labels), (h0, None)
-        h1 = np.maximum(z1, 0.0).reshape(len(x), k, self.hidden)
-        if scale is not None:
-            h1 *= dropout_mask(rng, h1.shape, dropout)
-        z = np.matmul(h1.transpose(1, 0, 2), w[2]).transpose(1, 0, 2)
-        if scale is not None:
-            z *= scale
-        z += w[3]
-        return z, (h0, h1)
-
-    def backward(self, acts: tuple, grad: np.ndarray, dropout: float, out: list[np.ndarray]) -> None:
-        """Every head's gradient from the ``(rows, k, labels)`` gradient at the logits, into ``out``."""
-        h0, h1 = acts
-        scale = np.float32(1.0 / (1.0 - dropout)) if dropout > 0 else None
-        if self.hidden:
-            np.matmul(h1.transpose(1, 2, 0), grad.transpose(1, 0, 2), out=out[2])
-            if scale is not None:
-                out[2] *= scale
-            np.sum(grad, axis=0, out=out[3])
-            gh = np.matmul(grad.transpose(1, 0, 2), self.weights[2].transpose(0, 2, 1)).transpose(1, 0, 2)
-            gh *= (h1 > 0) * scale if scale is not None else (h1 > 0)  # dropout's zeros stay zero in h1
-            g1 = gh.reshape(len(h0), self.k * self.hidden)
-        else:
-            g1 = grad.reshape(len(h0), self.k * self.n_labels)
-        np.matmul(h0.T, g1, out=out[0])
-        if scale is not None:
-            out[0] *= scale
-        np.sum(g1, axis=0, out=out[1])
-
-    def head(self, f: int) -> NumpyHead:
-        """Head ``f`` alone (a copy of its weights)."""
-        cols = slice(f * self.units, (f + 1) * self.units)
-        w = self.weights
-        parts = [w[0][:, cols], w[1][cols]] + ([w[2][f], w[3][f]] if self.hidden else [])
-        return NumpyHead.from_weights([np.array(p) for p in parts])
-
-
 def fold_gradient(loss: HeadLoss, z: np.ndarray, y: np.ndarray, own: np.ndarray) -> np.ndarray:
     """The gradient at ``FoldHeads`` logits ``z`` (rows, k, labels) of each head's mean loss over its own
     rows (``own``: rows x k, True where the row trains head f); other rows give zero."""
@@ -599,65 +297,3 @@ def check_converged(head: NumpyHead, history: dict, learning_rate: float) -> Non
                          f"(now {learning_rate})")
 
 
-def to_keras(head: NumpyHead | list[np.ndarray], dropout: float):
-    """The trained head (or its weights) as a Keras model: what model folders from before ``head.npz`` saved
-    (``head.keras``), and the reference a test holds the numpy head to."""
-    weights = head.weights if isinstance(head, NumpyHead) else head
-    hidden = weights[0].shape[1] if len(weights) == 4 else 0
-    model = build_head(weights[0].shape[0], weights[-1].shape[0], hidden, dropout)
-    model.set_weights(weights)
-    return model
-
-
-def predict_head(model, features: np.ndarray) -> np.ndarray:
-    if isinstance(model, NumpyHead):
-        return model.predict(features)
-    if len(features) == 0:
-        return np.zeros((0, model.output_shape[-1]), np.float32)
-    return np.asarray(model.predict(np.asarray(features, np.float32), batch_size=1024, verbose=0), np.float32)
-
-
-def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarray:
-    """Score cached bottleneck vectors with the model folder's head: ``head.npz`` in numpy (no
-    TensorFlow import), the very weights the end-to-end ``model.tflite`` holds
-    (tests/test_steps.py checks the two agree to 1e-6). A folder from before ``head.npz``
-    is scored through Keras."""
-    labels = read_model_meta(model_dir)["labels"]
-    head = load_head(model_dir, labels)
-    if head is None:
-        return _keras_head_scores(model_dir, labels, features)
-    return head.predict(features)
-
-
-def check_head_labels(folder: str | os.PathLike, labels: list[str]) -> None:
-    """The model's label list (model.json) against the names its head was trained with (head.npz)."""
-    from mltag.data.formats import HEAD_FILE, check_same_labels, read_head_labels
-
-    trained = read_head_labels(folder)
-    if trained is not None:
-        check_same_labels(trained, labels, Path(folder) / "model.json", "model.json",
-                          f"the head in {HEAD_FILE} was trained on {', '.join(trained[:6])}"
-                          f"{', ...' if len(trained) > 6 else ''}: the folder was edited; restore it or train again")
-
-
-def load_head(folder: str | os.PathLike, labels: list[str]) -> NumpyHead | None:
-    """A folder's ``head.npz`` as a ``NumpyHead``, its output width checked against ``labels``; None
-    for a folder from before ``head.npz``."""
-    from mltag.data.formats import HEAD_FILE, read_head
-
-    weights = read_head(folder)
-    if weights is None:
-        return None
-    check_output_width(labels, weights[-1].shape[0], Path(folder) / HEAD_FILE)
-    check_head_labels(folder, labels)
-    return NumpyHead.from_weights(weights)
-
-
-def _keras_head_scores(model_dir, labels: list[str], features: np.ndarray) -> np.ndarray:
-    import_tensorflow()  # keras' TF backend: without its start-up noise
-    import keras
-
-    f = Path(model_dir) / "head.keras"
-    model = keras.saving.load_model(f, compile=False)
-    check_output_width(labels, model.output_shape[-1], f)
-    return predict_head(model, features)

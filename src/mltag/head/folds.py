@@ -50,7 +50,7 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
     if len(x) < 2 * k:
         raise MltagError(f"calibrate.cv_folds {k} needs at least {2 * k} train+val images, got {len(x)}")
     folds = assign_folds(paths, k)
-    from mltag.head.fit import Rows
+    from mltag.head.model import Rows
 
     # Every train and val row, by index (not copied); a training image's views follow it, in its fold.
     rows = Rows(x, views, np.arange(len(x)), np.arange(len(y_tr)))
@@ -76,7 +76,8 @@ def fold_groups(k: int) -> list[list[int]]:
 
 
 def _fit_group(i: int, group: list[int], data: tuple, stop=None) -> list:
-    from mltag.head.fit import HeadLoss, fit_fold_heads
+    from mltag.head.fit import fit_fold_heads
+    from mltag.head.model import HeadLoss
 
     rows, y_rows, row_fold, k, hp = data
     return fit_fold_heads(rows, y_rows, row_fold, k, learning_rate=hp["learning_rate"], epochs=int(hp["best_epoch"]),

@@ -120,7 +120,7 @@ def explainer_for(model_dir: str | os.PathLike, model, cells: int = CELLS) -> Ex
     backbone features (``OcclusionMemo``) when the model is a head on its backbone as it is and that
     backbone's LiteRT file is in the backbone cache already (the bottleneck step made it); else a plain one."""
     from mltag.data.formats import read_model_meta
-    from mltag.head.fit import load_head
+    from mltag.head.saved import load_head
     from mltag.inference.export import BACKBONE_DIR
 
     meta = read_model_meta(model_dir, verify=False)

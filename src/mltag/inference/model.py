@@ -28,7 +28,7 @@ from mltag.workers import cpu_threads, imap_ordered
 
 def _two_stage(model_dir: Path, labels: list[str]):
     """``uint8 [B,S,S,3] -> scores``: the folder's ``backbone/`` through TF, then ``head.npz`` in numpy."""
-    from mltag.head.fit import load_head
+    from mltag.head.saved import load_head
     from mltag.inference.engine import TFEngine
 
     head = load_head(model_dir, labels)
@@ -58,7 +58,7 @@ class InferenceModel:
             engine = "litert"
         self.meta = read_model_meta(model_dir)  # the content hash and the label list, checked
         self.labels: list[str] = self.meta["labels"]
-        from mltag.head.fit import check_head_labels
+        from mltag.head.saved import check_head_labels
 
         check_head_labels(model_dir, self.labels)  # a reordered label list would name every score wrongly
         self.image_size: int = int(self.meta["image_size"])

@@ -52,7 +52,7 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
 
     from mltag.data.formats import read_thresholds, write_integrity
     from mltag.data.images import load_image
-    from mltag.head.fit import load_head
+    from mltag.head.saved import load_head
     from mltag.inference.export import compose_tflite
     from mltag.inference.model import InferenceModel
 

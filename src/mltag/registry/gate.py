@@ -74,7 +74,7 @@ def _champion_head_scores(client, model_name: str, version, meta: dict, labels: 
     import mlflow
 
     from mltag.data.formats import read_handoff
-    from mltag.head.fit import load_head
+    from mltag.head.saved import load_head
 
     try:
         source = client.get_model_version_download_uri(model_name, str(version))

@@ -14,7 +14,7 @@ from mltag import metrics as M
 from mltag.data.formats import check_same_labels, load_split, model_mode, read_labels, read_model_meta, write_scores
 from mltag.errors import MltagError
 from mltag.files import atomic_path, write_json_atomic
-from mltag.head.fit import head_scores
+from mltag.head.saved import head_scores
 from mltag.reports.html import data_uri, figure_png, new_axes, render, thumbnail
 
 log = logging.getLogger(__name__)

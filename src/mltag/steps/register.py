@@ -79,7 +79,7 @@ def _check_challenger(model_dir: Path, thresholds: Path, tmp: Path, meta: dict, 
     bundle = _bundle(model_dir, thresholds, tmp / "model")
     cached = _cached_test_vectors(bottlenecks, meta, [ex.path for ex in test]) if bottlenecks else None
     if cached is not None:  # the scores evaluate measured: the head on the test images' cached vectors
-        from mltag.head.fit import head_scores
+        from mltag.head.saved import head_scores
 
         chall_scores = head_scores(bundle, cached)
     else:

@@ -19,7 +19,8 @@ from mltag.backbones import builtin as bb
 from mltag.data.formats import load_split, load_views, read_bottleneck_meta, read_labels, write_integrity, write_labels
 from mltag.errors import MltagError, Terminated
 from mltag.files import atomic_path, fault_point, write_json_atomic
-from mltag.head.fit import HeadLoss, Rows, best_epoch, check_converged, fit_and_refit, fit_head, with_views
+from mltag.head.fit import best_epoch, check_converged, fit_and_refit, fit_head
+from mltag.head.model import HeadLoss, Rows, with_views
 from mltag.inference.export import write_model_folder
 from mltag.tracking import runs as mltracking
 

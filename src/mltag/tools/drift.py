@@ -124,7 +124,7 @@ def drift(model: str, images: list[str], out: str | os.PathLike, *, bottlenecks:
     from mltag.data.formats import load_split, read_bottleneck_meta, read_model_meta, read_thresholds
     from mltag.data.listing import expand_images
     from mltag.files import atomic_path
-    from mltag.head.fit import head_scores
+    from mltag.head.saved import head_scores
     from mltag.inference.vectors import vectors_for
     from mltag.metrics import decision_rule
     from mltag.tracking import runs as tracking

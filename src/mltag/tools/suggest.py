@@ -95,7 +95,7 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
 
         scores = InferenceModel(folder).scores(files)
     else:
-        from mltag.head.fit import head_scores
+        from mltag.head.saved import head_scores
 
         scores = head_scores(folder, vectors)
     u = uncertainty(scores, thresholds)
