@@ -49,11 +49,12 @@ CALIBRATIONS = {  # name -> calibrate() keywords
 def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: str, views: int, hidden: int,
             calibrations: list[str], salt: str, params, mode: str = "head", variant: str = "default",
             size: int = 0, tta: str = "none") -> list[dict]:
+    from mltag.data.formats import image_root_of
     from mltag.steps import run_step
     from mltag.steps.bottleneck import bottleneck
     from mltag.steps.calibrate import calibrate
     from mltag.steps.evaluate import evaluate
-    from mltag.steps.prepare import image_root_of, prepare
+    from mltag.steps.prepare import prepare
 
     t0 = time.perf_counter()
     prep = work / f"prep-{salt}"

@@ -190,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     from mltag.data.images import load_image
+    from mltag.data.listing import expand_images
     from mltag.inference.model import InferenceModel
-    from mltag.tools.predict import expand_images, resolve_model
+    from mltag.tools.predict import resolve_model
     from mltag.tracking import runs as tracking
 
     folder = resolve_model(args.model, args.tracking_uri)

@@ -4,7 +4,7 @@ The sections are pydantic models. params.yaml, the CLI flags (``mltag <step> --s
 or ``--key``), the step functions' section arguments, dvc.yaml's per-stage ``params:``, the
 JSON Schema of params.yaml (``mltag params schema``), the docs' parameter reference (docs/configuration.md)
 (``mltag params reference``) and the Kubeflow pipeline's parameters (one dict per section)
-all come from these classes; ``tests/test_config.py`` fails when one of those views
+all come from these classes; ``tests/unit/test_config.py`` fails when one of those views
 drifts. No step module holds a default or a list of allowed values of its own.
 
 Each key says whether it changes its step's output (``changes_output``). Those keys, and

@@ -270,7 +270,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def fault_point(name: str) -> None:
-    """Test hook for the fault-injection suite (tests/test_faults.py).
+    """Test hook for the fault-injection suite (tests/e2e/test_faults.py).
 
     ``MLTAG_FAULT=<name>`` kills this process with SIGKILL here; ``MLTAG_FAULT=<name>=sleep:S``
     sleeps S seconds here instead (to make two runs overlap); ``MLTAG_FAULT=<name>=enospc``

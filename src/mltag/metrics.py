@@ -103,7 +103,7 @@ def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str], min_lab
 
     numpy throughout, the values of sklearn's functions (``precision_recall_fscore_support``
     and ``f1_score`` with ``zero_division=0``, ``hamming_loss``, ``accuracy_score``,
-    ``roc_auc_score``; tests/test_metrics.py compares them).
+    ``roc_auc_score``; tests/unit/test_metrics.py compares them).
     """
     y = np.asarray(y).astype(int).reshape(len(y), -1)
     s = np.asarray(s, dtype=np.float64).reshape(len(s), -1)

@@ -114,9 +114,10 @@ def test_two_builtins_side_by_side_are_one_module_one_handle(tmp_path, colour_da
     np.testing.assert_allclose(got, np.concatenate([plain, multi], axis=1), atol=1e-5)
 
     from mltag.config import sections
+    from mltag.data.formats import image_root_of
     from mltag.inference.model import InferenceModel
     from mltag.steps.bottleneck import bottleneck
-    from mltag.steps.prepare import image_root_of, prepare
+    from mltag.steps.prepare import prepare
     from mltag.steps.train import train
 
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)

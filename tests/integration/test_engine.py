@@ -81,9 +81,10 @@ def test_engine_flag_is_checked(tmp_path, fake_backbone):
 def test_tflite_export_predicts_the_same_labels_on_the_demo_test_split(tmp_path, mlflow_store):
     """The built-in backbone on the demo scenes: model.tflite (LiteRT) labels = SavedModel (TF) labels."""
     from mltag.data.demo import make_demo_data
+    from mltag.data.formats import image_root_of, load_prepared
     from mltag.inference.model import InferenceModel
     from mltag.steps.bottleneck import bottleneck
-    from mltag.steps.prepare import image_root_of, load_prepared, prepare
+    from mltag.steps.prepare import prepare
     from mltag.steps.train import train
 
     make_demo_data(tmp_path / "demo", **sections("demo-data", n_images=90))

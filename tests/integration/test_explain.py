@@ -80,8 +80,8 @@ def test_most_saliency_mass_lands_in_the_object_s_quarter(tmp_path):
           f"over {len(fractions)} images")
 
     # the evaluation report: an overlay beside every photo of the worst-error gallery
+    from mltag.data.formats import image_root_of
     from mltag.steps.evaluate import evaluate
-    from mltag.steps.prepare import image_root_of
 
     evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev.json", image_root_of(tmp_path / "prepared"),
              **sections("evaluate", bootstrap=10))

@@ -45,11 +45,12 @@ def _tuned_weights(model_dir) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predicts(tmp_path, colour_dataset,
                                                                                     mlflow_store):
+    from mltag.data.formats import image_root_of
     from mltag.inference.model import InferenceModel
     from mltag.steps.bottleneck import bottleneck
     from mltag.steps.calibrate import calibrate
     from mltag.steps.evaluate import evaluate
-    from mltag.steps.prepare import image_root_of, prepare
+    from mltag.steps.prepare import prepare
     from mltag.steps.register import register
     from mltag.steps.train import train
 

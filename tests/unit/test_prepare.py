@@ -13,10 +13,11 @@ from PIL import Image
 
 from conftest import COLOURS, colour_image, make_colour_dataset, write_lst_dataset
 from mltag.config import sections
+from mltag.data.datasets import detect_format
 from mltag.data.formats import read_lst
 from mltag.data.images import BadImage, load_image
 from mltag.errors import MltagError
-from mltag.steps.prepare import detect_format, prepare
+from mltag.steps.prepare import prepare
 
 
 def lst_rows(out: Path) -> dict[str, list[str]]:

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 BUILDER_VERSION = "1"
 BN_EPSILON = 1e-3
-FEATURE_DIM = 1280
 IMAGE_SIZE = 224
 
 # (kernel, stride, expand ratio, output channels, repeats) per stage of EfficientNet-B0/Lite0;
@@ -555,6 +554,6 @@ def load(backbone: Backbone):
 
     try:
         return hub.load(backbone.location)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - TF and hub raise many kinds for a folder that is not a TF2 module
         raise MltagError(f"cannot load backbone as a TF2 SavedModel: {type(e).__name__}: {str(e)[:300]}",
                          backbone.location) from None

@@ -133,14 +133,6 @@ def write_lst(path: str | os.PathLike, examples: Sequence[Example]) -> None:
     write_text_atomic(path, "".join(lines))
 
 
-def find_labels_file(folder: str | os.PathLike) -> Path:
-    folder = Path(folder)
-    for name in ("labels.txt", "labels.json"):
-        if (folder / name).is_file():
-            return folder / name
-    raise MltagError("no labels.txt or labels.json here", folder)
-
-
 # --------------------------------------------------------------------------- versioned JSON hand-offs
 
 # The format each JSON hand-off is written in. A reader takes this version and older ones

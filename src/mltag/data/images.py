@@ -108,11 +108,6 @@ def load_image(src: str | os.PathLike | bytes, size: int, max_pixels: int = DEFA
     return np.asarray(img, dtype=np.uint8)
 
 
-def check_image(src: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Raise ``BadImage`` (missing, empty, unsupported, corrupt, too large) unless ``src`` fully decodes."""
-    _open(src, max_pixels)
-
-
 def inspect_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Check a file fully decodes; return its content hash, perceptual hash, size and mode.
 
@@ -161,7 +156,7 @@ def augmented_view(src: str | os.PathLike | bytes, size: int, seed: int, max_pix
     # In place on one float64 array: the same operations on the same values as
     # ``grey + s * (a - grey)``, ``mean + c * (x - mean)``, ``x * b`` (float32 differences, then
     # float64 through the float64 factors), so the pixels are bit-identical to the plain
-    # expressions (tests/test_steps.py checks it) at a sixth of their time.
+    # expressions (tests/integration/test_steps.py checks it) at a sixth of their time.
     grey = (a @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
     x = (a - grey).astype(np.float64)
     x *= s  # saturation

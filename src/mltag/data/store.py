@@ -4,7 +4,7 @@ content-addressed, in pack files written atomically, on a local folder or an fss
 Cache key = image content hash + backbone id + image size + preprocessing version (+ the
 view number for augmented views), so adding images computes only the new ones and a
 changed backbone or resize never reuses stale vectors. The engine (LiteRT or TF) is not
-in the key: both give the same float16 vectors (tests/test_engine.py checks it on real
+in the key: both give the same float16 vectors (tests/integration/test_engine.py checks it on real
 photos). Vectors are stored float16, a batch per pack file written atomically (temp file
 + rename) by a writer thread, so an interrupted run never leaves a truncated entry, disk
 writes never stall the backbone, and a vector costs no file of its own. Entries that do
@@ -24,7 +24,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from mltag.data.fetch import is_remote
-from mltag.data.formats import SPLITS, image_root_of, load_hashes, load_prepared, load_split, load_views, write_labels  # noqa: F401
 from mltag.data.images import PREPROCESSING_VERSION
 from mltag.errors import MltagError
 from mltag.files import locked, process_token, remove_stale_leftovers

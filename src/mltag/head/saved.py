@@ -50,7 +50,7 @@ def predict_head(model, features: np.ndarray) -> np.ndarray:
 def head_scores(model_dir: str | os.PathLike, features: np.ndarray) -> np.ndarray:
     """Score cached bottleneck vectors with the model folder's head: ``head.npz`` in numpy (no
     TensorFlow import), the very weights the end-to-end ``model.tflite`` holds
-    (tests/test_steps.py checks the two agree to 1e-6). A folder from before ``head.npz``
+    (tests/integration/test_steps.py checks the two agree to 1e-6). A folder from before ``head.npz``
     is scored through Keras."""
     labels = read_model_meta(model_dir)["labels"]
     head = load_head(model_dir, labels)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mltag.data.formats import SPLITS, image_root_of, load_hashes, load_prepared, load_split, load_views, write_labels  # noqa: F401
 from mltag.data.images import BadImage, augmented_view, load_image
 from mltag.data.store import PACK_MAX, FeatureCache
 from mltag.errors import MltagError

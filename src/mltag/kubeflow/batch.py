@@ -14,8 +14,6 @@ from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 
 from mltag.kubeflow.image import IMAGE
 
-LISTING = "images.txt"
-
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def list_images(images: str, shards: int, listing: Output[Dataset]) -> List[int]:

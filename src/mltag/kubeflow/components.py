@@ -1,7 +1,7 @@
 """Kubeflow lightweight components: one per step, each body maps artifacts to ``mltag.steps.run_step``.
 
 Every component takes the params.yaml sections its step reads as dicts (the same names
-as params.yaml, ``tests/test_config.py`` checks them) plus ``defaults``, the compiled
+as params.yaml, ``tests/unit/test_config.py`` checks them) plus ``defaults``, the compiled
 values of those sections. Bodies import mltag inside the function because KFP ships only
 the function's source into the container; the project image (Dockerfile) has mltag.
 """

@@ -162,6 +162,7 @@ def promote(model_name: str, version: int | str, reason: str, user: str | None =
             tracking_uri: str | None = None) -> dict:
     """Move ``champion`` to ``version`` by hand, recording who and why in tags."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from mltag.tracking import runs as tracking
 
@@ -169,10 +170,11 @@ def promote(model_name: str, version: int | str, reason: str, user: str | None =
     client = MlflowClient()
     try:
         client.get_model_version(model_name, str(version))
-    except Exception:  # noqa: BLE001
-        raise MltagError(f"model {model_name!r} has no version {version}") from None
+    except MlflowException as e:
+        if absent(e):
+            raise MltagError(f"model {model_name!r} has no version {version}") from None
+        raise registry_error(e, f"whether {model_name!r} has version {version}") from None
     user = user or os.environ.get("USER") or getpass.getuser()
-    from mlflow.exceptions import MlflowException
 
     try:  # who and why first, the alias last: a failure leaves champion where it was
         client.set_model_version_tag(model_name, str(version), "mltag.promoted_by", user)

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from mltag.data.listing import expand_images  # noqa: F401 - part of predict's interface
+from mltag.data.listing import expand_images
 from mltag.errors import MltagError
 from mltag.workers import cpu_threads, imap_ordered
 

@@ -209,9 +209,6 @@ def model_run(model_dir: str | os.PathLike, run_id: str | None, uri: str) -> str
     return run.info.run_id
 
 
-OWNER_TAGS = ("mltag.host", "mltag.pid", "mltag.out")
-
-
 def owner_tags(out: str | os.PathLike) -> dict[str, str]:
     """Tags that say which process on which machine writes which model folder (to find its run if it dies)."""
     import socket

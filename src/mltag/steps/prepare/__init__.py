@@ -12,12 +12,10 @@ import os
 from pathlib import Path
 
 from mltag import config
-from mltag.data.datasets import FORMATS, READERS, Dataset, detect_format, read_dataset  # noqa: F401 - re-exported
-from mltag.data.formats import (  # noqa: F401 - re-exported
+from mltag.data.datasets import read_dataset
+from mltag.data.formats import (
     HASHES_FILE,
     SPLITS,
-    image_root_of,
-    load_prepared,
     write_dataset_meta,
     write_hashes,
     write_labels,
@@ -25,11 +23,10 @@ from mltag.data.formats import (  # noqa: F401 - re-exported
 )
 from mltag.errors import MltagError
 from mltag.files import atomic_path
-from mltag.steps.prepare.checks import (  # noqa: F401 - outside_root re-exported
+from mltag.steps.prepare.checks import (
     check_bad_fraction,
     check_images,
     check_label_counts,
-    outside_root,
     reject_unlabelled,
 )
 from mltag.steps.prepare.report import build_report, report_html
