@@ -428,7 +428,7 @@ def test_a_hand_edited_label_list_is_never_registered_or_served(tmp_path, colour
 
     from mlflow import MlflowClient
 
-    from mltag.data.formats import write_integrity
+    from mltag.data.integrity import write_integrity
     from mltag.errors import MltagError
     from mltag.inference.model import InferenceModel
 
@@ -641,7 +641,7 @@ def test_each_damaged_hand_off_file_is_a_clear_error_naming_it(tmp_path, colour_
 
 def test_every_subcommand_has_a_working_help():
     """Case 5: `mltag evaluate --help` crashed on the '%' of '95%'."""
-    from mltag.cli import build_parser
+    from mltag.cli.parser import build_parser
 
     def commands(parser, prefix=()):
         import argparse

@@ -202,7 +202,8 @@ def test_a_reordered_label_list_is_refused_everywhere_even_with_its_integrity_re
 
     import numpy as np
 
-    from mltag.data.formats import load_oof, write_integrity, write_oof
+    from mltag.data.formats import load_oof, write_oof
+    from mltag.data.integrity import write_integrity
     from mltag.errors import MltagError
     from mltag.inference.model import InferenceModel
     from mltag.steps.review import review

@@ -253,7 +253,7 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
     # the LiteRT file must match the head, or register refuses
     compose_tflite(litert_backbone(resolve(str(fake_backbone)), 224, ""), weights, bad / "model.tflite")
     (bad / "run.json").unlink()  # its own run
-    from mltag.data.formats import write_integrity
+    from mltag.data.integrity import write_integrity
 
     write_integrity(bad)  # a model built by hand records its own content hash
     second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json", **sections("register", model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05), bottlenecks=tmp_path / "bn")
@@ -372,7 +372,8 @@ def test_out_of_fold_scores_come_from_heads_that_never_saw_the_image(tmp_path, c
 def test_a_quantized_model_that_loses_accuracy_is_not_shipped(tmp_path, colour_dataset, fake_backbone, mlflow_store):
     """The int8 gate: calibrated on black images only, the int8 model's activation ranges miss every real
     image; dynamic range (no calibration) may still pass. Neither passing: no model_int8.tflite, and why."""
-    from mltag.data.formats import read_labels, verify_integrity
+    from mltag.data.formats import read_labels
+    from mltag.data.integrity import verify_integrity
     from mltag.inference.quantized import tflite_parity
     from mltag.steps.register import _bundle
 

@@ -76,7 +76,7 @@ def test_no_module_but_config_lists_the_allowed_values_of_a_key():
 
 
 def test_cli_has_a_flag_for_every_key_both_spellings():
-    from mltag.cli import build_parser
+    from mltag.cli.parser import build_parser
 
     parser = build_parser()
     steps = next(a for a in parser._actions if a.dest == "command").choices
@@ -214,7 +214,7 @@ def test_unknown_and_mistyped_keys_name_the_file_and_key(tmp_path):
 def test_a_rule_across_keys_sees_every_value_given_at_once(tmp_path):
     """calibrate.method min_precision with calibrate.min_precision, given together (flags, or from Python),
     is valid whatever order they are applied in; either alone is the clear error."""
-    from mltag.cli import _resolve, build_parser
+    from mltag.cli.parser import build_parser, resolve_params
     from mltag.config import sections
 
     assert sections("calibrate", method="min_precision", min_precision=0.9)["calibrate"].min_precision == 0.9
@@ -223,5 +223,5 @@ def test_a_rule_across_keys_sees_every_value_given_at_once(tmp_path):
     args = build_parser().parse_args(["calibrate", "--params", str(tmp_path / "none.yaml"), "--method", "min_precision",
                                       "--min-precision", "0.9"])
     (tmp_path / "none.yaml").write_text("{}\n")
-    p = _resolve(args, "calibrate")
+    p = resolve_params(args, "calibrate")
     assert (p.calibrate.method, p.calibrate.min_precision) == ("min_precision", 0.9)

@@ -50,8 +50,9 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
     """
     import tempfile
 
-    from mltag.data.formats import read_thresholds, write_integrity
+    from mltag.data.formats import read_thresholds
     from mltag.data.images import load_image
+    from mltag.data.integrity import write_integrity
     from mltag.head.saved import load_head
     from mltag.inference.export import compose_tflite
     from mltag.inference.model import InferenceModel

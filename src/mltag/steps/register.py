@@ -19,15 +19,14 @@ from mltag import config
 from mltag import metrics as M
 from mltag.config import derived_model_name
 from mltag.data.formats import (
-    INTEGRITY_FILE,
     dataset_source,
     image_root_of,
     load_hashes,
     load_prepared,
     read_model_meta,
     read_thresholds,
-    verify_integrity,
 )
+from mltag.data.integrity import INTEGRITY_FILE, verify_integrity
 from mltag.errors import MltagError
 from mltag.files import fault_point, process_token, remove_stale_leftovers, write_json_atomic
 from mltag.inference.export import BACKBONE_DIR

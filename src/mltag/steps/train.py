@@ -16,7 +16,8 @@ import numpy as np
 
 from mltag import config
 from mltag.backbones import builtin as bb
-from mltag.data.formats import load_split, load_views, read_bottleneck_meta, read_labels, write_integrity, write_labels
+from mltag.data.formats import load_split, load_views, read_bottleneck_meta, read_labels, write_labels
+from mltag.data.integrity import write_integrity
 from mltag.errors import MltagError, Terminated
 from mltag.files import atomic_path, fault_point, write_json_atomic
 from mltag.head.fit import best_epoch, check_converged, fit_and_refit, fit_head
