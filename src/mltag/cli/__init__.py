@@ -130,88 +130,96 @@ def _dispatch(args) -> int:
         from mltag.tf_runtime import import_tensorflow
 
         import_tensorflow()
-    progress = not args.quiet
     if cmd in STEP_PATHS:
-        return _run_step(cmd, args, progress)
-    if cmd == "predict":
-        return _predict(args)
-    if cmd == "drift":
-        from mltag.config import load_params, model_name
-        from mltag.tools.drift import drift
+        return _run_step(cmd, args, not args.quiet)
+    handler = {"predict": _predict, "drift": _drift, "suggest": _suggest, "metrics": _show_metrics,
+               "promote": _promote, "doctor": _doctor, "backbone": _backbone, "params": _params,
+               "pipeline": _pipeline}[cmd]
+    return handler(args) or 0
 
-        params = load_params(args.params)
-        r = drift(args.model or f"models:/{model_name(params)}@champion", args.images, args.out,
-                  bottlenecks=args.bottlenecks, store=params.bottleneck.cache_dir,
-                  backbone_cache_dir=params.backbone.cache_dir, engine=params.bottleneck.engine, alpha=args.alpha,
-                  permutations=args.permutations, max_images=args.max_images, tracking_uri=args.tracking_uri,
-                  progress=not args.quiet)
-        v = r["vectors"]
-        shifted = [s["label"] for s in r["label_shifts"] or [] if s["shifted"]]
-        print(f"drift: {'FOUND' if r['drift'] else 'none found'}: vectors MMD p={v['p_value']:.4f} (domain AUC "
-              f"{v['auc']:.3f}); labels shifted: {', '.join(shifted) or 'none'}; report in {args.out}/drift.html")
-        return 3 if r["drift"] else 0
-    elif cmd == "suggest":
-        from mltag.config import load_params, model_name
-        from mltag.tools.suggest import suggest
 
-        params = load_params(args.params)
-        r = suggest(args.model or f"models:/{model_name(params)}@champion", args.images, args.n, args.out,
-                    store=params.bottleneck.cache_dir, backbone_cache_dir=params.backbone.cache_dir,
-                    engine=params.bottleneck.engine, tracking_uri=args.tracking_uri, progress=not args.quiet)
-        print(f"suggest: the {r['suggested']} of {r['images']} images most worth labelling are in {args.out} "
-              f"({r['computed']} vectors computed); label them in {r['page']}"
-              + (f"; {len(r['unreadable'])} unreadable image(s) left out" if r["unreadable"] else ""))
-    elif cmd == "metrics":
-        _show_metrics(args)
-    elif cmd == "promote":
-        from mltag.registry.versions import promote
+def _drift(args) -> int:
+    from mltag.config import load_params, model_name
+    from mltag.tools.drift import drift
 
-        print(json.dumps(promote(args.name, args.version, args.reason, args.user, args.tracking_uri)))
-    elif cmd == "doctor":
-        from mltag.config import Params, load_params
-        from mltag.tools.doctor import doctor
+    params = load_params(args.params)
+    r = drift(args.model or f"models:/{model_name(params)}@champion", args.images, args.out,
+              bottlenecks=args.bottlenecks, store=params.bottleneck.cache_dir,
+              backbone_cache_dir=params.backbone.cache_dir, engine=params.bottleneck.engine, alpha=args.alpha,
+              permutations=args.permutations, max_images=args.max_images, tracking_uri=args.tracking_uri,
+              progress=not args.quiet)
+    v = r["vectors"]
+    shifted = [s["label"] for s in r["label_shifts"] or [] if s["shifted"]]
+    print(f"drift: {'FOUND' if r['drift'] else 'none found'}: vectors MMD p={v['p_value']:.4f} (domain AUC "
+          f"{v['auc']:.3f}); labels shifted: {', '.join(shifted) or 'none'}; report in {args.out}/drift.html")
+    return 3 if r["drift"] else 0
 
-        try:
-            params, problem = load_params(args.params), None
-        except MltagError as e:
-            params, problem = Params(), str(e)
-        return doctor(params, args.tracking_uri, measure=not args.no_measure, params_problem=problem)
-    elif cmd == "backbone":
-        from mltag.backbones.builtin import build_builtin
 
-        if args.out is None:
-            from mltag.backbones.builtin import default_image_size, resolve
-            from mltag.config import load_params
-            from mltag.inference.engine import backbone_engine, litert_backbone
+def _suggest(args) -> None:
+    from mltag.config import load_params, model_name
+    from mltag.tools.suggest import suggest
 
-            cache = load_params(args.params).backbone.cache_dir
-            resolved = resolve(f"builtin:{args.name}", cache)
-            backbone_engine("litert", resolved, default_image_size(args.name), cache)
-            try:  # what register quantizes (register.int8: dynamic_range), so no register converts it again
-                litert_backbone(resolved, default_image_size(args.name), cache, kind="dynamic_range")
-                kinds = "fp32 and dynamic range"
-            except MltagError as e:
-                print(f"backbone: no dynamic-range conversion ({e})", file=sys.stderr)
-                kinds = "fp32"
-            print(f"backbone: {args.name} built in {resolved.location} (and converted for LiteRT: {kinds})")
-        else:
-            out = build_builtin(args.name, args.out)
-            print(f"backbone: {args.name} written to {out}")
-    elif cmd == "params":
-        from mltag import config
+    params = load_params(args.params)
+    r = suggest(args.model or f"models:/{model_name(params)}@champion", args.images, args.n, args.out,
+                store=params.bottleneck.cache_dir, backbone_cache_dir=params.backbone.cache_dir,
+                engine=params.bottleneck.engine, tracking_uri=args.tracking_uri, progress=not args.quiet)
+    print(f"suggest: the {r['suggested']} of {r['images']} images most worth labelling are in {args.out} "
+          f"({r['computed']} vectors computed); label them in {r['page']}"
+          + (f"; {len(r['unreadable'])} unreadable image(s) left out" if r["unreadable"] else ""))
 
-        if args.params_command == "schema":
-            print(json.dumps(config.json_schema(), indent=2))
-        elif args.params_command == "reference" and args.write:
-            config.write_reference(args.write)
-        elif args.params_command == "reference":
-            print(config.reference_markdown(), end="")
-        else:
-            config.load_params(args.file)
-            print(f"{args.file}: every key known, every value valid")
-    elif cmd == "pipeline":
-        return _pipeline(args)
-    return 0
+
+def _promote(args) -> None:
+    from mltag.registry.versions import promote
+
+    print(json.dumps(promote(args.name, args.version, args.reason, args.user, args.tracking_uri)))
+
+
+def _doctor(args) -> int:
+    from mltag.config import Params, load_params
+    from mltag.tools.doctor import doctor
+
+    try:
+        params, problem = load_params(args.params), None
+    except MltagError as e:
+        params, problem = Params(), str(e)
+    return doctor(params, args.tracking_uri, measure=not args.no_measure, params_problem=problem)
+
+
+def _backbone(args) -> None:
+    from mltag.backbones.builtin import build_builtin
+
+    if args.out is not None:
+        out = build_builtin(args.name, args.out)
+        print(f"backbone: {args.name} written to {out}")
+        return
+    from mltag.backbones.builtin import default_image_size, resolve
+    from mltag.config import load_params
+    from mltag.inference.engine import backbone_engine, litert_backbone
+
+    cache = load_params(args.params).backbone.cache_dir
+    resolved = resolve(f"builtin:{args.name}", cache)
+    backbone_engine("litert", resolved, default_image_size(args.name), cache)
+    try:  # what register quantizes (register.int8: dynamic_range), so no register converts it again
+        litert_backbone(resolved, default_image_size(args.name), cache, kind="dynamic_range")
+        kinds = "fp32 and dynamic range"
+    except MltagError as e:
+        print(f"backbone: no dynamic-range conversion ({e})", file=sys.stderr)
+        kinds = "fp32"
+    print(f"backbone: {args.name} built in {resolved.location} (and converted for LiteRT: {kinds})")
+
+
+def _params(args) -> None:
+    from mltag import config
+
+    if args.params_command == "schema":
+        print(json.dumps(config.json_schema(), indent=2))
+    elif args.params_command == "reference" and args.write:
+        config.write_reference(args.write)
+    elif args.params_command == "reference":
+        print(config.reference_markdown(), end="")
+    else:
+        config.load_params(args.file)
+        print(f"{args.file}: every key known, every value valid")
 
 
 def _run_step(step: str, args, progress: bool) -> int:

@@ -77,20 +77,8 @@ def compose_tflite(backbone_tflite: str | os.PathLike, head_weights: list[np.nda
 
     from mltag.files import atomic_path
 
-    src = Path(backbone_tflite).read_bytes()
-    try:
-        model = fb.ModelT.InitFromPackedBuf(src, 0)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
-        raise MltagError(f"not a LiteRT model file ({type(e).__name__})", backbone_tflite) from None
-    if len(model.subgraphs) != 1 or len(model.subgraphs[0].outputs) != 1:
-        raise MltagError("the backbone's LiteRT file must have one graph with one output (the features)",
-                         backbone_tflite)
+    src, model = _backbone_graph(backbone_tflite, head_weights)
     graph = model.subgraphs[0]
-    features = graph.tensors[graph.outputs[0]]
-    dim = int(features.shape[-1])
-    if head_weights[0].shape[0] != dim:
-        raise MltagError(f"the head takes {head_weights[0].shape[0]} features but the backbone gives {dim}",
-                         backbone_tflite)
 
     def opcode(code: int) -> int:
         for i, oc in enumerate(model.operatorCodes):
@@ -145,6 +133,27 @@ def compose_tflite(backbone_tflite: str | os.PathLike, head_weights: list[np.nda
     with atomic_path(out) as tmp:
         tmp.write_bytes(builder.Output())
     return out
+
+
+def _backbone_graph(backbone_tflite: str | os.PathLike, head_weights: list[np.ndarray]):
+    """The backbone's ``.tflite`` bytes and its unpacked model, checked: one graph whose one output (the
+    features) is as wide as the head's input."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    src = Path(backbone_tflite).read_bytes()
+    try:
+        model = fb.ModelT.InitFromPackedBuf(src, 0)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        raise MltagError(f"not a LiteRT model file ({type(e).__name__})", backbone_tflite) from None
+    if len(model.subgraphs) != 1 or len(model.subgraphs[0].outputs) != 1:
+        raise MltagError("the backbone's LiteRT file must have one graph with one output (the features)",
+                         backbone_tflite)
+    graph = model.subgraphs[0]
+    dim = int(graph.tensors[graph.outputs[0]].shape[-1])
+    if head_weights[0].shape[0] != dim:
+        raise MltagError(f"the head takes {head_weights[0].shape[0]} features but the backbone gives {dim}",
+                         backbone_tflite)
+    return src, model
 
 
 def _aligned_builder(flatbuffers):

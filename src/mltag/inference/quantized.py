@@ -62,15 +62,8 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
         return {"error": "no model.tflite in the model folder"}
     if not (bundle / BACKBONE_DIR).is_dir():
         return {"error": "a model folder from an older mltag (no backbone/); retrain it to register LiteRT files"}
-    imgs = test_images[:limit]
     lite = InferenceModel(bundle / "model.tflite")
-    fp32 = lite.scores(imgs)
-    if evaluated:
-        out["fp32_max_abs_diff_vs_evaluated"] = float(np.abs(fp32 - chall_scores[:limit]).max()) if len(imgs) else 0.0
-    else:
-        saved = InferenceModel(bundle, engine="tf").scores(imgs)
-        out["fp32_max_abs_diff_vs_savedmodel"] = float(np.abs(fp32 - saved).max()) if len(imgs) else 0.0
-    out["fp32_bytes"] = (bundle / "model.tflite").stat().st_size
+    out.update(_fp32_parity(bundle, lite, test_images[:limit], chall_scores[:limit], evaluated))
     t, min_labels = M.decision_rule(read_thresholds(bundle / "thresholds.json"), labels)
 
     def quality(s):
@@ -106,15 +99,34 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
             if chosen is None and all(d <= max_drop for d in drops):
                 chosen = kind
                 os.replace(f, bundle / "model_int8.tflite")
+    _settle(out, bundle, bool(kinds), chosen, max_drop)
+    write_integrity(bundle)  # the bundle's content now includes (or not) model_int8.tflite
+    return out
+
+
+def _settle(out: dict, bundle: Path, tried: bool, chosen: str | None, max_drop: float) -> None:
+    """Which quantized model ships (none: no ``model_int8.tflite`` left in the bundle), and why."""
     out["int8_kind"] = chosen
     out["int8_shipped"] = chosen is not None
     if chosen is None:
         (bundle / "model_int8.tflite").unlink(missing_ok=True)
-    out["int8_reason"] = _int8_reason(out, bool(kinds), chosen, max_drop)
+    out["int8_reason"] = _int8_reason(out, tried, chosen, max_drop)
     if chosen is not None:
         out["shipped_bytes"] = out[f"{chosen}_bytes"]
-    write_integrity(bundle)  # the bundle's content now includes (or not) model_int8.tflite
-    return out
+
+
+def _fp32_parity(bundle: Path, lite, imgs: list[Path], evaluated_scores: np.ndarray, evaluated: bool) -> dict:
+    """``model.tflite`` (``lite``) on ``imgs``: its largest difference from the scores evaluate measured
+    (``evaluated``) or from the SavedModel through TF, and its size."""
+    from mltag.inference.model import InferenceModel
+
+    fp32 = lite.scores(imgs)
+    if evaluated:
+        key, other = "fp32_max_abs_diff_vs_evaluated", evaluated_scores
+    else:
+        key, other = "fp32_max_abs_diff_vs_savedmodel", InferenceModel(bundle, engine="tf").scores(imgs)
+    return {key: float(np.abs(fp32 - other).max()) if len(imgs) else 0.0,
+            "fp32_bytes": (bundle / "model.tflite").stat().st_size}
 
 
 def _quantized_scores(f: Path, backbone_file: Path, cached: bool, head, bundle: Path, kind: str,

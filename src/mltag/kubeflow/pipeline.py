@@ -87,6 +87,58 @@ def store_mount(params: Params, local: bool = False) -> tuple[str, str] | None:
     return (pvc, store.removeprefix("file://")) if absolute and pvc else None
 
 
+class _Placement:
+    """Where and how each task runs: resources, the GPU pool, the vector store's volume, MLflow's secret."""
+
+    def __init__(self, kf, on_gpu, mount):
+        self.kf, self.on_gpu, self.mount = kf, on_gpu, mount
+
+    def place(self, task, name: str):
+        """CPU/memory requests, and for the GPU tasks the accelerator, node pool, image and fail-fast check."""
+        kf = self.kf
+        _resources(task, name)
+        if name in self.on_gpu:
+            task.set_accelerator_type(kf.accelerator_type).set_accelerator_limit(int(kf.gpu_count))
+            kubernetes.add_node_selector(task, kf.gpu_node_label_key, kf.gpu_node_label_value)
+            kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+            if kf.gpu_image:
+                task.set_container_image(str(kf.gpu_image))
+            task.set_env_variable("MLTAG_REQUIRE_GPU", "0" if kf.allow_cpu else "1")
+        return task
+
+    def with_store(self, task):
+        """Mount the vector store's volume on a task that reads or writes it."""
+        if self.mount is not None:
+            kubernetes.mount_pvc(task, pvc_name=self.mount[0], mount_path=self.mount[1])
+        return task
+
+    def mlflow_env(self, task):
+        if self.kf.mlflow_secret:
+            # optional=True: without the secret the steps use the tracking_uri parameter.
+            kubernetes.use_secret_as_env(task, self.kf.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
+        return task
+
+
+def _vectors(placement: _Placement, parallelism: int, collect_shards: bool, dataset, bottleneck, backbone,
+             defaults: dict):
+    """The bottleneck shards in parallel, then their gather: the task whose ``bottlenecks`` the later steps read."""
+    shards = _resources(steps.shard_indices(bottleneck=bottleneck, defaults=defaults),
+                        "shard_indices")
+    with dsl.ParallelFor(shards.output, parallelism=parallelism) as shard:
+        part = placement.with_store(placement.place(steps.bottleneck_shard(
+            dataset=dataset, shard_index=shard, bottleneck=bottleneck, backbone=backbone,
+            defaults=defaults), "bottleneck_shard"))
+    if collect_shards:  # fan-in of the shards' artifacts: KFP backend 2.5 or newer
+        gathered = placement.with_store(_resources(steps.bottleneck(
+            dataset=dataset, shard_caches=dsl.Collected(part.outputs["cache"]),
+            bottleneck=bottleneck, backbone=backbone, defaults=defaults), "bottleneck"))
+    else:  # any v2 backend: wait for the whole loop, then read the shared store
+        gathered = placement.with_store(_resources(steps.bottleneck_from_store(
+            dataset=dataset, bottleneck=bottleneck, backbone=backbone,
+            defaults=defaults).after(part), "bottleneck"))
+    return gathered
+
+
 def build_pipeline(params: Params | None = None, local: bool = False):
     """Return the ``@dsl.pipeline`` function with defaults and placement taken from ``params``.
 
@@ -94,8 +146,7 @@ def build_pipeline(params: Params | None = None, local: bool = False):
     """
     p = params or load_params(None)
     kf = p.pipeline
-    on_gpu = gpu_tasks(p)
-    mount = store_mount(p, local)
+    on_gpu, mount = gpu_tasks(p), store_mount(p, local)
     if not kf.collect_shards:
         from mltag.kubeflow.entry import require_shared_store
 
@@ -109,29 +160,8 @@ def build_pipeline(params: Params | None = None, local: bool = False):
         where the store lives and which engine runs are compiled settings too)."""
         return {s: d[s] for s in STEP_SECTIONS[step]}
 
-    def place(task, name: str):
-        """CPU/memory requests, and for the GPU tasks the accelerator, node pool, image and fail-fast check."""
-        _resources(task, name)
-        if name in on_gpu:
-            task.set_accelerator_type(kf.accelerator_type).set_accelerator_limit(int(kf.gpu_count))
-            kubernetes.add_node_selector(task, kf.gpu_node_label_key, kf.gpu_node_label_value)
-            kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
-            if kf.gpu_image:
-                task.set_container_image(str(kf.gpu_image))
-            task.set_env_variable("MLTAG_REQUIRE_GPU", "0" if kf.allow_cpu else "1")
-        return task
-
-    def with_store(task):
-        """Mount the vector store's volume on a task that reads or writes it."""
-        if mount is not None:
-            kubernetes.mount_pvc(task, pvc_name=mount[0], mount_path=mount[1])
-        return task
-
-    def mlflow_env(task):
-        if kf.mlflow_secret:
-            # optional=True: without the secret the steps use the tracking_uri parameter.
-            kubernetes.use_secret_as_env(task, kf.mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
-        return task
+    placement = _Placement(kf, on_gpu, mount)
+    place, mlflow_env = placement.place, placement.mlflow_env
 
     @dsl.pipeline(name="mltag", description="Multi-label image classification by transfer learning")
     def mltag_pipeline(
@@ -156,20 +186,8 @@ def build_pipeline(params: Params | None = None, local: bool = False):
         version.set_caching_options(False)
         prep = _resources(steps.prepare(prepare=prepare, defaults=defaults("prepare"), data_repo=data_repo,
                                         data_version=version.output), "prepare")
-        shards = _resources(steps.shard_indices(bottleneck=bottleneck, defaults=defaults("bottleneck")),
-                            "shard_indices")
-        with dsl.ParallelFor(shards.output, parallelism=int(kf.parallelism)) as shard:
-            part = with_store(place(steps.bottleneck_shard(
-                dataset=prep.outputs["dataset"], shard_index=shard, bottleneck=bottleneck, backbone=backbone,
-                defaults=defaults("bottleneck")), "bottleneck_shard"))
-        if kf.collect_shards:  # fan-in of the shards' artifacts: KFP backend 2.5 or newer
-            gathered = with_store(_resources(steps.bottleneck(
-                dataset=prep.outputs["dataset"], shard_caches=dsl.Collected(part.outputs["cache"]),
-                bottleneck=bottleneck, backbone=backbone, defaults=defaults("bottleneck")), "bottleneck"))
-        else:  # any v2 backend: wait for the whole loop, then read the shared store
-            gathered = with_store(_resources(steps.bottleneck_from_store(
-                dataset=prep.outputs["dataset"], bottleneck=bottleneck, backbone=backbone,
-                defaults=defaults("bottleneck")).after(part), "bottleneck"))
+        gathered = _vectors(placement, int(kf.parallelism), kf.collect_shards, prep.outputs["dataset"], bottleneck,
+                            backbone, defaults("bottleneck"))
         trained = mlflow_env(place(steps.train(
             bottlenecks=gathered.outputs["bottlenecks"], dataset=prep.outputs["dataset"], train=train,
             backbone=backbone, tracking=tracking, defaults=defaults("train"), tracking_uri=tracking_uri), "train"))

@@ -54,11 +54,8 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
     written: that is one shard of a scaled-out run, gathered by a later call that lists the
     shard caches in ``extra_caches``.
 
-    Writes ``out/bottleneck.json`` (what the vectors depend on) and, when ``metrics`` is
-    given, this run's statistics there (computed, cached, untrusted entries, seconds).
-
-    Returns:
-        Both merged into one dict.
+    Writes ``out/bottleneck.json`` (what the vectors depend on) and, when ``metrics`` is given, how many
+    vectors this run computed and read from the cache there; returns both with this run's statistics.
     """
     from mltag.backbones import builtin as bb
     from mltag.data.fetch import ImageSource
@@ -73,9 +70,7 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
     source = images if isinstance(images, ImageSource) else None  # a bucket or DVC repo, read by reference
     root = source.scratch if source else Path(images) if images else image_root_of(prepared)
     cache = FeatureCache(bottleneck.cache_dir, resolved.backbone_id, image_size, extra_caches)
-    splits = {}
-    for s in SPLITS:
-        labels, splits[s] = load_prepared(prepared, s)
+    labels, splits = load_prepared(prepared, "train")[0], {s: load_prepared(prepared, s)[1] for s in SPLITS}
     t0 = time.time()
     all_ex = sorted({ex.path: ex for s in SPLITS for ex in splits[s]}.values(), key=lambda e: e.path)
     files = [root / ex.path for ex in all_ex]
@@ -115,11 +110,15 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
     if metrics:  # the headline: how many vectors this run computed (the rest is in the returned summary)
         write_json_atomic(metrics, {"computed": stats["computed"], "cached": stats["cached"]})
     summary.update(stats)
-    rate = f", {stats['images_per_second']} vectors/s ({used_engine})" if stats["images_per_second"] else ""
-    log.info("bottleneck: %d computed, %d from cache%s", computed, stats["cached"], rate)
-    if cache.rejected:
-        log.warning("bottleneck: %d damaged cache entries were recomputed", cache.rejected)
+    _say(stats, cache.rejected)
     return summary
+
+
+def _say(stats: dict, rejected: int) -> None:
+    rate = f", {stats['images_per_second']} vectors/s ({stats['engine']})" if stats["images_per_second"] else ""
+    log.info("bottleneck: %d computed, %d from cache%s", stats["computed"], stats["cached"], rate)
+    if rejected:
+        log.warning("bottleneck: %d damaged cache entries were recomputed", rejected)
 
 
 def _image_hashes(prepared, all_ex: list, files: list[Path], source) -> list[str]:

@@ -193,6 +193,68 @@ def _untuned(labels: list[str], min_positives: int, shrink: float) -> dict:
             "expected": {"micro_f1_gain": 0.0, "per_label_f1_gain": {n: 0.0 for n in labels}}}
 
 
+def _evaluated_scores(evaluation, labels: list[str]):
+    """evaluate's ``(val scores, val labels, test scores, test labels)``, checked against the model's labels."""
+    from mltag.data.formats import load_scores
+
+    sc = load_scores(evaluation)
+    s_va, y_va, s_te, y_te = sc["val_scores"], sc["val_labels"], sc["test_scores"], sc["test_labels"]
+    for name, a in (("val_scores", s_va), ("test_scores", s_te)):
+        if a.ndim != 2 or a.shape[1] != len(labels):
+            raise MltagError(f"{name} has {a.shape[-1] if a.ndim else 0} columns but the model has {len(labels)} "
+                             "labels; run evaluate again for this model", Path(evaluation) / "scores.npz")
+    return s_va, y_va, s_te, y_te
+
+
+def _fitting_scores(calibrate: config.Calibrate, model_dir, bottlenecks, oof_out, labels: list[str],
+                    y_va: np.ndarray, s_va: np.ndarray, progress: bool):
+    """What the thresholds are fitted on: out-of-fold scores over train+val (``cv_folds`` > 1), else the
+    validation scores. Returns ``(oof to write for review or None, y, scores, folds, where they come from,
+    the folds used)``."""
+    method, cv_folds = calibrate.method, calibrate.cv_folds
+    if cv_folds > 1 and method != "none" and model_mode(model_dir) == "fine_tune":
+        log.info("calibrate: fine-tuned backbone: the cached vectors do not match it, so thresholds come from "
+                 "the validation scores (no out-of-fold refits)")
+        cv_folds = 0
+    oof, oof_file = _oof_for_review(oof_out, bottlenecks, model_dir, cv_folds, labels, progress)
+    if cv_folds > 1 and method != "none":
+        if bottlenecks is None:
+            raise MltagError("calibrate.cv_folds > 1 needs the bottleneck folder (--bottlenecks)")
+        y_fit, s_fit, folds, _ = oof if oof is not None else out_of_fold_scores(bottlenecks, model_dir, cv_folds,
+                                                                                 progress)
+        source = f"out-of-fold scores of {len(y_fit)} train+val images ({cv_folds} folds)"
+    else:
+        y_fit, s_fit = y_va, s_va
+        folds = assign_folds(range(len(y_va)), 5)
+        source = f"scores of {len(y_va)} validation images"
+    return oof_file, y_fit, s_fit, folds, source, cv_folds
+
+
+def _result(th: dict, source: str, one_gain: float, at_05: dict, at_cal: dict) -> dict:
+    """calibrate's whole result (``--report``): the thresholds, what they promise and what test says."""
+    return {
+        "thresholds": th["thresholds"],
+        "fallback_labels": th["fallback_labels"],
+        "kept_0.5": th["kept_0.5"],
+        "at_least_one": bool(th["min_labels"]),
+        "fitted_on": source,
+        "expected_micro_f1_gain": th["expected"]["micro_f1_gain"],
+        "expected_at_least_one_micro_f1_gain": one_gain,
+        "test_micro_f1_gain": at_cal["micro_f1"] - at_05["micro_f1"],
+        "test_at_0.5": {k: v for k, v in at_05.items() if k != "per_label"},
+        "test_at_thresholds": at_cal,
+    }
+
+
+def _say(th: dict, source: str, one_gain: float, expected: dict, at_05: dict, at_cal: dict) -> None:
+    log.info("calibrate: thresholds %s (from %s; 0.5 kept for %s); an image with no label gets its top one: %s "
+             "(%+.4f micro F1 on the fitting scores)", ", ".join(f"{n}={v:.3f}" for n, v in th["thresholds"].items()),
+             source, ", ".join(th["kept_0.5"]) or "none", "yes" if th["min_labels"] else "no", one_gain)
+    log.info("calibrate: expected micro F1 gain %+.4f; test micro F1 %.4f at 0.5 -> %.4f calibrated; "
+             "macro F1 %.4f -> %.4f", expected["micro_f1_gain"], at_05["micro_f1"], at_cal["micro_f1"],
+             at_05["macro_f1"], at_cal["macro_f1"])
+
+
 def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
               metrics_file: str | os.PathLike, *, calibrate: config.Calibrate, tracking_uri: str | None = None,
               run_id: str | None = None, bottlenecks: str | os.PathLike | None = None, progress: bool = True,
@@ -219,7 +281,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     method, min_precision, min_positives = calibrate.method, calibrate.min_precision, calibrate.min_positives
     cv_folds, shrink, min_gain = calibrate.cv_folds, calibrate.shrink, calibrate.min_gain
     tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the refits
-    from mltag.data.formats import load_scores, read_model_meta
+    from mltag.data.formats import read_model_meta
 
     model_meta = read_model_meta(model_dir)
     labels = model_meta["labels"]
@@ -227,33 +289,15 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         raise MltagError("this head was refitted on train+val (train.refit), so its validation scores are not held "
                          "out and cannot fit thresholds: set calibrate.cv_folds to 2 or more (the default 5), or "
                          "train.refit false", Path(model_dir) / "model.json")
-    sc = load_scores(evaluation)
-    s_va, y_va, s_te, y_te = sc["val_scores"], sc["val_labels"], sc["test_scores"], sc["test_labels"]
-    for name, a in (("val_scores", s_va), ("test_scores", s_te)):
-        if a.ndim != 2 or a.shape[1] != len(labels):
-            raise MltagError(f"{name} has {a.shape[-1] if a.ndim else 0} columns but the model has {len(labels)} "
-                             "labels; run evaluate again for this model", Path(evaluation) / "scores.npz")
+    s_va, y_va, s_te, y_te = _evaluated_scores(evaluation, labels)
     if bottlenecks is not None:
         from mltag.data.formats import check_same_labels, read_labels
 
         check_same_labels(read_labels(Path(bottlenecks) / "labels.txt"), labels, Path(model_dir) / "model.json",
                           "the model", "calibrate the model trained on these bottlenecks (or restore its folder)")
     mp = min_precision if method == "min_precision" else None
-    if cv_folds > 1 and method != "none" and model_mode(model_dir) == "fine_tune":
-        log.info("calibrate: fine-tuned backbone: the cached vectors do not match it, so thresholds come from "
-                 "the validation scores (no out-of-fold refits)")
-        cv_folds = 0
-    oof, oof_file = _oof_for_review(oof_out, bottlenecks, model_dir, cv_folds, labels, progress)
-    if cv_folds > 1 and method != "none":
-        if bottlenecks is None:
-            raise MltagError("calibrate.cv_folds > 1 needs the bottleneck folder (--bottlenecks)")
-        y_fit, s_fit, folds, _ = oof if oof is not None else out_of_fold_scores(bottlenecks, model_dir, cv_folds,
-                                                                                 progress)
-        source = f"out-of-fold scores of {len(y_fit)} train+val images ({cv_folds} folds)"
-    else:
-        y_fit, s_fit = y_va, s_va
-        folds = assign_folds(range(len(y_va)), 5)
-        source = f"scores of {len(y_va)} validation images"
+    oof_file, y_fit, s_fit, folds, source, cv_folds = _fitting_scores(
+        calibrate, model_dir, bottlenecks, oof_out, labels, y_va, s_va, progress)
     th = _untuned(labels, min_positives, shrink) if method == "none" else \
         choose_thresholds(y_fit, s_fit, folds, labels, mp, min_positives, shrink, min_gain)
     kept, expected = th["kept_0.5"], th["expected"]
@@ -264,18 +308,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     t = np.array([th["thresholds"][n] for n in labels])
     at_05 = M.compute(y_te, s_te, 0.5, labels)
     at_cal = M.compute(y_te, s_te, t, labels, th["min_labels"])
-    result = {
-        "thresholds": th["thresholds"],
-        "fallback_labels": th["fallback_labels"],
-        "kept_0.5": kept,
-        "at_least_one": bool(th["min_labels"]),
-        "fitted_on": source,
-        "expected_micro_f1_gain": expected["micro_f1_gain"],
-        "expected_at_least_one_micro_f1_gain": one_gain,
-        "test_micro_f1_gain": at_cal["micro_f1"] - at_05["micro_f1"],
-        "test_at_0.5": {k: v for k, v in at_05.items() if k != "per_label"},
-        "test_at_thresholds": at_cal,
-    }
+    result = _result(th, source, one_gain, at_05, at_cal)
     th["config"] = config
     run_id = tracker.model_run(model_dir, run_id, tracking_uri)  # found (or a dead store said) before any write
     if oof_file is not None:
@@ -293,10 +326,5 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
             "calibrate_expected_micro_f1_gain": expected["micro_f1_gain"],
             "calibrate_at_least_one": float(th["min_labels"])}, artifacts=[(str(out), "calibrate")])
     tracker.close()
-    log.info("calibrate: thresholds %s (from %s; 0.5 kept for %s); an image with no label gets its top one: %s "
-             "(%+.4f micro F1 on the fitting scores)", ", ".join(f"{n}={v:.3f}" for n, v in th["thresholds"].items()),
-             source, ", ".join(kept) or "none", "yes" if th["min_labels"] else "no", one_gain)
-    log.info("calibrate: expected micro F1 gain %+.4f; test micro F1 %.4f at 0.5 -> %.4f calibrated; "
-             "macro F1 %.4f -> %.4f", expected["micro_f1_gain"], at_05["micro_f1"], at_cal["micro_f1"],
-             at_05["macro_f1"], at_cal["macro_f1"])
+    _say(th, source, one_gain, expected, at_05, at_cal)
     return result

@@ -111,27 +111,8 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
                          "train the model on these bottlenecks", Path(model_dir) / "model.json")
     check_same_labels(read_labels(Path(bottlenecks) / "labels.txt"), labels, Path(model_dir) / "model.json",
                       "the model", "train the model on these bottlenecks (or restore its folder)")
-    fine_tuned = model_mode(model_dir) == "fine_tune"
-    if fine_tuned or tta != "none":
-        tracker.model_run(model_dir, run_id, tracking_uri)  # minutes of scoring ahead: a dead store said first
-        # Augmented views are new pixels, and a fine-tuned backbone no longer produces the
-        # cached vectors: score the images end to end.
-        if images is None:
-            raise MltagError("evaluate needs the image folder (--prepared) for "
-                             + ("a fine-tuned model" if fine_tuned else "test-time augmentation"))
-        from mltag.inference.model import InferenceModel
-
-        model = InferenceModel(model_dir)
-    explainer = None
-    if evaluate.saliency and images is not None:
-        from mltag.inference.explain import Explainer, explainer_for
-        from mltag.inference.model import InferenceModel
-
-        explainer = Explainer(model) if fine_tuned or tta != "none" else \
-            explainer_for(model_dir, InferenceModel(model_dir))
-    s_va = model.scores([Path(images) / str(p) for p in p_va]) if fine_tuned else head_scores(model_dir, x_va)
-    s_te = model.scores([Path(images) / str(p) for p in p_te], tta=tta) if fine_tuned or tta != "none" \
-        else head_scores(model_dir, x_te)
+    s_va, s_te, explainer = _scores(model_dir, images, evaluate, x_va, p_va, x_te, p_te,
+                                    lambda: tracker.model_run(model_dir, run_id, tracking_uri))
     result = M.compute(y_te, s_te, 0.5, labels)
     result["tta"] = tta
     result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=evaluate.bootstrap, seed=evaluate.seed)
@@ -158,28 +139,67 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
             error_report_html(y_te, s_te, np.full(len(labels), 0.5), labels, p_te, root, result, png,
                               explainer=explainer),
             encoding="utf-8")
-    with atomic_path(plots or out / "pr", also=("*.csv",)) as tmp:  # a CSV per label
-        tmp.mkdir(parents=True)
-        for j, name in enumerate(labels):
-            rows = ["precision,recall,threshold"]
-            if y_te[:, j].sum():
-                p, r, t = M.precision_recall_curve(y_te[:, j], s_te[:, j])
-                rows += [f"{a:.5f},{b:.5f},{c:.5f}" for a, b, c in zip(p[:-1], r[:-1], t)]
-            (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    _write_pr_csvs(plots or out / "pr", labels, y_te, s_te)
     write_json_atomic(metrics_file, headline(result))
     if run_id:
-        flat = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
-        flat.update({f"test_ap_{n}": m["ap"] for n, m in result["per_label"].items() if m["ap"] is not None})
-        if result["ci95"].get("map"):
-            flat["test_map_ci_low"], flat["test_map_ci_high"] = result["ci95"]["map"]
-        tracker.send("log_to_run", run_id, metrics=flat, artifacts=[
-            (str(f), "evaluate") for f in (out / "pr_curves.png", out / "report.html", out / "details.json",
-                                           out / "config.json")])
+        _log_to_run(tracker, run_id, result, out)
     tracker.close()
     ci = result["ci95"].get("map")
     log.info("evaluate: test mAP %.3f%s, micro F1 %.3f, macro F1 %.3f (at 0.5); report in %s/report.html",
              result["map"], f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "", result["micro_f1"], result["macro_f1"], out)
     return result
+
+
+def _scores(model_dir, images, evaluate: config.Evaluate, x_va, p_va, x_te, p_te, check_run):
+    """``(val scores, test scores, explainer or None)``: the head on the cached vectors, or, for a fine-tuned
+    model or test-time augmentation, the model end to end on the images (``check_run`` first: a dead store
+    is said before minutes of scoring)."""
+    tta = evaluate.tta
+    fine_tuned = model_mode(model_dir) == "fine_tune"
+    model = None
+    if fine_tuned or tta != "none":
+        check_run()
+        # Augmented views are new pixels, and a fine-tuned backbone no longer produces the
+        # cached vectors: score the images end to end.
+        if images is None:
+            raise MltagError("evaluate needs the image folder (--prepared) for "
+                             + ("a fine-tuned model" if fine_tuned else "test-time augmentation"))
+        from mltag.inference.model import InferenceModel
+
+        model = InferenceModel(model_dir)
+    explainer = None
+    if evaluate.saliency and images is not None:
+        from mltag.inference.explain import Explainer, explainer_for
+        from mltag.inference.model import InferenceModel
+
+        explainer = Explainer(model) if model is not None else explainer_for(model_dir, InferenceModel(model_dir))
+    s_va = model.scores([Path(images) / str(p) for p in p_va]) if fine_tuned else head_scores(model_dir, x_va)
+    s_te = model.scores([Path(images) / str(p) for p in p_te], tta=tta) if model is not None \
+        else head_scores(model_dir, x_te)
+    return s_va, s_te, explainer
+
+
+def _write_pr_csvs(folder, labels: list[str], y: np.ndarray, s: np.ndarray) -> None:
+    """One ``<label>.csv`` PR curve per label, for ``dvc plots``."""
+    with atomic_path(folder, also=("*.csv",)) as tmp:
+        tmp.mkdir(parents=True)
+        for j, name in enumerate(labels):
+            rows = ["precision,recall,threshold"]
+            if y[:, j].sum():
+                p, r, t = M.precision_recall_curve(y[:, j], s[:, j])
+                rows += [f"{a:.5f},{b:.5f},{c:.5f}" for a, b, c in zip(p[:-1], r[:-1], t)]
+            (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def _log_to_run(tracker, run_id: str, result: dict, out: Path) -> None:
+    """The test figures (each label's AP, mAP's interval) and the report into the model's run."""
+    flat = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
+    flat.update({f"test_ap_{n}": m["ap"] for n, m in result["per_label"].items() if m["ap"] is not None})
+    if result["ci95"].get("map"):
+        flat["test_map_ci_low"], flat["test_map_ci_high"] = result["ci95"]["map"]
+    tracker.send("log_to_run", run_id, metrics=flat, artifacts=[
+        (str(f), "evaluate") for f in (out / "pr_curves.png", out / "report.html", out / "details.json",
+                                       out / "config.json")])
 
 
 def _history(model_dir) -> dict:

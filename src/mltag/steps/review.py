@@ -86,10 +86,10 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
         review: the typed params section: ``filter_by`` (cleanlab's rule for flagging pairs) and
             ``thumbnails`` (the most likely errors shown per label in ``review.html``).
     """
-    from mltag.reports.html import data_uri, render, script_json, thumbnail
+    from mltag.reports.html import render, script_json
     from mltag.tracking import runs as tracking
 
-    filter_by, thumbnails = review.filter_by, review.thumbnails
+    filter_by = review.filter_by
     data = load_oof(oof)
     names, paths, y, s = data["label_names"], [str(p) for p in data["paths"]], data["labels"], data["scores"]
     tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the work
@@ -115,25 +115,8 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
     result = {"images": len(paths), "pairs": int(y.size), "issues": len(rows),
               "issue_rate": len(rows) / y.size if y.size else 0.0, "filter_by": filter_by,
               "per_label": per_label, "reason": data["reason"]}
-    groups, items = [], []
-    row_of = {p: i for i, p in enumerate(paths)}
     explainer = _explainer(model_dir, root, review.saliency, names)
-    for n in names:
-        mine = [r for r in rows if r[1] == n][:thumbnails]
-        shown = []
-        for rank, (p, _, g, sg, sc, c) in enumerate(mine):
-            i = row_of[p]
-            png = explainer.overlay(root / p, names.index(n), 320) if explainer and rank < review.saliency else None
-            e = {"id": len(items), "path": p, "label": n, "given": g, "suggested": sg, "score": round(sc, 6),
-                 "confidence": round(c, 6), "thumb": thumbnail(root / p, 320) if root else None,
-                 "overlay": data_uri(png) if png else None,
-                 "href": Path(os.path.relpath(root / p, Path(out).absolute())).as_posix() if root else None,
-                 "labels": [names[j] for j in range(len(names)) if y[i, j]],
-                 "scores": {names[j]: round(float(s[i, j]), 4) for j in range(len(names))}}
-            items.append(e)
-            shown.append(e)
-        groups.append({"name": n, "count": per_label[n]["issues"], "noise": per_label[n]["noise_rate"],
-                       "shown": shown})
+    groups, items = _page_groups(rows, names, paths, y, s, per_label, root, out, explainer, review)
     run_id = tracker.model_run(model_dir, run_id, tracking_uri)  # found (or a dead store said) before any write
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
@@ -142,7 +125,7 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
                                                  items_json=script_json(items),
                                                  page_id=hashlib.sha256(buf.getvalue().encode()).hexdigest()[:16]),
                                           encoding="utf-8")
-    write_json_atomic(Path(out) / "details.json", {**result, "config": config})
+        write_json_atomic(tmp / "details.json", {**result, "config": config})
     write_json_atomic(metrics_file, {"issues": result["issues"], "issue_rate": result["issue_rate"]})
     if run_id:
         tracker.send("log_to_run", run_id, metrics={
@@ -201,6 +184,33 @@ def _check_oof_labels(oof, names: list[str], prepared, model_dir) -> None:
         check_same_labels(read_labels(Path(prepared) / "labels.txt"), names, oof, "the out-of-fold scores", fix)
     if model_dir is not None and (Path(model_dir) / "model.json").is_file():
         check_same_labels(read_model_meta(model_dir)["labels"], names, oof, "the out-of-fold scores", fix)
+
+
+def _page_groups(rows: list[tuple], names: list[str], paths: list[str], y: np.ndarray, s: np.ndarray,
+                 per_label: dict, root: Path | None, out, explainer, review: config.Review) -> tuple[list, list]:
+    """review.html's groups (one per label, its most likely errors first) and every item shown, with its
+    thumbnail and, for the first ``review.saliency`` of each label, where the model looked."""
+    from mltag.reports.html import data_uri, thumbnail
+
+    groups, items = [], []
+    row_of = {p: i for i, p in enumerate(paths)}
+    for n in names:
+        mine = [r for r in rows if r[1] == n][:review.thumbnails]
+        shown = []
+        for rank, (p, _, g, sg, sc, c) in enumerate(mine):
+            i = row_of[p]
+            png = explainer.overlay(root / p, names.index(n), 320) if explainer and rank < review.saliency else None
+            e = {"id": len(items), "path": p, "label": n, "given": g, "suggested": sg, "score": round(sc, 6),
+                 "confidence": round(c, 6), "thumb": thumbnail(root / p, 320) if root else None,
+                 "overlay": data_uri(png) if png else None,
+                 "href": Path(os.path.relpath(root / p, Path(out).absolute())).as_posix() if root else None,
+                 "labels": [names[j] for j in range(len(names)) if y[i, j]],
+                 "scores": {names[j]: round(float(s[i, j]), 4) for j in range(len(names))}}
+            items.append(e)
+            shown.append(e)
+        groups.append({"name": n, "count": per_label[n]["issues"], "noise": per_label[n]["noise_rate"],
+                       "shown": shown})
+    return groups, items
 
 
 def _explainer(model_dir, root, n: int, names: list[str]):

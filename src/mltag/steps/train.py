@@ -69,9 +69,9 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
 
     tracker = mltracking.Tracker(tracking_uri)
     t0 = time.time()
-    params = mltracking.flatten(recipe or config or {})
-    params.update({"train.backbone_id": resolved.backbone_id, "train.n_labels": len(labels),
-                   "train.n_train": len(x_tr), "train.n_train_vectors": len(x_fit), "train.n_val": len(x_va)})
+    params = {**mltracking.flatten(recipe or config or {}), "train.backbone_id": resolved.backbone_id,
+              "train.n_labels": len(labels), "train.n_train": len(x_tr), "train.n_train_vectors": len(x_fit),
+              "train.n_val": len(x_va)}
     experiment, _, identity = mltracking.run_identity(dataset, tracking.experiment)
     tags = {**mltracking.owner_tags(out), **identity}
     try:  # the run ends FINISHED, or FAILED with whatever went wrong (KILLED when stopped, even while it opens)
@@ -95,23 +95,10 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         tracker.send("log_to_run", run_id, metrics={f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
         model_meta = _model_meta(labels, meta, resolved, int(x_tr.shape[1]), train, loss, best, refit, ft)
         out = Path(out)
-        with atomic_path(out) as tmp:
-            tmp.mkdir(parents=True)
-            write_model_folder(tmp, head.weights, resolved, net, model_meta, backbone.cache_dir)
-            write_labels(tmp / "labels.txt", labels)
-            _write_json(tmp / "history.json",
-                        history if ft is None else {**history,
-                                                    "fine_tune": {k: ft[k] for k in ("loss", "val_loss", "val_map")}})
-            _write_json(tmp / "config.json", config or {})
-            _write_json(tmp / "summary.json", summary)
-            mltracking.save_run_ref(tmp, run_id, experiment_id, tracker.uri, experiment)
-            digest = write_integrity(tmp)
+        digest = _write_model(out, head.weights, resolved, net, model_meta, backbone.cache_dir, labels, history, ft,
+                              config, summary, (run_id, experiment_id, tracker.uri, experiment))
         tracker.send("log_to_run", run_id, tags={mltracking.MODEL_DIGEST_TAG: digest})
-        if metrics_file:  # the headline; summary.json in the model folder has the rest (run id, seconds...)
-            write_json_atomic(metrics_file, {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
-        if history_file:
-            write_json_atomic(history_file, [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}}
-                                             for i in range(len(history[mon]))])
+        _write_dvc_files(metrics_file, history_file, summary, history, mon)
         tracker.send("log_to_run", run_id, artifacts=[(str(out / "history.json"), None), (str(out / "config.json"), None)])
         tracker.send("end_run", "FINISHED")
     except BaseException as e:  # stopped (Ctrl-C, SIGTERM): KILLED, as MLflow names a run ended from outside
@@ -119,6 +106,34 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         raise
     tracker.close()
     return summary
+
+
+def _write_dvc_files(metrics_file, history_file, summary: dict, history: dict, mon: str) -> None:
+    """DVC's files: the summary's headline figures (summary.json in the model folder has the rest: run id,
+    seconds...) and one record per epoch for ``dvc plots``."""
+    if metrics_file:
+        write_json_atomic(metrics_file, {k: summary[k] for k in HEADLINE if summary.get(k) is not None})
+    if history_file:
+        write_json_atomic(history_file, [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}}
+                                         for i in range(len(history[mon]))])
+
+
+def _write_model(out: Path, weights, resolved, net, model_meta: dict, backbone_cache, labels: list[str],
+                 history: dict, ft: dict | None, config: dict | None, summary: dict, run: tuple) -> str:
+    """The model folder, whole or not at all: weights, the end-to-end model, labels, history, config, summary,
+    the run reference and the content hash (returned)."""
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_model_folder(tmp, weights, resolved, net, model_meta, backbone_cache)
+        write_labels(tmp / "labels.txt", labels)
+        _write_json(tmp / "history.json",
+                    history if ft is None else {**history,
+                                                "fine_tune": {k: ft[k] for k in ("loss", "val_loss", "val_map")}})
+        _write_json(tmp / "config.json", config or {})
+        _write_json(tmp / "summary.json", summary)
+        run_id, experiment_id, uri, experiment = run
+        mltracking.save_run_ref(tmp, run_id, experiment_id, uri, experiment)
+        return write_integrity(tmp)
 
 
 def _check_inputs(bottlenecks, meta: dict, train: config.Train, backbone: config.Backbone, images) -> None:
