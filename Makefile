@@ -30,17 +30,14 @@ demo: install
 	mltag metrics
 	mltag predict data/demo/images/00001.jpg data/demo/images/00002.jpg data/demo/images/00003.jpg
 
-# Every tier: unit (seconds, no processes), integration (steps in process), e2e (dvc, mlflow server,
-# kfp.local, kill -9). Every test is independent of order, with its own project. Each tier in a process of its
-# own, the fast ones first: in one process, an integration test (TF and LiteRT threads) hung once after the e2e
-# tier had run there (kfp.local, Playwright); under pytest-xdist a forked child in a worker hung twice.
+# Every tier in one pytest command: unit (seconds, no processes), integration (steps in process), e2e (dvc,
+# mlflow server, kfp.local, kill -9), two workers, a test file per worker at a time. Every test is independent of
+# order, with its own project. A step is one plain process (no helper process, no fork), so workers do not hang.
 test: install browser
 	$(BIN)/ruff check src components pipeline tests benchmarks
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/mkdocs build --strict --quiet
-	$(BIN)/pytest -q -ra tests/unit
-	$(BIN)/pytest -q -ra tests/integration
-	$(BIN)/pytest -q -ra tests/e2e
+	$(BIN)/pytest -q -ra -n 2 --dist loadfile tests
 
 # The unit tier alone: under a minute.
 test-fast: install

@@ -93,7 +93,7 @@ def _dvc_params_mismatch(stages: dict) -> dict:
     """Per stage, what its ``params:`` list lacks and what it lists beyond its step's output-changing keys."""
     out = {}
     for step in STEP_SECTIONS:
-        listed = [str(p) for p in stages[step].get("params", [])]
+        listed = [str(p) for p in stages[step].get("params", []) if not isinstance(p, dict)]
         want = set(output_keys(step))
         if set(listed) != want or len(listed) != len(set(listed)):
             out[step] = {"missing": sorted(want - set(listed)), "extra": sorted(set(listed) - want)}
@@ -108,6 +108,47 @@ def test_dvc_stages_list_exactly_the_output_changing_keys_key_by_key():
     stages["evaluate"]["params"] = ["evaluate"]
     found = _dvc_params_mismatch(stages)
     assert found["bottleneck"]["missing"] == ["bottleneck.views"] and found["evaluate"]["extra"] == ["evaluate"]
+
+
+def test_every_step_stage_lists_its_code_digest_and_the_code_stage_writes_them():
+    """A code change reruns the stages whose code it changes: each step's stage lists its key of the file the code
+    stage writes (bottleneck and train also a local backbone's digest)."""
+    from mltag.tools.codedigest import STEPS
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["code"]["always_changed"] and ".mltag-code.json" in stages["code"]["cmd"]
+    for step in STEPS:
+        (listed,) = [p[".mltag-code.json"] for p in stages[step]["params"] if isinstance(p, dict)]
+        assert listed == [step] + (["backbone"] if step in ("bottleneck", "train") else []), step
+
+
+def test_a_step_code_digest_changes_with_the_code_it_runs_and_only_that(tmp_path):
+    """An edit of the split code changes prepare's digest and not review's; an edit of review's module changes
+    only review's; a local backbone folder replaced in place changes the backbone digest."""
+    import shutil
+
+    from mltag.tools.codedigest import PACKAGE, code_digests, code_files
+
+    root = tmp_path / "mltag"
+    shutil.copytree(PACKAGE, root, ignore=shutil.ignore_patterns("__pycache__"))
+    assert root / "steps" / "prepare" / "splits.py" in code_files("prepare", root)
+    assert root / "reports" / "templates" / "evaluation.html.j2" in code_files("evaluate", root)
+    before = code_digests("", root)
+    with open(root / "steps" / "prepare" / "splits.py", "a") as f:
+        f.write("\n# a change to the split code\n")
+    after = code_digests("", root)
+    assert after["prepare"] != before["prepare"] and after["review"] == before["review"]
+    with open(root / "steps" / "review.py", "a") as f:
+        f.write("\n# a change to review\n")
+    again = code_digests("", root)
+    assert [s for s in again if again[s] != after[s]] == ["review"]
+    backbone = tmp_path / "saved_model"
+    (backbone / "variables").mkdir(parents=True)
+    (backbone / "saved_model.pb").write_bytes(b"one")
+    first = code_digests(str(backbone), root)["backbone"]
+    (backbone / "variables" / "variables.data").write_bytes(b"new weights")
+    assert code_digests(str(backbone), root)["backbone"] != first
+    assert code_digests("builtin:efficientnet_lite0", root)["backbone"] == "builtin:efficientnet_lite0"
 
 
 def test_outputs_record_exactly_the_output_changing_keys():

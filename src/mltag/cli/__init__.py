@@ -88,7 +88,7 @@ def _cpu_seconds() -> float:
 
 
 def _peak_rss_mb() -> float:
-    """The larger of this process's own peak (VmHWM) and its largest child's (a helper, a forked refit)."""
+    """The larger of this process's own peak (VmHWM) and its largest child's (a TF conversion, say)."""
     import resource
 
     own = 0
@@ -134,7 +134,7 @@ def _dispatch(args) -> int:
         return _run_step(cmd, args, not args.quiet)
     handler = {"predict": _predict, "drift": _drift, "suggest": _suggest, "metrics": _show_metrics,
                "promote": _promote, "doctor": _doctor, "backbone": _backbone, "params": _params,
-               "pipeline": _pipeline}[cmd]
+               "pipeline": _pipeline, "code-digest": _code_digest}[cmd]
     return handler(args) or 0
 
 
@@ -206,6 +206,14 @@ def _backbone(args) -> None:
         print(f"backbone: no dynamic-range conversion ({e})", file=sys.stderr)
         kinds = "fp32"
     print(f"backbone: {args.name} built in {resolved.location} (and converted for LiteRT: {kinds})")
+
+
+def _code_digest(args) -> None:
+    from mltag.config import load_params
+    from mltag.files import write_json_atomic
+    from mltag.tools.codedigest import code_digests
+
+    write_json_atomic(args.out, code_digests(load_params(args.params).backbone.handle))
 
 
 def _params(args) -> None:
