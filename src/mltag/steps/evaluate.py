@@ -67,7 +67,7 @@ def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, 
 
     def overlay(i, j):
         png = explainer.overlay(image_root / str(paths[i]), j, 96) if explainer and image_root else None
-        return data_uri(png) if png else None
+        return data_uri(png, "image/jpeg") if png else None
 
     def shown(idx, j):
         return [{"path": str(paths[i]), "score": float(s[i, j]), "label": labels[j], "overlay": overlay(i, j),
@@ -212,11 +212,9 @@ def _history(model_dir) -> dict:
 
 
 def headline(result: dict) -> dict:
-    """evaluate's few figures for ``dvc exp show`` and ``dvc metrics diff``: test mAP with its interval, micro
-    and macro F1 at 0.5. The rest is in ``details.json``."""
-    ci = (result.get("ci95") or {}).get("map") or [None, None]
-    return {"map": result["map"], "map_ci_low": ci[0], "map_ci_high": ci[1], "micro_f1": result["micro_f1"],
-            "macro_f1": result["macro_f1"]}
+    """evaluate's few figures for ``dvc exp show`` and ``dvc metrics diff``: test mAP, micro and macro F1 at 0.5.
+    The rest (intervals, per label, baselines) is in ``details.json``."""
+    return {"map": result["map"], "micro_f1": result["micro_f1"], "macro_f1": result["macro_f1"]}
 
 
 def print_table(result: dict, labels: list[str]) -> None:

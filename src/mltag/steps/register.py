@@ -137,7 +137,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
              config: dict | None = None, bottlenecks: str | os.PathLike | None = None,
              card: str | os.PathLike | None = None, metrics_file: str | os.PathLike | None = None) -> dict:
     """Log, register and (maybe) promote the model; write the decision to ``out``, its headline figures to
-    ``metrics_file`` (the version, whether it was promoted, both test mAPs) when given, and the version's model
+    ``metrics_file`` (the version, whether the gate passed, whether it was promoted) when given, and the version's model
     card (logged with its run) to ``card`` (Markdown, and HTML beside it) when given.
 
     With ``bottlenecks`` (the folder the model was trained on), a model that uses its backbone
@@ -275,10 +275,9 @@ def _finish(result: dict, config: dict | None, out: Path, metrics_file) -> dict:
     result["config"] = config
     write_json_atomic(out, result)
     if metrics_file is not None:
+        # the challenger's test mAP is evaluate's; the champion's and the comparison are in ``out``
         write_json_atomic(metrics_file, {"version": result["version"], "gate_passed": int(result["gate_passed"]),
-                                         "promoted": int(result["promoted"]),
-                                         "challenger_test_map": result["challenger_test_map"],
-                                         "champion_test_map": result["champion_test_map"]})
+                                         "promoted": int(result["promoted"])})
     verdict = "promoted to champion" if result["promoted"] else "kept as challenger"
     log.debug("register: %s version %s %s: %s", result["model_name"], result["version"], verdict, result["reason"])
     return result

@@ -126,7 +126,7 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
                                                  page_id=hashlib.sha256(buf.getvalue().encode()).hexdigest()[:16]),
                                           encoding="utf-8")
         write_json_atomic(tmp / "details.json", {**result, "config": config})
-    write_json_atomic(metrics_file, {"issues": result["issues"], "issue_rate": result["issue_rate"]})
+    write_json_atomic(metrics_file, {"issues": result["issues"]})
     if run_id:
         tracker.send("log_to_run", run_id, metrics={
             "review_issues": float(len(rows)), "review_issue_rate": result["issue_rate"],
@@ -202,7 +202,7 @@ def _page_groups(rows: list[tuple], names: list[str], paths: list[str], y: np.nd
             png = explainer.overlay(root / p, names.index(n), 320) if explainer and rank < review.saliency else None
             e = {"id": len(items), "path": p, "label": n, "given": g, "suggested": sg, "score": round(sc, 6),
                  "confidence": round(c, 6), "thumb": thumbnail(root / p, 320) if root else None,
-                 "overlay": data_uri(png) if png else None,
+                 "overlay": data_uri(png, "image/jpeg") if png else None,
                  "href": Path(os.path.relpath(root / p, Path(out).absolute())).as_posix() if root else None,
                  "labels": [names[j] for j in range(len(names)) if y[i, j]],
                  "scores": {names[j]: round(float(s[i, j]), 4) for j in range(len(names))}}

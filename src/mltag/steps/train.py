@@ -211,7 +211,7 @@ def _trusted_targets(train: config.Train, settings: dict, x_fit, x_tr, y_tr, x_v
     return (y_tr + train.label_trust * (scores - y_tr)).astype(np.float32)
 
 
-HEADLINE = ("best_epoch", "train_loss", "val_loss", "val_map_pr_auc", "fine_tune_val_loss", "fine_tune_val_map")
+HEADLINE = ("best_epoch", "val_loss", "fine_tune_val_loss")
 
 
 def _summary(run_id: str, history: dict, mon: str, best: int, seconds: float, mode: str, refit: bool,
