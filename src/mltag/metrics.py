@@ -14,23 +14,24 @@ def average_precisions(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     """
     y = np.asarray(y)
     s = np.asarray(s, dtype=np.float64)
-    out = np.full(y.shape[1], np.nan)
-    for j in range(y.shape[1]):
-        out[j] = _average_precision(y[:, j], s[:, j])
-    return out
-
-
-def _average_precision(y: np.ndarray, s: np.ndarray) -> float:
-    order = np.argsort(-s, kind="mergesort")
-    ys, ss = y[order] > 0, s[order]
-    positives = int(ys.sum())
-    if positives == 0:
-        return float("nan")
-    last = np.r_[np.flatnonzero(np.diff(ss)), len(ss) - 1]  # the last index of each distinct score
-    tps = np.cumsum(ys)[last]
-    precision = tps / (last + 1)
-    recall_gain = np.diff(np.r_[0, tps]) / positives
-    return float(np.sum(recall_gain * precision))
+    n, k = y.shape
+    if n == 0:
+        return np.full(k, np.nan)
+    # every label at once: each column sorted by score (ties in their original order, as sklearn)
+    order = np.argsort(-s, axis=0, kind="mergesort")
+    ys = np.take_along_axis(y > 0, order, axis=0)
+    ss = np.take_along_axis(s, order, axis=0)
+    last = np.ones((n, k), bool)  # the last row of each run of equal scores: ties count together
+    last[:-1] = ss[:-1] != ss[1:]
+    tps = np.cumsum(ys, axis=0, dtype=np.float64)
+    at_last = np.where(last, tps, 0.0)
+    before = np.zeros((n, k))
+    before[1:] = np.maximum.accumulate(at_last, axis=0)[:-1]  # true positives at the previous distinct score
+    precision = tps / np.arange(1, n + 1)[:, None]
+    positives = tps[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.sum(np.where(last, (tps - before) * precision, 0.0), axis=0) / positives
+    return np.where(positives > 0, ap, np.nan)
 
 
 def _micro_f1(y: np.ndarray, pred: np.ndarray) -> float:
