@@ -538,6 +538,28 @@ def test_the_tracker_logs_what_the_step_sends_and_reports_its_errors(tmp_path, m
     assert MlflowClient().get_run(failed_id).info.status == "FAILED"
 
 
+def test_a_model_without_the_litert_file_that_register_tflite_asks_for_is_refused(tmp_path, colour_dataset,
+                                                                                   fake_backbone, mlflow_store):
+    """A model folder without model.tflite (train met a full disk, or a module LiteRT cannot convert): with
+    register.tflite true, register refuses it before any version, naming the way out; with false it registers."""
+    from mlflow import MlflowClient
+
+    from mltag.data.integrity import write_integrity
+
+    run_all(tmp_path, colour_dataset, fake_backbone, name="first")
+    (tmp_path / "model" / "model.tflite").unlink()
+    write_integrity(tmp_path / "model")  # as train records a folder it wrote without the file
+    (tmp_path / "model" / "run.json").unlink()  # its run recorded the folder with the file
+    with pytest.raises(MltagError, match="register.tflite is true but the model cannot give its LiteRT files: no "
+                                         "model.tflite in the model folder; nothing was registered"):
+        register(tmp_path / "model", tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg2.json",
+                 **sections("register", model_name="notflite"), bottlenecks=tmp_path / "bn")
+    assert not MlflowClient().search_model_versions("name='notflite'")
+    rg = register(tmp_path / "model", tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg2.json",
+                  **sections("register", model_name="notflite", tflite=False), bottlenecks=tmp_path / "bn")
+    assert rg["version"] == 1
+
+
 def test_another_label_set_registers_under_its_own_name_and_a_shared_name_is_refused_before_any_version(
         tmp_path, colour_dataset, fake_backbone, mlflow_store):
     """By default a model is named after its dataset's folder, so the demo's champion and your photos' never

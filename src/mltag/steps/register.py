@@ -92,6 +92,10 @@ def _check_challenger(model_dir: Path, thresholds: Path, tmp: Path, meta: dict, 
                                chall_scores, int8=register.int8, int8_images=register.int8_images,
                                max_drop=register.int8_max_drop, evaluated=cached is not None,
                                test_hashes=test_hashes)
+        if "error" in parity:  # asked for, and missing: never a version without what register.tflite promises
+            raise MltagError(f"register.tflite is true but the model cannot give its LiteRT files: {parity['error']}; "
+                             "nothing was registered (set register.tflite: false to register it without them)",
+                             model_dir)
         write_json_atomic(bundle / "tflite_parity.json", parity)
         for key, tol, what in (("fp32_max_abs_diff_vs_savedmodel", 1e-4, "the SavedModel"),
                                ("fp32_max_abs_diff_vs_evaluated", EVALUATED_TOLERANCE, "the evaluated scores")):
