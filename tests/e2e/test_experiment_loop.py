@@ -92,7 +92,8 @@ def test_a_one_key_experiment_reruns_only_the_head_and_shows_a_readable_table(tm
     shown = sh("dvc exp show --only-changed --no-pager --csv", d, env)
     header = next(csv.reader(io.StringIO(shown)))
     assert len(header) <= 25, header
-    assert "train.learning_rate" in header and "map" in header and "micro_f1" in header, header
+    # the key set, and the figures it moved (the loss always moves with the learning rate)
+    assert any(c.endswith("learning_rate") for c in header) and "val_loss" in header, header
     assert not [c for c in header if "per_label" in c or c.startswith("ci95") or c == "run_id"], header
 
     # the experiment decided, but touched nothing in the registry
@@ -102,8 +103,8 @@ def test_a_one_key_experiment_reruns_only_the_head_and_shows_a_readable_table(tm
 
     client = MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
     versions = client.search_model_versions("name='mltag-samples'")
-    assert [v.version for v in versions] == ["1"], versions
-    assert client.get_model_version_by_alias("mltag-samples", "champion").version == "1"
+    assert [str(v.version) for v in versions] == ["1"], versions
+    assert str(client.get_model_version_by_alias("mltag-samples", "champion").version) == "1"
     # one MLflow experiment for this dataset, runs named after what they are
     exp = client.get_experiment_by_name("mltag-samples")
     runs = {r.data.tags.get("mlflow.runName"): r for r in client.search_runs([exp.experiment_id])}

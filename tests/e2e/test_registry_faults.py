@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_mlflow_server import start_server, stop
 
-from conftest import free_port, run_cli
+from conftest import free_port, reset_mlflow_uris, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -110,13 +110,14 @@ def test_a_registry_that_fails_to_answer_never_promotes_and_a_retried_create_lea
     from mlflow import MlflowClient
 
     proxy, direct = proxied
+    reset_mlflow_uris()  # a registry URI an earlier test exported would send register's writes elsewhere
     env = {"MLFLOW_TRACKING_URI": proxy.url, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
     w = tmp_path / "work"
     w.mkdir()
     client = MlflowClient(tracking_uri=direct, registry_uri=direct)
     _train(w, colour_dataset, fake_backbone, env, "m1", "0.05")
     _register(w, env, "m1")
-    assert client.get_model_version_by_alias("faults", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("faults", "champion").version) == "1"
 
     # 1. The champion lookup answers 503: an error naming the server, no version, no alias moved.
     _train(w, colour_dataset, fake_backbone, env, "m2", "0.0005")  # a weaker model
@@ -124,15 +125,15 @@ def test_a_registry_that_fails_to_answer_never_promotes_and_a_retried_create_lea
     p = _register(w, env, "m2", check=False)
     assert p.returncode == 2 and "failed to answer" in p.stderr and proxy.url.split("//")[1] in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and "no champion yet" not in p.stdout + p.stderr
-    assert [v.version for v in client.search_model_versions("name='faults'")] == ["1"]
-    assert client.get_model_version_by_alias("faults", "champion").version == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='faults'")] == ["1"]
+    assert str(client.get_model_version_by_alias("faults", "champion").version) == "1"
     proxy.rules.clear()
 
     # 2. The version search answers 503: the same, never a duplicate of the content.
     proxy.rules[("GET", SEARCH)] = "503"
     p = _register(w, env, "m1", check=False)
     assert p.returncode == 2 and "failed to answer" in p.stderr, p.stderr
-    assert [v.version for v in client.search_model_versions("name='faults'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name='faults'")] == ["1"]
     proxy.rules.clear()
 
     # 3. A create that succeeded but whose answer was lost (504): MLflow's client retries it, which makes a second
@@ -141,19 +142,19 @@ def test_a_registry_that_fails_to_answer_never_promotes_and_a_retried_create_lea
     p = _register(w, env, "m2")
     contents = {}
     for v in client.search_model_versions("name='faults'"):
-        contents.setdefault(v.tags.get("mltag.content_hash"), []).append(v.version)
+        contents.setdefault(v.tags.get("mltag.content_hash"), []).append(str(v.version))
     assert sorted(len(vs) for vs in contents.values()) == [1, 1], contents  # m1's and m2's: one each
     reg = json.loads((w / "m2-rg.json").read_text())
     assert [str(reg["version"])] == contents[reg["content_hash"]], (reg, contents)
     assert proxy.seen.count(("POST", CREATE)) >= 2, "the client did not retry the create: the test proves nothing"
 
     # 4. promote with the tag write failing: one line, and champion has not moved.
-    before = client.get_model_version_by_alias("faults", "champion").version
-    other = next(v.version for v in client.search_model_versions("name='faults'") if v.version != before)
+    before = str(client.get_model_version_by_alias("faults", "champion").version)
+    other = next(str(v.version) for v in client.search_model_versions("name='faults'") if str(v.version) != before)
     proxy.rules[("POST", SET_TAG)] = "503"
     p = run_cli("promote", "faults", other, "--reason", "test", cwd=w, env=env, check=False)
     assert p.returncode == 2 and "failed to answer" in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert client.get_model_version_by_alias("faults", "champion").version == before
+    assert str(client.get_model_version_by_alias("faults", "champion").version) == before
     proxy.rules.clear()
     run_cli("promote", "faults", other, "--reason", "test", cwd=w, env=env)
-    assert client.get_model_version_by_alias("faults", "champion").version == other
+    assert str(client.get_model_version_by_alias("faults", "champion").version) == other

@@ -432,7 +432,7 @@ def test_train_and_head_scores_need_no_tensorflow(tmp_path, colour_dataset, fake
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
                                                                      cache_dir=tmp_path / "c", views=1), progress=False)
     code = ("import sys, numpy as np; from mltag.config import sections; from mltag.steps.train import train;"
-            "from mltag.data.formats import load_split; from mltag.head.fit import head_scores;"
+            "from mltag.data.formats import load_split; from mltag.head.saved import head_scores;"
             "train(sys.argv[2], sys.argv[1], **sections('train', learning_rate=0.05, epochs=20), progress=False);"
             "x, y, p = load_split(sys.argv[2], 'test'); s = head_scores(sys.argv[1], x);"
             "assert s.shape == y.shape, s.shape; assert 'tensorflow' not in sys.modules, 'TF imported'; print(len(s))")

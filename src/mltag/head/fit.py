@@ -181,7 +181,9 @@ def _fit_beside_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, pati
     import queue
     import threading
 
-    ctl: queue.Queue = queue.Queue()
+    # SimpleQueue: its put is one C call, so a signal (Ctrl-C, SIGTERM) raised in this thread can never leave a
+    # lock of it held for the finally below to wait on
+    ctl: queue.SimpleQueue = queue.SimpleQueue()
     outcome: dict = {}
 
     def refit() -> None:

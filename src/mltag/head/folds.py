@@ -90,7 +90,6 @@ def _map_groups(groups: list[list[int]], data: tuple) -> list[list]:
     (numpy releases the GIL in its array work), where there are two cores; else one after the other (the
     same heads). A failed or stopped first group (Ctrl-C, SIGTERM) ends the others at their next epoch."""
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
@@ -99,12 +98,29 @@ def _map_groups(groups: list[list[int]], data: tuple) -> list[list]:
     if len(groups) < 2 or cpu_threads() < 2:
         return [_fit_group(i, g, data) for i, g in enumerate(groups)]
     stop = threading.Event()
+    later: dict[int, object] = {}
+
+    def fit_later(i: int, group: list[int]) -> None:
+        try:
+            later[i] = _fit_group(i, group, data, stop)
+        except BaseException as e:  # noqa: BLE001 - raised again by this step's own thread below
+            later[i] = e
+
     # one BLAS thread for both groups, set once here (see mltag.head.fit.fit_and_refit)
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(1, thread_name_prefix="mltag-folds") as pool:
-        later = [pool.submit(_fit_group, i, g, data, stop) for i, g in enumerate(groups) if i > 0]
+    with threadpool_limits(1, user_api="blas"):
+        threads = [threading.Thread(target=fit_later, args=(i, g), name="mltag-folds", daemon=True)
+                   for i, g in enumerate(groups) if i > 0]
+        for t in threads:
+            t.start()
         try:
             first = _fit_group(0, groups[0], data)
-            return [first] + [f.result() for f in later]
-        except BaseException:
+        except BaseException:  # failed or stopped (Ctrl-C, SIGTERM): the other groups end at their next epoch
             stop.set()
             raise
+        finally:
+            for t in threads:
+                t.join()
+    for i in range(1, len(groups)):
+        if isinstance(later[i], BaseException):
+            raise later[i]
+    return [first] + [later[i] for i in range(1, len(groups))]

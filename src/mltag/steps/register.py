@@ -162,12 +162,13 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     labels, test, root, test_images, y_test, test_hashes = _test_split(prepared, images)
     tmp = _scratch(out)  # also proves --out's folder writable, before the registry is touched
     try:
+        import mlflow
+
+        # the folder checked against what train recorded (and a dead store said) before any scoring
+        client, uri, run_id = _connect(model_dir, run_id, tracking_uri, digest, labels, meta["labels"], experiment)
         bundle, cached, chall_scores, parity = _check_challenger(
             model_dir, thresholds, tmp, meta, bottlenecks, test, test_images, y_test, labels, prepared, root,
             register, test_hashes)
-        import mlflow
-
-        client, uri, run_id = _connect(model_dir, run_id, tracking_uri, digest, labels, meta["labels"], experiment)
         # 1. Decide before touching the registry: a failure here leaves no version behind.
         result, existing, champ = _gate_decision(client, register, model_dir, thresholds, uri, cached, chall_scores,
                                                  y_test, meta, labels, test_images, tmp)
