@@ -93,7 +93,7 @@ def _dvc_params_mismatch(stages: dict) -> dict:
     """Per stage, what its ``params:`` list lacks and what it lists beyond its step's output-changing keys."""
     out = {}
     for step in STEP_SECTIONS:
-        listed = [str(p) for p in stages[step].get("params", []) if not isinstance(p, dict)]
+        listed = [str(p) for p in stages[step].get("params", [])]
         want = set(output_keys(step))
         if set(listed) != want or len(listed) != len(set(listed)):
             out[step] = {"missing": sorted(want - set(listed)), "extra": sorted(set(listed) - want)}
@@ -111,15 +111,16 @@ def test_dvc_stages_list_exactly_the_output_changing_keys_key_by_key():
 
 
 def test_every_step_stage_lists_its_code_digest_and_the_code_stage_writes_them():
-    """A code change reruns the stages whose code it changes: each step's stage lists its key of the file the code
-    stage writes (bottleneck and train also a local backbone's digest)."""
+    """A code change reruns the stages whose code it changes: each step's stage depends on its file of the folder
+    the code stage writes (bottleneck and train also on a local backbone's digest)."""
     from mltag.tools.codedigest import STEPS
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert stages["code"]["always_changed"] and ".mltag-code.json" in stages["code"]["cmd"]
+    assert stages["code"]["always_changed"] and "--out .mltag-code" in stages["code"]["cmd"]
     for step in STEPS:
-        (listed,) = [p[".mltag-code.json"] for p in stages[step]["params"] if isinstance(p, dict)]
-        assert listed == [step] + (["backbone"] if step in ("bottleneck", "train") else []), step
+        listed = [d for d in stages[step]["deps"] if d.startswith(".mltag-code/")]
+        assert listed == [f".mltag-code/{step}"] + ([".mltag-code/backbone"] if step in ("bottleneck", "train")
+                                                    else []), step
 
 
 def test_a_step_code_digest_changes_with_the_code_it_runs_and_only_that(tmp_path):
@@ -149,6 +150,13 @@ def test_a_step_code_digest_changes_with_the_code_it_runs_and_only_that(tmp_path
     (backbone / "variables" / "variables.data").write_bytes(b"new weights")
     assert code_digests(str(backbone), root)["backbone"] != first
     assert code_digests("builtin:efficientnet_lite0", root)["backbone"] == "builtin:efficientnet_lite0"
+    from mltag.tools.codedigest import write_digests
+
+    write_digests(tmp_path / "code", again)
+    before = (tmp_path / "code" / "prepare").stat().st_mtime_ns
+    write_digests(tmp_path / "code", again)  # unchanged: not rewritten
+    assert (tmp_path / "code" / "prepare").stat().st_mtime_ns == before
+    assert (tmp_path / "code" / "review").read_text() == again["review"] + "\n"
 
 
 def test_outputs_record_exactly_the_output_changing_keys():

@@ -210,10 +210,9 @@ def _backbone(args) -> None:
 
 def _code_digest(args) -> None:
     from mltag.config import load_params
-    from mltag.files import write_json_atomic
-    from mltag.tools.codedigest import code_digests
+    from mltag.tools.codedigest import code_digests, write_digests
 
-    write_json_atomic(args.out, code_digests(load_params(args.params).backbone.handle))
+    write_digests(args.out, code_digests(load_params(args.params).backbone.handle))
 
 
 def _params(args) -> None:

@@ -174,7 +174,8 @@ def _add_project_commands(sub) -> None:
     pck.add_argument("file", nargs="?", default="params.yaml")
     cd = sub.add_parser("code-digest", help="write each step's code digest (and a local backbone's) for dvc.yaml's "
                                             "code stage: a code change reruns the steps it changes")
-    cd.add_argument("--out", default=".mltag-code.json", help="the JSON file (default: .mltag-code.json)")
+    cd.add_argument("--out", default=".mltag-code", help="the folder: one file per step, and backbone "
+                                                          "(default: .mltag-code)")
     bb = sub.add_parser("backbone", help="backbone tools")
     bbs = bb.add_subparsers(dest="backbone_command", required=True)
     bd = bbs.add_parser("build", help="build a built-in backbone into a SavedModel folder")

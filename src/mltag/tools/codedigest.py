@@ -1,7 +1,7 @@
 """What each step's output depends on besides its data and params: the code that runs it, and a local backbone.
 
-``dvc.yaml``'s first stage (``code``) writes ``code_digests`` to a small JSON file on every ``dvc repro``, and every
-stage lists its own key of that file under ``params:``. So a change to the code a step runs (an edit, an upgrade of
+``dvc.yaml``'s first stage (``code``) writes ``code_digests`` into a folder on every ``dvc repro``, one small file per
+step (and ``backbone``), and every stage lists its own file under ``deps:``. So a change to the code a step runs (an edit, an upgrade of
 mltag) reruns exactly the stages whose code changed, and DVC's run cache never hands back outputs that older code
 made; a local SavedModel ``backbone.handle`` replaced in place reruns bottleneck and what follows. The vector store is
 keyed by what the vectors depend on (image, backbone, size, preprocessing version), so a rerun bottleneck whose
@@ -91,3 +91,16 @@ def code_digests(backbone_handle: str = "", root: Path = PACKAGE) -> dict[str, s
     handle = os.path.expanduser(backbone_handle)
     out["backbone"] = folder_digest(Path(handle)) if handle and Path(handle).is_dir() else backbone_handle
     return out
+
+
+def write_digests(folder: str | os.PathLike, digests: dict[str, str]) -> None:
+    """One file per key in ``folder``, rewritten only when its digest changed (DVC reads them as dependencies:
+    a dependency's hash is in dvc.lock, so ``dvc exp show`` lists it only when it moved)."""
+    from mltag.files import write_text_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, digest in digests.items():
+        f = folder / key
+        if not f.is_file() or f.read_text(encoding="utf-8") != digest + "\n":
+            write_text_atomic(f, digest + "\n")
