@@ -45,14 +45,10 @@ def validation_metrics(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 @one_blas_thread
 def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: np.ndarray | None, *,
              learning_rate: float, epochs: int, batch_size: int, hidden_units: int, dropout: float,
-             patience: int, monitor: str, seed: int, loss: HeadLoss, progress: bool = False,
-             gate=None, after_epoch=None):
+             patience: int, monitor: str, seed: int, loss: HeadLoss, progress: bool = False):
     """Fit a fresh head; with validation data and ``patience`` > 0, stop early and keep the best epoch.
 
     The settings are train's (``train.*``) or, for calibrate's refits, the ones model.json recorded.
-    ``gate(e)``, when given, is asked before epoch ``e`` (from 1) and stops the fit when it says
-    False; ``after_epoch(e, head, improved)`` is told after each epoch (``fit_and_refit`` paces two
-    fits with them). Neither changes what an epoch computes.
 
     Returns:
         ``(NumpyHead, history dict, monitored key)``; history holds ``loss`` and, with
@@ -75,8 +71,6 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
         history.update(val_loss=[], val_map=[])
     stopper, best_weights = EarlyStopping(mon, patience), None
     for epoch in range(epochs):
-        if gate is not None and not gate(epoch + 1):
-            break
         order = rng.permutation(len(x_tr))
         losses = []
         chunk = batch_size * 64  # rows gathered (and cast to float32) 64 batches at a time, not batch by batch
@@ -100,8 +94,6 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray | None, y_va: 
         better = stopper.update(history[mon][-1], epoch + 1)
         if better:
             best_weights = [w.copy() for w in head.weights]
-        if after_epoch is not None:
-            after_epoch(epoch + 1, head, better)
         if progress and (epoch + 1) % max(25, epochs // 4) == 0:  # a few summary lines, not one per epoch
             shown = ", ".join(f"{k} {vals[-1]:.4f}" for k, vals in history.items())
             log.info("train: epoch %d/%d: %s", epoch + 1, epochs, shown)
@@ -143,99 +135,24 @@ def best_epoch(history: dict, monitor: str) -> int:
 
 def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience: int, monitor: str,
                   progress: bool = False, **settings):
-    """``fit_head`` on the training rows with validation, and the same head fitted afresh on ``x_all``
-    (train+val) for the epoch count the first one chose (``train.refit``).
+    """``fit_head`` on the training rows with validation, then the same head fitted afresh on ``x_all``
+    (train+val) for the epoch count the first one chose (``train.refit``), one after the other.
 
-    Where there are two cores the refit runs beside the first fit in a thread of this process (numpy
-    releases the GIL in its array work), never ahead of it: before its epoch ``e`` it waits until the
-    first fit has finished epoch ``e``, keeps its weights at the first fit's best epoch so far, and stops
-    once the first fit has stopped and it has reached that fit's best epoch. Its head is the one a fit of
-    that many epochs on ``x_all`` gives alone (a test checks bit for bit); on one core it runs after.
+    (Last round the refit ran beside the first fit in a forked process: 13.6 s less at 10,000 images, under 5% of
+    a 10,000-image ``dvc repro`` with the defaults, and a fork of a process with threads. In a thread of this
+    process it was slower than one after the other: ``benchmarks/head_threads.py``.)
 
     Returns:
         ``(head, history, monitored key, refitted NumpyHead)``; the last is None when the first fit
         never finished a finite epoch (it diverged at once).
     """
-    from threadpoolctl import threadpool_limits
-
-    from mltag.workers import cpu_threads
-
-    if cpu_threads() < 2:
-        head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
-                                      progress=progress, **settings)
-        refit, _, _ = fit_head(x_all, y_all, None, None, epochs=best_epoch(history, mon), patience=0,
-                               monitor=monitor, **settings)
-        return head, history, mon, refit
-    # One BLAS thread for the whole of both fits: the fits' own limits, entered and left by two threads at
-    # different times, would otherwise restore each other's settings out of order.
-    with threadpool_limits(1, user_api="blas"):
-        return _fit_beside_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, epochs=epochs, patience=patience,
-                                 monitor=monitor, progress=progress, **settings)
-
-
-def _fit_beside_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience: int, monitor: str,
-                      progress: bool, **settings):
-    """``fit_and_refit`` with the refit in a thread, paced by a queue: the first fit puts ``("epoch", e,
-    improved)`` after each epoch and ``("stop", best)`` at its end (best 0 when it failed or was stopped:
-    the refit then ends at its next epoch)."""
-    import queue
-    import threading
-
-    # SimpleQueue: its put is one C call, so a signal (Ctrl-C, SIGTERM) raised in this thread can never leave a
-    # lock of it held for the finally below to wait on
-    ctl: queue.SimpleQueue = queue.SimpleQueue()
-    outcome: dict = {}
-
-    def refit() -> None:
-        kept, done, best, stopped = None, 0, 0, False
-
-        def gate(e: int) -> bool:
-            nonlocal done, best, stopped
-            while done < e and not stopped:
-                msg = ctl.get()
-                if msg[0] == "stop":
-                    stopped, best = True, msg[1]
-                else:
-                    done = msg[1]
-                    best = msg[1] if msg[2] else best
-            return not (stopped and e > best)
-
-        def after(e: int, head: NumpyHead, improved: bool) -> None:
-            nonlocal kept
-            if best == e:  # the first fit's best so far (it has finished epoch e: the gate waited for it)
-                kept = [w.copy() for w in head.weights]
-
-        try:
-            fit_head(x_all, y_all, None, None, epochs=epochs, patience=0, monitor=monitor, gate=gate,
-                     after_epoch=after, **settings)
-            outcome["weights"] = kept
-        except Exception as e:  # noqa: BLE001 - reported by the first fit's thread as train's own error
-            outcome["error"] = f"{type(e).__name__}: {e}"
-
-    best_so_far = 0
-
-    def publish(e: int, head: NumpyHead, improved: bool) -> None:
-        nonlocal best_so_far
-        best_so_far = e if improved else best_so_far
-        ctl.put(("epoch", e, improved))
-        if "error" in outcome:
-            raise MltagError(f"train.refit failed: {outcome['error']}")
-
-    worker = threading.Thread(target=refit, name="mltag-refit", daemon=True)
-    worker.start()
-    finished = False
-    try:
-        head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
-                                      progress=progress, after_epoch=publish, **settings)
-        finished = True
-    finally:  # failed or stopped (Ctrl-C, SIGTERM): the refit ends at its next epoch, not after catching up
-        ctl.put(("stop", best_so_far if finished else 0))
-        worker.join()
-    if "error" in outcome:
-        raise MltagError(f"train.refit failed: {outcome['error']}")
-    # None: the first fit diverged in its first epoch (check_converged says so)
-    weights = outcome.get("weights")
-    return head, history, mon, None if weights is None else NumpyHead.from_weights(weights)
+    head, history, mon = fit_head(x_tr, y_tr, x_va, y_va, epochs=epochs, patience=patience, monitor=monitor,
+                                  progress=progress, **settings)
+    if not history["loss"] or not np.isfinite(history[mon]).any():
+        return head, history, mon, None  # diverged in its first epoch: check_converged says so
+    refit, _, _ = fit_head(x_all, y_all, None, None, epochs=best_epoch(history, mon), patience=0, monitor=monitor,
+                           **settings)
+    return head, history, mon, refit
 
 
 def fold_gradient(loss: HeadLoss, z: np.ndarray, y: np.ndarray, own: np.ndarray) -> np.ndarray:
@@ -250,7 +167,7 @@ def fold_gradient(loss: HeadLoss, z: np.ndarray, y: np.ndarray, own: np.ndarray)
 @one_blas_thread
 def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k: int, *, learning_rate: float,
                    epochs: int, batch_size: int, hidden_units: int, dropout: float, seed: int,
-                   loss: HeadLoss, folds: list[int] | None = None, stop=None) -> list[NumpyHead]:
+                   loss: HeadLoss, folds: list[int] | None = None) -> list[NumpyHead]:
     """The heads of ``folds`` (default: all ``k``) fitted side by side (``FoldHeads``) in one pass over
     the rows: head ``f`` learns from the rows whose ``row_fold`` is not ``f`` (cross-fitting's
     refits), for ``epochs`` epochs, with no validation. Returns them in the order of ``folds``.
@@ -258,7 +175,7 @@ def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k:
     Each step draws ``batch_size * k / (k - 1)`` rows, so each head gets about ``batch_size`` of
     its own rows per step, and as many steps per epoch as a refit on its folds alone. The refits
     are bound by per-step overhead and by reading the rows, not by arithmetic, so all k cost
-    about what one refit cost. ``stop`` (a ``threading.Event``), once set, ends the fit at the next epoch.
+    about what one refit cost.
     """
     folds = list(range(k)) if folds is None else list(folds)
     rng = np.random.default_rng(seed)
@@ -272,8 +189,6 @@ def fit_fold_heads(x: np.ndarray | Rows, y: np.ndarray, row_fold: np.ndarray, k:
     step_rows = max(int(round(batch_size * k / (k - 1))), 1)
     chunk = step_rows * 64
     for _ in range(epochs):
-        if stop is not None and stop.is_set():
-            break  # the caller failed or was stopped: these heads are not wanted
         order = rng.permutation(len(x))
         for i in range(0, len(order), step_rows):
             if i % chunk == 0:

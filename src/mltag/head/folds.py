@@ -29,8 +29,8 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
 
     Each refit uses the trained head's own settings and its best epoch count; a training
     image's augmented views stay in its fold. The k heads are fitted side by side
-    (``head.fit_fold_heads``) in two fixed groups (``fold_groups``), on two cores where there are
-    two; the scores do not depend on the number of cores.
+    (``head.fit_fold_heads``) in two fixed groups (``fold_groups``), one group after the other; the scores do not
+    depend on the number of cores.
 
     Returns:
         ``(labels, scores, fold of each image, paths)``: train images first, then val.
@@ -70,57 +70,23 @@ def out_of_fold_scores(bottlenecks: str | os.PathLike, model_dir: str | os.PathL
 
 def fold_groups(k: int) -> list[list[int]]:
     """The refits in two fixed groups (0..ceil(k/2)-1 and the rest), each fitted side by side and seeded
-    by its index: the two run on two cores, and the scores do not depend on how many there are."""
+    by its index, as every earlier run grouped them (so the scores are the ones they gave)."""
     half = (k + 1) // 2
     return [g for g in (list(range(half)), list(range(half, k))) if g]
 
 
-def _fit_group(i: int, group: list[int], data: tuple, stop=None) -> list:
+def _fit_group(i: int, group: list[int], data: tuple) -> list:
     from mltag.head.fit import fit_fold_heads
     from mltag.head.model import HeadLoss
 
     rows, y_rows, row_fold, k, hp = data
     return fit_fold_heads(rows, y_rows, row_fold, k, learning_rate=hp["learning_rate"], epochs=int(hp["best_epoch"]),
                           batch_size=hp["batch_size"], hidden_units=hp["hidden_units"], dropout=hp["dropout"],
-                          seed=int(hp["seed"]) + i, loss=HeadLoss.of(hp), folds=group, stop=stop)
+                          seed=int(hp["seed"]) + i, loss=HeadLoss.of(hp), folds=group)
 
 
 def _map_groups(groups: list[list[int]], data: tuple) -> list[list]:
-    """Each group's heads: the later groups in a thread of this process while this thread fits the first
-    (numpy releases the GIL in its array work), where there are two cores; else one after the other (the
-    same heads). A failed or stopped first group (Ctrl-C, SIGTERM) ends the others at their next epoch."""
-    import threading
-
-    from threadpoolctl import threadpool_limits
-
-    from mltag.workers import cpu_threads
-
-    if len(groups) < 2 or cpu_threads() < 2:
-        return [_fit_group(i, g, data) for i, g in enumerate(groups)]
-    stop = threading.Event()
-    later: dict[int, object] = {}
-
-    def fit_later(i: int, group: list[int]) -> None:
-        try:
-            later[i] = _fit_group(i, group, data, stop)
-        except BaseException as e:  # noqa: BLE001 - raised again by this step's own thread below
-            later[i] = e
-
-    # one BLAS thread for both groups, set once here (see mltag.head.fit.fit_and_refit)
-    with threadpool_limits(1, user_api="blas"):
-        threads = [threading.Thread(target=fit_later, args=(i, g), name="mltag-folds", daemon=True)
-                   for i, g in enumerate(groups) if i > 0]
-        for t in threads:
-            t.start()
-        try:
-            first = _fit_group(0, groups[0], data)
-        except BaseException:  # failed or stopped (Ctrl-C, SIGTERM): the other groups end at their next epoch
-            stop.set()
-            raise
-        finally:
-            for t in threads:
-                t.join()
-    for i in range(1, len(groups)):
-        if isinstance(later[i], BaseException):
-            raise later[i]
-    return [first] + [later[i] for i in range(1, len(groups))]
+    """Each group's heads, one group after the other. (Last round the second group ran in a forked process: 4.3 s
+    less at 10,000 images, well under 5% of a 10,000-image ``dvc repro``; in a thread it saved nothing:
+    ``benchmarks/head_threads.py``.) The groups stay, so the heads are the ones every earlier run made."""
+    return [_fit_group(i, g, data) for i, g in enumerate(groups)]

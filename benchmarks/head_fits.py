@@ -1,13 +1,14 @@
-"""Benchmark: train's refit and calibrate's fold groups beside the first fit (threads) against one after the
-other, at the sizes users have.
+"""Benchmark: train's fit and refit, and calibrate's fold heads, at the sizes users have.
 
 Synthetic cached vectors shaped like the default backbone's (1,608 float16 values, 4 vectors per training image:
-the plain one and 3 views), N images split 70/15/15, 10 labels, the default head settings. Prints, for each N,
-the wall seconds of ``fit_and_refit`` and of calibrate's ``_map_groups`` (5 fold heads in two groups) with two
-cores (the second fit in a thread) and with one (one after the other), and the CPU flags; asserts nothing.
+the plain one and 3 views), N images split 70/15/15, 10 labels, the default head settings. Prints the wall seconds
+of ``fit_and_refit`` (the first fit with early stopping, then the refit on train+val) and of calibrate's
+``_map_groups`` (5 fold heads in two groups), and the CPU flags; asserts nothing. Run it against another checkout
+(``PYTHONPATH=../other/src``) to compare: the figures of the forked and threaded variants are in
+benchmarks/README.md.
 
 Usage:
-    python benchmarks/head_threads.py [--images 10000] [--json]
+    python benchmarks/head_fits.py [--images 10000] [--json]
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from mltag import workers
     from mltag.head import folds
     from mltag.head.fit import fit_and_refit
     from mltag.head.model import HeadLoss, Rows, with_views
@@ -56,19 +56,15 @@ def main() -> int:
     row_fold = np.concatenate([fold, np.repeat(fold[:n_tr], extra.shape[1])])
     hp = {**settings, "best_epoch": 20, "loss": "bce"}
     result = {"images": args.images, "cpu": cpu_info()}
-    for cores in (2, 1):
-        workers.cpu_threads = lambda c=cores: c  # what fit_and_refit and _map_groups ask
-        t0 = time.perf_counter()
-        _, history, _, _ = fit_and_refit(x_fit, y_fit, x[n_tr:n_all], y[n_tr:n_all], rows_all, y_all, epochs=200,
-                                         patience=15, monitor="val_loss", **settings)
-        refit_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        folds._map_groups(folds.fold_groups(k), (rows_all, y_all, row_fold, k, hp))
-        folds_s = time.perf_counter() - t0
-        result[f"{cores}_cores"] = {"fit_and_refit_s": round(refit_s, 1), "epochs": len(history["loss"]),
-                                    "fold_groups_s": round(folds_s, 1)}
-        print(f"{args.images} images, {'threads beside' if cores == 2 else 'one after the other'}: fit+refit "
-              f"{refit_s:.1f} s ({len(history['loss'])} epochs), 5 fold heads {folds_s:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    _, history, _, _ = fit_and_refit(x_fit, y_fit, x[n_tr:n_all], y[n_tr:n_all], rows_all, y_all, epochs=200,
+                                     patience=15, monitor="val_loss", **settings)
+    result["fit_and_refit_s"], result["epochs"] = round(time.perf_counter() - t0, 1), len(history["loss"])
+    t0 = time.perf_counter()
+    folds._map_groups(folds.fold_groups(k), (rows_all, y_all, row_fold, k, hp))
+    result["fold_heads_s"] = round(time.perf_counter() - t0, 1)
+    print(f"{args.images} images: fit+refit {result['fit_and_refit_s']} s ({result['epochs']} epochs), "
+          f"{k} fold heads {result['fold_heads_s']} s", flush=True)
     c = result["cpu"]
     print(f"CPU: {c['model']}, {c['cores']} cores, AVX2 {c['avx2']}, AVX-512 {c['avx512']}")
     if args.json:
