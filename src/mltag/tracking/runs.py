@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -466,6 +467,53 @@ def end_run(status: str = "FINISHED") -> None:
 OPS = {f.__name__: f for f in (setup_checked, join_model_run, open_train_run, active_run_ids, log_to_run, end_run)}
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have.
+
+    An MLflow call holds SQLAlchemy's connection pool and the store's locks; an interrupt raised inside it could
+    leave one held, and the step's own FAILED/KILLED end of its run would then wait on it forever. So a signal
+    that arrives during the call is remembered and delivered right after it; a second one acts at once (a server
+    that hangs the call). Outside the main thread (where Python runs signal handlers) nothing changes.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, object]] = []
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def remember(signum, frame):
+        if pending:  # a second one: the user means it (a server that hangs the call), act now
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            _deliver(old[signum], signum, frame)
+        pending.append((signum, frame))
+
+    for sig in old:
+        signal.signal(sig, remember)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum, frame in pending[:1]:  # the first one, as its own handler would have met it
+            _deliver(old[signum], signum, frame)
+
+
+def _deliver(handler, signum: int, frame) -> None:
+    """What ``handler`` (a signal's handler as ``signal.getsignal`` gave it) does with ``signum``."""
+    import signal
+
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
 class Tracker:
     """One step's MLflow calls, in the step's own process.
 
@@ -489,7 +537,8 @@ class Tracker:
         from mltag.errors import MltagError
 
         try:
-            return OPS[op](*args, **kwargs)
+            with signals_deferred():
+                return OPS[op](*args, **kwargs)
         except MlflowException as e:
             first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             raise MltagError(f"MLflow at {mask_uri(self.uri)}: {scrub(first, self.uri)}") from None
@@ -501,7 +550,8 @@ class Tracker:
         """The step failed: run ``op`` (a train's FAILED or KILLED end), its own failure not hiding the step's."""
         if op is not None:
             try:
-                OPS[op](*args)
+                with signals_deferred():
+                    OPS[op](*args)
             except Exception:  # noqa: BLE001 - the step's error matters more
                 log.debug("tracking: %s after a failed step did not run", op, exc_info=True)
 

@@ -1,0 +1,47 @@
+"""An MLflow call is never cut in the middle by Ctrl-C or SIGTERM: the signal acts right after it (a second one at
+once), so a step's own FAILED/KILLED end of its run never waits on a lock the cut call held."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from mltag.tracking.runs import signals_deferred
+
+
+def test_a_signal_during_the_block_acts_right_after_it():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("the block ran to its end")
+    assert done == ["the block ran to its end"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_signal_acts_at_once_and_sigterm_keeps_its_own_handler():
+    class Terminated(BaseException):
+        pass
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, terminate)
+    try:
+        reached = []
+        with pytest.raises(Terminated):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                reached.append("after the second")
+        assert not reached and signal.getsignal(signal.SIGTERM) is terminate
+        with signals_deferred():  # nothing pending: nothing happens after
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
