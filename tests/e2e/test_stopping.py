@@ -50,8 +50,11 @@ def start_train(tmp_path: Path, out: str, group: bool = False) -> subprocess.Pop
     ``group``: in a process group of its own, as a shell runs a foreground job (Ctrl-C reaches all of it)."""
     args = ["train", "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / out), "--epochs", "5000000",
             "--patience", "5000000", "--batch-size", "1", "--learning-rate", "0.0001"]
+    # a pytest-xdist worker ignores SIGINT, and an ignored signal stays ignored across exec: give train a
+    # terminal's default, as a shell does for a foreground job
     p = subprocess.Popen([sys.executable, "-m", "mltag.cli", *args], cwd=tmp_path, stderr=subprocess.PIPE,
-                         text=True, start_new_session=group)
+                         text=True, start_new_session=group,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _started.append(p)
     return p
 

@@ -12,7 +12,15 @@ import pytest
 from mltag.tracking.runs import signals_deferred
 
 
-def test_a_signal_during_the_block_acts_right_after_it():
+@pytest.fixture
+def ctrl_c():
+    """Python's own Ctrl-C handler (a pytest-xdist worker ignores SIGINT)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_a_signal_during_the_block_acts_right_after_it(ctrl_c):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with signals_deferred():
@@ -21,6 +29,17 @@ def test_a_signal_during_the_block_acts_right_after_it():
             done.append("the block ran to its end")
     assert done == ["the block ran to its end"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_signal_stays_ignored():
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def test_a_second_signal_acts_at_once_and_sigterm_keeps_its_own_handler():

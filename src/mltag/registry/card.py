@@ -84,7 +84,7 @@ def card_sections(*, model_name: str, version, run_id: str | None, content_hash:
                                            if decision.get("champion_version") else "") + "."], rows))
     sections.append(("Label review", [
         "Likely label errors are ranked by `mltag review` beside register (`reports/review/label_issues.csv`, "
-        "`metrics/review.json`); they never gate promotion."], None))
+        "`reports/review/details.json`); they never gate promotion."], None))
     sections.append(("Known limits", [LIMITS] + ([f"Fewer than 10 test examples: {', '.join(few)}."] if few else []),
                      None))
     return sections
