@@ -513,6 +513,12 @@ def test_a_tracking_uri_with_credentials_works_and_the_secret_goes_nowhere(tmp_p
         p = _register_cli(tmp_path, "secret", env=env)
         outputs += [p.stdout, p.stderr]
         assert p.returncode == 2 and f"http://127.0.0.1:{port}" in p.stderr, p.stderr[-2000:]
+        # -v too: the traceback, MLflow's own debug lines and its exception texts pass through the same mask
+        p = run_cli("-v", "register", "--model", str(tmp_path / "model"), "--thresholds", str(tmp_path / "th.json"),
+                    "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "rg.json"), "--model-name",
+                    "secret", "--tflite", "false", cwd=tmp_path, env=env, check=False)
+        outputs += [p.stdout, p.stderr]
+        assert p.returncode == 2 and "Traceback" in p.stderr, p.stderr[-2000:]
         server = start_server(tmp_path / "srv", port)
         os.environ["MLFLOW_TRACKING_URI"] = uri
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -27,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    with _stderr_without_credentials(getattr(args, "tracking_uri", None)):
+        setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+        return _main(args, t0, cpu0)
+
+
+def _main(args, t0: float, cpu0: float) -> int:
     try:
         return _dispatch(args)
     except MltagError as e:
@@ -55,6 +61,53 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     finally:
         _record_timing(args if "args" in locals() else None, t0, cpu0)
+
+
+class _Scrubbing:
+    """A text stream that writes what it is given with a tracking URI's credentials replaced by ``***``."""
+
+    def __init__(self, stream, uri: str):
+        self._stream, self._uri = stream, uri
+
+    def write(self, text: str) -> int:
+        from mltag.tracking.runs import scrub
+
+        self._stream.write(scrub(text, self._uri))
+        return len(text)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding...: the stream's own
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _stderr_without_credentials(explicit_uri: str | None):
+    """While the command runs, stderr never shows the tracking URI's user name, password or token: not in mltag's
+    lines, and not in what libraries log or put in their exceptions (``-v`` prints tracebacks and MLflow's own
+    debug lines). Only where the URI holds a credential; every other run writes straight through."""
+    from urllib.parse import urlsplit
+
+    from mltag.tracking.runs import tracking_uri
+
+    uri = tracking_uri(explicit_uri)
+    try:
+        parts = urlsplit(uri)
+        secret = parts.username is not None or bool(parts.query) or bool(parts.fragment)
+    except ValueError:
+        secret = False
+    if not secret:
+        yield
+        return
+    original = sys.stderr
+    sys.stderr = _Scrubbing(original, uri)
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - a bug keeps its traceback and exit 1, as Python prints it, but scrubbed
+        import traceback
+
+        traceback.print_exc()
+        raise SystemExit(1) from None
+    finally:
+        sys.stderr = original
 
 
 def _first_copy_error(e: OSError) -> OSError:

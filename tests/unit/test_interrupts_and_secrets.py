@@ -1,5 +1,6 @@
 """An MLflow call is never cut in the middle by Ctrl-C or SIGTERM: the signal acts right after it (a second one at
-once), so a step's own FAILED/KILLED end of its run never waits on a lock the cut call held."""
+once), so a step's own FAILED/KILLED end of its run never waits on a lock the cut call held. And stderr never shows
+the tracking URI's credentials, whoever writes there."""
 
 from __future__ import annotations
 
@@ -64,3 +65,30 @@ def test_a_second_signal_acts_at_once_and_sigterm_keeps_its_own_handler():
             pass
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_stderr_never_shows_the_tracking_uris_credentials_not_even_in_a_librarys_traceback(capsys, monkeypatch):
+    """-v prints tracebacks, and MLflow puts the whole URI in its exception texts (`API request to
+    http://alice:pw@host/... failed`): while a command runs, stderr masks the user name and password, in mltag's
+    lines and in anything else written there; a bug keeps its traceback (masked) and exit status 1."""
+    import sys
+    import traceback
+
+    from mltag.cli import _stderr_without_credentials
+
+    uri = "http://alice-9f3k:S3cretPw-x7Qz@127.0.0.1:9"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with _stderr_without_credentials(None):
+        print(f"API request to {uri}/api/2.0/mlflow/runs/get failed", file=sys.stderr)
+        try:
+            raise ConnectionError(f"cannot reach {uri}")
+        except ConnectionError:
+            traceback.print_exc()
+    with pytest.raises(SystemExit) as bug:
+        with _stderr_without_credentials(None):
+            raise ValueError(f"a bug that names {uri}")
+    err = capsys.readouterr().err
+    assert bug.value.code == 1 and "ValueError: a bug that names" in err
+    assert "S3cretPw-x7Qz" not in err and "alice-9f3k" not in err and "http://127.0.0.1:9" in err, err
+    with _stderr_without_credentials("sqlite:///mlflow.db"):  # nothing to mask: stderr as it is
+        assert sys.stderr is sys.__stderr__ or not hasattr(sys.stderr, "_uri")
