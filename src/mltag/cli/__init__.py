@@ -60,7 +60,7 @@ def _main(args, t0: float, cpu0: float) -> int:
               "nothing half-written was left behind", file=sys.stderr)
         return 143
     finally:
-        _record_timing(args if "args" in locals() else None, t0, cpu0)
+        _record_timing(args, t0, cpu0)
 
 
 class _Scrubbing:
@@ -84,17 +84,10 @@ def _stderr_without_credentials(explicit_uri: str | None):
     """While the command runs, stderr never shows the tracking URI's user name, password or token: not in mltag's
     lines, and not in what libraries log or put in their exceptions (``-v`` prints tracebacks and MLflow's own
     debug lines). Only where the URI holds a credential; every other run writes straight through."""
-    from urllib.parse import urlsplit
-
-    from mltag.tracking.runs import tracking_uri
+    from mltag.tracking.runs import mask_uri, tracking_uri
 
     uri = tracking_uri(explicit_uri)
-    try:
-        parts = urlsplit(uri)
-        secret = parts.username is not None or bool(parts.query) or bool(parts.fragment)
-    except ValueError:
-        secret = False
-    if not secret:
+    if mask_uri(uri) == uri:  # nothing that masking would drop
         yield
         return
     original = sys.stderr
@@ -156,7 +149,7 @@ def _peak_rss_mb() -> float:
 def _record_timing(args, t0: float, cpu0: float) -> None:
     """With ``MLTAG_TIMINGS=FILE``, append this command's wall and CPU seconds and peak RSS (benchmarks/)."""
     path = os.environ.get("MLTAG_TIMINGS")
-    if not path or args is None:
+    if not path:
         return
     rec = {"command": args.command, "wall": round(time.perf_counter() - t0, 2),
            "cpu": round(_cpu_seconds() - cpu0, 2), "pid": os.getpid(), "peak_rss_mb": _peak_rss_mb()}

@@ -140,7 +140,7 @@ def fit_and_refit(x_tr, y_tr, x_va, y_va, x_all, y_all, *, epochs: int, patience
 
     (Last round the refit ran beside the first fit in a forked process: 13.6 s less at 10,000 images, under 5% of
     a 10,000-image ``dvc repro`` with the defaults, and a fork of a process with threads. In a thread of this
-    process it was slower than one after the other: ``benchmarks/head_threads.py``.)
+    process it was slower than one after the other: ``benchmarks/head_fits.py``.)
 
     Returns:
         ``(head, history, monitored key, refitted NumpyHead)``; the last is None when the first fit

@@ -88,5 +88,5 @@ def _fit_group(i: int, group: list[int], data: tuple) -> list:
 def _map_groups(groups: list[list[int]], data: tuple) -> list[list]:
     """Each group's heads, one group after the other. (Last round the second group ran in a forked process: 4.3 s
     less at 10,000 images, well under 5% of a 10,000-image ``dvc repro``; in a thread it saved nothing:
-    ``benchmarks/head_threads.py``.) The groups stay, so the heads are the ones every earlier run made."""
+    ``benchmarks/head_fits.py``.) The groups stay, so the heads are the ones every earlier run made."""
     return [_fit_group(i, g, data) for i, g in enumerate(groups)]

@@ -91,7 +91,6 @@ class OcclusionMemo:
 
     def __init__(self, folder: Path, backbone_file: Path):
         self.folder, self.backbone_file, self._engine = Path(folder), Path(backbone_file), None
-        self.hits = self.misses = 0
 
     def features(self, image, batch: np.ndarray) -> np.ndarray:
         from mltag.files import sha256_file, write_bytes_atomic
@@ -100,7 +99,6 @@ class OcclusionMemo:
         try:
             v = np.load(f)
             if v.shape[0] == len(batch) and np.isfinite(v).all():
-                self.hits += 1
                 return v.astype(np.float32)
         except (OSError, ValueError):  # missing or damaged: computed again
             pass
@@ -109,7 +107,6 @@ class OcclusionMemo:
 
             self._engine = LiteRTEngine(self.backbone_file)
         v = np.asarray(self._engine(batch), np.float32)
-        self.misses += 1
         if np.isfinite(v).all():
             buf = io.BytesIO()
             np.save(buf, v.astype(np.float16))
@@ -131,12 +128,10 @@ def explainer_for(model_dir: str | os.PathLike, model, cells: int = CELLS) -> Ex
     meta = read_model_meta(model_dir, verify=False)
     if meta.get("mode", "head") != "head" or not (Path(model_dir) / BACKBONE_DIR).is_dir():
         return Explainer(model, cells)
-    from mltag.backbones.builtin import Backbone
     from mltag.inference.engine import tflite_path
+    from mltag.inference.quantized import folder_backbone
 
-    size = int(meta["image_size"])
-    backbone = Backbone(meta["backbone_handle"], str(Path(model_dir) / BACKBONE_DIR), meta["backbone_id"])
-    lite = tflite_path(backbone, size, "")
+    lite = tflite_path(folder_backbone(Path(model_dir), meta), int(meta["image_size"]), "")
     head = load_head(model_dir, meta["labels"])
     if not lite.is_file() or head is None:
         return Explainer(model, cells)

@@ -55,9 +55,11 @@ def model_hash(model_dir: Path, thresholds: Path) -> str:
 
 def registry_error(e: Exception, what: str) -> MltagError:
     """A registry read that failed for any reason but "does not exist": one line naming the store, never absent."""
+    import mlflow
+
     from mltag.tracking import runs as tracking
 
-    uri = tracking.tracking_uri()
+    uri = mlflow.get_registry_uri()  # the store the failed call went to (set by the step, or --tracking-uri)
     first = tracking.scrub(str(e).splitlines()[0][:300] if str(e) else type(e).__name__, uri)
     return MltagError(f"the MLflow registry at {tracking.mask_uri(uri)} failed to answer {what} ({first}); nothing was "
                       "registered and no alias moved. Rerun register once the server answers")

@@ -72,7 +72,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
     params = {**mltracking.flatten(recipe or config or {}), "train.backbone_id": resolved.backbone_id,
               "train.n_labels": len(labels), "train.n_train": len(x_tr), "train.n_train_vectors": len(x_fit),
               "train.n_val": len(x_va)}
-    experiment, _, identity = mltracking.run_identity(dataset, tracking.experiment)
+    experiment, identity = mltracking.run_identity(dataset, tracking.experiment)
     tags = {**mltracking.owner_tags(out), **identity}
     try:  # the run ends FINISHED, or FAILED with whatever went wrong (KILLED when stopped, even while it opens)
         tracker.send("open_train_run", experiment, str(out), tags, {k: str(v)[:500] for k, v in params.items()},

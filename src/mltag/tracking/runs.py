@@ -217,8 +217,9 @@ def owner_tags(out: str | os.PathLike) -> dict[str, str]:
     return {"mltag.host": socket.gethostname(), "mltag.pid": str(os.getpid()), "mltag.out": str(Path(out).absolute())}
 
 
-def run_identity(dataset: str | None, experiment: str = "") -> tuple[str, str, dict[str, str]]:
-    """train's run as a person finds it in the MLflow UI: ``(experiment, run name, tags)``.
+def run_identity(dataset: str | None, experiment: str = "") -> tuple[str, dict[str, str]]:
+    """train's run as a person finds it in the MLflow UI: ``(experiment, tags)``, the run's name among the tags
+    (``mlflow.runName``).
 
     The experiment is ``experiment`` (``tracking.experiment``) or, when that is empty, one per dataset
     named as its registered model (``mltag-demo``, ``mltag-photos``), so the demo's runs and yours never
@@ -242,7 +243,7 @@ def run_identity(dataset: str | None, experiment: str = "") -> tuple[str, str, d
         tags["mltag.dvc_experiment"] = exp
     if commit:
         tags["mltag.git_commit"] = commit
-    return experiment or named, name, tags
+    return experiment or named, tags
 
 
 def close_stale_runs(experiment_id: str, out: str | os.PathLike, pid: int | None = None) -> list[str]:
@@ -519,8 +520,8 @@ class Tracker:
 
     The store is checked first (as ``setup_checked``), so a dead server is reported when the
     tracker is made: steps make it before they write their outputs. ``send`` and ``call`` run a
-    call in ``OPS`` now (``send`` drops the result); an ``MlflowException`` becomes one
-    ``MltagError`` line naming the (masked) store. ``abandon`` ends a failed step's run with the
+    call in ``OPS`` now (``send`` drops the result); an ``MlflowException`` propagates (the CLI
+    turns it into one line naming the masked store). ``abandon`` ends a failed step's run with the
     status it is given (FAILED, KILLED) and never hides the step's own error.
     """
 
@@ -532,16 +533,8 @@ class Tracker:
         self.call(op, *args, **kwargs)
 
     def call(self, op: str, *args, **kwargs):
-        from mlflow.exceptions import MlflowException
-
-        from mltag.errors import MltagError
-
-        try:
-            with signals_deferred():
-                return OPS[op](*args, **kwargs)
-        except MlflowException as e:
-            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            raise MltagError(f"MLflow at {mask_uri(self.uri)}: {scrub(first, self.uri)}") from None
+        with signals_deferred():
+            return OPS[op](*args, **kwargs)
 
     def close(self) -> None:
         """Nothing left to wait for: every call ran when it was made."""
