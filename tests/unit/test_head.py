@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -177,3 +179,31 @@ def test_occlusion_saliency_finds_what_a_score_depends_on():
     assert maps.shape == (2, 60, 60) and maps[1].max() == 0 and abs(scores[1] - 0.5) < 1e-6
     assert mass_in(maps[0], slice(0, 30), slice(0, 30)) > 0.7 and maps[0][40:, 40:].max() == 0
     assert overlay_png(px, maps[0], 40)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cell_grid_is_the_per_pixel_map_exactly():
+    """The maps are computed per cell and drawn at any size; at the image's own size they are, bit for bit,
+    the per-pixel sums over the squares that covered each pixel (the definition), also for a size that the
+    cells do not divide; an overlay draws the grid on the thumbnail."""
+    from PIL import Image
+
+    from mltag.inference.explain import expand, occlusion_batch, overlay_png, saliency_grid
+
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 255, (67, 67, 3), dtype=np.uint8)
+    weights = rng.random((3, 67 * 67 * 3)).astype(np.float32)
+
+    def run(batch):
+        return (batch.reshape(len(batch), -1).astype(np.float32) @ weights.T) / 1e6
+
+    scores, grid = saliency_grid(run, px)
+    batch, windows = occlusion_batch(px)
+    occ = run(batch)
+    total, count = np.zeros((3, 67, 67), np.float32), np.zeros((67, 67), np.float32)
+    for drop, (rows, cols) in zip(np.maximum(occ[0][None] - occ[1:], 0.0), windows):
+        total[:, rows, cols] += drop[:, None, None]
+        count[rows, cols] += 1
+    assert grid.shape == (3, 6, 6) and np.array_equal(expand(grid, 67), total / np.maximum(count, 1)[None])
+    assert np.array_equal(scores, occ[0]) and grid.max() > 0
+    thumb = Image.open(io.BytesIO(overlay_png(px, grid[0], 40, fmt="JPEG")))
+    assert thumb.format == "JPEG" and thumb.size == (40, 40)
