@@ -23,6 +23,7 @@ from mltag.steps.bottleneck import bottleneck
 from mltag.steps.calibrate import calibrate
 from mltag.steps.evaluate import evaluate
 from mltag.steps.prepare import prepare
+from mltag.steps.register import register
 from mltag.steps.train import train
 
 
@@ -31,7 +32,8 @@ def _steps_until_register(tmp, dataset, backbone):
     bottleneck(tmp / "prepared", tmp / "bn", **sections("bottleneck", handle=str(backbone), cache_dir=tmp / "cache", views=1), progress=False)
     train(tmp / "bn", tmp / "model", **sections("train", learning_rate=0.05, epochs=150, patience=30), progress=False)
     evaluate(tmp / "model", tmp / "bn", tmp / "eval", tmp / "ev.json", **sections("evaluate", bootstrap=20))
-    calibrate(tmp / "eval", tmp / "model", tmp / "th.json", tmp / "ca.json", **sections("calibrate"), bottlenecks=tmp / "bn", progress=False)
+    calibrate(tmp / "eval", tmp / "model", tmp / "th.json", tmp / "ca.json", **sections("calibrate"), bottlenecks=tmp / "bn",
+              progress=False, report=tmp / "calibration" / "details.json")
 
 
 def _register_cli(tmp, name, env=None, check=False):
@@ -70,7 +72,6 @@ def test_register_failing_at_scoring_leaves_the_registry_unchanged(tmp_path, col
     from mlflow import MlflowClient
 
     from mltag.errors import MltagError
-    from mltag.steps.register import register
 
     _steps_until_register(tmp_path, colour_dataset, fake_backbone)
     register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json", **sections("register", model_name="labels", tflite=False))
@@ -390,13 +391,20 @@ def test_a_model_from_another_tracking_store_logs_into_one_stand_in_run(tmp_path
     _steps_until_register(tmp_path, colour_dataset, fake_backbone)
     trained_in = tracking.run_id_of(tmp_path / "model")
     other = f"sqlite:///{tmp_path / 'other.db'}"
+    reports = [tmp_path / "eval" / "details.json", tmp_path / "calibration" / "details.json"]
+
+    def register_in_other(**kw):
+        register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json",
+                 **sections("register", model_name="stand-in", tflite=False), tracking_uri=other, reports=reports, **kw)
+
     # An explicit run id (what Kubeflow passes) that this store lacks: a clear error before any work.
     with pytest.raises(MltagError, match=f"MLflow run {trained_in} does not exist in the tracking store {other}"):
-        evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval2", tmp_path / "ev2.json", **sections("evaluate", bootstrap=5), tracking_uri=other, run_id=trained_in)
-    assert not (tmp_path / "eval2").exists()
-    # From the model folder's own run.json (dvc pull, dvc exp run --temp): one stand-in run, found again.
-    evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval2", tmp_path / "ev2.json", **sections("evaluate", bootstrap=5), tracking_uri=other)
-    calibrate(tmp_path / "eval2", tmp_path / "model", tmp_path / "th2.json", tmp_path / "ca2.json", **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False, tracking_uri=other)
+        register_in_other(run_id=trained_in)
+    assert not (tmp_path / "rg.json").exists()
+    # From the model folder's own run.json (dvc pull, dvc exp run --temp): one stand-in run, found again; the
+    # figures evaluate and calibrate kept for the run go into it.
+    register_in_other()
+    register_in_other()
     tracking.setup(other)
     runs = MlflowClient().search_runs(["0", *[e.experiment_id for e in MlflowClient().search_experiments()]])
     stand_ins = {r.info.run_id: r for r in runs if r.data.tags.get(tracking.MODEL_RUN_TAG) == trained_in}

@@ -93,7 +93,8 @@ def test_steps_against_server_then_serve(tmp_path, colour_dataset, fake_backbone
                           "--metrics", "ev.json"),
              "calibrate": ("--evaluation", "ev", "--model", "m", "--bottlenecks", "bn", "--out", "th.json",
                            "--metrics", "ca.json"),
-             "register": ("--model", "m", "--thresholds", "th.json", "--prepared", "prepared", "--out", "rg.json")}
+             "register": ("--model", "m", "--thresholds", "th.json", "--prepared", "prepared", "--out", "rg.json",
+                          "--reports", "ev/details.json", "reports/calibrate/details.json")}
     for step, *args in steps:
         run_cli("--quiet", step, *args, *paths.get(step, ()), cwd=w, env=env)
     reg = json.loads((w / "rg.json").read_text())
@@ -106,7 +107,7 @@ def test_steps_against_server_then_serve(tmp_path, colour_dataset, fake_backbone
     mv = client.get_model_version_by_alias("served", "champion")
     assert str(mv.version) == str(reg["version"])
     run = client.get_run(mv.run_id)
-    assert run.data.metrics["test_map"] >= 0.9
+    assert run.data.metrics["test_map"] >= 0.9 and "calibrated_test_micro_f1" in run.data.metrics  # logged by register
 
     # `mltag promote` by hand records who and why.
     run_cli("promote", "served", str(reg["version"]), "--reason", "smoke test", "--user", "ci", cwd=w, env=env)

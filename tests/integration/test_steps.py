@@ -31,6 +31,7 @@ def run_all(tmp, dataset, backbone, lr=0.05, name="colours", **reg):
     ca = calibrate(tmp / "eval", tmp / "model", tmp / "thresholds.json", tmp / "metrics" / "calibrate.json", **sections("calibrate"), bottlenecks=tmp / "bn", progress=False, report=tmp / "calibrate.json")
     reg.setdefault("bottlenecks", tmp / "bn")  # as dvc.yaml runs it: the test split scored from the cached vectors
     reg.setdefault("card", tmp / "reports" / "model_card.md")
+    reg.setdefault("reports", [tmp / "eval" / "details.json", tmp / "calibrate.json"])  # their figures, into the run
     rg = register(tmp / "model", tmp / "thresholds.json", tmp / "prepared", tmp / "register.json", **sections("register", model_name=name, int8="full"), metrics_file=tmp / "metrics" / "register.json", **reg)
     return bn, tr, ev, ca, rg
 
@@ -507,7 +508,7 @@ def test_the_tracker_logs_what_the_step_sends_and_reports_its_errors(tmp_path, m
     from mlflow import MlflowClient
 
     from mltag.errors import MltagError
-    from mltag.tracking.runs import MODEL_DIGEST_TAG, Tracker, owner_tags
+    from mltag.tracking.runs import MODEL_DIGEST_TAG, Tracker, model_run, owner_tags
 
     (tmp_path / "a.json").write_text("{}")
     tracker = Tracker(None)
@@ -526,10 +527,8 @@ def test_the_tracker_logs_what_the_step_sends_and_reports_its_errors(tmp_path, m
     assert [m.value for m in MlflowClient().get_metric_history(run_id, "epoch_loss")] == [3.0, 2.0, 1.0]
     assert [a.path for a in MlflowClient().list_artifacts(run_id, "x")] == ["x/a.json"]
 
-    tracker = Tracker(None)
     with pytest.raises(MltagError, match="MLflow run 0123456789abcdef does not exist in the tracking store"):
-        tracker.call("join_model_run", tmp_path, "0123456789abcdef", None)
-    tracker.close()
+        model_run(tmp_path, "0123456789abcdef", mlflow_store)
     # a step that fails ends its train run FAILED
     tracker = Tracker(None)
     tracker.send("open_train_run", "helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {}, {})

@@ -283,7 +283,7 @@ def _run_step(step: str, args, progress: bool) -> int:
     rt = {k: getattr(args, k) for k in _TAKES if step in _TAKES[k]}
     if step in ("train", "evaluate", "calibrate", "register", "review"):
         rt["metrics_file"] = args.metrics
-    if step in ("train", "evaluate", "calibrate", "register", "review"):
+    if step in ("train", "register"):  # the steps between them open no MLflow store
         rt["tracking_uri"] = args.tracking_uri
     if step in ("prepare", "bottleneck", "train", "calibrate", "review"):
         rt["progress"] = progress
@@ -326,7 +326,10 @@ def _run_step(step: str, args, progress: bool) -> int:
     elif step == "review":
         run_step(step, params, **rt, model_dir=args.model, images=args.images)  # its log line says what it found
     elif step == "register":
-        r = run_step(step, params, **rt, model_dir=args.model, images=args.images)
+        from mltag.cli.parser import DEFAULT_REPORTS
+
+        reports = args.reports if args.reports is not None else [f for f in DEFAULT_REPORTS if Path(f).is_file()]
+        r = run_step(step, params, **rt, model_dir=args.model, images=args.images, reports=reports)
         if r["version"] is None:
             print(f"register: {r['model_name']}: {r['reason']}")
         else:

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What register logs into the model's run by default: the reports the steps between train and register wrote.
+DEFAULT_REPORTS = ("reports/evaluate/details.json", "reports/calibrate/details.json", "reports/review/details.json")
+
+
 def _add_steps(sub) -> None:
     """One subcommand per step: its paths, and a flag per params key of its sections."""
     for step in STEP_PATHS:
@@ -104,6 +108,10 @@ def _add_steps(sub) -> None:
             sp.add_argument("--format", dest="apply_format", default=None, help="apply: the dataset's format "
                             "(default: prepare.format)")
             sp.add_argument("--to", default=None, help="apply: where to write (default: beside the original)")
+        if step == "register":
+            sp.add_argument("--reports", nargs="*", default=None, metavar="DETAILS_JSON",
+                            help="the details.json of evaluate, calibrate and review, whose figures and files go "
+                            f"into the model's MLflow run (default: those of {', '.join(DEFAULT_REPORTS)} that exist)")
         if step == "bottleneck":
             sp.add_argument("--shard-index", type=int, default=None,
                             help="compute only this shard (of bottleneck.num_shards) into the cache")

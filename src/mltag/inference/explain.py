@@ -208,10 +208,13 @@ class Explainer:
         return px, scores, maps
 
     def overlay(self, image, label: int, size: int = 160) -> bytes | None:
-        """One label's overlay as a JPEG (for a report's page), or None when the image cannot be read."""
+        """One label's overlay as a JPEG (for a report's page), or None when the image cannot be read (the
+        report shows the row without it, as it shows a missing thumbnail)."""
+        from mltag.data.images import BadImage
+
         try:
             px, _, maps = self.maps(image)
-        except (OSError, ValueError):
+        except (OSError, ValueError, BadImage):
             return None
         return overlay_png(px, maps[label], size, fmt="JPEG")
 

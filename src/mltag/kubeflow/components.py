@@ -157,25 +157,24 @@ def train(bottlenecks: Input[Dataset], dataset: Input[Dataset], train: dict, bac
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate(model: Input[Model], bottlenecks: Input[Dataset], dataset: Input[Dataset], run_id: str,
-             evaluate: dict, defaults: dict, tracking_uri: str, evaluation: Output[Dataset],
+def evaluate(model: Input[Model], bottlenecks: Input[Dataset], dataset: Input[Dataset],
+             evaluate: dict, defaults: dict, evaluation: Output[Dataset],
              metrics: Output[Metrics], report: Output[HTML]):
-    """Test metrics with intervals and baselines, logged to the train run; an error-analysis page."""
+    """Test metrics with intervals and baselines (register logs them into the train run); an error-analysis
+    page."""
     import shutil
     from pathlib import Path
 
     from mltag.data.formats import model_mode
-    from mltag.kubeflow.entry import check_cluster_tracking, images_for, params_for
+    from mltag.kubeflow.entry import images_for, params_for
     from mltag.steps import run_step
 
-    check_cluster_tracking(tracking_uri)
     params = params_for("evaluate", {"evaluate": evaluate}, defaults)
     # end-to-end scoring (fine-tuned model, TTA) reads val and test; the report's thumbnails read test
     end_to_end = model_mode(model.path) == "fine_tune" or params.evaluate.tta != "none"
     images = images_for(dataset.path, {"val": None, "test": None} if end_to_end else {"test": None})
     r = run_step("evaluate", params, model_dir=model.path, bottlenecks=bottlenecks.path, out=evaluation.path,
-                 metrics_file=Path(evaluation.path) / "metrics.json", images=images,
-                 tracking_uri=tracking_uri or None, run_id=run_id)
+                 metrics_file=Path(evaluation.path) / "metrics.json", images=images)
     for k in ("map", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "roc_auc_macro"):
         if r.get(k) is not None:
             metrics.log_metric(k, r[k])
@@ -183,21 +182,18 @@ def evaluate(model: Input[Model], bottlenecks: Input[Dataset], dataset: Input[Da
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def calibrate(evaluation: Input[Dataset], model: Input[Model], bottlenecks: Input[Dataset], run_id: str,
-              calibrate: dict, defaults: dict, tracking_uri: str, thresholds: Output[Dataset],
-              metrics: Output[Metrics]):
+def calibrate(evaluation: Input[Dataset], model: Input[Model], bottlenecks: Input[Dataset],
+              calibrate: dict, defaults: dict, thresholds: Output[Dataset], metrics: Output[Metrics]):
     """Per-label thresholds from out-of-fold scores over train+val."""
     from pathlib import Path
 
-    from mltag.kubeflow.entry import check_cluster_tracking, params_for
+    from mltag.kubeflow.entry import params_for
     from mltag.steps import run_step
 
-    check_cluster_tracking(tracking_uri)
     params = params_for("calibrate", {"calibrate": calibrate}, defaults)
     out = Path(thresholds.path)
     r = run_step("calibrate", params, evaluation=evaluation.path, model_dir=model.path, out=out / "thresholds.json",
-                 metrics_file=out / "metrics.json", tracking_uri=tracking_uri or None, run_id=run_id,
-                 bottlenecks=bottlenecks.path, progress=False, oof_out=out / "oof_scores.npz",
+                 metrics_file=out / "metrics.json", bottlenecks=bottlenecks.path, progress=False, oof_out=out / "oof_scores.npz",
                  report=out / "details.json")
     for k, v in r["test_at_thresholds"].items():
         if isinstance(v, float):
@@ -205,23 +201,20 @@ def calibrate(evaluation: Input[Dataset], model: Input[Model], bottlenecks: Inpu
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def review(thresholds: Input[Dataset], model: Input[Model], dataset: Input[Dataset], run_id: str, review: dict,
-           defaults: dict, tracking_uri: str, issues: Output[Dataset], metrics: Output[Metrics],
-           report: Output[HTML]):
+def review(thresholds: Input[Dataset], model: Input[Model], dataset: Input[Dataset], review: dict,
+           defaults: dict, issues: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]):
     """Likely label errors from calibrate's out-of-fold scores (CPU; never gates register)."""
     import shutil
     from pathlib import Path
 
-    from mltag.kubeflow.entry import check_cluster_tracking, images_of, params_for
+    from mltag.kubeflow.entry import images_of, params_for
     from mltag.steps import run_step
 
-    check_cluster_tracking(tracking_uri)
     params = params_for("review", {"review": review}, defaults)
     root = images_of(dataset.path)  # thumbnails from a local or mounted image root; a bucket's are not fetched
     r = run_step("review", params, oof=Path(thresholds.path) / "oof_scores.npz", out=issues.path,
                  metrics_file=Path(issues.path) / "metrics.json",
-                 images=root if isinstance(root, Path) else None, model_dir=model.path,
-                 tracking_uri=tracking_uri or None, run_id=run_id, progress=False)
+                 images=root if isinstance(root, Path) else None, model_dir=model.path, progress=False)
     metrics.log_metric("issues", float(r["issues"]))
     metrics.log_metric("issue_rate", r["issue_rate"])
     for name, x in r["per_label"].items():
@@ -231,9 +224,10 @@ def review(thresholds: Input[Dataset], model: Input[Model], dataset: Input[Datas
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dataset], bottlenecks: Input[Dataset],
-             run_id: str, register: dict, tracking: dict, defaults: dict, tracking_uri: str,
-             decision: Output[Metrics]) -> str:
-    """Register the version, alias challenger, and promote to champion through the gate."""
+             evaluation: Input[Dataset], issues: Input[Dataset], run_id: str, register: dict, tracking: dict,
+             defaults: dict, tracking_uri: str, decision: Output[Metrics]) -> str:
+    """Log evaluate's, calibrate's and review's figures into the train run; register the version, alias
+    challenger, and promote to champion through the gate."""
     from pathlib import Path
 
     from mltag.kubeflow.entry import check_cluster_tracking, images_for, params_for
@@ -245,7 +239,9 @@ def register(model: Input[Model], thresholds: Input[Dataset], dataset: Input[Dat
     r = run_step("register", params, model_dir=model.path, thresholds=Path(thresholds.path) / "thresholds.json",
                  prepared=root / "prepared", out=decision.path, bottlenecks=bottlenecks.path,
                  images=images_for(root, {"test": None, "train": 100}),  # the gate's test set, int8 calibration
-                 tracking_uri=tracking_uri or None, run_id=run_id)
+                 tracking_uri=tracking_uri or None, run_id=run_id,
+                 reports=[Path(evaluation.path) / "details.json", Path(thresholds.path) / "details.json",
+                          Path(issues.path) / "details.json"])
     decision.log_metric("version", r["version"])
     decision.log_metric("promoted", 1.0 if r["promoted"] else 0.0)
     decision.log_metric("challenger_test_map", r["challenger_test_map"])

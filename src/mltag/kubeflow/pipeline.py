@@ -192,24 +192,24 @@ def build_pipeline(params: Params | None = None, local: bool = False):
             bottlenecks=gathered.outputs["bottlenecks"], dataset=prep.outputs["dataset"], train=train,
             backbone=backbone, tracking=tracking, defaults=defaults("train"), tracking_uri=tracking_uri), "train"))
         run_id = trained.outputs["run_id"]
-        evaluated = mlflow_env(_resources(steps.evaluate(
+        evaluated = _resources(steps.evaluate(
             model=trained.outputs["model"], bottlenecks=gathered.outputs["bottlenecks"],
-            dataset=prep.outputs["dataset"], run_id=run_id, evaluate=evaluate, defaults=defaults("evaluate"),
-            tracking_uri=tracking_uri), "evaluate"))
-        calibrated = mlflow_env(_resources(steps.calibrate(
+            dataset=prep.outputs["dataset"], evaluate=evaluate, defaults=defaults("evaluate")), "evaluate")
+        calibrated = _resources(steps.calibrate(
             evaluation=evaluated.outputs["evaluation"], model=trained.outputs["model"],
-            bottlenecks=gathered.outputs["bottlenecks"], run_id=run_id, calibrate=calibrate,
-            defaults=defaults("calibrate"), tracking_uri=tracking_uri), "calibrate"))
+            bottlenecks=gathered.outputs["bottlenecks"], calibrate=calibrate, defaults=defaults("calibrate")),
+            "calibrate")
+        # review on CPU from calibrate's out-of-fold scores; none of these three opens MLflow: register logs
+        # their figures into train's run, so it runs last
+        reviewed = _resources(steps.review(
+            thresholds=calibrated.outputs["thresholds"], model=trained.outputs["model"],
+            dataset=prep.outputs["dataset"], review=review, defaults=defaults("review")), "review")
         registered = mlflow_env(_resources(steps.register(
             model=trained.outputs["model"], thresholds=calibrated.outputs["thresholds"],
-            dataset=prep.outputs["dataset"], bottlenecks=gathered.outputs["bottlenecks"], run_id=run_id,
+            dataset=prep.outputs["dataset"], bottlenecks=gathered.outputs["bottlenecks"],
+            evaluation=evaluated.outputs["evaluation"], issues=reviewed.outputs["issues"], run_id=run_id,
             register=register, tracking=tracking, defaults=defaults("register"), tracking_uri=tracking_uri), "register"))
         # The registry is shared state: a cached "success" would skip a real registration.
         registered.set_caching_options(False)
-        # review never gates register: it runs beside it, on CPU, from calibrate's out-of-fold scores
-        mlflow_env(_resources(steps.review(
-            thresholds=calibrated.outputs["thresholds"], model=trained.outputs["model"],
-            dataset=prep.outputs["dataset"], run_id=run_id, review=review, defaults=defaults("review"),
-            tracking_uri=tracking_uri), "review"))
 
     return mltag_pipeline

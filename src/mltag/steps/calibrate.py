@@ -256,8 +256,8 @@ def _say(th: dict, source: str, one_gain: float, expected: dict, at_05: dict, at
 
 
 def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
-              metrics_file: str | os.PathLike, *, calibrate: config.Calibrate, tracking_uri: str | None = None,
-              run_id: str | None = None, bottlenecks: str | os.PathLike | None = None, progress: bool = True,
+              metrics_file: str | os.PathLike, *, calibrate: config.Calibrate,
+              bottlenecks: str | os.PathLike | None = None, progress: bool = True,
               config: dict | None = None, oof_out: str | os.PathLike | None = None,
               report: str | os.PathLike | None = None) -> dict:
     """Fit per-label thresholds; report test metrics at 0.5 and at the thresholds.
@@ -274,13 +274,13 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     macro F1 on test, how many labels left 0.5) and, with ``report``, every figure
     (per label, both decision rules) there; with
     ``oof_out``, every train+val image's out-of-fold scores for review (computed with
-    ``cv_folds`` folds, or 5 when thresholds do not use them).
+    ``cv_folds`` folds, or 5 when thresholds do not use them). The report also keeps the figures for the
+    model's MLflow run (``tracking.runs.for_the_run``): register logs them there, with the thresholds.
     """
-    from mltag.tracking import runs as tracking
+    from mltag.tracking.runs import RUN_LOG_KEY, for_the_run
 
     method, min_precision, min_positives = calibrate.method, calibrate.min_precision, calibrate.min_positives
     cv_folds, shrink, min_gain = calibrate.cv_folds, calibrate.shrink, calibrate.min_gain
-    tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the refits
     from mltag.data.formats import read_model_meta
 
     model_meta = read_model_meta(model_dir)
@@ -310,20 +310,16 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     at_cal = M.compute(y_te, s_te, t, labels, th["min_labels"])
     result = _result(th, source, one_gain, at_05, at_cal)
     th["config"] = config
-    run_id = tracker.model_run(model_dir, run_id, tracking_uri)  # found (or a dead store said) before any write
     if oof_file is not None:
         write_oof(*oof_file)
     write_thresholds(out, th)
     if report is not None:
-        write_json_atomic(report, result)
-    write_json_atomic(metrics_file, {  # micro F1 at 0.5 is evaluate's
-        "micro_f1": at_cal["micro_f1"], "macro_f1": at_cal["macro_f1"], "labels_tuned": len(labels) - len(kept)})
-    if run_id:
-        tracker.send("log_to_run", run_id, metrics={
+        write_json_atomic(report, {**result, RUN_LOG_KEY: for_the_run({
             **{f"calibrated_test_{k}": v for k, v in at_cal.items() if isinstance(v, float)},
             **{f"threshold_{n}": v for n, v in th["thresholds"].items()},
             "calibrate_expected_micro_f1_gain": expected["micro_f1_gain"],
-            "calibrate_at_least_one": float(th["min_labels"])}, artifacts=[(str(out), "calibrate")])
-    tracker.close()
+            "calibrate_at_least_one": float(th["min_labels"])}, {Path(report).name: "calibrate"})})
+    write_json_atomic(metrics_file, {  # micro F1 at 0.5 is evaluate's
+        "micro_f1": at_cal["micro_f1"], "macro_f1": at_cal["macro_f1"], "labels_tuned": len(labels) - len(kept)})
     _say(th, source, one_gain, expected, at_05, at_cal)
     return result

@@ -16,6 +16,7 @@ from mltag.errors import MltagError
 from mltag.files import atomic_path, write_json_atomic
 from mltag.head.saved import head_scores
 from mltag.reports.html import data_uri, figure_png, new_axes, render, thumbnail
+from mltag.tracking.runs import RUN_LOG_KEY, for_the_run
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,7 @@ def error_report_html(y, s, thresholds, labels, paths, image_root: Path | None, 
 
 def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: str | os.PathLike,
              metrics_file: str | os.PathLike, images: str | os.PathLike | None = None, *,
-             evaluate: config.Evaluate, tracking_uri: str | None = None, plots: str | os.PathLike | None = None,
-             run_id: str | None = None, config: dict | None = None) -> dict:
+             evaluate: config.Evaluate, plots: str | os.PathLike | None = None, config: dict | None = None) -> dict:
     """Score val and test with the trained head; write metrics, PR curves, scores and a report.
 
     ``out`` receives ``scores.npz`` (for calibrate), ``pr_curves.png``, ``train_history.png`` (train's loss
@@ -96,13 +96,13 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     figures (``headline``: what ``dvc exp show`` puts in its columns); ``plots`` (default ``out/pr``) one ``<label>.csv``
     PR curve per label for ``dvc plots``. ``evaluate.tta`` (``mean``/``max``) scores the test
     images end to end over ten augmented views instead of the cached vectors.
+
+    evaluate opens no MLflow store: ``details.json`` keeps the figures and files for the model's run
+    (``tracking.runs.for_the_run``), and register logs them there.
     """
     tta = evaluate.tta
-    from mltag.tracking import runs as tracking
-
     model_meta = read_model_meta(model_dir)
     labels = model_meta["labels"]
-    tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the work
     x_va, y_va, p_va = load_split(bottlenecks, "val")
     x_te, y_te, p_te = load_split(bottlenecks, "test")
     _, y_tr, _ = load_split(bottlenecks, "train")
@@ -111,8 +111,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
                          "train the model on these bottlenecks", Path(model_dir) / "model.json")
     check_same_labels(read_labels(Path(bottlenecks) / "labels.txt"), labels, Path(model_dir) / "model.json",
                       "the model", "train the model on these bottlenecks (or restore its folder)")
-    s_va, s_te, explainer = _scores(model_dir, images, evaluate, x_va, p_va, x_te, p_te,
-                                    lambda: tracker.model_run(model_dir, run_id, tracking_uri))
+    s_va, s_te, explainer = _scores(model_dir, images, evaluate, x_va, p_va, x_te, p_te)
     result = M.compute(y_te, s_te, 0.5, labels)
     result["tta"] = tta
     result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=evaluate.bootstrap, seed=evaluate.seed)
@@ -120,8 +119,6 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     result["val"] = {k: v for k, v in M.compute(y_va, s_va, 0.5, labels).items() if k != "per_label"}
     result["val"]["seen_in_training"] = bool((model_meta.get("head") or {}).get("refit"))  # train.refit
     png = pr_curves_png(y_te, s_te, labels)
-    # the model's run found (or a dead store reported) before anything is written
-    run_id = tracker.model_run(model_dir, run_id, tracking_uri)
 
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -132,7 +129,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
         curve = history_png(_history(model_dir))
         if curve is not None:
             (tmp / "train_history.png").write_bytes(curve)
-        write_json_atomic(tmp / "details.json", result)
+        write_json_atomic(tmp / "details.json", {**result, RUN_LOG_KEY: _for_the_run(result)})
         (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n", encoding="utf-8")
         root = Path(images) if images else None
         (tmp / "report.html").write_text(
@@ -141,24 +138,19 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
             encoding="utf-8")
     _write_pr_csvs(plots or out / "pr", labels, y_te, s_te)
     write_json_atomic(metrics_file, headline(result))
-    if run_id:
-        _log_to_run(tracker, run_id, result, out)
-    tracker.close()
     ci = result["ci95"].get("map")
     log.info("evaluate: test mAP %.3f%s, micro F1 %.3f, macro F1 %.3f (at 0.5); report in %s/report.html",
              result["map"], f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "", result["micro_f1"], result["macro_f1"], out)
     return result
 
 
-def _scores(model_dir, images, evaluate: config.Evaluate, x_va, p_va, x_te, p_te, check_run):
+def _scores(model_dir, images, evaluate: config.Evaluate, x_va, p_va, x_te, p_te):
     """``(val scores, test scores, explainer or None)``: the head on the cached vectors, or, for a fine-tuned
-    model or test-time augmentation, the model end to end on the images (``check_run`` first: a dead store
-    is said before minutes of scoring)."""
+    model or test-time augmentation, the model end to end on the images."""
     tta = evaluate.tta
     fine_tuned = model_mode(model_dir) == "fine_tune"
     model = None
     if fine_tuned or tta != "none":
-        check_run()
         # Augmented views are new pixels, and a fine-tuned backbone no longer produces the
         # cached vectors: score the images end to end.
         if images is None:
@@ -191,15 +183,13 @@ def _write_pr_csvs(folder, labels: list[str], y: np.ndarray, s: np.ndarray) -> N
             (tmp / f"{name}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
-def _log_to_run(tracker, run_id: str, result: dict, out: Path) -> None:
-    """The test figures (each label's AP, mAP's interval) and the report into the model's run."""
+def _for_the_run(result: dict) -> dict:
+    """The test figures (each label's AP, mAP's interval) and the report, for the model's run."""
     flat = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
     flat.update({f"test_ap_{n}": m["ap"] for n, m in result["per_label"].items() if m["ap"] is not None})
     if result["ci95"].get("map"):
         flat["test_map_ci_low"], flat["test_map_ci_high"] = result["ci95"]["map"]
-    tracker.send("log_to_run", run_id, metrics=flat, artifacts=[
-        (str(f), "evaluate") for f in (out / "pr_curves.png", out / "report.html", out / "details.json",
-                                       out / "config.json")])
+    return for_the_run(flat, {f: "evaluate" for f in ("pr_curves.png", "report.html", "details.json", "config.json")})
 
 
 def _history(model_dir) -> dict:

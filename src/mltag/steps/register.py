@@ -139,7 +139,8 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
              out: str | os.PathLike, *, register: config.Register, tracking: config.Tracking,
              images: str | os.PathLike | None = None, tracking_uri: str | None = None, run_id: str | None = None,
              config: dict | None = None, bottlenecks: str | os.PathLike | None = None,
-             card: str | os.PathLike | None = None, metrics_file: str | os.PathLike | None = None) -> dict:
+             card: str | os.PathLike | None = None, metrics_file: str | os.PathLike | None = None,
+             reports: list[str | os.PathLike] = ()) -> dict:
     """Log, register and (maybe) promote the model; write the decision to ``out``, its headline figures to
     ``metrics_file`` (the version, whether the gate passed, whether it was promoted) when given, and the version's model
     card (logged with its run) to ``card`` (Markdown, and HTML beside it) when given.
@@ -151,6 +152,10 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
 
     ``register`` and ``tracking`` are the typed params sections. With ``register.tflite`` the registered version also carries ``model.tflite`` (fp32) and
     ``model_int8.tflite`` with ``tflite_parity.json`` (fp32 vs SavedModel, int8 vs fp32).
+
+    ``reports``: the ``details.json`` of evaluate, calibrate and review (the steps between train and register
+    open no MLflow store): the figures and files each keeps for the model's run are logged into it, with the
+    thresholds, before the decision, also for an exploratory ``dvc exp run``.
     """
     model_name = register.model_name or derived_model_name(dataset_source(prepared))
     register = register.model_copy(update={"model_name": model_name})
@@ -159,6 +164,9 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
     digest = verify_integrity(model_dir)  # a hand-edited model folder never reaches the registry
     meta = read_model_meta(model_dir, verify=False)
     read_thresholds(thresholds, meta["labels"])
+    from mltag.tracking.runs import step_report_logs
+
+    step_metrics, step_files = step_report_logs(list(reports))  # a bad report is said before the registry
     labels, test, root, test_images, y_test, test_hashes = _test_split(prepared, images)
     tmp = _scratch(out)  # also proves --out's folder writable, before the registry is touched
     try:
@@ -180,6 +188,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
 
         with signals_deferred(), mlflow.start_run(run_id=run_id) as run:  # Ctrl-C after, never inside, a registry write
             result["run_id"] = run.info.run_id
+            _log_steps(step_metrics, step_files + [(str(thresholds), "calibrate")])
             if dvc_exp:
                 _record_experiment(result, dvc_exp)
             else:
@@ -234,6 +243,16 @@ def _gate_decision(client, register: config.Register, model_dir: Path, threshold
                              test_images, tmp, result)
     result.update({"gate_passed": promote, "promoted": promote, "reason": reason})
     return result, existing, champ
+
+
+def _log_steps(metrics: dict[str, float], files: list[tuple[str, str]]) -> None:
+    """What evaluate, calibrate and review keep for the model's run, into the active run."""
+    import mlflow
+
+    if metrics:
+        mlflow.log_metrics(metrics)
+    for path, folder in files:
+        mlflow.log_artifact(path, folder)
 
 
 def _version_tags(result: dict) -> dict:

@@ -73,8 +73,7 @@ def find_issues(y: np.ndarray, scores: np.ndarray, filter_by: str):
 def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | os.PathLike,
            prepared: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
            model_dir: str | os.PathLike | None = None, *, review: config.Review,
-           tracking_uri: str | None = None, run_id: str | None = None, config: dict | None = None,
-           progress: bool = True) -> dict:
+           config: dict | None = None, progress: bool = True) -> dict:
     """Rank likely label errors; write ``label_issues.csv``, ``review.html`` and the metrics.
 
     Args:
@@ -82,17 +81,17 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
         out: the report folder (``label_issues.csv``, ``review.html``).
         prepared: the prepared dataset (its image root, for thumbnails and links); ``images``
             overrides the image root.
-        model_dir: the model whose MLflow run the metrics are logged into, when it has one.
+        model_dir: the model that scored the photos (for the saliency overlays). ``details.json`` keeps the
+            figures and files for the model's MLflow run (``tracking.runs.for_the_run``): register logs them.
         review: the typed params section: ``filter_by`` (cleanlab's rule for flagging pairs) and
             ``thumbnails`` (the most likely errors shown per label in ``review.html``).
     """
     from mltag.reports.html import render, script_json
-    from mltag.tracking import runs as tracking
+    from mltag.tracking.runs import RUN_LOG_KEY, for_the_run
 
     filter_by = review.filter_by
     data = load_oof(oof)
     names, paths, y, s = data["label_names"], [str(p) for p in data["paths"]], data["labels"], data["scores"]
-    tracker = tracking.Tracker.for_model(model_dir, run_id, tracking_uri)  # MLflow opens beside the work
     root = Path(images) if images else image_root_of(prepared) if prepared else None
     _check_oof_labels(oof, names, prepared, model_dir)
     if len(paths):
@@ -117,7 +116,6 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
               "per_label": per_label, "reason": data["reason"]}
     explainer = _explainer(model_dir, root, review.saliency, names)
     groups, items = _page_groups(rows, names, paths, y, s, per_label, root, out, explainer, review)
-    run_id = tracker.model_run(model_dir, run_id, tracking_uri)  # found (or a dead store said) before any write
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "label_issues.csv").write_text(buf.getvalue(), encoding="utf-8")
@@ -125,15 +123,11 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
                                                  items_json=script_json(items),
                                                  page_id=hashlib.sha256(buf.getvalue().encode()).hexdigest()[:16]),
                                           encoding="utf-8")
-        write_json_atomic(tmp / "details.json", {**result, "config": config})
-    write_json_atomic(metrics_file, {"issues": result["issues"]})
-    if run_id:
-        tracker.send("log_to_run", run_id, metrics={
+        write_json_atomic(tmp / "details.json", {**result, "config": config, RUN_LOG_KEY: for_the_run({
             "review_issues": float(len(rows)), "review_issue_rate": result["issue_rate"],
-            **{f"review_noise_rate_{n}": v["noise_rate"] for n, v in per_label.items()}}, artifacts=[
-            (str(Path(out) / "label_issues.csv"), "review"), (str(Path(out) / "review.html"), "review"),
-            (str(Path(out) / "details.json"), "review")])
-    tracker.close()
+            **{f"review_noise_rate_{n}": v["noise_rate"] for n, v in per_label.items()}},
+            {f: "review" for f in ("label_issues.csv", "review.html", "details.json")})})
+    write_json_atomic(metrics_file, {"issues": result["issues"]})
     log.info("review: %d likely label error(s) in %d (image, label) pairs of %d images; most confident first in "
              "%s/label_issues.csv, thumbnails in %s/review.html", len(rows), y.size, len(paths), out, out)
     return result

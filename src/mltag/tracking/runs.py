@@ -278,14 +278,6 @@ def close_stale_runs(experiment_id: str, out: str | os.PathLike, pid: int | None
     return closed
 
 
-def join_model_run(model_dir: str | os.PathLike, run_id: str | None, tracking_uri: str | None) -> str | None:
-    """For steps that log only when the model has a run (evaluate, calibrate): ``model_run`` in the
-    checked store, or None without touching MLflow when there is no run to join."""
-    if not run_id and run_ref_of(model_dir) is None:
-        return None
-    return model_run(model_dir, run_id, setup_checked(tracking_uri))
-
-
 def _run_exists(client, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
@@ -451,6 +443,41 @@ def log_to_run(run_id: str, metrics: dict | None = None, tags: dict | None = Non
             mlflow.log_artifact(path, folder)
 
 
+RUN_LOG_KEY = "mlflow"  # the key of a step report (details.json) that holds what register logs for the step
+
+
+def for_the_run(metrics: dict[str, float], artifacts: dict[str, str]) -> dict:
+    """What evaluate, calibrate and review keep in their ``details.json`` for the model's MLflow run (under
+    ``RUN_LOG_KEY``): ``metrics``, and ``artifacts`` as ``{file in the report's folder: artifact folder}``.
+    register logs it (``step_report_logs``): the steps between train and register never open MLflow."""
+    return {"metrics": {k: float(v) for k, v in metrics.items() if v is not None},
+            "artifacts": dict(artifacts)}
+
+
+def step_report_logs(reports: list[str | os.PathLike]) -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """The metrics and ``(file, artifact folder)`` pairs that the step reports (each a ``details.json`` that
+    evaluate, calibrate or review wrote) keep for the model's run. A report without them is an error naming it."""
+    import json
+
+    from mltag.errors import MltagError
+
+    metrics: dict[str, float] = {}
+    artifacts: list[tuple[str, str]] = []
+    for report in map(Path, reports):
+        try:
+            kept = json.loads(report.read_text(encoding="utf-8"))[RUN_LOG_KEY]
+            metrics.update({str(k): float(v) for k, v in kept["metrics"].items()})
+            files = [(report.parent / name, folder) for name, folder in kept["artifacts"].items()]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MltagError(f"not a step report with figures for the model's run ({type(e).__name__}: {e}); give "
+                             "the details.json that evaluate, calibrate or review wrote", report) from None
+        for f, folder in files:
+            if not f.is_file():
+                raise MltagError(f"the step report names {f.name}, which is not beside it; rerun that step", report)
+            artifacts.append((str(f), folder))
+    return metrics, artifacts
+
+
 def active_run_ids() -> tuple[str, str]:
     """The active run's id and its experiment's (the run ``open_train_run`` started)."""
     import mlflow
@@ -465,7 +492,7 @@ def end_run(status: str = "FINISHED") -> None:
     mlflow.end_run(status)
 
 
-OPS = {f.__name__: f for f in (setup_checked, join_model_run, open_train_run, active_run_ids, log_to_run, end_run)}
+OPS = {f.__name__: f for f in (setup_checked, open_train_run, active_run_ids, log_to_run, end_run)}
 
 
 @contextlib.contextmanager
@@ -547,31 +574,3 @@ class Tracker:
                     OPS[op](*args)
             except Exception:  # noqa: BLE001 - the step's error matters more
                 log.debug("tracking: %s after a failed step did not run", op, exc_info=True)
-
-    def model_run(self, model_dir: str | os.PathLike, run_id: str | None, tracking_uri_: str | None) -> str | None:
-        """``join_model_run`` through this tracker, once: a second call returns the first's answer."""
-        if not hasattr(self, "_model_run"):
-            self._model_run = self.call("join_model_run", model_dir, run_id, tracking_uri_)
-        return self._model_run
-
-    @classmethod
-    def for_model(cls, model_dir: str | os.PathLike, run_id: str | None, tracking_uri_: str | None) -> Tracker:
-        """For steps that log only when the model has a run (evaluate, calibrate, review): a tracker
-        whose first ``call`` should be ``join_model_run``; one that does nothing when there is no
-        run to join (no MLflow at all)."""
-        if not run_id and (model_dir is None or run_ref_of(model_dir) is None):
-            return _NoTracker()
-        return cls(tracking_uri_)
-
-
-class _NoTracker(Tracker):
-    """A tracker with no run to log into: every call returns None, nothing is started."""
-
-    def __init__(self):
-        self.uri = None
-
-    def abandon(self, op: str | None = None, *args) -> None:
-        return None
-
-    def call(self, op: str, *args, **kwargs):
-        return None
