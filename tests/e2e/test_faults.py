@@ -511,9 +511,7 @@ def test_a_tracking_uri_with_credentials_works_and_the_secret_goes_nowhere(tmp_p
         outputs += [p.stdout, p.stderr]
         # A model trained against another store: the stand-in run's tag and warning line hold the masked URI.
         local = f"sqlite:///{tmp_path / 'other.db'}"
-        p = run_cli("calibrate", "--evaluation", str(tmp_path / "eval"), "--model", str(tmp_path / "model"),
-                    "--bottlenecks", str(tmp_path / "bn"), "--out", str(tmp_path / "th2.json"), "--metrics",
-                    str(tmp_path / "ca2.json"), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": local})
+        p = _register_cli(tmp_path, "secret", env={"MLFLOW_TRACKING_URI": local}, check=True)
         outputs += [p.stdout, p.stderr]
         assert f"trained against http://127.0.0.1:{port}" in p.stderr, p.stderr
         # The server stopped: the error names the server, not the credentials.
@@ -642,8 +640,8 @@ def test_each_damaged_hand_off_file_is_a_clear_error_naming_it(tmp_path, colour_
                          "--metrics", f"{t}/e2.json"]],
         "eval/scores.npz": [["calibrate", "--evaluation", f"{t}/eval", "--model", f"{t}/model", "--bottlenecks",
                              f"{t}/bn", "--out", f"{t}/th2.json", "--metrics", f"{t}/ca2.json"]],
-        "model/run.json": [["calibrate", "--evaluation", f"{t}/eval", "--model", f"{t}/model", "--bottlenecks",
-                            f"{t}/bn", "--out", f"{t}/th2.json", "--metrics", f"{t}/ca2.json"]],
+        "model/run.json": [["register", "--model", f"{t}/model", "--thresholds", f"{t}/th.json", "--prepared",
+                            f"{t}/prepared", "--out", f"{t}/rg.json", "--tflite", "false"]],
         "model/integrity.json": [["predict", "--model", f"{t}/model", str(colour_dataset / "images" / "0001.jpg")]],
     }
     for cmd in readers[victim]:
