@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_mlflow_server import free_port, start_server, stop
 
-from conftest import run_cli
+from conftest import reset_mlflow_uris, run_cli
 from mltag.config import sections
 from mltag.data.store import FeatureCache
 from mltag.steps.bottleneck import bottleneck
@@ -27,7 +27,46 @@ from mltag.steps.register import register
 from mltag.steps.train import train
 
 
-def _steps_until_register(tmp, dataset, backbone):
+def _steps_until_register(tmp, dataset, backbone, fresh=False):
+    """prepare, bottleneck, train, evaluate and calibrate of the colour set in ``tmp``, its MLflow store at
+    $MLFLOW_TRACKING_URI (a SQLite file). Made once per worker and copied (``fresh``: made here, its run in that
+    store from the start): ``dataset`` holds the same photos as the copy's, and prepare records them relatively."""
+    if fresh:
+        return _make_until_register(tmp, dataset, backbone)
+    import shutil
+    from urllib.parse import urlsplit
+
+    if "until" not in _TEMPLATE:
+        import atexit
+        import tempfile
+
+        from conftest import make_colour_dataset, write_lst_dataset
+
+        root = Path(tempfile.mkdtemp(prefix="mltag-until-register-"))
+        atexit.register(shutil.rmtree, root, True)
+        write_lst_dataset(root / "colours", make_colour_dataset(root / "colours"))
+        old = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        try:
+            _make_until_register(root, root / "colours", backbone)
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.update(MLFLOW_TRACKING_URI=old)
+            reset_mlflow_uris()  # the steps pointed mlflow's process-wide URIs at the template's store
+        _TEMPLATE["until"] = root
+    root = _TEMPLATE["until"]
+    assert Path(dataset).name == "colours" and Path(dataset).parent == Path(tmp), dataset
+    for entry in root.iterdir():
+        if entry.name not in ("colours", "mlflow.db"):
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+    store = Path(urlsplit(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}").path)
+    assert not store.exists(), f"{store} exists: give this test fresh=True"
+    shutil.copy2(root / "mlflow.db", store)
+
+
+_TEMPLATE: dict[str, Path] = {}
+
+
+def _make_until_register(tmp, dataset, backbone):
     prepare(tmp / "prepared", **sections("prepare", input=dataset), progress=False)
     bottleneck(tmp / "prepared", tmp / "bn", **sections("bottleneck", handle=str(backbone), cache_dir=tmp / "cache", views=1), progress=False)
     train(tmp / "bn", tmp / "model", **sections("train", learning_rate=0.05, epochs=150, patience=30), progress=False)
@@ -388,7 +427,7 @@ def test_a_model_from_another_tracking_store_logs_into_one_stand_in_run(tmp_path
     from mltag.tracking import runs as tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'first.db'}")
-    _steps_until_register(tmp_path, colour_dataset, fake_backbone)
+    _steps_until_register(tmp_path, colour_dataset, fake_backbone, fresh=True)
     trained_in = tracking.run_id_of(tmp_path / "model")
     other = f"sqlite:///{tmp_path / 'other.db'}"
     reports = [tmp_path / "eval" / "details.json", tmp_path / "calibration" / "details.json"]
