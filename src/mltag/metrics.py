@@ -12,31 +12,59 @@ def average_precisions(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     score, weighted by the recall it adds; ties count together), computed in numpy: the
     bootstrap calls it a thousand times, where sklearn's input checks cost a millisecond each.
     """
-    y = np.asarray(y)
-    s = np.asarray(s, dtype=np.float64)
-    n, k = y.shape
-    if n == 0:
-        return np.full(k, np.nan)
-    # every label at once: each column sorted by score (ties in their original order, as sklearn)
-    order = np.argsort(-s, axis=0, kind="mergesort")
-    ys = np.take_along_axis(y > 0, order, axis=0)
-    ss = np.take_along_axis(s, order, axis=0)
-    last = np.ones((n, k), bool)  # the last row of each run of equal scores: ties count together
-    last[:-1] = ss[:-1] != ss[1:]
-    tps = np.cumsum(ys, axis=0, dtype=np.float64)
-    at_last = np.where(last, tps, 0.0)
-    before = np.zeros((n, k))
-    before[1:] = np.maximum.accumulate(at_last, axis=0)[:-1]  # true positives at the previous distinct score
-    precision = tps / np.arange(1, n + 1)[:, None]
-    positives = tps[-1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ap = np.sum(np.where(last, (tps - before) * precision, 0.0), axis=0) / positives
-    return np.where(positives > 0, ap, np.nan)
+    return Ranked(y, s).average_precisions()
 
 
-def _micro_f1(y: np.ndarray, pred: np.ndarray) -> float:
-    tp = int(np.sum((y > 0) & (pred > 0)))
-    denominator = int(np.sum(y > 0)) + int(np.sum(pred > 0))
+class Ranked:
+    """Each label's images sorted by score once, so that average precision under many weightings of the
+    images (the bootstrap's) costs two cumulative sums each. ``average_precisions(w)`` is sklearn's
+    ``average_precision_score`` with ``sample_weight=w`` (all ones when None)."""
+
+    def __init__(self, y: np.ndarray, s: np.ndarray):
+        y = np.asarray(y)
+        s = np.asarray(s, dtype=np.float64)
+        self.n, self.k = y.shape
+        # every label at once: each column sorted by score (ties in their original order, as sklearn)
+        self.order = np.argsort(-s, axis=0, kind="mergesort")
+        self.ys = np.take_along_axis(y > 0, self.order, axis=0)
+        ss = np.take_along_axis(s, self.order, axis=0)
+        self.last = np.ones((self.n, self.k), bool)  # the last row of each run of equal scores: ties count together
+        self.last[:-1] = ss[:-1] != ss[1:]
+
+    def average_precisions(self, w: np.ndarray | None = None) -> np.ndarray:
+        n, k = self.n, self.k
+        if n == 0:
+            return np.full(k, np.nan)
+        ws = np.ones((n, k)) if w is None else np.asarray(w, np.float64)[self.order]
+        tps = np.cumsum(np.where(self.ys, ws, 0.0), axis=0)
+        seen = np.cumsum(ws, axis=0)
+        at_last = np.where(self.last, tps, 0.0)
+        before = np.zeros((n, k))
+        before[1:] = np.maximum.accumulate(at_last, axis=0)[:-1]  # true positives at the previous distinct score
+        positives = tps[-1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = tps / seen
+            ap = np.sum(np.where(self.last, (tps - before) * precision, 0.0), axis=0) / positives
+        return np.where(positives > 0, ap, np.nan)
+
+
+def resample_weights(rng: np.random.Generator, n: int) -> np.ndarray:
+    """One bootstrap resample of ``n`` images as weights (the Bayesian bootstrap: Dirichlet(1, ..., 1), scaled to
+    sum to ``n``). Every image stays in with a positive weight, so every label with a positive keeps it in every
+    resample (the set of labels averaged never changes), and no image is copied into a tie with itself, which
+    inflated a rare label's average precision in a resample that drew its one positive twice."""
+    w = rng.exponential(1.0, n)
+    return w * (n / w.sum())
+
+
+def _micro_f1(y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None) -> float:
+    """Micro F1 of 0/1 predictions; with ``w``, each image counted with its weight."""
+    if w is None:
+        tp = int(np.sum((y > 0) & (pred > 0)))
+        denominator = int(np.sum(y > 0)) + int(np.sum(pred > 0))
+    else:
+        tp = float(w @ np.sum((y > 0) & (pred > 0), axis=1))
+        denominator = float(w @ (np.sum(y > 0, axis=1) + np.sum(pred > 0, axis=1)))
     return 2.0 * tp / denominator if denominator else 0.0
 
 
@@ -146,32 +174,35 @@ def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str], min_lab
 
 def bootstrap_ci(y: np.ndarray, s: np.ndarray, thresholds, n: int = 1000, seed: int = 0,
                  level: float = 0.95) -> dict:
-    """Percentile intervals for mAP and micro F1, resampling images with replacement."""
+    """Percentile intervals for mAP and micro F1 over ``n`` resamples of the images (``resample_weights``): the
+    labels averaged are those with a positive in ``y``, in every resample as in the point estimate."""
     y = np.asarray(y).astype(int)
     s = np.asarray(s, dtype=np.float64)
     if n <= 0 or len(y) < 2:
         return {}
     pred = (s >= np.asarray(thresholds, dtype=np.float64)).astype(int)
     rng = np.random.default_rng(seed)
+    ranked = Ranked(y, s)
+    scored = (y > 0).any(axis=0)
     maps, f1s = [], []
     for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        ap = average_precisions(y[idx], s[idx])
-        if np.isfinite(ap).any():
-            maps.append(np.nanmean(ap))
-        f1s.append(_micro_f1(y[idx], pred[idx]))
+        w = resample_weights(rng, len(y))
+        if scored.any():
+            maps.append(float(np.mean(ranked.average_precisions(w)[scored])))
+        f1s.append(_micro_f1(y, pred, w))
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {
         "map": [float(np.percentile(maps, lo)), float(np.percentile(maps, hi))] if maps else None,
         "micro_f1": [float(np.percentile(f1s, lo)), float(np.percentile(f1s, hi))],
-        "n_resamples": n, "seed": seed, "level": level,
+        "n_resamples": n, "seed": seed, "level": level, "resampling": "bayesian",
     }
 
 
 def paired_bootstrap(y: np.ndarray, s_a: np.ndarray, s_b: np.ndarray, pred_a: np.ndarray | None = None,
                      pred_b: np.ndarray | None = None, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Model ``a`` against model ``b`` on the same images: each resample draws images once for both, so
-    what the two share (hard images, easy ones) cancels out of the difference.
+    """Model ``a`` against model ``b`` on the same images: each resample weighs the images once for both
+    (``resample_weights``), so what the two share (hard images, easy ones) cancels out of the difference; the
+    labels averaged are those with a positive in ``y``, in every resample.
 
     Returns ``{"map": [d, lo, hi], "micro_f1": [d, lo, hi] or None, "per_label": [[d, lo, hi] or None, ...]}``:
     each difference ``a - b`` on all images, with its ``level`` percentile interval over ``n`` resamples.
@@ -182,11 +213,12 @@ def paired_bootstrap(y: np.ndarray, s_a: np.ndarray, s_b: np.ndarray, pred_a: np
     k = y.shape[1]
     d_ap = np.full((n, k), np.nan)
     d_f1 = np.full(n, np.nan)
+    ranked_a, ranked_b = Ranked(y, s_a), Ranked(y, s_b)
     for i in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        d_ap[i] = average_precisions(y[idx], s_a[idx]) - average_precisions(y[idx], s_b[idx])
+        w = resample_weights(rng, len(y))  # the same weights for both: the pairing
+        d_ap[i] = ranked_a.average_precisions(w) - ranked_b.average_precisions(w)
         if pred_a is not None and pred_b is not None:
-            d_f1[i] = _micro_f1(y[idx], pred_a[idx]) - _micro_f1(y[idx], pred_b[idx])
+            d_f1[i] = _micro_f1(y, pred_a, w) - _micro_f1(y, pred_b, w)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
 
     def interval(point: float, draws: np.ndarray):
@@ -204,7 +236,7 @@ def paired_bootstrap(y: np.ndarray, s_a: np.ndarray, s_b: np.ndarray, pred_a: np
     d_map = float(np.nanmean(ap_a - ap_b)) if np.isfinite(ap_a - ap_b).any() else float("nan")
     return {"map": interval(d_map, d_map_draws), "micro_f1": f1,
             "per_label": [interval(float(a - b), d_ap[:, j]) for j, (a, b) in enumerate(zip(ap_a, ap_b))],
-            "n_resamples": n, "seed": seed, "level": level}
+            "n_resamples": n, "seed": seed, "level": level, "resampling": "bayesian"}
 
 
 def baselines(y_test: np.ndarray, y_train: np.ndarray, labels: list[str]) -> dict:
