@@ -227,8 +227,10 @@ class Register(Section):
     confidence: float = opt(0.95, "gate paired: how sure the challenger must be better (and a label worse by more "
                             "than max_label_ap_drop, to refuse it)", ge=0.5, lt=1)
     bootstrap: int = opt(1000, "gate paired: resamples of the test images", ge=100)
-    margin: float = opt(0.0, "the challenger's test mAP must beat the champion's by more than this")
-    max_label_ap_drop: float = opt(0.05, "largest per-label AP drop allowed against the champion", ge=0)
+    margin: float = opt(0.0, "the challenger's test mAP must beat the champion's by more than this (above -1: a "
+                        "margin of -1 or less lets every challenger through)", gt=-1, lt=1)
+    max_label_ap_drop: float = opt(0.05, "largest per-label AP drop allowed against the champion (below 1: an AP "
+                                   "cannot drop by 1 or more, so such a value switches the check off)", ge=0, lt=1)
     tflite: bool = opt(True, "also register model.tflite, and a quantized model_int8.tflite when it keeps the "
                        "accuracy, with a parity table")
     int8: Literal["dynamic_range", "full", "none"] = opt(

@@ -274,3 +274,14 @@ def test_a_rule_across_keys_sees_every_value_given_at_once(tmp_path):
     (tmp_path / "none.yaml").write_text("{}\n")
     p = resolve_params(args, "calibrate")
     assert (p.calibrate.method, p.calibrate.min_precision) == ("min_precision", 0.9)
+
+
+def test_a_gate_that_would_let_every_challenger_through_is_refused(tmp_path):
+    """#51: register.margin -1 (every challenger's mAP beats the champion's by more than -1) with
+    max_label_ap_drop 5 (no AP can drop by 5) switched the gate off without a word: refused, naming both keys."""
+    f = tmp_path / "params.yaml"
+    f.write_text("register:\n  margin: -1\n  max_label_ap_drop: 5\n")
+    with pytest.raises(MltagError, match=r"register.margin: must be > -1.*register.max_label_ap_drop: must be < 1"):
+        load_params(f)
+    f.write_text("register:\n  margin: -0.02\n  max_label_ap_drop: 0.2\n")
+    assert load_params(f).register.margin == -0.02  # a tolerance is still a gate
