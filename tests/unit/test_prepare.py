@@ -358,3 +358,16 @@ def test_report_html_escapes_and_lists_rejections_and_repairs():
     assert "train 2, val 1, test 1." in page and "version v1" in page and "Mean labels per image 1.25" in page
     assert "1 groups of identical images" in page and "z.jpg moved from train to test" in page
     assert page.count("data:image/png;base64,") == 1
+
+
+def test_a_dataset_without_a_single_label_is_one_clear_error(tmp_path):
+    """#51: a label file whose every label list is empty crashed prepare with a traceback in the report's
+    co-occurrence plot; now one error naming the file, and nothing is written."""
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        colour_image((1, 0, 0), rng).save(tmp_path / "images" / f"{i:02d}.jpg")
+    (tmp_path / "labels.csv").write_text("path,labels\n" + "".join(f"images/{i:02d}.jpg,\n" for i in range(12)))
+    with pytest.raises(MltagError, match=r"labels.csv: no image has a label \(12 images"):
+        prepare(tmp_path / "out", **sections("prepare", input=tmp_path / "labels.csv"), progress=False)
+    assert not (tmp_path / "out").exists()

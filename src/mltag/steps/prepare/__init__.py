@@ -48,6 +48,9 @@ def prepare(out: str | os.PathLike, *, prepare: config.Prepare, dataset_version:
     ds = read_dataset(input, prepare.format)
     if not ds.examples:
         raise MltagError("the dataset has no images", input)
+    if not ds.labels:
+        raise MltagError(f"no image has a label ({len(ds.examples)} images, every label list empty): there is nothing "
+                         "to learn; give each image its labels (docs/data.md: the label file formats)", input)
     if prepare.no_label == "reject":
         reject_unlabelled(ds)
     total = len(ds.examples) + len(ds.rejected)
