@@ -157,7 +157,8 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS
 
 # A folder holding one of these is an output mltag wrote (prepare, bottleneck, train, evaluate, review, a
 # built backbone), which a new run may replace; any other folder is the user's and is never replaced.
-OUTPUT_MARKERS = ("dataset.json", "bottleneck.json", "model.json", "scores.npz", "label_issues.csv", "saved_model.pb")
+OUTPUT_MARKERS = ("dataset.json", "bottleneck.json", "model.json", "scores.npz", "label_issues.csv", "saved_model.pb",
+                  "drift.json")
 
 
 def replaceable(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Path:
@@ -192,6 +193,54 @@ def replaceable(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Path:
 
 
 @contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have.
+
+    An MLflow call holds SQLAlchemy's connection pool and the store's locks; an interrupt raised inside it could
+    leave one held, and the step's own FAILED/KILLED end of its run would then wait on it forever. A folder
+    swap (``atomic_path``) is two renames: an interrupt between them would leave only the old copy aside. So a signal
+    that arrives during the call is remembered and delivered right after it; a second one acts at once (a server
+    that hangs the call). Outside the main thread (where Python runs signal handlers) nothing changes.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, object]] = []
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def remember(signum, frame):
+        if pending:  # a second one: the user means it (a server that hangs the call), act now
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            _deliver(old[signum], signum, frame)
+        pending.append((signum, frame))
+
+    for sig in old:
+        signal.signal(sig, remember)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum, frame in pending[:1]:  # the first one, as its own handler would have met it
+            _deliver(old[signum], signum, frame)
+
+
+def _deliver(handler, signum: int, frame) -> None:
+    """What ``handler`` (a signal's handler as ``signal.getsignal`` gave it) does with ``signum``."""
+    import signal
+
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; move it into place only on success.
 
@@ -206,7 +255,7 @@ def atomic_path(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Iterator
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{process_token()}.", suffix=".tmp", dir=dest.parent))
     except OSError as e:
         raise MltagError(f"cannot write here: {e.strerror or e}", dest.parent) from None
-    target = tmp / dest.name
+    target, old = tmp / dest.name, None
     try:
         try:
             yield target
@@ -224,14 +273,20 @@ def atomic_path(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Iterator
                                  "give another path (nothing was replaced)", dest)
             if dest.is_dir() and not dest.is_symlink():
                 old = dest.with_name(f".{dest.name}.old-{process_token()}")
-                os.replace(dest, old)
-                os.replace(target, dest)
-                shutil.rmtree(old, ignore_errors=True)
+                with signals_deferred():  # Ctrl-C or SIGTERM after both renames, never between them
+                    os.replace(dest, old)
+                    try:
+                        os.replace(target, dest)
+                    except BaseException:
+                        os.replace(old, dest)  # the previous output back in place
+                        raise
             else:
                 os.replace(target, dest)
             remove_stale_leftovers(dest.parent, dest.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and dest.is_dir():  # also when a deferred signal ends the process right after the swap
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(dest: str | os.PathLike, text: str) -> None:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mltag.tracking.runs import signals_deferred
+from mltag.files import signals_deferred
 
 
 @pytest.fixture
@@ -92,3 +92,33 @@ def test_stderr_never_shows_the_tracking_uris_credentials_not_even_in_a_librarys
     assert "S3cretPw-x7Qz" not in err and "alice-9f3k" not in err and "http://127.0.0.1:9" in err, err
     with _stderr_without_credentials("sqlite:///mlflow.db"):  # nothing to mask: stderr as it is
         assert sys.stderr is sys.__stderr__ or not hasattr(sys.stderr, "_uri")
+
+
+def test_ctrl_c_between_the_two_renames_of_a_folder_swap_waits_for_the_second(tmp_path, ctrl_c, monkeypatch):
+    """#51: an output folder is replaced by two renames (the old one aside, the new one in); Ctrl-C or SIGTERM
+    between them left only the old copy aside while the message said nothing was lost. The signal now acts after
+    the second rename: the new output is in place, and the old copy is gone."""
+    import mltag.files as files
+
+    out = tmp_path / "reports"
+    with files.atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "scores.npz").write_text("old")
+    real = os.replace
+    calls = []
+
+    def interrupted_replace(a, b):
+        real(a, b)
+        calls.append(b)
+        if len(calls) == 1:  # the old output is aside: Ctrl-C now
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+
+    monkeypatch.setattr(files.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        with files.atomic_path(out) as tmp:
+            tmp.mkdir()
+            (tmp / "scores.npz").write_text("new")
+    monkeypatch.undo()
+    assert len(calls) == 2 and (out / "scores.npz").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["reports"]  # no copy aside, no scratch folder

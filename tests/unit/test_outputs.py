@@ -75,6 +75,14 @@ def test_an_mltag_folder_and_a_folder_of_its_own_pattern_are_replaced(tmp_path):
         tmp.mkdir()
         (tmp / "sea.csv").write_text("precision,recall,threshold\n")
     assert _tree(pr) == ["sea.csv"]
+    # mltag drift's folder (drift.json, drift.html): a second run into its default reports/drift replaces it (#51)
+    drift = tmp_path / "drift"
+    for run in (1, 2):
+        with atomic_path(drift) as tmp:
+            tmp.mkdir()
+            (tmp / "drift.json").write_text(f'{{"run": {run}}}')
+            (tmp / "drift.html").write_text("<html></html>")
+    assert (drift / "drift.json").read_text() == '{"run": 2}'
 
 
 @pytest.mark.parametrize("name", ["../../../../ESCAPED_LABEL", "desert & co", "<script>alert(1)</script>",

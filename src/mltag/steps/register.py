@@ -184,7 +184,7 @@ def register(model_dir: str | os.PathLike, thresholds: str | os.PathLike, prepar
             result["tflite"] = parity
         fault_point("register:decided")
         dvc_exp = os.environ.get("DVC_EXP_NAME") if register.experiments == "decide" else None
-        from mltag.tracking.runs import signals_deferred
+        from mltag.files import signals_deferred
 
         with signals_deferred(), mlflow.start_run(run_id=run_id) as run:  # Ctrl-C after, never inside, a registry write
             result["run_id"] = run.info.run_id

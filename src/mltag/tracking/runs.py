@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from mltag.files import signals_deferred
+
 log = logging.getLogger(__name__)
 
 
@@ -421,7 +423,6 @@ def log_to_run(run_id: str, metrics: dict | None = None, tags: dict | None = Non
     """Log into ``run_id`` (the active run, or resumed for the call as ``mlflow.start_run(run_id=...)``):
     metrics, tags, artifacts ``(file, artifact folder)`` and per-step ``series`` (one request per
     1000 values)."""
-    import contextlib
 
     import mlflow
     from mlflow.entities import Metric
@@ -493,53 +494,6 @@ def end_run(status: str = "FINISHED") -> None:
 
 
 OPS = {f.__name__: f for f in (setup_checked, open_train_run, active_run_ids, log_to_run, end_run)}
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have.
-
-    An MLflow call holds SQLAlchemy's connection pool and the store's locks; an interrupt raised inside it could
-    leave one held, and the step's own FAILED/KILLED end of its run would then wait on it forever. So a signal
-    that arrives during the call is remembered and delivered right after it; a second one acts at once (a server
-    that hangs the call). Outside the main thread (where Python runs signal handlers) nothing changes.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[tuple[int, object]] = []
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def remember(signum, frame):
-        if pending:  # a second one: the user means it (a server that hangs the call), act now
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-            _deliver(old[signum], signum, frame)
-        pending.append((signum, frame))
-
-    for sig in old:
-        signal.signal(sig, remember)
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for signum, frame in pending[:1]:  # the first one, as its own handler would have met it
-            _deliver(old[signum], signum, frame)
-
-
-def _deliver(handler, signum: int, frame) -> None:
-    """What ``handler`` (a signal's handler as ``signal.getsignal`` gave it) does with ``signum``."""
-    import signal
-
-    if callable(handler):
-        handler(signum, frame)
-    elif handler == signal.SIG_DFL:
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
 
 
 class Tracker:
