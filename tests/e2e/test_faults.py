@@ -812,3 +812,19 @@ def test_a_step_that_fails_at_once_says_why_and_starts_no_child_process(tmp_path
             continue
     assert not left
 
+
+
+def test_calibrate_refuses_an_evaluation_of_another_model(tmp_path, colour_dataset, fake_backbone, mlflow_store):
+    """#51: calibrate took the evaluation of another model (its thresholds fitted to scores this model never gave);
+    evaluate's report names the model by its content hash, and calibrate compares, before it writes anything."""
+    from mltag.errors import MltagError
+
+    _steps_until_register(tmp_path, colour_dataset, fake_backbone)
+    train(tmp_path / "bn", tmp_path / "model2", **sections("train", learning_rate=0.05, epochs=20, seed=7),
+          progress=False)
+    with pytest.raises(MltagError, match=r"details.json: this evaluation is of another model"):
+        calibrate(tmp_path / "eval", tmp_path / "model2", tmp_path / "th2.json", tmp_path / "ca2.json",
+                  **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False)
+    assert not (tmp_path / "th2.json").exists() and not (tmp_path / "ca2.json").exists()
+    calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th2.json", tmp_path / "ca2.json",
+              **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False)  # its own model: fine

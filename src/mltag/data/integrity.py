@@ -4,6 +4,7 @@ whose label list no longer matches its weights (an edited, added or missing file
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -83,3 +84,13 @@ def verify_integrity(model_dir: str | os.PathLike) -> str:
     if _digest(rec["files"]) != rec.get("digest"):
         raise MltagError("damaged content hash record (its digest does not match its files); retrain the model", f)
     return rec["digest"]
+
+
+def recorded_digest(model_dir: str | os.PathLike) -> str | None:
+    """The content hash train recorded for a model folder, unchecked (None when it has none): what evaluate's
+    report names, so calibrate can tell an evaluation of another model."""
+    try:
+        digest = json.loads((Path(model_dir) / INTEGRITY_FILE).read_text(encoding="utf-8")).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return digest if isinstance(digest, str) else None

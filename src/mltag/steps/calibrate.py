@@ -193,9 +193,23 @@ def _untuned(labels: list[str], min_positives: int, shrink: float) -> dict:
             "expected": {"micro_f1_gain": 0.0, "per_label_f1_gain": {n: 0.0 for n in labels}}}
 
 
-def _evaluated_scores(evaluation, labels: list[str]):
-    """evaluate's ``(val scores, val labels, test scores, test labels)``, checked against the model's labels."""
+def _evaluated_scores(evaluation, labels: list[str], model_dir):
+    """evaluate's ``(val scores, val labels, test scores, test labels)``, checked against the model: the one its
+    report names (by content hash), and its labels."""
+    import json
+
     from mltag.data.formats import load_scores
+    from mltag.data.integrity import recorded_digest
+
+    details = Path(evaluation) / "details.json"
+    try:
+        evaluated = json.loads(details.read_text(encoding="utf-8")).get("model_digest")
+    except (OSError, ValueError, AttributeError):
+        evaluated = None  # an evaluation without its report: the columns are still checked below
+    ours = recorded_digest(model_dir)
+    if evaluated and ours and evaluated != ours:
+        raise MltagError(f"this evaluation is of another model (content hash {evaluated[:12]}..., this model's "
+                         f"{ours[:12]}...): run evaluate on {model_dir}, then calibrate", details)
 
     sc = load_scores(evaluation)
     s_va, y_va, s_te, y_te = sc["val_scores"], sc["val_labels"], sc["test_scores"], sc["test_labels"]
@@ -289,7 +303,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         raise MltagError("this head was refitted on train+val (train.refit), so its validation scores are not held "
                          "out and cannot fit thresholds: set calibrate.cv_folds to 2 or more (the default 5), or "
                          "train.refit false", Path(model_dir) / "model.json")
-    s_va, y_va, s_te, y_te = _evaluated_scores(evaluation, labels)
+    s_va, y_va, s_te, y_te = _evaluated_scores(evaluation, labels, model_dir)
     if bottlenecks is not None:
         from mltag.data.formats import check_same_labels, read_labels
 

@@ -12,6 +12,7 @@ import numpy as np
 from mltag import config
 from mltag import metrics as M
 from mltag.data.formats import check_same_labels, load_split, model_mode, read_labels, read_model_meta, write_scores
+from mltag.data.integrity import recorded_digest
 from mltag.errors import MltagError
 from mltag.files import atomic_path, write_json_atomic
 from mltag.head.saved import head_scores
@@ -114,6 +115,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     s_va, s_te, explainer = _scores(model_dir, images, evaluate, x_va, p_va, x_te, p_te)
     result = M.compute(y_te, s_te, 0.5, labels)
     result["tta"] = tta
+    result["model_digest"] = recorded_digest(model_dir)  # which model these scores are of (calibrate checks it)
     result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=evaluate.bootstrap, seed=evaluate.seed)
     result["baselines"] = M.baselines(y_te, y_tr, labels)
     result["val"] = {k: v for k, v in M.compute(y_va, s_va, 0.5, labels).items() if k != "per_label"}
