@@ -362,13 +362,46 @@ def read_user_text(path: str | os.PathLike) -> str:
         raise MltagError(f"not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8", path, line) from None
 
 
-def csv_rows(reader, width: int, path: str | os.PathLike):
+def csv_rows(reader, width: int, path: str | os.PathLike, errors: RowErrors | None = None):
     """``(line, row)`` for each non-blank row of a ``csv.reader`` over a user's file; a row of another
-    width than ``width`` is an error naming the file and line."""
+    width than ``width`` is an error naming the file and line (kept in ``errors`` and skipped, when given)."""
     for row in reader:
         line = reader.line_num
         if not any(x.strip() for x in row):
             continue
         if len(row) != width:
-            raise MltagError(f"expected {width} columns, got {len(row)}", path, line)
+            e = MltagError(f"expected {width} columns, got {len(row)}", path, line)
+            if errors is None:
+                raise e
+            errors.errors.append(e)
+            continue
         yield line, row
+
+
+class RowErrors:
+    """The broken rows of one user file, gathered so that a file with many is reported whole in one run (the first
+    ``LIMIT``, then how many more), not one row per run."""
+
+    LIMIT = 20
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self.errors = path, []
+
+    @contextlib.contextmanager
+    def row(self):
+        """A row's checks: an error naming a line is kept, and the next row is read."""
+        try:
+            yield
+        except MltagError as e:
+            if e.line is None:
+                raise
+            self.errors.append(e)
+
+    def check(self) -> None:
+        """One error for every kept row (a single one as it was raised)."""
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            shown = "".join(f"\n  line {e.line}: {e.message}" for e in self.errors[: self.LIMIT])
+            more = f"\n  ... and {len(self.errors) - self.LIMIT} more" if len(self.errors) > self.LIMIT else ""
+            raise MltagError(f"{len(self.errors)} broken rows; fix them all, then rerun:{shown}{more}", self.path)

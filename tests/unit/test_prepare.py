@@ -371,3 +371,20 @@ def test_a_dataset_without_a_single_label_is_one_clear_error(tmp_path):
     with pytest.raises(MltagError, match=r"labels.csv: no image has a label \(12 images"):
         prepare(tmp_path / "out", **sections("prepare", input=tmp_path / "labels.csv"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_broken_row_of_a_csv_is_reported_in_one_run_up_to_a_bound(tmp_path):
+    """#51: a 10,000-row CSV with 5% broken rows was reported one row per run; now every kind of row error is
+    gathered (too many columns, an unknown label, a duplicate, an absolute path): the first 20, then the count."""
+    rows = ["path,labels"] + [f"images/{i:05d}.jpg,red" for i in range(10000)]
+    for i in range(1, 10001, 20):
+        rows[i] = rows[i].replace(",red", ",red,green")  # 500 rows with a third column
+    rows[7] = "/etc/passwd,red"
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "labels.txt").write_text("red\n")
+    with pytest.raises(MltagError) as e:
+        prepare(tmp_path / "out", **sections("prepare", input=tmp_path / "labels.csv"), progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'labels.csv'}: 501 broken rows") and "... and 481 more" in msg, msg[:300]
+    assert "line 2: expected 2 columns, got 3" in msg and "line 8: absolute image path '/etc/passwd'" in msg
+    assert msg.count("\n  line ") == 20 and not (tmp_path / "out").exists()

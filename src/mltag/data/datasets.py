@@ -26,7 +26,7 @@ from mltag import config
 from mltag.data.formats import Example, check_label_name, read_labels, read_lst
 from mltag.data.images import IMAGE_EXTENSIONS
 from mltag.errors import MltagError
-from mltag.files import csv_rows, read_user_text
+from mltag.files import RowErrors, csv_rows, read_user_text
 
 FORMATS = tuple(f for f in config.choices("prepare", "format") if f != "auto")  # declared in mltag.config
 
@@ -280,21 +280,25 @@ def read_csv_dataset(src: Path) -> Dataset:
         lcol = next((cols.index(c) for c in ("labels", "tags", "label") if c in cols), None)
         if pcol is None or lcol is None:
             raise MltagError(f"header must name a path column and a labels column, got {header}", cf, 1)
-        for line, row in csv_rows(reader, len(header), cf):
+        errors = RowErrors(cf)
+        for line, row in csv_rows(reader, len(header), cf, errors):
             rows.append((line, row[pcol], row[lcol].split()))
     names = known or sorted({n for _, _, ls in rows for n in ls})
     index = {n: i for i, n in enumerate(names)}
     examples, seen = [], {}
     for line, p, ls in rows:
-        unknown = [n for n in ls if n not in index]
-        if unknown:
-            raise MltagError(f"unknown label {unknown[0]!r} (known: {', '.join(names)})", cf, line)
-        rel = _check_rel(p, root, f"{cf}:{line}")
-        if rel in seen:
-            raise MltagError(f"duplicate path {rel!r} (first on line {seen[rel]})", cf, line)
-        seen[rel] = line
-        flags = tuple(1 if n in ls else 0 for n in names)
-        examples.append(Example(rel, flags, f"{cf}:{line}"))
+        with errors.row():
+            unknown = [n for n in ls if n not in index]
+            if unknown:
+                raise MltagError(f"unknown label {unknown[0]!r} (known: {', '.join(names)})", cf, line)
+            rel = _check_rel(p, root, f"{cf}:{line}")
+            if rel in seen:
+                raise MltagError(f"duplicate path {rel!r} (first on line {seen[rel]})", cf, line)
+            seen[rel] = line
+            flags = tuple(1 if n in ls else 0 for n in names)
+            examples.append(Example(rel, flags, f"{cf}:{line}"))
+    errors.errors.sort(key=lambda e: e.line)
+    errors.check()
     return Dataset(names, examples, root, "csv")
 
 
