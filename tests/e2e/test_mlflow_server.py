@@ -142,5 +142,15 @@ def test_steps_against_server_then_serve(tmp_path, colour_dataset, fake_backbone
         err = json.loads(answer.value.read())
         assert "Error: row 2: unreadable image: not an image" in err["message"] and "stack_trace" not in err, err
         assert "Traceback" not in json.dumps(err)
+        # a bad parameter: HTTP 400 naming what is allowed, no stack trace with the model's artifact paths (#51)
+        body = {"dataframe_split": {"columns": ["image"], "data": body["dataframe_split"]["data"][:1]},
+                "params": {"tta": "sideways"}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(req, timeout=60)
+        err = json.loads(answer.value.read())
+        assert answer.value.code == 400 and "'tta' must be one of none, mean, max, got 'sideways'" in err["message"]
+        assert "stack_trace" not in err and "Traceback" not in json.dumps(err), err
     finally:
         stop(serve)

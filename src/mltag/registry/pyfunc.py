@@ -29,6 +29,21 @@ def decode_images(column) -> list[bytes]:
     return out
 
 
+def check_params(params: dict | None) -> str:
+    """The request's ``tta`` (``none`` when absent); any other key or value is a 400 naming what is allowed, never
+    the server's stack trace (which holds the model's artifact paths)."""
+    from mltag.config import choices
+
+    params = dict(params or {})
+    tta = params.pop("tta", "none")
+    allowed = choices("evaluate", "tta")
+    if params:
+        raise bad_request(f"unknown parameter {sorted(params)[0]!r}: this model takes only 'tta' ({', '.join(allowed)})")
+    if not isinstance(tta, str) or tta not in allowed:
+        raise bad_request(f"parameter 'tta' must be one of {', '.join(allowed)}, got {tta!r}")
+    return tta
+
+
 def first_bad_row(images: list[bytes], size: int) -> tuple[int, str] | None:
     """The first row whose image cannot be decoded, and why (only when a batch failed: decoding is the cost)."""
     from mltag.data.images import BadImage, load_image
@@ -57,9 +72,10 @@ class MltagPyfunc(mlflow.pyfunc.PythonModel):
 
         if "image" not in model_input.columns:
             raise bad_request("input needs a column 'image' with base64-encoded image bytes")
+        tta = check_params(params)
         images = decode_images(model_input["image"])
         try:
-            results = self.model.predict(images, tta=str((params or {}).get("tta", "none")))
+            results = self.model.predict(images, tta=tta)
         except BadImage as e:  # name the row: a batch of 64 images says which one
             bad = first_bad_row(images, self.model.image_size)
             raise bad_request(f"row {bad[0]}: unreadable image: {bad[1]}" if bad else f"unreadable image: {e}") from None
