@@ -18,6 +18,10 @@ class MltagError(Exception):
         self.line = line
 
 
+class TransientError(MltagError):
+    """A failure that a later try may not meet (memory, disk space): never remembered as a lasting one."""
+
+
 class Terminated(BaseException):
     """SIGTERM (Kubernetes stopping a pod, ``kill``): unwinds like Ctrl-C, so runs end as KILLED and nothing
     half-written is left; the CLI exits 143."""

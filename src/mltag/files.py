@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from mltag.errors import MltagError
+from mltag.errors import MltagError, TransientError
 
 _PROCESS_START = time.time()
 
@@ -263,8 +263,8 @@ def atomic_path(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Iterator
         except OSError as e:
             # A failed write (full disk, quota, I/O error) carries no file name: name the output.
             if e.filename is None and e.errno in _WRITE_ERRNOS:
-                raise MltagError(f"cannot write: {e.strerror or e} (free some space, or write elsewhere); "
-                                 "the previous output is untouched", dest) from None
+                raise TransientError(f"cannot write: {e.strerror or e} (free some space, or write elsewhere); "
+                                     "the previous output is untouched", dest) from None
             raise
         with locked(lock_file_for(dest), str(dest)):
             if dest.is_dir() != target.is_dir() and dest.exists():

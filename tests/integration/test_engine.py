@@ -232,3 +232,25 @@ def test_an_inference_model_scores_from_many_threads_at_once_as_it_does_alone(tm
     assert not errors, errors
     for k, s in got.items():
         np.testing.assert_allclose(s, alone[k: k + 2], atol=1e-6)
+
+
+def test_a_conversion_that_ran_out_of_memory_is_tried_again_next_time(tmp_path, fake_backbone, monkeypatch):
+    """#51: a conversion that met a MemoryError or a full disk was remembered as failed for good (``.failed``), so
+    every later run fell back to TF; now only the module's own failure is remembered."""
+    import tensorflow as tf
+
+    import mltag.inference.engine as engine
+    from mltag.errors import TransientError
+
+    resolved = bb.resolve(str(fake_backbone))
+    failed = tflite_path(resolved, 32, tmp_path / "bb").with_suffix(".failed")
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    with monkeypatch.context() as m:
+        m.setattr(tf.lite.TFLiteConverter, "from_concrete_functions", out_of_memory)
+        with pytest.raises(TransientError, match="ran out of memory"):
+            engine.litert_backbone(resolved, 32, tmp_path / "bb")
+    assert not failed.exists()
+    assert engine.litert_backbone(resolved, 32, tmp_path / "bb").is_file()  # the next run converts it

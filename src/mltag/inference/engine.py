@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mltag import config
-from mltag.errors import MltagError
+from mltag.errors import MltagError, TransientError
 from mltag.files import atomic_path, lock_file_for, locked
 from mltag.tf_runtime import import_tensorflow, quiet_stderr
 from mltag.workers import cpu_threads
@@ -236,6 +236,9 @@ def _convert(fn, trackable, what: str, dynamic_range: bool = False,
             conv.representative_dataset = lambda: ([np.asarray(px, np.uint8)[None]] for px in representative)
         with quiet_stderr():  # the converter dumps MLIR diagnostics; the exception says what matters
             return conv.convert()
+    except (MemoryError, OSError) as e:  # this machine, this time: not the module's fault
+        raise TransientError(f"LiteRT conversion of {what} ran out of {'memory' if isinstance(e, MemoryError) else 'room'}"
+                             f" ({type(e).__name__}: {e}); free some and rerun") from None
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds; all mean "cannot convert"
         raise MltagError(f"LiteRT cannot convert {what} ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
@@ -245,7 +248,7 @@ def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike
     """The backbone's ``.tflite`` file, converted once per backbone, size and kind and kept in the backbone
     cache: ``fp32``, or ``dynamic_range`` (int8 weights, float activations). One process converts; the
     others wait for it. A module that cannot be converted is remembered (``.failed``), so a second
-    attempt says why at once.
+    attempt says why at once; a conversion that ran out of memory or disk (``TransientError``) is not.
 
     Raises:
         MltagError: the module cannot be converted (the message says why).
@@ -278,6 +281,8 @@ def _convert_once(backbone, image_size: int, kind: str, path: Path, failed: Path
                          "" if kind == "fp32" else f" ({kind.replace('_', ' ')})", path)
                 try:
                     convert_backbone(backbone.location, image_size, path, dynamic_range=kind == "dynamic_range")
+                except TransientError:  # out of memory or disk: the next run tries again
+                    raise
                 except MltagError as e:
                     with contextlib.suppress(OSError):
                         failed.write_text(f"{e}\n", encoding="utf-8")
