@@ -49,3 +49,24 @@ def test_pick_diverse_skips_near_duplicates_of_a_pick():
     out = uncertainty(np.array([[0.5, 0.9], [0.99, 0.01]]), t)
     assert out["entropy"][0] > out["entropy"][1] and out["margin"][0] == 0.0
     assert out["uncertainty"][0] > out["uncertainty"][1]
+
+
+def test_labels_go_to_cleanlab_a_few_at_a_time_with_the_same_result(monkeypatch):
+    """#51: review on 500 labels ran 12 minutes without a word; the labels now go to cleanlab in chunks under a
+    progress bar. Each label is its own binary problem, so the chunks change nothing."""
+    import numpy as np
+
+    import mltag.steps.review as review
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((400, 23)) < 0.1).astype(int)
+    y[:, 4] = 0  # a label without positives: not usable, as before
+    s = np.clip(y * 0.6 + rng.random(y.shape) * 0.5, 0, 1)
+    flips = rng.random(y.shape) < 0.03
+    flips[:, 4] = False
+    y = np.where(flips, 1 - y, y)  # given labels that the scores contradict
+    monkeypatch.setattr(review, "CHUNK", 1000)
+    whole = review.find_issues(y, s, "prune_by_noise_rate")
+    monkeypatch.setattr(review, "CHUNK", 3)
+    chunked = review.find_issues(y, s, "prune_by_noise_rate", progress=True)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, chunked)) and whole[0].any()

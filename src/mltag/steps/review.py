@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 
 HEADER = ("path", "label", "given", "suggested", "score", "confidence")
 FILTERS = config.choices("review", "filter_by")
+CHUNK = 10  # labels per cleanlab call: each is its own binary problem, so the result does not depend on it
 
 
-def find_issues(y: np.ndarray, scores: np.ndarray, filter_by: str):
-    """Flagged (image, label) pairs and every pair's confidence that its given label is wrong.
+def find_issues(y: np.ndarray, scores: np.ndarray, filter_by: str, progress: bool = False):
+    """Flagged (image, label) pairs and every pair's confidence that its given label is wrong. cleanlab
+    treats each label as its own binary problem, so the labels go to it a few at a time, with a progress bar
+    (hundreds of labels on many images take minutes).
 
     Returns:
         ``(mask [N, K] bool, confidence [N, K], per-label noise rate [K])``.
@@ -50,19 +53,21 @@ def find_issues(y: np.ndarray, scores: np.ndarray, filter_by: str):
     mask = np.zeros(y.shape, bool)
     # One binary problem per label: cleanlab needs both classes present in it to estimate its noise.
     usable = [j for j in range(k) if 0 < y[:, j].sum() < len(y)]
-    if usable:
-        sub_y = y[:, usable]
-        given = [list(np.flatnonzero(row)) for row in sub_y]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # cleanlab warns about small classes; the report says what it found
-            # n_jobs=1: cleanlab's pool forks this process, and a fork of a process with threads (the MLflow
-            # helper's pipes, a thread pool) can hang on a lock held at the fork; the work is small anyway
-            found = np.asarray(find_multilabel_issues_per_class(given, scores[:, usable], filter_by=filter_by,
-                                                                n_jobs=1))
-            quality = get_label_quality_scores_per_class(given, scores[:, usable])
-        mask[:, usable] = found.reshape(len(y), len(usable))
-    else:
-        quality = np.zeros((len(y), 0))
+    quality = np.zeros((len(y), len(usable)))
+    from tqdm import tqdm
+
+    with tqdm(total=len(usable), desc="review: labels", unit="label", leave=False, disable=not progress) as bar:
+        for start in range(0, len(usable), CHUNK):
+            part = usable[start: start + CHUNK]
+            given = [list(np.flatnonzero(row)) for row in y[:, part]]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # cleanlab warns about small classes; the report says what it found
+                # n_jobs=1: cleanlab's pool would fork this process (undefined with threads running)
+                found = np.asarray(find_multilabel_issues_per_class(given, scores[:, part], filter_by=filter_by,
+                                                                    n_jobs=1))
+                quality[:, start: start + len(part)] = get_label_quality_scores_per_class(given, scores[:, part])
+            mask[:, part] = found.reshape(len(y), len(part))
+            bar.update(len(part))
     confidence = np.abs(y - scores)  # 1 - self-confidence: the out-of-fold probability of the other label
     if usable:
         confidence[:, usable] = 1.0 - quality
@@ -95,7 +100,7 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
     root = Path(images) if images else image_root_of(prepared) if prepared else None
     _check_oof_labels(oof, names, prepared, model_dir)
     if len(paths):
-        mask, confidence, noise = find_issues(y, s, filter_by)
+        mask, confidence, noise = find_issues(y, s, filter_by, progress)
     else:
         log.warning("review: no out-of-fold scores (%s); nothing to rank", data["reason"] or "none computed")
         mask, confidence, noise = np.zeros(y.shape, bool), np.zeros(y.shape), np.zeros(len(names))
