@@ -51,3 +51,21 @@ def test_wheel_installs_without_generic_packages_and_compiles_from_anywhere(tmp_
     assert inputs["train"]["defaultValue"]["epochs"] == 7 and inputs["bottleneck"]["defaultValue"]["num_shards"] == 3
     assert not (target / "pipeline").exists() and not (target / "components").exists()
     assert Path(work / "compiled.yaml").is_file()
+
+
+def test_prepare_s_line_names_duplicates_conflicts_image_sizes_and_upscaling(tmp_path, colour_dataset):
+    """#54: prepare's line said nothing of what its report knew: identical images under two names (one pair with
+    other labels), every image 24 px and upscaled to the default backbone's 325 px."""
+    import shutil
+
+    lines = (colour_dataset / "all.lst").read_text().splitlines()
+    idx, *flags, path = lines[0].split("\t")
+    shutil.copy(colour_dataset / path, colour_dataset / "images" / "copy.jpg")
+    other = ["0" if f == "1" else "1" for f in flags]
+    (colour_dataset / "all.lst").write_text("\n".join(lines + ["\t".join(["999", *other, "images/copy.jpg"])]) + "\n")
+    out = run_cli("prepare", "--input", str(colour_dataset), "--out", str(tmp_path / "p"), cwd=tmp_path).stdout
+    assert "1 group(s) of identical images under other names; 1 with conflicting labels, e.g. " in out, out
+    assert "images/copy.jpg" in out and "short side 24-24 px (median 24)" in out, out
+    assert "WARNING: most images are under half the backbone's 325 px input and will be upscaled" in out, out
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert len(report["conflicting_duplicates"]) == 1 and report["image_short_side"]["median"] == 24

@@ -296,7 +296,7 @@ def _run_step(step: str, args, progress: bool) -> int:
         rt["dataset_version"] = args.dataset_version or git_rev(params.prepare.input)
         r = run_step(step, params, **rt)
         print(f"prepare: {r['images_used']} images ({r['format']}): {r['images_per_split']}; "
-              f"{len(r['rejected'])} rejected; report in {args.out}/report.html")
+              f"{len(r['rejected'])} rejected{_data_notes(r, params)}; report in {args.out}/report.html")
     elif step == "bottleneck":
         rt.update(images=args.images, extra_caches=args.extra_cache, shard_index=args.shard_index or 0)
         if args.shard_index is None:  # bottleneck.num_shards is the Kubeflow fan-out; locally one run does it all
@@ -338,6 +338,30 @@ def _run_step(step: str, args, progress: bool) -> int:
         if r.get("tflite", {}).get("int8_reason"):
             print(f"register: model_int8.tflite {r['tflite']['int8_reason']}")
     return 0
+
+
+def _data_notes(r: dict, params) -> str:
+    """What prepare's report knows that a person should read now: duplicates (conflicting ones named), the image
+    sizes, and a warning when most images are far below the backbone's input (they are upscaled)."""
+    from mltag.backbones.builtin import default_image_size
+
+    notes = []
+    dups, conflicting = r.get("exact_duplicates") or [], r.get("conflicting_duplicates") or []
+    if dups:
+        notes.append(f"{len(dups)} group(s) of identical images under other names")
+    if conflicting:
+        first = conflicting[0]
+        notes.append(f"{len(conflicting)} with conflicting labels, e.g. {first['paths'][0]} "
+                     f"({' '.join(first['labels'][0]) or 'no label'}) = {first['paths'][1]} "
+                     f"({' '.join(first['labels'][1]) or 'no label'}): fix one or drop it")
+    side = r.get("image_short_side")
+    if side:
+        notes.append(f"short side {side['min']}-{side['max']} px (median {side['median']})")
+        size = params.backbone.image_size or default_image_size(params.backbone.handle)
+        if side["median"] * 2 <= size:
+            notes.append(f"WARNING: most images are under half the backbone's {size} px input and will be upscaled "
+                         "(a smaller backbone, or larger photos, may serve them better)")
+    return "".join(f"; {n}" for n in notes)
 
 
 # The path flags handed to each step function under the same keyword.

@@ -23,6 +23,10 @@ def build_report(ds: Dataset, good: list[Example], infos: dict, split_of: dict, 
     for ex in good:
         dup_groups[infos[ex.path]["sha256"]].append(ex.path)
     duplicates = [sorted(v) for v in dup_groups.values() if len(v) > 1]
+    flags_of = {ex.path: ex.flags for ex in good}
+    conflicting = [{"paths": g, "labels": [[ds.labels[j] for j, f in enumerate(flags_of[p]) if f] for p in g]}
+                   for g in duplicates if len({flags_of[p] for p in g}) > 1]
+    short = np.array([min(infos[ex.path].get("width", 0), infos[ex.path].get("height", 0)) for ex in good])
     near = []
     by_phash = defaultdict(list)
     for ex in good:
@@ -50,6 +54,9 @@ def build_report(ds: Dataset, good: list[Example], infos: dict, split_of: dict, 
         "cooccurrence": (y.T @ y).tolist(),
         "rejected": ds.rejected,
         "exact_duplicates": duplicates,
+        "conflicting_duplicates": conflicting,  # the same bytes under other names, with other labels
+        "image_short_side": ({"min": int(short.min()), "median": int(np.median(short)), "max": int(short.max())}
+                             if len(short) else None),
         "near_duplicates_across_splits": near,
         "stratification_repairs": repairs,
     }
