@@ -247,6 +247,10 @@ class Register(Section):
 
 
 class Pipeline(Section):
+    retries: int = opt(2, "tries more for a failed task (a preempted spot node, an evicted pod), with exponential "
+                       "backoff; 0: none", output=False, ge=0, le=10)
+    retry_backoff: int = opt(30, "seconds before a failed task's first retry; each next one waits twice as long",
+                             output=False, ge=1)
     accelerator_type: str = opt("nvidia.com/gpu", "Kubernetes accelerator resource of GPU tasks", output=False)
     gpu_count: int = opt(1, "GPUs per GPU task", output=False, ge=0)
     gpu_node_label_key: str = opt("cloud.google.com/gke-accelerator", "the GPU node pool's label key", output=False)

@@ -251,3 +251,25 @@ def test_the_dockerfile_bakes_every_builtin_backbone_it_is_asked_for():
     body = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#") and not ln.startswith("ARG BACKBONES=")]
     assert not [ln for ln in body if "efficientnet" in ln or "260" in ln], body
     assert 'for name in $BACKBONES; do mltag backbone build "$name"; done' in text
+
+
+def _all_tasks(dag: dict, comps: dict) -> dict[str, dict]:
+    """Every container task of the DAG, those inside the ParallelFor's sub-DAG too (not the loop itself)."""
+    out = {}
+    for name, t in dag["tasks"].items():
+        sub = comps.get(t["componentRef"]["name"], {}).get("dag")
+        out.update(_all_tasks(sub, comps) if sub else {name: t})
+    return out
+
+
+def test_every_task_retries_with_exponential_backoff_and_0_turns_it_off(tmp_path, compiled):
+    """#55: one preempted pod failed the whole run. Every task retries (pipeline.retries, 2 by default) after
+    pipeline.retry_backoff seconds, doubling; 0 compiles no retry policy at all."""
+    _, (spec, _) = compiled
+    tasks = _all_tasks(spec["root"]["dag"], spec["components"])
+    assert {"prepare", "bottleneck-shard", "train", "register", "review"} <= set(tasks), sorted(tasks)
+    for name, t in tasks.items():
+        assert t.get("retryPolicy") == {"maxRetryCount": 2, "backoffDuration": "30s", "backoffFactor": 2.0,
+                                        "backoffMaxDuration": "3600s"}, (name, t)
+    spec0, _ = _compile(tmp_path, pipeline={"retries": 0})
+    assert not any("retryPolicy" in t for t in _all_tasks(spec0["root"]["dag"], spec0["components"]).values())

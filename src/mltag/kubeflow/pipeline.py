@@ -93,10 +93,20 @@ class _Placement:
     def __init__(self, kf, on_gpu, mount):
         self.kf, self.on_gpu, self.mount = kf, on_gpu, mount
 
-    def place(self, task, name: str):
-        """CPU/memory requests, and for the GPU tasks the accelerator, node pool, image and fail-fast check."""
-        kf = self.kf
+    def res(self, task, name: str):
+        """CPU/memory requests, the display name, and the retry policy: ``pipeline.retries`` tries more after a
+        failure (a preempted spot node, an evicted pod), the first after ``pipeline.retry_backoff`` seconds, each
+        next one twice as late. Every step is safe to run again on the same inputs (atomic outputs, a
+        content-addressed vector store, a registry keyed by content hash)."""
         _resources(task, name)
+        if self.kf.retries > 0:
+            task.set_retry(int(self.kf.retries), backoff_duration=f"{int(self.kf.retry_backoff)}s", backoff_factor=2.0)
+        return task
+
+    def place(self, task, name: str):
+        """``res``, and for the GPU tasks the accelerator, node pool, image and fail-fast check."""
+        kf = self.kf
+        self.res(task, name)
         if name in self.on_gpu:
             task.set_accelerator_type(kf.accelerator_type).set_accelerator_limit(int(kf.gpu_count))
             kubernetes.add_node_selector(task, kf.gpu_node_label_key, kf.gpu_node_label_value)
@@ -122,18 +132,18 @@ class _Placement:
 def _vectors(placement: _Placement, parallelism: int, collect_shards: bool, dataset, bottleneck, backbone,
              defaults: dict):
     """The bottleneck shards in parallel, then their gather: the task whose ``bottlenecks`` the later steps read."""
-    shards = _resources(steps.shard_indices(bottleneck=bottleneck, defaults=defaults),
+    shards = placement.res(steps.shard_indices(bottleneck=bottleneck, defaults=defaults),
                         "shard_indices")
     with dsl.ParallelFor(shards.output, parallelism=parallelism) as shard:
         part = placement.with_store(placement.place(steps.bottleneck_shard(
             dataset=dataset, shard_index=shard, bottleneck=bottleneck, backbone=backbone,
             defaults=defaults), "bottleneck_shard"))
     if collect_shards:  # fan-in of the shards' artifacts: KFP backend 2.5 or newer
-        gathered = placement.with_store(_resources(steps.bottleneck(
+        gathered = placement.with_store(placement.res(steps.bottleneck(
             dataset=dataset, shard_caches=dsl.Collected(part.outputs["cache"]),
             bottleneck=bottleneck, backbone=backbone, defaults=defaults), "bottleneck"))
     else:  # any v2 backend: wait for the whole loop, then read the shared store
-        gathered = placement.with_store(_resources(steps.bottleneck_from_store(
+        gathered = placement.with_store(placement.res(steps.bottleneck_from_store(
             dataset=dataset, bottleneck=bottleneck, backbone=backbone,
             defaults=defaults).after(part), "bottleneck"))
     return gathered
@@ -178,13 +188,13 @@ def build_pipeline(params: Params | None = None, local: bool = False):
         data_rev: str = "",
         tracking_uri: str = "",
     ):
-        version = mlflow_env(_resources(steps.resolve_data(prepare=prepare, defaults=defaults("prepare"),
+        version = mlflow_env(placement.res(steps.resolve_data(prepare=prepare, defaults=defaults("prepare"),
                                                            data_repo=data_repo, data_rev=data_rev,
                                                            tracking_uri=tracking_uri), "resolve_data"))
         # A branch, bucket or folder can move under the same name: resolve it on every run,
         # and let prepare be cached on the resolved, immutable version only.
         version.set_caching_options(False)
-        prep = _resources(steps.prepare(prepare=prepare, defaults=defaults("prepare"), data_repo=data_repo,
+        prep = placement.res(steps.prepare(prepare=prepare, defaults=defaults("prepare"), data_repo=data_repo,
                                         data_version=version.output), "prepare")
         gathered = _vectors(placement, int(kf.parallelism), kf.collect_shards, prep.outputs["dataset"], bottleneck,
                             backbone, defaults("bottleneck"))
@@ -192,19 +202,19 @@ def build_pipeline(params: Params | None = None, local: bool = False):
             bottlenecks=gathered.outputs["bottlenecks"], dataset=prep.outputs["dataset"], train=train,
             backbone=backbone, tracking=tracking, defaults=defaults("train"), tracking_uri=tracking_uri), "train"))
         run_id = trained.outputs["run_id"]
-        evaluated = _resources(steps.evaluate(
+        evaluated = placement.res(steps.evaluate(
             model=trained.outputs["model"], bottlenecks=gathered.outputs["bottlenecks"],
             dataset=prep.outputs["dataset"], evaluate=evaluate, defaults=defaults("evaluate")), "evaluate")
-        calibrated = _resources(steps.calibrate(
+        calibrated = placement.res(steps.calibrate(
             evaluation=evaluated.outputs["evaluation"], model=trained.outputs["model"],
             bottlenecks=gathered.outputs["bottlenecks"], calibrate=calibrate, defaults=defaults("calibrate")),
             "calibrate")
         # review on CPU from calibrate's out-of-fold scores; none of these three opens MLflow: register logs
         # their figures into train's run, so it runs last
-        reviewed = _resources(steps.review(
+        reviewed = placement.res(steps.review(
             thresholds=calibrated.outputs["thresholds"], model=trained.outputs["model"],
             dataset=prep.outputs["dataset"], review=review, defaults=defaults("review")), "review")
-        registered = mlflow_env(_resources(steps.register(
+        registered = mlflow_env(placement.res(steps.register(
             model=trained.outputs["model"], thresholds=calibrated.outputs["thresholds"],
             dataset=prep.outputs["dataset"], bottlenecks=gathered.outputs["bottlenecks"],
             evaluation=evaluated.outputs["evaluation"], issues=reviewed.outputs["issues"], run_id=run_id,
