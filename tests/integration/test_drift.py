@@ -34,8 +34,11 @@ def test_drift_passes_like_images_and_finds_darkened_copies(tmp_path, fake_backb
     same = drift(str(tmp_path / "model"), [str(like / "images")], tmp_path / "d-like", **kw)
     assert not same["drift"], same["vectors"]
     assert same["vectors"]["p_value"] >= 0.01 and same["images"] == 120 and same["computed"] == 120
+    # the effect size a person can judge: about the held-out share for like photos, most of them when darkened
+    assert same["unlike_training"]["share"] <= 0.25, same["unlike_training"]
     darker = drift(str(tmp_path / "model"), [str(dark)], tmp_path / "d-dark", **kw)
     assert darker["drift"] and darker["vectors"]["p_value"] < 0.01 and darker["vectors"]["auc"] > 0.9
+    assert darker["unlike_training"]["share"] >= 0.5, darker["unlike_training"]
     assert json.loads((tmp_path / "d-dark" / "drift.json").read_text())["drift"] is True
     page = (tmp_path / "d-dark" / "drift.html").read_text()
     assert "Drift: found" in page and page.count("data:image/jpeg;base64") == 12
@@ -43,4 +46,6 @@ def test_drift_passes_like_images_and_finds_darkened_copies(tmp_path, fake_backb
     p = run_cli("drift", "--model", str(tmp_path / "model"), "--bottlenecks", str(tmp_path / "bn"), "--out",
                 str(tmp_path / "d-cli"), str(dark), "--permutations", "200", cwd=tmp_path, check=False)
     assert p.returncode == 3, p.stderr
-    assert "drift: FOUND: vectors MMD p=" in p.stdout and "d-cli/drift.html" in p.stdout
+    assert f"drift: FOUND for {tmp_path / 'model'}: " in p.stdout and "d-cli/drift.html" in p.stdout, p.stdout
+    assert "of the 120 new images look unlike the training images (of held-out test images, 5% do)" in p.stdout
+    assert p.stdout.count("drift:") == 1, p.stdout  # one summary line

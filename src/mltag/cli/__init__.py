@@ -196,8 +196,13 @@ def _drift(args) -> int:
               progress=not args.quiet)
     v = r["vectors"]
     shifted = [s["label"] for s in r["label_shifts"] or [] if s["shifted"]]
-    print(f"drift: {'FOUND' if r['drift'] else 'none found'}: vectors MMD p={v['p_value']:.4f} (domain AUC "
-          f"{v['auc']:.3f}); labels shifted: {', '.join(shifted) or 'none'}; report in {args.out}/drift.html")
+    u = r["unlike_training"]
+    size = (f"{u['share']:.0%} of the {r['images']} new images look unlike the training images (of held-out test "
+            f"images, {u['expected']:.0%} do); " if u["share"] is not None else "")
+    model = r["model"].removeprefix("models:/")
+    print(f"drift: {'FOUND' if r['drift'] else 'none found'} for {model}: {size}vectors MMD p={v['p_value']:.4f} "
+          f"(domain AUC {v['auc']:.3f}); labels shifted: {', '.join(shifted) or 'none'}; report in "
+          f"{args.out}/drift.html")
     return 3 if r["drift"] else 0
 
 

@@ -25,6 +25,31 @@ from mltag.errors import MltagError
 log = logging.getLogger(__name__)
 
 
+def unlike_training(train: np.ndarray, held_out: np.ndarray, new: np.ndarray, quantile: float = 0.05,
+                    max_ref: int = 5000, seed: int = 0) -> dict:
+    """The effect size a person can judge: the share of new images that look less like the training images
+    than all but ``quantile`` of the held-out test images do (each image's cosine similarity to its nearest
+    training vector; the training side subsampled to ``max_ref``). Without drift the share is about ``quantile``.
+
+    Returns ``{"share", "expected", "similarity_cut"}`` (``share`` None without held-out or new vectors).
+    """
+    def unit(x):
+        x = np.asarray(x, np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    if not len(held_out) or not len(new) or not len(train):
+        return {"share": None, "expected": quantile, "similarity_cut": None}
+    ref = unit(train)
+    if len(ref) > max_ref:
+        ref = ref[np.random.default_rng(seed).choice(len(ref), max_ref, replace=False)]
+
+    def nearest(x):
+        return np.concatenate([(unit(x[i: i + 512]) @ ref.T).max(axis=1) for i in range(0, len(x), 512)])
+
+    cut = float(np.quantile(nearest(held_out), quantile))
+    return {"share": float((nearest(new) < cut).mean()), "expected": quantile, "similarity_cut": cut}
+
+
 def mmd_test(ref: np.ndarray, new: np.ndarray, permutations: int = 500, dims: int = 32, max_n: int = 1000,
              seed: int = 0) -> dict:
     """Two-sample MMD test of ``new`` against ``ref`` (rows are vectors). Each side is subsampled to
@@ -154,10 +179,11 @@ def drift(model: str, images: list[str], out: str | os.PathLike, *, bottlenecks:
         shifts = label_shifts(labels, head_scores(folder, np.asarray(x_test, np.float32)),
                               head_scores(folder, new), thresholds, min_labels, alpha)
     found = test["p_value"] < alpha or any(s["shifted"] for s in shifts or [])
+    unlike = unlike_training(x_train, x_test, new)
     order = np.argsort(test["witness"])[:12]
     atypical = [{"path": str(files[test["new_index"][i]]), "similarity": float(test["witness"][i])} for i in order]
     result = {"drift": bool(found), "alpha": alpha, "images": len(files), "computed": computed,
-              "model": str(folder), "labels": labels,
+              "model": model, "model_folder": str(folder), "labels": labels, "unlike_training": unlike,
               "vectors": {k: test[k] for k in ("mmd2", "p_value", "auc", "n_reference", "n_new", "permutations")},
               "label_shifts": shifts, "most_atypical": atypical}
     out = Path(out)
@@ -167,7 +193,7 @@ def drift(model: str, images: list[str], out: str | os.PathLike, *, bottlenecks:
 
         (tmp / "drift.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         (tmp / "drift.html").write_text(_html(result, test["null_mmd2"]), encoding="utf-8")
-    log.info("drift: %s (vectors: MMD p=%.4f, domain AUC %.3f; %d of %d labels' positive rates shifted); %s",
+    log.debug("drift: %s (vectors: MMD p=%.4f, domain AUC %.3f; %d of %d labels' positive rates shifted); %s",
              "found" if found else "none found", test["p_value"], test["auc"],
              sum(s["shifted"] for s in shifts or []), len(labels), out / "drift.html")
     return result
