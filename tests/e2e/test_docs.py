@@ -51,10 +51,10 @@ def add_photos(folder: Path, start: int, n: int, seed: int) -> None:
 
 def test_the_data_versioning_page_runs_from_the_demo_to_your_own_photos(tmp_path):
     blocks = page_blocks()
-    assert list(blocks) == ["demo", "first-version", "second-version", "back-to-v1"]
+    assert list(blocks) == ["demo", "first-version", "second-version", "back-to-v1", "forward-again"]
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    for f in ("dvc.yaml", "params.yaml", "docs/data-versioning.md"):  # the working tree's, committed or not
+    for f in ("dvc.yaml", "params.yaml", "docs/data-versioning.md", ".gitignore"):  # the working tree's, committed or not
         (clone / f).write_text((REPO / f).read_text())
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
@@ -87,7 +87,16 @@ def test_the_data_versioning_page_runs_from_the_demo_to_your_own_photos(tmp_path
     stats = json.loads((clone / "metrics" / "bottleneck.json").read_text())
     assert stats["computed"] == 12, stats
 
+    ds = json.loads((clone / "data" / "prepared" / "dataset.json").read_text())
+    assert ds["dataset_version"].startswith("dvc:photos.dvc@"), ds["dataset_version"]  # the data's, not the project's
+
     out = run_block("back-to-v1", blocks, clone, env)
     assert len(list((clone / "datasets" / "photos" / "images").iterdir())) == 60
-    # v1's stages come back from DVC's run cache (their metrics too, as v1 wrote them): nothing is computed
-    assert "Stage 'bottleneck' is cached - skipping run" in out, out[-3000:]
+    # v1's dvc.lock and outputs are back: nothing is computed
+    assert not [s for s in ("prepare", "bottleneck", "train", "register") if f"Running stage '{s}'" in out], out[-3000:]
+    assert json.loads((clone / "metrics" / "bottleneck.json").read_text())["computed"] != 12  # v1's own metrics
+    run_block("forward-again", blocks, clone, env)
+    assert len(list((clone / "datasets" / "photos" / "images").iterdir())) == 72
+    assert json.loads((clone / "metrics" / "bottleneck.json").read_text())["computed"] == 12
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
+    assert status.strip() == "", status  # nothing left over: outputs ignored or committed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -69,3 +70,27 @@ def test_prepare_s_line_names_duplicates_conflicts_image_sizes_and_upscaling(tmp
     assert "WARNING: most images are under half the backbone's 325 px input and will be upscaled" in out, out
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert len(report["conflicting_duplicates"]) == 1 and report["image_short_side"]["median"] == 24
+
+
+def test_the_dataset_version_is_the_data_s_own_never_the_project_s_commit(tmp_path, colour_dataset):
+    """#54: following the README, dataset.json recorded the project's commit, which did not hold the dataset. Now:
+    the md5 `dvc add` recorded, or the commit of a git repo that holds the folder unchanged, or 'untracked'."""
+    from mltag.data.fetch import dataset_version_of
+
+    assert dataset_version_of(str(colour_dataset)).startswith("untracked (manifest-")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e"}
+    git = dict(cwd=tmp_path, check=True, capture_output=True, env={**os.environ, **env})
+    subprocess.run(["git", "init", "-q"], **git)
+    (tmp_path / "notes.txt").write_text("the project, not the data\n")
+    subprocess.run(["git", "add", "notes.txt"], **git)
+    subprocess.run(["git", "commit", "-qm", "project"], **git)
+    assert dataset_version_of(str(colour_dataset)).startswith("untracked (")  # the commit does not hold it
+    subprocess.run(["git", "add", "colours"], **git)
+    subprocess.run(["git", "commit", "-qm", "data"], **git)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], **git, text=True).stdout.strip()
+    assert dataset_version_of(str(colour_dataset / "all.lst")) == f"git:{head}"
+    (tmp_path / "colours.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  size: 10\n  nfiles: 49\n  path: colours\n")
+    assert dataset_version_of(str(colour_dataset / "all.lst")) == "dvc:colours.dvc@0123abcd.dir"
+    out = run_cli("prepare", "--input", str(colour_dataset), "--out", str(tmp_path / "p"), cwd=tmp_path)
+    assert json.loads((tmp_path / "p" / "dataset.json").read_text())["dataset_version"] == \
+        "dvc:colours.dvc@0123abcd.dir", out.stdout

@@ -296,9 +296,9 @@ def _run_step(step: str, args, progress: bool) -> int:
         out = run_step(step, params, **rt)
         print(f"demo-data: {params.demo.n_images} images in {out}")
     elif step == "prepare":
-        from mltag.data.fetch import git_rev
+        from mltag.data.fetch import dataset_version_of
 
-        rt["dataset_version"] = args.dataset_version or git_rev(params.prepare.input)
+        rt["dataset_version"] = args.dataset_version or dataset_version_of(params.prepare.input)
         r = run_step(step, params, **rt)
         print(f"prepare: {r['images_used']} images ({r['format']}): {r['images_per_split']}; "
               f"{len(r['rejected'])} rejected{_data_notes(r, params)}; report in {args.out}/report.html")

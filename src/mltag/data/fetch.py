@@ -67,6 +67,44 @@ def git_rev(path: str) -> str | None:
     return rev.stdout.strip() or None if rev.returncode == 0 else None
 
 
+def dataset_version_of(path: str) -> str:
+    """The local dataset's own version, for lineage (never the project's commit, which need not hold the data):
+
+    * under a folder that DVC tracks (``photos.dvc`` beside ``photos/``): ``dvc:<folder>.dvc@<its md5>``, the
+      version ``dvc add`` recorded;
+    * else in a git repository with no change to the folder: ``git:<commit>``, the commit that holds it as it is;
+    * else ``untracked (<resolve_version's manifest>)``: said plainly, with a hash of the folder's file names,
+      sizes and times so that two runs can still be told apart.
+    """
+    import subprocess
+
+    import yaml
+
+    p = Path(path).absolute()
+    folder = p if p.is_dir() else p.parent
+    for d in (folder, *folder.parents):
+        dvc_file = d.parent / f"{d.name}.dvc"
+        if d.name and dvc_file.is_file():
+            try:
+                md5 = (yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["outs"][0]).get("md5")
+            except (OSError, ValueError, yaml.YAMLError, KeyError, IndexError, TypeError, AttributeError):
+                md5 = None
+            if md5:
+                return f"dvc:{dvc_file.name}@{md5}"
+    rev = git_rev(str(folder))
+    if rev:
+        try:
+            changed = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", "."],
+                                     capture_output=True, text=True, timeout=30)
+            tracked = subprocess.run(["git", "-C", str(folder), "ls-files", "--", "."], capture_output=True,
+                                     text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            changed = tracked = None
+        if changed is not None and changed.returncode == 0 and not changed.stdout.strip() and tracked.stdout.strip():
+            return f"git:{rev}"
+    return f"untracked ({resolve_version(str(p)).rpartition('#')[2]})"
+
+
 def is_remote(data: str) -> bool:
     return "://" in data and not data.startswith("file://")
 
