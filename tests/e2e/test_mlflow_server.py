@@ -109,6 +109,14 @@ def test_steps_against_server_then_serve(tmp_path, colour_dataset, fake_backbone
     run = client.get_run(mv.run_id)
     assert run.data.metrics["test_map"] >= 0.9 and "calibrated_test_micro_f1" in run.data.metrics  # logged by register
 
+    # lineage: the version followed back to its data (an MLflow dataset input), code, params and run (#54)
+    assert [d.dataset.source for d in run.inputs.dataset_inputs] == [json.dumps({"uri": str(colour_dataset)})]
+    shown = run_cli("lineage", "served@champion", cwd=w, env=env).stdout
+    assert f"served/{reg['version']}  (challenger, champion)" in shown and str(colour_dataset) in shown, shown
+    assert "data version   untracked (manifest-" in shown and f"run            {mv.run_id}" in shown, shown
+    full = json.loads(run_cli("lineage", f"served/{reg['version']}", "--json", cwd=w, env=env).stdout)
+    assert full["datasets"][0]["name"] == "colours" and full["mltag_version"] and full["metrics"]["test_map"] >= 0.9
+    assert full["params"]["train.learning_rate"] == "0.05"
     # `mltag promote` by hand records who and why.
     run_cli("promote", "served", str(reg["version"]), "--reason", "smoke test", "--user", "ci", cwd=w, env=env)
     tags = client.get_model_version("served", str(reg["version"])).tags

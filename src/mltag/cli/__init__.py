@@ -178,10 +178,19 @@ def _dispatch(args) -> int:
         import_tensorflow()
     if cmd in STEP_PATHS:
         return _run_step(cmd, args, not args.quiet)
-    handler = {"predict": _predict, "drift": _drift, "suggest": _suggest, "metrics": _show_metrics,
+    handler = {"predict": _predict, "drift": _drift, "suggest": _suggest, "metrics": _show_metrics, "lineage": _lineage,
                "promote": _promote, "doctor": _doctor, "backbone": _backbone, "params": _params,
                "pipeline": _pipeline, "code-digest": _code_digest}[cmd]
     return handler(args) or 0
+
+
+def _lineage(args) -> None:
+    import json
+
+    from mltag.tools.lineage import lineage, render
+
+    r = lineage(args.model, args.tracking_uri)
+    print(json.dumps(r, indent=2) if args.json else render(r))
 
 
 def _drift(args) -> int:
@@ -309,8 +318,11 @@ def _run_step(step: str, args, progress: bool) -> int:
         run_step(step, params, **rt)
     elif step == "train":
         root = _image_root(args.prepared)
+        from mltag.data.formats import dataset_version
+
         s = run_step(step, params, **rt, history_file=args.history, images=root,
-                     dataset=dataset_source(args.prepared) if root else None)
+                     dataset=dataset_source(args.prepared) if root else None,
+                     dataset_version=dataset_version(args.prepared) if root else None)
         ft = (f"; fine-tune best epoch {s['fine_tune_best_epoch']}/{s['fine_tune_epochs_run']}, val loss "
               f"{s['fine_tune_val_loss']:.4f}" if s.get("fine_tune_val_loss") is not None else "")
         val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"

@@ -248,6 +248,15 @@ def dataset_source(prepared: str | os.PathLike) -> str:
     return source
 
 
+def dataset_version(prepared: str | os.PathLike) -> str | None:
+    """The data's own version prepare recorded (``dvc:...``, ``git:...``, ``untracked (...)``), or None."""
+    f = Path(prepared) / "dataset.json"
+    if not f.is_file():
+        return None
+    version = read_handoff(f, "dataset.json", "prepare").get("dataset_version")
+    return version if isinstance(version, str) else None
+
+
 def write_dataset_meta(prepared: str | os.PathLike, meta: dict) -> None:
     """prepare's ``dataset.json``: where the images are (``image_root``, relative), the labels and counts."""
     write_handoff(Path(prepared) / "dataset.json", meta)

@@ -32,7 +32,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
           tracking: config.Tracking, tracking_uri: str | None = None, config: dict | None = None,
           recipe: dict | None = None, progress: bool = True, metrics_file: str | os.PathLike | None = None,
           history_file: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
-          dataset: str | None = None) -> dict:
+          dataset: str | None = None, dataset_version: str | None = None) -> dict:
     """Train the head, save it with the end-to-end model, and open the MLflow run.
 
     Args:
@@ -45,7 +45,8 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         metrics_file: also write the summary's headline figures here (DVC metrics).
         history_file: also write per-epoch losses here, one record per epoch (DVC plots).
         dataset: what prepare read (``prepare.input``): names the MLflow experiment (when
-            ``tracking.experiment`` is empty) and the run (``mltag.tracking.runs.run_identity``).
+            ``tracking.experiment`` is empty) and the run (``mltag.tracking.runs.run_identity``), and is the
+            run's MLflow dataset input with ``dataset_version`` (what prepare recorded) as its version.
 
     Returns:
         Summary dict with the run id and best validation figures.
@@ -76,7 +77,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
     tags = {**mltracking.owner_tags(out), **identity}
     try:  # the run ends FINISHED, or FAILED with whatever went wrong (KILLED when stopped, even while it opens)
         tracker.send("open_train_run", experiment, str(out), tags, {k: str(v)[:500] for k, v in params.items()},
-                     {"mltag.labels": ",".join(labels)})
+                     {"mltag.labels": ",".join(labels)}, (dataset, dataset_version) if dataset else None)
         loss = HeadLoss.of(train.model_dump())
         head, history, mon, refit = _fit(train, loss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress, p_tr)
         best = best_epoch(history, mon) - 1

@@ -405,17 +405,48 @@ def local_model(model: str, explicit_uri: str | None = None) -> Path:
 # The calls a step makes, as plain functions with plain arguments, run in the step's own process
 # through a ``Tracker`` (one place that reports a dead store and ends a failed train's run).
 
-def open_train_run(experiment: str, out: str, tags: dict, params: dict, step_tags: dict) -> tuple[str, str]:
+def open_train_run(experiment: str, out: str, tags: dict, params: dict, step_tags: dict,
+                   dataset: tuple[str, str | None] | None = None) -> tuple[str, str]:
     """train's run: the experiment set, this folder's stale runs closed, a new run started (and left
-    active, as ``mlflow.start_run`` leaves it) with its params and tags. Returns its ids."""
+    active, as ``mlflow.start_run`` leaves it) with its params and tags, and ``dataset`` ``(source, version)``
+    as its MLflow dataset input (the UI's Datasets column). Returns its ids."""
     import mlflow
+
+    from mltag import __version__
 
     exp = mlflow.set_experiment(experiment)
     close_stale_runs(exp.experiment_id, out, pid=int(tags["mltag.pid"]))
     run = mlflow.start_run(tags=tags)
     mlflow.log_params(params)
-    mlflow.set_tags(step_tags)
+    mlflow.set_tags({**step_tags, "mltag.version": __version__})
+    if dataset is not None:
+        log_dataset(*dataset)
     return run.info.run_id, run.info.experiment_id
+
+
+DATASET_VERSION_TAG = "mltag.dataset_version"
+
+
+def log_dataset(source: str, version: str | None) -> None:
+    """The active run's training dataset as an MLflow dataset input: named after its folder, its source (masked),
+    a digest of its version (MLflow keeps 36 characters), and the whole version as a tag of the input and the run."""
+    import hashlib
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from mltag.config import derived_model_name
+
+    name = derived_model_name(source).removeprefix("mltag-")
+    version = version or "unknown"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLflow warns when it guesses a local path's source type
+        src = resolve_dataset_source(mask_uri(source))
+    ds = MetaDataset(src, name=name, digest=hashlib.sha256(version.encode()).hexdigest()[:16])
+    mlflow.log_input(ds, context="training", tags={DATASET_VERSION_TAG: version[:500]})
+    mlflow.set_tag(DATASET_VERSION_TAG, version[:500])
 
 
 def log_to_run(run_id: str, metrics: dict | None = None, tags: dict | None = None,
