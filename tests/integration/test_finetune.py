@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,11 @@ def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predic
     assert "validation" in ca["fitted_on"]
     rg = register(tmp_path / "model", tmp_path / "th.json", tmp_path / "prepared", tmp_path / "rg.json", **sections("register", model_name="tuned"))
     assert rg["version"] == 1 and rg["tflite"]["fp32_max_abs_diff_vs_savedmodel"] <= 1e-4
+    # a fine-tuned backbone is served by TensorFlow: its environment says so (a head-mode one has none, #54)
+    import mlflow
+
+    reqs = Path(mlflow.pyfunc.get_model_dependencies("models:/tuned/1")).read_text()
+    assert "tensorflow==" in reqs and "ai-edge-litert==" in reqs, reqs
     out = InferenceModel(tmp_path / "model").predict([images / "images/0000.jpg"])
     assert set(out[0]["scores"]) == {"red", "green", "blue"}
 

@@ -89,6 +89,11 @@ def test_six_steps_on_tiny_data(tmp_path, colour_dataset, fake_backbone, mlflow_
     truth = read_lst(colour_dataset / "all.lst")[0].flags
     out = model.predict(pd.DataFrame({"image": [base64.b64encode(img.read_bytes()).decode()]}))
     assert out.loc[0, "labels"].split(",") == [c for c, f in zip(COLOURS, truth) if f]
+    # a head on its backbone with model.tflite is served by LiteRT: its environment has no TensorFlow (#54)
+    dl = tmp_path / "dl"
+    reqs = next(dl.rglob("requirements.txt")).read_text().split()
+    names = {r.split("==")[0] for r in reqs}
+    assert {"ai-edge-litert", "mlflow", "numpy", "pillow"} <= names and not names & {"tensorflow", "tensorflow-hub"}, reqs
 
 
 def add_images(root, rows, prepared, n, seed):

@@ -24,13 +24,25 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # mltag/: a registered version carries it as code
 
 
-RUNTIME_PACKAGES = ("tensorflow", "tensorflow-hub", "ai-edge-litert", "pillow", "numpy", "pandas", "scikit-learn",
-                    "mlflow")
+# What a served model imports: a head on its backbone with model.tflite runs on LiteRT and numpy alone (tested: no
+# TensorFlow module is loaded); a fine-tuned model, or one without model.tflite, runs its SavedModel on TensorFlow.
+LITERT_PACKAGES = ("ai-edge-litert", "pillow", "numpy", "pandas", "mlflow", "pydantic", "pyyaml", "tqdm")
+TF_PACKAGES = ("tensorflow", "tensorflow-hub", "scikit-learn")
 
 
-def pip_requirements() -> list[str]:
+def needs_tensorflow(bundle: Path) -> bool:
+    """Whether the model in ``bundle`` is served by TensorFlow (not a head-mode model with its model.tflite)."""
+    from mltag.data.formats import read_model_meta
+
+    meta = read_model_meta(bundle, verify=False)
+    return meta.get("mode", "head") != "head" or not (Path(bundle) / "model.tflite").is_file()
+
+
+def pip_requirements(tensorflow: bool = True) -> list[str]:
+    """The served model's environment, pinned to this one's versions: ``LITERT_PACKAGES``, and ``TF_PACKAGES``
+    when ``tensorflow``."""
     reqs = []
-    for name in RUNTIME_PACKAGES:
+    for name in LITERT_PACKAGES + (TF_PACKAGES if tensorflow else ()):
         try:
             reqs.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -113,7 +125,7 @@ def create_version(client, model_name: str, existing, tags: dict, bundle: Path, 
         name="model", python_model=str(PACKAGE_DIR / "registry" / "pyfunc_model.py"),
         artifacts={"model": str(bundle)},
         code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
-        pip_requirements=pip_requirements())
+        pip_requirements=pip_requirements(needs_tensorflow(bundle)))
     fault_point("register:logged")
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Successfully registered..." lines
         mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
