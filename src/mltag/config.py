@@ -191,7 +191,8 @@ class Calibrate(Section):
     cv_folds: int = opt(5, "thresholds from out-of-fold scores over train+val (k head refits); 0: validation only",
                         ge=0)
     shrink: float = opt(10.0, "pseudo-positives pulling each label's threshold toward the global one", ge=0)
-    min_gain: float = opt(0.01, "out-of-fold F1 gain a label (and the whole set) needs to leave 0.5")
+    min_gain: float = opt(0.01, "out-of-fold F1 gain a label needs to leave 0.5 (each label on its own; all go back "
+                          "only when together they lose more than this in micro F1)")
     at_least_one: Literal["auto", "true", "false"] = opt(
         "auto", "an image with no label at its thresholds gets its top-scoring one: auto when that raises micro F1 "
                 "out of fold (never with method min_precision or none)")

@@ -334,3 +334,27 @@ def test_intervals_contain_their_own_estimate_with_many_rare_labels():
     d, lo, hi = paired["map"]
     assert d > 0 and lo <= d <= hi, paired["map"]
     assert all(lb is not None for lb in paired["per_label"])  # every label has a positive in every resample
+
+
+def test_a_label_that_gains_out_of_fold_leaves_0_5_though_near_perfect_labels_dilute_the_set():
+    """#53: colour + item photos: five near-perfect item labels and a colour label whose model is under-confident.
+    The colour's own out-of-fold gain decides; a whole-set check diluted by the item labels used to keep every
+    label at 0.5. A label with nothing to gain keeps 0.5, and the line says which rule did what."""
+    from mltag.steps.calibrate import choose_thresholds
+
+    rng = np.random.default_rng(1)
+    n, items = 1500, 8
+    y = np.zeros((n, items + 1), int)
+    y[np.arange(n), rng.integers(0, items, n)] = 1  # one item each, scored nearly perfectly
+    s = np.where(y == 1, rng.uniform(0.8, 1.0, y.shape), rng.uniform(0.0, 0.2, y.shape))
+    blue = rng.random(n) < 0.05  # a rare colour, scored low: 0.5 misses a quarter of it
+    y[:, -1] = blue
+    s[:, -1] = np.where(blue, rng.uniform(0.4, 0.8, n), rng.uniform(0.0, 0.3, n))
+    labels = [f"item{i}" for i in range(items)] + ["blue"]
+    th = choose_thresholds(y, s, np.arange(n) % 5, labels, min_gain=0.01)
+    assert th["thresholds"]["blue"] < 0.4 and "blue" not in th["kept_0.5"], th["rule"]["blue"]
+    assert th["expected"]["per_label_f1_gain"]["blue"] > 0.05
+    assert th["rule"]["blue"].startswith("fitted (out of fold +")
+    assert all(th["thresholds"][f"item{i}"] == 0.5 for i in range(items))
+    assert th["rule"]["item0"].startswith("0.5 kept (out of fold")
+    assert 0 < th["expected"]["micro_f1_gain"] < 0.01  # diluted: the old whole-set check would have vetoed it

@@ -130,13 +130,16 @@ def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: l
                       min_gain: float = 0.01) -> dict:
     """Thresholds fitted on scores ``s`` (out-of-fold ones, ideally), with the keep-0.5 rule.
 
-    For an F1 target a label leaves 0.5 only when its fitted threshold beats 0.5 by more
-    than ``min_gain`` F1 on folds it was not fitted on (``cross_validated_gain``), and the
-    thresholds that leave it must together beat 0.5 by more than ``min_gain`` micro F1. For a
-    precision target every fitted threshold is kept: reaching the precision is the point.
+    For an F1 target each label is decided on its own evidence: it leaves 0.5 only when its fitted
+    threshold beats 0.5 by more than ``min_gain`` F1 on folds it was not fitted on
+    (``cross_validated_gain``). A label is not held back because other labels gain nothing (five near-perfect
+    labels used to dilute a whole-set check, so a colour label that gained 0.06 F1 kept 0.5). Only when the
+    thresholds that leave 0.5 make the whole set worse than 0.5 by more than ``min_gain`` micro F1 (out of
+    fold) do they all go back. For a precision target every fitted threshold is kept: reaching the
+    precision is the point. ``rule`` says, per label, which rule set or kept its threshold.
 
     Returns:
-        The ``fit_thresholds`` dict plus ``kept_0.5`` and ``expected`` (the cross-validated
+        The ``fit_thresholds`` dict plus ``kept_0.5``, ``rule`` and ``expected`` (the cross-validated
         micro and per-label F1 gains over 0.5 of the thresholds shipped).
     """
     y = np.asarray(y).astype(int)
@@ -144,20 +147,29 @@ def choose_thresholds(y: np.ndarray, s: np.ndarray, folds: np.ndarray, labels: l
     enough = len(y) >= 10 and len(np.unique(folds)) > 1
     gain_l, gain_micro = cross_validated_gain(y, s, folds, labels, min_positives, shrink) if enough \
         else (np.zeros(len(labels)), 0.0)
+    fallback = set(th["fallback_labels"])
+    rule = {n: ("global threshold" if n in fallback else "fitted") + (f" (out of fold {gain_l[j]:+.3f} F1)"
+            if enough else "") for j, n in enumerate(labels)}
     kept = []
     if min_precision is None:
         kept = [n for j, n in enumerate(labels) if not gain_l[j] > min_gain]
-        for name in kept:
-            th["thresholds"][name] = 0.5
+        for j, name in enumerate(labels):
+            if name in kept:
+                th["thresholds"][name] = 0.5
+                rule[name] = (f"0.5 kept (out of fold {gain_l[j]:+.3f} F1, not above calibrate.min_gain {min_gain})"
+                              if enough else "0.5 kept (too few scores to judge a threshold)")
         if kept and enough:
             _, gain_micro = cross_validated_gain(y, s, folds, labels, min_positives, shrink, tuple(kept))
         elif kept:
             gain_micro = 0.0
-        if gain_micro <= min_gain and len(kept) < len(labels):  # per-label gains that do not add up overall
-            kept = list(labels)
+        if gain_micro < -min_gain and len(kept) < len(labels):  # the set as a whole worse than 0.5: all back
             for name in labels:
+                if name not in kept:
+                    rule[name] = f"0.5 kept (together the fitted thresholds lost {gain_micro:+.3f} micro F1)"
                 th["thresholds"][name] = 0.5
+            kept = list(labels)
             gain_micro = 0.0
+    th["rule"] = rule
     th["kept_0.5"] = kept
     th["expected"] = {"micro_f1_gain": float(gain_micro),
                       "per_label_f1_gain": {n: float(g) for n, g in zip(labels, gain_l)}}
@@ -250,6 +262,7 @@ def _result(th: dict, source: str, one_gain: float, at_05: dict, at_cal: dict) -
         "thresholds": th["thresholds"],
         "fallback_labels": th["fallback_labels"],
         "kept_0.5": th["kept_0.5"],
+        "rule": th.get("rule", {}),
         "at_least_one": bool(th["min_labels"]),
         "fitted_on": source,
         "expected_micro_f1_gain": th["expected"]["micro_f1_gain"],
@@ -261,9 +274,11 @@ def _result(th: dict, source: str, one_gain: float, at_05: dict, at_cal: dict) -
 
 
 def _say(th: dict, source: str, one_gain: float, expected: dict, at_05: dict, at_cal: dict) -> None:
-    log.info("calibrate: thresholds %s (from %s; 0.5 kept for %s); an image with no label gets its top one: %s "
-             "(%+.4f micro F1 on the fitting scores)", ", ".join(f"{n}={v:.3f}" for n, v in th["thresholds"].items()),
-             source, ", ".join(th["kept_0.5"]) or "none", "yes" if th["min_labels"] else "no", one_gain)
+    rules = th.get("rule", {})
+    log.info("calibrate: thresholds %s (from %s); an image with no label gets its top one: %s "
+             "(%+.4f micro F1 on the fitting scores)",
+             ", ".join(f"{n}={v:.3f} [{rules.get(n, '')}]" for n, v in th["thresholds"].items()),
+             source, "yes" if th["min_labels"] else "no", one_gain)
     log.info("calibrate: expected micro F1 gain %+.4f; test micro F1 %.4f at 0.5 -> %.4f calibrated; "
              "macro F1 %.4f -> %.4f", expected["micro_f1_gain"], at_05["micro_f1"], at_cal["micro_f1"],
              at_05["macro_f1"], at_cal["macro_f1"])
