@@ -259,7 +259,7 @@ def test_register_gate_refuses_a_model_that_regresses_one_label(tmp_path, colour
     from mltag.data.integrity import write_integrity
 
     write_integrity(bad)  # a model built by hand records its own content hash
-    second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json", **sections("register", model_name="onelabel", margin=-1.0, max_label_ap_drop=0.05), bottlenecks=tmp_path / "bn")
+    second = register(bad, tmp_path / "thresholds.json", tmp_path / "prepared", tmp_path / "rg-bad.json", **sections("register", model_name="onelabel", margin=-0.99, max_label_ap_drop=0.05), bottlenecks=tmp_path / "bn")
     assert (second["scored_from"], second["champion_scored_from"]) == ("cached vectors", "cached vectors")
     assert not second["promoted"]
     assert second["reason"].startswith("label 'blue' AP -") and \

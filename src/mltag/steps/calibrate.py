@@ -318,12 +318,12 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
         raise MltagError("this head was refitted on train+val (train.refit), so its validation scores are not held "
                          "out and cannot fit thresholds: set calibrate.cv_folds to 2 or more (the default 5), or "
                          "train.refit false", Path(model_dir) / "model.json")
-    s_va, y_va, s_te, y_te = _evaluated_scores(evaluation, labels, model_dir)
-    if bottlenecks is not None:
+    if bottlenecks is not None:  # first: a reordered label list says so, not only that the model changed
         from mltag.data.formats import check_same_labels, read_labels
 
         check_same_labels(read_labels(Path(bottlenecks) / "labels.txt"), labels, Path(model_dir) / "model.json",
                           "the model", "calibrate the model trained on these bottlenecks (or restore its folder)")
+    s_va, y_va, s_te, y_te = _evaluated_scores(evaluation, labels, model_dir)
     mp = min_precision if method == "min_precision" else None
     oof_file, y_fit, s_fit, folds, source, cv_folds = _fitting_scores(
         calibrate, model_dir, bottlenecks, oof_out, labels, y_va, s_va, progress)
