@@ -156,12 +156,20 @@ def test_label_suggested_images_by_keyboard_then_prepare_reads_the_export(tmp_pa
             if (lb in have) != (lb in want):
                 page.keyboard.press(str(j + 1))
         page.keyboard.press("Enter")
-    assert page.locator("#progress").inner_text() == "5 of 8 labelled"
-    page.reload()  # choices are kept
-    assert page.locator("#progress").inner_text() == "5 of 8 labelled"
-    assert page.locator("figure.done").count() == 5
+    # a label the model does not know, from the keyboard (#54): "/" to the box, its name, Enter; it gets a key
+    page.keyboard.press("/")
+    page.keyboard.type("striped")
+    page.keyboard.press("Enter")
+    sixth = page.eval_on_selector_all("#toggles input", "els => els.filter(e => e.checked).map(e => e.dataset.label)")
+    assert sixth == predicted[5] + ["striped"], sixth
+    page.keyboard.press("Enter")
+    assert page.locator("#progress").inner_text() == "6 of 8 labelled"
+    page.reload()  # choices are kept, the new label too
+    assert page.locator("#progress").inner_text() == "6 of 8 labelled"
+    assert page.locator("figure.done").count() == 6
+    assert page.locator("#toggles kbd").all_inner_texts() == ["1", "2", "3", "4"]  # every label has its key
     page.keyboard.press("ArrowLeft")
-    assert page.locator("#t-path").inner_text().startswith("5 / 8: ") and page.locator("#t-state").inner_text() == "(done)"
+    assert page.locator("#t-path").inner_text().startswith("6 / 8: ") and page.locator("#t-state").inner_text() == "(done)"
     with page.expect_download() as dl:
         page.click("#export")
     exported = new / "labels.csv"
@@ -170,12 +178,12 @@ def test_label_suggested_images_by_keyboard_then_prepare_reads_the_export(tmp_pa
     ctx.close()
 
     rows = list(csv.DictReader(exported.open()))
-    assert [os.path.join(new, row["path"]) for row in rows] == [os.path.abspath(p) for p in picked[:5]]
-    assert [row["labels"].split() for row in rows] == wanted
+    assert [os.path.join(new, row["path"]) for row in rows] == [os.path.abspath(p) for p in picked[:6]]
+    assert [row["labels"].split() for row in rows] == wanted + [predicted[5] + ["striped"]]
     ds = read_dataset(exported, "csv")  # prepare reads the export as it is
-    assert ds.fmt == "csv" and ds.labels == sorted(COLOURS)  # no labels.txt beside it: the names, sorted
+    assert ds.fmt == "csv" and ds.labels == sorted(COLOURS + ["striped"])  # no labels.txt beside it: sorted
     got = {e.path: {lb for lb, f in zip(ds.labels, e.flags) if f} for e in ds.examples}
     assert got == {row["path"]: set(row["labels"].split()) for row in rows}
     prepare(tmp_path / "prepared-new", **sections("prepare", input=exported, val_fraction=0.0, test_fraction=0.0),
             progress=False)
-    assert len((tmp_path / "prepared-new" / "train.lst").read_text().splitlines()) == 5
+    assert len((tmp_path / "prepared-new" / "train.lst").read_text().splitlines()) == 6

@@ -119,6 +119,10 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
             "page": str(page), "unreadable": sorted(bad)}
 
 
+# The labelling page's toggle keys, label by label: 1-9, 0, then the letters (Enter, the arrows and / do the rest).
+LABEL_KEYS = list("1234567890abcdefghijklmnopqrstuvwxyz")
+
+
 def label_page_path(out: str | os.PathLike) -> Path:
     """Where the labelling page goes: beside the CSV, ``.html`` for its suffix."""
     out = Path(out)
@@ -145,5 +149,5 @@ def label_page(files: list[Path], labels: list[str], scores: np.ndarray, chosen:
                       "thumb": thumbnail(Path(f), 320), "predicted": [lb for lb, h in zip(labels, hit) if h],
                       "scores": {lb: round(float(v), 4) for lb, v in zip(labels, s)}})
     page_id = hashlib.sha256(json.dumps([page_key] + [e["rel"] for e in items]).encode()).hexdigest()[:16]
-    return render("label.html.j2", items=items, labels=labels, root=str(root), page_id=page_id,
+    return render("label.html.j2", items=items, labels=labels, root=str(root), page_id=page_id, keys=LABEL_KEYS,
                   items_json=script_json(items))
