@@ -116,8 +116,20 @@ def remove_stale_leftovers(folder: str | os.PathLike, stem: str | None = None) -
     return removed
 
 
+def lock_beside(target: str | os.PathLike) -> Path:
+    """The lock file guarding ``target`` in one of mltag's own caches (a built backbone, a LiteRT conversion, the
+    feature memo, a downloaded model): ``<target>.lock`` beside it, so that processes on other machines that see
+    the same volume (pods on a ReadWriteMany claim) exclude each other too; a lock in a pod's own temp folder
+    guards nothing across pods."""
+    lock = Path(f"{target}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    return lock
+
+
 def lock_file_for(dest: str | os.PathLike) -> Path:
-    """The lock file guarding ``dest``: outside it (never part of an output), one per absolute path."""
+    """The lock file guarding an output ``dest`` while it is swapped in: outside it and outside the user's folders
+    (never part of an output, no stray file beside data/prepared), one per absolute path. Outputs are written by
+    one task each; the caches that processes share lock beside themselves (``lock_beside``)."""
     key = hashlib.sha256(str(Path(dest).absolute()).encode()).hexdigest()[:24]
     folder = Path(tempfile.gettempdir()) / f"mltag-locks-{os.getuid() if hasattr(os, 'getuid') else 0}"
     folder.mkdir(parents=True, exist_ok=True)

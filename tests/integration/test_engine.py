@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,4 +254,7 @@ def test_a_conversion_that_ran_out_of_memory_is_tried_again_next_time(tmp_path, 
         with pytest.raises(TransientError, match="ran out of memory"):
             engine.litert_backbone(resolved, 32, tmp_path / "bb")
     assert not failed.exists()
-    assert engine.litert_backbone(resolved, 32, tmp_path / "bb").is_file()  # the next run converts it
+    lite = engine.litert_backbone(resolved, 32, tmp_path / "bb")
+    assert lite.is_file()  # the next run converts it
+    # the conversion's lock lives beside it, in the backbone cache: pods sharing that volume exclude each other (#55)
+    assert Path(f"{lite}.build.lock").is_file()

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mltag.errors import MltagError
-from mltag.files import atomic_path, lock_file_for, locked
+from mltag.files import atomic_path, lock_beside, locked
 from mltag.tf_runtime import import_tensorflow
 
 log = logging.getLogger(__name__)
@@ -502,7 +502,7 @@ def resolve(handle: str, cache_dir: str | os.PathLike | None = "", build: bool =
             # Two processes (two projects, two shards) may want it at once: one builds, the other
             # waits on the lock and then finds it built. The build itself goes to a temp name first.
             # (a lock of its own: atomic_path takes the output's lock for the final rename)
-            with locked(lock_file_for(f"{target}.build"), f"the built-in backbone {target}"):
+            with locked(lock_beside(f"{target}.build"), f"the built-in backbone {target}"):
                 if not (target / "saved_model.pb").is_file():
                     log.info("building built-in backbone %s into %s (once) ...", name, target)
                     build_builtin(name, target)

@@ -24,7 +24,7 @@ import numpy as np
 
 from mltag import config
 from mltag.errors import MltagError, TransientError
-from mltag.files import atomic_path, lock_file_for, locked
+from mltag.files import atomic_path, lock_beside, locked
 from mltag.tf_runtime import import_tensorflow, quiet_stderr
 from mltag.workers import cpu_threads
 
@@ -273,7 +273,7 @@ def _convert_once(backbone, image_size: int, kind: str, path: Path, failed: Path
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         # one process converts (a lock of its own: atomic_path takes the file's for the rename)
-        with locked(lock_file_for(f"{path}.build"), f"the LiteRT conversion {path}"):
+        with locked(lock_beside(f"{path}.build"), f"the LiteRT conversion {path}"):
             if failed.is_file():
                 raise MltagError(failed.read_text(encoding="utf-8").strip())
             if not path.is_file():
@@ -304,7 +304,7 @@ def litert_bottom(name: str, k: int, image_size: int, backbone_cache: str | os.P
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(lock_file_for(f"{path}.build"), f"the LiteRT conversion {path}"):
+    with locked(lock_beside(f"{path}.build"), f"the LiteRT conversion {path}"):
         if not path.is_file():
             tf = import_tensorflow()
 

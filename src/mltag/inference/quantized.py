@@ -220,7 +220,7 @@ def memo_features(backbone_file: Path, images: list[Path], hashes: list[str], im
     A damaged memo is read as empty (and rewritten); the update holds a lock and merges what
     another process added meanwhile, and is written atomically."""
     from mltag.data.images import load_image
-    from mltag.files import atomic_path, lock_file_for, locked
+    from mltag.files import atomic_path, lock_beside, locked
     from mltag.inference.engine import LiteRTEngine
     from mltag.workers import cpu_threads, imap_ordered
 
@@ -250,7 +250,7 @@ def memo_features(backbone_file: Path, images: list[Path], hashes: list[str], im
             for i, f in zip(idx, engine(pixels)):
                 if np.isfinite(f).all():
                     new[hashes[i]] = f
-        with locked(lock_file_for(f"{memo}.update"), f"the feature memo {memo}"):
+        with locked(lock_beside(f"{memo}.update"), f"the feature memo {memo}"):
             merged = {**read(), **new}
             with atomic_path(memo) as tmp:
                 with open(tmp, "wb") as fh:

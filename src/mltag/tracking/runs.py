@@ -330,11 +330,11 @@ def _download(model: str, dest: Path) -> Path:
 
     import mlflow
 
-    from mltag.files import lock_file_for, locked
+    from mltag.files import lock_beside, locked
 
     if (dest / "done").is_file():
         return dest
-    with locked(lock_file_for(dest), f"the download of {model}"):
+    with locked(lock_beside(dest), f"the download of {model}"):
         if not (dest / "done").is_file():
             part = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
             shutil.rmtree(part, ignore_errors=True)
