@@ -88,7 +88,8 @@ def test_steps_against_server_then_serve(tmp_path, colour_dataset, fake_backbone
         ("calibrate",),
         ("register", "--model-name", "served"),
     ]
-    paths = {"bottleneck": ("--prepared", "prepared", "--out", "bn"), "train": ("--bottlenecks", "bn", "--out", "m"),
+    paths = {"bottleneck": ("--prepared", "prepared", "--out", "bn"),
+             "train": ("--bottlenecks", "bn", "--prepared", "prepared", "--out", "m"),
              "evaluate": ("--model", "m", "--bottlenecks", "bn", "--prepared", "prepared", "--out", "ev",
                           "--metrics", "ev.json"),
              "calibrate": ("--evaluation", "ev", "--model", "m", "--bottlenecks", "bn", "--out", "th.json",

@@ -197,8 +197,9 @@ def test_two_projects_at_once_build_a_backbone_once_in_the_per_user_cache(tmp_pa
     # and its dynamic-range form (register's int8 model) with it, once
     assert both.count("converting backbone builtin:efficientnet_lite0 to LiteRT (dynamic range)") == 1, both
     cache = tmp_path / "xdg" / "mltag" / "backbones"
-    built = [d for d in cache.iterdir() if d.name.startswith("efficientnet_lite0-")]
+    built = [d for d in cache.iterdir() if d.name.startswith("efficientnet_lite0-") and d.is_dir()]
     assert len(built) == 1 and (built[0] / "saved_model.pb").is_file()
+    assert Path(f"{built[0]}.build.lock").is_file()  # the build's lock, beside it in the shared cache (#55)
     assert sorted(p.name.split(".", 1)[1] for p in (cache / "litert").glob("*.tflite")) == \
         ["dynamic_range.tflite", "tflite"]
     assert not [p for p in projects if any(p.iterdir())], "nothing is written into the project folders"
