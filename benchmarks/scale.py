@@ -292,6 +292,41 @@ def real_table(r: dict) -> str:
     return "\n".join(rows)
 
 
+def gather_bytes(n: int, shard_counts: list[int], dim: int = 1280, sample: int = 2000) -> dict:
+    """The gather's reads from the vector store: ``n`` vectors written by S shards (shard = index mod S, each shard
+    its own packs, as the sharded bottleneck writes them), then read back in path order, the way the gather asks.
+    ``bytes_read_per_vector``: with ``get_many`` (each pack once, what the steps use); ``one_by_one``: with ``get``
+    on the first ``sample`` keys (a whole pack per miss, the 8 packs read last kept), for comparison."""
+    import tempfile
+
+    import numpy as np
+
+    from mltag.data.store import FeatureCache
+
+    out = {"vectors": n, "dim": dim, "vector_bytes": 2 * dim, "shards": {}}
+    rng = np.random.default_rng(0)
+    for shards in shard_counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = FeatureCache(Path(tmp) / "store", "bench", 224)
+            keys = [writer.key(f"{i:08d}") for i in range(n)]
+            for s in range(shards):
+                mine = keys[s::shards]
+                for at in range(0, len(mine), 256):
+                    part = mine[at: at + 256]
+                    writer.put_many(part, rng.standard_normal((len(part), dim)).astype(np.float16))
+            one = FeatureCache(Path(tmp) / "store", "bench", 224)
+            for k in keys[:sample]:
+                one.get(k)
+            many = FeatureCache(Path(tmp) / "store", "bench", 224)
+            t = time.time()
+            got = many.get_many(keys)
+            assert len(got) == n
+            out["shards"][shards] = {"bytes_read_per_vector": round(many.bytes_read / n, 1),
+                                     "one_by_one_bytes_read_per_vector": round(one.bytes_read / sample, 1),
+                                     "seconds": round(time.time() - t, 2)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", default=None, metavar="N[,N...]", help="the whole dvc repro on N real image files")
@@ -304,8 +339,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=4, help="--kfp: bottleneck.num_shards")
     ap.add_argument("--sizes", default="10000,100000,300000", help="synthetic vectors: the steps after bottleneck")
     ap.add_argument("--epochs", type=int, default=20, help="train.epochs (early stopping may end sooner)")
+    ap.add_argument("--gather", type=int, default=None, metavar="N",
+                    help="the gather's bytes read per vector from N vectors written by 1, 8 and 32 shards")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.gather:
+        r = gather_bytes(args.gather, [1, 8, 32])
+        for shards, x in r["shards"].items():
+            print(f"{shards:>3} shards: bytes_read_per_vector {x['bytes_read_per_vector']} (a vector is "
+                  f"{r['vector_bytes']} bytes; one by one: {x['one_by_one_bytes_read_per_vector']}), {x['seconds']} s")
+        print(json.dumps(r) if args.json else "")
+        return 0
     if args.kfp:
         r = kfp_scale(args.kfp, args.shards, args.add, lambda m: print(m, file=sys.stderr, flush=True))
         for run in r["runs"]:

@@ -60,3 +60,29 @@ def test_a_bucket_vector_store_is_read_pack_by_pack_not_vector_by_vector(monkeyp
     got = np.stack([fresh.get(k) for k in keys])
     np.testing.assert_array_equal(got, vecs.astype(np.float16))
     assert len(whole) == len(set(whole)) == 4  # one request per pack, however many vectors it holds
+
+
+def test_a_gather_over_many_shards_reads_each_pack_once_in_any_order(tmp_path):
+    """#55: the gather walked keys across S shards' packs in path order; with more shards than the 8 packs kept, each
+    vector cost a whole pack read. ``get_many`` groups the keys by pack: every pack is read once, so the bytes read
+    per vector stay near a vector's own size, whatever the order; missing and damaged entries are left out."""
+    shards, per_shard, dim = 32, 64, 256
+    cache = FeatureCache(tmp_path / "store", "b", 224)
+    rng = np.random.default_rng(0)
+    keys = {}
+    for s in range(shards):  # each shard writes its own packs
+        ks = [cache.key(f"{s}-{i}") for i in range(per_shard)]
+        vs = rng.standard_normal((per_shard, dim)).astype(np.float16)
+        cache.put_many(ks, vs)
+        keys.update(zip(ks, vs))
+    order = [k for i in range(per_shard) for k in list(keys)[i::per_shard]]  # interleaved across the shards
+    reader = FeatureCache(tmp_path / "store", "b", 224)
+    for k in order[:200]:
+        reader.get(k)
+    per_vector_get = reader.bytes_read / 200
+    reader = FeatureCache(tmp_path / "store", "b", 224)
+    got = reader.get_many(order + [cache.key("absent")])
+    assert set(got) == set(keys) and all(np.array_equal(got[k], v) for k, v in keys.items())
+    per_vector = reader.bytes_read / len(keys)
+    assert per_vector < 1.2 * 2 * dim + 200, per_vector  # a vector's bytes and its share of the key table
+    assert per_vector_get > 10 * per_vector  # what a vector cost read one at a time across 32 shards

@@ -110,6 +110,7 @@ class FeatureCache:
         self._index: dict[str, list[tuple]] | None = None  # key -> [(root, pack, offset, dim, checksum)]
         self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # packs read last
         self._dir_made = False
+        self.bytes_read = 0  # bytes of pack files read for vectors (what the gather benchmark reports)
 
     @property
     def rejected(self) -> int:
@@ -152,16 +153,22 @@ class FeatureCache:
                 out.append(b"")
         return out
 
+    def _read_pack(self, root, path: str) -> bytes:
+        """A whole pack file, read now (``bytes_read`` counts it)."""
+        if self.remote is not None and root is self.root:
+            data = self.remote.cat_file(path)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        self.bytes_read += len(data)
+        return data
+
     def _pack(self, root, path: str) -> bytes:
         """A whole pack file, from the few read last (a run reads its vectors mostly in the order
         they were written, so one read serves a pack's vectors, and a bucket one request)."""
         data = self._recent.pop(path, None)
         if data is None:
-            if self.remote is not None and root is self.root:
-                data = self.remote.cat_file(path)
-            else:
-                with open(path, "rb") as f:
-                    data = f.read()
+            data = self._read_pack(root, path)
         self._recent[path] = data
         while len(self._recent) > 8:
             self._recent.popitem(last=False)
@@ -198,10 +205,41 @@ class FeatureCache:
         return {k: (locs[0][1], locs[0][2]) for k, locs in self._locations().items()}
 
     def get(self, key: str) -> np.ndarray | None:
+        return self._get(key, lambda root, path: self._pack(root, path))
+
+    def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of ``keys`` (a missing or untrusted one is absent), reading each pack file once:
+        the keys are grouped by the pack that holds them, so a gather over many shards' packs, asked in any
+        order, reads about a vector's own bytes per vector instead of a whole pack per vector."""
+        index = self._locations()
+        by_pack: dict[tuple, list[str]] = {}
+        for key in dict.fromkeys(keys):
+            locs = index.get(key)
+            if locs:
+                by_pack.setdefault((locs[0][0], locs[0][1]), []).append(key)
+        out = {}
+        for (root, path), group in by_pack.items():
+            whole: list[bytes] = []
+
+            def read(r, p, root=root, path=path, whole=whole):
+                if (r, p) != (root, path):  # a second copy elsewhere: its own pack, read as get reads it
+                    return self._pack(r, p)
+                if not whole:
+                    whole.append(self._read_pack(root, path))
+                return whole[0]
+
+            for key in group:
+                v = self._get(key, read)
+                if v is not None:
+                    out[key] = v
+        return out
+
+    def _get(self, key: str, read) -> np.ndarray | None:
+        """``key``'s first trusted entry, its pack's bytes from ``read(root, pack)``."""
         damaged = False
         for root, path, offset, dim, check in self._locations().get(key, ()):
             try:
-                body = self._pack(root, path)[offset: offset + 2 * dim]
+                body = read(root, path)[offset: offset + 2 * dim]
             except FileNotFoundError:
                 continue
             except OSError:

@@ -155,9 +155,10 @@ def _plan(all_ex: list, files: list[Path], shas: list[str], train_paths: set, vi
 
 def _uncached(jobs: list, cache, loaded: dict | None) -> list:
     """The jobs whose vector the cache lacks; the others' vectors go to ``loaded`` (when given)."""
+    found = cache.get_many([job[0] for job in jobs])  # each pack read once, whatever the shards' order
     missing = []
     for job in jobs:
-        vec = cache.get(job[0])
+        vec = found.get(job[0])
         if vec is None:
             missing.append(job)
         elif loaded is not None:
@@ -203,9 +204,12 @@ def _write_splits(tmp: Path, splits: dict, labels: list[str], keys: dict, loaded
     """The split files from the vectors (``loaded`` first, then the cache). Returns the vector size."""
     dim = None
 
+    wanted = [k for s in SPLITS for ex in splits[s] for k in keys[ex.path][: 1 if s != "train" else None]]
+    stored = cache.get_many([k for k in wanted if k not in loaded])  # each pack once (the gather: many shards)
+
     def vector(ex, key):
         v = loaded.pop(key, None)
-        v = cache.get(key) if v is None else v
+        v = stored.pop(key, None) if v is None else v
         if v is None:
             raise MltagError(f"no cached vector for {ex.path} (was a shard missing?)", ex.source)
         return v
