@@ -8,12 +8,18 @@
    into a fresh vector store the way the step does).
 3. A real ``mlflow models serve`` on 127.0.0.1: p50, p95 and p99 latency and throughput at
    concurrency 1, 4 and 16, for requests of one image and of 16 images (base64 JSON).
+4. ``--cold-start``: the served model's cold start, from ``mlflow models serve --env-manager uv`` to its first
+   answer, in a new environment (MLflow builds it from the model's requirements), with an empty package cache
+   (every wheel from the index) and with a warm one, for the model as registered and for the same model with
+   TensorFlow added to its requirements (what a head-mode model carried before it was lean); with each
+   environment's size on disk. Needs ``uv`` on PATH and the package index reachable.
 
 Prints figures (the last line one JSON object with ``--json``); asserts nothing.
 
 Usage:
     python benchmarks/serving.py --model models/train --images data/demo/images [--n 512] [--requests 60] [--json]
     python benchmarks/serving.py --model models:/mltag@champion --images DIR ...
+    python benchmarks/serving.py --model models:/mltag@champion --images DIR --cold-start [--json]
 """
 
 from __future__ import annotations
@@ -179,6 +185,81 @@ def serve_load(model_uri: str, files: list[Path], requests: int, env: dict) -> d
             proc.wait(timeout=30)
 
 
+def model_copy(model_uri: str, dest: Path, tensorflow: bool) -> Path:
+    """The MLflow model at ``model_uri`` downloaded into ``dest``; with ``tensorflow``, its requirements (all three
+    files MLflow may read) get this environment's TensorFlow packages, pinned as register pins them."""
+    import mlflow
+
+    from mltag.registry.versions import TF_PACKAGES, pip_requirements
+
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dest)))
+    if tensorflow:
+        extra = [r for r in pip_requirements(True) if r.split("==")[0] in TF_PACKAGES]
+        req = folder / "requirements.txt"
+        req.write_text(req.read_text().rstrip("\n") + "\n" + "\n".join(extra) + "\n")
+        import yaml
+
+        env_file = folder / "python_env.yaml"
+        env = yaml.safe_load(env_file.read_text())
+        env["dependencies"] = list(env.get("dependencies") or []) + extra
+        env_file.write_text(yaml.safe_dump(env))
+    return folder
+
+
+def dir_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6, 1)
+
+
+def cold_start(folder: Path, image: Path, env_root: Path, uv_cache: Path, env: dict) -> dict:
+    """Seconds from ``mlflow models serve --env-manager uv`` to the first answer of /invocations, building the
+    environment in ``env_root`` (new) with ``uv_cache`` as uv's package cache."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+    env = {**env, "MLFLOW_ENV_ROOT": str(env_root), "UV_CACHE_DIR": str(uv_cache)}
+    body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                           "data": [[base64.b64encode(image.read_bytes()).decode()]]}}).encode()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(folder),
+                             "--env-manager", "uv", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 1800
+        while True:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    r.read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"mlflow models serve did not answer; see {log.name}") from None
+                time.sleep(0.2)
+        first = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
+    return {"first_answer_s": round(first, 1), "env_mb": dir_mb(env_root)}
+
+
+def cold_starts(model_uri: str, image: Path, env: dict) -> dict:
+    import shutil
+
+    if shutil.which("uv", path=env.get("PATH")) is None:
+        raise SystemExit("--cold-start needs uv on PATH (pip install uv)")
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="mltag-cold-") as tmp:
+        for name, tensorflow in (("registered", False), ("with_tensorflow", True)):
+            folder = model_copy(model_uri, Path(tmp) / name, tensorflow)
+            cache = Path(tmp) / f"uv-cache-{name}"
+            empty = cold_start(folder, image, Path(tmp) / f"envs-{name}-1", cache, env)  # every wheel downloaded
+            warm = cold_start(folder, image, Path(tmp) / f"envs-{name}-2", cache, env)  # new env, wheels cached
+            out[name] = {"empty_cache": empty, "warm_cache": warm,
+                         "requirements": (folder / "requirements.txt").read_text().split()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a local model folder or models:/NAME@alias")
@@ -187,8 +268,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=60, help="single-image requests per concurrency level")
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--no-serve", action="store_true", help="skip the mlflow models serve part")
+    ap.add_argument("--cold-start", action="store_true",
+                    help="only the served model's cold start in new uv environments (a models:/ or runs:/ --model)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.cold_start:
+        from mltag.data.listing import expand_images
+        from mltag.tracking import runs as tracking
+
+        if not args.model.startswith(("models:/", "runs:/")):
+            raise SystemExit("--cold-start needs a registered model: --model models:/NAME@ALIAS")
+        bin_dir = str(Path(sys.executable).parent)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(args.tracking_uri),
+               "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+        os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+        found, _ = expand_images([args.images])
+        result = {"cpu": cpu_flags(), "model": args.model, "cold_start": cold_starts(args.model, Path(found[0]), env)}
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return 0
     from mltag.data.images import load_image
     from mltag.data.listing import expand_images
     from mltag.inference.model import InferenceModel

@@ -174,6 +174,10 @@ class Train(Section):
         "affine", "fine_tune: batch norm in the tuned blocks: affine (its scale and offset train; the moving "
         "statistics stay) or frozen (all of it stays)")
     mixed_precision: Literal["auto", "true", "false"] = opt("auto", "auto (float16 on a GPU), true or false")
+    checkpoint_dir: str = opt(".mltag-cache/checkpoints", "fine_tune: where each epoch's checkpoint goes (a folder or "
+                              "an fsspec URI), so that a rerun on the same inputs resumes after the last finished "
+                              "epoch; on Kubeflow a relative path becomes checkpoints/ in the shared vector store; "
+                              "empty: none", output=False)
 
 
 class Evaluate(Section):

@@ -6,23 +6,38 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+
+
+_quiet = {"lock": threading.Lock(), "depth": 0, "saved": None}
 
 
 @contextlib.contextmanager
 def quiet_stderr():
-    """Silence file descriptor 2 for a moment: C++ libraries (TF, LiteRT) print there directly."""
+    """Silence file descriptor 2 for a moment: C++ libraries (TF, LiteRT) print there directly.
+
+    Safe across threads (LiteRT's lanes each allocate under it): the first to enter saves and silences fd 2,
+    the last to leave puts it back. (Each saving its own copy let a thread save the silenced one and restore
+    it last, which silenced mltag's own log lines for the rest of the process.)"""
+    with _quiet["lock"]:
+        if _quiet["depth"] == 0:
+            try:
+                saved = os.dup(2)
+                with open(os.devnull, "wb") as null:
+                    os.dup2(null.fileno(), 2)
+                _quiet["saved"] = saved
+            except OSError:
+                _quiet["saved"] = None
+        _quiet["depth"] += 1
     try:
-        fd = os.dup(2)
-    except OSError:
         yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-            yield
     finally:
-        os.dup2(fd, 2)
-        os.close(fd)
+        with _quiet["lock"]:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0 and _quiet["saved"] is not None:
+                os.dup2(_quiet["saved"], 2)
+                os.close(_quiet["saved"])
+                _quiet["saved"] = None
 
 
 def import_tensorflow():

@@ -191,3 +191,76 @@ def test_fine_tunes_a_two_scale_builtin_and_ships_its_vector(colour_dataset):
     module = build_lite_module(net.export_name, net.state_dict())
     x = tf.constant(np.random.default_rng(1).random((2, 64, 64, 3)), tf.float32)
     np.testing.assert_allclose(module.__call__(x).numpy(), net.multiscale(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+_RUN = """
+import json, logging, sys
+import numpy as np
+from pathlib import Path
+from mltag.config import sections
+from mltag.steps.finetune import fine_tune
+
+from mltag.logs import setup_logging
+setup_logging(logging.INFO)  # the CLI's own handler (absl takes the root logger's once TF converts)
+a = np.load(sys.argv[1])
+items = [(Path(p), s) for p, s in json.loads(Path(sys.argv[2]).read_text())]
+cfg = sections("train", fine_tune_blocks=1, fine_tune_epochs=4, fine_tune_learning_rate=1e-3, fine_tune_patience=0,
+               batch_size=4, dropout=0.3, seed=3)["train"]
+net, head, hist = fine_tune("builtin:efficientnet_lite0", 32, items[:10], a["y"][:10], items[10:], a["y"][10:],
+                            [a["w"], a["b"]], train=cfg, views=2, progress=False, backbone_cache=sys.argv[3],
+                            checkpoints=sys.argv[4])
+top = [v.numpy() for v in net.block_groups(15, bn_affine=True)[0]]
+np.savez(sys.argv[5], *head, *top, loss=hist["loss"], resumed_after=hist["resumed_after"])
+"""
+
+
+def test_fine_tuning_killed_mid_epoch_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(
+        tmp_path, colour_dataset):
+    """#55: a fine-tune killed (SIGKILL, as a preempted pod) in the middle of epoch 3 resumes after epoch 2 on the
+    same inputs, runs only epochs 3-4, and ends with the weights and losses of a run never interrupted (dropout
+    included); a finished run's checkpoint holds the result, and other inputs do not find it."""
+    import os
+    import subprocess
+    import sys
+
+    items, y = _items(colour_dataset, 14)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "in.npz", y=y, w=rng.normal(0, 0.01, (1280, 3)).astype(np.float32), b=np.zeros(3, np.float32))
+    (tmp_path / "items.json").write_text(json.dumps([[str(p), s] for p, s in items]))
+    (tmp_path / "run.py").write_text(_RUN)
+
+    def run(ckpt: str, out: str, fault: str | None = None):
+        env = {k: v for k, v in os.environ.items() if k != "MLTAG_FAULT"}
+        if fault:
+            env["MLTAG_FAULT"] = fault
+        return subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "in.npz"),
+                               str(tmp_path / "items.json"), str(tmp_path / "bb"), str(tmp_path / ckpt),
+                               str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=600)
+
+    whole = run("ck-whole", "whole.npz")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert not list((tmp_path / "ck-whole").glob(".*tmp"))
+    killed = run("ck", "never.npz", fault="fine-tune:epoch3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "never.npz").exists() and len(list((tmp_path / "ck").glob("finetune-*.npz"))) == 1
+    resumed = run("ck", "resumed.npz")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch 2/4" in resumed.stderr, (whole.stderr[-3000:], resumed.stdout[-2000:])
+    w, r = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "resumed.npz")
+    assert int(w["resumed_after"]) == 0 and int(r["resumed_after"]) == 2  # 2 of 4 epochs run again, not 4
+    np.testing.assert_allclose(r["loss"], w["loss"], rtol=1e-4)
+    names = [k for k in w.files if k.startswith("arr_")]
+    assert len(names) >= 4
+    for k in names:
+        np.testing.assert_allclose(r[k], w[k], rtol=1e-3, atol=1e-5, err_msg=k)
+    assert any(not np.allclose(w[k], np.load(tmp_path / "in.npz")["w"]) for k in names[:1])  # the head moved
+
+    # finished: a rerun takes the result from the checkpoint without training (no frozen-block pass either)
+    again = run("ck", "again.npz")
+    assert again.returncode == 0 and "resuming after epoch 4/4" in again.stderr and "(finished)" in again.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "again.npz")["arr_0"], w["arr_0"], rtol=1e-3, atol=1e-5)
+    # other inputs (another seed) do not find it: a second checkpoint, started from epoch 0
+    (tmp_path / "run.py").write_text(_RUN.replace("seed=3", "seed=4"))
+    other = run("ck", "other.npz")
+    assert other.returncode == 0 and "resuming" not in other.stderr
+    assert len(list((tmp_path / "ck").glob("finetune-*.npz"))) == 2

@@ -167,6 +167,20 @@ def test_which_vector_stores_count_as_shared_on_a_cluster():
                       "file:///mnt/pvc/vectors": "file:///mnt/pvc/vectors", "gs://b/v": "gs://b/v"}
 
 
+def test_fine_tuning_checkpoints_go_to_the_shared_store_on_a_cluster():
+    """A relative train.checkpoint_dir (the default) would die with its pod: on a cluster it becomes checkpoints/ in
+    the run's shared vector store; an absolute path or a URI is kept; without a shared store, none."""
+    from mltag.kubeflow.entry import cluster_checkpoints
+
+    default = ".mltag-cache/checkpoints"
+    assert cluster_checkpoints(default, {"cache_dir": "gs://b/vectors/"}, "x") == "gs://b/vectors/checkpoints"
+    assert cluster_checkpoints(default, {}, "/mnt/pvc/vectors") == "/mnt/pvc/vectors/checkpoints"
+    assert cluster_checkpoints(default, {"cache_dir": ".mltag-cache/bottlenecks"}, "/mnt/x") == ""
+    assert cluster_checkpoints("s3://b/ck", {"cache_dir": "gs://b/v"}, "x") == "s3://b/ck"
+    assert cluster_checkpoints("/mnt/ck", {}, ".mltag-cache/bottlenecks") == "/mnt/ck"
+    assert cluster_checkpoints("", {"cache_dir": "gs://b/v"}, "x") == ""
+
+
 def test_a_bucket_dataset_resolves_to_a_manifest_and_is_read_by_reference(tmp_path, colour_dataset):
     """fsspec's local:// protocol stands in for s3:// and gs:// (the same code path: listing, get_file)."""
     from mltag.data.fetch import ImageSource, fetch_dataset, resolve_version
@@ -232,7 +246,8 @@ def test_an_absolute_store_is_mounted_from_a_pvc_or_refused(tmp_path):
     mounted = {name for name, ex in executors.items()
                if any(m.get("mountPath") == "/mnt/vectors" and m.get("constant", m.get("pvcName")) == "vectors-rwx"
                       or m.get("mountPath") == "/mnt/vectors" for m in ex.get("pvcMount", []))}
-    assert mounted == {"exec-bottleneck-shard", "exec-bottleneck"}, executors.keys()
+    # train too: fine-tuning checkpoints each epoch into the store, so a retried pod resumes (#55)
+    assert mounted == {"exec-bottleneck-shard", "exec-bottleneck", "exec-train"}, executors.keys()
     with pytest.raises(MltagError, match="set pipeline.store_pvc to a PersistentVolumeClaim"):
         _compile(tmp_path, bottleneck={"cache_dir": "/mnt/vectors"})
     with pytest.raises(MltagError, match="must then be an absolute path"):

@@ -130,17 +130,28 @@ def bottleneck_from_store(dataset: Input[Dataset], bottleneck: dict, backbone: d
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(bottlenecks: Input[Dataset], dataset: Input[Dataset], train: dict, backbone: dict, tracking: dict,
-          defaults: dict, tracking_uri: str, model: Output[Model],
+          defaults: dict, tracking_uri: str, store: dict, store_default: str, model: Output[Model],
           metrics: Output[Metrics]) -> NamedTuple("TrainOutputs", [("run_id", str)]):
-    """Train the head on cached vectors, or (mode fine_tune, on the GPU pool) also the backbone's top blocks."""
+    """Train the head on cached vectors, or (mode fine_tune, on the GPU pool) also the backbone's top blocks,
+    checkpointed each epoch into the shared vector store (``store``: the run's bottleneck section) so that a
+    retried pod resumes."""
     from collections import namedtuple
 
-    from mltag.kubeflow.entry import check_cluster_tracking, check_fixed_mode, images_for, params_for
+    from mltag.kubeflow.entry import (
+        check_cluster_tracking,
+        check_fixed_mode,
+        cluster_checkpoints,
+        images_for,
+        params_for,
+    )
     from mltag.steps import run_step
 
     check_cluster_tracking(tracking_uri)
     params = params_for("train", {"train": train, "backbone": backbone, "tracking": tracking}, defaults)
     check_fixed_mode(params, defaults)
+    if params.train.mode == "fine_tune":
+        params = params.replace("train", checkpoint_dir=cluster_checkpoints(params.train.checkpoint_dir, store,
+                                                                            store_default))
     images = images_for(dataset.path, {"train": None, "val": None}) if params.train.mode == "fine_tune" else None
     from pathlib import Path
 

@@ -47,6 +47,26 @@ def shared_store(params: Params) -> str | None:
     return store if is_remote(store) or Path(store.removeprefix("file://")).is_absolute() else None
 
 
+def cluster_checkpoints(checkpoint_dir: str, store: dict, store_default: str) -> str:
+    """Where fine-tuning checkpoints go on a cluster, so that a retried pod (another node) finds them: an fsspec URI
+    or absolute path as given; a relative one (the default) as ``checkpoints/`` in the shared vector store
+    (``store``: the run's bottleneck section, whose volume the train task mounts); none without a shared store."""
+    import logging
+    from pathlib import Path
+
+    from mltag.data.fetch import is_remote
+
+    if not checkpoint_dir or is_remote(checkpoint_dir) or Path(checkpoint_dir).is_absolute():
+        return checkpoint_dir
+    root = (store or {}).get("cache_dir") or store_default
+    if is_remote(root) or Path(root.removeprefix("file://")).is_absolute():
+        return f"{root.rstrip('/')}/checkpoints"
+    logging.getLogger(__name__).warning(
+        "train: no shared vector store (bottleneck.cache_dir %r), so fine-tuning's checkpoints stay in this pod and "
+        "a retry starts over; set train.checkpoint_dir to a bucket URI to keep them", root)
+    return ""
+
+
 def images_of(dataset_dir):
     """The image root of a dataset artifact: a local Path, or a ``fetch.ImageSource`` to download from."""
     from pathlib import Path

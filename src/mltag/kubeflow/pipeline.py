@@ -198,9 +198,10 @@ def build_pipeline(params: Params | None = None, local: bool = False):
                                         data_version=version.output), "prepare")
         gathered = _vectors(placement, int(kf.parallelism), kf.collect_shards, prep.outputs["dataset"], bottleneck,
                             backbone, defaults("bottleneck"))
-        trained = mlflow_env(place(steps.train(
+        trained = mlflow_env(placement.with_store(place(steps.train(
             bottlenecks=gathered.outputs["bottlenecks"], dataset=prep.outputs["dataset"], train=train,
-            backbone=backbone, tracking=tracking, defaults=defaults("train"), tracking_uri=tracking_uri), "train"))
+            backbone=backbone, tracking=tracking, defaults=defaults("train"), tracking_uri=tracking_uri,
+            store=bottleneck, store_default=d["bottleneck"]["cache_dir"]), "train")))
         run_id = trained.outputs["run_id"]
         evaluated = placement.res(steps.evaluate(
             model=trained.outputs["model"], bottlenecks=gathered.outputs["bottlenecks"],

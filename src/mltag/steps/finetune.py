@@ -22,10 +22,19 @@ forward pass per view, not one per epoch) and fast on GPU.
 * Early stopping on validation loss (``fine_tune_patience``), best epoch restored.
 * On a GPU the unfrozen blocks run in float16 (mixed precision, fp32 master weights,
   dynamic loss scaling); on CPU in float32.
+* Checkpoints: after every epoch the whole state (tuned weights, optimizer slots, loss scale,
+  the shuffling generator, history, early stopping, the best weights so far) goes to one file
+  named by everything that decides the result (``Checkpoint``). A rerun on the same inputs, after a
+  preempted pod or a kill, resumes after the last finished epoch, and ends as an uninterrupted run
+  would: dropout masks are drawn from (seed, step), not from a generator's state. A finished run's
+  file is removed by train once the model is written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import os
 import time
@@ -35,6 +44,7 @@ import numpy as np
 
 from mltag import config
 from mltag.errors import MltagError
+from mltag.files import fault_point, process_token
 from mltag.tf_runtime import import_tensorflow
 from mltag.workers import imap_ordered
 
@@ -76,6 +86,102 @@ def lr_schedule(kind: str, epochs: int, steps_per_epoch: int):
     return factor
 
 
+CHECKPOINT_FORMAT = 1
+KEY_FIELDS = ("fine_tune_blocks", "fine_tune_epochs", "fine_tune_learning_rate", "fine_tune_patience",
+              "fine_tune_lr_decay", "fine_tune_schedule", "fine_tune_bn", "batch_size", "dropout", "seed", "monitor")
+
+
+class Checkpoint:
+    """Fine-tuning's state after its last finished epoch, in one ``.npz`` under ``root`` (a folder, or an fsspec URI
+    such as the shared vector store's bucket), named by ``key``: a rerun on the same inputs finds it, any other
+    does not. Written whole by rename (a folder) or as one object (a bucket): a kill mid-write leaves the last one."""
+
+    def __init__(self, root: str | os.PathLike, key: str):
+        from mltag.data.fetch import is_remote
+
+        self.name = f"finetune-{key[:40]}.npz"
+        self.uri = f"{str(root).rstrip('/')}/{self.name}"
+        self.remote = None
+        if is_remote(str(root)):
+            import fsspec
+
+            self.remote, base = fsspec.core.url_to_fs(str(root))
+            self.where = f"{base.rstrip('/')}/{self.name}"
+        else:
+            self.where = str(Path(str(root).removeprefix("file://")) / self.name)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def load(self) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """``(meta, arrays)``, or None when there is none (or it cannot be read: then it is started over)."""
+        try:
+            data = self.remote.cat_file(self.where) if self.remote is not None else Path(self.where).read_bytes()
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(str(arrays.pop("meta")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("fine-tune: the checkpoint %s cannot be read (%s); starting over", self.where, e)
+            return None
+        return (meta, arrays) if meta.get("format") == CHECKPOINT_FORMAT else None
+
+    def save(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps({**meta, "format": CHECKPOINT_FORMAT})), **arrays)
+        try:
+            if self.remote is not None:
+                self.remote.pipe_file(self.where, buf.getvalue())
+                return
+            path = Path(self.where)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{process_token()}.tmp")
+            try:
+                tmp.write_bytes(buf.getvalue())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as e:  # a checkpoint is insurance: a full disk costs the resume, not the run
+            log.warning("fine-tune: cannot write the checkpoint %s (%s); a rerun would start over", self.where,
+                        e.strerror or e)
+
+
+
+def remove_checkpoint(uri: str) -> None:
+    """Remove a finished fine-tuning's checkpoint (``str(Checkpoint)``) once its model is written."""
+    from mltag.data.fetch import is_remote
+
+    try:
+        if is_remote(uri):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(uri)
+            fs.rm_file(path)
+        else:
+            Path(uri.removeprefix("file://")).unlink()
+    except OSError as e:
+        log.warning("fine-tune: cannot remove the finished checkpoint %s (%s)", uri, e.strerror or e)
+
+
+def checkpoint_key(handle: str, image_size: int, views: int, half: bool, train: config.Train, items: list,
+                   arrays: list[np.ndarray]) -> str:
+    """What decides fine-tuning's result: the backbone, its input size, the views, the fine-tune settings, each
+    image's content in order, the labels and the warm-start head."""
+    from mltag import __version__
+
+    h = hashlib.sha256(json.dumps({"handle": handle, "image_size": image_size, "views": views, "half": half,
+                                   "mltag": __version__, **{k: getattr(train, k) for k in KEY_FIELDS}},
+                                  sort_keys=True).encode())
+    for _, sha in items:
+        h.update(sha.encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _frozen_bottom(name: str, k: int, image_size: int, backbone_cache, net):
     """``uint8 pixels [B,S,S,3] -> tuple of float arrays``: what the frozen blocks ``[0, k)`` hand the tuned
     ones. A single-scale built-in: ``(feature maps,)``, through LiteRT when no GPU is visible (one
@@ -111,7 +217,8 @@ def _frozen_bottom(name: str, k: int, image_size: int, backbone_cache, net):
 
 def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]], y_tr: np.ndarray,
               val_items: list[tuple[Path, str]], y_va: np.ndarray, head_weights: list[np.ndarray], *,
-              train: config.Train, views: int, progress: bool, backbone_cache: str | os.PathLike | None):
+              train: config.Train, views: int, progress: bool, backbone_cache: str | os.PathLike | None,
+              checkpoints: str | os.PathLike | None = None):
     """Fine-tune the top ``train.fine_tune_blocks`` blocks of built-in ``handle`` and the head.
 
     Args:
@@ -119,12 +226,14 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
             augmented views exactly as the bottleneck step does.
         head_weights: the warm-start head (kernel, bias per Dense layer).
         backbone_cache: where the frozen bottom's LiteRT conversion is kept (``backbone.cache_dir``).
+        checkpoints: where each epoch's ``Checkpoint`` goes (a folder or an fsspec URI); None: none.
         train: the train section: ``fine_tune_*``, ``batch_size``, ``dropout``, ``seed``,
             ``mixed_precision`` and ``monitor`` (the best epoch is the lowest ``val_loss`` or the
             highest ``val_map``, as in the head's fit).
 
     Returns:
-        ``(LiteNet with the tuned weights, head weights, history dict)``.
+        ``(LiteNet with the tuned weights, head weights, history dict)``; the history's ``checkpoint`` is the
+        file to remove once the model is written, ``resumed_after`` the epochs a checkpoint held.
     """
     tf = import_tensorflow()
     from mltag.backbones.builtin import LiteNet, base_name
@@ -140,14 +249,23 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
     k = net.n_blocks - blocks
     tf.random.set_seed(train.seed)
     t0 = time.perf_counter()
+    ckpt = state = None
+    if checkpoints:
+        ckpt = Checkpoint(checkpoints, checkpoint_key(handle, image_size, views, half, train, train_items + val_items,
+                                                      [np.asarray(y_tr), np.asarray(y_va), *head_weights]))
+        state = ckpt.load()
     # 1. The frozen bottom, once per view: through LiteRT on CPU (one single-threaded interpreter per
-    # core, as the bottleneck step runs the backbone), through TF where TF has a GPU.
-    x_tr, y_fit, x_va = _frozen_features(name, net, k, image_size, backbone_cache, train_items, y_tr, val_items, views,
-                                         progress)
+    # core, as the bottleneck step runs the backbone), through TF where TF has a GPU. Not when a checkpoint
+    # holds the finished result.
+    x_tr = y_fit = x_va = None
+    if state is None or not state[0]["done"]:
+        x_tr, y_fit, x_va = _frozen_features(name, net, k, image_size, backbone_cache, train_items, y_tr, val_items,
+                                             views, progress)
     # 2. Top blocks + head, a learning rate per block, early stopping as the head's fit stops.
-    top = _TopTrainer(tf, net, k, half, head_weights, train, len(x_tr[0]))
-    history = top.fit(x_tr, y_fit, x_va, y_va, train, np.random.default_rng(train.seed), progress)
+    top = _TopTrainer(tf, net, k, half, head_weights, train, len(train_items) * views)
+    history = top.fit(x_tr, y_fit, x_va, y_va, train, np.random.default_rng(train.seed), progress, ckpt, state)
     history["seconds"] = round(time.perf_counter() - t0, 1)
+    history["checkpoint"] = str(ckpt) if ckpt is not None else None
     history["mixed_precision"] = half
     history["tuned_blocks"] = list(range(k, net.n_blocks))
     return net, [v.numpy() for v in top.head_vars], history
@@ -199,7 +317,7 @@ class _TopTrainer:
     def __init__(self, tf, net, k: int, half: bool, head_weights: list[np.ndarray], train: config.Train, n_rows: int):
         self.tf, self.net, self.k, self.half = tf, net, k, half
         self.dtype = "float16" if half else "float32"
-        self.dropout = train.dropout
+        self.dropout, self.seed = train.dropout, int(train.seed)
         self.kernels = [tf.Variable(w, name=f"head_kernel_{i}") for i, w in enumerate(head_weights[0::2])]
         self.biases = [tf.Variable(b, name=f"head_bias_{i}") for i, b in enumerate(head_weights[1::2])]
         self.head_vars = [v for pair in zip(self.kernels, self.biases) for v in pair]
@@ -228,21 +346,21 @@ class _TopTrainer:
         tuned = [MID_WEIGHT * 0.5 * (a + b) for a, b in zip(m1, m2)]
         return tf.concat([0.5 * (f1 + f2), tf.cast(x[2], tf.float32)] + tuned, axis=1)
 
-    def logits(self, x, training: bool):
+    def logits(self, x, training: bool, step=None):
         tf = self.tf
         h = self.features(x)  # float32, as the head's weights
         for i, (w, b) in enumerate(zip(self.kernels, self.biases)):
-            if training and self.dropout > 0:
-                h = tf.nn.dropout(h, self.dropout)
+            if training and self.dropout > 0:  # the mask from (seed, layer, step): the same after a resume
+                h = tf.nn.experimental.stateless_dropout(h, self.dropout, seed=tf.stack([self.seed + 7919 * i, step]))
             h = tf.matmul(h, w) + b
             if i < len(self.kernels) - 1:
                 h = tf.nn.relu(h)
         return h
 
-    def _step(self, x, y):
+    def _step(self, x, y, step):
         tf = self.tf
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, self.logits(x, True)))
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, self.logits(x, True, step)))
             scaled = loss * self.scale
         all_vars = self.tuned + self.head_vars
         grads = [tf.cast(g, tf.float32) / self.scale for g in tape.gradient(scaled, all_vars)]
@@ -274,8 +392,34 @@ class _TopTrainer:
     def _const(self, x: tuple) -> tuple:
         return tuple(self.tf.constant(a) for a in x)
 
-    def fit(self, x_tr, y_fit, x_va, y_va, train: config.Train, rng, progress: bool) -> dict:
-        """The epochs, stopped early as the head's fit stops; the best epoch's weights restored."""
+    def _state(self, epoch: int, done: bool, history: dict, stopper, rng, best_weights) -> tuple[dict, dict]:
+        meta = {"epoch": epoch, "done": done, "history": history, "rng": rng.bit_generator.state,
+                "stopper": [stopper.best, stopper.since, stopper.best_epoch]}
+        arrays = {f"var{i}": v.numpy() for i, v in enumerate(self.tuned + self.head_vars)}
+        for j, o in enumerate(self.opts):
+            arrays.update({f"opt{j}_{i}": v.numpy() for i, v in enumerate(o.variables)})
+        arrays["scale"] = self.scale.numpy()
+        if best_weights is not None:
+            arrays.update({f"best{i}": w for i, w in enumerate(best_weights)})
+        return meta, arrays
+
+    def _restore(self, arrays: dict, stopper, rng, meta: dict):
+        """The weights, optimizer slots, loss scale, generator and early stopping a checkpoint holds; its best
+        weights (None before the first better epoch)."""
+        for i, v in enumerate(self.tuned + self.head_vars):
+            v.assign(arrays[f"var{i}"])
+        for j, o in enumerate(self.opts):
+            for i, v in enumerate(o.variables):
+                v.assign(arrays[f"opt{j}_{i}"])
+        self.scale.assign(arrays["scale"])
+        rng.bit_generator.state = meta["rng"]
+        stopper.best, stopper.since, stopper.best_epoch = meta["stopper"]
+        n = len(self.tuned + self.head_vars)
+        return [arrays[f"best{i}"] for i in range(n)] if "best0" in arrays else None
+
+    def fit(self, x_tr, y_fit, x_va, y_va, train: config.Train, rng, progress: bool, ckpt=None, state=None) -> dict:
+        """The epochs, stopped early as the head's fit stops; the best epoch's weights restored. With ``ckpt``,
+        each epoch's state is saved there; with ``state`` (what it held), the epochs resume after its last one."""
         from tqdm import tqdm
 
         from mltag.head.fit import EarlyStopping, validation_metrics
@@ -283,25 +427,36 @@ class _TopTrainer:
         tf, epochs, batch_size = self.tf, train.fine_tune_epochs, train.batch_size
         history: dict[str, list[float]] = {"loss": [], "val_loss": [], "val_map": []}
         # the head's fit and this phase pick their best epoch the same way; without validation, the train loss
-        mon = train.monitor if x_va is not None else "loss"
-        stopper = EarlyStopping(mon, train.fine_tune_patience if x_va is not None else 0)
-        best_weights = None
-        n_rows = len(x_tr[0])
-        bar = tqdm(total=epochs * n_rows, desc=f"fine-tune: blocks {self.k}-{self.net.n_blocks - 1} + head",
-                   unit="img", leave=False, disable=not progress)
+        has_val = y_va is not None and len(y_va) > 0
+        mon = train.monitor if has_val else "loss"
+        stopper = EarlyStopping(mon, train.fine_tune_patience if has_val else 0)
+        best_weights, start, done = None, 0, False
+        if state is not None:
+            meta, arrays = state
+            best_weights = self._restore(arrays, stopper, rng, meta)
+            history, start, done = meta["history"], int(meta["epoch"]), bool(meta["done"])
+            log.info("fine-tune: resuming after epoch %d/%d from its checkpoint %s%s", start, epochs, ckpt,
+                     " (finished)" if done else "")
+        n_rows = len(y_fit) if y_fit is not None else 0
+        bar = tqdm(total=(epochs - start) * n_rows, desc=f"fine-tune: blocks {self.k}-{self.net.n_blocks - 1} + head",
+                   unit="img", leave=False, disable=not progress or done)
         t1 = time.perf_counter()
-        for epoch in range(epochs):
+        for epoch in range(start, epochs if not done else start):
             bar.set_postfix(epoch=f"{epoch + 1}/{epochs}")
             order = rng.permutation(n_rows)
             losses = []
             for n, i in enumerate(range(0, len(order), batch_size)):
                 idx = order[i: i + batch_size]
+                step = epoch * self.steps_per_epoch + n
                 if self.schedule is not None:
-                    factor = self.schedule(epoch * self.steps_per_epoch + n)
+                    factor = self.schedule(step)
                     for o, base in zip(self.opts, self.base_rates):
                         o.learning_rate = base * factor  # the optimizer's variable: the traced step reads it
-                losses.append(float(self.step(self._const(_take(x_tr, idx)), tf.constant(y_fit[idx]))) * len(idx))
+                losses.append(float(self.step(self._const(_take(x_tr, idx)), tf.constant(y_fit[idx]),
+                                              tf.constant(step, tf.int64))) * len(idx))
                 bar.update(len(idx))
+                if n == 0:
+                    fault_point(f"fine-tune:epoch{epoch + 1}")  # the fault suite's kill, mid-epoch
             history["loss"].append(float(np.sum(losses) / n_rows))
             if x_va is not None:
                 val_loss, val_map = validation_metrics(self.val_logits(x_va), y_va)
@@ -316,10 +471,14 @@ class _TopTrainer:
             log.info("fine-tune: epoch %d/%d: loss %.4f%s (%.0f s)", epoch + 1, epochs, history["loss"][-1],
                      f", val loss {history['val_loss'][-1]:.4f}, val mAP {history['val_map'][-1]:.4f}"
                      if x_va is not None else "", time.perf_counter() - t1)
+            last = stopper.stop or epoch + 1 == epochs
+            if ckpt is not None:
+                ckpt.save(*self._state(epoch + 1, last, history, stopper, rng, best_weights))
             if stopper.stop:
                 break
         bar.close()
         for v, w in zip(self.tuned + self.head_vars, best_weights):
             v.assign(w)
         history["best_epoch"] = stopper.best_epoch
+        history["resumed_after"] = start
         return history

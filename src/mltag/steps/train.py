@@ -100,6 +100,10 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
                               config, summary, (run_id, experiment_id, tracker.uri, experiment))
         tracker.send("log_to_run", run_id, tags={mltracking.MODEL_DIGEST_TAG: digest})
         _write_dvc_files(metrics_file, history_file, summary, history, mon)
+        if ft is not None and ft.get("checkpoint"):  # the model is written: nothing left to resume
+            from mltag.steps.finetune import remove_checkpoint
+
+            remove_checkpoint(ft["checkpoint"])
         tracker.send("log_to_run", run_id, artifacts=[(str(out / "history.json"), None), (str(out / "config.json"), None)])
         tracker.send("end_run", "FINISHED")
     except BaseException as e:  # stopped (Ctrl-C, SIGTERM): KILLED, as MLflow names a run ended from outside
@@ -280,4 +284,4 @@ def _fine_tune(meta: dict, images, p_tr, y_tr, p_va, y_va, head_weights, train: 
         items[split] = list(zip(files, hash_files(files)))
     return fine_tune(meta["backbone_handle"], int(meta["image_size"]), items["train"], y_tr, items["val"], y_va,
                      head_weights, train=train, views=int(meta.get("views", 1)), progress=progress,
-                     backbone_cache=backbone_cache)
+                     backbone_cache=backbone_cache, checkpoints=train.checkpoint_dir or None)
