@@ -200,6 +200,10 @@ class Calibrate(Section):
     at_least_one: Literal["auto", "true", "false"] = opt(
         "auto", "an image with no label at its thresholds gets its top-scoring one: auto when that raises micro F1 "
                 "out of fold (never with method min_precision or none)")
+    label_groups: Literal["auto", "none"] = opt(
+        "auto", "exclusive label groups (labels of which every image has exactly one, like colour in colour + item "
+                "data, or the classes of single-label data): auto finds them in the train+val labels and predicts "
+                "the top-scoring label of each, whatever the thresholds; none: thresholds alone")
 
     @model_validator(mode="after")
     def _precision_target(self):

@@ -101,19 +101,29 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
-def decision_rule(th: dict | None, labels: list[str]) -> tuple[np.ndarray, int]:
+def decision_rule(th: dict | None, labels: list[str]) -> tuple[np.ndarray, int, list[list[int]]]:
     """What ``decide`` takes from calibrate's thresholds (``thresholds.json``, or None): each label's
-    threshold (0.5 where it names none) and ``min_labels`` (0 where it has none)."""
+    threshold (0.5 where it names none), ``min_labels`` (0 where it has none) and the exclusive label
+    groups (label indices; none where it has none, or where a group names a label not in ``labels``)."""
     th = th or {}
+    index = {lb: i for i, lb in enumerate(labels)}
+    groups = [[index[lb] for lb in g] for g in th.get("groups", []) if all(lb in index for lb in g)]
     return (np.array([float(th.get("thresholds", {}).get(lb, 0.5)) for lb in labels]),
-            int(th.get("min_labels", 0)))
+            int(th.get("min_labels", 0)), groups)
 
 
-def decide(s: np.ndarray, thresholds, min_labels: int = 0) -> np.ndarray:
+def decide(s: np.ndarray, thresholds, min_labels: int = 0, groups=()) -> np.ndarray:
     """The labels predicted for scores ``s`` (``[N, L]``): each at or above its threshold; with ``min_labels``
-    1 (calibrate's ``at_least_one``), an image with none gets its top-scoring label."""
+    1 (calibrate's ``at_least_one``), an image with none gets its top-scoring label. In each exclusive group
+    (label indices: every image has exactly one of them) the top-scoring label alone, whatever the thresholds."""
     s = np.asarray(s, dtype=np.float64).reshape(len(s), -1)
     pred = s >= np.asarray(thresholds, dtype=np.float64)
+    if groups and len(s):
+        rows = np.arange(len(s))
+        for g in groups:
+            g = np.asarray(g, dtype=int)
+            pred[:, g] = False
+            pred[rows, g[np.argmax(s[:, g], axis=1)]] = True
     return fill_empty(pred, s) if min_labels > 0 else pred
 
 
@@ -126,9 +136,9 @@ def fill_empty(pred: np.ndarray, s: np.ndarray) -> np.ndarray:
     return pred
 
 
-def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str], min_labels: int = 0) -> dict:
+def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str], min_labels: int = 0, groups=()) -> dict:
     """All headline and per-label metrics for true flags ``y`` and scores ``s`` at ``thresholds`` (and
-    ``min_labels``, see ``decide``).
+    ``min_labels`` and ``groups``, see ``decide``).
 
     numpy throughout, the values of sklearn's functions (``precision_recall_fscore_support``
     and ``f1_score`` with ``zero_division=0``, ``hamming_loss``, ``accuracy_score``,
@@ -136,7 +146,7 @@ def compute(y: np.ndarray, s: np.ndarray, thresholds, labels: list[str], min_lab
     """
     y = np.asarray(y).astype(int).reshape(len(y), -1)
     s = np.asarray(s, dtype=np.float64).reshape(len(s), -1)
-    pred = decide(s, thresholds, min_labels).astype(int)
+    pred = decide(s, thresholds, min_labels, groups).astype(int)
     ap = average_precisions(y, s)
     pos, hit = y > 0, pred > 0
     tp = (pos & hit).sum(axis=0)

@@ -549,7 +549,19 @@ def read_thresholds(path: str | os.PathLike, labels: list[str] | None = None) ->
     if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
         raise MltagError(f"thresholds file is damaged: global_threshold is {g!r} (a number in [0, 1]); run "
                          "calibrate again", path)
+    groups = th.get("groups", [])
+    if not isinstance(groups, list) or any(not isinstance(gr, list) or len(gr) < 2 or
+                                           not all(isinstance(n, str) for n in gr) for gr in groups):
+        raise MltagError("thresholds file is damaged: 'groups' must be a list of label lists of two or more; run "
+                         "calibrate again", path)
+    seen = [n for gr in groups for n in gr]
+    if len(seen) != len(set(seen)):
+        raise MltagError("thresholds file is damaged: a label is in two exclusive groups; run calibrate again", path)
     if labels is not None:
+        strangers = sorted(set(seen) - set(labels))
+        if strangers:
+            raise MltagError(f"thresholds' exclusive groups name label(s) the model does not score: "
+                             f"{', '.join(strangers)}", path)
         unknown = sorted(set(t) - set(labels))
         if unknown:
             raise MltagError(f"thresholds name label(s) the model does not score: {', '.join(unknown)}", path)

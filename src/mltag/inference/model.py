@@ -87,14 +87,15 @@ class InferenceModel:
             self._run = lambda px: fn(images=tf.constant(np.ascontiguousarray(px)))["scores"].numpy()
         if thresholds is None and (model_dir / "thresholds.json").is_file():
             thresholds = read_thresholds(model_dir / "thresholds.json", self.labels)
-        t, self.min_labels = decision_rule(thresholds, self.labels)  # min_labels: calibrate's at_least_one
+        # min_labels: calibrate's at_least_one; groups: exclusive label groups (the top-scoring one of each)
+        t, self.min_labels, self.groups = decision_rule(thresholds, self.labels)
         self.thresholds = t.astype(np.float32)
 
     def chosen(self, scores: np.ndarray) -> list[list[str]]:
-        """Each score row's labels: at or above their thresholds, and with calibrate's ``at_least_one``
-        the top-scoring one where none is."""
+        """Each score row's labels: at or above their thresholds, the top-scoring one of each exclusive group,
+        and with calibrate's ``at_least_one`` the top-scoring one where none is."""
         return [[lb for lb, hit in zip(self.labels, row) if hit] for row in decide(scores, self.thresholds,
-                                                                                    self.min_labels)]
+                                                                                    self.min_labels, self.groups)]
 
     def _locked_run(self, pixels: np.ndarray) -> np.ndarray:
         """One engine call at a time: a LiteRT interpreter is not thread-safe, and a server (``mlflow models

@@ -64,10 +64,10 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
         return {"error": "a model folder from an older mltag (no backbone/); retrain it to register LiteRT files"}
     lite = InferenceModel(bundle / "model.tflite")
     out.update(_fp32_parity(bundle, lite, test_images[:limit], chall_scores[:limit], evaluated))
-    t, min_labels = M.decision_rule(read_thresholds(bundle / "thresholds.json"), labels)
+    t, min_labels, groups = M.decision_rule(read_thresholds(bundle / "thresholds.json"), labels)
 
     def quality(s):
-        m = M.compute(y_test, s, t, labels, min_labels) if len(y_test) else {"map": None, "micro_f1": None}
+        m = M.compute(y_test, s, t, labels, min_labels, groups) if len(y_test) else {"map": None, "micro_f1": None}
         return m["map"], m["micro_f1"]
 
     out["fp32_test_map"], out["fp32_test_micro_f1"] = quality(chall_scores)

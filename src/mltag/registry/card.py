@@ -29,9 +29,9 @@ def card_sections(*, model_name: str, version, run_id: str | None, content_hash:
                   scores: np.ndarray, thresholds: dict, parity: dict | None, decision: dict,
                   bootstrap: int) -> list[tuple[str, list[str], list[list[str]] | None]]:
     """The card as ``(title, paragraphs, table rows or None)`` sections; a table's first row is its header."""
-    t, min_labels = M.decision_rule(thresholds, labels)
-    m = M.compute(y_test, scores, t, labels, min_labels) if len(y_test) else None
-    ci = M.bootstrap_ci(y_test, M.decide(scores, t, min_labels), 0.5, n=bootstrap) if len(y_test) > 1 else {}
+    t, min_labels, groups = M.decision_rule(thresholds, labels)
+    m = M.compute(y_test, scores, t, labels, min_labels, groups) if len(y_test) else None
+    ci = M.bootstrap_ci(y_test, M.decide(scores, t, min_labels, groups), 0.5, n=bootstrap) if len(y_test) > 1 else {}
     ci_map = M.bootstrap_ci(y_test, scores, t, n=bootstrap).get("map") if len(y_test) > 1 else None
     head = meta.get("head", {})
     few = [lb for lb in labels if label_counts.get(lb, {}).get("test", 0) < 10]

@@ -93,8 +93,8 @@ def _champion_head_scores(client, model_name: str, version, meta: dict, labels: 
     if head is None:
         return None
     scores = head.predict(cached)
-    t, min_labels = M.decision_rule(read_thresholds(folder / "thresholds.json", labels), labels)
-    return scores, M.decide(scores, t, min_labels)
+    t, min_labels, groups = M.decision_rule(read_thresholds(folder / "thresholds.json", labels), labels)
+    return scores, M.decide(scores, t, min_labels, groups)
 
 
 def _score_pyfunc(model, images: list[Path], labels: list[str]) -> tuple[np.ndarray, np.ndarray]:

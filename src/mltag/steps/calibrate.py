@@ -256,6 +256,28 @@ def _fitting_scores(calibrate: config.Calibrate, model_dir, bottlenecks, oof_out
     return oof_file, y_fit, s_fit, folds, source, cv_folds
 
 
+def _exclusive_groups(th: dict, setting: str, y_fit, s_fit, t, labels: list[str], min_positives: int) -> list:
+    """With ``calibrate.label_groups: auto``, the exclusive groups of the fitting labels (train+val out of fold,
+    or validation), recorded in ``th`` (``groups``, each label's ``rule``, the micro F1 gain on the fitting scores)
+    so that every consumer of thresholds.json predicts the top-scoring label of each; their label indices."""
+    from mltag.data.groups import find_groups
+
+    groups = find_groups(y_fit, min_positives=max(2, min_positives)) if setting == "auto" else []
+    if groups:
+        th["groups"] = [[labels[i] for i in g] for g in groups]
+        rules = th.setdefault("rule", {})
+        for g in th["groups"]:
+            for n in g:
+                rules[n] = "exclusive group: its top-scoring label"
+        gain = M.compute(y_fit, s_fit, t, labels, th["min_labels"], groups)["micro_f1"] - \
+            M.compute(y_fit, s_fit, t, labels, th["min_labels"])["micro_f1"]
+        th["expected"]["groups_micro_f1_gain"] = gain
+        log.info("calibrate: exclusive label groups (every image has exactly one): %s; each predicts its "
+                 "top-scoring label (%+.4f micro F1 on the fitting scores)",
+                 "; ".join("{" + ", ".join(g) + "}" for g in th["groups"]), gain)
+    return groups
+
+
 def _result(th: dict, source: str, one_gain: float, at_05: dict, at_cal: dict) -> dict:
     """calibrate's whole result (``--report``): the thresholds, what they promise and what test says."""
     return {
@@ -264,6 +286,7 @@ def _result(th: dict, source: str, one_gain: float, at_05: dict, at_cal: dict) -
         "kept_0.5": th["kept_0.5"],
         "rule": th.get("rule", {}),
         "at_least_one": bool(th["min_labels"]),
+        "groups": th.get("groups", []),
         "fitted_on": source,
         "expected_micro_f1_gain": th["expected"]["micro_f1_gain"],
         "expected_at_least_one_micro_f1_gain": one_gain,
@@ -335,8 +358,14 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
                                                      cv_folds > 1 and method != "none")
     expected["at_least_one_micro_f1_gain"] = one_gain
     t = np.array([th["thresholds"][n] for n in labels])
+    groups = _exclusive_groups(th, calibrate.label_groups, y_fit, s_fit, t, labels, min_positives)
     at_05 = M.compute(y_te, s_te, 0.5, labels)
-    at_cal = M.compute(y_te, s_te, t, labels, th["min_labels"])
+    at_cal = M.compute(y_te, s_te, t, labels, th["min_labels"], groups)
+    if groups:  # per group: the share of test images whose top-scoring label of the group is their own
+        y_b = np.asarray(y_te) > 0
+        at_cal["group_accuracy"] = {
+            " | ".join(labels[i] for i in g): float(np.mean(y_b[np.arange(len(y_b)), np.asarray(g)[np.argmax(
+                np.asarray(s_te)[:, g], axis=1)]])) if len(y_b) else None for g in groups}
     result = _result(th, source, one_gain, at_05, at_cal)
     th["config"] = config
     if oof_file is not None:

@@ -237,8 +237,8 @@ def _gate_decision(client, register: config.Register, model_dir: Path, threshold
     result = {"model_name": model_name, "labels": labels, "challenger_test_map": chall_map,
               "tracking_uri": mltracking.mask_uri(uri), "champion_version": None, "champion_test_map": None, "content_hash": content,
               "scored_from": "cached vectors" if cached is not None else "images", "champion_scored_from": None}
-    th, min_labels = M.decision_rule(read_thresholds(thresholds, labels), labels)
-    chall = (chall_scores, M.decide(chall_scores, th, min_labels))
+    th, min_labels, groups = M.decision_rule(read_thresholds(thresholds, labels), labels)
+    chall = (chall_scores, M.decide(chall_scores, th, min_labels, groups))
     promote, reason = decide(client, register, champ, existing, chall, y_test, meta, labels, cached,
                              test_images, tmp, result)
     result.update({"gate_passed": promote, "promoted": promote, "reason": reason})

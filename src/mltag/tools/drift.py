@@ -119,14 +119,14 @@ def _domain_auc(x: np.ndarray, na: int, seed: int) -> float:
 
 
 def label_shifts(labels: list[str], ref_scores: np.ndarray, new_scores: np.ndarray, thresholds: np.ndarray,
-                 min_labels: int, alpha: float) -> list[dict]:
+                 min_labels: int, alpha: float, groups=()) -> list[dict]:
     """Per label: positive rate at the thresholds on the reference (test split) and the new images, with a
     two-proportion z-test p-value, and the Kolmogorov-Smirnov statistic of the two score distributions."""
     from scipy.stats import ks_2samp, norm
 
     from mltag.metrics import decide
 
-    ra, rb = decide(ref_scores, thresholds, min_labels), decide(new_scores, thresholds, min_labels)
+    ra, rb = decide(ref_scores, thresholds, min_labels, groups), decide(new_scores, thresholds, min_labels, groups)
     out = []
     for j, lb in enumerate(labels):
         pa, pb = ra[:, j].mean(), rb[:, j].mean()
@@ -173,11 +173,12 @@ def drift(model: str, images: list[str], out: str | os.PathLike, *, bottlenecks:
     x_test, _, _ = load_split(bottlenecks, "test")
     test = mmd_test(np.asarray(x_train, np.float32), new, permutations=permutations, max_n=max_images)
     th_file = folder / "thresholds.json" if (folder / "thresholds.json").is_file() else folder.parent / "thresholds.json"
-    thresholds, min_labels = decision_rule(read_thresholds(th_file, labels) if th_file.is_file() else None, labels)
+    thresholds, min_labels, groups = decision_rule(read_thresholds(th_file, labels) if th_file.is_file() else None,
+                                                   labels)
     shifts = None
     if meta.get("mode", "head") == "head" and len(x_test):
         shifts = label_shifts(labels, head_scores(folder, np.asarray(x_test, np.float32)),
-                              head_scores(folder, new), thresholds, min_labels, alpha)
+                              head_scores(folder, new), thresholds, min_labels, alpha, groups)
     found = test["p_value"] < alpha or any(s["shifted"] for s in shifts or [])
     unlike = unlike_training(x_train, x_test, new)
     order = np.argsort(test["witness"])[:12]

@@ -80,7 +80,8 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
     th_file = folder / "thresholds.json" if (folder / "thresholds.json").is_file() else folder.parent / "thresholds.json"
     from mltag.metrics import decide, decision_rule
 
-    thresholds, min_labels = decision_rule(read_thresholds(th_file, labels) if th_file.is_file() else None, labels)
+    thresholds, min_labels, groups = decision_rule(read_thresholds(th_file, labels) if th_file.is_file() else None,
+                                                   labels)
     files = list_images(images)
     bad: dict[str, str] = {}  # an unreadable image is left out with a warning, as predict labels the others
     vectors, computed = vectors_for(files, meta, store, backbone_cache_dir, engine, progress, skip_bad=bad)
@@ -104,7 +105,7 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["rank", "path", "uncertainty", "entropy", "margin", "novelty", "predicted",
                 *(f"score_{lb}" for lb in labels)])
-    chosen = decide(scores, thresholds, min_labels)
+    chosen = decide(scores, thresholds, min_labels, groups)
     for rank, (i, nov) in enumerate(zip(picks, novelty), 1):
         predicted = " ".join(lb for lb, hit in zip(labels, chosen[i]) if hit)
         w.writerow([rank, str(files[i]), f"{u['uncertainty'][i]:.4f}", f"{u['entropy'][i]:.4f}",
