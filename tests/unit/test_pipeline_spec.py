@@ -256,6 +256,45 @@ def test_an_absolute_store_is_mounted_from_a_pvc_or_refused(tmp_path):
     assert "pvcMount" not in json.dumps(platform)
 
 
+def test_task_lines_time_side_by_side_iterations_of_one_task_each_from_its_own_start():
+    """A ParallelFor's iterations share one task name and run in threads side by side: each row's seconds run from
+    its own start (keyed by name, a later start overwrote an earlier one and the first to end got ~0 s)."""
+    import io
+    import threading
+    import time
+
+    from kfp.local import logging_utils
+
+    from mltag.kubeflow.run import TaskLines
+
+    lines = TaskLines(io.StringIO())
+    name = logging_utils.format_task_name("bottleneck-shard")
+    first_started, second_started = threading.Event(), threading.Event()
+
+    def long():
+        lines.write(f"Executing task {name}\n")
+        first_started.set()
+        second_started.wait(5)
+        time.sleep(0.4)
+        lines.write(f"Task {name} finished with status SUCCESS\n")
+
+    def short():
+        first_started.wait(5)
+        time.sleep(0.3)
+        lines.write(f"Executing task {name}\n")
+        second_started.set()
+        time.sleep(0.05)
+        lines.write(f"Task {name} finished with status SUCCESS\n")
+
+    threads = [threading.Thread(target=long), threading.Thread(target=short)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    seconds = sorted(r[2] for r in lines.rows)
+    assert len(seconds) == 2 and seconds[0] < 0.3 and seconds[1] >= 0.65, seconds
+
+
 def test_the_dockerfile_bakes_every_builtin_backbone_it_is_asked_for():
     """One list of names (a build argument, all built-ins by default); no size or handle copied from params.yaml."""
     from mltag.backbones.builtin import BUILTINS

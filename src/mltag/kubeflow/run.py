@@ -104,7 +104,7 @@ class TaskLines(io.TextIOBase):
         self.out, self.verbose = out, verbose
         self.rows: list[tuple[str, str, float, str]] = []
         self.logs: dict[str, list[str]] = {}
-        self._started: dict[str, float] = {}
+        self._started: dict[int, tuple[str, float]] = {}  # thread -> (task, start time)
         self._current: dict[int, str] = {}
         self._partial: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -129,17 +129,22 @@ class TaskLines(io.TextIOBase):
     def _line(self, me: int, line: str) -> None:
         if m := self._START.search(line):
             self._current[me] = m.group(1)
-            self._started[m.group(1)] = time.time()
+            # by thread: a ParallelFor's iterations share one task name and run side by side
+            self._started[me] = (m.group(1), time.time())
             self.logs[m.group(1)] = []
         elif m := self._END.search(line):
-            self._row(m.group(1), m.group(2), "computed")
+            self._row(m.group(1), m.group(2), "computed", me)
         elif m := self._HIT.search(line):
             self._row(m.group(1), "SUCCESS", "cached")
         elif me in self._current:
             self.logs[self._current[me]].append(line)
 
-    def _row(self, name: str, status: str, how: str) -> None:
-        seconds = max(0.0, time.time() - self._started[name]) if how == "computed" and name in self._started else 0.0
+    def _row(self, name: str, status: str, how: str, me: int | None = None) -> None:
+        started = self._started.get(me) if how == "computed" else None
+        if started is None or started[0] != name:  # the end printed by another thread: the latest start of its name
+            started = next((v for v in reversed(self._started.values()) if v[0] == name), None) \
+                if how == "computed" else None
+        seconds = max(0.0, time.time() - started[1]) if started else 0.0
         self.rows.append((name, status, seconds, how))
         if not self.verbose:
             self.out.write(f"  {name:<28} {status:<8} {seconds:7.1f} s  {how}\n")
