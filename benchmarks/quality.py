@@ -42,7 +42,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 CALIBRATIONS = {  # name -> calibrate() keywords
     "none": {"method": "none", "cv_folds": 0},
     "val": {"method": "f1", "cv_folds": 0, "shrink": 0.0, "min_gain": -1.0},  # the old per-label fit on val
-    "cv": {"method": "f1", "cv_folds": 5},  # cross-fitted, shrunk, keep-0.5 rule (the default)
+    "cv": {"method": "f1", "cv_folds": 5},  # cross-fitted, shrunk, keep-0.5 rule, exclusive groups (the default)
+    "cv-nogroups": {"method": "f1", "cv_folds": 5, "label_groups": "none"},  # the same without exclusive groups
 }
 
 
