@@ -18,7 +18,8 @@ split (``paired``: the mean difference in mAP and calibrated micro F1, and how m
 ``A+B`` is the shipped handle ``builtin:efficientnet_A+efficientnet_B`` (one module); ``A&B`` concatenates the two
 backbones' bottleneck folders here instead (the experiment that came first; its models have no model.tflite).
 ``--train`` compares train settings: configurations separated by ``;``, each a ``,``-separated
-list of ``key=value`` train keys (``default`` for params.yaml's own).
+list of ``key=value`` train keys (``default`` for params.yaml's own; ``groups=none`` trains a model without
+prepare's exclusive label groups).
 """
 
 from __future__ import annotations
@@ -42,15 +43,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 CALIBRATIONS = {  # name -> calibrate() keywords
     "none": {"method": "none", "cv_folds": 0},
     "val": {"method": "f1", "cv_folds": 0, "shrink": 0.0, "min_gain": -1.0},  # the old per-label fit on val
-    "cv": {"method": "f1", "cv_folds": 5},  # cross-fitted, shrunk, keep-0.5 rule, exclusive groups (the default)
-    "cv-nogroups": {"method": "f1", "cv_folds": 5, "label_groups": "none"},  # the same without exclusive groups
+    "cv": {"method": "f1", "cv_folds": 5},  # cross-fitted, shrunk, keep-0.5 rule (the default)
 }
 
 
 def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: str, views: int, hidden: int,
             calibrations: list[str], salt: str, params, mode: str = "head", variant: str = "default",
             size: int = 0, tta: str = "none") -> list[dict]:
-    from mltag.data.formats import image_root_of
+    from mltag.data.formats import image_root_of, label_groups_of
     from mltag.steps import run_step
     from mltag.steps.bottleneck import bottleneck
     from mltag.steps.calibrate import calibrate
@@ -62,6 +62,8 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     if not prep.is_dir():
         prepare(prep, **sections("prepare", input=data, salt=salt), progress=False)
     overrides = dict(kv.split("=", 1) for kv in variant.split(",")) if variant != "default" else {}
+    # groups=none: a model without prepare's exclusive label groups (thresholds alone decide every label)
+    groups = [] if overrides.pop("groups", "auto") == "none" else label_groups_of(prep)
     px = f"-s{size}" if size else ""  # backbone.image_size 0: the built-in's own
     tag = f"{backbone}{px}-v{views}-h{hidden}-{mode}-{salt}-" + "".join(c if c.isalnum() else "_" for c in variant)
     ev_tag = tag + (f"-tta{tta}" if tta != "none" else "")
@@ -80,7 +82,8 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
     p = params.replace("train", hidden_units=hidden, mode=mode, **overrides).replace(
         "backbone", cache_dir=str(backbones_dir), handle=handle, image_size=size)
     if not (work / f"model-{tag}").is_dir():  # the same model for every --tta value
-        run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep))
+        run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep),
+                 label_groups=groups)
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
         evaluate(work / f"model-{tag}", bn, work / f"ev-{ev_tag}", work / f"ev-{ev_tag}.json", image_root_of(prep),
                  **sections("evaluate", bootstrap=100, tta=tta, saliency=False))

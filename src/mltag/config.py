@@ -96,6 +96,10 @@ class Prepare(Section):
     max_pixels: int = opt(40_000_000, "decompression-bomb cap", ge=1)
     salt: str = opt("mltag", "split hash salt: changing it reshuffles every split")
     follow_symlinks: bool = opt(False, "accept images that are symlinks to files outside the image root")
+    label_groups: str = opt("auto", "exclusive label groups, labels of which every image has exactly one (colour in "
+                            "colour + item data, the classes of single-label data), each predicted as its "
+                            "top-scoring label: auto (found in the train+val labels), none, or declared as "
+                            "'red,green,blue; dress,shoe' (labels by commas, groups by semicolons)")
 
     @model_validator(mode="after")
     def _fractions(self):
@@ -200,10 +204,6 @@ class Calibrate(Section):
     at_least_one: Literal["auto", "true", "false"] = opt(
         "auto", "an image with no label at its thresholds gets its top-scoring one: auto when that raises micro F1 "
                 "out of fold (never with method min_precision or none)")
-    label_groups: Literal["auto", "none"] = opt(
-        "auto", "exclusive label groups (labels of which every image has exactly one, like colour in colour + item "
-                "data, or the classes of single-label data): auto finds them in the train+val labels and predicts "
-                "the top-scoring label of each, whatever the thresholds; none: thresholds alone")
 
     @model_validator(mode="after")
     def _precision_target(self):

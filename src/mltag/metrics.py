@@ -127,6 +127,22 @@ def decide(s: np.ndarray, thresholds, min_labels: int = 0, groups=()) -> np.ndar
     return fill_empty(pred, s) if min_labels > 0 else pred
 
 
+def group_accuracy(y: np.ndarray, s: np.ndarray, labels: list[str], groups: list[list[str]]) -> list[dict]:
+    """Per exclusive group (label names): the share of images whose top-scoring label of the group is their own,
+    over the images that have one of the group's labels."""
+    y, s = np.asarray(y) > 0, np.asarray(s, dtype=np.float64)
+    index = {n: i for i, n in enumerate(labels)}
+    out = []
+    for g in groups:
+        cols = np.asarray([index[n] for n in g if n in index], dtype=int)
+        if len(cols) != len(g):
+            continue
+        has = y[:, cols].any(axis=1)
+        hit = y[np.flatnonzero(has), cols[np.argmax(s[has][:, cols], axis=1)]] if has.any() else np.zeros(0, bool)
+        out.append({"labels": list(g), "accuracy": float(hit.mean()) if len(hit) else None, "images": int(has.sum())})
+    return out
+
+
 def fill_empty(pred: np.ndarray, s: np.ndarray) -> np.ndarray:
     """``pred`` with each image that has no label given its top-scoring one (a copy)."""
     pred = np.array(pred, dtype=bool)

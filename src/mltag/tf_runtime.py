@@ -8,7 +8,6 @@ import logging
 import os
 import threading
 
-
 _quiet = {"lock": threading.Lock(), "depth": 0, "saved": None}
 
 

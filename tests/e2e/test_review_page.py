@@ -187,3 +187,38 @@ def test_label_suggested_images_by_keyboard_then_prepare_reads_the_export(tmp_pa
     prepare(tmp_path / "prepared-new", **sections("prepare", input=exported, val_fraction=0.0, test_fraction=0.0),
             progress=False)
     assert len((tmp_path / "prepared-new" / "train.lst").read_text().splitlines()) == 6
+
+
+def test_the_labelling_page_makes_a_choice_within_an_exclusive_group(tmp_path, browser):
+    """#53: with an exclusive group (colour: one per photo), choosing a colour clears the one the model chose; a
+    label outside the group still toggles alone."""
+    from PIL import Image
+
+    from mltag.tools.suggest import label_page
+
+    labels = ["red", "green", "blue", "shoe", "bag"]
+    files = []
+    for i in range(2):
+        f = tmp_path / f"{i}.jpg"
+        Image.new("RGB", (16, 16), (200, 20, 20)).save(f)
+        files.append(f)
+    scores = np.array([[0.2, 0.7, 0.1, 0.9, 0.2], [0.8, 0.1, 0.1, 0.1, 0.9]])
+    chosen = np.array([[0, 1, 0, 1, 0], [1, 0, 0, 0, 1]], bool)
+    page_file = tmp_path / "suggest.html"
+    page_file.write_text(label_page(files, labels, scores, chosen, str(tmp_path), "k",
+                                    groups=[["red", "green", "blue"], ["shoe", "bag"]]))
+    page = browser.new_page()
+    page.goto(page_file.as_uri())
+
+    def checked():
+        return page.eval_on_selector_all("#toggles input", "els => els.filter(e => e.checked).map(e => e.dataset.label)")
+
+    assert checked() == ["green", "shoe"]
+    assert "choosing one clears the others" in page.content()
+    page.keyboard.press("1")  # red: replaces green
+    assert checked() == ["red", "shoe"]
+    page.keyboard.press("5")  # bag: replaces shoe (its group)
+    assert checked() == ["red", "bag"]
+    page.keyboard.press("1")  # red again: unchecked, the photo may be left without (a person decides)
+    assert checked() == ["bag"]
+    page.close()

@@ -641,3 +641,55 @@ def test_every_version_gets_a_model_card_with_every_section_in_markdown_and_html
     assert logged == {"model_card/model_card.md", "model_card/model_card.html"}
     assert mlflow.artifacts.load_text(f"runs:/{run}/model_card/model_card.md") == md
     assert MlflowClient().get_model_version("carded", str(rg["version"])).description.startswith("Promoted: no champion")
+
+
+def test_exclusive_label_groups_from_prepare_to_prediction(tmp_path, fake_backbone):
+    """#53: single-colour photos (one of red, green, blue each) are one exclusive group: prepare finds it, train
+    records it, calibrate puts it in thresholds.json, evaluate reports its accuracy, and the model predicts exactly
+    one colour per photo whatever the thresholds; declared groups are checked on every image."""
+    from conftest import colour_image
+    from mltag.data.formats import label_groups_of
+    from mltag.inference.model import InferenceModel
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "single"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(60):
+        flags = tuple(int(j == i % 3) for j in range(3))
+        rel = f"images/{i:04d}.jpg"
+        colour_image(flags, rng).save(root / rel, "JPEG", quality=90)
+        rows.append((rel, flags))
+    write_lst_dataset(root, rows)
+    r = prepare(tmp_path / "prepared", **sections("prepare", input=root), progress=False)
+    assert r["label_groups"] == [list(COLOURS)] == label_groups_of(tmp_path / "prepared")
+    bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
+                                                                   cache_dir=tmp_path / "cache", views=1), progress=False)
+    train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=60), progress=False,
+          label_groups=label_groups_of(tmp_path / "prepared"))
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["label_groups"] == [list(COLOURS)]
+    ev = evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev.json",
+                  **sections("evaluate", bootstrap=10))
+    assert ev["groups"][0]["labels"] == list(COLOURS) and ev["groups"][0]["accuracy"] >= 0.8
+    assert "Exclusive label groups" in (tmp_path / "eval" / "report.html").read_text()
+    ca = calibrate(tmp_path / "eval", tmp_path / "model", tmp_path / "th.json", tmp_path / "ca.json",
+                   **sections("calibrate"), bottlenecks=tmp_path / "bn", progress=False)
+    assert ca["groups"] == [list(COLOURS)] and json.loads((tmp_path / "th.json").read_text())["groups"] == ca["groups"]
+    assert ca["rule"]["red"].startswith("exclusive group")
+    assert ca["test_at_thresholds"]["group_accuracy"][0]["images"] == ca["test_at_thresholds"]["n_images"]
+    # thresholds that would give no colour (or every colour) do not matter inside the group: one each
+    th = json.loads((tmp_path / "th.json").read_text())
+    for t in (0.999, 0.001):
+        th["thresholds"] = dict.fromkeys(COLOURS, t)
+        (tmp_path / "th.json").write_text(json.dumps(th))
+        model = InferenceModel(tmp_path / "model", thresholds=th)
+        out = model.predict([root / rel for rel, _ in rows[:9]])
+        assert [len(o["labels"]) for o in out] == [1] * 9, out
+        assert [o["labels"][0] for o in out] == [COLOURS[i % 3] for i in range(9)]
+    # declared: checked on every image, the first offenders named with their line; none: no group
+    with pytest.raises(MltagError, match=r"exactly one of red, green, but 20 image\(s\).*all.lst:"):
+        prepare(tmp_path / "p2", **sections("prepare", input=root, label_groups="red,green"), progress=False)
+    with pytest.raises(MltagError, match="names label.s. no image has: pink"):
+        prepare(tmp_path / "p2", **sections("prepare", input=root, label_groups="red,pink; green,blue"), progress=False)
+    assert prepare(tmp_path / "p3", **sections("prepare", input=root, label_groups="none"),
+                   progress=False)["label_groups"] == []

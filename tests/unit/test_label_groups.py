@@ -63,3 +63,38 @@ def test_a_damaged_group_list_is_refused(tmp_path):
         f.write_text(json.dumps({"thresholds": {"red": 0.5, "blue": 0.5, "bag": 0.5}, "groups": groups}))
         with pytest.raises(MltagError, match=match):
             read_thresholds(f, ["red", "blue", "bag"])
+
+
+def test_review_suggests_a_swap_within_a_group_and_applying_it_keeps_the_group_whole(tmp_path):
+    """#53: 'remove black' (1.00) and 'add brown' (0.98) for one photo are one suggestion, black -> brown; an addition
+    or removal alone inside a group is not suggested (it would leave two colours, or none)."""
+    from mltag.steps.review import _group_swaps, apply_review
+
+    names, paths = ["black", "brown", "white", "shoe", "bag"], ["a.jpg", "b.jpg", "c.jpg"]
+    y = np.array([[1, 0, 0, 1, 0], [0, 0, 1, 0, 1], [1, 0, 0, 0, 1]])
+    s = np.array([[0.01, 0.98, 0.01, 0.9, 0.1],    # a: given black, brown scores highest -> swap
+                  [0.10, 0.10, 0.80, 0.2, 0.9],    # b: right colour; cleanlab's "add brown" alone is dropped
+                  [0.90, 0.05, 0.05, 0.2, 0.1]])   # c: bag flagged (not in a group): stays a pair
+    mask = np.zeros(y.shape, bool)
+    mask[0, 0] = mask[0, 1] = mask[1, 1] = mask[2, 4] = True
+    swaps = _group_swaps(mask, y, s, np.abs(y - s), names, paths, [[0, 1, 2]])  # shoe and bag: free labels
+    assert [(p, lb, g, sg) for p, lb, g, sg, _, _ in swaps] == [("a.jpg", "black -> brown", 1, 0)]
+    assert [tuple(map(int, ij)) for ij in zip(*mask.nonzero())] == [(2, 4)]  # only the pair outside the group stays
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "labels.csv").write_text("path,labels\na.jpg,black shoe\nb.jpg,white bag\nc.jpg,black bag\nd.jpg,brown bag\n")
+    for p in [*paths, "d.jpg"]:
+        from PIL import Image
+
+        Image.new("RGB", (8, 8)).save(data / p)
+    acc = tmp_path / "accepted.csv"
+    acc.write_text("path,label,given,suggested,score,confidence\na.jpg,black -> brown,1,0,0.98,0.99\n")
+    out = apply_review(acc, data / "labels.csv", "csv")
+    got = {row.split(",")[0]: set(row.split(",")[1].split()) for row in out.read_text().splitlines()[1:]}
+    assert got == {"a.jpg": {"brown", "shoe"}, "b.jpg": {"white", "bag"}, "c.jpg": {"black", "bag"},
+                   "d.jpg": {"brown", "bag"}}
+    from mltag.errors import MltagError
+
+    acc.write_text("path,label,given,suggested,score,confidence\nb.jpg,black -> brown,1,0,0.98,0.99\n")
+    with pytest.raises(MltagError, match="b.jpg has black=0 and brown=0 in the dataset now"):
+        apply_review(acc, data / "labels.csv", "csv", out=tmp_path / "x.csv")

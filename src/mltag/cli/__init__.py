@@ -318,11 +318,12 @@ def _run_step(step: str, args, progress: bool) -> int:
         run_step(step, params, **rt)
     elif step == "train":
         root = _image_root(args.prepared)
-        from mltag.data.formats import dataset_version
+        from mltag.data.formats import dataset_version, label_groups_of
 
         s = run_step(step, params, **rt, history_file=args.history, images=root,
                      dataset=dataset_source(args.prepared) if root else None,
-                     dataset_version=dataset_version(args.prepared) if root else None)
+                     dataset_version=dataset_version(args.prepared) if root else None,
+                     label_groups=label_groups_of(args.prepared))
         ft = (f"; fine-tune best epoch {s['fine_tune_best_epoch']}/{s['fine_tune_epochs_run']}, val loss "
               f"{s['fine_tune_val_loss']:.4f}" if s.get("fine_tune_val_loss") is not None else "")
         val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"
@@ -371,6 +372,10 @@ def _data_notes(r: dict, params) -> str:
         notes.append(f"{len(conflicting)} with conflicting labels, e.g. {first['paths'][0]} "
                      f"({' '.join(first['labels'][0]) or 'no label'}) = {first['paths'][1]} "
                      f"({' '.join(first['labels'][1]) or 'no label'}): fix one or drop it")
+    groups = r.get("label_groups") or []
+    if groups:
+        notes.append("exclusive label group(s), one label of each per image: " +
+                     "; ".join("{" + ", ".join(g) + "}" for g in groups))
     side = r.get("image_short_side")
     if side:
         notes.append(f"short side {side['min']}-{side['max']} px (median {side['median']})")

@@ -257,6 +257,19 @@ def dataset_version(prepared: str | os.PathLike) -> str | None:
     return version if isinstance(version, str) else None
 
 
+def label_groups_of(prepared: str | os.PathLike) -> list[list[str]]:
+    """The exclusive label groups prepare recorded (``label_groups`` in ``dataset.json``); none for a folder without
+    (an older prepare, or no prepared folder at all)."""
+    f = Path(prepared) / "dataset.json"
+    if not f.is_file():
+        return []
+    groups = read_handoff(f, "dataset.json", "prepare").get("label_groups") or []
+    if not isinstance(groups, list) or not all(isinstance(g, list) and all(isinstance(n, str) for n in g)
+                                               for g in groups):
+        raise MltagError("dataset.json is damaged (label_groups is not a list of label lists); run prepare again", f)
+    return groups
+
+
 def write_dataset_meta(prepared: str | os.PathLike, meta: dict) -> None:
     """prepare's ``dataset.json``: where the images are (``image_root``, relative), the labels and counts."""
     write_handoff(Path(prepared) / "dataset.json", meta)

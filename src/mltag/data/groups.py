@@ -54,3 +54,48 @@ def find_groups(y: np.ndarray, min_positives: int = 5) -> list[list[int]]:
         groups.append(sorted(group))
         free = [i for i in free if i not in group]
     return groups
+
+
+def parse_groups(text: str, labels: list[str], where) -> list[list[str]] | None:
+    """``prepare.label_groups`` read: None for ``auto``, [] for ``none``, else the declared groups
+    (``'red,green,blue; dress,shoe'``), checked against ``labels`` (every name known, two or more a group, no label
+    in two groups)."""
+    from mltag.errors import MltagError
+
+    text = str(text).strip()
+    if text.lower() == "auto":
+        return None
+    if text.lower() in ("none", ""):
+        return []
+    groups = [[n.strip() for n in part.split(",") if n.strip()] for part in text.split(";") if part.strip()]
+    known = set(labels)
+    for g in groups:
+        unknown = [n for n in g if n not in known]
+        if unknown:
+            raise MltagError(f"prepare.label_groups names label(s) no image has: {', '.join(unknown)} (labels: "
+                             f"{', '.join(labels[:20])}{', ...' if len(labels) > 20 else ''})", where)
+        if len(g) < 2:
+            raise MltagError(f"prepare.label_groups: a group needs two or more labels, got {g} (write groups as "
+                             "'red,green,blue; dress,shoe')", where)
+    seen = [n for g in groups for n in g]
+    twice = sorted({n for n in seen if seen.count(n) > 1})
+    if twice:
+        raise MltagError(f"prepare.label_groups: label(s) in two groups: {', '.join(twice)}", where)
+    return groups
+
+
+def check_declared(groups: list[list[str]], labels: list[str], y: np.ndarray, paths: list[str], where) -> None:
+    """Every image (rows of ``y``, named by ``paths``) has exactly one label of each declared group; the first
+    images that do not are named."""
+    from mltag.errors import MltagError
+
+    index = {n: i for i, n in enumerate(labels)}
+    y = np.asarray(y) > 0
+    for g in groups:
+        counts = y[:, [index[n] for n in g]].sum(axis=1)
+        bad = np.flatnonzero(counts != 1)
+        if len(bad):
+            shown = ", ".join(f"{paths[i]} ({int(counts[i])})" for i in bad[:5])
+            raise MltagError(f"prepare.label_groups: every image must have exactly one of {', '.join(g)}, but "
+                             f"{len(bad)} image(s) have another count, e.g. {shown}; fix their labels or the "
+                             "declared groups", where)

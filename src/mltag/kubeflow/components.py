@@ -155,11 +155,12 @@ def train(bottlenecks: Input[Dataset], dataset: Input[Dataset], train: dict, bac
     images = images_for(dataset.path, {"train": None, "val": None}) if params.train.mode == "fine_tune" else None
     from pathlib import Path
 
-    from mltag.data.formats import dataset_source, dataset_version
+    from mltag.data.formats import dataset_source, dataset_version, label_groups_of
 
     source = dataset_source(dataset.path) if (Path(dataset.path) / "dataset.json").is_file() else None
     s = run_step("train", params, bottlenecks=bottlenecks.path, out=model.path, tracking_uri=tracking_uri or None,
-                 progress=False, images=images, dataset=source, dataset_version=dataset_version(dataset.path))
+                 progress=False, images=images, dataset=source, dataset_version=dataset_version(dataset.path),
+                 label_groups=label_groups_of(dataset.path))
     for k in ("val_loss", "train_loss", "best_epoch", "fine_tune_val_loss", "fine_tune_best_epoch"):
         if s.get(k) is not None:
             metrics.log_metric(k, s[k])

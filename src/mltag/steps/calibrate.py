@@ -256,13 +256,15 @@ def _fitting_scores(calibrate: config.Calibrate, model_dir, bottlenecks, oof_out
     return oof_file, y_fit, s_fit, folds, source, cv_folds
 
 
-def _exclusive_groups(th: dict, setting: str, y_fit, s_fit, t, labels: list[str], min_positives: int) -> list:
-    """With ``calibrate.label_groups: auto``, the exclusive groups of the fitting labels (train+val out of fold,
-    or validation), recorded in ``th`` (``groups``, each label's ``rule``, the micro F1 gain on the fitting scores)
-    so that every consumer of thresholds.json predicts the top-scoring label of each; their label indices."""
-    from mltag.data.groups import find_groups
+def _exclusive_groups(th: dict, model_dir, y_fit, s_fit, t, labels: list[str]) -> list:
+    """The model's exclusive label groups (prepare found or was given them; ``model.json``), recorded in ``th``
+    (``groups``, each label's ``rule``, the micro F1 gain on the fitting scores) so that every consumer of
+    thresholds.json predicts the top-scoring label of each; their label indices."""
+    from mltag.data.formats import read_model_meta
 
-    groups = find_groups(y_fit, min_positives=max(2, min_positives)) if setting == "auto" else []
+    named = read_model_meta(model_dir, verify=False).get("label_groups") or []
+    index = {n: i for i, n in enumerate(labels)}
+    groups = [[index[n] for n in g] for g in named if all(n in index for n in g)]
     if groups:
         th["groups"] = [[labels[i] for i in g] for g in groups]
         rules = th.setdefault("rule", {})
@@ -358,14 +360,11 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
                                                      cv_folds > 1 and method != "none")
     expected["at_least_one_micro_f1_gain"] = one_gain
     t = np.array([th["thresholds"][n] for n in labels])
-    groups = _exclusive_groups(th, calibrate.label_groups, y_fit, s_fit, t, labels, min_positives)
+    groups = _exclusive_groups(th, model_dir, y_fit, s_fit, t, labels)
     at_05 = M.compute(y_te, s_te, 0.5, labels)
     at_cal = M.compute(y_te, s_te, t, labels, th["min_labels"], groups)
     if groups:  # per group: the share of test images whose top-scoring label of the group is their own
-        y_b = np.asarray(y_te) > 0
-        at_cal["group_accuracy"] = {
-            " | ".join(labels[i] for i in g): float(np.mean(y_b[np.arange(len(y_b)), np.asarray(g)[np.argmax(
-                np.asarray(s_te)[:, g], axis=1)]])) if len(y_b) else None for g in groups}
+        at_cal["group_accuracy"] = M.group_accuracy(y_te, s_te, labels, th["groups"])
     result = _result(th, source, one_gain, at_05, at_cal)
     th["config"] = config
     if oof_file is not None:

@@ -118,6 +118,7 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     result["model_digest"] = recorded_digest(model_dir)  # which model these scores are of (calibrate checks it)
     result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=evaluate.bootstrap, seed=evaluate.seed)
     result["baselines"] = M.baselines(y_te, y_tr, labels)
+    result["groups"] = M.group_accuracy(y_te, s_te, labels, model_meta.get("label_groups") or [])
     result["val"] = {k: v for k, v in M.compute(y_va, s_va, 0.5, labels).items() if k != "per_label"}
     result["val"]["seen_in_training"] = bool((model_meta.get("head") or {}).get("refit"))  # train.refit
     png = pr_curves_png(y_te, s_te, labels)
@@ -141,8 +142,11 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     _write_pr_csvs(plots or out / "pr", labels, y_te, s_te)
     write_json_atomic(metrics_file, headline(result))
     ci = result["ci95"].get("map")
-    log.info("evaluate: test mAP %.3f%s, micro F1 %.3f, macro F1 %.3f (at 0.5); report in %s/report.html",
-             result["map"], f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "", result["micro_f1"], result["macro_f1"], out)
+    groups = "".join(f"; {'/'.join(g['labels'][:3])}{'/...' if len(g['labels']) > 3 else ''} accuracy "
+                     f"{g['accuracy']:.3f}" for g in result["groups"] if g["accuracy"] is not None)
+    log.info("evaluate: test mAP %.3f%s, micro F1 %.3f, macro F1 %.3f (at 0.5)%s; report in %s/report.html",
+             result["map"], f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "", result["micro_f1"], result["macro_f1"],
+             groups, out)
     return result
 
 

@@ -104,8 +104,9 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
     else:
         log.warning("review: no out-of-fold scores (%s); nothing to rank", data["reason"] or "none computed")
         mask, confidence, noise = np.zeros(y.shape, bool), np.zeros(y.shape), np.zeros(len(names))
+    swaps = _group_swaps(mask, y, s, confidence, names, paths, _label_groups(model_dir, prepared, names))
     rows = [(paths[i], names[j], int(y[i, j]), 1 - int(y[i, j]), float(s[i, j]), float(confidence[i, j]))
-            for i, j in zip(*np.nonzero(mask))]
+            for i, j in zip(*np.nonzero(mask))] + swaps
     rows.sort(key=lambda r: (-r[5], r[0], r[1]))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -116,7 +117,13 @@ def review(oof: str | os.PathLike, out: str | os.PathLike, metrics_file: str | o
                      "wrong": int((mask[:, j] & (y[:, j] == 1)).sum()),  # given 1, likely 0
                      "positives": int(y[:, j].sum()), "noise_rate": float(noise[j])}
                  for j, n in enumerate(names)}
-    result = {"images": len(paths), "pairs": int(y.size), "issues": len(rows),
+    for _, lb, *_ in swaps:  # a swap is an error of both labels: the given one wrong, the top one missing
+        a, b = lb.split(SWAP, 1)
+        per_label[a]["issues"] += 1
+        per_label[a]["wrong"] += 1
+        per_label[b]["issues"] += 1
+        per_label[b]["missing"] += 1
+    result = {"images": len(paths), "pairs": int(y.size), "issues": len(rows), "swaps": len(swaps),
               "issue_rate": len(rows) / y.size if y.size else 0.0, "filter_by": filter_by,
               "per_label": per_label, "reason": data["reason"]}
     explainer = _explainer(model_dir, root, review.saliency, names)
@@ -185,6 +192,43 @@ def _check_oof_labels(oof, names: list[str], prepared, model_dir) -> None:
         check_same_labels(read_model_meta(model_dir)["labels"], names, oof, "the out-of-fold scores", fix)
 
 
+SWAP = " -> "  # a label column "black -> brown": one swap within an exclusive group (black removed, brown given)
+
+
+def _label_groups(model_dir, prepared, names: list[str]) -> list[list[int]]:
+    """The exclusive label groups (label indices) of the model, else of the prepared dataset; none without either."""
+    from mltag.data.formats import label_groups_of, read_model_meta
+
+    named = []
+    if model_dir is not None and (Path(model_dir) / "model.json").is_file():
+        named = read_model_meta(model_dir, verify=False).get("label_groups") or []
+    elif prepared is not None:
+        named = label_groups_of(prepared)
+    index = {n: i for i, n in enumerate(names)}
+    return [[index[n] for n in g] for g in named if all(n in index for n in g)]
+
+
+def _group_swaps(mask, y, s, confidence, names: list[str], paths: list[str], groups: list[list[int]]) -> list[tuple]:
+    """Within an exclusive group a label error is a swap: where the image's given label of the group is flagged
+    (or the group's top-scoring label is flagged as missing) and another label of the group scores highest, one row
+    ``given -> top`` replaces the removal and the unrelated addition, so that applying it keeps the group whole.
+    The group's other flagged pairs of that image are dropped from ``mask`` (in place): an addition or a removal
+    alone would leave the image with two labels of the group, or none."""
+    out = []
+    for g in groups:
+        g = np.asarray(g, dtype=int)
+        flagged = np.flatnonzero(mask[:, g].any(axis=1))
+        for i in flagged:
+            given = g[y[i, g] > 0]
+            top = g[int(np.argmax(s[i, g]))]
+            if len(given) == 1 and given[0] != top:
+                a = int(given[0])
+                out.append((paths[i], f"{names[a]}{SWAP}{names[top]}", 1, 0, float(s[i, top]),
+                            float(max(confidence[i, a], confidence[i, top]))))
+            mask[i, g] = False
+    return out
+
+
 def _page_groups(rows: list[tuple], names: list[str], paths: list[str], y: np.ndarray, s: np.ndarray,
                  per_label: dict, root: Path | None, out, explainer, review: config.Review) -> tuple[list, list]:
     """review.html's groups (one per label, its most likely errors first) and every item shown, with its
@@ -194,7 +238,7 @@ def _page_groups(rows: list[tuple], names: list[str], paths: list[str], y: np.nd
     groups, items = [], []
     row_of = {p: i for i, p in enumerate(paths)}
     for n in names:
-        mine = [r for r in rows if r[1] == n][:review.thumbnails]
+        mine = [r for r in rows if r[1] == n or r[1].split(SWAP)[0] == n][:review.thumbnails]
         shown = []
         for rank, (p, _, g, sg, sc, c) in enumerate(mine):
             i = row_of[p]
@@ -228,6 +272,21 @@ def _explainer(model_dir, root, n: int, names: list[str]):
     return explainer_for(model_dir, model)
 
 
+def _swap(flags: list[int], r: dict, labels: list[str], accepted: Path) -> None:
+    """Apply one ``given -> suggested`` row of an exclusive group to an image's ``flags``."""
+    a, b = r["label"].split(SWAP, 1)
+    for n in (a, b):
+        if n not in labels:
+            raise MltagError(f"unknown label {n!r} in {r['label']!r} (known: {', '.join(labels)})", accepted, r["line"])
+    i, j = labels.index(a), labels.index(b)
+    if r["given"] != 1 or r["suggested"] != 0:
+        raise MltagError(f"a swap row ({r['label']}) has given 1 and suggested 0", accepted, r["line"])
+    if flags[i] != 1 or flags[j] != 0:
+        raise MltagError(f"{r['path']} has {a}={flags[i]} and {b}={flags[j]} in the dataset now, not 1 and 0 (fixed "
+                         "already, or a file from another dataset?)", accepted, r["line"])
+    flags[i], flags[j] = 0, 1
+
+
 def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: str,
                  out: str | os.PathLike | None = None) -> Path:
     """Write the dataset's labels with the accepted changes applied, beside the original; return the file.
@@ -248,6 +307,9 @@ def apply_review(accepted: str | os.PathLike, dataset: str | os.PathLike, fmt: s
     for r in rows:
         if r["path"] not in index:
             raise MltagError(f"image {r['path']!r} is not in the dataset {dataset}", accepted, r["line"])
+        if SWAP in r["label"]:  # a swap within an exclusive group: both labels change, or neither
+            _swap(flags[index[r["path"]]], r, ds.labels, accepted)
+            continue
         if r["label"] not in ds.labels:
             raise MltagError(f"unknown label {r['label']!r} (known: {', '.join(ds.labels)})", accepted, r["line"])
         i, j = index[r["path"]], ds.labels.index(r["label"])

@@ -113,7 +113,7 @@ def suggest(model: str, images: str, n: int, out: str | os.PathLike, *, store: s
     write_text_atomic(out, buf.getvalue())
     page = label_page_path(out)
     write_text_atomic(page, label_page([files[i] for i in picks], labels, scores[picks], chosen[picks], images,
-                                       str(Path(out).resolve())))
+                                       str(Path(out).resolve()), groups=[[labels[j] for j in g] for g in groups]))
     log.debug("suggest: %d of %d images ranked for labelling in %s (%d vectors computed, %d from the vector store)",
              len(picks), len(files), out, computed, len(files) - computed)
     return {"images": len(files), "suggested": len(picks), "computed": computed, "model": str(folder),
@@ -139,8 +139,9 @@ def image_root(images: str, files: list[Path]) -> Path:
 
 
 def label_page(files: list[Path], labels: list[str], scores: np.ndarray, chosen: np.ndarray, images: str,
-               page_key: str) -> str:
-    """The labelling page (``reports/templates/label.html.j2``): one self-contained file, thumbnails inline."""
+               page_key: str, groups: list[list[str]] = ()) -> str:
+    """The labelling page (``reports/templates/label.html.j2``): one self-contained file, thumbnails inline. In an
+    exclusive group (label names) choosing one label clears the others: a choice within the group."""
     from mltag.reports.html import render, script_json, thumbnail
 
     root = image_root(images, files)
@@ -151,4 +152,5 @@ def label_page(files: list[Path], labels: list[str], scores: np.ndarray, chosen:
                       "scores": {lb: round(float(v), 4) for lb, v in zip(labels, s)}})
     page_id = hashlib.sha256(json.dumps([page_key] + [e["rel"] for e in items]).encode()).hexdigest()[:16]
     return render("label.html.j2", items=items, labels=labels, root=str(root), page_id=page_id, keys=LABEL_KEYS,
+                  groups=[list(g) for g in groups],
                   items_json=script_json(items))
