@@ -99,7 +99,8 @@ class Prepare(Section):
     label_groups: str = opt("auto", "exclusive label groups, labels of which every image has exactly one (colour in "
                             "colour + item data, the classes of single-label data), each predicted as its "
                             "top-scoring label: auto (found in the train+val labels), none, or declared as "
-                            "'red,green,blue; dress,shoe' (labels by commas, groups by semicolons)")
+                            "'red,green,blue; dress,shoe' (labels by commas, groups by semicolons; a group after "
+                            "'at most one:' may also be absent)")
 
     @model_validator(mode="after")
     def _fractions(self):

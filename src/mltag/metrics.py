@@ -101,6 +101,11 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
+class AtMostOne(list):
+    """A group of label indices of which an image has at most one (declared in ``prepare.label_groups``): its
+    top-scoring label where that reaches its threshold, else none. A plain list is an exactly-one group."""
+
+
 def decision_rule(th: dict | None, labels: list[str]) -> tuple[np.ndarray, int, list[list[int]]]:
     """What ``decide`` takes from calibrate's thresholds (``thresholds.json``, or None): each label's
     threshold (0.5 where it names none), ``min_labels`` (0 where it has none) and the exclusive label
@@ -108,6 +113,7 @@ def decision_rule(th: dict | None, labels: list[str]) -> tuple[np.ndarray, int, 
     th = th or {}
     index = {lb: i for i, lb in enumerate(labels)}
     groups = [[index[lb] for lb in g] for g in th.get("groups", []) if all(lb in index for lb in g)]
+    groups += [AtMostOne(index[lb] for lb in g) for g in th.get("at_most_one", []) if all(lb in index for lb in g)]
     return (np.array([float(th.get("thresholds", {}).get(lb, 0.5)) for lb in labels]),
             int(th.get("min_labels", 0)), groups)
 
@@ -115,15 +121,19 @@ def decision_rule(th: dict | None, labels: list[str]) -> tuple[np.ndarray, int, 
 def decide(s: np.ndarray, thresholds, min_labels: int = 0, groups=()) -> np.ndarray:
     """The labels predicted for scores ``s`` (``[N, L]``): each at or above its threshold; with ``min_labels``
     1 (calibrate's ``at_least_one``), an image with none gets its top-scoring label. In each exclusive group
-    (label indices: every image has exactly one of them) the top-scoring label alone, whatever the thresholds."""
+    (label indices: every image has exactly one of them) the top-scoring label alone, whatever the thresholds; in an
+    ``AtMostOne`` group the top-scoring label alone where it reaches its threshold."""
     s = np.asarray(s, dtype=np.float64).reshape(len(s), -1)
     pred = s >= np.asarray(thresholds, dtype=np.float64)
     if groups and len(s):
         rows = np.arange(len(s))
+        t = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (s.shape[1],))
         for g in groups:
+            at_most = isinstance(g, AtMostOne)
             g = np.asarray(g, dtype=int)
+            top = g[np.argmax(s[:, g], axis=1)]
             pred[:, g] = False
-            pred[rows, g[np.argmax(s[:, g], axis=1)]] = True
+            pred[rows, top] = s[rows, top] >= t[top] if at_most else True
     return fill_empty(pred, s) if min_labels > 0 else pred
 
 

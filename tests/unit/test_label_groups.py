@@ -98,3 +98,23 @@ def test_review_suggests_a_swap_within_a_group_and_applying_it_keeps_the_group_w
     acc.write_text("path,label,given,suggested,score,confidence\nb.jpg,black -> brown,1,0,0.98,0.99\n")
     with pytest.raises(MltagError, match="b.jpg has black=0 and brown=0 in the dataset now"):
         apply_review(acc, data / "labels.csv", "csv", out=tmp_path / "x.csv")
+
+
+def test_an_at_most_one_group_predicts_its_top_label_only_over_its_threshold(tmp_path):
+    """Declared ``at most one:`` groups: an image may have none of them; a recorded group keeps its kind."""
+    from mltag.data.groups import check_declared, parse_groups
+    from mltag.errors import MltagError
+
+    labels = ["red", "blue", "sale", "new", "shoe"]
+    groups = parse_groups("red, blue; at most one: sale,new", labels, "params.yaml")
+    assert groups == [["red", "blue"], {"at_most_one": ["sale", "new"]}]
+    y = np.array([[1, 0, 0, 0, 1], [0, 1, 1, 0, 0], [1, 0, 0, 1, 0]])
+    check_declared(groups, labels, y, ["a", "b", "c"], "params.yaml")  # none of sale/new is fine
+    with pytest.raises(MltagError, match=r"at most one of sale, new, but 1 image\(s\).*e.g. d \(2\)"):
+        check_declared(groups, labels, np.vstack([y, [1, 0, 1, 1, 0]]), ["a", "b", "c", "d"], "params.yaml")
+    th = {"thresholds": {"red": 0.5, "blue": 0.5, "sale": 0.6, "new": 0.5, "shoe": 0.5},
+          "groups": [["red", "blue"]], "at_most_one": [["sale", "new"]]}
+    t, ml, g = M.decision_rule(th, labels)
+    s = np.array([[0.3, 0.2, 0.7, 0.9, 0.1],    # new over threshold and on top: new only
+                  [0.3, 0.2, 0.55, 0.4, 0.1]])  # sale on top but under its 0.6: neither
+    assert M.decide(s, t, ml, g).astype(int).tolist() == [[1, 0, 0, 1, 0], [1, 0, 0, 0, 0]]

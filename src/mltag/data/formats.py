@@ -264,7 +264,11 @@ def label_groups_of(prepared: str | os.PathLike) -> list[list[str]]:
     if not f.is_file():
         return []
     groups = read_handoff(f, "dataset.json", "prepare").get("label_groups") or []
-    if not isinstance(groups, list) or not all(isinstance(g, list) and all(isinstance(n, str) for n in g)
+
+    def names(g):  # an exactly-one group is a list of names, an at-most-one group {"at_most_one": names}
+        return g.get("at_most_one") if isinstance(g, dict) else g
+
+    if not isinstance(groups, list) or not all(isinstance(names(g), list) and all(isinstance(n, str) for n in names(g))
                                                for g in groups):
         raise MltagError("dataset.json is damaged (label_groups is not a list of label lists); run prepare again", f)
     return groups
@@ -562,11 +566,14 @@ def read_thresholds(path: str | os.PathLike, labels: list[str] | None = None) ->
     if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 1.0:
         raise MltagError(f"thresholds file is damaged: global_threshold is {g!r} (a number in [0, 1]); run "
                          "calibrate again", path)
-    groups = th.get("groups", [])
-    if not isinstance(groups, list) or any(not isinstance(gr, list) or len(gr) < 2 or
-                                           not all(isinstance(n, str) for n in gr) for gr in groups):
-        raise MltagError("thresholds file is damaged: 'groups' must be a list of label lists of two or more; run "
-                         "calibrate again", path)
+    groups = []
+    for key in ("groups", "at_most_one"):
+        part = th.get(key, [])
+        if not isinstance(part, list) or any(not isinstance(gr, list) or len(gr) < 2 or
+                                             not all(isinstance(n, str) for n in gr) for gr in part):
+            raise MltagError(f"thresholds file is damaged: '{key}' must be a list of label lists of two or more; "
+                             "run calibrate again", path)
+        groups += part
     seen = [n for gr in groups for n in gr]
     if len(seen) != len(set(seen)):
         raise MltagError("thresholds file is damaged: a label is in two exclusive groups; run calibrate again", path)

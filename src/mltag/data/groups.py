@@ -56,10 +56,29 @@ def find_groups(y: np.ndarray, min_positives: int = 5) -> list[list[int]]:
     return groups
 
 
-def parse_groups(text: str, labels: list[str], where) -> list[list[str]] | None:
+AT_MOST = "at most one:"  # a declared group's prefix: an image has at most one of its labels
+
+
+def names_of(group) -> list[str]:
+    """A recorded group's label names: an exactly-one group is a list, an at-most-one group ``{"at_most_one": [...]}``."""
+    return list(group["at_most_one"]) if isinstance(group, dict) else list(group)
+
+
+def exactly_one(groups: list) -> list[list[str]]:
+    """The exactly-one groups among recorded ones."""
+    return [list(g) for g in groups if not isinstance(g, dict)]
+
+
+def at_most_one(groups: list) -> list[list[str]]:
+    """The at-most-one groups among recorded ones."""
+    return [list(g["at_most_one"]) for g in groups if isinstance(g, dict)]
+
+
+def parse_groups(text: str, labels: list[str], where) -> list | None:
     """``prepare.label_groups`` read: None for ``auto``, [] for ``none``, else the declared groups
-    (``'red,green,blue; dress,shoe'``), checked against ``labels`` (every name known, two or more a group, no label
-    in two groups)."""
+    (``'red,green,blue; at most one: sale,new'``: labels by commas, groups by semicolons, a group an image may also
+    have none of after ``at most one:``), checked against ``labels`` (every name known, two or more a group, no
+    label in two groups). An exactly-one group is a list of names, an at-most-one group ``{"at_most_one": names}``."""
     from mltag.errors import MltagError
 
     text = str(text).strip()
@@ -67,35 +86,43 @@ def parse_groups(text: str, labels: list[str], where) -> list[list[str]] | None:
         return None
     if text.lower() in ("none", ""):
         return []
-    groups = [[n.strip() for n in part.split(",") if n.strip()] for part in text.split(";") if part.strip()]
+    groups: list = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        at_most = part.lower().startswith(AT_MOST)
+        names = [n.strip() for n in part[len(AT_MOST):].split(",") if n.strip()] if at_most else \
+            [n.strip() for n in part.split(",") if n.strip()]
+        groups.append({"at_most_one": names} if at_most else names)
     known = set(labels)
-    for g in groups:
+    for g in map(names_of, groups):
         unknown = [n for n in g if n not in known]
         if unknown:
             raise MltagError(f"prepare.label_groups names label(s) no image has: {', '.join(unknown)} (labels: "
                              f"{', '.join(labels[:20])}{', ...' if len(labels) > 20 else ''})", where)
         if len(g) < 2:
             raise MltagError(f"prepare.label_groups: a group needs two or more labels, got {g} (write groups as "
-                             "'red,green,blue; dress,shoe')", where)
-    seen = [n for g in groups for n in g]
+                             "'red,green,blue; at most one: sale,new')", where)
+    seen = [n for g in groups for n in names_of(g)]
     twice = sorted({n for n in seen if seen.count(n) > 1})
     if twice:
         raise MltagError(f"prepare.label_groups: label(s) in two groups: {', '.join(twice)}", where)
     return groups
 
 
-def check_declared(groups: list[list[str]], labels: list[str], y: np.ndarray, paths: list[str], where) -> None:
-    """Every image (rows of ``y``, named by ``paths``) has exactly one label of each declared group; the first
-    images that do not are named."""
+def check_declared(groups: list, labels: list[str], y: np.ndarray, paths: list[str], where) -> None:
+    """Every image (rows of ``y``, named by ``paths``) has exactly one label of each exactly-one group and at most
+    one of each at-most-one group; the first images that do not are named."""
     from mltag.errors import MltagError
 
     index = {n: i for i, n in enumerate(labels)}
     y = np.asarray(y) > 0
-    for g in groups:
+    for group in groups:
+        g, at_most = names_of(group), isinstance(group, dict)
         counts = y[:, [index[n] for n in g]].sum(axis=1)
-        bad = np.flatnonzero(counts != 1)
+        bad = np.flatnonzero(counts > 1 if at_most else counts != 1)
         if len(bad):
             shown = ", ".join(f"{paths[i]} ({int(counts[i])})" for i in bad[:5])
-            raise MltagError(f"prepare.label_groups: every image must have exactly one of {', '.join(g)}, but "
-                             f"{len(bad)} image(s) have another count, e.g. {shown}; fix their labels or the "
-                             "declared groups", where)
+            raise MltagError(f"prepare.label_groups: every image must have {'at most' if at_most else 'exactly'} one "
+                             f"of {', '.join(g)}, but {len(bad)} image(s) have another count, e.g. {shown}; fix "
+                             "their labels or the declared groups", where)

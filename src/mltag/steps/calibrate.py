@@ -261,22 +261,33 @@ def _exclusive_groups(th: dict, model_dir, y_fit, s_fit, t, labels: list[str]) -
     (``groups``, each label's ``rule``, the micro F1 gain on the fitting scores) so that every consumer of
     thresholds.json predicts the top-scoring label of each; their label indices."""
     from mltag.data.formats import read_model_meta
+    from mltag.data.groups import at_most_one, exactly_one
 
-    named = read_model_meta(model_dir, verify=False).get("label_groups") or []
-    index = {n: i for i, n in enumerate(labels)}
-    groups = [[index[n] for n in g] for g in named if all(n in index for n in g)]
+    recorded = read_model_meta(model_dir, verify=False).get("label_groups") or []
+    known = set(labels)
+    exact = [g for g in exactly_one(recorded) if set(g) <= known]
+    at_most = [g for g in at_most_one(recorded) if set(g) <= known]
+    if exact:
+        th["groups"] = exact
+    if at_most:
+        th["at_most_one"] = at_most
+    _, _, groups = M.decision_rule(th, labels)
     if groups:
-        th["groups"] = [[labels[i] for i in g] for g in groups]
         rules = th.setdefault("rule", {})
-        for g in th["groups"]:
+        for g in exact:
             for n in g:
                 rules[n] = "exclusive group: its top-scoring label"
+        for g in at_most:
+            for n in g:
+                rules[n] = f"at most one of its group: the top-scoring label if over {th['thresholds'][n]:.3f}; " + \
+                    rules.get(n, "")
         gain = M.compute(y_fit, s_fit, t, labels, th["min_labels"], groups)["micro_f1"] - \
             M.compute(y_fit, s_fit, t, labels, th["min_labels"])["micro_f1"]
         th["expected"]["groups_micro_f1_gain"] = gain
-        log.info("calibrate: exclusive label groups (every image has exactly one): %s; each predicts its "
-                 "top-scoring label (%+.4f micro F1 on the fitting scores)",
-                 "; ".join("{" + ", ".join(g) + "}" for g in th["groups"]), gain)
+        log.info("calibrate: exclusive label groups (every image has exactly one%s): %s; each predicts its "
+                 "top-scoring label (%+.4f micro F1 on the fitting scores)", ", or at most one" if at_most else "",
+                 "; ".join([*("{" + ", ".join(g) + "}" for g in exact), *("at most one of {" + ", ".join(g) + "}"
+                                                                         for g in at_most)]), gain)
     return groups
 
 
@@ -289,6 +300,7 @@ def _result(th: dict, source: str, one_gain: float, at_05: dict, at_cal: dict) -
         "rule": th.get("rule", {}),
         "at_least_one": bool(th["min_labels"]),
         "groups": th.get("groups", []),
+        "at_most_one": th.get("at_most_one", []),
         "fitted_on": source,
         "expected_micro_f1_gain": th["expected"]["micro_f1_gain"],
         "expected_at_least_one_micro_f1_gain": one_gain,
@@ -364,7 +376,7 @@ def calibrate(evaluation: str | os.PathLike, model_dir: str | os.PathLike, out: 
     at_05 = M.compute(y_te, s_te, 0.5, labels)
     at_cal = M.compute(y_te, s_te, t, labels, th["min_labels"], groups)
     if groups:  # per group: the share of test images whose top-scoring label of the group is their own
-        at_cal["group_accuracy"] = M.group_accuracy(y_te, s_te, labels, th["groups"])
+        at_cal["group_accuracy"] = M.group_accuracy(y_te, s_te, labels, th.get("groups", []))
     result = _result(th, source, one_gain, at_05, at_cal)
     th["config"] = config
     if oof_file is not None:

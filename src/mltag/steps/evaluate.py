@@ -118,7 +118,9 @@ def evaluate(model_dir: str | os.PathLike, bottlenecks: str | os.PathLike, out: 
     result["model_digest"] = recorded_digest(model_dir)  # which model these scores are of (calibrate checks it)
     result["ci95"] = M.bootstrap_ci(y_te, s_te, 0.5, n=evaluate.bootstrap, seed=evaluate.seed)
     result["baselines"] = M.baselines(y_te, y_tr, labels)
-    result["groups"] = M.group_accuracy(y_te, s_te, labels, model_meta.get("label_groups") or [])
+    from mltag.data.groups import exactly_one
+
+    result["groups"] = M.group_accuracy(y_te, s_te, labels, exactly_one(model_meta.get("label_groups") or []))
     result["val"] = {k: v for k, v in M.compute(y_va, s_va, 0.5, labels).items() if k != "per_label"}
     result["val"]["seen_in_training"] = bool((model_meta.get("head") or {}).get("refit"))  # train.refit
     png = pr_curves_png(y_te, s_te, labels)

@@ -198,6 +198,7 @@ SWAP = " -> "  # a label column "black -> brown": one swap within an exclusive g
 def _label_groups(model_dir, prepared, names: list[str]) -> list[list[int]]:
     """The exclusive label groups (label indices) of the model, else of the prepared dataset; none without either."""
     from mltag.data.formats import label_groups_of, read_model_meta
+    from mltag.data.groups import exactly_one
 
     named = []
     if model_dir is not None and (Path(model_dir) / "model.json").is_file():
@@ -205,7 +206,7 @@ def _label_groups(model_dir, prepared, names: list[str]) -> list[list[int]]:
     elif prepared is not None:
         named = label_groups_of(prepared)
     index = {n: i for i, n in enumerate(names)}
-    return [[index[n] for n in g] for g in named if all(n in index for n in g)]
+    return [[index[n] for n in g] for g in exactly_one(named) if all(n in index for n in g)]
 
 
 def _group_swaps(mask, y, s, confidence, names: list[str], paths: list[str], groups: list[list[int]]) -> list[tuple]:

@@ -270,12 +270,14 @@ def _model_meta(labels: list[str], meta: dict, resolved, feature_dim: int, train
 
 def _known_groups(groups: list[list[str]], labels: list[str]) -> list[list[str]]:
     """prepare's exclusive label groups, recorded in model.json: each must name labels the model scores."""
+    from mltag.data.groups import names_of
+
     for g in groups:
-        unknown = [n for n in g if n not in labels]
+        unknown = [n for n in names_of(g) if n not in labels]
         if unknown:
             raise MltagError(f"the prepared dataset's label groups name label(s) these bottlenecks do not have: "
                              f"{', '.join(unknown)}; run prepare and bottleneck again")
-    return [list(g) for g in groups]
+    return [dict(g) if isinstance(g, dict) else list(g) for g in groups]
 
 
 def _write_json(path: Path, obj) -> None:
