@@ -83,7 +83,7 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
         "backbone", cache_dir=str(backbones_dir), handle=handle, image_size=size)
     if not (work / f"model-{tag}").is_dir():  # the same model for every --tta value
         run_step("train", p, bottlenecks=bn, out=work / f"model-{tag}", progress=False, images=image_root_of(prep),
-                 label_groups=groups)
+                 exclusive_groups=groups)
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate prints its own table
         evaluate(work / f"model-{tag}", bn, work / f"ev-{ev_tag}", work / f"ev-{ev_tag}.json", image_root_of(prep),
                  **sections("evaluate", bootstrap=100, tta=tta, saliency=False))

@@ -666,7 +666,7 @@ def test_exclusive_label_groups_from_prepare_to_prediction(tmp_path, fake_backbo
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
                                                                    cache_dir=tmp_path / "cache", views=1), progress=False)
     train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=60), progress=False,
-          label_groups=label_groups_of(tmp_path / "prepared"))
+          exclusive_groups=label_groups_of(tmp_path / "prepared"))
     assert json.loads((tmp_path / "model" / "model.json").read_text())["label_groups"] == [list(COLOURS)]
     ev = evaluate(tmp_path / "model", tmp_path / "bn", tmp_path / "eval", tmp_path / "ev.json",
                   **sections("evaluate", bootstrap=10))

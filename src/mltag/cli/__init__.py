@@ -323,7 +323,7 @@ def _run_step(step: str, args, progress: bool) -> int:
         s = run_step(step, params, **rt, history_file=args.history, images=root,
                      dataset=dataset_source(args.prepared) if root else None,
                      dataset_version=dataset_version(args.prepared) if root else None,
-                     label_groups=label_groups_of(args.prepared))
+                     exclusive_groups=label_groups_of(args.prepared))
         ft = (f"; fine-tune best epoch {s['fine_tune_best_epoch']}/{s['fine_tune_epochs_run']}, val loss "
               f"{s['fine_tune_val_loss']:.4f}" if s.get("fine_tune_val_loss") is not None else "")
         val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"

@@ -160,7 +160,7 @@ def train(bottlenecks: Input[Dataset], dataset: Input[Dataset], train: dict, bac
     source = dataset_source(dataset.path) if (Path(dataset.path) / "dataset.json").is_file() else None
     s = run_step("train", params, bottlenecks=bottlenecks.path, out=model.path, tracking_uri=tracking_uri or None,
                  progress=False, images=images, dataset=source, dataset_version=dataset_version(dataset.path),
-                 label_groups=label_groups_of(dataset.path))
+                 exclusive_groups=label_groups_of(dataset.path))
     for k in ("val_loss", "train_loss", "best_epoch", "fine_tune_val_loss", "fine_tune_best_epoch"):
         if s.get(k) is not None:
             metrics.log_metric(k, s[k])

@@ -33,7 +33,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
           recipe: dict | None = None, progress: bool = True, metrics_file: str | os.PathLike | None = None,
           history_file: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
           dataset: str | None = None, dataset_version: str | None = None,
-          label_groups: list[list[str]] | None = None) -> dict:
+          exclusive_groups: list | None = None) -> dict:
     """Train the head, save it with the end-to-end model, and open the MLflow run.
 
     Args:
@@ -48,7 +48,8 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         dataset: what prepare read (``prepare.input``): names the MLflow experiment (when
             ``tracking.experiment`` is empty) and the run (``mltag.tracking.runs.run_identity``), and is the
             run's MLflow dataset input with ``dataset_version`` (what prepare recorded) as its version.
-        label_groups: prepare's exclusive label groups (``label_groups_of``), recorded in ``model.json``.
+        exclusive_groups: prepare's exclusive label groups (``label_groups_of``), recorded in ``model.json``
+            as ``label_groups``.
 
     Returns:
         Summary dict with the run id and best validation figures.
@@ -97,7 +98,7 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         summary = _summary(run_id, history, mon, best, time.time() - t0, train.mode, refit, ft)
         tracker.send("log_to_run", run_id, metrics={f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
         model_meta = _model_meta(labels, meta, resolved, int(x_tr.shape[1]), train, loss, best, refit, ft)
-        model_meta["label_groups"] = _known_groups(label_groups or [], labels)
+        model_meta["label_groups"] = _known_groups(exclusive_groups or [], labels)
         out = Path(out)
         digest = _write_model(out, head.weights, resolved, net, model_meta, backbone.cache_dir, labels, history, ft,
                               config, summary, (run_id, experiment_id, tracker.uri, experiment))
