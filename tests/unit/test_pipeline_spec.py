@@ -295,6 +295,57 @@ def test_task_lines_time_side_by_side_iterations_of_one_task_each_from_its_own_s
     assert len(seconds) == 2 and seconds[0] < 0.3 and seconds[1] >= 0.65, seconds
 
 
+def test_a_task_end_that_kfp_local_logs_after_another_task_put_back_the_root_logger_still_makes_its_row():
+    """kfp.local's per-task logger context swaps the root logger's handlers and restores what it found: two tasks
+    side by side, the first to leave restores the handlers from before the second began, and the second's
+    "finished" line went nowhere (a row missing from `mltag pipeline run --local`)."""
+    import io
+    import logging
+    import sys
+    import threading
+
+    from kfp.local import logging_utils
+
+    from mltag.kubeflow.run import TaskLines, orphan_handler
+
+    lines = TaskLines(io.StringIO())
+    root, hit = logging.getLogger(), orphan_handler(lines)
+    saved_handlers, saved_level, saved_stdout = root.handlers[:], root.level, sys.stdout
+    root.handlers[:] = [hit]
+    root.setLevel(logging.INFO)  # as run_local sets it for the run
+    sys.stdout = lines
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    name = logging_utils.format_task_name("bottleneck-shard")
+
+    def task_a():
+        with logging_utils.local_logger_context():
+            logging.info(f"Executing task {name}")
+            a_in.set()
+            b_in.wait(5)
+            logging.info(f"Task {name} finished with status SUCCESS")
+        a_out.set()
+
+    def task_b():
+        a_in.wait(5)
+        with logging_utils.local_logger_context():
+            logging.info(f"Executing task {name}")
+            b_in.set()
+            a_out.wait(5)  # A has put back the handlers from before B began
+            logging.info(f"Task {name} finished with status SUCCESS")
+
+    try:
+        threads = [threading.Thread(target=task_a), threading.Thread(target=task_b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        sys.stdout = saved_stdout
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    assert [r[:2] for r in lines.rows] == [("bottleneck-shard", "SUCCESS")] * 2, lines.rows
+
+
 def test_the_dockerfile_bakes_every_builtin_backbone_it_is_asked_for():
     """One list of names (a build argument, all built-ins by default); no size or handle copied from params.yaml."""
     from mltag.backbones.builtin import BUILTINS

@@ -169,6 +169,18 @@ LOCAL_NOISE = (
 )
 
 
+def orphan_handler(lines: TaskLines):
+    """A root-logger handler for what kfp.local logs outside a task's own logger: a cache hit, and the end of a task
+    run beside others. Each task swaps the root logger's handlers for its own and puts back what it found on leaving;
+    side by side (a ParallelFor), one that leaves first puts back what was there before the other began, so the
+    other's "finished" line goes to this handler, or would go nowhere (its row was missing)."""
+    import logging
+
+    h = logging.StreamHandler(lines)
+    h.addFilter(lambda r: "cache hit" in r.getMessage() or "finished with status" in r.getMessage())
+    return h
+
+
 def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", pipeline_root: str | None = None,
               tracking_uri: str | None = None, overrides: dict | None = None, params: Params | None = None,
               verbose: bool = False, cache: bool = False):
@@ -207,9 +219,7 @@ def run_local(data: str = "data/demo", data_repo: str = "", data_rev: str = "", 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, enable_caching=cache)
     fn = build_pipeline(params, local=True)
     lines = TaskLines(sys.stdout, verbose)
-    # kfp.local logs a cache hit outside its per-task logger: catch it at INFO while the run lasts.
-    root_logger, hit = logging.getLogger(), logging.StreamHandler(lines)
-    hit.addFilter(lambda r: "cache hit" in r.getMessage())
+    root_logger, hit = logging.getLogger(), orphan_handler(lines)
     level = root_logger.level
     with warnings.catch_warnings():
         for message, category in LOCAL_NOISE:
