@@ -693,3 +693,31 @@ def test_exclusive_label_groups_from_prepare_to_prediction(tmp_path, fake_backbo
         prepare(tmp_path / "p2", **sections("prepare", input=root, label_groups="red,pink; green,blue"), progress=False)
     assert prepare(tmp_path / "p3", **sections("prepare", input=root, label_groups="none"),
                    progress=False)["label_groups"] == []
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_identical_images_under_two_names_get_their_vectors_in_every_split(tmp_path, colour_dataset, fake_backbone,
+                                                                          warm):
+    """Identical bytes under two names share their store keys: each gets its vectors in the split files, whether
+    computed in this run or read from the store (a vector was let go at its first use, and the second name failed
+    with "no cached vector")."""
+    lst = colour_dataset / "all.lst"
+    lines = lst.read_text().splitlines()
+    for k, i in enumerate((0, 1, 2, 3, 5, 8)):  # six copies, so that some land in other splits than their twin
+        idx, *flags, rel = lines[i].split("\t")
+        copy = f"images/copy{k}.jpg"
+        shutil.copy(colour_dataset / rel, colour_dataset / copy)
+        lines.append("\t".join([str(100 + k), *flags, copy]))
+    lst.write_text("\n".join(lines) + "\n")
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    kw = sections("bottleneck", handle=str(fake_backbone), cache_dir=tmp_path / "cache", views=2)
+    if warm:  # every vector in the store already: they come from the store, not from this run
+        bottleneck(tmp_path / "prepared", tmp_path / "bn0", **kw, progress=False)
+    s = bottleneck(tmp_path / "prepared", tmp_path / "bn", **kw, progress=False)
+    assert (s["computed"] == 0) if warm else (s["computed"] > 0) and s["images"] == 54
+    n = 0
+    for split in ("train", "val", "test"):
+        with np.load(tmp_path / "bn" / f"{split}.npz") as z:
+            assert len(z["features"]) == len(z["paths"]) and np.isfinite(z["features"].astype(np.float32)).all()
+            n += len(z["paths"])
+    assert n == 54

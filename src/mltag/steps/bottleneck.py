@@ -7,6 +7,7 @@ split files handed to train (``formats.write_split``).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -205,11 +206,14 @@ def _write_splits(tmp: Path, splits: dict, labels: list[str], keys: dict, loaded
     dim = None
 
     wanted = [k for s in SPLITS for ex in splits[s] for k in keys[ex.path][: 1 if s != "train" else None]]
-    stored = cache.get_many([k for k in wanted if k not in loaded])  # each pack once (the gather: many shards)
+    stored = cache.get_many([k for k in set(wanted) if k not in loaded])  # each pack once (the gather: many shards)
+    # identical images under two names share their keys: a vector is let go at its last use, not its first
+    uses = collections.Counter(wanted)
 
     def vector(ex, key):
-        v = loaded.pop(key, None)
-        v = stored.pop(key, None) if v is None else v
+        uses[key] -= 1
+        held = loaded if key in loaded else stored
+        v = held.pop(key, None) if uses[key] <= 0 else held.get(key)
         if v is None:
             raise MltagError(f"no cached vector for {ex.path} (was a shard missing?)", ex.source)
         return v
