@@ -259,8 +259,15 @@ def test_fine_tuning_killed_mid_epoch_resumes_from_its_checkpoint_and_ends_as_an
     again = run("ck", "again.npz")
     assert again.returncode == 0 and "resuming after epoch 4/4" in again.stderr and "(finished)" in again.stderr
     np.testing.assert_allclose(np.load(tmp_path / "again.npz")["arr_0"], w["arr_0"], rtol=1e-3, atol=1e-5)
-    # other inputs (another seed) do not find it: a second checkpoint, started from epoch 0
-    (tmp_path / "run.py").write_text(_RUN.replace("seed=3", "seed=4"))
-    other = run("ck", "other.npz")
-    assert other.returncode == 0 and "resuming" not in other.stderr
-    assert len(list((tmp_path / "ck").glob("finetune-*.npz"))) == 2
+    # other inputs do not find it: the file is named by everything that decides the result
+    from mltag.steps.finetune import checkpoint_key
+
+    cfg = sections("train", fine_tune_blocks=1, fine_tune_epochs=4, fine_tune_learning_rate=1e-3, fine_tune_patience=0,
+                   batch_size=4, dropout=0.3, seed=3)["train"]
+    base = dict(handle="builtin:efficientnet_lite0", image_size=32, views=2, half=False, train=cfg, items=items,
+                arrays=[y, np.zeros(3)])
+    key = checkpoint_key(**base)
+    assert key == checkpoint_key(**base)
+    for change in ({"train": cfg.model_copy(update={"seed": 4})}, {"views": 1}, {"items": items[::-1]},
+                   {"arrays": [1 - y, np.zeros(3)]}, {"image_size": 64}):
+        assert checkpoint_key(**{**base, **change}) != key, change
