@@ -283,17 +283,26 @@ def atomic_path(dest: str | os.PathLike, also: tuple[str, ...] = ()) -> Iterator
                 kind = "a folder" if dest.is_dir() else "a file"
                 raise MltagError(f"is {kind}, and this output is {'a folder' if target.is_dir() else 'a file'}: "
                                  "give another path (nothing was replaced)", dest)
-            if dest.is_dir() and not dest.is_symlink():
-                old = dest.with_name(f".{dest.name}.old-{process_token()}")
-                with signals_deferred():  # Ctrl-C or SIGTERM after both renames, never between them
-                    os.replace(dest, old)
-                    try:
-                        os.replace(target, dest)
-                    except BaseException:
-                        os.replace(old, dest)  # the previous output back in place
-                        raise
-            else:
-                os.replace(target, dest)
+            try:
+                if dest.is_dir() and not dest.is_symlink():
+                    old = dest.with_name(f".{dest.name}.old-{process_token()}")
+                    with signals_deferred():  # Ctrl-C or SIGTERM after both renames, never between them
+                        os.replace(dest, old)
+                        try:
+                            os.replace(target, dest)
+                        except BaseException:
+                            os.replace(old, dest)  # the previous output back in place
+                            raise
+                else:
+                    os.replace(target, dest)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # another process (a second pod on a shared volume: the lock above is this machine's) put its own
+                # complete output there between the check and the rename
+                raise MltagError("another run wrote this output at the same moment (a second process or pod on the "
+                                 "same folder); its complete output is in place and this one was not moved there: "
+                                 "rerun this step if it should be this run's", dest) from None
             remove_stale_leftovers(dest.parent, dest.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

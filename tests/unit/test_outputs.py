@@ -176,3 +176,27 @@ def test_leftovers_of_another_machine_on_a_shared_volume_are_judged_by_age_not_b
     assert files.process_token() == f"{os.getpid()}@{files.HOST_ID}"
     assert files.remove_stale_leftovers(tmp_path, "bn") == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == [theirs_new.name]
+
+
+def test_an_output_folder_another_process_renames_into_place_first_is_one_clear_line(tmp_path, monkeypatch):
+    """Two pods writing one output folder on a shared volume (the swap's lock is per machine): the one whose
+    rename finds the other's complete folder already there says so in one line, and the other's output stays."""
+    from mltag import files
+    from mltag.errors import MltagError
+
+    dest = tmp_path / "out"
+    real = os.replace
+
+    def raced(src, dst):  # the other pod's complete output lands first
+        if str(dst) == str(dest) and not dest.exists():
+            dest.mkdir()
+            (dest / "theirs.txt").write_text("complete")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", raced)
+    with pytest.raises(MltagError, match="another run wrote this output at the same moment"):
+        with files.atomic_path(dest) as tmp:
+            tmp.mkdir()
+            (tmp / "mine.txt").write_text("complete")
+    assert sorted(p.name for p in dest.iterdir()) == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folder left behind

@@ -45,3 +45,4 @@ def test_overlapping_threads_give_fd_2_back_whoever_leaves_last():
             pass
         assert _fd2() == (null.st_dev, null.st_ino)
     assert _fd2() == before
+
