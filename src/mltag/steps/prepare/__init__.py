@@ -41,10 +41,10 @@ def _label_groups(setting: str, labels: list[str], good, split_of: dict) -> list
 
     from mltag.data.groups import check_declared, find_groups, parse_groups
 
-    declared = parse_groups(setting, labels, "params.yaml: prepare.label_groups")
+    declared = parse_groups(setting, labels, "params.yaml")
     if declared is not None:
         y = np.array([ex.flags for ex in good], dtype=np.int8).reshape(len(good), len(labels))
-        check_declared(declared, labels, y, [ex.source or ex.path for ex in good], "params.yaml: prepare.label_groups")
+        check_declared(declared, labels, y, [ex.source or ex.path for ex in good], "params.yaml")
         return declared
     fit = [ex for ex in good if split_of[ex.path] != "test"]
     y = np.array([ex.flags for ex in fit], dtype=np.int8).reshape(len(fit), len(labels))
