@@ -178,6 +178,7 @@ def test_fine_tuning_checkpoints_go_to_the_shared_store_on_a_cluster():
     assert cluster_checkpoints(default, {"cache_dir": ".mltag-cache/bottlenecks"}, "/mnt/x") == ""
     assert cluster_checkpoints("s3://b/ck", {"cache_dir": "gs://b/v"}, "x") == "s3://b/ck"
     assert cluster_checkpoints("/mnt/ck", {}, ".mltag-cache/bottlenecks") == "/mnt/ck"
+    assert cluster_checkpoints("file:///mnt/ck", {}, ".mltag-cache/bottlenecks") == "file:///mnt/ck"  # shared as given
     assert cluster_checkpoints("", {"cache_dir": "gs://b/v"}, "x") == ""
 
 

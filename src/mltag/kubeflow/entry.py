@@ -36,15 +36,20 @@ def check_fixed_mode(params: Params, defaults: dict) -> None:
                          "which decides where the GPU goes; recompile with `mltag pipeline compile --params FILE`")
 
 
-def shared_store(params: Params) -> str | None:
-    """``bottleneck.cache_dir`` when every pod sees the same one (an fsspec URI, or an absolute path:
-    a mounted PVC); None for a relative path, which on a cluster lives only as long as its pod."""
+def _shared(location: str) -> bool:
+    """Whether every pod sees ``location``: an fsspec URI, or an absolute path (``file://`` or not: a mounted PVC)."""
     from pathlib import Path
 
     from mltag.data.fetch import is_remote
 
+    return is_remote(location) or Path(location.removeprefix("file://")).is_absolute()
+
+
+def shared_store(params: Params) -> str | None:
+    """``bottleneck.cache_dir`` when every pod sees the same one; None for a relative path, which on a cluster lives
+    only as long as its pod."""
     store = params.bottleneck.cache_dir
-    return store if is_remote(store) or Path(store.removeprefix("file://")).is_absolute() else None
+    return store if _shared(store) else None
 
 
 def cluster_checkpoints(checkpoint_dir: str, store: dict, store_default: str) -> str:
@@ -52,14 +57,11 @@ def cluster_checkpoints(checkpoint_dir: str, store: dict, store_default: str) ->
     or absolute path as given; a relative one (the default) as ``checkpoints/`` in the shared vector store
     (``store``: the run's bottleneck section, whose volume the train task mounts); none without a shared store."""
     import logging
-    from pathlib import Path
 
-    from mltag.data.fetch import is_remote
-
-    if not checkpoint_dir or is_remote(checkpoint_dir) or Path(checkpoint_dir).is_absolute():
+    if not checkpoint_dir or _shared(checkpoint_dir):
         return checkpoint_dir
     root = (store or {}).get("cache_dir") or store_default
-    if is_remote(root) or Path(root.removeprefix("file://")).is_absolute():
+    if _shared(root):
         return f"{root.rstrip('/')}/checkpoints"
     logging.getLogger(__name__).warning(
         "train: no shared vector store (bottleneck.cache_dir %r), so fine-tuning's checkpoints stay in this pod and "
