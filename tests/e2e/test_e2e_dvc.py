@@ -121,21 +121,6 @@ def test_a_code_change_reruns_the_steps_whose_code_changed(project):
     assert "Stage 'bottleneck' didn't change" in out or "bottleneck" in stages_run(out)
 
 
-def test_learning_rate_change_reruns_train_and_after(project):
-    d, env, _ = project
-    set_param(d, "train", "learning_rate", 0.002)
-    out = sh("dvc repro", d, env)
-    assert sorted(stages_run(out)) == ["calibrate", "evaluate", "register", "review", "train"]
-    # Which test metrics move with the learning rate is the model's business; the train
-    # summary (epochs, losses, time) always does.
-    diff = json.loads(subprocess.run("dvc metrics diff --json", shell=True, cwd=d, env=env, capture_output=True,
-                                     text=True, check=True).stdout)
-    assert "metrics/train.json" in diff and "val_loss" in diff["metrics/train.json"]
-    assert "train.learning_rate" in sh("dvc params diff", d, env)
-    sh("dvc plots diff -o plots_html", d, env)
-    assert (d / "plots_html" / "index.html").is_file()
-
-
 def test_adding_images_computes_only_their_bottlenecks(project):
     d, env, _ = project
     set_param(d, "demo", "n_images", 172)
@@ -150,41 +135,6 @@ def test_adding_images_computes_only_their_bottlenecks(project):
     new_train = sum(1 for line in (d / "data" / "prepared" / "train.lst").read_text().splitlines()
                     if line.strip() and int(line.rsplit("/", 1)[-1].split(".")[0]) >= 160)
     assert (stats["computed"], stats["cached"]) == (12 + extra * new_train, 160 + extra * (train - new_train))
-
-
-def _exp_rows(node, out=None) -> list[dict]:
-    """(name, train.mode, test mAP) of every row in ``dvc exp show --json`` (nested baseline/experiments)."""
-    out = [] if out is None else out
-    if isinstance(node, dict):
-        data = node.get("data")
-        if isinstance(data, dict) and "params" in data:
-            params = data["params"].get("params.yaml", {}).get("data", {})
-            metrics = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {})
-            out.append({"name": node.get("name") or data.get("name") or node.get("rev"),
-                        "mode": params.get("train", {}).get("mode"), "map": metrics.get("map")})
-        for v in node.values():
-            _exp_rows(v, out)
-    elif isinstance(node, list):
-        for v in node:
-            _exp_rows(v, out)
-    return out
-
-
-def test_exp_run_fine_tune_and_compare_both_modes(project):
-    """`dvc exp run -S train.mode=fine_tune` reruns train and after; `dvc exp show` lists both modes."""
-    d, env, _ = project
-    sh("git add -A && git commit -qm 'head baseline' --allow-empty", d, env)
-    out = sh("dvc exp run -n tuned -S train.mode=fine_tune -S train.fine_tune_epochs=1", d, env)
-    # review reruns only if the out-of-fold scores changed: they come from head refits on the cached
-    # vectors, which fine-tuning the backbone leaves as they were
-    assert sorted(set(stages_run(out)) - {"review"}) == ["calibrate", "evaluate", "register", "train"]
-    model = json.loads((d / "models" / "train" / "model.json").read_text())
-    assert model["mode"] == "fine_tune"
-    rows = _exp_rows(json.loads(sh("dvc exp show --json 2>/dev/null", d, env)))
-    modes = {r["mode"]: r for r in rows if r["map"] is not None}
-    assert {"head", "fine_tune"} <= set(modes), rows
-    assert any(r["name"] == "tuned" and r["mode"] == "fine_tune" for r in rows), rows
-    assert modes["fine_tune"]["map"] >= 0.8, rows
 
 
 def test_exp_run_temp_finds_the_models_run_from_its_metadata(project):

@@ -98,9 +98,9 @@ def test_register_killed_at_any_point_converges_on_rerun(tmp_path, colour_datase
     assert v.tags["mltag.gate"].startswith("promoted: ") and "mltag.content_hash" in v.tags
     assert str(client.get_model_version_by_alias("faulty", "champion").version) == str(v.version)
     assert str(client.get_model_version_by_alias("faulty", "challenger").version) == str(v.version)
-    # and a third run of the same folder changes nothing
-    _register_cli(tmp_path, "faulty", check=True)
-    assert len(client.search_model_versions("name='faulty'")) == 1
+    if point == "register:decided":  # and a third run of the same folder changes nothing (once is enough)
+        _register_cli(tmp_path, "faulty", check=True)
+        assert len(client.search_model_versions("name='faulty'")) == 1
     assert "version 1" in again.stdout
 
 

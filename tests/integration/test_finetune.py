@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,9 @@ def _tuned_weights(model_dir) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predicts(tmp_path, colour_dataset,
-                                                                                    mlflow_store):
+                                                                                    mlflow_store, monkeypatch, capsys):
+    """The fine-tune path end to end, train run by the CLI as `dvc exp run -S train.mode=fine_tune` runs it."""
+    from mltag.cli import main
     from mltag.data.formats import image_root_of
     from mltag.inference.model import InferenceModel
     from mltag.steps.bottleneck import bottleneck
@@ -53,13 +56,17 @@ def test_fine_tune_moves_only_the_top_blocks_then_evaluates_registers_and_predic
     from mltag.steps.evaluate import evaluate
     from mltag.steps.prepare import prepare
     from mltag.steps.register import register
-    from mltag.steps.train import train
 
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     images = image_root_of(tmp_path / "prepared")
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle="builtin:efficientnet_lite0", image_size=64, cache_dir=tmp_path / "cache", views=2, engine="tf"), progress=False)
-    s = train(tmp_path / "bn", tmp_path / "model", **sections("train", epochs=60, mode="fine_tune", fine_tune_blocks=2, fine_tune_epochs=3, fine_tune_learning_rate=1e-3, fine_tune_patience=0), images=images, progress=False)
-    assert s["mode"] == "fine_tune" and s["fine_tune_epochs_run"] == 3
+    # through the CLI as dvc.yaml's train stage runs it (in this process): --prepared is where it finds the images
+    (tmp_path / "params.yaml").write_text("train:\n  mode: fine_tune\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--bottlenecks", "bn", "--prepared", "prepared", "--out", "model", "--epochs", "60",
+                 "--train.fine_tune_blocks", "2", "--train.fine_tune_epochs", "3", "--train.fine_tune_learning_rate",
+                 "1e-3", "--train.fine_tune_patience", "0"]) == 0
+    assert re.search(r"fine-tune best epoch \d/3,", capsys.readouterr().out)
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
     assert meta["mode"] == "fine_tune" and meta["fine_tune"]["tuned_blocks"] == [14, 15]
 

@@ -123,6 +123,17 @@ def test_every_step_stage_lists_its_code_digest_and_the_code_stage_writes_them()
                                                     else []), step
 
 
+def test_the_stages_that_read_images_in_fine_tune_mode_get_them():
+    """`dvc exp run -S train.mode=fine_tune` needs no other edit: train and evaluate are given the prepared folder
+    (where the images are found; the fine-tune path through that CLI is tested in test_finetune.py) and depend on
+    it and on the images, so a mode switch reruns them with what they read."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for step in ("train", "evaluate"):
+        assert "--prepared data/prepared" in stages[step]["cmd"], step
+        assert "data/prepared" in stages[step]["deps"], step
+    assert "${prepare.input}" in stages["train"]["deps"] and "train.mode" in stages["train"]["params"]
+
+
 def test_a_step_code_digest_changes_with_the_code_it_runs_and_only_that(tmp_path):
     """An edit of the split code changes prepare's digest and not review's; an edit of review's module changes
     only review's; a local backbone folder replaced in place changes the backbone digest."""
