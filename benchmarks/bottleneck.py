@@ -15,7 +15,12 @@ Prints a table and, with ``--json``, one JSON object as the last line:
   and on 4N images;
 * ``decode_ms_per_image`` / ``cache_write_ms_per_vector``: CPU time of the step's other
   work per image, each measured alone, and ``step_ceiling_fraction``, the most of the
-  forward pass a cold step can reach with that work on the same cores.
+  forward pass a cold step can reach with that work on the same cores;
+* ``int8_forward_ips``: the same forward through a full-int8 conversion of the backbone (weights per
+  channel, activations calibrated on ``--int8-reps`` of the images; ``--int8-reps 0`` skips it), at the same
+  layouts, and ``step_int8_ceiling_ips``, the most a cold step could reach with it given the measured decode
+  and cache-write costs (the step itself has no int8 engine yet: #56). Speed only: its accuracy on real
+  photos is ``benchmarks/int8.py``'s.
 
 Each step runs in a fresh process (so peak memory is that step's own), after ``os.sync()``
 (so the kernel's deferred write-back of the generated images and of earlier steps does not
@@ -150,6 +155,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--handle", default="builtin:efficientnet_lite0")
     ap.add_argument("--engine", default="auto", help="engine of the step runs")
+    ap.add_argument("--int8-reps", type=int, default=100, help="images that calibrate the int8 forward (0: none)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prepared", help=argparse.SUPPRESS)
@@ -167,7 +173,7 @@ def main() -> None:
 
     from mltag.backbones.builtin import default_image_size, resolve
     from mltag.data.demo import make_demo_data
-    from mltag.inference.engine import LiteRTEngine, TFEngine, backbone_engine, tflite_path
+    from mltag.inference.engine import LiteRTEngine, TFEngine, backbone_engine, convert_backbone, tflite_path
     from mltag.steps.prepare import prepare
     from mltag.workers import cpu_threads
 
@@ -193,6 +199,16 @@ def main() -> None:
                       f"{cores} threads x1": forward_ips(LiteRTEngine(lite_file, threads=cores, parallel=1), size,
                                                          cores)}
         litert_ips = max(per_layout.values())
+        int8_ips = None
+        if args.int8_reps:
+            from mltag.data.formats import image_root_of, load_hashes
+            from mltag.data.images import load_image
+
+            root = image_root_of(tmp / "prep-n")
+            reps = [load_image(root / rel, size) for rel in sorted(load_hashes(tmp / "prep-n"))[:args.int8_reps]]
+            int8_file = convert_backbone(bb.location, size, tmp / "int8.tflite", representative=reps)
+            int8_ips = max(lanes_forward_ips(LiteRTEngine(int8_file, threads=1, parallel=cores), size),
+                           forward_ips(LiteRTEngine(int8_file, threads=cores, parallel=1), size, cores))
         tf_ips = forward_ips(TFEngine(bb.location), size, 32)
         dim = int(lite(np.zeros((1, size, size, 3), np.uint8)).shape[1])
         costs = per_image_costs(tmp / "prep-n", size, tmp / "write-cache", dim)
@@ -204,7 +220,11 @@ def main() -> None:
 
     forward_ms = cores / litert_ips * 1e3
     ceiling = forward_ms / (forward_ms + costs["decode_ms"] + costs["cache_write_ms"])
+    from mltag.tools.doctor import cpu_info
+
+    c = cpu_info()
     result = {
+        "cpu": f"{c['model']}, {c['cores']} cores, AVX2 {c['avx2']}, AVX-512 {c['avx512']}",
         "handle": args.handle, "images": n, "image_size": size, "engine": cold["engine"],
         "tf_forward_ips": round(tf_ips, 1),
         "litert_forward_ips": round(litert_ips, 1),
@@ -223,7 +243,12 @@ def main() -> None:
         "cache_write_ms_per_vector": costs["cache_write_ms"],
         "step_ceiling_fraction": round(ceiling, 3),
     }
-    print(f"bottleneck benchmark: {args.handle} at {size} px, {n} demo images, {result['cpu_threads']} CPU threads")
+    if int8_ips:
+        int8_ms = cores / int8_ips * 1e3
+        result["int8_forward_ips"] = round(int8_ips, 1)
+        result["step_int8_ceiling_ips"] = round(cores / (int8_ms + costs["decode_ms"] + costs["cache_write_ms"]) * 1e3, 1)
+    print(f"bottleneck benchmark: {args.handle} at {size} px, {n} demo images, {result['cpu_threads']} CPU threads "
+          f"({result['cpu']})")
     print(f"  backbone forward, TF (batch 32):        {result['tf_forward_ips']:8.1f} images/s")
     print(f"  backbone forward, LiteRT (best layout): {result['litert_forward_ips']:8.1f} images/s "
           f"({litert_ips / tf_ips:.1f}x TF; {', '.join(f'{k} {v:.0f}' for k, v in per_layout.items())})")
@@ -237,6 +262,10 @@ def main() -> None:
     print(f"  CPU per image besides the forward:      decode+resize {costs['decode_ms']:.2f} ms, cache write "
           f"{costs['cache_write_ms']:.2f} ms, against {forward_ms:.2f} core-ms for the forward: the cold step "
           f"can reach at most {ceiling:.0%} of the forward pass")
+    if int8_ips:
+        print(f"  backbone forward, LiteRT full int8:     {int8_ips:8.1f} images/s ({int8_ips / litert_ips:.2f}x fp32); "
+              f"a cold step with it could reach at most {result['step_int8_ceiling_ips']:.1f} images/s "
+              f"({result['step_int8_ceiling_ips'] / result['step_cold_ips']:.2f}x the fp32 step measured)")
     if args.json:
         print(json.dumps(result))
 
