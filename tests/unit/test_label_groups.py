@@ -118,3 +118,13 @@ def test_an_at_most_one_group_predicts_its_top_label_only_over_its_threshold(tmp
     s = np.array([[0.3, 0.2, 0.7, 0.9, 0.1],    # new over threshold and on top: new only
                   [0.3, 0.2, 0.55, 0.4, 0.1]])  # sale on top but under its 0.6: neither
     assert M.decide(s, t, ml, g).astype(int).tolist() == [[1, 0, 0, 1, 0], [1, 0, 0, 0, 0]]
+
+
+def test_groups_read_the_same_on_every_line_that_names_them():
+    """prepare's line and calibrate's log name recorded groups one way: exactly-one as a set, at-most-one said so."""
+    from mltag.data.groups import describe, parse_groups
+
+    labels = ["black", "blue", "dress", "shoe", "sale", "new"]
+    groups = parse_groups("black,blue; dress,shoe; at most one: sale,new", labels, "params.yaml")
+    assert describe(groups) == "{black, blue}; {dress, shoe}; at most one of {sale, new}"
+    assert describe([]) == ""

@@ -374,9 +374,9 @@ def _data_notes(r: dict, params) -> str:
                      f"({' '.join(first['labels'][1]) or 'no label'}): fix one or drop it")
     groups = r.get("label_groups") or []
     if groups:
-        notes.append("exclusive label group(s), one label of each per image: " + "; ".join(
-            ("at most one of {" + ", ".join(g["at_most_one"]) + "}") if isinstance(g, dict) else
-            "{" + ", ".join(g) + "}" for g in groups))
+        from mltag.data.groups import describe
+
+        notes.append(f"exclusive label group(s), one label of each per image: {describe(groups)}")
     side = r.get("image_short_side")
     if side:
         notes.append(f"short side {side['min']}-{side['max']} px (median {side['median']})")

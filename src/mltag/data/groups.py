@@ -64,6 +64,12 @@ def names_of(group) -> list[str]:
     return list(group["at_most_one"]) if isinstance(group, dict) else list(group)
 
 
+def describe(groups: list) -> str:
+    """Recorded groups as a line shows them: ``{black, blue}; at most one of {sale, new}``."""
+    return "; ".join(("at most one of {" if isinstance(g, dict) else "{") + ", ".join(names_of(g)) + "}"
+                     for g in groups)
+
+
 def exactly_one(groups: list) -> list[list[str]]:
     """The exactly-one groups among recorded ones."""
     return [list(g) for g in groups if not isinstance(g, dict)]

@@ -261,7 +261,7 @@ def _exclusive_groups(th: dict, model_dir, y_fit, s_fit, t, labels: list[str]) -
     (``groups``, each label's ``rule``, the micro F1 gain on the fitting scores) so that every consumer of
     thresholds.json predicts the top-scoring label of each; their label indices."""
     from mltag.data.formats import read_model_meta
-    from mltag.data.groups import at_most_one, exactly_one
+    from mltag.data.groups import at_most_one, describe, exactly_one
 
     recorded = read_model_meta(model_dir, verify=False).get("label_groups") or []
     known = set(labels)
@@ -286,8 +286,7 @@ def _exclusive_groups(th: dict, model_dir, y_fit, s_fit, t, labels: list[str]) -
         th["expected"]["groups_micro_f1_gain"] = gain
         log.info("calibrate: exclusive label groups (every image has exactly one%s): %s; each predicts its "
                  "top-scoring label (%+.4f micro F1 on the fitting scores)", ", or at most one" if at_most else "",
-                 "; ".join([*("{" + ", ".join(g) + "}" for g in exact), *("at most one of {" + ", ".join(g) + "}"
-                                                                         for g in at_most)]), gain)
+                 describe([*exact, *({"at_most_one": g} for g in at_most)]), gain)
     return groups
 
 
