@@ -12,10 +12,15 @@ training images of the dataset itself; float fallback wherever the converter kee
   and on int8 test vectors ("served": the head as trained, an int8 backbone at prediction), and fitted and scored on
   int8 vectors ("bottleneck": int8 vectors end to end).
 
+``--calibration skimage`` calibrates on ``--reps`` crops of scikit-image's sample photos instead (real photos that
+are nobody's dataset: one int8 model per backbone, whatever the data, as a vector store needs), converted once;
+``--salts`` runs several splits in one go (each image's vectors computed once) and prints their paired means.
+
 Prints figures, the last line one JSON object with ``--json``; asserts nothing.
 
 Usage:
     python benchmarks/int8.py --data ../shared/devsets/flowers [--handle builtin:efficientnet_lite2_ms] [--reps 200]
+        [--calibration train|skimage] [--salts quality0,quality1,quality2,quality3,quality4]
 """
 
 from __future__ import annotations
@@ -50,6 +55,119 @@ def blocks_of(handle: str, dim: int) -> dict[str, tuple[int, int]]:
     return out
 
 
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "cat", "rocket", "hubble_deep_field", "immunohistochemistry",
+                 "camera", "moon", "brick", "grass", "gravel", "coins", "clock")
+
+
+def sample_photo_crops(n: int, size: int) -> list:
+    """``n`` random crops (a quarter to all of the photo, some mirrored) of scikit-image's sample photos at ``size``."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in SAMPLE_PHOTOS]
+    out = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        w, h = im.size
+        f = rng.uniform(0.5, 1.0)
+        cw, ch = int(w * f), int(h * f)
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = im.crop((x, y, x + cw, y + ch)).resize((size, size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        out.append(np.asarray(crop, np.uint8))
+    return out
+
+
+def head_map(y_tr, y_te, x_fit, x_score) -> float:
+    """Test mAP of a logistic head per label (scikit-learn) fitted on ``x_fit`` and scored on ``x_score``."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from mltag import metrics as M
+
+    scaler = StandardScaler().fit(x_fit)
+    s = np.zeros(y_te.shape)
+    for j in range(y_tr.shape[1]):
+        if 0 < y_tr[:, j].sum() < len(y_tr):
+            m = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(x_fit), y_tr[:, j])
+            s[:, j] = m.predict_proba(scaler.transform(x_score))[:, 1]
+    return round(float(np.nanmean(M.average_precisions(y_te, s))), 4)
+
+
+def several(args, salts: list[str]) -> int:
+    """Several splits: each image decoded and run through fp32 once, through int8 once per int8 model (one for
+    ``skimage`` calibration, one per split for ``train``), then per split the three heads; paired means at the end."""
+    import numpy as np
+
+    from mltag.backbones import builtin as bb
+    from mltag.config import sections
+    from mltag.data.formats import image_root_of, load_prepared
+    from mltag.data.images import load_image
+    from mltag.inference.engine import LiteRTEngine, convert_backbone, litert_backbone
+    from mltag.steps.prepare import prepare
+    from mltag.tools.doctor import cpu_info
+
+    c = cpu_info()
+    size = bb.default_image_size(args.handle)
+    resolved = bb.resolve(args.handle, args.backbone_cache)
+    fp32 = LiteRTEngine(litert_backbone(resolved, size, args.backbone_cache))
+    pixels: dict = {}
+    cache = {"fp32": {}}
+    rows = []
+
+    def vectors(engine, memo: dict, examples) -> np.ndarray:
+        todo = [ex.path for ex in examples if ex.path not in memo]
+        for i in range(0, len(todo), 16):
+            for p, v in zip(todo[i: i + 16], engine(np.stack([pixels[p] for p in todo[i: i + 16]]))):
+                memo[p] = np.asarray(v, np.float32)
+        return np.stack([memo[ex.path] for ex in examples])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shared = None
+        if args.calibration == "skimage":
+            shared = LiteRTEngine(convert_backbone(resolved.location, size, tmp / "int8.tflite",
+                                                   representative=sample_photo_crops(args.reps, size)))
+        for salt in salts:
+            prepare(tmp / salt, **sections("prepare", input=str(Path(args.data).resolve()), salt=salt), progress=False)
+            root = image_root_of(tmp / salt)
+            _, train = load_prepared(tmp / salt, "train")
+            _, test = load_prepared(tmp / salt, "test")
+            for ex in train + test:
+                if ex.path not in pixels:
+                    pixels[ex.path] = load_image(root / ex.path, size)
+            if shared is None:
+                idx = np.random.default_rng(0).choice(len(train), min(args.reps, len(train)), replace=False)
+                engine = LiteRTEngine(convert_backbone(resolved.location, size, tmp / f"int8-{salt}.tflite",
+                                                       representative=[pixels[train[i].path] for i in idx]))
+                memo = {}
+            else:
+                engine, memo = shared, cache.setdefault("int8", {})
+            f_tr, f_te = vectors(fp32, cache["fp32"], train), vectors(fp32, cache["fp32"], test)
+            q_tr, q_te = vectors(engine, memo, train), vectors(engine, memo, test)
+            y_tr = np.array([ex.flags for ex in train], np.int64)
+            y_te = np.array([ex.flags for ex in test], np.int64)
+            rel = np.linalg.norm(f_te - q_te, axis=1) / np.maximum(np.linalg.norm(f_te, axis=1), 1e-12)
+            row = {"salt": salt, "relative_l2": round(float(rel.mean()), 4),
+                   "map_fp32": head_map(y_tr, y_te, f_tr, f_te), "map_served_int8": head_map(y_tr, y_te, f_tr, q_te),
+                   "map_bottleneck_int8": head_map(y_tr, y_te, q_tr, q_te)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = {"cpu": f"{c['model']}, {c['cores']} cores, AVX2 {c['avx2']}, AVX-512 {c['avx512']}", "handle": args.handle,
+           "data": args.data, "calibration": args.calibration, "calibration_images": args.reps, "splits": rows}
+    for kind in ("bottleneck", "served"):
+        d = [r[f"map_{kind}_int8"] - r["map_fp32"] for r in rows]
+        out[f"{kind}_int8_paired"] = {"mean": round(float(np.mean(d)), 4), "up": sum(x > 0 for x in d),
+                                      "down": sum(x < 0 for x in d), "each": [round(x, 4) for x in d]}
+    out["map_fp32_mean"] = round(float(np.mean([r["map_fp32"] for r in rows])), 4)
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
@@ -57,13 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--salt", default="quality0")
     ap.add_argument("--reps", type=int, default=200, help="training images that calibrate the int8 activations")
     ap.add_argument("--backbone-cache", default="")
+    ap.add_argument("--calibration", choices=["train", "skimage"], default="train",
+                    help="train: each split's own training photos; skimage: crops of scikit-image's sample photos")
+    ap.add_argument("--salts", default="", help="comma-separated split salts (default: --salt alone)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    salts = [x for x in args.salts.split(",") if x] or [args.salt]
+    if len(salts) > 1:
+        return several(args, salts)
 
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from mltag import metrics as M
     from mltag.backbones import builtin as bb
     from mltag.config import sections
     from mltag.data.formats import image_root_of, load_prepared
@@ -88,12 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         px_test = np.stack([load_image(root / ex.path, size) for ex in test])
         decode_s = time.perf_counter() - t0
         rng = np.random.default_rng(0)
-        reps = [px_train[i] for i in rng.choice(len(px_train), min(args.reps, len(px_train)), replace=False)]
+        reps = sample_photo_crops(args.reps, size) if args.calibration == "skimage" else \
+            [px_train[i] for i in rng.choice(len(px_train), min(args.reps, len(px_train)), replace=False)]
         fp32_file = litert_backbone(resolved, size, args.backbone_cache)
         t0 = time.perf_counter()
         int8_file = convert_backbone(resolved.location, size, tmp / "int8.tflite", representative=reps)
         convert_s = time.perf_counter() - t0
-        out = {"cpu": cpu, "handle": args.handle, "image_size": size, "salt": args.salt, "train": len(train),
+        out = {"cpu": cpu, "handle": args.handle, "calibration": args.calibration, "image_size": size, "salt": args.salt, "train": len(train),
                "test": len(test), "calibration_images": len(reps), "convert_seconds": round(convert_s, 1),
                "decode_seconds": round(decode_s, 1), "fp32_mb": round(fp32_file.stat().st_size / 1e6, 1),
                "int8_mb": round((tmp / "int8.tflite").stat().st_size / 1e6, 1)}
@@ -118,18 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                       "fp32_range": round(float(x.max() - x.min()), 3)}
     out["error_by_block"] = errs
 
-    def head_map(x_fit, x_score):
-        scaler = StandardScaler().fit(x_fit)
-        s = np.zeros(y_te.shape)
-        for j in range(y_tr.shape[1]):
-            if 0 < y_tr[:, j].sum() < len(y_tr):
-                m = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(x_fit), y_tr[:, j])
-                s[:, j] = m.predict_proba(scaler.transform(x_score))[:, 1]
-        return round(float(np.nanmean(M.average_precisions(y_te, s))), 4)
-
-    out["map_fp32"] = head_map(vec["fp32"][0], vec["fp32"][1])
-    out["map_served_int8"] = head_map(vec["fp32"][0], vec["int8"][1])
-    out["map_bottleneck_int8"] = head_map(vec["int8"][0], vec["int8"][1])
+    out["map_fp32"] = head_map(y_tr, y_te, vec["fp32"][0], vec["fp32"][1])
+    out["map_served_int8"] = head_map(y_tr, y_te, vec["fp32"][0], vec["int8"][1])
+    out["map_bottleneck_int8"] = head_map(y_tr, y_te, vec["int8"][0], vec["int8"][1])
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     return 0
 
