@@ -16,11 +16,10 @@ Prints a table and, with ``--json``, one JSON object as the last line:
 * ``decode_ms_per_image`` / ``cache_write_ms_per_vector``: CPU time of the step's other
   work per image, each measured alone, and ``step_ceiling_fraction``, the most of the
   forward pass a cold step can reach with that work on the same cores;
-* ``int8_forward_ips``: the same forward through a full-int8 conversion of the backbone (weights per
-  channel, activations calibrated on ``--int8-reps`` of the images; ``--int8-reps 0`` skips it), at the same
-  layouts, and ``step_int8_ceiling_ips``, the most a cold step could reach with it given the measured decode
-  and cache-write costs (the step itself has no int8 engine yet: #56). Speed only: its accuracy on real
-  photos is ``benchmarks/int8.py``'s.
+* with ``--int8``, ``backbone.precision: int8``: ``int8_forward_ips``, its backbone's forward at the same layouts,
+  ``step_int8_ips``, a cold step with it (in the same run as the fp32 one), and ``step_int8_ceiling_ips``, the
+  most such a step could reach given the decode and cache-write costs measured (``int8_refused``: why a backbone
+  has no faithful int8 model). Speed only: its accuracy on real photos is ``benchmarks/int8.py``'s.
 
 Each step runs in a fresh process (so peak memory is that step's own), after ``os.sync()``
 (so the kernel's deferred write-back of the generated images and of earlier steps does not
@@ -56,7 +55,7 @@ def worker(args) -> None:
 
     logging.disable(logging.WARNING)
     t = time.perf_counter()
-    s = bottleneck(args.prepared, args.out, **sections("bottleneck", handle=args.handle, cache_dir=args.cache, backbone_cache_dir=args.backbone_cache, engine=args.engine, views=1), progress=False)
+    s = bottleneck(args.prepared, args.out, **sections("bottleneck", handle=args.handle, cache_dir=args.cache, backbone_cache_dir=args.backbone_cache, engine=args.engine, views=1, precision=args.precision), progress=False)
     seconds = time.perf_counter() - t
     print(json.dumps({"seconds": seconds, "computed": s["computed"], "images": s["images"], "engine": s["engine"],
                       "peak_rss_mb": peak_rss_mb(), "tensorflow_imported": "tensorflow" in sys.modules}))
@@ -73,13 +72,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def step(tmp: Path, prepared: Path, out: str, cache: str, handle: str, engine: str) -> dict:
+def step(tmp: Path, prepared: Path, out: str, cache: str, handle: str, engine: str, precision: str = "fp32") -> dict:
     # What earlier work wrote (the generated images, the last step's packs) is flushed first: the
     # kernel writes dirty pages back about 30 s later, which would land inside this measurement.
     os.sync()
     cmd = [sys.executable, __file__, "--worker", "--prepared", str(prepared), "--out", str(tmp / out),
            "--cache", str(tmp / cache), "--backbone-cache", str(tmp / "backbones"), "--handle", handle,
-           "--engine", engine]
+           "--engine", engine, "--precision", precision]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise SystemExit(f"benchmark step failed:\n{p.stderr[-3000:]}")
@@ -155,13 +154,14 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--handle", default="builtin:efficientnet_lite0")
     ap.add_argument("--engine", default="auto", help="engine of the step runs")
-    ap.add_argument("--int8-reps", type=int, default=100, help="images that calibrate the int8 forward (0: none)")
+    ap.add_argument("--int8", action="store_true", help="also backbone.precision int8: its forward and a cold step")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prepared", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     ap.add_argument("--backbone-cache", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -173,7 +173,7 @@ def main() -> None:
 
     from mltag.backbones.builtin import default_image_size, resolve
     from mltag.data.demo import make_demo_data
-    from mltag.inference.engine import LiteRTEngine, TFEngine, backbone_engine, convert_backbone, tflite_path
+    from mltag.inference.engine import LiteRTEngine, TFEngine, backbone_engine, litert_backbone, tflite_path
     from mltag.steps.prepare import prepare
     from mltag.workers import cpu_threads
 
@@ -199,16 +199,17 @@ def main() -> None:
                       f"{cores} threads x1": forward_ips(LiteRTEngine(lite_file, threads=cores, parallel=1), size,
                                                          cores)}
         litert_ips = max(per_layout.values())
-        int8_ips = None
-        if args.int8_reps:
-            from mltag.data.formats import image_root_of, load_hashes
-            from mltag.data.images import load_image
+        int8_ips, int8_refused = None, None
+        if args.int8:
+            from mltag.backbones.builtin import with_precision
+            from mltag.errors import MltagError
 
-            root = image_root_of(tmp / "prep-n")
-            reps = [load_image(root / rel, size) for rel in sorted(load_hashes(tmp / "prep-n"))[:args.int8_reps]]
-            int8_file = convert_backbone(bb.location, size, tmp / "int8.tflite", representative=reps)
-            int8_ips = max(lanes_forward_ips(LiteRTEngine(int8_file, threads=1, parallel=cores), size),
-                           forward_ips(LiteRTEngine(int8_file, threads=cores, parallel=1), size, cores))
+            try:  # backbone.precision int8's own model (calibrated, checked for faithfulness), as the step gets it
+                int8_file = litert_backbone(with_precision(bb, "int8"), size, tmp / "backbones")
+                int8_ips = max(lanes_forward_ips(LiteRTEngine(int8_file, threads=1, parallel=cores), size),
+                               forward_ips(LiteRTEngine(int8_file, threads=cores, parallel=1), size, cores))
+            except MltagError as e:
+                int8_refused = str(e)
         tf_ips = forward_ips(TFEngine(bb.location), size, 32)
         dim = int(lite(np.zeros((1, size, size, 3), np.uint8)).shape[1])
         costs = per_image_costs(tmp / "prep-n", size, tmp / "write-cache", dim)
@@ -217,6 +218,7 @@ def main() -> None:
         warm = step(tmp, tmp / "prep-n", "bn", "cache", args.handle, args.engine)
         incr = step(tmp, tmp / "prep-n10", "bn10", "cache", args.handle, args.engine)
         big = step(tmp, tmp / "prep-n4", "bn4", "cache4", args.handle, args.engine)
+        cold8 = step(tmp, tmp / "prep-n", "bn8", "cache8", args.handle, args.engine, "int8") if int8_ips else None
 
     forward_ms = cores / litert_ips * 1e3
     ceiling = forward_ms / (forward_ms + costs["decode_ms"] + costs["cache_write_ms"])
@@ -246,7 +248,10 @@ def main() -> None:
     if int8_ips:
         int8_ms = cores / int8_ips * 1e3
         result["int8_forward_ips"] = round(int8_ips, 1)
+        result["step_int8_ips"] = round(cold8["computed"] / cold8["seconds"], 1)
         result["step_int8_ceiling_ips"] = round(cores / (int8_ms + costs["decode_ms"] + costs["cache_write_ms"]) * 1e3, 1)
+    elif int8_refused:
+        result["int8_refused"] = int8_refused
     print(f"bottleneck benchmark: {args.handle} at {size} px, {n} demo images, {result['cpu_threads']} CPU threads "
           f"({result['cpu']})")
     print(f"  backbone forward, TF (batch 32):        {result['tf_forward_ips']:8.1f} images/s")
@@ -263,9 +268,12 @@ def main() -> None:
           f"{costs['cache_write_ms']:.2f} ms, against {forward_ms:.2f} core-ms for the forward: the cold step "
           f"can reach at most {ceiling:.0%} of the forward pass")
     if int8_ips:
-        print(f"  backbone forward, LiteRT full int8:     {int8_ips:8.1f} images/s ({int8_ips / litert_ips:.2f}x fp32); "
-              f"a cold step with it could reach at most {result['step_int8_ceiling_ips']:.1f} images/s "
-              f"({result['step_int8_ceiling_ips'] / result['step_cold_ips']:.2f}x the fp32 step measured)")
+        print(f"  backbone forward, LiteRT full int8:     {int8_ips:8.1f} images/s ({int8_ips / litert_ips:.2f}x fp32)")
+        print(f"  bottleneck step, cold, precision int8:  {result['step_int8_ips']:8.1f} images/s "
+              f"({result['step_int8_ips'] / result['step_cold_ips']:.2f}x the fp32 step; its ceiling "
+              f"{result['step_int8_ceiling_ips']:.1f})")
+    elif int8_refused:
+        print(f"  precision int8: refused: {int8_refused}")
     if args.json:
         print(json.dumps(result))
 

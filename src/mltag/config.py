@@ -121,6 +121,10 @@ class Backbone(Section):
     cache_dir: str = opt("", "where built-in backbones are built and converted; empty: the per-user cache "
                          "($MLTAG_BACKBONE_CACHE, else $XDG_CACHE_HOME/mltag/backbones, else "
                          "~/.cache/mltag/backbones)", output=False)
+    precision: Literal["fp32", "int8"] = opt(
+        "fp32", "fp32, or int8: the vectors and the served model.tflite from a fully int8 LiteRT backbone (weights per "
+        "channel, activations calibrated on crops of scikit-image's sample photos, so the same model whatever the "
+        "data); its own keys in the vector store; needs engine litert and scikit-image; head mode only")
 
 
 class Bottleneck(Section):

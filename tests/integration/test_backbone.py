@@ -211,3 +211,53 @@ def test_unreachable_url_says_offline(monkeypatch, tmp_path):
     # 127.0.0.1:9 refuses connections at once, like an offline machine.
     with pytest.raises(MltagError, match="offline"):
         bb.resolve("http://127.0.0.1:9/google/imagenet/mobilenet_v2_100_224/feature_vector/5")
+
+
+def test_an_int8_backbone_has_its_own_vectors_and_model_and_serves_through_litert_only(tmp_path, colour_dataset):
+    """backbone.precision int8 (#56): the vectors come from a fully int8 LiteRT backbone, under their own store keys
+    (the fp32 ones are neither reused nor overwritten), close to fp32's; the model's model.tflite is that int8 backbone
+    with the head, so it scores what evaluate scores from the cached vectors; TF (float) never serves it, and
+    fine-tuning refuses its vectors."""
+    from mltag.config import sections
+    from mltag.data.formats import image_root_of, load_split, read_bottleneck_meta, read_model_meta
+    from mltag.head.saved import head_scores
+    from mltag.inference.model import InferenceModel
+    from mltag.steps.bottleneck import bottleneck
+    from mltag.steps.prepare import prepare
+    from mltag.steps.train import train
+
+    prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+    common = dict(handle="builtin:efficientnet_lite0_ms", image_size=96, cache_dir=tmp_path / "store", views=1)
+    fp32 = bottleneck(tmp_path / "prepared", tmp_path / "bn32", **sections("bottleneck", **common), progress=False)
+    int8 = bottleneck(tmp_path / "prepared", tmp_path / "bn8", **sections("bottleneck", **common, precision="int8"),
+                      progress=False)
+    assert int8["computed"] == fp32["computed"] > 0 and int8["engine"] == "litert", int8  # no fp32 key reused
+    meta = read_bottleneck_meta(tmp_path / "bn8")
+    assert meta["precision"] == "int8" and meta["backbone_id"] == read_bottleneck_meta(tmp_path / "bn32")[
+        "backbone_id"] + bb.INT8
+    x32, x8 = load_split(tmp_path / "bn32", "train")[0], load_split(tmp_path / "bn8", "train")[0]
+    cos = (x32 * x8).sum(1) / (np.linalg.norm(x32, axis=1) * np.linalg.norm(x8, axis=1))
+    assert not np.array_equal(x32, x8) and cos.mean() > 0.9, cos.mean()
+    again = bottleneck(tmp_path / "prepared", tmp_path / "bn8b", **sections("bottleneck", **common, precision="int8"),
+                       progress=False)
+    assert again["computed"] == 0 and np.array_equal(load_split(tmp_path / "bn8b", "train")[0], x8)
+    with pytest.raises(MltagError, match="runs on LiteRT"):
+        bottleneck(tmp_path / "prepared", tmp_path / "bn8tf", **sections("bottleneck", **{
+            **common, "precision": "int8", "engine": "tf", "cache_dir": tmp_path / "store-tf"}), progress=False)
+
+    train(tmp_path / "bn8", tmp_path / "model", **sections("train", epochs=30),
+          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+    assert read_model_meta(tmp_path / "model")["precision"] == "int8"
+    x_te, _, paths = load_split(tmp_path / "bn8", "test")
+    root = image_root_of(tmp_path / "prepared")
+    served = InferenceModel(tmp_path / "model").scores([root / p for p in paths])
+    np.testing.assert_allclose(served, head_scores(tmp_path / "model", x_te), atol=2e-3)  # float16 cache rounding
+    with pytest.raises(MltagError, match="LiteRT only"):
+        InferenceModel(tmp_path / "model", engine="tf")
+    with pytest.raises(MltagError, match="precision fp32"):
+        train(tmp_path / "bn8", tmp_path / "tuned", **sections("train", mode="fine_tune"), images=root, progress=False)
+    # a backbone whose int8 conversion is not faithful on photos is refused, saying by how much (plain Lite0 keeps a
+    # cosine of about 0.7 with its fp32 vectors: its last convolution's per-tensor range)
+    with pytest.raises(MltagError, match=r"mean cosine of 0\.\d+ with its fp32 vectors"):
+        bottleneck(tmp_path / "prepared", tmp_path / "bn8p", **sections("bottleneck", **{
+            **common, "handle": "builtin:efficientnet_lite0", "precision": "int8"}), progress=False)

@@ -455,6 +455,21 @@ class Backbone:
     backbone_id: str
 
 
+INT8 = "|int8:skimage200-v1"  # a fully int8 backbone's id suffix: the calibration set and its version
+
+
+def with_precision(backbone: Backbone, precision: str) -> Backbone:
+    """``backbone`` as ``backbone.precision`` asks: int8 is another backbone (its own id, so its own store keys and
+    LiteRT file); fp32 is the backbone itself."""
+    if precision == "int8" and not backbone.backbone_id.endswith(INT8):
+        return Backbone(backbone.handle, backbone.location, backbone.backbone_id + INT8)
+    return backbone
+
+
+def precision_of(backbone_id: str) -> str:
+    return "int8" if backbone_id.endswith(INT8) else "fp32"
+
+
 def _dir_id(path: Path) -> str:
     h = hashlib.sha256()
     for rel in ("saved_model.pb", "variables/variables.index"):

@@ -258,8 +258,8 @@ def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike
     if failed.is_file():  # converting again would fail again; say why once more
         raise MltagError(failed.read_text(encoding="utf-8").strip())
     if not path.is_file():
-        _convert_once(backbone, image_size, kind, path, failed)
-        if kind == "fp32":
+        _convert_once(backbone, image_size, kind, path, failed, backbone_cache)
+        if kind == "fp32" and not _is_int8(backbone):
             # register quantizes the backbone (register.int8: dynamic_range): converted now, while the
             # module is loaded and TF imported, it costs the converter alone, not a TF start in register
             try:
@@ -269,7 +269,81 @@ def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike
     return path
 
 
-def _convert_once(backbone, image_size: int, kind: str, path: Path, failed: Path) -> None:
+def _is_int8(backbone) -> bool:
+    from mltag.backbones.builtin import precision_of
+
+    return precision_of(backbone.backbone_id) == "int8"
+
+
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "cat", "rocket", "hubble_deep_field", "immunohistochemistry",
+                 "camera", "moon", "brick", "grass", "gravel", "coins", "clock")
+
+
+def int8_calibration_images(image_size: int, n: int = 200) -> list[np.ndarray]:
+    """What calibrates a fully int8 backbone's activations: ``n`` crops (half to all of a side, some mirrored, seed 0)
+    of scikit-image's 14 sample photos at ``image_size``. Real photos that are nobody's dataset, so the int8 model
+    is a function of the backbone alone: on two real devsets over 5 splits each, as accurate as calibrating on the
+    data's own training photos (benchmarks/README.md), and it never changes when images are added.
+
+    Raises:
+        MltagError: scikit-image is not installed.
+    """
+    try:
+        from skimage import data
+    except ImportError:
+        raise MltagError("backbone.precision int8 calibrates on scikit-image's sample photos: pip install "
+                         "scikit-image") from None
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in SAMPLE_PHOTOS]
+    out = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        w, h = im.size
+        f = rng.uniform(0.5, 1.0)
+        cw, ch = int(w * f), int(h * f)
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = im.crop((x, y, x + cw, y + ch)).resize((image_size, image_size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        out.append(np.asarray(crop, np.uint8))
+    return out
+
+
+INT8_MIN_COSINE = 0.97  # the two-scale built-ins keep about 0.99 (flowers: 0.989), plain Lite0 0.74
+
+
+def _convert_int8(backbone, image_size: int, path: Path, backbone_cache) -> None:
+    """The full-int8 backbone, calibrated on 200 crops of the sample photos and kept only if faithful: on 32 other
+    crops, the mean cosine of its vectors with the fp32 model's must reach ``INT8_MIN_COSINE``.
+
+    Raises:
+        MltagError: the conversion fails, or loses too much (the message says how much).
+    """
+    from mltag.backbones.builtin import INT8, Backbone
+
+    photos = int8_calibration_images(image_size, 232)
+    scratch = path.with_name(path.name + ".unchecked")
+    try:
+        convert_backbone(backbone.location, image_size, scratch, representative=photos[:200])
+        plain = Backbone(backbone.handle, backbone.location, backbone.backbone_id.removesuffix(INT8))
+        px = np.stack(photos[200:])
+        a = LiteRTEngine(litert_backbone(plain, image_size, backbone_cache))(px)
+        b = LiteRTEngine(scratch)(px)
+        cos = float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)))
+        if cos < INT8_MIN_COSINE:
+            raise MltagError(f"backbone.precision int8: {backbone.handle} at {image_size} px converted to int8 keeps a "
+                             f"mean cosine of {cos:.3f} with its fp32 vectors (under {INT8_MIN_COSINE}, on photos it "
+                             "was not calibrated on): use precision fp32 for it (the two-scale built-ins, _ms, keep "
+                             "about 0.99)")
+        log.info("int8 backbone: mean cosine %.4f with fp32 on photos it was not calibrated on", cos)
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _convert_once(backbone, image_size: int, kind: str, path: Path, failed: Path, backbone_cache="") -> None:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         # one process converts (a lock of its own: atomic_path takes the file's for the rename)
@@ -277,10 +351,14 @@ def _convert_once(backbone, image_size: int, kind: str, path: Path, failed: Path
             if failed.is_file():
                 raise MltagError(failed.read_text(encoding="utf-8").strip())
             if not path.is_file():
+                int8 = kind == "fp32" and _is_int8(backbone)
                 log.info("converting backbone %s to LiteRT%s (once) -> %s", backbone.handle,
-                         "" if kind == "fp32" else f" ({kind.replace('_', ' ')})", path)
+                         " (full int8)" if int8 else "" if kind == "fp32" else f" ({kind.replace('_', ' ')})", path)
                 try:
-                    convert_backbone(backbone.location, image_size, path, dynamic_range=kind == "dynamic_range")
+                    if int8:
+                        _convert_int8(backbone, image_size, path, backbone_cache)
+                    else:
+                        convert_backbone(backbone.location, image_size, path, dynamic_range=kind == "dynamic_range")
                 except TransientError:  # out of memory or disk: the next run tries again
                     raise
                 except MltagError as e:
@@ -335,6 +413,14 @@ def backbone_engine(engine: str, backbone, image_size: int, backbone_cache: str 
     interpreter with a thread per core.
     """
     chosen = resolve_engine(engine)
+    if _is_int8(backbone):  # never fp32 vectors under an int8 backbone's keys
+        if chosen != "litert":
+            raise MltagError(f"backbone.precision int8 runs on LiteRT; bottleneck.engine is {engine!r} ({chosen} here): "
+                             "set it to litert or auto on a machine without a GPU")
+        path = litert_backbone(backbone, image_size, backbone_cache)
+        eng = LiteRTEngine(path, 1, cpu_threads()) if lanes else LiteRTEngine(path, threads)
+        eng(np.zeros((1, image_size, image_size, 3), np.uint8))
+        return eng
     if chosen == "litert":
         try:
             path = litert_backbone(backbone, image_size, backbone_cache)

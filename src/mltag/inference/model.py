@@ -68,6 +68,9 @@ class InferenceModel:
         if engine == "litert" and tflite is None:
             raise MltagError("engine litert needs model.tflite in the model folder (retrain with this mltag)",
                              model_dir)
+        if tflite is None and self.meta.get("precision") == "int8":  # its head learnt int8 vectors
+            raise MltagError("this model's head was trained on a fully int8 backbone's vectors (backbone.precision "
+                             "int8): it runs through LiteRT only (engine auto or litert, model.tflite)", model_dir)
         self._tflite = tflite
         self._lock = threading.Lock()
         if tflite is not None:

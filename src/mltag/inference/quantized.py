@@ -63,7 +63,13 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
     if not (bundle / BACKBONE_DIR).is_dir():
         return {"error": "a model folder from an older mltag (no backbone/); retrain it to register LiteRT files"}
     lite = InferenceModel(bundle / "model.tflite")
-    out.update(_fp32_parity(bundle, lite, test_images[:limit], chall_scores[:limit], evaluated))
+    # backbone.precision int8: model.tflite is the int8 model the vectors came from; the SavedModel is float, so it is
+    # checked against evaluate's scores only, and nothing is quantized on top of it
+    int8_model = read_model_meta(bundle, verify=False).get("precision") == "int8"
+    if int8_model:
+        out["precision"], int8 = "int8", "none"
+    if evaluated or not int8_model:
+        out.update(_fp32_parity(bundle, lite, test_images[:limit], chall_scores[:limit], evaluated))
     t, min_labels, groups = M.decision_rule(read_thresholds(bundle / "thresholds.json"), labels)
 
     def quality(s):
@@ -160,7 +166,8 @@ def _int8_reason(out: dict, tried: bool, chosen: str | None, max_drop: float) ->
         return (f"shipped {chosen}: test mAP {out[f'{chosen}_test_map']:.4f} and micro F1 "
                 f"{out[f'{chosen}_test_micro_f1']:.4f} within {max_drop} of fp32")
     if not tried:
-        return "not tried (register.int8: none)"
+        return "not shipped: model.tflite is already int8 (backbone.precision int8)" if out.get("precision") == "int8" \
+            else "not tried (register.int8: none)"
     tried_kinds = ", ".join(f"{k}: mAP {out.get(f'{k}_test_map', float('nan')):.4f}, micro F1 "
                             f"{out.get(f'{k}_test_micro_f1', float('nan')):.4f}"
                             for k in ("int8", "dynamic_range") if f"{k}_test_map" in out and out[f"{k}_test_map"] is not None)

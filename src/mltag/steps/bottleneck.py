@@ -67,7 +67,8 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
     if not 0 <= shard_index < num_shards:
         raise MltagError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     image_size = backbone.image_size or bb.default_image_size(handle)
-    resolved = bb.resolve(handle, backbone.cache_dir)
+    # int8 is another backbone: its own id, so its own store keys and LiteRT file
+    resolved = bb.with_precision(bb.resolve(handle, backbone.cache_dir), backbone.precision)
     source = images if isinstance(images, ImageSource) else None  # a bucket or DVC repo, read by reference
     root = source.scratch if source else Path(images) if images else image_root_of(prepared)
     cache = FeatureCache(bottleneck.cache_dir, resolved.backbone_id, image_size, extra_caches)
@@ -86,6 +87,7 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
     summary = {
         "backbone_handle": handle,
         "backbone_id": resolved.backbone_id,
+        "precision": backbone.precision,
         "image_size": image_size,
         "preprocessing": PREPROCESSING_VERSION,
         "views": views,

@@ -66,7 +66,8 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
     x_fit, y_fit = with_views(x_tr, y_tr, views)
     if len(x_tr) == 0:
         raise MltagError("the train split is empty", Path(bottlenecks) / "train.npz")
-    resolved = bb.resolve(meta["backbone_handle"], backbone.cache_dir)
+    precision = meta.get("precision", "fp32")
+    resolved = bb.with_precision(bb.resolve(meta["backbone_handle"], backbone.cache_dir), precision)
     if resolved.backbone_id != meta["backbone_id"]:
         raise MltagError(f"backbone changed since the bottleneck step ({meta['backbone_id']} -> "
                          f"{resolved.backbone_id}); rerun bottleneck")
@@ -157,6 +158,9 @@ def _check_inputs(bottlenecks, meta: dict, train: config.Train, backbone: config
         from mltag.steps.finetune import builtin_name
 
         builtin_name(meta["backbone_handle"])
+        if meta.get("precision", "fp32") != "fp32":
+            raise MltagError("train.mode fine_tune trains the backbone in float: compute the bottlenecks with "
+                             "backbone.precision fp32", Path(bottlenecks) / "bottleneck.json")
         if images is None or not Path(images).is_dir():
             raise MltagError("train.mode fine_tune reads the images: pass the prepared folder (--prepared)", images)
 
@@ -251,8 +255,8 @@ def _model_meta(labels: list[str], meta: dict, resolved, feature_dim: int, train
     """``model.json``: what every loader of the model folder needs, and what calibrate refits on folds."""
     model_meta = {
         "labels": labels, "image_size": meta["image_size"], "backbone_handle": meta["backbone_handle"],
-        "backbone_id": resolved.backbone_id, "preprocessing": meta["preprocessing"],
-        "feature_dim": feature_dim, "hidden_units": train.hidden_units,
+        "backbone_id": resolved.backbone_id, "precision": meta.get("precision", "fp32"),
+        "preprocessing": meta["preprocessing"], "feature_dim": feature_dim, "hidden_units": train.hidden_units,
         # what calibrate needs to refit the same head on folds
         "head": {"learning_rate": train.learning_rate, "epochs": train.epochs, "batch_size": train.batch_size,
                  "hidden_units": train.hidden_units, "dropout": train.dropout, "seed": train.seed,
