@@ -15,7 +15,7 @@ Usage:
 The first configuration of the grid is the baseline: every other one is also compared with it split by
 split (``paired``: the mean difference in mAP and calibrated micro F1, and how many splits went up).
 
-``A+B`` is the shipped handle ``builtin:efficientnet_A+efficientnet_B`` (one module); ``A&B`` concatenates the two
+``A@int8`` is ``A`` with ``backbone.precision: int8``. ``A+B`` is the shipped handle ``builtin:efficientnet_A+efficientnet_B`` (one module); ``A&B`` concatenates the two
 backbones' bottleneck folders here instead (the experiment that came first; its models have no model.tflite).
 ``--train`` compares train settings: configurations separated by ``;``, each a ``,``-separated
 list of ``key=value`` train keys (``default`` for params.yaml's own; ``groups=none`` trains a model without
@@ -76,8 +76,9 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
         concat_bottlenecks([work / f"bn-{part}{px}-v{views}-{salt}" for part in parts], bn)
         handle = f"builtin:efficientnet_{parts[-1]}"
     else:  # "lite0_ms+lite2_ms" is the shipped handle builtin:efficientnet_lite0_ms+efficientnet_lite2_ms
-        handle = "builtin:" + "+".join(f"efficientnet_{part}" for part in backbone.split("+"))
-        s = bottleneck(prep, bn, **sections("bottleneck", handle=handle, cache_dir=cache, backbone_cache_dir=backbones_dir, views=views, image_size=size), progress=False)
+        name, _, precision = backbone.partition("@")  # "lite2_ms@int8": backbone.precision int8
+        handle = "builtin:" + "+".join(f"efficientnet_{part}" for part in name.split("+"))
+        s = bottleneck(prep, bn, **sections("bottleneck", handle=handle, cache_dir=cache, backbone_cache_dir=backbones_dir, views=views, image_size=size, precision=precision or "fp32"), progress=False)
     bn_seconds = time.perf_counter() - t_bn
     p = params.replace("train", hidden_units=hidden, mode=mode, **overrides).replace(
         "backbone", cache_dir=str(backbones_dir), handle=handle, image_size=size)

@@ -335,7 +335,7 @@ def test_bottleneck_killed_mid_batch_converges_and_leftovers_are_cleaned(tmp_pat
 
     meta = [json.loads((tmp_path / d / "bottleneck.json").read_text()) for d in ("bn", "clean")]
     recorded = meta[0].pop("config")  # the CLI records what the vectors depend on, not how they were computed
-    assert recorded["bottleneck"] == {"views": 1} and set(recorded["backbone"]) == {"handle", "image_size"}
+    assert recorded["bottleneck"] == {"views": 1} and set(recorded["backbone"]) == {"handle", "image_size", "precision"}
     assert meta[1].pop("config") is None and meta[0] == meta[1]
 
 
