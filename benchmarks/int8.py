@@ -12,7 +12,8 @@ training images of the dataset itself; float fallback wherever the converter kee
   and on int8 test vectors ("served": the head as trained, an int8 backbone at prediction), and fitted and scored on
   int8 vectors ("bottleneck": int8 vectors end to end).
 
-``--calibration skimage`` calibrates on ``--reps`` crops of scikit-image's sample photos instead (real photos that
+``--calibration skimage`` calibrates on ``--reps`` crops of scikit-image's sample photos instead (what
+``backbone.precision: int8`` does: ``mltag.inference.engine.int8_calibration_images``) (real photos that
 are nobody's dataset: one int8 model per backbone, whatever the data, as a vector store needs), converted once;
 ``--salts`` runs several splits in one go (each image's vectors computed once) and prints their paired means.
 
@@ -55,32 +56,6 @@ def blocks_of(handle: str, dim: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "cat", "rocket", "hubble_deep_field", "immunohistochemistry",
-                 "camera", "moon", "brick", "grass", "gravel", "coins", "clock")
-
-
-def sample_photo_crops(n: int, size: int) -> list:
-    """``n`` random crops (a quarter to all of the photo, some mirrored) of scikit-image's sample photos at ``size``."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data
-
-    rng = np.random.default_rng(0)
-    photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in SAMPLE_PHOTOS]
-    out = []
-    for i in range(n):
-        im = photos[i % len(photos)]
-        w, h = im.size
-        f = rng.uniform(0.5, 1.0)
-        cw, ch = int(w * f), int(h * f)
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = im.crop((x, y, x + cw, y + ch)).resize((size, size), Image.BILINEAR)
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        out.append(np.asarray(crop, np.uint8))
-    return out
-
-
 def head_map(y_tr, y_te, x_fit, x_score) -> float:
     """Test mAP of a logistic head per label (scikit-learn) fitted on ``x_fit`` and scored on ``x_score``."""
     import numpy as np
@@ -107,7 +82,7 @@ def several(args, salts: list[str]) -> int:
     from mltag.config import sections
     from mltag.data.formats import image_root_of, load_prepared
     from mltag.data.images import load_image
-    from mltag.inference.engine import LiteRTEngine, convert_backbone, litert_backbone
+    from mltag.inference.engine import LiteRTEngine, convert_backbone, int8_calibration_images, litert_backbone
     from mltag.steps.prepare import prepare
     from mltag.tools.doctor import cpu_info
 
@@ -131,7 +106,7 @@ def several(args, salts: list[str]) -> int:
         shared = None
         if args.calibration == "skimage":
             shared = LiteRTEngine(convert_backbone(resolved.location, size, tmp / "int8.tflite",
-                                                   representative=sample_photo_crops(args.reps, size)))
+                                                   representative=int8_calibration_images(size, args.reps)))
         for salt in salts:
             prepare(tmp / salt, **sections("prepare", input=str(Path(args.data).resolve()), salt=salt), progress=False)
             root = image_root_of(tmp / salt)
@@ -188,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from mltag.config import sections
     from mltag.data.formats import image_root_of, load_prepared
     from mltag.data.images import load_image
-    from mltag.inference.engine import LiteRTEngine, convert_backbone, litert_backbone
+    from mltag.inference.engine import LiteRTEngine, convert_backbone, int8_calibration_images, litert_backbone
     from mltag.steps.prepare import prepare
     from mltag.tools.doctor import cpu_info
 
@@ -208,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         px_test = np.stack([load_image(root / ex.path, size) for ex in test])
         decode_s = time.perf_counter() - t0
         rng = np.random.default_rng(0)
-        reps = sample_photo_crops(args.reps, size) if args.calibration == "skimage" else \
+        reps = int8_calibration_images(size, args.reps) if args.calibration == "skimage" else \
             [px_train[i] for i in rng.choice(len(px_train), min(args.reps, len(px_train)), replace=False)]
         fp32_file = litert_backbone(resolved, size, args.backbone_cache)
         t0 = time.perf_counter()
