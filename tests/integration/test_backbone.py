@@ -257,7 +257,7 @@ def test_an_int8_backbone_has_its_own_vectors_and_model_and_serves_through_liter
     with pytest.raises(MltagError, match="precision fp32"):
         train(tmp_path / "bn8", tmp_path / "tuned", **sections("train", mode="fine_tune"), images=root, progress=False)
     # a backbone whose int8 conversion is not faithful on photos is refused, saying by how much (plain Lite0 keeps a
-    # cosine of about 0.7 with its fp32 vectors: its last convolution's per-tensor range)
+    # mean cosine of about 0.7 with its fp32 vectors)
     with pytest.raises(MltagError, match=r"mean cosine of 0\.\d+ with its fp32 vectors"):
         bottleneck(tmp_path / "prepared", tmp_path / "bn8p", **sections("bottleneck", **{
             **common, "handle": "builtin:efficientnet_lite0", "precision": "int8"}), progress=False)

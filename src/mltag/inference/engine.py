@@ -408,19 +408,16 @@ def backbone_engine(engine: str, backbone, image_size: int, backbone_cache: str 
     """An engine for a resolved backbone: ``litert`` (converted once, cached) or ``tf``.
 
     With ``auto`` or ``litert``, a module LiteRT cannot convert or run falls back to
-    ``tf`` with one warning line that says why. ``lanes`` asks LiteRT for one
+    ``tf`` with one warning line that says why; an int8 backbone (``backbone.precision``) never does, since TF
+    would put float vectors under its keys. ``lanes`` asks LiteRT for one
     single-threaded interpreter per core (``LiteRTEngine.lanes``) instead of one
     interpreter with a thread per core.
     """
     chosen = resolve_engine(engine)
-    if _is_int8(backbone):  # never fp32 vectors under an int8 backbone's keys
-        if chosen != "litert":
-            raise MltagError(f"backbone.precision int8 runs on LiteRT; bottleneck.engine is {engine!r} ({chosen} here): "
-                             "set it to litert or auto on a machine without a GPU")
-        path = litert_backbone(backbone, image_size, backbone_cache)
-        eng = LiteRTEngine(path, 1, cpu_threads()) if lanes else LiteRTEngine(path, threads)
-        eng(np.zeros((1, image_size, image_size, 3), np.uint8))
-        return eng
+    int8 = _is_int8(backbone)
+    if int8 and chosen != "litert":
+        raise MltagError(f"backbone.precision int8 runs on LiteRT; bottleneck.engine is {engine!r} ({chosen} here): "
+                         "set it to litert or auto on a machine without a GPU")
     if chosen == "litert":
         try:
             path = litert_backbone(backbone, image_size, backbone_cache)
@@ -428,5 +425,7 @@ def backbone_engine(engine: str, backbone, image_size: int, backbone_cache: str 
             eng(np.zeros((1, image_size, image_size, 3), np.uint8))  # fail here, not mid-run
             return eng
         except (MltagError, ValueError, RuntimeError) as e:
+            if int8:
+                raise
             log.warning("engine litert unavailable for %s, using tf: %s", backbone.handle, e)
     return TFEngine(backbone.location)
