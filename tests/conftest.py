@@ -157,6 +157,16 @@ def compiled(tmp_path_factory) -> tuple[str, list]:
 
 
 @pytest.fixture(autouse=True)
+def _mlflow_uris_do_not_leak():
+    """A test that runs a step in this process points mlflow's process-wide URIs (and MLFLOW_REGISTRY_URI, which
+    set_registry_uri exports) at its own store; the next test on this worker, and every `mltag` it starts, would
+    inherit them and register into that store instead of its own. Reset after every test, whatever it did."""
+    yield
+    if "mlflow" in sys.modules:
+        reset_mlflow_uris()
+
+
+@pytest.fixture(autouse=True)
 def _unit_tier_starts_no_process(request, monkeypatch):
     """The unit tier starts no process: a test there that does belongs in tests/integration or tests/e2e."""
     if "unit" not in request.node.path.relative_to(REPO / "tests").parts[:1]:
