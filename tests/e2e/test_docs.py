@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, colour_image
+from conftest import REPO, blank_store, colour_image
 
 pytestmark = pytest.mark.slow
 PAGE = REPO / "docs" / "data-versioning.md"
@@ -60,6 +60,7 @@ def test_the_data_versioning_page_runs_from_the_demo_to_your_own_photos(tmp_path
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@example.com"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the project's own ./mlflow.db, as a user has it
+    blank_store(clone / "mlflow.db")  # (made empty here: its first step would spend 2 s making the same tables)
     # Only to make it quick: a smaller demo, the smallest backbone, fewer resamples.
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["demo"]["n_images"] = 120

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, blank_store, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def first_run(tmp_path_factory):
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'mlflow.db'}"
+    env["MLFLOW_TRACKING_URI"] = blank_store(d / "mlflow.db")
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@example.com")
     sh("git init -q && dvc init -q && dvc config core.analytics false && git add -A && git commit -qm init", d, env)

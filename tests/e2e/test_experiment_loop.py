@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, blank_store
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_a_one_key_experiment_reruns_only_the_head_and_shows_a_readable_table(tm
     params["register"]["bootstrap"] = 100
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
+           "MLFLOW_TRACKING_URI": blank_store(d / "mlflow.db"), "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
     sh("git init -q && dvc init -q && dvc config core.analytics false && git add -A && git commit -qm init", d, env)
     sh("dvc repro", d, env)

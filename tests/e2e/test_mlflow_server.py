@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COLOURS, free_port, run_cli
+from conftest import COLOURS, blank_store, free_port, run_cli
 from mltag.data.formats import read_lst
 
 pytestmark = pytest.mark.slow
@@ -52,6 +52,8 @@ def stop(proc: subprocess.Popen) -> None:
 def start_server(folder: Path, port: int) -> subprocess.Popen:
     """A real ``mlflow server`` on 127.0.0.1 with its store under ``folder`` (restartable on the same store)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "server.db").exists():
+        blank_store(folder / "server.db")
     bin_dir = Path(sys.executable).parent
     proc = start([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                   "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import COLOURS, make_colour_dataset, run_cli, write_lst_dataset
+from conftest import COLOURS, blank_store, make_colour_dataset, run_cli, write_lst_dataset
 from mltag.config import sections
 
 pytestmark = pytest.mark.slow
@@ -128,7 +128,7 @@ def test_label_suggested_images_by_keyboard_then_prepare_reads_the_export(tmp_pa
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=str(fake_backbone),
                                                                   cache_dir=store, views=1), progress=False)
     train(tmp_path / "bn", tmp_path / "model", **sections("train", learning_rate=0.05, epochs=150, patience=30),
-          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+          tracking_uri=blank_store(tmp_path / "mlflow.db"), progress=False)
     new = tmp_path / "unlabelled"
     make_colour_dataset(new, n=12, seed=5, start=500)
     (new / "all.lst").unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import blank_store
 from mltag.backbones import builtin as bb
 from mltag.errors import MltagError
 
@@ -125,7 +126,7 @@ def test_two_builtins_side_by_side_are_one_module_one_handle(tmp_path, colour_da
                    cache_dir=tmp_path / "store", views=1, image_size=96), progress=False)
     assert s["feature_dim"] == 2864 and s["engine"] == "litert", s
     train(tmp_path / "bn", tmp_path / "model", **sections("train", epochs=30),
-          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+          tracking_uri=blank_store(tmp_path / "mlflow.db"), progress=False)
     model = InferenceModel(tmp_path / "model")
     assert model.engine == "litert" and (tmp_path / "model" / "model.tflite").is_file()
     first = sorted((image_root_of(tmp_path / "prepared") / "images").iterdir())[0]
@@ -246,7 +247,7 @@ def test_an_int8_backbone_has_its_own_vectors_and_model_and_serves_through_liter
             **common, "precision": "int8", "engine": "tf", "cache_dir": tmp_path / "store-tf"}), progress=False)
 
     train(tmp_path / "bn8", tmp_path / "model", **sections("train", epochs=30),
-          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+          tracking_uri=blank_store(tmp_path / "mlflow.db"), progress=False)
     assert read_model_meta(tmp_path / "model")["precision"] == "int8"
     x_te, _, paths = load_split(tmp_path / "bn8", "test")
     root = image_root_of(tmp_path / "prepared")

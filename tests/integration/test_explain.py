@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from conftest import blank_store
 from mltag.config import sections
 
 QUARTERS = [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -63,7 +64,7 @@ def test_most_saliency_mass_lands_in_the_object_s_quarter(tmp_path):
     bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle="builtin:efficientnet_lite0",
                                                                   cache_dir=tmp_path / "store", views=1), progress=False)
     train(tmp_path / "bn", tmp_path / "model", **sections("train", epochs=200, patience=20, learning_rate=0.01),
-          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+          tracking_uri=blank_store(tmp_path / "mlflow.db"), progress=False)
     held = _dataset(tmp_path / "held", 16, seed=2)
     model = InferenceModel(tmp_path / "model")
     explainer = Explainer(model)
