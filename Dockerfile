@@ -6,7 +6,8 @@
 #   docker build --build-arg TF_VARIANT=gpu --build-arg VERSION=... -t REGISTRY/mltag:$TAG-gpu .
 # The built-in backbones named in BACKBONES are built and converted for LiteRT (fp32 and dynamic range,
 # which register quantizes) at their own input
-# sizes (all six by default, the _ms ones too): --build-arg BACKBONES="efficientnet_lite0" for a smaller image.
+# sizes (all six by default, the _ms ones too, and the default handle's lite2_ms+colour): --build-arg
+# BACKBONES="efficientnet_lite0" for a smaller image.
 # A vector store or dataset in a bucket needs its fsspec filesystem, pinned by you:
 #   docker build --build-arg STORAGE_PKGS="gcsfs==2026.9.0" -t REGISTRY/mltag:0.1.0 .
 FROM python:3.11.11-slim-bookworm
@@ -14,7 +15,7 @@ FROM python:3.11.11-slim-bookworm
 ARG TF_VARIANT=cpu
 ARG STORAGE_PKGS=""
 ARG VERSION=0.1.0
-ARG BACKBONES="efficientnet_lite0 efficientnet_lite1 efficientnet_lite2 efficientnet_lite0_ms efficientnet_lite1_ms efficientnet_lite2_ms"
+ARG BACKBONES="efficientnet_lite0 efficientnet_lite1 efficientnet_lite2 efficientnet_lite0_ms efficientnet_lite1_ms efficientnet_lite2_ms efficientnet_lite2_ms+colour"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

@@ -77,7 +77,7 @@ def run_one(data: Path, work: Path, cache: Path, backbones_dir: Path, backbone: 
         handle = f"builtin:efficientnet_{parts[-1]}"
     else:  # "lite0_ms+lite2_ms" is the shipped handle builtin:efficientnet_lite0_ms+efficientnet_lite2_ms
         name, _, precision = backbone.partition("@")  # "lite2_ms@int8": backbone.precision int8
-        handle = "builtin:" + "+".join(f"efficientnet_{part}" for part in name.split("+"))
+        handle = "builtin:" + "+".join(part if part == "colour" else f"efficientnet_{part}" for part in name.split("+"))
         s = bottleneck(prep, bn, **sections("bottleneck", handle=handle, cache_dir=cache, backbone_cache_dir=backbones_dir, views=views, image_size=size, precision=precision or "fp32"), progress=False)
     bn_seconds = time.perf_counter() - t_bn
     p = params.replace("train", hidden_units=hidden, mode=mode, **overrides).replace(

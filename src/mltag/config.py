@@ -111,11 +111,12 @@ class Prepare(Section):
 
 
 class Backbone(Section):
-    handle: str = opt("builtin:efficientnet_lite2_ms",
+    handle: str = opt("builtin:efficientnet_lite2_ms+colour",
                       "builtin:efficientnet_lite0/1/2, each also with _ms (two scales and two middle stages: "
                       "about 2.5x the single-scale bottleneck time), or built-ins joined by + (their vectors side "
-                      "by side, e.g. builtin:efficientnet_lite0_ms+efficientnet_lite2_ms), a TF Hub URL or a local "
-                      "SavedModel folder")
+                      "by side, e.g. builtin:efficientnet_lite0_ms+efficientnet_lite2_ms), each also with +colour "
+                      "(16 colour-histogram numbers of the photo beside them), a TF Hub URL or a local SavedModel "
+                      "folder")
     image_size: int = opt(0, "input size; 0: the built-in's own (224/240/260; _ms 280/300/325), 224 for other "
                           "modules", ge=0)
     cache_dir: str = opt("", "where built-in backbones are built and converted; empty: the per-user cache "

@@ -91,18 +91,21 @@ def test_multiscale_builtin_averages_two_scales_and_pools_two_middle_stages():
 
 
 
-def test_two_builtins_side_by_side_are_one_module_one_handle(tmp_path, colour_dataset):
-    """``builtin:A+B``: one module whose vector is A's and B's side by side, each part at its own size (the
-    smaller resized inside the module); it resolves, caches and converts to LiteRT like any built-in, and a
-    model trained on it predicts end to end. Malformed joins are refused naming what is allowed."""
+def test_two_builtins_and_colour_side_by_side_are_one_module_one_handle(tmp_path, colour_dataset):
+    """``builtin:A+B+colour``: one module whose vector is A's, B's and the 16 colour numbers side by side, each
+    network at its own size (the smaller resized inside the module); it resolves, caches and converts to LiteRT
+    like any built-in, and a model trained on it predicts end to end. Through LiteRT, on the solid-colour photos,
+    red, yellow (red + green), green, cyan, blue and magenta land in hue bins 0, 2, 4, 6, 8 and 10, well above
+    any grey level. Malformed joins are refused naming what is allowed."""
     import tensorflow as tf
 
     from mltag.errors import MltagError
 
-    name = "efficientnet_lite0+efficientnet_lite0_ms"
-    assert bb.parts(name) == ["efficientnet_lite0", "efficientnet_lite0_ms"]
+    name = "efficientnet_lite0+efficientnet_lite0_ms+colour"
+    assert bb.parts(name) == ["efficientnet_lite0", "efficientnet_lite0_ms", "colour"]
     assert bb.default_image_size(f"builtin:{name}") == 280
-    assert bb.builtin_id(name) == bb.builtin_id("efficientnet_lite0") + "+" + bb.builtin_id("efficientnet_lite0_ms")
+    assert bb.builtin_id(name) == "+".join([bb.builtin_id("efficientnet_lite0"), bb.builtin_id("efficientnet_lite0_ms"),
+                                            f"builtin:colour@v={bb.COLOUR_VERSION}"])
     for bad in ("efficientnet_lite0+efficientnet_lite0", "efficientnet_lite0+lite9", "a+b+c+d"):
         with pytest.raises(MltagError, match="joined by '\\+'"):
             bb.parts(bad)
@@ -111,11 +114,11 @@ def test_two_builtins_side_by_side_are_one_module_one_handle(tmp_path, colour_da
     got = module.__call__(x).numpy()
     plain = bb.build_lite_module("efficientnet_lite0").__call__(tf.image.resize(x, (224, 224), "bilinear")).numpy()
     multi = bb.build_lite_module("efficientnet_lite0_ms").__call__(x).numpy()
-    assert got.shape == (2, 1280 + 1584)
-    np.testing.assert_allclose(got, np.concatenate([plain, multi], axis=1), atol=1e-5)
+    assert got.shape == (2, 1280 + 1584 + bb.COLOUR_DIM)
+    np.testing.assert_allclose(got, np.concatenate([plain, multi, bb.colour_vector(x).numpy()], axis=1), atol=1e-5)
 
     from mltag.config import sections
-    from mltag.data.formats import image_root_of
+    from mltag.data.formats import image_root_of, load_split
     from mltag.inference.model import InferenceModel
     from mltag.steps.bottleneck import bottleneck
     from mltag.steps.prepare import prepare
@@ -124,7 +127,13 @@ def test_two_builtins_side_by_side_are_one_module_one_handle(tmp_path, colour_da
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     s = bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=f"builtin:{name}",
                    cache_dir=tmp_path / "store", views=1, image_size=96), progress=False)
-    assert s["feature_dim"] == 2864 and s["engine"] == "litert", s
+    assert s["feature_dim"] == 2864 + bb.COLOUR_DIM and s["engine"] == "litert", s
+    vectors, flags, _ = load_split(tmp_path / "bn", "train")
+    hue, grey = vectors[:, 2864:2876], vectors[:, 2876:]
+    expected = {(1, 0, 0): 0, (1, 1, 0): 2, (0, 1, 0): 4, (0, 1, 1): 6, (0, 0, 1): 8, (1, 0, 1): 10}
+    for row, f in enumerate(map(tuple, flags.astype(int))):
+        assert hue[row].argmax() == expected[f] and hue[row].max() > 2 * grey[row].max(), (f, hue[row], grey[row])
+    assert len(flags) >= 20
     train(tmp_path / "bn", tmp_path / "model", **sections("train", epochs=30),
           tracking_uri=blank_store(tmp_path / "mlflow.db"), progress=False)
     model = InferenceModel(tmp_path / "model")
@@ -262,3 +271,4 @@ def test_an_int8_backbone_has_its_own_vectors_and_model_and_serves_through_liter
     with pytest.raises(MltagError, match=r"mean cosine of 0\.\d+ with its fp32 vectors"):
         bottleneck(tmp_path / "prepared", tmp_path / "bn8p", **sections("bottleneck", **{
             **common, "handle": "builtin:efficientnet_lite0", "precision": "int8"}), progress=False)
+

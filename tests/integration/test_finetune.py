@@ -177,27 +177,33 @@ def test_the_two_scale_vector_splits_at_any_block(k):
 
 
 def test_fine_tunes_a_two_scale_builtin_and_ships_its_vector(colour_dataset):
-    """``backbone.handle: builtin:..._ms`` fine-tunes (the top blocks at both scales) and the tuned weights
-    are written as the ``_ms`` module, whose vectors the tuned head was fitted on."""
+    """``backbone.handle: builtin:..._ms+colour`` fine-tunes (the top blocks at both scales; the colour numbers, a
+    function of the pixels, pass through) and the tuned weights are written as the ``_ms+colour`` module, whose
+    vectors the tuned head was fitted on."""
     import tensorflow as tf
 
-    from mltag.backbones.builtin import build_lite_module
+    from mltag.backbones.builtin import COLOUR_DIM, build_lite_module, colour_vector
     from mltag.steps.finetune import builtin_name, fine_tune
 
     assert builtin_name("builtin:efficientnet_lite0_ms") == "efficientnet_lite0_ms"
+    assert builtin_name("builtin:efficientnet_lite0_ms+colour") == "efficientnet_lite0_ms+colour"
     items, y = _items(colour_dataset, 10)
-    head = [np.zeros((1584, 3), np.float32), np.zeros(3, np.float32)]
+    dim = 1584 + COLOUR_DIM
+    head = [np.zeros((dim, 3), np.float32), np.zeros(3, np.float32)]
     cfg = sections("train", fine_tune_blocks=3, fine_tune_epochs=2, fine_tune_learning_rate=1e-3,
                    fine_tune_patience=0)["train"]
-    net, head_after, hist = fine_tune("builtin:efficientnet_lite0_ms", 64, items[:7], y[:7], items[7:], y[7:], head,
-                                      train=cfg, views=1, progress=False, backbone_cache="")
+    net, head_after, hist = fine_tune("builtin:efficientnet_lite0_ms+colour", 64, items[:7], y[:7], items[7:], y[7:],
+                                      head, train=cfg, views=1, progress=False, backbone_cache="")
     assert hist["tuned_blocks"] == [13, 14, 15] and all(np.isfinite(hist["loss"]))
-    assert net.export_name == "efficientnet_lite0_ms" and head_after[0].shape == (1584, 3)
+    assert net.export_name == "efficientnet_lite0_ms+colour" and head_after[0].shape == (dim, 3)
+    assert np.abs(head_after[0][1584:]).sum() > 0  # the head learnt from the colour numbers too
     moved = [not np.array_equal(net.state_dict()[k], v) for k, v in load_state("efficientnet_lite0").items()]
     assert any(moved) and not all(moved)
     module = build_lite_module(net.export_name, net.state_dict())
     x = tf.constant(np.random.default_rng(1).random((2, 64, 64, 3)), tf.float32)
-    np.testing.assert_allclose(module.__call__(x).numpy(), net.multiscale(x).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(module.__call__(x).numpy(),
+                               np.concatenate([net.multiscale(x).numpy(), colour_vector(x).numpy()], axis=1),
+                               rtol=1e-5, atol=1e-5)
 
 
 _RUN = """

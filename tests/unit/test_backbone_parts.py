@@ -80,3 +80,14 @@ def test_the_backbone_cache_follows_the_setting_then_the_environment_then_xdg(tm
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert bb.cache_root(None) == tmp_path / "home" / ".cache" / "mltag" / "backbones"
+
+
+def test_colour_joins_a_network_as_a_part_with_its_own_id_and_no_size():
+    assert bb.parts("efficientnet_lite2_ms+colour") == ["efficientnet_lite2_ms", "colour"]
+    assert bb.default_image_size("builtin:efficientnet_lite2_ms+colour") == bb.default_image_size(
+        "builtin:efficientnet_lite2_ms")
+    assert bb.builtin_id("efficientnet_lite2_ms+colour") == (bb.builtin_id("efficientnet_lite2_ms")
+                                                             + f"+builtin:colour@v={bb.COLOUR_VERSION}")
+    for bad in ("colour", "colour+colour", "efficientnet_lite0+colour+colour"):
+        with pytest.raises(MltagError, match=r"'\+colour' \(a colour histogram"):
+            bb.parts(bad)

@@ -117,7 +117,7 @@ def test_dag_shape_parallelfor_and_no_cache_on_register(compiled):
     assert tasks["train"]["cachingOptions"]["enableCache"] is True
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["train"]["defaultValue"]["learning_rate"] == 0.001  # from params.yaml
-    assert params["backbone"]["defaultValue"]["handle"] == "builtin:efficientnet_lite2_ms"
+    assert params["backbone"]["defaultValue"]["handle"] == "builtin:efficientnet_lite2_ms+colour"
 
 
 def test_without_collected_the_gather_waits_for_the_loop_and_needs_a_shared_store(tmp_path):
@@ -348,12 +348,14 @@ def test_a_task_end_that_kfp_local_logs_after_another_task_put_back_the_root_log
 
 
 def test_the_dockerfile_bakes_every_builtin_backbone_it_is_asked_for():
-    """One list of names (a build argument, all built-ins by default); no size or handle copied from params.yaml."""
+    """One list of names (a build argument, all built-ins and the default handle's by default); no size or handle
+    copied from params.yaml."""
     from mltag.backbones.builtin import BUILTINS
+    from mltag.config import Backbone
 
     text = (REPO / "Dockerfile").read_text()
     arg = next(ln for ln in text.splitlines() if ln.startswith("ARG BACKBONES="))
-    assert arg.split("=", 1)[1].strip('"').split() == list(BUILTINS)
+    assert arg.split("=", 1)[1].strip('"').split() == [*BUILTINS, Backbone().handle.removeprefix("builtin:")]
     body = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#") and not ln.startswith("ARG BACKBONES=")]
     assert not [ln for ln in body if "efficientnet" in ln or "260" in ln], body
     assert 'for name in $BACKBONES; do mltag backbone build "$name"; done' in text

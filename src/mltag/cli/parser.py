@@ -190,7 +190,8 @@ def _add_project_commands(sub) -> None:
     bb = sub.add_parser("backbone", help="backbone tools")
     bbs = bb.add_subparsers(dest="backbone_command", required=True)
     bd = bbs.add_parser("build", help="build a built-in backbone into a SavedModel folder")
-    bd.add_argument("name", help="efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2 (each also with _ms)")
+    bd.add_argument("name", help="efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2 (each also with _ms), "
+                                 "or built-ins joined by + (with +colour, e.g. efficientnet_lite2_ms+colour)")
     bd.add_argument("--out", default=None, help="a SavedModel folder (default: the backbone cache, where the steps "
                                                 "look, plus its LiteRT conversion)")
     pl = sub.add_parser("pipeline", help="the Kubeflow pipeline")

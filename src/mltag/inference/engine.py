@@ -314,6 +314,10 @@ def int8_calibration_images(image_size: int, n: int = 200) -> list[np.ndarray]:
 INT8_MIN_COSINE = 0.97  # the two-scale built-ins keep about 0.99 (flowers: 0.989), plain Lite0 0.74
 
 
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)))
+
+
 def _convert_int8(backbone, image_size: int, path: Path, backbone_cache) -> None:
     """The full-int8 backbone, calibrated on 200 crops of the sample photos and kept only if faithful: on 32 other
     crops, the mean cosine of its vectors with the fp32 model's must reach ``INT8_MIN_COSINE``.
@@ -321,7 +325,7 @@ def _convert_int8(backbone, image_size: int, path: Path, backbone_cache) -> None
     Raises:
         MltagError: the conversion fails, or loses too much (the message says how much).
     """
-    from mltag.backbones.builtin import INT8, Backbone
+    from mltag.backbones.builtin import COLOUR, COLOUR_DIM, INT8, JOIN, Backbone
 
     photos = int8_calibration_images(image_size, 232)
     scratch = path.with_name(path.name + ".unchecked")
@@ -331,12 +335,21 @@ def _convert_int8(backbone, image_size: int, path: Path, backbone_cache) -> None
         px = np.stack(photos[200:])
         a = LiteRTEngine(litert_backbone(plain, image_size, backbone_cache))(px)
         b = LiteRTEngine(scratch)(px)
-        cos = float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)))
+        cos = _mean_cosine(a, b)
         if cos < INT8_MIN_COSINE:
             raise MltagError(f"backbone.precision int8: {backbone.handle} at {image_size} px converted to int8 keeps a "
                              f"mean cosine of {cos:.3f} with its fp32 vectors (under {INT8_MIN_COSINE}, on photos it "
                              "was not calibrated on): use precision fp32 for it (the two-scale built-ins, _ms, keep "
                              "about 0.99)")
+        if backbone.handle.endswith(JOIN + COLOUR):  # 16 of 1,600 numbers: the whole vector's cosine hides them
+            # centred (each number's mean over the photos taken away): the numbers are all positive, one large
+            # (white), which alone keeps a plain cosine near 1 (0.98 with per-number correlations of 0.85)
+            mean = a[:, -COLOUR_DIM:].mean(0)
+            part = _mean_cosine(a[:, -COLOUR_DIM:] - mean, b[:, -COLOUR_DIM:] - mean)
+            if part < INT8_MIN_COSINE:
+                raise MltagError(f"backbone.precision int8: the colour part of {backbone.handle} keeps a mean cosine "
+                                 f"of {part:.3f} with its fp32 numbers in int8 (under {INT8_MIN_COSINE}): use "
+                                 f"precision fp32, or the handle without +{COLOUR}")
         log.info("int8 backbone: mean cosine %.4f with fp32 on photos it was not calibrated on", cos)
         os.replace(scratch, path)
     finally:

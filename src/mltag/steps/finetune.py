@@ -53,14 +53,23 @@ HEAD_LR_FACTOR = 10.0
 
 
 def builtin_name(handle: str) -> str:
-    """The built-in a ``builtin:NAME`` handle names (single-scale or ``_ms``); anything else is refused."""
-    from mltag.backbones.builtin import BUILTINS
+    """The built-in a ``builtin:NAME`` handle names (single-scale or ``_ms``, ``+colour`` or not); anything else is
+    refused."""
+    from mltag.backbones.builtin import BUILTINS, COLOUR, JOIN
 
     name = str(handle).strip().removeprefix("builtin:")
-    if not str(handle).startswith("builtin:") or name not in BUILTINS:
+    if not str(handle).startswith("builtin:") or name.removesuffix(JOIN + COLOUR) not in BUILTINS:
         raise MltagError(f"train.mode fine_tune needs a built-in backbone (backbone.handle: builtin:NAME, one of "
-                         f"{', '.join(BUILTINS)}), got {handle!r}; use train.mode head for other modules")
+                         f"{', '.join(BUILTINS)}, each also with +{COLOUR}), got {handle!r}; use train.mode head "
+                         "for other modules")
     return name
+
+
+def _network(name: str) -> tuple[str, bool]:
+    """``(the network of a fine-tunable built-in name, whether its vector ends with the colour part)``."""
+    from mltag.backbones.builtin import COLOUR, JOIN
+
+    return name.removesuffix(JOIN + COLOUR), name.endswith(JOIN + COLOUR)
 
 
 def _pixels(paths: list[Path], shas: list[str], view: int, size: int) -> np.ndarray:
@@ -188,9 +197,21 @@ def _frozen_bottom(name: str, k: int, image_size: int, backbone_cache, net):
     single-threaded interpreter per core, splitting each batch; the bottom converted once per backbone
     and ``k``), else TF; LiteRT that cannot convert falls back to TF with one line saying why. An ``_ms``
     built-in: ``(maps at the input size, maps at the second scale, MID_WEIGHT x the two scales' mean
-    pooled middle stages below k)``, through TF."""
+    pooled middle stages below k)``, through TF. ``+colour``: the photo's colour numbers after those (they
+    need no tuning: a function of the pixels alone)."""
     tf = import_tensorflow()
 
+    from mltag.backbones.builtin import colour_vector
+
+    name, colour = _network(name)
+    bottom = _network_bottom(tf, name, k, image_size, backbone_cache, net)
+    if not colour:
+        return bottom
+    run_colour = tf.function(colour_vector)
+    return lambda px: bottom(px) + (run_colour(tf.constant(px, tf.float32) / 255.0).numpy(),)
+
+
+def _network_bottom(tf, name: str, k: int, image_size: int, backbone_cache, net):
     from mltag.backbones.builtin import MID_WEIGHT, is_multiscale
     from mltag.inference.engine import LiteRTEngine, litert_bottom, resolve_engine
     from mltag.workers import cpu_threads
@@ -241,7 +262,7 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
 
     blocks = train.fine_tune_blocks
     name = builtin_name(handle)
-    net = LiteNet(base_name(name))
+    net = LiteNet(base_name(_network(name)[0]))
     net.export_name = name  # the tuned weights are written as this built-in (``_ms``: the two-scale vector)
     if not 1 <= blocks <= net.n_blocks:
         raise MltagError(f"train.fine_tune_blocks must be 1..{net.n_blocks} for {name}, got {blocks}")
@@ -314,8 +335,11 @@ class _TopTrainer:
     ``fine_tune_learning_rate x lr_decay^depth``, the head at ten times the top's; the schedule scales every
     rate, step by step; with ``half``, float16 compute with dynamic loss scaling."""
 
+    colour = False  # whether the frozen part's last array is the photo's colour numbers (``+colour``)
+
     def __init__(self, tf, net, k: int, half: bool, head_weights: list[np.ndarray], train: config.Train, n_rows: int):
         self.tf, self.net, self.k, self.half = tf, net, k, half
+        self.colour = _network(getattr(net, "export_name", ""))[1]  # the frozen part's last array: colour numbers
         self.dtype = "float16" if half else "float32"
         self.dropout, self.seed = train.dropout, int(train.seed)
         self.kernels = [tf.Variable(w, name=f"head_kernel_{i}") for i, w in enumerate(head_weights[0::2])]
@@ -337,6 +361,12 @@ class _TopTrainer:
 
     def features(self, x):
         """The backbone's feature vectors from the frozen blocks' output ``x`` (see ``_frozen_bottom``)."""
+        tf = self.tf
+        if self.colour:
+            return tf.concat([self._network_features(x[:-1]), tf.cast(x[-1], tf.float32)], axis=1)
+        return self._network_features(x)
+
+    def _network_features(self, x):
         tf = self.tf
         if len(x) == 1:
             return self.net.top(x[0], self.k, self.dtype)
