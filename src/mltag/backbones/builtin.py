@@ -122,7 +122,7 @@ JOIN = "+"
 # colour ("grey", "purple") is what they serve worst; this block keeps it in the vector, in the served LiteRT
 # model too.
 COLOUR = "colour"
-COLOUR_VERSION = "1"
+COLOUR_VERSION = "1"  # in the backbone id, so in every store key: bump it with any change to colour_vector
 COLOUR_WEIGHT = 5.0  # its spread about a quarter of the network's vector's, as its 1280+ dimensions spread
 COLOUR_DIM = 16
 
