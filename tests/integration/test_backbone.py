@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import blank_store
 from mltag.backbones import builtin as bb
+from mltag.backbones import colour
 from mltag.errors import MltagError
 
 
@@ -105,7 +106,7 @@ def test_two_builtins_and_colour_side_by_side_are_one_module_one_handle(tmp_path
     assert bb.parts(name) == ["efficientnet_lite0", "efficientnet_lite0_ms", "colour"]
     assert bb.default_image_size(f"builtin:{name}") == 280
     assert bb.builtin_id(name) == "+".join([bb.builtin_id("efficientnet_lite0"), bb.builtin_id("efficientnet_lite0_ms"),
-                                            f"builtin:colour@v={bb.COLOUR_VERSION}"])
+                                            f"builtin:colour@v={colour.COLOUR_VERSION}"])
     for bad in ("efficientnet_lite0+efficientnet_lite0", "efficientnet_lite0+lite9", "a+b+c+d"):
         with pytest.raises(MltagError, match="joined by '\\+'"):
             bb.parts(bad)
@@ -114,8 +115,8 @@ def test_two_builtins_and_colour_side_by_side_are_one_module_one_handle(tmp_path
     got = module.__call__(x).numpy()
     plain = bb.build_lite_module("efficientnet_lite0").__call__(tf.image.resize(x, (224, 224), "bilinear")).numpy()
     multi = bb.build_lite_module("efficientnet_lite0_ms").__call__(x).numpy()
-    assert got.shape == (2, 1280 + 1584 + bb.COLOUR_DIM)
-    np.testing.assert_allclose(got, np.concatenate([plain, multi, bb.colour_vector(x).numpy()], axis=1), atol=1e-5)
+    assert got.shape == (2, 1280 + 1584 + colour.COLOUR_DIM)
+    np.testing.assert_allclose(got, np.concatenate([plain, multi, colour.colour_vector(x).numpy()], axis=1), atol=1e-5)
 
     from mltag.config import sections
     from mltag.data.formats import image_root_of, load_split
@@ -127,7 +128,7 @@ def test_two_builtins_and_colour_side_by_side_are_one_module_one_handle(tmp_path
     prepare(tmp_path / "prepared", **sections("prepare", input=colour_dataset), progress=False)
     s = bottleneck(tmp_path / "prepared", tmp_path / "bn", **sections("bottleneck", handle=f"builtin:{name}",
                    cache_dir=tmp_path / "store", views=1, image_size=96), progress=False)
-    assert s["feature_dim"] == 2864 + bb.COLOUR_DIM and s["engine"] == "litert", s
+    assert s["feature_dim"] == 2864 + colour.COLOUR_DIM and s["engine"] == "litert", s
     vectors, flags, _ = load_split(tmp_path / "bn", "train")
     hue, grey = vectors[:, 2864:2876], vectors[:, 2876:]
     expected = {(1, 0, 0): 0, (1, 1, 0): 2, (0, 1, 0): 4, (0, 1, 1): 6, (0, 0, 1): 8, (1, 0, 1): 10}

@@ -182,7 +182,8 @@ def test_fine_tunes_a_two_scale_builtin_and_ships_its_vector(colour_dataset):
     vectors the tuned head was fitted on."""
     import tensorflow as tf
 
-    from mltag.backbones.builtin import COLOUR_DIM, build_lite_module, colour_vector
+    from mltag.backbones.builtin import build_lite_module
+    from mltag.backbones.colour import COLOUR_DIM, colour_vector
     from mltag.steps.finetune import builtin_name, fine_tune
 
     assert builtin_name("builtin:efficientnet_lite0_ms") == "efficientnet_lite0_ms"

@@ -8,6 +8,7 @@ import pickle
 import pytest
 
 from mltag.backbones import builtin as bb
+from mltag.backbones import colour
 from mltag.backbones.weights import load_legacy_state_dict
 from mltag.errors import MltagError
 
@@ -87,7 +88,7 @@ def test_colour_joins_a_network_as_a_part_with_its_own_id_and_no_size():
     assert bb.default_image_size("builtin:efficientnet_lite2_ms+colour") == bb.default_image_size(
         "builtin:efficientnet_lite2_ms")
     assert bb.builtin_id("efficientnet_lite2_ms+colour") == (bb.builtin_id("efficientnet_lite2_ms")
-                                                             + f"+builtin:colour@v={bb.COLOUR_VERSION}")
+                                                             + f"+builtin:colour@v={colour.COLOUR_VERSION}")
     for bad in ("colour", "colour+colour", "efficientnet_lite0+colour+colour"):
         with pytest.raises(MltagError, match=r"'\+colour' \(a colour histogram"):
             bb.parts(bad)

@@ -408,7 +408,7 @@ def _image_root(prepared) -> Path | None:
 
 
 def _show_metrics(args) -> None:
-    from mltag.data.formats import read_json
+    from mltag.data.handoff import read_json
     from mltag.steps.evaluate import print_table
 
     f = Path(args.evaluate)

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from mltag.data.formats import read_handoff, write_handoff
+from mltag.data.handoff import read_handoff, write_handoff
 from mltag.errors import MltagError
 from mltag.files import sha256_file
 

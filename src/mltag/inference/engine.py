@@ -325,7 +325,8 @@ def _convert_int8(backbone, image_size: int, path: Path, backbone_cache) -> None
     Raises:
         MltagError: the conversion fails, or loses too much (the message says how much).
     """
-    from mltag.backbones.builtin import COLOUR, COLOUR_DIM, INT8, JOIN, Backbone
+    from mltag.backbones.builtin import INT8, JOIN, Backbone
+    from mltag.backbones.colour import COLOUR, COLOUR_DIM
 
     photos = int8_calibration_images(image_size, 232)
     scratch = path.with_name(path.name + ".unchecked")

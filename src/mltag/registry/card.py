@@ -141,7 +141,8 @@ def log_card(client, result: dict, meta: dict, prepared, labels: list[str], y_te
     description, and written to ``card`` when given."""
     import mlflow
 
-    from mltag.data.formats import load_prepared, read_handoff, read_thresholds
+    from mltag.data.formats import load_prepared, read_thresholds
+    from mltag.data.handoff import read_handoff
 
     splits = {s: load_prepared(prepared, s)[1] for s in ("train", "val", "test")}
     counts = {lb: {s: int(sum(ex.flags[j] for ex in exs)) for s, exs in splits.items()} for j, lb in enumerate(labels)}

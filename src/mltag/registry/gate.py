@@ -73,7 +73,7 @@ def _champion_head_scores(client, model_name: str, version, meta: dict, labels: 
     its backbone gives); else None. Only its ``model.json``, ``head.npz`` and thresholds are downloaded."""
     import mlflow
 
-    from mltag.data.formats import read_handoff
+    from mltag.data.handoff import read_handoff
     from mltag.head.saved import load_head
 
     try:

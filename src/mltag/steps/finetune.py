@@ -55,7 +55,8 @@ HEAD_LR_FACTOR = 10.0
 def builtin_name(handle: str) -> str:
     """The built-in a ``builtin:NAME`` handle names (single-scale or ``_ms``, ``+colour`` or not); anything else is
     refused."""
-    from mltag.backbones.builtin import BUILTINS, COLOUR, JOIN
+    from mltag.backbones.builtin import BUILTINS, JOIN
+    from mltag.backbones.colour import COLOUR
 
     name = str(handle).strip().removeprefix("builtin:")
     if not str(handle).startswith("builtin:") or name.removesuffix(JOIN + COLOUR) not in BUILTINS:
@@ -67,7 +68,8 @@ def builtin_name(handle: str) -> str:
 
 def _network(name: str) -> tuple[str, bool]:
     """``(the network of a fine-tunable built-in name, whether its vector ends with the colour part)``."""
-    from mltag.backbones.builtin import COLOUR, JOIN
+    from mltag.backbones.builtin import JOIN
+    from mltag.backbones.colour import COLOUR
 
     return name.removesuffix(JOIN + COLOUR), name.endswith(JOIN + COLOUR)
 
@@ -201,7 +203,7 @@ def _frozen_bottom(name: str, k: int, image_size: int, backbone_cache, net):
     need no tuning: a function of the pixels alone)."""
     tf = import_tensorflow()
 
-    from mltag.backbones.builtin import colour_vector
+    from mltag.backbones.colour import colour_vector
 
     name, colour = _network(name)
     bottom = _network_bottom(tf, name, k, image_size, backbone_cache, net)
