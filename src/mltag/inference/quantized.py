@@ -25,6 +25,18 @@ log = logging.getLogger(__name__)
 EVALUATED_TOLERANCE = 2e-3  # model.tflite against evaluate's scores: cached vectors are float16 (5e-4 seen)
 
 
+def _calibration_images(kinds, representative, images: list[Path], size: int, out: dict):
+    """Full int8's calibration images (``representative``, else ``images`` decoded as the model sees them), or None
+    when full int8 is not tried."""
+    if "int8" not in kinds:
+        return None
+    from mltag.data.images import load_image
+
+    rep = representative if representative is not None else [load_image(p, size) for p in images]
+    out["int8_calibration_images"] = len(rep)
+    return rep
+
+
 def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, labels: list[str],
                   train_images: list[Path], chall_scores: np.ndarray, limit: int = 32, *, int8: str,
                   int8_images: int, max_drop: float, representative: list[np.ndarray] | None = None,
@@ -51,7 +63,6 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
     import tempfile
 
     from mltag.data.formats import read_thresholds
-    from mltag.data.images import load_image
     from mltag.data.integrity import write_integrity
     from mltag.head.saved import load_head
     from mltag.inference.export import compose_tflite
@@ -78,11 +89,7 @@ def tflite_parity(bundle: Path, test_images: list[Path], y_test: np.ndarray, lab
 
     out["fp32_test_map"], out["fp32_test_micro_f1"] = quality(chall_scores)
     kinds = {"full": ("int8", "dynamic_range"), "dynamic_range": ("dynamic_range",), "none": ()}[int8]
-    rep = None
-    if "int8" in kinds:
-        rep = representative if representative is not None else \
-            [load_image(p, lite.image_size) for p in train_images[:int8_images]]
-        out["int8_calibration_images"] = len(rep)
+    rep = _calibration_images(kinds, representative, train_images[:int8_images], lite.image_size, out)
     chosen = None
     head = load_head(bundle, labels)
     with tempfile.TemporaryDirectory(dir=bundle.parent) as scratch:

@@ -84,16 +84,9 @@ def bottleneck(prepared: str | os.PathLike, out: str | os.PathLike, *, bottlenec
                                               resolved, image_size, bottleneck, backbone, shard_index, progress)
     # bottleneck.json (a DVC output) holds only what the vectors depend on, so a rerun on
     # unchanged data leaves the output byte-identical; run statistics go to ``metrics``.
-    summary = {
-        "backbone_handle": handle,
-        "backbone_id": resolved.backbone_id,
-        "precision": backbone.precision,
-        "image_size": image_size,
-        "preprocessing": PREPROCESSING_VERSION,
-        "views": views,
-        "images": len(all_ex),
-        "config": config,
-    }
+    summary = {"backbone_handle": handle, "backbone_id": resolved.backbone_id, "precision": backbone.precision,
+               "image_size": image_size, "preprocessing": PREPROCESSING_VERSION, "views": views,
+               "images": len(all_ex), "config": config}
     stats = {
         "shard": [shard_index, num_shards],
         "computed": computed,

@@ -57,20 +57,9 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
     from mltag.inference.engine import require_gpu
 
     require_gpu("train")
-    meta = read_bottleneck_meta(bottlenecks)
-    _check_inputs(bottlenecks, meta, train, backbone, images)
-    labels = read_labels(Path(bottlenecks) / "labels.txt")
-    x_tr, y_tr, p_tr = load_split(bottlenecks, "train")
-    x_va, y_va, p_va = load_split(bottlenecks, "val")
-    views = load_views(bottlenecks, "train")
+    meta, labels, (x_tr, y_tr, p_tr), (x_va, y_va, p_va), views, resolved = _inputs(bottlenecks, train, backbone,
+                                                                                      images)
     x_fit, y_fit = with_views(x_tr, y_tr, views)
-    if len(x_tr) == 0:
-        raise MltagError("the train split is empty", Path(bottlenecks) / "train.npz")
-    precision = meta.get("precision", "fp32")
-    resolved = bb.with_precision(bb.resolve(meta["backbone_handle"], backbone.cache_dir), precision)
-    if resolved.backbone_id != meta["backbone_id"]:
-        raise MltagError(f"backbone changed since the bottleneck step ({meta['backbone_id']} -> "
-                         f"{resolved.backbone_id}); rerun bottleneck")
 
     tracker = mltracking.Tracker(tracking_uri)
     t0 = time.time()
@@ -116,6 +105,22 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         raise
     tracker.close()
     return summary
+
+
+def _inputs(bottlenecks, train: config.Train, backbone: config.Backbone, images):
+    """The bottleneck folder's vectors, labels and backbone, checked: ``(meta, labels, (x, y, paths) of train and of
+    val, the train views, the resolved backbone)``."""
+    meta = read_bottleneck_meta(bottlenecks)
+    _check_inputs(bottlenecks, meta, train, backbone, images)
+    labels = read_labels(Path(bottlenecks) / "labels.txt")
+    tr, va = load_split(bottlenecks, "train"), load_split(bottlenecks, "val")
+    if len(tr[0]) == 0:
+        raise MltagError("the train split is empty", Path(bottlenecks) / "train.npz")
+    resolved = bb.with_precision(bb.resolve(meta["backbone_handle"], backbone.cache_dir), meta.get("precision", "fp32"))
+    if resolved.backbone_id != meta["backbone_id"]:
+        raise MltagError(f"backbone changed since the bottleneck step ({meta['backbone_id']} -> "
+                         f"{resolved.backbone_id}); rerun bottleneck")
+    return meta, labels, tr, va, load_views(bottlenecks, "train"), resolved
 
 
 def _write_dvc_files(metrics_file, history_file, summary: dict, history: dict, mon: str) -> None:
