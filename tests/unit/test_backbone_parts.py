@@ -85,10 +85,12 @@ def test_the_backbone_cache_follows_the_setting_then_the_environment_then_xdg(tm
 
 def test_colour_joins_a_network_as_a_part_with_its_own_id_and_no_size():
     assert bb.parts("efficientnet_lite2_ms+colour") == ["efficientnet_lite2_ms", "colour"]
+    assert bb.split_colour("builtin:efficientnet_lite2_ms+colour") == ("builtin:efficientnet_lite2_ms", True)
+    assert bb.split_colour("efficientnet_lite0+efficientnet_lite2") == ("efficientnet_lite0+efficientnet_lite2", False)
     assert bb.default_image_size("builtin:efficientnet_lite2_ms+colour") == bb.default_image_size(
         "builtin:efficientnet_lite2_ms")
     assert bb.builtin_id("efficientnet_lite2_ms+colour") == (bb.builtin_id("efficientnet_lite2_ms")
                                                              + f"+builtin:colour@v={colour.COLOUR_VERSION}")
-    for bad in ("colour", "colour+colour", "efficientnet_lite0+colour+colour"):
+    for bad in ("colour", "colour+colour", "efficientnet_lite0+colour+colour", "colour+efficientnet_lite0"):
         with pytest.raises(MltagError, match=r"'\+colour' \(a colour histogram"):
             bb.parts(bad)

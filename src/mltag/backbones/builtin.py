@@ -117,17 +117,26 @@ def lite_blocks(name: str = "efficientnet_lite0") -> list[tuple[int, int, int, i
 # one module, their vectors concatenated. The module takes images at the larger part's size and resizes
 # them (bilinear, inside the module) to each smaller part's own.
 JOIN = "+"
+
+
 def parts(name: str) -> list[str]:
     """The built-ins a name is made of: itself, or each part of ``A+B`` (each checked, at most 3 networks, no
-    repeats, ``colour`` only beside a network)."""
+    repeats, ``colour`` only beside a network and last, as the module puts it)."""
     names = name.split(JOIN)
     bad = [n for n in names if n not in BUILTINS + (COLOUR,)]
     nets = [n for n in names if n != COLOUR]
-    if bad or not nets or len(nets) > 3 or len(set(names)) != len(names):
+    if bad or not nets or len(nets) > 3 or len(set(names)) != len(names) or COLOUR in names[:-1]:
         why = f"unknown built-in backbone {bad[0]!r}" if bad else "two or three different built-ins joined by '+'"
         raise MltagError(f"{why} in {name!r}; available: {', '.join(BUILTINS)}, or up to three of them joined by "
-                         f"'+' (their vectors side by side), and '+{COLOUR}' (a colour histogram beside them)")
+                         f"'+' (their vectors side by side), and a last '+{COLOUR}' (a colour histogram beside "
+                         "them)")
     return names
+
+
+def split_colour(name: str) -> tuple[str, bool]:
+    """``(name without its colour part, whether it has one)``: ``efficientnet_lite2_ms+colour`` ->
+    ``("efficientnet_lite2_ms", True)`` (a ``builtin:`` handle too; ``parts`` keeps the colour part last)."""
+    return name.removesuffix(JOIN + COLOUR), name.endswith(JOIN + COLOUR)
 
 
 def _native_size(name: str) -> int:
@@ -139,8 +148,8 @@ def default_image_size(handle: str) -> int:
     """The native input size of a built-in handle (``_ms``: 1.25x it, the larger of its two scales; ``A+B``:
     the larger part's); 224 for anything else."""
     name = str(handle).strip().removeprefix("builtin:")
-    names = [n for n in name.split(JOIN) if n != COLOUR]
-    if not names or not all(n in BUILTINS for n in names):
+    names = split_colour(name)[0].split(JOIN)
+    if not all(n in BUILTINS for n in names):
         return IMAGE_SIZE
     return max(_native_size(n) for n in names)
 
@@ -379,8 +388,8 @@ def build_lite_module(name: str, state: dict[str, np.ndarray] | None = None):
     """
     tf = import_tensorflow()
 
-    names = [n for n in parts(name) if n != COLOUR]
-    colour = COLOUR in parts(name)
+    network, colour = split_colour(name)
+    names = parts(name)[:len(network.split(JOIN))]  # checked; the colour part, last, is computed apart
     if len(names) > 1 and state is not None:
         raise MltagError(f"{name!r} joins several built-ins; only a single built-in takes tuned weights")
     nets = [LiteNet(base_name(n), state) for n in names]

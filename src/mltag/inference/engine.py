@@ -325,7 +325,7 @@ def _convert_int8(backbone, image_size: int, path: Path, backbone_cache) -> None
     Raises:
         MltagError: the conversion fails, or loses too much (the message says how much).
     """
-    from mltag.backbones.builtin import INT8, JOIN, Backbone
+    from mltag.backbones.builtin import INT8, Backbone, split_colour
     from mltag.backbones.colour import COLOUR, COLOUR_DIM
 
     photos = int8_calibration_images(image_size, 232)
@@ -342,7 +342,7 @@ def _convert_int8(backbone, image_size: int, path: Path, backbone_cache) -> None
                              f"mean cosine of {cos:.3f} with its fp32 vectors (under {INT8_MIN_COSINE}, on photos it "
                              "was not calibrated on): use precision fp32 for it (the two-scale built-ins, _ms, keep "
                              "about 0.99)")
-        if backbone.handle.endswith(JOIN + COLOUR):  # 16 of 1,600 numbers: the whole vector's cosine hides them
+        if split_colour(backbone.handle)[1]:  # 16 of 1,600 numbers: the whole vector's cosine hides them
             # centred (each number's mean over the photos taken away): the numbers are all positive, one large
             # (white), which alone keeps a plain cosine near 1 (0.98 with per-number correlations of 0.85)
             mean = a[:, -COLOUR_DIM:].mean(0)

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from mltag import config
+from mltag.backbones.builtin import split_colour
 from mltag.errors import MltagError
 from mltag.files import fault_point, process_token
 from mltag.tf_runtime import import_tensorflow
@@ -55,23 +56,15 @@ HEAD_LR_FACTOR = 10.0
 def builtin_name(handle: str) -> str:
     """The built-in a ``builtin:NAME`` handle names (single-scale or ``_ms``, ``+colour`` or not); anything else is
     refused."""
-    from mltag.backbones.builtin import BUILTINS, JOIN
+    from mltag.backbones.builtin import BUILTINS
     from mltag.backbones.colour import COLOUR
 
     name = str(handle).strip().removeprefix("builtin:")
-    if not str(handle).startswith("builtin:") or name.removesuffix(JOIN + COLOUR) not in BUILTINS:
+    if not str(handle).startswith("builtin:") or split_colour(name)[0] not in BUILTINS:
         raise MltagError(f"train.mode fine_tune needs a built-in backbone (backbone.handle: builtin:NAME, one of "
                          f"{', '.join(BUILTINS)}, each also with +{COLOUR}), got {handle!r}; use train.mode head "
                          "for other modules")
     return name
-
-
-def _network(name: str) -> tuple[str, bool]:
-    """``(the network of a fine-tunable built-in name, whether its vector ends with the colour part)``."""
-    from mltag.backbones.builtin import JOIN
-    from mltag.backbones.colour import COLOUR
-
-    return name.removesuffix(JOIN + COLOUR), name.endswith(JOIN + COLOUR)
 
 
 def _pixels(paths: list[Path], shas: list[str], view: int, size: int) -> np.ndarray:
@@ -205,7 +198,7 @@ def _frozen_bottom(name: str, k: int, image_size: int, backbone_cache, net):
 
     from mltag.backbones.colour import colour_vector
 
-    name, colour = _network(name)
+    name, colour = split_colour(name)
     bottom = _network_bottom(tf, name, k, image_size, backbone_cache, net)
     if not colour:
         return bottom
@@ -264,7 +257,7 @@ def fine_tune(handle: str, image_size: int, train_items: list[tuple[Path, str]],
 
     blocks = train.fine_tune_blocks
     name = builtin_name(handle)
-    net = LiteNet(base_name(_network(name)[0]))
+    net = LiteNet(base_name(split_colour(name)[0]))
     net.export_name = name  # the tuned weights are written as this built-in (``_ms``: the two-scale vector)
     if not 1 <= blocks <= net.n_blocks:
         raise MltagError(f"train.fine_tune_blocks must be 1..{net.n_blocks} for {name}, got {blocks}")
@@ -341,7 +334,7 @@ class _TopTrainer:
 
     def __init__(self, tf, net, k: int, half: bool, head_weights: list[np.ndarray], train: config.Train, n_rows: int):
         self.tf, self.net, self.k, self.half = tf, net, k, half
-        self.colour = _network(getattr(net, "export_name", ""))[1]  # the frozen part's last array: colour numbers
+        self.colour = split_colour(net.export_name)[1]  # the frozen part's last array: colour numbers
         self.dtype = "float16" if half else "float32"
         self.dropout, self.seed = train.dropout, int(train.seed)
         self.kernels = [tf.Variable(w, name=f"head_kernel_{i}") for i, w in enumerate(head_weights[0::2])]
