@@ -102,8 +102,9 @@ def mlflow_store(tmp_path, monkeypatch):
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    # An earlier test that ran a step in-process without this fixture left mlflow's process-wide URI on its own
-    # store: this test's MlflowClient() would read that one while its subprocesses log to this one.
+    # Every test resets mlflow's process-wide URIs after itself (_mlflow_uris_do_not_leak), but a module fixture that
+    # ran a step in process since then left them on its store: this test's MlflowClient() would read that one while
+    # its subprocesses log to this one.
     reset_mlflow_uris()
     uri = blank_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -111,7 +112,6 @@ def mlflow_store(tmp_path, monkeypatch):
     leaked = mlflow.active_run()
     while mlflow.active_run():
         mlflow.end_run()
-    reset_mlflow_uris()
     assert leaked is None, "a test left an MLflow run open"
 
 
