@@ -1,7 +1,11 @@
-"""End to end: the real dvc.yaml in a temp git repo, the real built-in backbone, MLflow in SQLite."""
+"""End to end: the real dvc.yaml in a fresh clone, the real built-in backbone, MLflow in SQLite. One demo run
+(docs/data-versioning.md's first block) is built once and copied for each test: the docs' own commands from the
+demo to your own photos, the experiment loop as docs/experiments.md tells it, adding images, code changes."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -10,10 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, blank_store, run_cli
+from conftest import REPO, blank_store, colour_image, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -35,29 +40,53 @@ def stages_run(out: str) -> list[str]:
     return [s for s in re.findall(r"Running stage '([\w-]+)'", out) if s != "code"]
 
 
+PAGE = REPO / "docs" / "data-versioning.md"
+
+
+def page_blocks() -> dict[str, str]:
+    """docs/data-versioning.md's marked bash blocks (``<!-- docs-test: NAME -->``), by name, in page order."""
+    found = re.findall(r"<!-- docs-test: ([\w-]+) -->\n```bash\n(.*?)```", PAGE.read_text(), re.S)
+    return dict(found)
+
+
+def run_block(name: str, cwd: Path, env: dict) -> str:
+    block = page_blocks()[name]
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert p.returncode == 0, f"the page's block {name!r} failed:\n{block}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout + p.stderr
+
+
+DEMO_IMAGES = 120
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    """One project after its first `dvc repro` (a minute of work), built once for the module."""
-    d = tmp_path_factory.mktemp("proj")
-    for f in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(REPO / f, d / f)
+    """A fresh clone of this repository after the docs' first block (`dvc repro` of the demo, every step, then
+    `mltag metrics`), as a user has it: its own ./mlflow.db, nothing committed since. Built once for the module
+    (a minute of work); every test here works on its own copy."""
+    d = tmp_path_factory.mktemp("clone") / "proj"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(d)], check=True)
+    for f in ("dvc.yaml", "params.yaml", "docs/data-versioning.md", ".gitignore"):  # the working tree's, committed or not
+        (d / f).write_text((REPO / f).read_text())
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own ./mlflow.db, as a user has it
+    blank_store(d / "mlflow.db")  # (made empty here: its first step would spend 2 s making the same tables)
+    # Only to make it quick: a smaller demo, the smallest real built-in backbone (2.2x fewer FLOPs than the default
+    # Lite2: the same code path end to end; Lite2 itself is checked on real photos in tests/integration), augmented
+    # views still made and cached (2, half the default's vectors), fewer resamples.
     params = yaml.safe_load((d / "params.yaml").read_text())
-    params["demo"]["n_images"] = 160
-    params["evaluate"]["bootstrap"] = 200
-    # The smallest real built-in backbone (2.2x fewer FLOPs than the default Lite2, and a smaller
-    # graph to export): the same code path end to end. Lite2 itself is checked on real photos in
-    # test_backbone.py and test_engine.py.
+    params["demo"]["n_images"] = DEMO_IMAGES
     params["backbone"]["handle"] = "builtin:efficientnet_lite0"
-    params["bottleneck"]["views"] = 2  # augmented views still made and cached, half the vectors of the default 4
-    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["MLFLOW_TRACKING_URI"] = blank_store(d / "mlflow.db")
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com")
-    sh("git init -q && dvc init -q && dvc config core.analytics false && git add -A && git commit -qm init", d, env)
-    out = sh("dvc repro", d, env)
-    sh("git add -A && git commit -qm 'first run'", d, env)  # metrics and dvc.lock, as a user would
+    params["bottleneck"]["views"] = 2
+    params["evaluate"]["bootstrap"] = 100
+    params["register"]["bootstrap"] = 100
+    (d / "params.yaml").write_text("# yaml-language-server: $schema=docs/params.schema.json\n"
+                                   + yaml.safe_dump(params, sort_keys=False))
+    sh("git commit -qam 'quick settings' && dvc config core.analytics false", d, env)
+    out = run_block("demo", d, env)
     return d, env, out
 
 
@@ -68,12 +97,13 @@ def project(first_run, tmp_path):
     src, env, out = first_run
     d = tmp_path / "proj"
     shutil.copytree(src, d, symlinks=True)
-    return d, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}"}, out
+    return d, env, out
 
 
 def test_repro_registers_a_predicting_champion(project):
     d, env, out = project
     ran = stages_run(out)
+    assert "registry: mltag-demo version 1" in out  # the page's `mltag metrics` and register's line
     assert ran[:6] == ["demo-data", "prepare", "bottleneck", "train", "evaluate", "calibrate"], ran
     assert sorted(ran[6:]) == ["register", "review"], ran  # both need calibrate; review never gates register
     issues = (d / "reports" / "review" / "label_issues.csv").read_text().splitlines()
@@ -123,7 +153,7 @@ def test_a_code_change_reruns_the_steps_whose_code_changed(project):
 
 def test_adding_images_computes_only_their_bottlenecks(project):
     d, env, _ = project
-    set_param(d, "demo", "n_images", 172)
+    set_param(d, "demo", "n_images", DEMO_IMAGES + 12)
     out = sh("dvc repro", d, env)
     assert "bottleneck" in stages_run(out)
     summary = json.loads((d / "data" / "bottlenecks" / "bottleneck.json").read_text())
@@ -133,15 +163,14 @@ def test_adding_images_computes_only_their_bottlenecks(project):
     extra = summary["views"] - 1
     train = sum(1 for line in (d / "data" / "prepared" / "train.lst").read_text().splitlines() if line.strip())
     new_train = sum(1 for line in (d / "data" / "prepared" / "train.lst").read_text().splitlines()
-                    if line.strip() and int(line.rsplit("/", 1)[-1].split(".")[0]) >= 160)
-    assert (stats["computed"], stats["cached"]) == (12 + extra * new_train, 160 + extra * (train - new_train))
+                    if line.strip() and int(line.rsplit("/", 1)[-1].split(".")[0]) >= DEMO_IMAGES)
+    assert (stats["computed"], stats["cached"]) == (12 + extra * new_train, DEMO_IMAGES + extra * (train - new_train))
 
 
 def test_exp_run_temp_finds_the_models_run_from_its_metadata(project):
     """`dvc exp run --temp` runs in a fresh workspace with its own ./mlflow.db: train comes from the
     DVC cache, its run lives in the first workspace's store, and evaluate must still find a run."""
     d, env, _ = project
-    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # the local default: ./mlflow.db
     sh("git add -A && git commit -qm 'before temp exp' --allow-empty", d, env)
     out = sh("dvc exp run --temp -n tempeval -S evaluate.bootstrap=30", d, env)
     # register runs too unless calibrate's thresholds came out the same as before
@@ -149,3 +178,108 @@ def test_exp_run_temp_finds_the_models_run_from_its_metadata(project):
     assert "is not in sqlite:///" in out and "logging into run" in out, out[-3000:]
     rows = json.loads(sh("dvc exp show --json 2>/dev/null", d, env))
     assert '"tempeval"' in json.dumps(rows)
+
+
+def add_photos(folder: Path, start: int, n: int, seed: int) -> None:
+    """``n`` photos (solid colours, 1-2 of red/green/blue each) and their rows in labels.csv."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    new = not (folder / "labels.csv").exists()
+    with open(folder / "labels.csv", "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["path", "labels"])
+        for i in range(start, start + n):
+            flags = (1, 0, 0) if i % 3 == 0 else (0, 1, 0) if i % 3 == 1 else (1, 0, 1)
+            colour_image(flags, rng, size=48).save(folder / "images" / f"{i:04d}.jpg", quality=90)
+            w.writerow([f"images/{i:04d}.jpg", " ".join(c for c, on in zip(("red", "green", "blue"), flags) if on)])
+
+
+def test_the_data_versioning_page_runs_from_the_demo_to_your_own_photos(project):
+    """docs/data-versioning.md's blocks, in page order, after its first (the demo: the fixture's run)."""
+    d, env, _ = project
+    assert list(page_blocks()) == ["demo", "first-version", "second-version", "back-to-v1", "forward-again"]
+    add_photos(d / "datasets" / "photos", 0, 60, seed=1)
+    run_block("first-version", d, env)
+    reg = json.loads((d / "reports" / "register.json").read_text())
+    assert reg["model_name"] == "mltag-photos" and reg["promoted"], reg
+    rows = list(csv.DictReader((d / "predictions.csv").open()))
+    assert len(rows) == 60 and not any(r["error"] for r in rows)
+    assert "data-v1" in subprocess.run(["git", "tag"], cwd=d, capture_output=True, text=True).stdout
+
+    add_photos(d / "datasets" / "photos", 60, 12, seed=2)
+    run_block("second-version", d, env)
+    stats = json.loads((d / "metrics" / "bottleneck.json").read_text())
+    assert stats["computed"] > 0 and stats["cached"] > 0, stats  # the 12 new photos (and their views) only
+    new_train = sum(1 for line in (d / "data" / "prepared" / "train.lst").read_text().splitlines()
+                    if line.strip() and int(line.rsplit("/", 1)[-1].split(".")[0]) >= 60)
+    computed_v2 = stats["computed"]
+    assert computed_v2 == 12 + new_train, stats  # views 2: each new train photo's one augmented view too
+
+    ds = json.loads((d / "data" / "prepared" / "dataset.json").read_text())
+    assert ds["dataset_version"].startswith("dvc:photos.dvc@"), ds["dataset_version"]  # the data's, not the project's
+
+    v2_model = (d / "models" / "train" / "integrity.json").read_text()
+    run_block("back-to-v1", d, env)
+    assert len(list((d / "datasets" / "photos" / "images").iterdir())) == 60
+    # v1's model and metrics are back, from DVC's cache and git: nothing was computed
+    assert json.loads((d / "metrics" / "bottleneck.json").read_text())["computed"] != computed_v2  # v1's own metrics
+    assert (d / "models" / "train" / "integrity.json").read_text() != v2_model
+    run_block("forward-again", d, env)
+    assert len(list((d / "datasets" / "photos" / "images").iterdir())) == 72
+    assert (d / "models" / "train" / "integrity.json").read_text() == v2_model
+    assert json.loads((d / "metrics" / "bottleneck.json").read_text())["computed"] == computed_v2
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=d, capture_output=True, text=True).stdout
+    assert status.strip() == "", status  # nothing left over: outputs ignored or committed
+
+
+def test_a_one_key_experiment_reruns_only_the_head_and_shows_a_readable_table(project):
+    """The experiment loop: after `dvc repro`, a one-key `dvc exp run` that reruns only what the key changes, a
+    `dvc exp show` a person can read, `dvc metrics diff` as the docs say, and a registry and MLflow that an
+    exploratory experiment leaves navigable and untouched; then the chosen experiment registered."""
+    d, env, _ = project
+    # as docs/experiments.md says: commit dvc.lock, params.yaml and metrics/
+    sh("git add dvc.lock params.yaml metrics && git commit -qm baseline", d, env)
+    assert "failed to load" not in sh("dvc metrics diff", d, env)
+
+    out = sh("dvc exp run -n faster -S train.learning_rate=0.003", d, env)
+    ran = re.findall(r"Running stage '([\w-]+)'", out)
+    assert sorted(set(ran) - {"code"}) == ["calibrate", "evaluate", "register", "review", "train"], ran
+    # what moved, as docs/experiments.md compares it: the train summary always moves with the learning rate
+    diff = json.loads(sh("dvc metrics diff --json", d, env))
+    assert "val_loss" in diff["metrics/train.json"], diff
+    assert "train.learning_rate" in sh("dvc params diff", d, env)
+    sh("dvc plots diff -o plots_html", d, env)
+    assert (d / "plots_html" / "index.html").is_file()
+    shown = sh("dvc exp show --only-changed --no-pager --csv", d, env)
+    header = next(csv.reader(io.StringIO(shown)))
+    assert len(header) <= 25, header
+    # the key set, and the figures it moved (the loss always moves with the learning rate)
+    assert any(c.endswith("learning_rate") for c in header) and "val_loss" in header, header
+    assert not [c for c in header if "per_label" in c or c.startswith("ci95") or c == "run_id"], header
+
+    # the experiment decided, but touched nothing in the registry
+    reg = json.loads((d / "metrics" / "register.json").read_text())
+    assert reg["version"] is None and reg["promoted"] == 0 and reg["gate_passed"] in (0, 1), reg
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
+    versions = client.search_model_versions("name='mltag-demo'")
+    assert [str(v.version) for v in versions] == ["1"], versions
+    assert str(client.get_model_version_by_alias("mltag-demo", "champion").version) == "1"
+    # one MLflow experiment for this dataset, runs named after what they are
+    exp = client.get_experiment_by_name("mltag-demo")
+    runs = {r.data.tags.get("mlflow.runName"): r for r in client.search_runs([exp.experiment_id])}
+    assert "demo/faster" in runs, list(runs)
+    tags = runs["demo/faster"].data.tags
+    assert tags["mltag.dvc_experiment"] == "faster" and len(tags["mltag.git_commit"]) == 40
+    assert any(name.startswith("demo@") for name in runs), list(runs)
+    # every plot the docs point to is a picture too
+    for png in ("reports/evaluate/pr_curves.png", "reports/evaluate/train_history.png"):
+        assert (d / png).read_bytes()[:4] == b"\x89PNG", png
+
+    # the chosen experiment, registered as the docs say
+    sh("dvc exp apply faster && dvc repro --force --single-item register", d, env)
+    reg = json.loads((d / "metrics" / "register.json").read_text())
+    assert reg["version"] == 2, reg
+    assert len(client.search_model_versions("name='mltag-demo'")) == 2
