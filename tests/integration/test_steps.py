@@ -94,6 +94,15 @@ def test_six_steps_on_tiny_data(tmp_path, colour_dataset, fake_backbone, mlflow_
     reqs = next(dl.rglob("requirements.txt")).read_text().split()
     names = {r.split("==")[0] for r in reqs}
     assert {"ai-edge-litert", "mlflow", "numpy", "pillow"} <= names and not names & {"tensorflow", "tensorflow-hub"}, reqs
+    # pinned to this environment's versions; MLflow's package map, given only these names for register's call, is not
+    # left truncated (loading the model above built the whole one, as MLflow does)
+    from importlib.metadata import version
+
+    from mlflow.utils import requirements_utils
+
+    assert all(r == f"{r.split('==')[0]}=={version(r.split('==')[0])}" for r in reqs), reqs
+    table = requirements_utils._MODULES_TO_PACKAGES
+    assert table is None or "yaml" in table, table  # the whole map has the module yaml (package pyyaml)
 
 
 def add_images(root, rows, prepared, n, seed):

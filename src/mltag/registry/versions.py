@@ -50,6 +50,24 @@ def pip_requirements(tensorflow: bool = True) -> list[str]:
     return reqs
 
 
+@contextlib.contextmanager
+def _packages_known(reqs: list[str]):
+    """MLflow checks a model's pip requirements against the installed packages, and to do so first maps every
+    installed distribution to its modules by reading each one's file list: 2 s of CPU in this environment, more
+    than register's own work. ``reqs`` are the installed versions (``pip_requirements``), so for the call it gets
+    the map of just these names (its private table: were it renamed, MLflow would read every distribution again)."""
+    from mlflow.utils import requirements_utils as ru
+
+    before = getattr(ru, "_MODULES_TO_PACKAGES", False)
+    if before is None:  # not built yet in this process
+        ru._MODULES_TO_PACKAGES = {r.split("==")[0].replace("-", "_"): [r.split("==")[0]] for r in reqs}
+    try:
+        yield
+    finally:
+        if before is None:
+            ru._MODULES_TO_PACKAGES = None
+
+
 def model_hash(model_dir: Path, thresholds: Path) -> str:
     """SHA-256 over the model folder's files (names and bytes) and the thresholds: the version's identity."""
     import hashlib
@@ -121,11 +139,12 @@ def create_version(client, model_name: str, existing, tags: dict, bundle: Path, 
         log.info("register: this model content is already version %s; reusing it", mv)
         fault_point("register:created")
         return mv
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=str(PACKAGE_DIR / "registry" / "pyfunc_model.py"),
-        artifacts={"model": str(bundle)},
-        code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
-        pip_requirements=pip_requirements(needs_tensorflow(bundle)))
+    reqs = pip_requirements(needs_tensorflow(bundle))
+    with _packages_known(reqs):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PACKAGE_DIR / "registry" / "pyfunc_model.py"),
+            artifacts={"model": str(bundle)}, code_paths=[str(PACKAGE_DIR)], signature=signature,
+            input_example=example, pip_requirements=reqs)
     fault_point("register:logged")
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow's "Successfully registered..." lines
         mv = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
