@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, blank_store
+from conftest import REPO
 
 
 def _stats(root: Path) -> tuple[list[dict], dict]:
@@ -24,14 +24,17 @@ def _stats(root: Path) -> tuple[list[dict], dict]:
 
 
 @pytest.mark.slow
-def test_full_pipeline_runs_locally_twice_and_computes_only_new_images(tmp_path, fake_backbone, mlflow_store):
-    """Two kfp.local runs sharing a vector store folder: the second, with 10% more images, computes
-    only those, in its shards; the gather computes nothing. The images are read in place. The second
-    run uses the fan-in for older backends (pipeline.collect_shards false)."""
+def test_full_pipeline_runs_locally_cached_then_with_new_images_computing_only_those(tmp_path, fake_backbone,
+                                                                                     mlflow_store):
+    """`mltag pipeline run --local --cache` prints about 20 lines, not kfp.local's hundreds, and its two bottleneck
+    shards split the work by key hash, reading the images in place; the same run again reuses the cached tasks
+    (the dataset version and register always run). Then a run sharing the vector store folder, with 10% more
+    images, computes only those, in its shards, and the gather computes nothing; that run uses the fan-in for
+    older backends (pipeline.collect_shards false)."""
 
     from mlflow import MlflowClient
 
-    from conftest import make_colour_dataset, write_lst_dataset
+    from conftest import make_colour_dataset, run_cli, write_lst_dataset
     from mltag.config import load_params
     from mltag.kubeflow.run import run_local
 
@@ -44,8 +47,19 @@ def test_full_pipeline_runs_locally_twice_and_computes_only_new_images(tmp_path,
                  "bottleneck.cache_dir": str(store), "bottleneck.views": "1", "train.learning_rate": "0.05",
                  "evaluate.bootstrap": "20", "register.model_name": "kfp-model", "train.patience": "30",
                  "evaluate.seed": "3"}
-    run_local(data=str(data), pipeline_root=str(tmp_path / "run1"), params=load_params(REPO / "params.yaml"),
-              overrides=overrides)
+    args = ["pipeline", "run", "--local", "--cache", "--data", str(data), "--pipeline-root", str(tmp_path / "run1"),
+            "--params", str(REPO / "params.yaml")]
+    for kv in overrides.items():
+        args += ["--arg", "=".join(kv)]
+    first = run_cli(*args, cwd=tmp_path)
+    lines = (first.stdout + first.stderr).splitlines()
+    assert len(lines) <= 20, "\n".join(lines)
+    assert "Executor input" not in first.stdout and "Warning" not in first.stderr, first.stderr
+    tasks = [ln.split() for ln in first.stdout.splitlines() if ln.startswith("  ")]
+    names = [t[0] for t in tasks]
+    assert {"prepare", "train", "evaluate", "calibrate", "register"} <= set(names), first.stdout
+    assert all(t[1] == "SUCCESS" and t[-1] == "computed" for t in tasks), first.stdout
+    assert f"{len(tasks)} tasks succeeded ({len(tasks)} computed, 0 cached)" in first.stdout
     client = MlflowClient()
     mv = client.get_model_version_by_alias("kfp-model", "champion")
     run = client.get_run(mv.run_id)
@@ -58,9 +72,14 @@ def test_full_pipeline_runs_locally_twice_and_computes_only_new_images(tmp_path,
     images = [json.loads(f.read_text()) for f in (tmp_path / "run1").rglob("images.json")]
     assert images == [{"format": 1, "root": str(data.resolve()), "repo": "", "rev": ""}]
 
+    second = run_cli(*args, cwd=tmp_path)
+    again = {t[0]: t[-1] for t in (ln.split() for ln in second.stdout.splitlines() if ln.startswith("  "))}
+    assert again["prepare"] == again["bottleneck-shard"] == again["bottleneck"] == "cached", second.stdout
+    assert again["resolve-data"] == again["register"] == "computed", second.stdout  # never cached
+
     rows += make_colour_dataset(data, n=4, seed=7, start=40)
     write_lst_dataset(data, rows)
-    # The second run as compiled for a backend without dsl.Collected: the gather reads the store only.
+    # The third run as compiled for a backend without dsl.Collected: the gather reads the store only.
     older_backend = load_params(REPO / "params.yaml").replace("pipeline", collect_shards=False)
     run_local(data=str(data), pipeline_root=str(tmp_path / "run2"), params=older_backend, overrides=overrides)
     shards, gather = _stats(tmp_path / "run2")
@@ -205,36 +224,6 @@ def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
 
 
 
-
-
-
-@pytest.mark.slow
-def test_a_local_run_prints_a_line_per_task_and_a_second_cached_run_says_so(tmp_path, fake_backbone):
-    """`mltag pipeline run --local` prints about 20 lines, not kfp.local's hundreds; with --cache a rerun
-    reuses the cached tasks (the dataset version and register always run)."""
-    from conftest import make_colour_dataset, run_cli, write_lst_dataset
-
-    data = tmp_path / "colours"
-    write_lst_dataset(data, make_colour_dataset(data, n=40))
-    args = ["pipeline", "run", "--local", "--cache", "--data", str(data), "--pipeline-root", str(tmp_path / "run"),
-            "--params", str(REPO / "params.yaml")]
-    for kv in (f"backbone.handle={fake_backbone}", f"bottleneck.cache_dir={tmp_path / 'store'}", "bottleneck.views=1",
-               "train.learning_rate=0.05", "evaluate.bootstrap=20", "register.model_name=quiet"):
-        args += ["--arg", kv]
-    env = {"MLFLOW_TRACKING_URI": blank_store(tmp_path / "mlflow.db")}
-    first = run_cli(*args, cwd=tmp_path, env=env)
-    lines = (first.stdout + first.stderr).splitlines()
-    assert len(lines) <= 20, "\n".join(lines)
-    assert "Executor input" not in first.stdout and "Warning" not in first.stderr, first.stderr
-    tasks = [ln.split() for ln in first.stdout.splitlines() if ln.startswith("  ")]
-    names = [t[0] for t in tasks]
-    assert {"prepare", "train", "evaluate", "calibrate", "register"} <= set(names), first.stdout
-    assert all(t[1] == "SUCCESS" and t[-1] == "computed" for t in tasks), first.stdout
-    assert f"{len(tasks)} tasks succeeded ({len(tasks)} computed, 0 cached)" in first.stdout
-    second = run_cli(*args, cwd=tmp_path, env=env)
-    again = {t[0]: t[-1] for t in (ln.split() for ln in second.stdout.splitlines() if ln.startswith("  "))}
-    assert again["prepare"] == again["bottleneck-shard"] == again["bottleneck"] == "cached", second.stdout
-    assert again["resolve-data"] == again["register"] == "computed", second.stdout  # never cached
 
 
 
