@@ -272,4 +272,9 @@ def test_an_int8_backbone_has_its_own_vectors_and_model_and_serves_through_liter
     with pytest.raises(MltagError, match=r"mean cosine of 0\.\d+ with its fp32 vectors"):
         bottleneck(tmp_path / "prepared", tmp_path / "bn8p", **sections("bottleneck", **{
             **common, "handle": "builtin:efficientnet_lite0", "precision": "int8"}), progress=False)
+    # its fp32 reference was converted for the check, but not the dynamic-range form register makes of fp32 models
+    from mltag.inference.engine import tflite_path
+
+    lite0 = bb.resolve("builtin:efficientnet_lite0")
+    assert tflite_path(lite0, 96, "", "fp32").is_file() and not tflite_path(lite0, 96, "", "dynamic_range").is_file()
 

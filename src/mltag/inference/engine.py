@@ -244,11 +244,14 @@ def _convert(fn, trackable, what: str, dynamic_range: bool = False,
                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
 
 
-def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike, kind: str = "fp32") -> Path:
+def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike, kind: str = "fp32",
+                    for_register: bool = True) -> Path:
     """The backbone's ``.tflite`` file, converted once per backbone, size and kind and kept in the backbone
     cache: ``fp32``, or ``dynamic_range`` (int8 weights, float activations). One process converts; the
     others wait for it. A module that cannot be converted is remembered (``.failed``), so a second
     attempt says why at once; a conversion that ran out of memory or disk (``TransientError``) is not.
+    An fp32 conversion makes the dynamic-range form too (register's int8 model) unless ``for_register`` is
+    false: the fp32 reference a full-int8 conversion is checked against, whose model register never quantizes.
 
     Raises:
         MltagError: the module cannot be converted (the message says why).
@@ -259,7 +262,7 @@ def litert_backbone(backbone, image_size: int, backbone_cache: str | os.PathLike
         raise MltagError(failed.read_text(encoding="utf-8").strip())
     if not path.is_file():
         _convert_once(backbone, image_size, kind, path, failed, backbone_cache)
-        if kind == "fp32" and not _is_int8(backbone):
+        if kind == "fp32" and for_register and not _is_int8(backbone):
             # register quantizes the backbone (register.int8: dynamic_range): converted now, while the
             # module is loaded and TF imported, it costs the converter alone, not a TF start in register
             try:
@@ -334,7 +337,7 @@ def _convert_int8(backbone, image_size: int, path: Path, backbone_cache) -> None
         convert_backbone(backbone.location, image_size, scratch, representative=photos[:200])
         plain = Backbone(backbone.handle, backbone.location, backbone.backbone_id.removesuffix(INT8))
         px = np.stack(photos[200:])
-        a = LiteRTEngine(litert_backbone(plain, image_size, backbone_cache))(px)
+        a = LiteRTEngine(litert_backbone(plain, image_size, backbone_cache, for_register=False))(px)
         b = LiteRTEngine(scratch)(px)
         cos = _mean_cosine(a, b)
         if cos < INT8_MIN_COSINE:
