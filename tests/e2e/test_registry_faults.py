@@ -85,18 +85,25 @@ def proxied(tmp_path):
         stop(server)
 
 
-def _train(w: Path, colour_dataset, fake_backbone, env, out: str, lr: str) -> None:
+def _train(w: Path, colour_dataset, fake_backbone, tracking_uri: str, out: str, lr: str) -> None:
+    """prepare and bottleneck (once), then train (its run on the server behind the proxy), evaluate and calibrate,
+    in this process: the seams under test are register's and promote's, which run as processes."""
+    from mltag.config import sections
+    from mltag.steps.bottleneck import bottleneck
+    from mltag.steps.calibrate import calibrate
+    from mltag.steps.evaluate import evaluate
+    from mltag.steps.prepare import prepare
+    from mltag.steps.train import train
+
     if not (w / "prepared").exists():
-        run_cli("--quiet", "prepare", "--input", str(colour_dataset), "--out", "prepared", cwd=w, env=env)
-        run_cli("--quiet", "bottleneck", "--prepared", "prepared", "--out", "bn", "--handle", str(fake_backbone),
-                "--cache-dir", "cache", "--views", "1", cwd=w, env=env)
-    run_cli("--quiet", "train", "--bottlenecks", "bn", "--out", out, "--learning-rate", lr, "--epochs", "150",
-            "--patience", "30", cwd=w, env=env)
-    run_cli("--quiet", "evaluate", "--model", out, "--bottlenecks", "bn", "--out", f"{out}-ev", "--metrics",
-            f"{out}-ev.json", "--bootstrap", "50", cwd=w, env=env)
-    run_cli("--quiet", "calibrate", "--evaluation", f"{out}-ev", "--model", out, "--bottlenecks", "bn", "--out",
-            f"{out}-th.json", "--metrics", f"{out}-ca.json", "--oof", f"{out}-oof.npz", "--report", f"{out}-ca-r.json",
-            cwd=w, env=env)
+        prepare(w / "prepared", **sections("prepare", input=colour_dataset), progress=False)
+        bottleneck(w / "prepared", w / "bn", **sections("bottleneck", handle=str(fake_backbone), cache_dir=w / "cache",
+                                                        views=1), progress=False)
+    train(w / "bn", w / out, **sections("train", learning_rate=float(lr), epochs=150, patience=30),
+          tracking_uri=tracking_uri, progress=False)
+    evaluate(w / out, w / "bn", w / f"{out}-ev", w / f"{out}-ev.json", **sections("evaluate", bootstrap=50))
+    calibrate(w / f"{out}-ev", w / out, w / f"{out}-th.json", w / f"{out}-ca.json", **sections("calibrate"),
+              bottlenecks=w / "bn", progress=False, oof_out=w / f"{out}-oof.npz", report=w / f"{out}-ca-r.json")
 
 
 def _register(w: Path, env, out: str, check: bool = True):
@@ -115,12 +122,12 @@ def test_a_registry_that_fails_to_answer_never_promotes_and_a_retried_create_lea
     w = tmp_path / "work"
     w.mkdir()
     client = MlflowClient(tracking_uri=direct, registry_uri=direct)
-    _train(w, colour_dataset, fake_backbone, env, "m1", "0.05")
+    _train(w, colour_dataset, fake_backbone, proxy.url, "m1", "0.05")
     _register(w, env, "m1")
     assert str(client.get_model_version_by_alias("faults", "champion").version) == "1"
 
     # 1. The champion lookup answers 503: an error naming the server, no version, no alias moved.
-    _train(w, colour_dataset, fake_backbone, env, "m2", "0.0005")  # a weaker model
+    _train(w, colour_dataset, fake_backbone, proxy.url, "m2", "0.0005")  # a weaker model
     proxy.rules[("GET", ALIAS)] = "503"
     p = _register(w, env, "m2", check=False)
     assert p.returncode == 2 and "failed to answer" in p.stderr and proxy.url.split("//")[1] in p.stderr, p.stderr
