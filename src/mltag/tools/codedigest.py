@@ -14,6 +14,7 @@ function (found by reading the source, not by importing it: the digest takes a f
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -31,17 +32,23 @@ def _module_file(root: Path, module: str) -> Path | None:
     return None
 
 
-def _imports(f: Path) -> set[str]:
+def _imports(f: Path) -> frozenset[str]:
     """The mltag modules ``f`` imports (``from mltag.x import y`` names ``x.y`` when that is a module, else ``x``)."""
+    return _imports_in(f.read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=None)
+def _imports_in(source: str) -> frozenset[str]:
+    """``_imports`` of one source text, parsed once per process: the seven steps reach mostly the same modules."""
     out = set()
-    for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             out |= {a.name[6:] for a in node.names if a.name.startswith("mltag.")}
         elif isinstance(node, ast.ImportFrom) and node.module and (node.module == "mltag"
                                                                      or node.module.startswith("mltag.")):
             base = node.module[6:]
             out |= {f"{base}.{a.name}" if base else a.name for a in node.names} | {base}
-    return out
+    return frozenset(out)
 
 
 def code_files(step: str, root: Path = PACKAGE) -> list[Path]:
