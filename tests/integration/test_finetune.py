@@ -249,18 +249,31 @@ def test_fine_tuning_killed_mid_epoch_resumes_from_its_checkpoint_and_ends_as_an
         if fault:
             env["MLTAG_FAULT"] = fault
         return subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "in.npz"),
-                               str(tmp_path / "items.json"), str(tmp_path / "bb"), str(tmp_path / ckpt),
+                               str(tmp_path / "items.json"), "", str(tmp_path / ckpt),
                                str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=600)
 
-    whole = run("ck-whole", "whole.npz")
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    # the uninterrupted run, in this process (the same seeds); the backbone cache is the session's, as in run.py
+    from mltag.steps.finetune import checkpoint_key, fine_tune
+
+    cfg = sections("train", fine_tune_blocks=1, fine_tune_epochs=4, fine_tune_learning_rate=1e-3, fine_tune_patience=0,
+                   batch_size=4, dropout=0.3, seed=3)["train"]
+    a = np.load(tmp_path / "in.npz")
+
+    def fine_tune_here(checkpoints: str):
+        return fine_tune("builtin:efficientnet_lite0", 32, items[:10], a["y"][:10], items[10:], a["y"][10:],
+                         [a["w"], a["b"]], train=cfg, views=2, progress=False, backbone_cache="",
+                         checkpoints=str(tmp_path / checkpoints))
+
+    net, head, hist = fine_tune_here("ck-whole")
+    np.savez(tmp_path / "whole.npz", *head, *[v.numpy() for v in net.block_groups(15, bn_affine=True)[0]],
+             loss=hist["loss"], resumed_after=hist["resumed_after"])
     assert not list((tmp_path / "ck-whole").glob(".*tmp"))
     killed = run("ck", "never.npz", fault="fine-tune:epoch3")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "never.npz").exists() and len(list((tmp_path / "ck").glob("finetune-*.npz"))) == 1
     resumed = run("ck", "resumed.npz")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming after epoch 2/4" in resumed.stderr, (whole.stderr[-3000:], resumed.stdout[-2000:])
+    assert "resuming after epoch 2/4" in resumed.stderr, (resumed.stderr[-3000:], resumed.stdout[-2000:])
     w, r = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "resumed.npz")
     assert int(w["resumed_after"]) == 0 and int(r["resumed_after"]) == 2  # 2 of 4 epochs run again, not 4
     np.testing.assert_allclose(r["loss"], w["loss"], rtol=1e-4)
@@ -271,15 +284,8 @@ def test_fine_tuning_killed_mid_epoch_resumes_from_its_checkpoint_and_ends_as_an
     assert any(not np.allclose(w[k], np.load(tmp_path / "in.npz")["w"]) for k in names[:1])  # the head moved
 
     # finished: a rerun (here, in this process) takes the result from the checkpoint without training
-    from mltag.steps.finetune import checkpoint_key, fine_tune
-
-    cfg = sections("train", fine_tune_blocks=1, fine_tune_epochs=4, fine_tune_learning_rate=1e-3, fine_tune_patience=0,
-                   batch_size=4, dropout=0.3, seed=3)["train"]
-    a = np.load(tmp_path / "in.npz")
     with caplog.at_level(logging.INFO, logger="mltag"):
-        _, head, _ = fine_tune("builtin:efficientnet_lite0", 32, items[:10], a["y"][:10], items[10:], a["y"][10:],
-                               [a["w"], a["b"]], train=cfg, views=2, progress=False,
-                               backbone_cache=str(tmp_path / "bb"), checkpoints=str(tmp_path / "ck"))
+        _, head, _ = fine_tune_here("ck")
     assert "resuming after epoch 4/4" in caplog.text and "(finished)" in caplog.text, caplog.text
     np.testing.assert_allclose(head[0], w["arr_0"], rtol=1e-3, atol=1e-5)
     # other inputs do not find it: the file is named by everything that decides the result
