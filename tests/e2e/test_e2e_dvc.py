@@ -147,12 +147,13 @@ def test_a_code_change_reruns_the_steps_whose_code_changed(project):
 
 def test_exp_run_temp_finds_the_models_run_from_its_metadata(project):
     """`dvc exp run --temp` runs in a fresh workspace with its own ./mlflow.db: train comes from the
-    DVC cache, its run lives in the first workspace's store, and evaluate must still find a run."""
+    DVC cache, its run lives in the first workspace's store, and register (the step that logs) must still find a
+    run to log into."""
     d, env, _ = project
     sh("git add -A && git commit -qm 'before temp exp' --allow-empty", d, env)
-    out = sh("dvc exp run --temp -n tempeval -S evaluate.bootstrap=30", d, env)
-    # register runs too unless calibrate's thresholds came out the same as before
-    assert stages_run(out)[:2] == ["evaluate", "calibrate"], out[-3000:]
+    out = sh("dvc exp run --temp -n tempeval -S register.bootstrap=200", d, env)
+    ran = stages_run(out)  # (calibrate too: its uncached report is not in the fresh workspace)
+    assert "register" in ran and not {"train", "evaluate"} & set(ran), out[-3000:]
     assert "is not in sqlite:///" in out and "logging into run" in out, out[-3000:]
     rows = json.loads(sh("dvc exp show --json 2>/dev/null", d, env))
     assert '"tempeval"' in json.dumps(rows)
