@@ -118,3 +118,47 @@ def test_ctrl_c_ends_train_with_one_line_and_its_run_killed(tmp_path, colour_dat
     assert len([ln for ln in err.splitlines() if ln.strip()]) <= 3, err[-2000:]
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED"
+
+
+_FINALIZER_STOP = """
+import os, signal, sys, weakref
+from mltag.cli import on_sigterm
+from mltag.errors import Terminated
+
+on_sigterm()
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a pytest-xdist worker ignores it)
+sig = getattr(signal, sys.argv[1])
+
+
+class Cached:
+    pass
+
+
+obj = Cached()
+
+
+def callback(ref):  # a weakref callback, as MLflow's and TensorFlow's caches run them in the middle of a fit
+    os.kill(os.getpid(), sig)
+    for _ in range(100000):  # the signal's handler runs here, inside the callback, where Python drops exceptions
+        pass
+
+
+ref = weakref.ref(obj, callback)
+try:
+    del obj
+    for _ in range(10**8):  # seconds of work: the stop must arrive here
+        pass
+    print("ran on")
+except (Terminated, KeyboardInterrupt) as e:
+    print("stopped", type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize("sig, exc", [("SIGTERM", "Terminated"), ("SIGINT", "KeyboardInterrupt")])
+def test_a_stop_that_lands_in_a_weakref_callback_still_stops_the_step(tmp_path, sig, exc):
+    """Python drops an exception raised inside a finalizer or weakref callback: a SIGTERM or Ctrl-C whose handler ran
+    there was lost, and a train sent SIGTERM trained on. It is raised again just after, in the step's own code."""
+    (tmp_path / "stop.py").write_text(_FINALIZER_STOP)
+    p = subprocess.run([sys.executable, str(tmp_path / "stop.py"), sig], capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == f"stopped {exc}", (p.stdout, p.stderr[-2000:])
+    assert "Exception ignored" not in p.stderr, p.stderr[-2000:]

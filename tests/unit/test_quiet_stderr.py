@@ -46,3 +46,28 @@ def test_overlapping_threads_give_fd_2_back_whoever_leaves_last():
         assert _fd2() == (null.st_dev, null.st_ino)
     assert _fd2() == before
 
+
+
+def test_mltag_s_log_lines_follow_stderr_after_it_was_replaced():
+    """The handler writes to stderr as it is when a line is logged: a capture or redirect closed since (a test's, a
+    notebook's, the CLI's credential mask of an earlier command in this process) is neither written to nor in the way."""
+    import contextlib
+    import io
+    import logging
+
+    from mltag.logs import setup_logging
+
+    logger = logging.getLogger("mltag")
+    level = logger.level
+    first = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(first):
+            setup_logging(logging.INFO)
+            logging.getLogger("mltag.unit").info("one")
+        first.close()
+        second = io.StringIO()
+        with contextlib.redirect_stderr(second):
+            logging.getLogger("mltag.unit").info("two")
+        assert second.getvalue() == "two\n"
+    finally:
+        logger.setLevel(level)

@@ -514,6 +514,32 @@ def on_sigterm() -> None:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, terminate)
+    _stops_survive_finalizers()
+
+
+def _stops_survive_finalizers() -> None:
+    """Python drops an exception raised inside a finalizer or a weakref callback (it prints "Exception ignored in"),
+    so a SIGTERM or Ctrl-C whose handler ran there was lost and the step ran on (a train sent SIGTERM kept training).
+    Such a stop is raised again 50 ms later, through SIGALRM, in whatever code runs then (and again, should that be
+    another finalizer)."""
+    import signal
+
+    previous = sys.unraisablehook
+    lost: list[BaseException] = []
+
+    def again(signum, frame):
+        if lost:
+            raise lost.pop()
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, (Terminated, KeyboardInterrupt)):
+            previous(unraisable)
+            return
+        lost[:] = [type(unraisable.exc_value)()]
+        signal.signal(signal.SIGALRM, again)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+
+    sys.unraisablehook = hook
 
 
 def entry() -> None:
