@@ -388,8 +388,9 @@ def build_lite_module(name: str, state: dict[str, np.ndarray] | None = None):
     """
     tf = import_tensorflow()
 
+    parts(name)  # a clear error for a malformed name
     network, colour = split_colour(name)
-    names = parts(name)[:len(network.split(JOIN))]  # checked; the colour part, last, is computed apart
+    names = network.split(JOIN)  # the networks; the colour part, last, is computed apart
     if len(names) > 1 and state is not None:
         raise MltagError(f"{name!r} joins several built-ins; only a single built-in takes tuned weights")
     nets = [LiteNet(base_name(n), state) for n in names]

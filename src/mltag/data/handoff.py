@@ -41,7 +41,6 @@ def read_handoff(path: str | os.PathLike, what: str, written_by: str, name: str 
     return obj
 
 
-
 def read_json(path: str | os.PathLike, what: str, written_by: str = "") -> dict | list:
     """A hand-off JSON file, or a clear error naming it when it is missing, truncated or not JSON."""
     path = Path(path)

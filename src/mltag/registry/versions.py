@@ -60,7 +60,8 @@ def _packages_known(reqs: list[str]):
 
     before = getattr(ru, "_MODULES_TO_PACKAGES", False)
     if before is None:  # not built yet in this process
-        ru._MODULES_TO_PACKAGES = {r.split("==")[0].replace("-", "_"): [r.split("==")[0]] for r in reqs}
+        names = [r.split("==")[0] for r in reqs]
+        ru._MODULES_TO_PACKAGES = {n.replace("-", "_"): [n] for n in names}
     try:
         yield
     finally:
