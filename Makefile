@@ -37,7 +37,7 @@ test: install browser
 	$(BIN)/ruff check src components pipeline tests benchmarks
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/mkdocs build --strict --quiet
-	$(BIN)/pytest -q -ra -n 2 --dist loadfile tests
+	$(BIN)/pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # The unit tier alone: under a minute.
 test-fast: install

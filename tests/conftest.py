@@ -45,6 +45,19 @@ def pytest_unconfigure(config):
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue"]
 
+# The files that take longest, longest first (one worker's seconds, in benchmarks/README.md's table). `make test`
+# runs `--dist loadfile --no-loadscope-reorder`: xdist hands out whole files in collection order, so the long ones
+# start first and the short ones fill in at the end, and the two workers finish together (by count of tests, the
+# default order, the longest file could start last).
+LONGEST_FIRST = ("integration/test_backbone.py", "e2e/test_e2e_dvc.py", "e2e/test_faults.py", "e2e/test_pipeline.py",
+                 "integration/test_finetune.py", "e2e/test_mlflow_server.py", "integration/test_steps.py",
+                 "e2e/test_registry_faults.py", "integration/test_engine.py", "integration/test_review.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {REPO / "tests" / f: i for i, f in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))  # stable: every file's tests keep their order
+
 
 
 def save_pooling_module(path: Path) -> Path:
