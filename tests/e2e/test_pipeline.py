@@ -25,12 +25,14 @@ def _stats(root: Path) -> tuple[list[dict], dict]:
 
 @pytest.mark.slow
 def test_full_pipeline_runs_locally_cached_then_with_new_images_computing_only_those(tmp_path, fake_backbone,
-                                                                                     mlflow_store):
+                                                                                     mlflow_store, monkeypatch):
     """`mltag pipeline run --local --cache` prints about 20 lines, not kfp.local's hundreds, and its two bottleneck
     shards split the work by key hash, reading the images in place; the same run again reuses the cached tasks
     (the dataset version and register always run). Then a run sharing the vector store folder, with 10% more
     images, computes only those, in its shards, and the gather computes nothing; that run uses the fan-in for
-    older backends (pipeline.collect_shards false)."""
+    older backends (pipeline.collect_shards false) and reads its dataset by reference from a git+DVC repo
+    (data_repo + data_rev): prepare resolves the revision to its commit, no artifact holds an image, and every
+    later step reads the images it needs from the repo at that commit."""
 
     from mlflow import MlflowClient
 
@@ -79,13 +81,26 @@ def test_full_pipeline_runs_locally_cached_then_with_new_images_computing_only_t
 
     rows += make_colour_dataset(data, n=4, seed=7, start=40)
     write_lst_dataset(data, rows)
-    # The third run as compiled for a backend without dsl.Collected: the gather reads the store only.
+    # The third run as compiled for a backend without dsl.Collected (the gather reads the store only), its data the
+    # 44 images as v1 of a git+DVC repo (v2, the branch head, renames the labels), by reference.
+    repo, v1 = make_dvc_data_repo(tmp_path, data)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "pods"))  # the steps' scratch space
+    (tmp_path / "pods").mkdir()
     older_backend = load_params(REPO / "params.yaml").replace("pipeline", collect_shards=False)
-    run_local(data=str(data), pipeline_root=str(tmp_path / "run2"), params=older_backend, overrides=overrides)
+    run_local(data="colours", data_repo=str(repo), data_rev=v1, pipeline_root=str(tmp_path / "run2"),
+              params=older_backend, overrides=overrides)
     shards, gather = _stats(tmp_path / "run2")
     assert sum(s["computed"] for s in shards) == 4 and sum(s["cached"] for s in shards) == 40
     assert gather["computed"] == 0 and gather["cached"] == 44
-    assert len(client.search_model_versions("name='kfp-model'")) == 2
+    versions = client.search_model_versions("name='kfp-model'")
+    assert len(versions) == 2
+    latest = max(versions, key=lambda v: int(v.version))
+    assert client.get_run(latest.run_id).data.metrics["test_map"] >= 0.9
+    (ref,) = [json.loads(f.read_text()) for f in (tmp_path / "run2").rglob("images.json")]
+    assert ref == {"format": 1, "root": "colours", "repo": str(repo), "rev": v1}
+    assert not [p for p in (tmp_path / "run2").rglob("*.jpg")], "an artifact holds images"
+    (prepared_labels,) = (tmp_path / "run2").rglob("prepared/labels.txt")
+    assert prepared_labels.read_text().split() == ["red", "green", "blue"]  # v1, not the branch head
 
 
 def make_dvc_data_repo(tmp_path: Path, dataset: Path) -> tuple[Path, str]:
@@ -133,34 +148,6 @@ def test_dvc_versioned_dataset_is_fetched_at_a_revision(tmp_path, colour_dataset
     assert (root / "images/0003.jpg").read_bytes() == (colour_dataset / "images/0003.jpg").read_bytes()
     with pytest.raises(MltagError, match="image images/9999.jpg not found in"):
         src.localize(["images/9999.jpg"])
-
-
-@pytest.mark.slow
-def test_pipeline_reads_a_dvc_dataset_by_reference(tmp_path, colour_dataset, fake_backbone, mlflow_store, monkeypatch):
-    """data_repo + data_rev on kfp.local: prepare resolves the branch to its commit, no artifact holds an
-    image, and every later step reads the images it needs from the repo at that commit."""
-
-    from mlflow import MlflowClient
-
-    from mltag.config import load_params
-    from mltag.kubeflow.run import run_local
-
-    repo, v1 = make_dvc_data_repo(tmp_path, colour_dataset)
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "pods"))  # the steps' scratch space
-    (tmp_path / "pods").mkdir()
-    run_local(data="colours", data_repo=str(repo), data_rev=v1, pipeline_root=str(tmp_path / "run"),
-              params=load_params(REPO / "params.yaml"),
-              overrides={"backbone.handle": str(fake_backbone), "bottleneck.num_shards": "2",
-                         "bottleneck.cache_dir": str(tmp_path / "store"), "bottleneck.views": "1",
-                         "train.learning_rate": "0.05", "evaluate.bootstrap": "20", "train.patience": "30",
-                         "register.model_name": "by-ref"})
-    mv = MlflowClient().get_model_version_by_alias("by-ref", "champion")
-    assert MlflowClient().get_run(mv.run_id).data.metrics["test_map"] >= 0.9
-    (ref,) = [json.loads(f.read_text()) for f in (tmp_path / "run").rglob("images.json")]
-    assert ref == {"format": 1, "root": "colours", "repo": str(repo), "rev": v1}
-    assert not [p for p in (tmp_path / "run").rglob("*.jpg")], "an artifact holds images"
-    (prepared_labels,) = (tmp_path / "run").rglob("prepared/labels.txt")
-    assert prepared_labels.read_text().split() == ["red", "green", "blue"]  # v1, not the branch head
 
 
 def test_a_mutable_reference_resolves_to_an_immutable_version_and_prepare_is_cached_only_on_it(tmp_path, compiled):
