@@ -527,13 +527,12 @@ def test_the_tracker_logs_what_the_step_sends_and_reports_its_errors(tmp_path, m
     (tmp_path / "a.json").write_text("{}")
     tracker = Tracker(None)
     assert tracker.uri == mlflow_store
-    tracker.send("open_train_run", "helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {"train.seed": "1"},
-                 {"mltag.step": "train"})
-    run_id, exp_id = tracker.call("active_run_ids")
-    tracker.send("log_to_run", run_id, metrics={"m": 0.5}, tags={MODEL_DIGEST_TAG: "abc"},
-                 artifacts=[(str(tmp_path / "a.json"), "x")], series={"epoch_loss": [3.0, 2.0, 1.0]})
-    tracker.send("end_run", "FINISHED")
-    tracker.close()
+    tracker.open_train_run("helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {"train.seed": "1"},
+                           {"mltag.step": "train"})
+    run_id, exp_id = tracker.active_run_ids()
+    tracker.log_to_run(run_id, metrics={"m": 0.5}, tags={MODEL_DIGEST_TAG: "abc"},
+                       artifacts=[(str(tmp_path / "a.json"), "x")], series={"epoch_loss": [3.0, 2.0, 1.0]})
+    tracker.end_run("FINISHED")
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.experiment_id == exp_id
     assert run.data.params == {"train.seed": "1"} and run.data.metrics["m"] == 0.5
@@ -545,9 +544,9 @@ def test_the_tracker_logs_what_the_step_sends_and_reports_its_errors(tmp_path, m
         model_run(tmp_path, "0123456789abcdef", mlflow_store)
     # a step that fails ends its train run FAILED
     tracker = Tracker(None)
-    tracker.send("open_train_run", "helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {}, {})
-    failed_id, _ = tracker.call("active_run_ids")
-    tracker.abandon("end_run", "FAILED")
+    tracker.open_train_run("helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {}, {})
+    failed_id, _ = tracker.active_run_ids()
+    tracker.abandon("FAILED")
     assert MlflowClient().get_run(failed_id).info.status == "FAILED"
 
 

@@ -69,13 +69,13 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
     experiment, identity = mltracking.run_identity(dataset, tracking.experiment)
     tags = {**mltracking.owner_tags(out), **identity}
     try:  # the run ends FINISHED, or FAILED with whatever went wrong (KILLED when stopped, even while it opens)
-        tracker.send("open_train_run", experiment, str(out), tags, {k: str(v)[:500] for k, v in params.items()},
-                     {"mltag.labels": ",".join(labels)}, (dataset, dataset_version) if dataset else None)
+        tracker.open_train_run(experiment, str(out), tags, {k: str(v)[:500] for k, v in params.items()},
+                               {"mltag.labels": ",".join(labels)}, (dataset, dataset_version) if dataset else None)
         loss = HeadLoss.of(train.model_dump())
         head, history, mon, refit = _fit(train, loss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress, p_tr)
         best = best_epoch(history, mon) - 1
         # the run exists (or a dead store is reported) before fine-tuning's minutes and before any write
-        run_id, experiment_id = tracker.call("active_run_ids")
+        run_id, experiment_id = tracker.active_run_ids()
         fault_point("train:fitting")
         net, ft = None, None
         if train.mode == "fine_tune":
@@ -84,26 +84,25 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
         series = {f"epoch_{k}": v for k, v in history.items()}
         if ft is not None:
             series.update({f"fine_tune_{k}": ft[k] for k in ("loss", "val_loss", "val_map")})
-        tracker.send("log_to_run", run_id, series=series)
+        tracker.log_to_run(run_id, series=series)
         summary = _summary(run_id, history, mon, best, time.time() - t0, train.mode, refit, ft)
-        tracker.send("log_to_run", run_id, metrics={f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
+        tracker.log_to_run(run_id, metrics={f"train_{k}": v for k, v in summary.items() if isinstance(v, float)})
         model_meta = _model_meta(labels, meta, resolved, int(x_tr.shape[1]), train, loss, best, refit, ft)
         model_meta["label_groups"] = _known_groups(exclusive_groups or [], labels)
         out = Path(out)
         digest = _write_model(out, head.weights, resolved, net, model_meta, backbone.cache_dir, labels, history, ft,
                               config, summary, (run_id, experiment_id, tracker.uri, experiment))
-        tracker.send("log_to_run", run_id, tags={mltracking.MODEL_DIGEST_TAG: digest})
+        tracker.log_to_run(run_id, tags={mltracking.MODEL_DIGEST_TAG: digest})
         _write_dvc_files(metrics_file, history_file, summary, history, mon)
         if ft is not None and ft.get("checkpoint"):  # the model is written: nothing left to resume
             from mltag.steps.finetune import remove_checkpoint
 
             remove_checkpoint(ft["checkpoint"])
-        tracker.send("log_to_run", run_id, artifacts=[(str(out / "history.json"), None), (str(out / "config.json"), None)])
-        tracker.send("end_run", "FINISHED")
+        tracker.log_to_run(run_id, artifacts=[(str(out / "history.json"), None), (str(out / "config.json"), None)])
+        tracker.end_run("FINISHED")
     except BaseException as e:  # stopped (Ctrl-C, SIGTERM): KILLED, as MLflow names a run ended from outside
-        tracker.abandon("end_run", "KILLED" if isinstance(e, (KeyboardInterrupt, Terminated)) else "FAILED")
+        tracker.abandon("KILLED" if isinstance(e, (KeyboardInterrupt, Terminated)) else "FAILED")
         raise
-    tracker.close()
     return summary
 
 

@@ -403,7 +403,7 @@ def local_model(model: str, explicit_uri: str | None = None) -> Path:
 # --------------------------------------------------------------------------- a step's MLflow calls
 #
 # The calls a step makes, as plain functions with plain arguments, run in the step's own process
-# through a ``Tracker`` (one place that reports a dead store and ends a failed train's run).
+# through a ``Tracker`` (one place that reports a dead store, holds stops and ends a failed train's run).
 
 def open_train_run(experiment: str, out: str, tags: dict, params: dict, step_tags: dict,
                    dataset: tuple[str, str | None] | None = None) -> tuple[str, str]:
@@ -524,38 +524,39 @@ def end_run(status: str = "FINISHED") -> None:
     mlflow.end_run(status)
 
 
-OPS = {f.__name__: f for f in (setup_checked, open_train_run, active_run_ids, log_to_run, end_run)}
-
-
 class Tracker:
     """One step's MLflow calls, in the step's own process.
 
-    The store is checked first (as ``setup_checked``), so a dead server is reported when the
-    tracker is made: steps make it before they write their outputs. ``send`` and ``call`` run a
-    call in ``OPS`` now (``send`` drops the result); an ``MlflowException`` propagates (the CLI
-    turns it into one line naming the masked store). ``abandon`` ends a failed step's run with the
-    status it is given (FAILED, KILLED) and never hides the step's own error.
+    The store is checked first (as ``setup_checked``), so a dead server is reported when the tracker is made: steps
+    make it before they write their outputs. Each call runs with SIGTERM and Ctrl-C held until it returns, so a stop
+    never cuts one in half; an ``MlflowException`` propagates (the CLI turns it into one line naming the masked
+    store). ``abandon`` ends a failed step's run with the status it is given (FAILED, KILLED) and never hides the
+    step's own error.
     """
 
     def __init__(self, tracking_uri_: str | None):
         self.uri = tracking_uri(tracking_uri_)
         setup_checked(tracking_uri_)
 
-    def send(self, op: str, *args, **kwargs) -> None:
-        self.call(op, *args, **kwargs)
-
-    def call(self, op: str, *args, **kwargs):
+    def open_train_run(self, *args, **kwargs) -> None:
         with signals_deferred():
-            return OPS[op](*args, **kwargs)
+            open_train_run(*args, **kwargs)
 
-    def close(self) -> None:
-        """Nothing left to wait for: every call ran when it was made."""
+    def active_run_ids(self) -> tuple[str, str]:
+        with signals_deferred():
+            return active_run_ids()
 
-    def abandon(self, op: str | None = None, *args) -> None:
-        """The step failed: run ``op`` (a train's FAILED or KILLED end), its own failure not hiding the step's."""
-        if op is not None:
-            try:
-                with signals_deferred():
-                    OPS[op](*args)
-            except Exception:  # noqa: BLE001 - the step's error matters more
-                log.debug("tracking: %s after a failed step did not run", op, exc_info=True)
+    def log_to_run(self, run_id: str, **kwargs) -> None:
+        with signals_deferred():
+            log_to_run(run_id, **kwargs)
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        with signals_deferred():
+            end_run(status)
+
+    def abandon(self, status: str) -> None:
+        """The step failed: end its run with ``status``, a failure to do so not hiding the step's own."""
+        try:
+            self.end_run(status)
+        except Exception:  # noqa: BLE001 - the step's error matters more
+            log.debug("tracking: ending the run %s after a failed step did not work", status, exc_info=True)
