@@ -519,6 +519,7 @@ def test_the_tracker_logs_what_the_step_sends_and_reports_its_errors(tmp_path, m
     process; a missing run is the MltagError it raised; a failed step's run ends FAILED."""
     import os
 
+    import mlflow
     from mlflow import MlflowClient
 
     from mltag.errors import MltagError
@@ -527,9 +528,9 @@ def test_the_tracker_logs_what_the_step_sends_and_reports_its_errors(tmp_path, m
     (tmp_path / "a.json").write_text("{}")
     tracker = Tracker(None)
     assert tracker.uri == mlflow_store
-    tracker.open_train_run("helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {"train.seed": "1"},
-                           {"mltag.step": "train"})
-    run_id, exp_id = tracker.active_run_ids()
+    run_id, exp_id = tracker.open_train_run("helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"),
+                                            {"train.seed": "1"}, {"mltag.step": "train"})
+    assert mlflow.active_run().info.run_id == run_id  # left active, as mlflow.start_run leaves it
     tracker.log_to_run(run_id, metrics={"m": 0.5}, tags={MODEL_DIGEST_TAG: "abc"},
                        artifacts=[(str(tmp_path / "a.json"), "x")], series={"epoch_loss": [3.0, 2.0, 1.0]})
     tracker.end_run("FINISHED")
@@ -544,8 +545,7 @@ def test_the_tracker_logs_what_the_step_sends_and_reports_its_errors(tmp_path, m
         model_run(tmp_path, "0123456789abcdef", mlflow_store)
     # a step that fails ends its train run FAILED
     tracker = Tracker(None)
-    tracker.open_train_run("helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {}, {})
-    failed_id, _ = tracker.active_run_ids()
+    failed_id, _ = tracker.open_train_run("helper-test", str(tmp_path / "m"), owner_tags(tmp_path / "m"), {}, {})
     tracker.abandon("FAILED")
     assert MlflowClient().get_run(failed_id).info.status == "FAILED"
 

@@ -69,13 +69,13 @@ def train(bottlenecks: str | os.PathLike, out: str | os.PathLike, *, train: conf
     experiment, identity = mltracking.run_identity(dataset, tracking.experiment)
     tags = {**mltracking.owner_tags(out), **identity}
     try:  # the run ends FINISHED, or FAILED with whatever went wrong (KILLED when stopped, even while it opens)
-        tracker.open_train_run(experiment, str(out), tags, {k: str(v)[:500] for k, v in params.items()},
-                               {"mltag.labels": ",".join(labels)}, (dataset, dataset_version) if dataset else None)
+        # the run exists (or a dead store is reported) before the fit, fine-tuning's minutes and any write
+        run_id, experiment_id = tracker.open_train_run(
+            experiment, str(out), tags, {k: str(v)[:500] for k, v in params.items()},
+            {"mltag.labels": ",".join(labels)}, (dataset, dataset_version) if dataset else None)
         loss = HeadLoss.of(train.model_dump())
         head, history, mon, refit = _fit(train, loss, x_fit, y_fit, x_tr, y_tr, x_va, y_va, views, progress, p_tr)
         best = best_epoch(history, mon) - 1
-        # the run exists (or a dead store is reported) before fine-tuning's minutes and before any write
-        run_id, experiment_id = tracker.active_run_ids()
         fault_point("train:fitting")
         net, ft = None, None
         if train.mode == "fine_tune":

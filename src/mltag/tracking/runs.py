@@ -510,14 +510,6 @@ def step_report_logs(reports: list[str | os.PathLike]) -> tuple[dict[str, float]
     return metrics, artifacts
 
 
-def active_run_ids() -> tuple[str, str]:
-    """The active run's id and its experiment's (the run ``open_train_run`` started)."""
-    import mlflow
-
-    run = mlflow.active_run()
-    return run.info.run_id, run.info.experiment_id
-
-
 def end_run(status: str = "FINISHED") -> None:
     import mlflow
 
@@ -538,13 +530,10 @@ class Tracker:
         self.uri = tracking_uri(tracking_uri_)
         setup_checked(tracking_uri_)
 
-    def open_train_run(self, *args, **kwargs) -> None:
+    def open_train_run(self, *args, **kwargs) -> tuple[str, str]:
+        """``open_train_run``: the run started and left active; its run and experiment ids."""
         with signals_deferred():
-            open_train_run(*args, **kwargs)
-
-    def active_run_ids(self) -> tuple[str, str]:
-        with signals_deferred():
-            return active_run_ids()
+            return open_train_run(*args, **kwargs)
 
     def log_to_run(self, run_id: str, **kwargs) -> None:
         with signals_deferred():
