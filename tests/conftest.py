@@ -29,9 +29,6 @@ def pytest_configure(config):
     os.environ.pop("XDG_CACHE_HOME", None)
     # matplotlib's first import on a machine lists its fonts with fontconfig's `fc-list` (a process) and caches the
     # list; built here, before any test, so a unit test that draws a plot is not the first and starts no process.
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.font_manager  # noqa: F401
 
 

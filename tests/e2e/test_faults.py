@@ -596,12 +596,13 @@ def test_every_subcommand_has_a_working_help():
     import contextlib
     import io
 
-    found = list(commands(build_parser()))
+    parser = build_parser()
+    found = list(commands(parser))
     assert ("evaluate",) in found and ("pipeline", "run") in found and ("backbone", "build") in found
     for cmd in found:  # each help as the parser formats it in `mltag`, here (a process each took 0.3 s)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as done:
-            build_parser().parse_args([*cmd, "--help"])
+            parser.parse_args([*cmd, "--help"])
         assert done.value.code == 0 and "usage: mltag" in out.getvalue() and not err.getvalue(), (cmd, err.getvalue())
     p = run_cli("evaluate", "--help")  # and through the console script's module, the command that crashed
     assert p.returncode == 0 and "95%" in p.stdout and not p.stderr, p.stderr[-2000:]
